@@ -1,0 +1,60 @@
+"""Shared fixtures: one local Ray cluster and one S3 (moto) server for the whole session.
+
+Real components only: Ray, DeepSpeed on CPU, gloo, moto's S3 server on 127.0.0.1, W&B offline.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+
+# Set before anything imports deepspeed / wandb / torch threads.
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """A fresh local Ray cluster shared by every test that needs one (start-up costs seconds)."""
+    import ray
+
+    # address="local" never joins a stale cluster record left by another process.
+    # Logical CPUs exceed the 2 physical cores so pp*dp=4 worker tests can be placed.
+    ray.init(address="local", num_cpus=8, include_dashboard=False, log_to_driver=True)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """moto's S3 server on 127.0.0.1 with throwaway credentials; yields the endpoint URL."""
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+    server.start()
+    saved = {k: os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")}
+    os.environ["AWS_ACCESS_KEY_ID"] = "testing-key-id"
+    os.environ["AWS_SECRET_ACCESS_KEY"] = "testing-secret"
+    os.environ["AWS_DEFAULT_REGION"] = "us-east-1"
+    yield f"http://127.0.0.1:{port}"
+    server.stop()
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
