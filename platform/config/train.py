@@ -1,0 +1,69 @@
+"""TrainConfig: the whole run, composed of the component configs and checked across them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+from moeforge.model.config import ConfigError, ModelConfig
+from moeforge.platform.config._build import build
+from moeforge.platform.config.checkpoint import CheckpointConfig
+from moeforge.platform.config.data import DataConfig
+from moeforge.platform.config.optim import OptimConfig
+from moeforge.platform.config.parallel import ParallelConfig
+from moeforge.platform.config.precision import PrecisionConfig
+from moeforge.platform.config.run import RunConfig
+from moeforge.platform.config.tracking import TrackingConfig
+
+_SECTIONS = {
+    "run": RunConfig,
+    "parallel": ParallelConfig,
+    "precision": PrecisionConfig,
+    "data": DataConfig,
+    "optim": OptimConfig,
+    "tracking": TrackingConfig,
+    "checkpoint": CheckpointConfig,
+}
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig
+    run: RunConfig = field(default_factory=RunConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> "TrainConfig":
+        """Build from the composed Hydra config (as a plain dict). Unknown sections or keys fail
+        with their dotted path; cross-section checks run last."""
+        values = dict(values)
+        unknown = sorted(set(values) - set(_SECTIONS) - {"model"})
+        if unknown:
+            raise ConfigError(f"{unknown[0]}: unknown config section (known: model, {', '.join(_SECTIONS)})")
+        if "model" not in values:
+            raise ConfigError("model: missing (choose one, e.g. model=tiny)")
+        model_values = dict(values["model"])
+        model_values.pop("arch", None)  # estimator-only tag on model YAMLs
+        try:
+            model = ModelConfig.from_dict(model_values)
+        except ConfigError as err:
+            raise ConfigError(f"model.{err}" if not str(err).startswith("model") else str(err)) from None
+        sections = {name: build(kind, values.get(name), name) for name, kind in _SECTIONS.items()}
+        config = cls(model=model, **sections)
+        config.check()
+        return config
+
+    def check(self) -> None:
+        """Cross-section checks that need more than one component's values."""
+        par, data = self.parallel, self.data
+        per_step = par.microbatches * par.dp
+        if data.global_batch % per_step:
+            raise ConfigError(
+                f"data.global_batch ({data.global_batch}) must be divisible by "
+                f"parallel.microbatches * parallel.dp ({per_step})"
+            )
