@@ -1,0 +1,38 @@
+"""Pipeline schedules as data: per-rank action lists, their generators, validator and simulator.
+
+Typical use: `build_schedule("dualpipe", pp=8, num_microbatches=20)` gives a `Schedule` whose
+`actions[rank]` the runtime executes; `validate(schedule)` proves the lists executable and
+`simulate(schedule, Costs(f=1, b=2, w=1, fb=2.5))` reports bubbles, makespan and peak activations.
+"""
+
+from __future__ import annotations
+
+from moeforge.platform.schedules.actions import Action, Kind, Schedule, ScheduleError, parse_action
+from moeforge.platform.schedules.onef1b import one_f_one_b
+from moeforge.platform.schedules.simulate import Costs, SimResult, simulate
+
+GENERATORS = {
+    "1f1b": one_f_one_b,
+}
+
+
+def build_schedule(name: str, pp: int, num_microbatches: int) -> Schedule:
+    """The action lists of schedule `name` for `pp` ranks and `num_microbatches` micro-batches, with
+    SEND/RECV pairs placed. Raises ScheduleError naming the bad parameter."""
+    if name not in GENERATORS:
+        raise ScheduleError(f"schedule: must be one of {sorted(GENERATORS)}, got {name!r}")
+    return GENERATORS[name](pp, num_microbatches)
+
+
+__all__ = [
+    "GENERATORS",
+    "Action",
+    "Costs",
+    "Kind",
+    "Schedule",
+    "ScheduleError",
+    "SimResult",
+    "build_schedule",
+    "parse_action",
+    "simulate",
+]
