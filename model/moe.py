@@ -1,0 +1,208 @@
+"""DeepSeekMoE: shared experts plus fine-grained routed experts with group-limited top-k routing.
+
+Routing (noaux_tc, DeepSeek-V3): affinities s = sigmoid(x W^T); selection uses s + bias, where the
+per-expert bias is the auxiliary-loss-free balancing state (moved by `update_bias`, never by
+gradients). Experts are split into n_group groups; a group's score is the sum of its two best biased
+affinities; only the topk_group best groups stay eligible; the top-k experts among them are chosen.
+Gating weights come from the *unbiased* affinities, normalised over the chosen k (norm_topk_prob) and
+multiplied by routed_scaling_factor. V2 variants: softmax affinities, group score = max affinity
+(group_limited_greedy), or no groups at all (greedy).
+
+Dispatch: the (token, expert) pairs are sorted by expert so `RoutedExperts` applies each expert once to
+one contiguous slice; results are weighted and scattered back with index_add.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from moeforge.model.config import ModelConfig
+from torch import nn
+
+
+class MLP(nn.Module):
+    """SwiGLU feed-forward: down(silu(gate(x)) * up(x)). Dense blocks and shared experts."""
+
+    def __init__(self, dim: int, inter_dim: int) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(dim, inter_dim, bias=False)
+        self.up_proj = nn.Linear(dim, inter_dim, bias=False)
+        self.down_proj = nn.Linear(inter_dim, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Gate(nn.Module):
+    """Router: fp32 affinities, group-limited top-k selection on bias-corrected scores."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.n_experts = cfg.n_routed_experts
+        self.top_k = cfg.num_experts_per_tok
+        self.n_group = cfg.n_group
+        self.topk_group = cfg.topk_group
+        self.method = cfg.topk_method
+        self.scoring = cfg.scoring_func
+        self.norm_topk_prob = cfg.norm_topk_prob
+        self.scale = cfg.routed_scaling_factor
+        self.weight = nn.Parameter(torch.empty(self.n_experts, cfg.hidden_size, dtype=torch.float32))
+        self.register_buffer("e_score_correction_bias", torch.zeros(self.n_experts, dtype=torch.float32))
+
+    def affinities(self, x: torch.Tensor) -> torch.Tensor:
+        """Unbiased token-to-expert affinities [N, E] (fp32) for x [N, hidden]."""
+        logits = F.linear(x.float(), self.weight.float())
+        return logits.sigmoid() if self.scoring == "sigmoid" else logits.softmax(dim=-1)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x [N, hidden] -> (weights [N, k] fp32, expert ids [N, k], affinities [N, E] fp32)."""
+        scores = self.affinities(x)
+        choice = scores + self.e_score_correction_bias  # biased scores: selection only
+        if self.method != "greedy" and self.n_group > 1:
+            grouped = choice.unflatten(-1, (self.n_group, -1))  # [N, groups, experts per group]
+            if self.method == "noaux_tc":
+                group_scores = grouped.topk(2, dim=-1).values.sum(dim=-1)  # [N, groups]
+            else:  # group_limited_greedy
+                group_scores = grouped.amax(dim=-1)
+            kept = group_scores.topk(self.topk_group, dim=-1).indices  # [N, topk_group]
+            dropped = torch.ones_like(group_scores, dtype=torch.bool).scatter_(1, kept, False)
+            choice = grouped.masked_fill(dropped.unsqueeze(-1), float("-inf")).flatten(1)  # [N, E]
+        expert_ids = choice.topk(self.top_k, dim=-1).indices  # [N, k]
+        weights = scores.gather(1, expert_ids)
+        if self.norm_topk_prob:
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+        return weights * self.scale, expert_ids, scores
+
+    def _apply(self, fn, recurse=True):
+        # The bias moves by ~1e-3 per step: a model-wide .to(bfloat16) must not round it away.
+        super()._apply(fn, recurse)
+        if self.e_score_correction_bias.is_floating_point():
+            self.e_score_correction_bias = self.e_score_correction_bias.float()
+        return self
+
+
+class RoutedExperts(nn.Module):
+    """E SwiGLU experts with stacked weights; applies each expert once to its contiguous slice."""
+
+    def __init__(self, n_experts: int, dim: int, inter_dim: int) -> None:
+        super().__init__()
+        self.n_experts = n_experts
+        self.gate_proj = nn.Parameter(torch.empty(n_experts, inter_dim, dim))
+        self.up_proj = nn.Parameter(torch.empty(n_experts, inter_dim, dim))
+        self.down_proj = nn.Parameter(torch.empty(n_experts, dim, inter_dim))
+
+    def forward(self, x_sorted: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
+        """x_sorted [N, dim] grouped by expert in expert order; tokens_per_expert [E] -> [N, dim]."""
+        outputs = []
+        for e, xe in enumerate(torch.split(x_sorted, tokens_per_expert.tolist())):
+            if xe.shape[0] == 0:
+                continue
+            h = F.silu(F.linear(xe, self.gate_proj[e])) * F.linear(xe, self.up_proj[e])  # [n_e, inter]
+            outputs.append(F.linear(h, self.down_proj[e]))  # [n_e, dim]
+        if not outputs:
+            return x_sorted.new_zeros(x_sorted.shape)
+        return torch.cat(outputs)
+
+
+class AddAuxiliaryLoss(torch.autograd.Function):
+    """Identity on x whose backward also back-propagates d(aux)/d(params) (with unit weight).
+
+    Attaching the balance loss to the MoE output means any backward through the layer includes it,
+    with no bookkeeping in the training loop or the pipeline schedule."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, aux: torch.Tensor) -> torch.Tensor:
+        ctx.aux_shape, ctx.aux_dtype, ctx.aux_device = aux.shape, aux.dtype, aux.device
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad, torch.ones(ctx.aux_shape, dtype=ctx.aux_dtype, device=ctx.aux_device)
+
+
+def sequence_balance_loss(
+    affinities: torch.Tensor, expert_ids: torch.Tensor, n_experts: int, top_k: int
+) -> torch.Tensor:
+    """DeepSeek-V3's complementary sequence-wise balance loss (without alpha), mean over sequences.
+
+    affinities [b, s, E] (unbiased), expert_ids [b, s, k]. Per sequence:
+    f_i = E / (k * T) * #tokens routed to i,  P_i = mean_t s'_{i,t} with s' = s / sum_j s_j,
+    L = sum_i f_i * P_i. f carries no gradient (it comes from a top-k)."""
+    b, t, _ = affinities.shape
+    normed = affinities / affinities.sum(dim=-1, keepdim=True)  # s'
+    p = normed.mean(dim=1)  # [b, E]
+    counts = torch.zeros(b, n_experts, device=affinities.device, dtype=affinities.dtype)
+    counts.scatter_add_(
+        1, expert_ids.flatten(1), torch.ones_like(expert_ids.flatten(1), dtype=affinities.dtype)
+    )
+    f = counts * (n_experts / (top_k * t))  # [b, E]
+    return (f * p).sum(dim=-1).mean()
+
+
+class MoE(nn.Module):
+    """Shared experts + routed experts, with load counting and the sequence-wise balance loss.
+
+    Buffers: `gate.e_score_correction_bias` (balancing state, saved with the model) and `load_counts`
+    (tokens routed per expert while in training mode since the last `reset_load()`; not saved)."""
+
+    def __init__(self, cfg: ModelConfig, layer_id: int) -> None:
+        super().__init__()
+        self.layer_id = layer_id
+        self.n_experts = cfg.n_routed_experts
+        self.top_k = cfg.num_experts_per_tok
+        self.aux_alpha = cfg.seq_aux_loss_alpha
+        self.gate = Gate(cfg)
+        self.experts = RoutedExperts(cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size)
+        self.shared_experts = (
+            MLP(cfg.hidden_size, cfg.n_shared_experts * cfg.moe_intermediate_size)
+            if cfg.n_shared_experts
+            else None
+        )
+        self.register_buffer("load_counts", torch.zeros(self.n_experts), persistent=False)
+        self.last_aux_loss: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [b, s, hidden] -> [b, s, hidden]."""
+        b, s, dim = x.shape
+        flat = x.reshape(b * s, dim)  # [N, hidden]
+        weights, expert_ids, affinities = self.gate(flat)
+
+        # Sort the N*k (token, expert) pairs by expert: each expert sees one contiguous slice.
+        pair_expert = expert_ids.flatten()  # [N*k]
+        order = pair_expert.argsort(stable=True)
+        pair_token = order // self.top_k
+        tokens_per_expert = torch.bincount(pair_expert, minlength=self.n_experts)
+        y_sorted = self.experts(flat[pair_token], tokens_per_expert)  # [N*k, hidden]
+        y_sorted = y_sorted * weights.flatten()[order].unsqueeze(-1).to(y_sorted.dtype)
+        out = torch.zeros_like(flat).index_add_(0, pair_token, y_sorted.to(flat.dtype))
+        if self.shared_experts is not None:
+            out = out + self.shared_experts(flat)
+        out = out.view(b, s, dim)  # [b, s, hidden]
+
+        if self.training:
+            with torch.no_grad():
+                self.load_counts += tokens_per_expert.to(self.load_counts.dtype)
+            if self.aux_alpha > 0:
+                aux = self.aux_alpha * sequence_balance_loss(
+                    affinities.view(b, s, -1), expert_ids.view(b, s, -1), self.n_experts, self.top_k
+                )
+                self.last_aux_loss = aux.detach()
+                if torch.is_grad_enabled() and aux.requires_grad:
+                    out = AddAuxiliaryLoss.apply(out, aux)
+        return out
+
+    @torch.no_grad()
+    def update_bias(self, counts: torch.Tensor, gamma: float) -> None:
+        """Aux-loss-free balancing: bias += gamma * sign(mean load - load) (overloaded experts go down)."""
+        counts = counts.to(self.gate.e_score_correction_bias.device, torch.float32)
+        self.gate.e_score_correction_bias += gamma * torch.sign(counts.mean() - counts)
+
+    def _apply(self, fn, recurse=True):
+        # Token counts must stay exact (fp32) under a model-wide dtype cast.
+        super()._apply(fn, recurse)
+        self.load_counts = self.load_counts.float()
+        return self
+
+    def reset_load(self) -> None:
+        """Zero the load counter (also re-creates it after a meta-device build)."""
+        self.load_counts = torch.zeros(self.n_experts, device=self.gate.weight.device)

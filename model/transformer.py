@@ -1,0 +1,176 @@
+"""The DeepSeek-V3 transformer: embedding, blocks (MLA + dense MLP or DeepSeekMoE), final norm, head, MTP.
+
+Single-device and stage-friendly: a pipeline stage calls `embed_tokens`, any run of `layers`, and
+`head_and_loss`; `forward` composes exactly those pieces. Nothing here knows about ranks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from moeforge.model.config import ModelConfig
+from moeforge.model.init import init_weights
+from moeforge.model.mla import MLA, LatentCache
+from moeforge.model.moe import MLP, MoE
+from moeforge.model.norm import RMSNorm
+from torch import nn
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class LossOutput:
+    """loss = lm_loss + mtp_loss_weight * mtp_loss (the MoE balance loss rides on the backward)."""
+
+    loss: torch.Tensor
+    lm_loss: torch.Tensor
+    mtp_loss: torch.Tensor  # mean over MTP depths; 0 without MTP
+
+
+@dataclass
+class ModelOutput:
+    logits: torch.Tensor  # [b, s, vocab]
+    loss: torch.Tensor | None = None
+    lm_loss: torch.Tensor | None = None
+    mtp_loss: torch.Tensor | None = None
+
+
+class Block(nn.Module):
+    """Pre-norm block: h + attn(norm(h)), then h + ffn(norm(h)). Names follow the HF checkpoint."""
+
+    def __init__(self, cfg: ModelConfig, layer_id: int) -> None:
+        super().__init__()
+        self.layer_id = layer_id
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = MLA(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp: nn.Module = (
+            MoE(cfg, layer_id) if cfg.is_moe_layer(layer_id) else MLP(cfg.hidden_size, cfg.intermediate_size)
+        )
+
+    def forward(self, h: torch.Tensor, start_pos: int = 0, cache: LatentCache | None = None) -> torch.Tensor:
+        """h [b, s, hidden] -> [b, s, hidden]; positions start_pos.. (start_pos > 0 needs a cache)."""
+        h = h + self.self_attn(self.input_layernorm(h), start_pos, cache)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+def _shift_left(x: torch.Tensor, k: int, fill: int) -> torch.Tensor:
+    """x [b, s] -> x[:, k:] padded on the right with `fill` back to [b, s]."""
+    return F.pad(x[:, k:], (0, min(k, x.shape[1])), value=fill)
+
+
+def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean token cross-entropy in fp32 over targets != -100 (0, still in the graph, if there are none)."""
+    total = F.cross_entropy(
+        logits.flatten(0, -2).float(), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
+    )
+    count = (targets != IGNORE_INDEX).sum().clamp_min(1)
+    return total / count
+
+
+class Transformer(nn.Module):
+    """DeepSeek-V3 causal LM with optional multi-token prediction (see model_api.md for the contract)."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        from moeforge.model.mtp import MTPModule
+
+        self.mtp = nn.ModuleList(
+            MTPModule(cfg, cfg.num_hidden_layers + d) for d in range(cfg.num_nextn_predict_layers)
+        )
+
+    # --- stage-callable pieces ------------------------------------------------------------------------
+    def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """input_ids [b, s] -> h [b, s, hidden]."""
+        return self.embed(input_ids)
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """Last block output h [b, s, hidden] -> logits [b, s, vocab] (final norm + head)."""
+        return self.head(self.norm(h))
+
+    def head_and_loss(self, h: torch.Tensor, input_ids: torch.Tensor, labels: torch.Tensor) -> LossOutput:
+        """Final norm + head + LM loss, then the MTP chain from h (the last block output, pre-norm)."""
+        return self._head_and_loss(h, input_ids, labels)[0]
+
+    def _head_and_loss(
+        self, h: torch.Tensor, input_ids: torch.Tensor, labels: torch.Tensor
+    ) -> tuple[LossOutput, torch.Tensor]:
+        logits = self.logits(h)
+        lm_loss = cross_entropy(logits, labels)
+        mtp_losses = []
+        h_prev = h
+        for depth, module in enumerate(self.mtp, start=1):
+            # depth k at position i sees token i+k and predicts token i+k+1 (= labels[i+k])
+            next_emb = self.embed(_shift_left(input_ids, depth, fill=0))  # [b, s, hidden]
+            h_prev = module(h_prev, next_emb)
+            mtp_logits = self.head(module.norm(h_prev))  # [b, s, vocab]
+            mtp_losses.append(cross_entropy(mtp_logits, _shift_left(labels, depth, fill=IGNORE_INDEX)))
+        if mtp_losses:
+            mtp_loss = torch.stack(mtp_losses).mean()
+            loss = lm_loss + self.cfg.mtp_loss_weight * mtp_loss
+        else:
+            mtp_loss = torch.zeros((), device=lm_loss.device)
+            loss = lm_loss
+        return LossOutput(loss=loss, lm_loss=lm_loss, mtp_loss=mtp_loss), logits
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None) -> ModelOutput:
+        """input_ids [b, s] (positions 0..s-1) -> logits, and losses when labels [b, s] are given.
+        MTP runs only with labels (training); inference never needs it."""
+        h = self.embed_tokens(input_ids)
+        for block in self.layers:
+            h = block(h)
+        if labels is None:
+            return ModelOutput(logits=self.logits(h))
+        out, logits = self._head_and_loss(h, input_ids, labels)
+        return ModelOutput(logits=logits, loss=out.loss, lm_loss=out.lm_loss, mtp_loss=out.mtp_loss)
+
+    # --- inference with the compressed-latent cache -------------------------------------------------------
+    def make_cache(self, batch: int, max_len: int, device=None, dtype=None) -> list[LatentCache]:
+        """One LatentCache per main-model layer (kv_lora_rank + qk_rope_head_dim floats per token)."""
+        ref = self.embed.weight
+        return [
+            LatentCache.empty(self.cfg, batch, max_len, device or ref.device, dtype or ref.dtype)
+            for _ in self.layers
+        ]
+
+    @torch.no_grad()
+    def forward_cached(
+        self, input_ids: torch.Tensor, cache: list[LatentCache], start_pos: int = 0
+    ) -> torch.Tensor:
+        """Prefill or decode: input_ids [b, s] at positions start_pos.. -> logits [b, s, vocab].
+        Attention runs in the absorbed form over the cached latents; MTP is not used."""
+        h = self.embed_tokens(input_ids)
+        for block, layer_cache in zip(self.layers, cache):
+            h = block(h, start_pos, layer_cache)
+        return self.logits(h)
+
+    # --- MoE bookkeeping ---------------------------------------------------------------------------------------
+    def moe_layers(self) -> list[MoE]:
+        """MoE modules in layer order: main-model blocks, then MTP blocks."""
+        blocks = list(self.layers) + [m.block for m in self.mtp]
+        return [b.mlp for b in blocks if isinstance(b.mlp, MoE)]
+
+    def init_weights(self, seed: int | None = None) -> None:
+        """normal(0, initializer_range) weights, unit norms, zero biases/buffers (see model/init.py)."""
+        init_weights(self, self.cfg.initializer_range, seed)
+        for moe in self.moe_layers():
+            moe.reset_load()
+
+
+def build_model(cfg: ModelConfig, device: str | torch.device = "cpu", seed: int | None = None) -> Transformer:
+    """Construct and initialise a Transformer. On "meta" nothing is allocated (the 671B model can be
+    counted); elsewhere it is built on meta, materialised on `device` and initialised once."""
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    if torch.device(device).type == "meta":
+        return model
+    model.to_empty(device=device)
+    model.init_weights(seed)
+    return model
