@@ -230,14 +230,36 @@ class ModelConfig:
 
     @classmethod
     def from_hf_dict(cls, hf: Mapping[str, Any]) -> "ModelConfig":
-        """Build from a Hugging Face DeepSeek-V3 `config.json`; HF-only bookkeeping keys are dropped."""
+        """Build from a Hugging Face DeepSeek-V3 `config.json`; HF-only bookkeeping keys are dropped.
+
+        Reads both the published layout (`rope_scaling` + `rope_theta`) and transformers v5's
+        `rope_parameters`. No rope entry, or rope_type "default", means plain RoPE (no YaRN); YaRN keys
+        the file leaves out take Hugging Face's meaning (mscale absent = 0, factor absent =
+        max_position_embeddings / original_max_position_embeddings)."""
         known = {f.name for f in dataclasses.fields(cls)}
         values = {k: v for k, v in hf.items() if k in known}
-        if values.get("rope_scaling") is not None:
-            rs = dict(values["rope_scaling"])
-            rs.setdefault("type", rs.pop("rope_type", "yarn"))
-            keep = {f.name for f in dataclasses.fields(RopeScaling)}
-            values["rope_scaling"] = {k: v for k, v in rs.items() if k in keep}
+        if "num_nextn_predict_layers" not in values and "num_mtp_layers" in hf:
+            values["num_nextn_predict_layers"] = hf["num_mtp_layers"]
+        if hf.get("rope_interleave") is False:
+            raise ConfigError("rope_interleave: only DeepSeek's interleaved rotary layout is supported")
+        rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
+        if "rope_theta" in rope:
+            values["rope_theta"] = rope.pop("rope_theta")
+        kind = rope.pop("rope_type", None) or rope.pop("type", None) or ("yarn" if rope else "default")
+        rope.pop("type", None)
+        if rope.get("truncate", True) is True:
+            rope.pop("truncate", None)
+        if kind == "default":
+            values["rope_scaling"] = None
+        else:
+            unsupported = sorted(set(rope) - {f.name for f in dataclasses.fields(RopeScaling)})
+            if unsupported:
+                raise ConfigError(f"rope_scaling.{unsupported[0]}: not supported by moeforge's YaRN")
+            rope.setdefault("mscale", 0.0)
+            rope.setdefault("mscale_all_dim", 0.0)
+            if rope.get("factor") is None and "original_max_position_embeddings" in rope:
+                rope["factor"] = hf["max_position_embeddings"] / rope["original_max_position_embeddings"]
+            values["rope_scaling"] = {"type": kind, **rope}
         # HF initializer_range (0.02) is an inference-time artefact; keep the V3 training default.
         values.pop("initializer_range", None)
         return cls.from_dict(values)
