@@ -1,0 +1,182 @@
+"""Where every world rank sits in the pipeline x data-parallel grid, and which ranks talk to which.
+
+Layout: `world_rank = dp_rank * pp + pp_rank`, so the pp ranks of one pipeline replica are
+consecutive (Ray Train places consecutive ranks together when it can, keeping the chatty
+point-to-point traffic local) and the dp replicas of a stage are `pp` apart.
+
+Groups, all derived from (schedule layout, pp, dp) alone so every rank computes the same lists:
+
+- pipeline group: the pp ranks of one dp replica (point-to-point goes over the default group with
+  global ranks; the group is listed for completeness and for collectives along the pipeline).
+- dp group: the dp ranks holding the same pp position.
+- shard group: every rank holding this rank's parameters. For DualPipe rank r holds stages r and
+  pp-1-r and so does rank pp-1-r: the two ranks have identical parameter sets, so the shard group is
+  {r, pp-1-r} x dp. Gradients are reduced and ZeRO partitions optimizer state over this group.
+  Otherwise it is the dp group.
+- norm group: one member of every distinct shard group, used to add up per-shard squared gradient
+  norms into the global norm without counting a DualPipe pair twice. For DualPipe: the ranks of one
+  dp replica on the same "side" (pp_rank < pp/2, or >= pp/2); otherwise the pipeline group.
+- tie group: ranks holding a copy of the embedding that is NOT the same Parameter on one rank:
+  with MTP the last stage needs the embedding; when the first and last stages live on different
+  ranks (1F1B, ZB1P) their copies' gradients are summed over {first-stage rank, last-stage rank} of
+  each dp replica. DualPipe and DualPipeV put both ends on the same ranks, so no tie group exists.
+- ep group: ranks of one dp group split into blocks of `ep` (expert parallelism; prepared, unused).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from moeforge.model.config import ConfigError
+
+# Which pipeline layout each schedule uses (see platform/schedules/actions.py: Schedule.layout).
+LAYOUT_OF_SCHEDULE = {
+    "single": "linear",
+    "1f1b": "linear",
+    "zb1p": "linear",
+    "dualpipe": "bidirectional",
+    "dualpipev": "v",
+}
+
+
+@dataclass(frozen=True)
+class Topology:
+    """The (pp, dp) grid of a run and the stage placement of its schedule layout."""
+
+    pp: int
+    dp: int
+    layout: str = "linear"  # linear | bidirectional | v
+    ep: int = 1
+    tied_embedding: bool = False  # True when the last stage also needs the embedding (MTP)
+
+    def __post_init__(self) -> None:
+        if self.pp < 1 or self.dp < 1:
+            raise ConfigError(f"parallel.pp and parallel.dp must be >= 1, got pp={self.pp} dp={self.dp}")
+        if self.layout not in ("linear", "bidirectional", "v"):
+            raise ConfigError(f"topology layout must be linear|bidirectional|v, got {self.layout!r}")
+        if self.layout == "bidirectional" and self.pp % 2:
+            raise ConfigError(f"parallel.pp: DualPipe needs an even number of pipeline ranks, got {self.pp}")
+        if self.ep < 1 or self.dp % self.ep:
+            raise ConfigError(f"parallel.ep: must divide parallel.dp={self.dp}, got {self.ep}")
+
+    @classmethod
+    def for_schedule(
+        cls, schedule: str, pp: int, dp: int, ep: int = 1, tied_embedding: bool = False
+    ) -> Topology:
+        if schedule not in LAYOUT_OF_SCHEDULE:
+            raise ConfigError(f"parallel.schedule: unknown schedule {schedule!r}")
+        return cls(pp, dp, LAYOUT_OF_SCHEDULE[schedule], ep, tied_embedding)
+
+    # ---- coordinates ------------------------------------------------------------------------------
+    @property
+    def world_size(self) -> int:
+        return self.pp * self.dp
+
+    @property
+    def num_stages(self) -> int:
+        return 2 * self.pp if self.layout == "v" else self.pp
+
+    def coords(self, rank: int) -> tuple[int, int]:
+        """world rank -> (pp_rank, dp_rank)."""
+        if not 0 <= rank < self.world_size:
+            raise ValueError(f"rank {rank} outside world of {self.world_size}")
+        return rank % self.pp, rank // self.pp
+
+    def rank_of(self, pp_rank: int, dp_rank: int) -> int:
+        return dp_rank * self.pp + pp_rank
+
+    def stages_of(self, pp_rank: int) -> list[int]:
+        """Model stages held by a pipeline rank, indexed by local chunk."""
+        if self.layout == "linear":
+            return [pp_rank]
+        if self.layout == "bidirectional":
+            return [pp_rank, self.pp - 1 - pp_rank]
+        return [pp_rank, 2 * self.pp - 1 - pp_rank]
+
+    def pp_rank_of_stage(self, stage: int) -> list[int]:
+        """Pipeline ranks holding `stage` (two for DualPipe)."""
+        return [r for r in range(self.pp) if stage in self.stages_of(r)]
+
+    # ---- groups (lists of world ranks, sorted) ---------------------------------------------------
+    def pipeline_group(self, rank: int) -> list[int]:
+        _, d = self.coords(rank)
+        return [self.rank_of(r, d) for r in range(self.pp)]
+
+    def dp_group(self, rank: int) -> list[int]:
+        p, _ = self.coords(rank)
+        return [self.rank_of(p, d) for d in range(self.dp)]
+
+    def shard_group(self, rank: int) -> list[int]:
+        """Every rank holding exactly this rank's parameters (ZeRO and gradient reduction group)."""
+        p, _ = self.coords(rank)
+        pair = sorted({p, self.pp - 1 - p}) if self.layout == "bidirectional" else [p]
+        return sorted(self.rank_of(q, d) for d in range(self.dp) for q in pair)
+
+    def norm_group(self, rank: int) -> list[int]:
+        """One rank per distinct shard group, in this rank's dp replica (see module docstring)."""
+        p, d = self.coords(rank)
+        if self.layout != "bidirectional":
+            return self.pipeline_group(rank)
+        side = [q for q in range(self.pp) if (q < self.pp // 2) == (p < self.pp // 2)]
+        return [self.rank_of(q, d) for q in side]
+
+    def tie_group(self, rank: int) -> list[int] | None:
+        """Ranks whose embedding copies must have their gradients summed; None if this rank has none
+        to share (no MTP, a middle stage, or both ends on this rank)."""
+        if not self.tied_embedding or self.layout != "linear" or self.pp == 1:
+            return None
+        p, d = self.coords(rank)
+        if p not in (0, self.pp - 1):
+            return None
+        return [self.rank_of(0, d), self.rank_of(self.pp - 1, d)]
+
+    def ep_group(self, rank: int) -> list[int]:
+        _, d = self.coords(rank)
+        first = d - d % self.ep
+        dp_ranks = self.dp_group(rank)
+        return dp_ranks[first : first + self.ep]
+
+    def all_groups(self) -> dict[str, list[list[int]]]:
+        """Every distinct group of every kind, in a fixed order (all ranks must create process groups
+        in the same order)."""
+        out: dict[str, list[list[int]]] = {}
+        for kind in ("pipeline", "dp", "shard", "norm", "tie", "ep"):
+            seen: list[list[int]] = []
+            for rank in range(self.world_size):
+                g = getattr(self, f"{kind}_group")(rank)
+                if g is not None and g not in seen:
+                    seen.append(g)
+            out[kind] = seen
+        return out
+
+
+@dataclass
+class ProcessGroups:
+    """This rank's torch.distributed groups (None where a group has a single member or none)."""
+
+    pipeline: object
+    dp: object
+    shard: object
+    norm: object
+    tie: object
+    ep: object
+    ranks: dict[str, list[int] | None]
+
+
+def create_process_groups(topo: Topology, rank: int) -> ProcessGroups:
+    """Create every group of `topo` (collective: all ranks call this in the same order) and return
+    this rank's. Groups of one rank are still created (new_group must be called uniformly) but
+    returned as-is; callers skip collectives on them."""
+    import torch.distributed as dist
+
+    mine: dict[str, object] = {}
+    ranks: dict[str, list[int] | None] = {}
+    for kind, groups in topo.all_groups().items():
+        own = getattr(topo, f"{kind}_group")(rank)
+        ranks[kind] = own
+        mine[kind] = None
+        for members in groups:
+            handle = dist.new_group(members)
+            if members == own:
+                mine[kind] = handle
+    return ProcessGroups(ranks=ranks, **mine)
