@@ -17,10 +17,12 @@ class RunConfig:
     seed: int = 1234
     steps: int = 200
     log_every: int = 10
-    eval_every: int = 50
+    eval_every: int = 50  # steps between evaluations (and one at the end); 0 disables
+    eval_batches: int = 2  # global batches per evaluation
 
     def __post_init__(self) -> None:
         require(bool(self.dir), "dir", "must be a non-empty path")
         require(self.steps > 0, "steps", f"must be positive, got {self.steps}")
         require(self.log_every > 0, "log_every", f"must be positive, got {self.log_every}")
         require(self.eval_every >= 0, "eval_every", f"must be >= 0 (0 disables), got {self.eval_every}")
+        require(self.eval_batches >= 1, "eval_batches", f"must be >= 1, got {self.eval_batches}")

@@ -1,0 +1,85 @@
+"""Per-step metrics, the end-of-run summary, and their console formatting.
+
+Shared by the reference loop and the pipeline runtime's rank 0 so both print and record the same
+fields under the same names.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+
+@dataclass
+class StepMetrics:
+    """What one optimizer step did. Losses are means over the step's tokens (all micro-batches)."""
+
+    step: int  # 1-based count of optimizer steps taken so far
+    loss: float  # lm_loss + mtp_loss_weight * mtp_loss (what was back-propagated, before aux)
+    lm_loss: float
+    mtp_loss: float
+    aux_loss: float  # sequence-wise balance loss as the MoE layers record it, mean over layers
+    lr: float
+    grad_norm: float  # global norm before clipping
+    tokens: int  # tokens in this step (global batch * seq_len)
+    step_time_s: float
+    load_imbalance: float  # worst layer's max/mean expert load in this step
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.step_time_s if self.step_time_s > 0 else 0.0
+
+    def to_dict(self) -> dict:
+        out = dataclasses.asdict(self)
+        out["tokens_per_s"] = self.tokens_per_s
+        return out
+
+
+@dataclass
+class TrainSummary:
+    """End of a run: enough to tell whether it learned and how fast."""
+
+    steps: int
+    first_loss: float
+    final_loss: float
+    tokens_per_s: float  # over the whole run, all steps
+    elapsed_s: float
+    eval_loss: float | None = None
+    losses: list[float] = field(default_factory=list)  # per step, for tests and plots
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def format(self) -> str:
+        line = (
+            f"done: {self.steps} steps in {format_duration(self.elapsed_s)} | "
+            f"loss {self.first_loss:.4f} -> {self.final_loss:.4f} | {self.tokens_per_s:,.0f} tok/s"
+        )
+        if self.eval_loss is not None:
+            line += f" | eval loss {self.eval_loss:.4f}"
+        return line
+
+
+def format_duration(seconds: float) -> str:
+    """`1h02m`, `3m07s`, `12s`."""
+    seconds = max(0, round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return f"{hours}h{minutes:02d}m"
+    if minutes:
+        return f"{minutes}m{secs:02d}s"
+    return f"{secs}s"
+
+
+def format_progress(m: StepMetrics, total_steps: int, tokens_per_s: float, eta_s: float) -> str:
+    """One console line: step/total, loss, lr, throughput, load imbalance, ETA.
+
+    `tokens_per_s` and `eta_s` are passed in (averaged by the caller over recent steps) because a
+    single step's time is noisy."""
+    width = len(str(total_steps))
+    return (
+        f"step {m.step:>{width}}/{total_steps} | loss {m.loss:.4f} | lr {m.lr:.2e} | "
+        f"gnorm {m.grad_norm:.3f} | {tokens_per_s:,.0f} tok/s | imbalance {m.load_imbalance:.2f} | "
+        f"eta {format_duration(eta_s)}"
+    )

@@ -1,0 +1,61 @@
+"""The one place a run writes its records: resolved config, metrics lines, final summary.
+
+`run.dir` is a local directory or an `s3://bucket/prefix` (through platform.storage, which checks an
+S3 root up front and fails with one message). Object stores cannot append, so metrics lines go to a
+local file and, for a remote run.dir, that file is uploaded whole on every `flush()`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Mapping
+from typing import Any
+
+from omegaconf import OmegaConf
+
+from moeforge.platform.storage import LocalStorage, open_storage, redact
+
+CONFIG, METRICS, SUMMARY = "config.yaml", "metrics.jsonl", "summary.json"
+
+
+class RunOutputs:
+    """config.yaml (secrets redacted), metrics.jsonl (one JSON object per step) and summary.json
+    under `run_dir`. A fresh RunOutputs starts a fresh metrics file."""
+
+    def __init__(self, run_dir: str) -> None:
+        self.storage = open_storage(run_dir)
+        self.remote = not isinstance(self.storage, LocalStorage)
+        local_dir = tempfile.mkdtemp(prefix="moeforge-run-") if self.remote else run_dir
+        os.makedirs(local_dir, exist_ok=True)
+        self.metrics_path = os.path.join(local_dir, METRICS)
+        open(self.metrics_path, "w").close()
+        self._unflushed = False
+
+    def write_config(self, config: Mapping[str, Any]) -> None:
+        self.storage.write_text(CONFIG, OmegaConf.to_yaml(OmegaConf.create(_plain(redact(dict(config))))))
+
+    def append_metrics(self, record: Mapping[str, Any]) -> None:
+        with open(self.metrics_path, "a") as f:
+            f.write(json.dumps(dict(record), sort_keys=True) + "\n")
+        self._unflushed = True
+
+    def flush(self) -> None:
+        """Make the metrics written so far visible under run_dir (an upload for a remote run.dir)."""
+        if self.remote and self._unflushed:
+            self.storage.upload(self.metrics_path, METRICS)
+        self._unflushed = False
+
+    def write_summary(self, summary: Mapping[str, Any]) -> None:
+        self.flush()
+        self.storage.write_text(SUMMARY, json.dumps(dict(summary), indent=2, sort_keys=True) + "\n")
+
+
+def _plain(value: Any) -> Any:
+    """Tuples to lists, recursively, so the YAML reads back as plain lists."""
+    if isinstance(value, Mapping):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
