@@ -166,6 +166,8 @@ class ModelConfig:
             raise ConfigError(f"initializer_range must be positive, got {self.initializer_range}")
         if not self.rms_norm_eps > 0:
             raise ConfigError(f"rms_norm_eps must be positive, got {self.rms_norm_eps}")
+        if self.tie_word_embeddings:
+            raise ConfigError("tie_word_embeddings: must be false (DeepSeek-V3 unties embedding and head)")
         if self.seq_len <= 0:
             raise ConfigError(f"seq_len must be a positive integer, got {self.seq_len}")
 

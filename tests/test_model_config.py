@@ -30,6 +30,7 @@ SMALL = {
         ({"first_k_dense_replace": 3}, "first_k_dense_replace"),
         ({"n_group": 8, "topk_group": 2}, "n_group"),  # noaux_tc needs >= 2 experts per group
         ({"rope_scaling": {"type": "yarn", "factor": 0.5}}, "rope_scaling.factor"),
+        ({"tie_word_embeddings": True}, "tie_word_embeddings"),
         ({"hidden_sise": 32}, "hidden_sise"),  # unknown key
     ],
 )
