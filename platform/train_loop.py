@@ -7,7 +7,8 @@ micro-batch count computes the same gradients, so the two can be compared loss f
 
 One optimizer step (`train_step`), torchtitan style:
     forward_backward   M micro-batches, gradients accumulate (LM + MTP loss; the sequence-wise
-                       balance loss rides along inside the MoE layers' autograd graph)
+                       balance loss rides along inside the MoE layers' autograd graph, its alpha
+                       scaled by 1/M like the other losses: moe_balance.set_balance_loss_scale)
     clip               global grad norm, then scale (platform.optim)
     optimizer_step     LR from lr_at(step), AdamW step, zero grads
     balance            router-bias update from the step's expert loads (platform.moe_balance)
@@ -101,6 +102,8 @@ class ReferenceTrainer:
             )
         self.cfg = cfg
         self.log = log
+        # Inputs that can be wrong (data path, run.dir) are opened before the model is built.
+        self.source = source if source is not None else default_batch_source(cfg)
         self.outputs = RunOutputs(cfg.run.dir)
         self.outputs.write_config(dataclasses.asdict(cfg))
 
@@ -111,7 +114,6 @@ class ReferenceTrainer:
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = build_optimizer(self.model.named_parameters(), cfg.optim)
 
-        self.source = source if source is not None else default_batch_source(cfg)
         self.microbatches = cfg.parallel.microbatches
         set_balance_loss_scale(self.moe_modules, cfg.model.seq_aux_loss_alpha, 1.0 / self.microbatches)
         self.step = 0  # optimizer steps taken

@@ -48,3 +48,13 @@ def test_tiny_run_end_to_end(tmp_path):
     assert (run_dir / "config.yaml").read_text().count("hidden_size: 128") == 1
     # Hydra wrote nothing of its own and did not change directory.
     assert sorted(os.listdir(tmp_path)) == ["run"]
+
+
+def test_missing_data_path_fails_before_any_work(tmp_path):
+    missing = tmp_path / "no-such-tokens.bin"
+    proc = run_train(
+        ["data.source=tokens", f"+data.path={missing}", f"run.dir={tmp_path / 'run'}"], cwd=tmp_path
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == f"moeforge-train: config error: data.path: {missing} does not exist"
+    assert not (tmp_path / "run").exists()
