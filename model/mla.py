@@ -119,9 +119,8 @@ class MLA(nn.Module):
 
     def _attend_expanded(self, q_nope, q_rope, latent, k_rope) -> torch.Tensor:
         """Training path: per-head keys/values from the latent; returns [b, s, h, v]."""
-        kv = self.kv_b_proj(latent).unflatten(
-            -1, (self.n_heads, self.nope_dim + self.v_dim)
-        )  # [b, s, h, nope+v]
+        kv = self.kv_b_proj(latent)  # [b, s, h * (nope + v)]
+        kv = kv.unflatten(-1, (self.n_heads, self.nope_dim + self.v_dim))  # [b, s, h, nope + v]
         k_nope, v = kv.split([self.nope_dim, self.v_dim], dim=-1)
         k = torch.cat((k_nope, k_rope.unsqueeze(2).expand_as(q_rope)), dim=-1)  # [b, s, h, qk]
         q = torch.cat((q_nope, q_rope), dim=-1)  # [b, s, h, qk]
