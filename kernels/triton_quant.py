@@ -1,0 +1,219 @@
+"""Triton quantization kernels (twins in quant_torch.py; public entry points in quant.py).
+
+Memory traffic (the floor these kernels are measured against in the benchmark), per element:
+act_quant reads 2 bytes (bf16) and writes 1 byte + 4/128 bytes of scale; weight_quant reads 4 (fp32
+master) and writes 1; the transpose variant moves the same bytes with a transposed store.
+
+e4m3 rounding: values are first snapped to the e4m3 grid in FP32 arithmetic (`_snap_e4m3`, round to
+nearest even, subnormals included) and only then converted. The conversion of an on-grid value is
+exact on every backend. This matters because Triton's CPU interpreter rounds FP32->FP8 half-up and
+drops the mantissa carry (127.4 became 64), which would make interpreted tests meaningless; on a GPU
+the snap costs a few integer instructions in a memory-bound kernel.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from moeforge.kernels.fp8_format import FP8_MAX, SCALE_FLOOR, ceil_div, round_up
+
+
+@triton.jit
+def _snap_e4m3(v):
+    """Round FP32 v (|v| <= 448) to the nearest e4m3 value (ties to even), staying in FP32."""
+    bits = v.to(tl.int32, bitcast=True)
+    biased_exp = (bits >> 23) & 0xFF
+    # e4m3 keeps 3 mantissa bits: the grid step is 2^(e-3); below 2^-6 (subnormals) it is 2^-9.
+    step_exp = tl.maximum(biased_exp, 127 - 6) - 3
+    step = (step_exp << 23).to(tl.float32, bitcast=True)
+    inv_step = ((254 - step_exp) << 23).to(tl.float32, bitcast=True)
+    y = tl.abs(v) * inv_step  # exact (power of two); y <= 16
+    # Adding and removing 1.5 * 2^23 rounds y < 2^22 to an integer, ties to even (FP32 add).
+    y = (y + 12582912.0) - 12582912.0
+    snapped = (y * step).to(tl.int32, bitcast=True)
+    # Put the sign bit back, so values that round to zero keep it (-0.0 -> 0x80, as torch gives).
+    return (snapped | ((bits >> 31) << 31)).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _tile_scale(amax, UE8M0: tl.constexpr):
+    scale = tl.math.div_rn(tl.maximum(amax, SCALE_FLOOR), FP8_MAX)
+    if UE8M0:
+        bits = scale.to(tl.int32, bitcast=True)
+        biased_exp = ((bits >> 23) & 0xFF) + ((bits & 0x7FFFFF) != 0).to(tl.int32)
+        scale = (biased_exp << 23).to(tl.float32, bitcast=True)
+    return scale
+
+
+@triton.jit
+def _quantize(x, scale):
+    """x / scale (IEEE division, as torch does) clamped to the finite e4m3 range and snapped."""
+    y = tl.math.div_rn(x, scale)
+    y = tl.minimum(tl.maximum(y, -FP8_MAX), FP8_MAX)
+    return _snap_e4m3(y).to(tl.float8e4nv)
+
+
+@triton.jit
+def _to_output(acc, c_ptr):
+    """Cast the FP32 accumulator to c's dtype, rounding to nearest even. For bf16 the rounding is
+    done on the bits first: Triton's CPU interpreter truncates FP32->BF16, the GPU rounds; this way
+    both give the bytes torch gives."""
+    if c_ptr.dtype.element_ty == tl.bfloat16:
+        bits = acc.to(tl.int32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536
+        acc = bits.to(tl.float32, bitcast=True)
+    return acc.to(c_ptr.dtype.element_ty)
+
+
+@triton.jit
+def _act_quant_kernel(x_ptr, q_ptr, s_ptr, M, K, UE8M0: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+    # One program: ROWS rows x one BLOCK-wide tile; one scale per row.
+    pid_m = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    rows = pid_m * ROWS + tl.arange(0, ROWS)
+    cols = pid_k * BLOCK + tl.arange(0, BLOCK)
+    row_ok = rows < M
+    offsets = rows.to(tl.int64)[:, None] * K + cols[None, :]
+    x = tl.load(x_ptr + offsets, mask=row_ok[:, None], other=0.0).to(tl.float32)
+    scale = _tile_scale(tl.max(tl.abs(x), axis=1), UE8M0)  # [ROWS]
+    tl.store(q_ptr + offsets, _quantize(x, scale[:, None]), mask=row_ok[:, None])
+    tl.store(s_ptr + rows.to(tl.int64) * (K // BLOCK) + pid_k, scale, mask=row_ok)
+
+
+def act_quant_triton(
+    x: torch.Tensor, block_size: int = 128, scale_fmt: str | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Triton twin of act_quant_torch: x [..., K] -> (e4m3 [..., K], fp32 scales [..., K/B])."""
+    x = x.contiguous()
+    k = x.shape[-1]
+    m = x.numel() // k if k else 0
+    q = torch.empty(x.shape, dtype=torch.float8_e4m3fn, device=x.device)
+    s = torch.empty(*x.shape[:-1], k // block_size, dtype=torch.float32, device=x.device)
+    if m:
+        rows = 32
+        grid = (ceil_div(m, rows), k // block_size)
+        _act_quant_kernel[grid](x, q, s, m, k, UE8M0=scale_fmt == "ue8m0", ROWS=rows, BLOCK=block_size)
+    return q, s
+
+
+@triton.jit
+def _group_of_tile(sizes_ptr, G, tile, TILE: tl.constexpr, G_POW2: tl.constexpr):
+    """Which group owns the `tile`-th TILE-row tile when every group's rows are cut into their own
+    tiles (group g has ceil(n_g / TILE) of them), in group order. Returns (group, first tile of the
+    group, first row of the group, row count of the group, total tiles). Vector ops over <= G_POW2
+    groups: no host-side tile table, so the caller needs no device sync."""
+    g_ids = tl.arange(0, G_POW2)
+    sizes = tl.load(sizes_ptr + g_ids, mask=g_ids < G, other=0).to(tl.int32)
+    tiles = (sizes + TILE - 1) // TILE
+    tile_end = tl.cumsum(tiles, 0)  # inclusive
+    total = tl.sum(tiles, 0)
+    group = tl.sum((tile_end <= tile).to(tl.int32), 0)
+    is_group = g_ids == group
+    first_tile = tl.sum(tl.where(is_group, tile_end - tiles, 0), 0)
+    row_start = tl.sum(tl.where(g_ids < group, sizes, 0), 0)
+    rows = tl.sum(tl.where(is_group, sizes, 0), 0)
+    return group, first_tile, row_start, rows, total
+
+
+@triton.jit
+def _act_quant_t_kernel(
+    x_ptr, q_ptr, s_ptr, sizes_ptr, G, C, T_PAD, G_POW2: tl.constexpr, BLOCK: tl.constexpr, COLS: tl.constexpr
+):
+    # One program: one BLOCK-token tile of one group x COLS channels; writes q^T [C, T_PAD].
+    tile = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    _, first_tile, row_start, n_rows, total = _group_of_tile(sizes_ptr, G, tile, BLOCK, G_POW2)
+    if tile < total:
+        local = (tile - first_tile) * BLOCK + tl.arange(0, BLOCK)  # token index inside the group
+        tok_ok = local < n_rows
+        src_rows = (row_start + local).to(tl.int64)
+        cols = pid_c * COLS + tl.arange(0, COLS)
+        col_ok = cols < C
+        x = tl.load(
+            x_ptr + src_rows[:, None] * C + cols[None, :], mask=tok_ok[:, None] & col_ok[None, :], other=0.0
+        ).to(tl.float32)  # [BLOCK tokens, COLS channels]; padding tokens read as 0
+        scale = _tile_scale(tl.max(tl.abs(x), axis=0), False)  # [COLS]: one per channel
+        q = _quantize(x, scale[None, :])
+        out_cols = tile * BLOCK + tl.arange(0, BLOCK)  # padded token position
+        tl.store(
+            q_ptr + cols.to(tl.int64)[None, :] * T_PAD + out_cols[:, None], q, mask=col_ok[None, :]
+        )
+        tl.store(s_ptr + cols.to(tl.int64) * (T_PAD // BLOCK) + tile, scale, mask=col_ok)
+
+
+def act_quant_transpose_triton(
+    x: torch.Tensor, block_size: int = 128, group_sizes: list[int] | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Triton twin of act_quant_transpose_torch: x [T, C] -> (e4m3 [C, T_pad], scales [C, T_pad/B])."""
+    x = x.contiguous()
+    t, c = x.shape
+    if group_sizes is None:
+        group_sizes = [t]
+    t_pad = sum(round_up(n, block_size) for n in group_sizes)
+    q = torch.empty(c, t_pad, dtype=torch.float8_e4m3fn, device=x.device)
+    s = torch.empty(c, t_pad // block_size, dtype=torch.float32, device=x.device)
+    if t_pad and c:
+        sizes = torch.tensor(group_sizes, dtype=torch.int32, device=x.device)
+        cols = 64
+        grid = (t_pad // block_size, ceil_div(c, cols))
+        g_pow2 = triton.next_power_of_2(max(len(group_sizes), 2))
+        _act_quant_t_kernel[grid](x, q, s, sizes, len(group_sizes), c, t_pad, G_POW2=g_pow2, BLOCK=block_size, COLS=cols)
+    return q, s
+
+
+@triton.jit
+def _weight_block(N, K, BLOCK: tl.constexpr):
+    """This program's BLOCK x BLOCK block of a [G, N, K] stack (grid: G, row blocks, col blocks):
+    element offsets, the row mask (the last row block may be partial) and its scale's offset."""
+    pid_g = tl.program_id(0).to(tl.int64)
+    pid_n = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    rows = pid_n * BLOCK + tl.arange(0, BLOCK)
+    cols = pid_k * BLOCK + tl.arange(0, BLOCK)
+    offsets = pid_g * N * K + rows.to(tl.int64)[:, None] * K + cols[None, :]
+    kb = K // BLOCK
+    scale_offset = pid_g * tl.cdiv(N, BLOCK) * kb + pid_n * kb + pid_k
+    return offsets, (rows < N)[:, None], scale_offset
+
+
+@triton.jit
+def _weight_quant_kernel(w_ptr, q_ptr, s_ptr, N, K, BLOCK: tl.constexpr):
+    offsets, row_ok, scale_offset = _weight_block(N, K, BLOCK)
+    w = tl.load(w_ptr + offsets, mask=row_ok, other=0.0).to(tl.float32)
+    scale = _tile_scale(tl.max(tl.max(tl.abs(w), axis=1), axis=0), False)
+    tl.store(q_ptr + offsets, _quantize(w, scale), mask=row_ok)
+    tl.store(s_ptr + scale_offset, scale)
+
+
+def weight_quant_triton(w: torch.Tensor, block_size: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+    """Triton twin of weight_quant_torch: w [..., N, K] -> (e4m3, scales [..., ceil(N/B), K/B])."""
+    w = w.contiguous()
+    *lead, n, k = w.shape
+    g = w.numel() // (n * k) if n * k else 0
+    nb, kb = ceil_div(n, block_size), k // block_size
+    q = torch.empty(w.shape, dtype=torch.float8_e4m3fn, device=w.device)
+    s = torch.empty(*lead, nb, kb, dtype=torch.float32, device=w.device)
+    if g and nb and kb:
+        _weight_quant_kernel[(g, nb, kb)](w, q, s, n, k, BLOCK=block_size)
+    return q, s
+
+
+@triton.jit
+def _weight_dequant_kernel(q_ptr, s_ptr, out_ptr, N, K, BLOCK: tl.constexpr):
+    offsets, row_ok, scale_offset = _weight_block(N, K, BLOCK)
+    scale = tl.load(s_ptr + scale_offset)
+    q = tl.load(q_ptr + offsets, mask=row_ok, other=0.0).to(tl.float32)
+    tl.store(out_ptr + offsets, _to_output(q * scale, out_ptr), mask=row_ok)
+
+
+def weight_dequant_triton(
+    w_fp8: torch.Tensor, scales: torch.Tensor, block_size: int = 128, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """Triton twin of weight_dequant_torch."""
+    n, k = w_fp8.shape[-2:]
+    g = w_fp8.numel() // (n * k) if n * k else 0
+    out = torch.empty(w_fp8.shape, dtype=dtype, device=w_fp8.device)
+    if g:
+        _weight_dequant_kernel[(g, ceil_div(n, block_size), k // block_size)](w_fp8, scales, out, n, k, BLOCK=block_size)
+    return out

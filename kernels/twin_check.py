@@ -1,0 +1,174 @@
+"""Hold every Triton kernel against its torch twin on irregular inputs; report one row per check.
+
+    python -m moeforge.kernels.twin_check --size tiny          # CPU: needs TRITON_INTERPRET=1
+    python -m moeforge.kernels.twin_check --size gpu --json out.json   # CUDA: compiled kernels
+
+Quantizers must give identical e4m3 bytes and identical FP32 scales; GEMMs must agree to FP32
+rounding (relative Frobenius difference <= GEMM_TOL). The tests run the tiny size through the
+interpreter in a subprocess (the variable must be set before triton is imported); kernels/gpu_check.sh
+runs the gpu size on an H200. On CUDA the caching allocator is poisoned with NaN first, so an output
+element a kernel forgets to write shows up as a mismatch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable
+
+import torch
+from moeforge.kernels import gemm_torch, quant_torch
+from moeforge.kernels.fp8_format import FP8_MAX
+
+GEMM_TOL = 1e-5  # FP32 rounding across K <= 7168 in two summation orders stays far below this
+
+# size -> shapes: (rows, cols) for activations, (groups, N, K) for weights, group sizes for experts
+SIZES = {
+    "tiny": {"act": (37, 256), "weight": (3, 200, 256), "gemm": (37, 200, 256), "groups": [10, 0, 27]},
+    "gpu": {
+        "act": (4096, 7168),
+        "weight": (8, 2048, 7168),
+        "gemm": (4096, 2112, 7168),
+        "groups": [700, 0, 1300, 129, 1, 900, 512, 554],
+    },
+}
+
+
+def irregular(shape: tuple[int, ...], gen: torch.Generator, device: str, dtype=torch.float32) -> torch.Tensor:
+    """Random data with magnitudes spread over nine decades across columns, one outlier per row and
+    some exact e4m3 rounding ties (never zeros: they hide unwritten outputs)."""
+    x = torch.randn(shape, generator=gen) * torch.logspace(-6, 3, shape[-1])
+    flat = x.view(-1, shape[-1])
+    rows = torch.arange(flat.shape[0])
+    flat[rows, torch.randint(0, shape[-1], (flat.shape[0],), generator=gen)] *= 50.0
+    # Row 0: one 448 (scale exactly 1) then midpoints between neighbouring e4m3 values: exact ties.
+    if shape[-1] >= 128:
+        grid = torch.arange(0, 127, dtype=torch.uint8).view(torch.float8_e4m3fn).float()  # 0 .. 448
+        ties = (grid[:-1] + grid[1:]) / 2  # 126 midpoints, subnormal ones included
+        signs = torch.where(torch.arange(126) % 2 == 0, 1.0, -1.0)
+        flat[0, :128] = torch.cat([torch.tensor([FP8_MAX, -FP8_MAX]), ties * signs])
+    return x.to(device=device, dtype=dtype)
+
+
+def _bytes_equal(name: str, got: tuple, want: tuple) -> dict:
+    q_same = torch.equal(got[0].view(torch.uint8), want[0].view(torch.uint8))
+    s_same = torch.equal(got[1], want[1])
+    mismatched = int((got[0].view(torch.uint8) != want[0].view(torch.uint8)).sum())
+    return {"check": name, "passed": q_same and s_same, "bytes_equal": q_same, "scales_equal": s_same,
+            "mismatched_bytes": mismatched}
+
+
+def _close(name: str, got: torch.Tensor, want: torch.Tensor) -> dict:
+    """FP32 outputs: relative Frobenius difference <= GEMM_TOL. BF16 outputs: the same FP32 sums
+    rounded once more, so an element may sit one bf16 step (2^-8 relative) away where the two FP32
+    results straddle a rounding boundary; allow that for at most 1% of the elements."""
+    err = ((got.double() - want.double()).norm() / want.double().norm()).item()
+    finite = bool(torch.isfinite(got).all())
+    row = {"check": name, "rel_err": err, "finite": finite}
+    if got.dtype == torch.bfloat16:
+        diff = (got.float() - want.float()).abs()
+        differ = diff > 0
+        within_one_step = bool((diff <= want.float().abs() * 2.0**-7).all())
+        row["differing_fraction"] = differ.float().mean().item()
+        row["passed"] = finite and within_one_step and row["differing_fraction"] <= 0.01
+    else:
+        row["passed"] = finite and err <= GEMM_TOL
+    return row
+
+
+def run_checks(size: str, device: str, seed: int = 0) -> list[dict]:
+    """Every kernel against its twin at `size` on `device`. Triton must be usable there."""
+    from moeforge.kernels import triton_gemm, triton_quant
+
+    gen = torch.Generator().manual_seed(seed)
+    shapes = SIZES[size]
+    results: list[dict] = []
+
+    def run(name: str, fn: Callable[[], dict]) -> None:
+        poison(device)
+        try:
+            results.append(fn())
+        except Exception as err:  # noqa: BLE001 - a crash is a failed check, reported with the rest
+            results.append({"check": name, "passed": False, "error": f"{type(err).__name__}: {err}"})
+
+    rows, cols = shapes["act"]
+    for dtype in (torch.float32, torch.bfloat16):
+        x = irregular((rows, cols), gen, device, dtype)
+        for fmt in (None, "ue8m0"):
+            name = f"act_quant[{str(dtype)[6:]},{fmt}]"
+            run(name, lambda x=x, fmt=fmt, name=name: _bytes_equal(
+                name, triton_quant.act_quant_triton(x, 128, fmt), quant_torch.act_quant_torch(x, 128, fmt)))
+    groups = shapes["groups"]
+    xt = irregular((sum(groups), cols - 64), gen, device, torch.bfloat16)  # C not a multiple of 128
+    for label, sizes in (("plain", None), ("grouped", groups)):
+        name = f"act_quant_transpose[{label}]"
+        run(name, lambda sizes=sizes, name=name: _bytes_equal(
+            name, triton_quant.act_quant_transpose_triton(xt, 128, sizes),
+            quant_torch.act_quant_transpose_torch(xt, 128, sizes)))
+    w = irregular(shapes["weight"], gen, device)
+    w_q = quant_torch.weight_quant_torch(w)
+    run("weight_quant", lambda: _bytes_equal("weight_quant", triton_quant.weight_quant_triton(w), w_q))
+    run("weight_dequant", lambda: _close(
+        "weight_dequant", triton_quant.weight_dequant_triton(*w_q), quant_torch.weight_dequant_torch(*w_q)))
+
+    m, n, k = shapes["gemm"]
+    a = quant_torch.act_quant_torch(irregular((m, k), gen, device))
+    b_block = quant_torch.weight_quant_torch(irregular((n, k), gen, device))
+    b_rows = quant_torch.act_quant_torch(irregular((n, k), gen, device))
+    for label, b in (("block", b_block), ("rows", b_rows)):
+        for out_dtype in (torch.float32, torch.bfloat16):
+            name = f"fp8_gemm[{label},{str(out_dtype)[6:]}]"
+            run(name, lambda b=b, out_dtype=out_dtype, name=name: _close(
+                name, triton_gemm.fp8_gemm_triton(*a, *b, out_dtype), gemm_torch.fp8_gemm_torch(*a, *b, out_dtype)))
+
+    _, n_e, k_e = shapes["weight"]
+    x_sorted = quant_torch.act_quant_torch(irregular((sum(groups), k_e), gen, device))
+    run("fp8_grouped_gemm", lambda: _close(
+        "fp8_grouped_gemm",
+        triton_gemm.fp8_grouped_gemm_triton(*x_sorted, *w_q, groups, torch.float32),
+        gemm_torch.fp8_grouped_gemm_torch(*x_sorted, *w_q, groups, torch.float32)))
+    grad_t = quant_torch.act_quant_transpose_torch(irregular((sum(groups), n_e), gen, device), 128, groups)
+    x_t = quant_torch.act_quant_transpose_torch(irregular((sum(groups), k_e), gen, device), 128, groups)
+    run("fp8_wgrad_grouped_gemm", lambda: _close(
+        "fp8_wgrad_grouped_gemm",
+        triton_gemm.fp8_wgrad_grouped_gemm_triton(*grad_t, *x_t, groups),
+        gemm_torch.fp8_wgrad_grouped_gemm_torch(*grad_t, *x_t, groups)))
+    return results
+
+
+def poison(device: str) -> None:
+    """Fill the CUDA caching allocator's free memory with NaN so unwritten outputs are visible."""
+    if not device.startswith("cuda"):
+        return
+    free, _ = torch.cuda.mem_get_info()
+    block = torch.empty(int(free * 0.5) // 4, dtype=torch.float32, device=device)
+    block.fill_(float("nan"))
+    del block
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", choices=sorted(SIZES), default="tiny")
+    parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    parser.add_argument("--json", default=None, help="also write the rows here")
+    args = parser.parse_args(argv)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    from moeforge.kernels.backend import use_triton
+
+    results = run_checks(args.size, device)
+    dispatch = use_triton(torch.empty(1, device=device))  # what the public entry points will run
+    text = json.dumps(
+        {"size": args.size, "device": device, "public_api_uses_triton": dispatch, "results": results}, indent=1
+    )
+    if args.json:
+        with open(args.json, "w") as f:
+            f.write(text)
+    print(text)
+    for row in results:
+        print(f"{'PASS' if row['passed'] else 'FAIL'}  {row['check']}", file=sys.stderr)
+    return 0 if all(r["passed"] for r in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
