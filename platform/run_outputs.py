@@ -13,9 +13,8 @@ import tempfile
 from collections.abc import Mapping
 from typing import Any
 
-from omegaconf import OmegaConf
-
 from moeforge.platform.storage import LocalStorage, open_storage, redact
+from omegaconf import OmegaConf
 
 CONFIG, METRICS, SUMMARY = "config.yaml", "metrics.jsonl", "summary.json"
 

@@ -205,6 +205,19 @@ class ReferenceTrainer:
         return total / num_batches
 
     # ------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """Everything a resumed run needs: weights and router biases (model buffers), AdamW moments,
+        the step count. Data needs no state: the batch at a step is a pure function of (seed, step)."""
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), "step": self.step}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore from `state_dict()`; the next `train()` continues at the saved step."""
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.step = int(state["step"])
+        for m in self.moe_modules:
+            m.reset_load()
+
     def train(self) -> TrainSummary:
         """Run cfg.run.steps optimizer steps; log, record metrics, evaluate; return the summary."""
         run = self.cfg.run

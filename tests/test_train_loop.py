@@ -199,7 +199,6 @@ def test_router_bias_update(tmp_path, gamma):
 
 def test_run_records_go_to_an_s3_run_dir(s3_server, monkeypatch):
     import boto3
-
     from moeforge.platform.train_loop import ReferenceTrainer
 
     monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server)  # how a user points boto3 at an S3-compatible store
@@ -214,3 +213,16 @@ def test_run_records_go_to_an_s3_run_dir(s3_server, monkeypatch):
     assert [json.loads(line)["loss"] for line in read("metrics.jsonl").splitlines()] == summary.losses
     assert json.loads(read("summary.json"))["steps"] == 2
     assert "hidden_size: 64" in read("config.yaml")
+
+
+def test_resume_from_state_dict_continues_the_same_run(tmp_path):
+    from moeforge.platform.train_loop import ReferenceTrainer
+
+    straight = run_losses(small_config(tmp_path / "straight", steps=4))
+    first = ReferenceTrainer(small_config(tmp_path / "a", steps=4), log=lambda line: None)
+    for step in range(2):
+        first.train_step(first.source.batch(step))
+    state = first.state_dict()
+    resumed = ReferenceTrainer(small_config(tmp_path / "b", steps=4, seed=5), log=lambda line: None)
+    resumed.load_state_dict(state)  # a different init seed: everything must come from the state
+    assert resumed.train().losses == straight[2:]
