@@ -16,6 +16,8 @@ keys from a config before it is logged, written to disk or sent to W&B.
 
 from __future__ import annotations
 
+import io
+import logging
 import os
 import re
 import tempfile
@@ -87,6 +89,10 @@ class Storage(ABC):
     def exists(self, rel: str) -> bool: ...
 
     @abstractmethod
+    def size(self, rel: str) -> int | None:
+        """Size in bytes, or None when there is no such file."""
+
+    @abstractmethod
     def list(self, rel: str = "") -> list[str]:
         """Every file under `rel`, recursively, as sorted paths relative to the root."""
 
@@ -141,6 +147,10 @@ class LocalStorage(Storage):
     def exists(self, rel: str) -> bool:
         return os.path.exists(self._path(rel))
 
+    def size(self, rel: str) -> int | None:
+        path = self._path(rel)
+        return os.path.getsize(path) if os.path.isfile(path) else None
+
     def list(self, rel: str = "") -> list[str]:
         base = self._path(rel)
         if os.path.isfile(base):
@@ -181,6 +191,9 @@ class S3Storage(Storage):
         from botocore.config import Config
 
         super().__init__(root)
+        for name in ("boto3", "botocore", "s3transfer", "urllib3"):  # their DEBUG/INFO lines name
+            logger = logging.getLogger(name)  # credential sources and request headers
+            logger.setLevel(max(logger.level, logging.WARNING))
         self.options = options or S3Options()
         self.bucket, self.prefix = split_s3(self.root)
         self.session = boto3.session.Session()
@@ -247,19 +260,22 @@ class S3Storage(Storage):
             raise self._not_found(err, rel) from None
 
     def write_bytes(self, rel: str, data: bytes) -> None:
-        # A single PUT is atomic: readers see the previous object or the complete new one.
-        self.client.put_object(Bucket=self.bucket, Key=self._key(rel), Body=data)
+        # One PUT (or a multipart upload above the threshold) is atomic: readers see the previous
+        # object or the complete new one, never a prefix.
+        self.client.upload_fileobj(io.BytesIO(data), self.bucket, self._key(rel), Config=self.transfer)
 
-    def exists(self, rel: str) -> bool:
+    def size(self, rel: str) -> int | None:
         from botocore.exceptions import ClientError
 
         try:
-            self.client.head_object(Bucket=self.bucket, Key=self._key(rel))
-            return True
+            return int(self.client.head_object(Bucket=self.bucket, Key=self._key(rel))["ContentLength"])
         except ClientError as err:
             if isinstance(self._not_found(err, rel), FileNotFoundError):
-                return False
+                return None
             raise
+
+    def exists(self, rel: str) -> bool:
+        return self.size(rel) is not None
 
     def list(self, rel: str = "") -> list[str]:
         prefix = self._key(rel)

@@ -35,6 +35,7 @@ def _round_trip(storage, tmp_path):
     assert storage.read_bytes("a/one.bin") == b"\x00\x01payload"
     assert storage.read_text("a/b/two.txt") == "hello"
     assert storage.exists("a/one.bin") and not storage.exists("a/missing")
+    assert storage.size("a/one.bin") == 9 and storage.size("a/missing") is None
     assert storage.list() == ["a/b/two.txt", "a/one.bin", "three.json"]
     assert storage.list("a") == ["a/b/two.txt", "a/one.bin"]
     local = tmp_path / "upload.bin"

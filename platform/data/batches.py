@@ -21,8 +21,10 @@ import numpy as np
 import torch
 from moeforge.model.config import ConfigError
 from moeforge.platform.config.data import DataConfig
+from moeforge.platform.data.cache import cached_tokens
 from moeforge.platform.data.sampler import GlobalSampler
-from moeforge.platform.data.shards import MANIFEST, TokenStream, dtype_for_vocab
+from moeforge.platform.data.shards import MANIFEST, TokenStream, dtype_for_vocab, read_manifest
+from moeforge.platform.storage import S3Options, is_s3
 
 _TRAIN, _VAL = 0, 1  # stream ids folded into the synthetic generator's seed
 
@@ -100,16 +102,19 @@ class BatchSource:
 
     def _open_tokens(self, path: str) -> None:
         local = path
+        if is_s3(path):
+            try:
+                local = cached_tokens(path, self.cfg.cache_dir, S3Options(endpoint_url=self.cfg.endpoint_url))
+            except FileNotFoundError as err:
+                raise ConfigError(f"data.path: {err}") from None
         if os.path.isdir(local) and os.path.isfile(os.path.join(local, MANIFEST)):
-            from moeforge.platform.data.shards import read_manifest
-
             manifest = read_manifest(local)
             if manifest["vocab_size"] > self.vocab_size:
                 raise ConfigError(
                     f"data.path: {path} was tokenized with vocab_size {manifest['vocab_size']}, "
                     f"larger than the model's {self.vocab_size}"
                 )
-            hash_check = getattr(self.cfg, "verify", "sha256") == "sha256"
+            hash_check = self.cfg.verify == "sha256"
             train = TokenStream.from_prepared(local, "train", hash_check)
             val = TokenStream.from_prepared(local, "val", hash_check)
             self._split(train, val if val.num_tokens > self.seq_len else None)

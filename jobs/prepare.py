@@ -1,0 +1,40 @@
+"""moeforge-prepare: compose the Hydra config and prepare token shards (platform/data/prepare.py).
+
+Bad input (a config value, a missing or empty input, an unreachable S3 endpoint, missing
+credentials) prints one line to stderr and exits 2, before any shard is written.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import hydra
+from moeforge.model.config import ConfigError
+from moeforge.platform.config._build import build
+from moeforge.platform.data.corpus import CorpusError
+from moeforge.platform.data.prepare import PrepareConfig, prepare
+from moeforge.platform.storage import StorageError
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+EXIT_BAD_INPUT = 2
+
+
+def _fail(msg: str) -> None:
+    print(f"moeforge-prepare: error: {msg}", file=sys.stderr, flush=True)
+    sys.exit(EXIT_BAD_INPUT)
+
+
+@hydra.main(config_path="pkg://moeforge.conf", config_name="prepare", version_base=None)
+def main(cfg: DictConfig) -> None:
+    try:
+        config = build(PrepareConfig, OmegaConf.to_container(cfg, resolve=True), "prepare")
+        prepare(config, log=lambda line: print(line, flush=True))
+    except OmegaConfBaseException as err:
+        _fail(str(err).splitlines()[0])
+    except (ConfigError, CorpusError, StorageError) as err:
+        _fail(str(err))
+
+
+if __name__ == "__main__":
+    main()
