@@ -8,11 +8,18 @@ Typical use: `build_schedule("dualpipe", pp=8, num_microbatches=20)` gives a `Sc
 from __future__ import annotations
 
 from moeforge.platform.schedules.actions import Action, Kind, Schedule, ScheduleError, parse_action
+from moeforge.platform.schedules.dualpipe import dualpipe
+from moeforge.platform.schedules.dualpipev import dualpipev
 from moeforge.platform.schedules.onef1b import one_f_one_b
 from moeforge.platform.schedules.simulate import Costs, SimResult, simulate
+from moeforge.platform.schedules.validate import validate
+from moeforge.platform.schedules.zb1p import zb1p
 
 GENERATORS = {
     "1f1b": one_f_one_b,
+    "zb1p": zb1p,
+    "dualpipe": dualpipe,
+    "dualpipev": dualpipev,
 }
 
 
@@ -35,4 +42,5 @@ __all__ = [
     "build_schedule",
     "parse_action",
     "simulate",
+    "validate",
 ]

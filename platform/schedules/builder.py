@@ -97,3 +97,20 @@ def add_transfers(schedule: Schedule) -> Schedule:
         for rank, action in placed:
             lists[rank].append(action)
     return replace(schedule, actions=lists)
+
+
+def linear_schedule(name: str, pp: int, num_microbatches: int, lists: list[list[Action]]) -> Schedule:
+    """A one-chunk-per-rank schedule (rank r = stage r) from compute lists, with transfers placed.
+    Claimed peak: rank r holds at most pp-r micro-batches in flight (fewer when M is smaller)."""
+    schedule = Schedule(
+        name=name,
+        pp=pp,
+        num_microbatches=num_microbatches,
+        chunks_per_rank=1,
+        num_stages=pp,
+        actions=lists,
+        claimed_peak_activations=[min(pp - r, num_microbatches) for r in range(pp)],
+        param_copies=1,
+        layout="linear",
+    )
+    return add_transfers(schedule)

@@ -8,7 +8,7 @@ micro-batches are in flight on rank r, so rank 0 holds pp activations.
 from __future__ import annotations
 
 from moeforge.platform.schedules.actions import Schedule
-from moeforge.platform.schedules.builder import RankBuilder, add_transfers, require_basic
+from moeforge.platform.schedules.builder import RankBuilder, linear_schedule, require_basic
 
 
 def one_f_one_b(pp: int, num_microbatches: int) -> Schedule:
@@ -33,15 +33,4 @@ def one_f_one_b(pp: int, num_microbatches: int) -> Schedule:
             rb.backward(0)
         lists.append(rb.actions)
 
-    schedule = Schedule(
-        name="1f1b",
-        pp=pp,
-        num_microbatches=m,
-        chunks_per_rank=1,
-        num_stages=pp,
-        actions=lists,
-        claimed_peak_activations=[min(pp - r, m) for r in range(pp)],
-        param_copies=1,
-        layout="linear",
-    )
-    return add_transfers(schedule)
+    return linear_schedule("1f1b", pp, m, lists)

@@ -44,6 +44,11 @@ class Costs:
         if self.fb < self.w:
             raise ScheduleError(f"cost.fb: must be >= cost.w ({self.w}), got {self.fb}")
 
+    def scaled(self, factor: float) -> Costs:
+        """Compute costs times `factor` (comm unchanged): e.g. 0.5 turns stage costs into the costs of
+        DualPipeV's half-stage chunks."""
+        return Costs(self.f * factor, self.b * factor, self.w * factor, self.fb * factor, self.comm)
+
     def of(self, action: Action) -> float:
         k = action.kind
         if k is Kind.F:

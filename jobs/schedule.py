@@ -1,0 +1,94 @@
+"""moeforge-schedule: generate, validate and simulate a pipeline schedule, compare it with the others.
+
+    moeforge-schedule schedule=dualpipe pp=8 microbatches=20 cost.f=1 cost.b=2 cost.w=1 cost.fb=2.5
+    moeforge-schedule schedule=1f1b pp=4 microbatches=8 print_actions=true
+    moeforge-schedule schedule=zb1p pp=4 microbatches=8 format=json
+    moeforge-schedule file=my_schedule.txt
+
+Prints the comparison table of all schedules legal for the setting (the chosen one marked '*'), writes
+a PNG timeline, a Chrome/Perfetto trace and the schedule's text form to out_dir (default
+runs/schedule). Configs come from the `moeforge.conf` package (conf/schedule.yaml), composed with
+Hydra's compose API (the same source as config_path="pkg://moeforge.conf", config_name="schedule") so
+that a bad value ends in one line on stderr and exit status 2, with no traceback and no Hydra output
+directory. The work lives in moeforge.platform.schedules.report.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Sequence
+
+from hydra import compose, initialize_config_module
+from hydra.errors import HydraException
+from moeforge.platform.schedules import ScheduleError, simulate
+from moeforge.platform.schedules.report import (
+    ScheduleJobConfig,
+    chosen_schedule,
+    chunk_costs,
+    compare,
+    format_table,
+    write_outputs,
+)
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+CONFIG_MODULE = "moeforge.conf"
+CONFIG_NAME = "schedule"
+PROG = "moeforge-schedule"
+
+
+def _one_line(err: BaseException) -> str:
+    text = str(err).split("Config search path")[0]
+    return " ".join(line.strip() for line in text.splitlines() if line.strip())
+
+
+def run(argv: Sequence[str]) -> str:
+    """Compose the config from Hydra overrides, do the work and return what to print."""
+    with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
+        composed = compose(config_name=CONFIG_NAME, overrides=list(argv))
+    cfg = ScheduleJobConfig.from_dict(OmegaConf.to_container(composed, resolve=True))
+    schedule = chosen_schedule(cfg)
+    result = simulate(schedule, chunk_costs(schedule, cfg.cost))
+    rows = compare(schedule.pp, schedule.num_microbatches, cfg.cost)
+    paths = write_outputs(schedule, result, cfg.out_dir, plot=cfg.plot)
+    if cfg.format == "json":
+        report = result.to_dict()
+        report["costs"] = vars(cfg.cost)
+        report["compare"] = [
+            {"schedule": row.name, "error": row.error}
+            if row.result is None
+            else {**row.result.to_dict(), "formula_bubble": row.formula, "formula_exact": row.formula_exact}
+            for row in rows
+        ]
+        report["files"] = paths
+        return json.dumps(report)
+    parts = []
+    if cfg.print_actions:
+        parts += [str(schedule), ""]
+    parts.append(format_table(rows, schedule.name))
+    if all(row.name != schedule.name for row in rows):  # a custom schedule file
+        parts.append(
+            f"* {schedule.name}: makespan {result.makespan:g}, bubble max {max(result.idle):g}, "
+            f"peak activations {max(result.peak_activations)}"
+        )
+    parts += ["", f"bubble per rank ({schedule.name}): " + " ".join(f"{x:g}" for x in result.idle)]
+    parts += [f"wrote {path}" for path in paths.values()]
+    return "\n".join(parts)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if any(a in ("-h", "--help") for a in argv):
+        print(__doc__.strip())
+        return 0
+    try:
+        print(run(argv))
+    except (ScheduleError, HydraException, OmegaConfBaseException) as err:
+        print(f"{PROG}: error: {_one_line(err)}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
