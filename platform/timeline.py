@@ -29,6 +29,7 @@ _PALETTE = {
     1: {"F": "#fdd0a2", "B": "#fdae6b", "BW": "#e6550d", "W": "#7f2704"},  # chunk 1: oranges
 }
 _OTHER = "#bdbdbd"
+_WAIT = "#de2d26"
 _DARK = {"W", "BW"}
 
 
@@ -54,9 +55,11 @@ def _colour(kind: str, chunk: int) -> str:
 def plot_timeline(
     records: list[TimelineRecord], path, title: str | None = None, time_unit: str = "time"
 ) -> None:
-    """Write a PNG: one row per rank (rank 0 on top), one box per record, coloured by chunk and kind and
-    labelled with its micro-batch; an overlapped F&B pair is one box with a black border, forward on the
-    upper half and backward on the lower half."""
+    """Write a PNG: one row per rank (rank 0 on top), one box per compute record, coloured by chunk and
+    kind and labelled with its micro-batch; an overlapped F&B pair is one box with a black border, forward
+    on the upper half and backward on the lower half. Records whose label is not a compute action
+    (measured sends, receives, waits, ...) are drawn as a thin strip along the bottom of their rank's row,
+    coloured by `kind` (WAIT in red)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -65,56 +68,62 @@ def plot_timeline(
 
     if not records:
         raise ValueError("plot_timeline: no records to plot")
+    parsed = [(rec, _halves(rec.label)) for rec in records]
+    compute = [(rec, halves) for rec, halves in parsed if halves is not None]
+    others = [rec for rec, halves in parsed if halves is None]
     ranks = sorted({r.rank for r in records})
-    row = {rank: i for i, rank in enumerate(ranks)}
+    row = {rank: len(ranks) - 1 - i for i, rank in enumerate(ranks)}  # rank 0 on top
     t0 = min(r.start for r in records)
-    t1 = max(r.end for r in records)
-    span = max(t1 - t0, 1e-12)
-    shortest = min((r.end - r.start for r in records if r.end > r.start), default=span)
-    # Wide enough that the shortest box can hold a two-digit number.
-    width = min(max(10.0, 0.45 * span / shortest), 60.0)
+    span = max(max(r.end for r in records) - t0, 1e-12)
+    durations = [r.end - r.start for r, _ in compute if r.end > r.start] or [span]
+    # Wide enough that the shortest compute box can hold a two-digit number.
+    width = min(max(10.0, 0.45 * span / min(durations)), 60.0)
     fig, ax = plt.subplots(figsize=(width, 0.55 * len(ranks) + 1.6))
     font = 7 if len(ranks) <= 8 else 6
-    for rec in records:
-        y = len(ranks) - 1 - row[rec.rank]
-        x, w = rec.start - t0, rec.end - rec.start
-        halves = _halves(rec.label)
-        if halves is None:
-            ax.add_patch(Rectangle((x, y + 0.05), w, 0.9, facecolor=_OTHER, edgecolor="white", linewidth=0.5))
-            ax.text(x + w / 2, y + 0.5, rec.label, ha="center", va="center", fontsize=font)
-            continue
-        h = 0.9 / len(halves)
+    strip = 0.15 if others else 0.0  # height of the bottom strip for non-compute records
+    top, bottom = 0.95, 0.05 + strip
+    for rec, halves in compute:
+        y, x, w = row[rec.rank], rec.start - t0, rec.end - rec.start
+        h = (top - bottom) / len(halves)
         for i, (kind, chunk, mb) in enumerate(halves):
-            yy = y + 0.95 - (i + 1) * h
-            colour = _colour(kind, chunk)
-            ax.add_patch(Rectangle((x, yy), w, h, facecolor=colour, edgecolor="white", linewidth=0.5))
-            ax.text(
-                x + w / 2,
-                yy + h / 2,
-                mb,
-                ha="center",
-                va="center",
-                fontsize=font,
-                color="white" if kind in _DARK else "black",
+            yy = y + top - (i + 1) * h
+            ax.add_patch(
+                Rectangle((x, yy), w, h, facecolor=_colour(kind, chunk), edgecolor="white", linewidth=0.5)
             )
+            colour = "white" if kind in _DARK else "black"
+            ax.text(x + w / 2, yy + h / 2, mb, ha="center", va="center", fontsize=font, color=colour)
         if len(halves) == 2:
-            ax.add_patch(Rectangle((x, y + 0.05), w, 0.9, fill=False, edgecolor="black", linewidth=1.2))
+            ax.add_patch(
+                Rectangle((x, y + bottom), w, top - bottom, fill=False, edgecolor="black", linewidth=1.2)
+            )
+    other_kinds = sorted({rec.kind for rec in others})
+    for rec in others:
+        colour = _WAIT if rec.kind.upper() == "WAIT" else _OTHER
+        ax.add_patch(
+            Rectangle((rec.start - t0, row[rec.rank] + 0.04), rec.end - rec.start, strip, color=colour)
+        )
     ax.set_xlim(0, span)
     ax.set_ylim(-0.1, len(ranks) + 0.05)
-    ax.set_yticks([len(ranks) - 1 - i + 0.5 for i in range(len(ranks))])
+    ax.set_yticks([row[r] + 0.5 for r in ranks])
     ax.set_yticklabels([f"rank {r}" for r in ranks])
     ax.set_xlabel(time_unit)
     for side in ("top", "right"):
         ax.spines[side].set_visible(False)
-    chunks = sorted({c for rec in records for _, c, _ in (_halves(rec.label) or [])})
-    kinds = [
-        k
+    present = {(kind, chunk) for _, halves in compute for kind, chunk, _ in halves}
+    handles = [
+        Patch(facecolor=_colour(k, c), label=f"{k} chunk {c}")
+        for c in sorted({c for _, c in present})
         for k in ("F", "B", "BW", "W")
-        if any(k == kk for rec in records for kk, _, _ in (_halves(rec.label) or []))
+        if (k, c) in present
     ]
-    handles = [Patch(facecolor=_colour(k, c), label=f"{k} chunk {c}") for c in chunks for k in kinds]
-    if any(len(_halves(rec.label) or []) == 2 for rec in records):
+    if any(len(halves) == 2 for _, halves in compute):
         handles.append(Patch(facecolor="white", edgecolor="black", label="F&B overlapped (top F, bottom B)"))
+    if other_kinds:
+        handles.append(
+            Patch(facecolor=_OTHER, label="/".join(k for k in other_kinds if k.upper() != "WAIT") or "other")
+        )
+        if any(k.upper() == "WAIT" for k in other_kinds):
+            handles.append(Patch(facecolor=_WAIT, label="WAIT"))
     if handles:
         ax.legend(
             handles=handles,
