@@ -109,6 +109,8 @@ class StageChunk:
             modules += [model.norm, model.head, model.mtp]
             if len(model.mtp) > 0 and not spec.first:
                 modules.append(model.embed)
+        mtp_blocks = [m.block for m in model.mtp] if spec.last else []
+        self.moe_layers = [b.mlp for b in self.blocks + mtp_blocks if isinstance(b.mlp, MoE)]
         seen: set[int] = set()
         self.params: list[nn.Parameter] = []
         for m in modules:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from moeforge.platform.config._build import require
 
@@ -23,6 +24,13 @@ class ParallelConfig:
     gpus_per_worker: float = 0.0
     p2p_timeout_s: float = 120.0  # a peer that never sends fails the run after this long
     wait_for_autoscaler: bool = False  # False: fail early when the cluster is too small
+    layers_per_stage: list[int] | None = None  # explicit uneven split, one count per model stage
+    ep: int = 1  # expert-parallel group size inside each dp group (groups prepared, not used yet)
+    recv_lookahead: int = 2  # receives are posted this many compute actions ahead of need
+    peak_tflops_per_worker: float = 0.0  # for MFU; 0: reported as 0 (unknown hardware)
+    worker_start_timeout_s: float = 600.0  # how long to wait for the autoscaler when allowed
+    # TEST-ONLY: make one rank fail mid-step, e.g. {"rank": 1, "step": 1, "kind": "raise" | "hang"}.
+    fault_injection: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         require(self.schedule in SCHEDULES, "schedule", f"must be one of {SCHEDULES}, got {self.schedule!r}")
@@ -30,14 +38,45 @@ class ParallelConfig:
         require(self.dp >= 1, "dp", f"must be >= 1, got {self.dp}")
         require(self.microbatches >= 1, "microbatches", f"must be >= 1, got {self.microbatches}")
         require(self.zero_stage in (0, 1, 2, 3), "zero_stage", f"must be 0..3, got {self.zero_stage}")
-        require(self.backend in ("auto", "gloo", "nccl"), "backend", f"must be auto|gloo|nccl, got {self.backend!r}")
+        require(
+            self.backend in ("auto", "gloo", "nccl"),
+            "backend",
+            f"must be auto|gloo|nccl, got {self.backend!r}",
+        )
         require(self.cpus_per_worker >= 0, "cpus_per_worker", "must be >= 0")
         require(self.gpus_per_worker >= 0, "gpus_per_worker", "must be >= 0")
         require(self.p2p_timeout_s > 0, "p2p_timeout_s", "must be positive")
+        if self.layers_per_stage is not None:
+            self.layers_per_stage = list(self.layers_per_stage)
+            require(
+                all(isinstance(c, int) and c >= 0 for c in self.layers_per_stage),
+                "layers_per_stage",
+                f"must be a list of integers >= 0, got {self.layers_per_stage}",
+            )
+        require(self.ep >= 1 and self.dp % self.ep == 0, "ep", f"must divide dp={self.dp}, got {self.ep}")
+        require(self.recv_lookahead >= 1, "recv_lookahead", f"must be >= 1, got {self.recv_lookahead}")
+        require(self.peak_tflops_per_worker >= 0, "peak_tflops_per_worker", "must be >= 0")
+        require(self.worker_start_timeout_s > 0, "worker_start_timeout_s", "must be positive")
+        if self.fault_injection is not None:
+            fault = dict(self.fault_injection)
+            require(
+                set(fault) == {"rank", "step", "kind"} and fault["kind"] in ("raise", "hang"),
+                "fault_injection",
+                f"test-only hook: {{rank, step, kind: raise|hang}}, got {fault}",
+            )
+            self.fault_injection = fault
         if self.schedule == "single":
-            require(self.pp == 1 and self.dp == 1, "pp", "schedule=single runs in one process: pp and dp must be 1")
+            require(
+                self.pp == 1 and self.dp == 1,
+                "pp",
+                "schedule=single runs in one process: pp and dp must be 1",
+            )
         if self.zero_stage == 3:
-            require(self.pp == 1, "zero_stage", "ZeRO-3 shards parameters, which pipeline stages (pp > 1) cannot use")
+            require(
+                self.pp == 1,
+                "zero_stage",
+                "ZeRO-3 shards parameters, which pipeline stages (pp > 1) cannot use",
+            )
 
     @property
     def world_size(self) -> int:

@@ -1,0 +1,77 @@
+"""Run a function on N local processes joined in a gloo process group (no Ray).
+
+Used by the pipeline benchmark and by tests that exercise the executor without paying Ray Train's
+start-up; `moeforge-train` itself always goes through Ray (platform/launch.py).
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+import torch.multiprocessing as mp
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _entry(rank, world_size, port, timeout_s, fn, args, queue) -> None:
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size)
+    )
+    os.environ.setdefault("LOCAL_RANK", "0")
+    try:
+        dist.init_process_group(
+            "gloo", rank=rank, world_size=world_size, timeout=datetime.timedelta(seconds=timeout_s)
+        )
+        result = fn(rank, world_size, *args)
+        queue.put((rank, "ok", result))
+    except BaseException as err:  # report every failure to the parent, then exit non-zero
+        queue.put((rank, "error", f"{type(err).__name__}: {err}\n{traceback.format_exc()}"))
+        raise
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def spawn_gloo(
+    fn: Callable[..., Any], world_size: int, args: tuple = (), timeout_s: float = 300.0
+) -> dict[int, Any]:
+    """Call `fn(rank, world_size, *args)` on `world_size` spawned processes sharing a gloo group;
+    return {rank: result}. A failure on any rank raises RuntimeError with that rank's traceback."""
+    ctx = mp.get_context("spawn")
+    queue = ctx.SimpleQueue()
+    port = _free_port()
+    procs = [
+        ctx.Process(target=_entry, args=(r, world_size, port, timeout_s, fn, args, queue), daemon=True)
+        for r in range(world_size)
+    ]
+    for p in procs:
+        p.start()
+    results: dict[int, Any] = {}
+    errors: list[str] = []
+    for _ in range(world_size):
+        rank, status, payload = queue.get()
+        if status == "ok":
+            results[rank] = payload
+        else:
+            errors.append(f"rank {rank}: {payload}")
+            break  # the first failure decides; the others are stopped below
+    for p in procs:
+        if errors:
+            p.terminate()
+        p.join(timeout=30)
+    if errors:
+        raise RuntimeError("\n".join(errors))
+    return results

@@ -1,0 +1,117 @@
+"""Asynchronous point-to-point transfers between pipeline ranks, with timeouts and timing records.
+
+Every transfer is non-blocking (`torch.distributed.isend` / `irecv`); the executor posts receives
+ahead of need and only waits when a compute action needs the data, so transfers overlap computation.
+The time spent blocked in `wait` is the *exposed* communication time: the part that computation did
+not hide.
+
+Tags tell apart transfers between the same two ranks (gloo matches a receive to a send by source and
+tag, so the order in which the two sides post them does not matter). NCCL ignores tags and matches
+in posting order; the executor posts sends and receives in schedule-list order, and the schedule
+generator orders the two sides consistently.
+
+A wait never hangs: after `timeout_s` it raises `PeerTimeout` naming this rank, the peer and the
+transfer, so a peer that died or hangs ends the run with a clear message.
+"""
+
+from __future__ import annotations
+
+import datetime
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+from moeforge.platform.timeline import TimelineRecord
+
+
+class PeerTimeout(RuntimeError):
+    """A transfer did not complete within parallel.p2p_timeout_s."""
+
+
+@dataclass
+class Transfer:
+    """One posted send or receive; `tensor` is kept alive until the transfer completes."""
+
+    work: object
+    tensor: torch.Tensor
+    peer: int
+    label: str
+    kind: str  # "send" | "recv"
+    posted: float
+    done: float | None = None
+
+
+@dataclass
+class P2P:
+    """Point-to-point endpoint of one rank. `rank` is the world rank used for the transfers;
+    `name` (e.g. "rank 3 (pp 1, dp 1)") appears in errors; records use `timeline_rank`."""
+
+    rank: int
+    timeout_s: float
+    name: str = ""
+    timeline_rank: int = 0
+    clock: object = time.perf_counter
+    t0: float = 0.0
+    exposed_s: float = 0.0
+    records: list[TimelineRecord] = field(default_factory=list)
+    pending_sends: list[Transfer] = field(default_factory=list)
+
+    def start_step(self, t0: float) -> None:
+        self.t0 = t0
+        self.exposed_s = 0.0
+        self.records = []
+
+    def _now(self) -> float:
+        return self.clock() - self.t0
+
+    def isend(self, tensor: torch.Tensor, dst: int, tag: int, label: str) -> Transfer:
+        tensor = tensor.detach().contiguous()
+        work = dist.isend(tensor, dst=dst, tag=tag)
+        t = Transfer(work, tensor, dst, label, "send", self._now())
+        self.pending_sends.append(t)
+        return t
+
+    def irecv(self, shape: tuple[int, ...], dtype: torch.dtype, src: int, tag: int, label: str) -> Transfer:
+        buf = torch.empty(shape, dtype=dtype)
+        work = dist.irecv(buf, src=src, tag=tag)
+        return Transfer(work, buf, src, label, "recv", self._now())
+
+    def wait(self, t: Transfer) -> torch.Tensor:
+        """Block until `t` completes (time counted as exposed communication); return its tensor."""
+        if t.done is None:
+            start = self._now()
+            try:
+                t.work.wait(datetime.timedelta(seconds=self.timeout_s))
+            except RuntimeError as err:
+                what = "receiving" if t.kind == "recv" else "sending"
+                direction = "from" if t.kind == "recv" else "to"
+                raise PeerTimeout(
+                    f"{self.name or f'rank {self.rank}'}: {what} {t.label} {direction} rank {t.peer} did not "
+                    f"complete within parallel.p2p_timeout_s={self.timeout_s:g}s ({err})"
+                ) from None
+            end = self._now()
+            t.done = end
+            self.exposed_s += end - start
+            if end - start > 0:
+                self.records.append(TimelineRecord(self.timeline_rank, "wait " + t.label, "WAIT", start, end))
+            self.records.append(TimelineRecord(self.timeline_rank, t.label, t.kind.upper(), t.posted, end))
+        return t.tensor
+
+    def reap_sends(self) -> None:
+        """Forget sends that already completed (frees their buffers without blocking)."""
+        keep = []
+        for t in self.pending_sends:
+            if t.work.is_completed():
+                t.done = self._now()
+                self.records.append(TimelineRecord(self.timeline_rank, t.label, "SEND", t.posted, t.done))
+            else:
+                keep.append(t)
+        self.pending_sends = keep
+
+    def wait_sends(self) -> None:
+        """Wait for every outstanding send (end of a step)."""
+        self.reap_sends()
+        for t in self.pending_sends:
+            self.wait(t)
+        self.pending_sends = []

@@ -1,0 +1,300 @@
+"""One pipeline rank's training state and its optimizer step (what each Ray Train worker runs).
+
+`PipelineRuntime(cfg, rank, world_size)` is built after torch.distributed is initialised (by Ray
+Train's TorchConfig, or by a test that spawns gloo processes). Per optimizer step (`train_step`):
+
+    data        this dp replica's rows of the global batch, split into M micro-batches in order
+                (the reference loop's split: `train_loop.split_microbatches`)
+    executor    the schedule's action list for this rank (F / B / W / BW / F&B, async p2p)
+    tie         with MTP on 1F1B/ZB1P: sum the embedding gradient of the first and last stage
+    optimizer   ZeRO (DeepSpeed) or plain: reduce over the shard group, global-norm clip, AdamW at
+                `lr_at(step)` (platform/zero.py)
+    balance     expert loads summed over every rank holding the layer, router-bias update
+                (platform/moe_balance.py)
+    metrics     losses, grad norm, LR, tokens/s, MFU, expert load, bubble, exposed comm (all ranks
+                contribute; rank 0 formats and records them)
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+from moeforge.model.accounting import estimate
+from moeforge.platform.config.train import TrainConfig
+from moeforge.platform.executor import PipelineExecutor, StepTrace
+from moeforge.platform.lr_schedule import lr_at
+from moeforge.platform.metrics import StepMetrics
+from moeforge.platform.moe_balance import collect_load_counts, set_balance_loss_scale, update_balance
+from moeforge.platform.p2p import P2P
+from moeforge.platform.schedules import build_schedule
+from moeforge.platform.stage_compute import MicroBatch, ModelCompute
+from moeforge.platform.stages import StageChunk, build_rank, split_layers
+from moeforge.platform.storage import open_storage
+from moeforge.platform.timeline import TimelineRecord
+from moeforge.platform.topology import Topology, create_process_groups
+from moeforge.platform.train_loop import inputs_and_labels, split_microbatches
+from moeforge.platform.zero import PlainStep, ZeroStep
+
+
+class InjectedFault(RuntimeError):
+    """Raised by the test-only parallel.fault_injection hook."""
+
+
+@dataclass
+class PipelineStepMetrics:
+    """StepMetrics plus what only a pipeline run measures."""
+
+    base: StepMetrics
+    mfu: float
+    bubble_fraction: float  # measured: 1 - mean compute time / step time over ranks
+    exposed_comm_s: list[float]  # per world rank: time blocked on transfers
+    max_expert_load: float  # worst layer's max tokens/expert ...
+    mean_expert_load: float  # ... and the mean tokens/expert
+    records: list[TimelineRecord] = field(default_factory=list)  # rank 0, when gathered
+
+    def to_dict(self) -> dict:
+        out = self.base.to_dict()
+        out.update(
+            mfu=self.mfu,
+            bubble_fraction=self.bubble_fraction,
+            exposed_comm_s=max(self.exposed_comm_s),
+            exposed_comm_s_per_rank=self.exposed_comm_s,
+            max_expert_load=self.max_expert_load,
+            mean_expert_load=self.mean_expert_load,
+        )
+        return out
+
+
+class PipelineRuntime:
+    """Everything one rank holds: its stage chunks, executor, optimizer and data view."""
+
+    def __init__(self, cfg: TrainConfig, rank: int, world_size: int, source=None) -> None:
+        par = cfg.parallel
+        self.cfg, self.rank = cfg, rank
+        self.topo = Topology.for_schedule(
+            par.schedule, par.pp, par.dp, par.ep, tied_embedding=cfg.model.num_nextn_predict_layers > 0
+        )
+        if world_size != self.topo.world_size:
+            raise RuntimeError(
+                f"world size {world_size} != parallel.pp * parallel.dp = {self.topo.world_size}"
+            )
+        self.pp_rank, self.dp_rank = self.topo.coords(rank)
+        self.name = f"rank {rank} (pp {self.pp_rank}, dp {self.dp_rank})"
+        self.groups = create_process_groups(self.topo, rank)
+        self.schedule = build_schedule(par.schedule, par.pp, par.microbatches)
+        self.microbatches = par.microbatches
+
+        specs = split_layers(cfg.model.num_hidden_layers, self.topo.num_stages, par.layers_per_stage)
+        stages = [self.schedule.stage_of(self.pp_rank, c) for c in range(self.schedule.chunks_per_rank)]
+        self.model, self.module = build_rank(cfg.model, [specs[s] for s in stages], cfg.run.seed)
+        self.chunks = {c: StageChunk(self.model, specs[s], self.module) for c, s in enumerate(stages)}
+        self.holds_data = any(specs[s].first or specs[s].last for s in stages)
+        self.moe = self.module.moe_layers()
+        self.total_moe_layers = len(self.model.moe_layers())
+        set_balance_loss_scale(self.moe, cfg.model.seq_aux_loss_alpha, 1.0 / self.microbatches)
+
+        self.compute = ModelCompute(self.chunks, loss_scale=1.0 / self.microbatches)
+        self.p2p = P2P(rank, par.p2p_timeout_s, name=self.name, timeline_rank=rank)
+        rows = cfg.data.global_batch // (par.dp * par.microbatches)
+        self.executor = PipelineExecutor(
+            self.schedule,
+            self.pp_rank,
+            self.compute,
+            self.p2p,
+            world_rank_of=lambda q: self.topo.rank_of(q, self.dp_rank),
+            act_shape=(rows, cfg.model.seq_len, cfg.model.hidden_size),
+            act_dtype=torch.float32,
+            recv_lookahead=par.recv_lookahead,
+            fault=self._maybe_fault,
+        )
+
+        # The last stage's copy of the embedding (1F1B/ZB1P with MTP) is tied to the first stage's.
+        tie = self.groups.ranks["tie"]
+        self.tied = [self.module.embed.weight] if tie else []
+        replicated = self.tied if tie and self.pp_rank == par.pp - 1 else []
+        if par.zero_stage == 0:
+            self.opt = PlainStep(self.module, cfg.optim, self.groups, self.schedule.param_copies, replicated)
+        else:
+            self.opt = ZeroStep(
+                self.module,
+                cfg.optim,
+                self.groups,
+                rank,
+                par.zero_stage,
+                self.schedule.param_copies,
+                replicated,
+            )
+
+        self.source = source
+        if self.source is None and self.holds_data:
+            from moeforge.platform.train_loop import default_batch_source
+
+            self.source = default_batch_source(cfg)
+        est = estimate(cfg.model)
+        self.flops_per_token = est.train_flops_per_token + est.mtp_train_flops_per_token
+        self.step = 0
+
+    # ---- one optimizer step -----------------------------------------------------------------------
+    def _maybe_fault(self) -> None:
+        fault = self.cfg.parallel.fault_injection
+        if not fault or fault["rank"] != self.rank or fault["step"] != self.step:
+            return
+        if fault["kind"] == "raise":
+            raise InjectedFault(f"{self.name}: injected fault at step {self.step} (parallel.fault_injection)")
+        while True:  # "hang": never send again; the peers' p2p timeout must end the run
+            time.sleep(1.0)
+
+    def _microbatches(self) -> list[MicroBatch]:
+        if not self.holds_data:  # middle stages never read tokens
+            return []
+        batch = self.source.batch(self.step, self.dp_rank, self.cfg.parallel.dp)
+        return [MicroBatch(*inputs_and_labels(t)) for t in split_microbatches(batch, self.microbatches)]
+
+    def train_step(self, gather_timeline: bool = False) -> PipelineStepMetrics:
+        start = time.perf_counter()
+        self.compute.start_step(self._microbatches())
+        dist.barrier()  # a common start for every rank's timeline
+        t0 = time.perf_counter()
+        trace = self.executor.run(t0)
+        grads = self.compute.take_grads()
+        for p in self.tied:  # sum the first and last stage's embedding gradients
+            g = grads.setdefault(id(p), torch.zeros_like(p))
+            dist.all_reduce(g, group=self.groups.tie)
+        lr = lr_at(self.step, self.cfg.optim, self.cfg.run.steps)
+        grad_norm = self.opt.step(grads, lr)
+        max_load, mean_load, imbalance = self._balance()
+        self.step += 1
+        return self._metrics(trace, lr, grad_norm, imbalance, max_load, mean_load, start, gather_timeline)
+
+    def _balance(self) -> tuple[float, float, float]:
+        """Sum this step's expert loads over every rank holding each layer, update the router biases
+        on every copy alike; return (max load, mean load, max/mean) of the worst layer anywhere."""
+        counts = collect_load_counts(self.moe)  # [layers here, experts]
+        if counts.numel() and len(self.groups.ranks["shard"]) > 1:
+            dist.all_reduce(counts, group=self.groups.shard)
+        update_balance(self.moe, self.cfg.model.bias_update_speed, counts)
+        stats = torch.zeros(3)
+        if counts.numel():
+            mean = counts.mean(dim=1)  # [layers]
+            worst = int((counts.max(dim=1).values / mean.clamp_min(1e-9)).argmax())
+            stats = torch.tensor(
+                [counts[worst].max(), counts[worst].mean(), counts[worst].max() / counts[worst].mean()]
+            )
+        dist.all_reduce(stats, op=dist.ReduceOp.MAX)
+        return float(stats[0]), float(stats[1]), max(1.0, float(stats[2]))
+
+    def _metrics(self, trace: StepTrace, lr, grad_norm, imbalance, max_load, mean_load, start, gather):
+        losses = self.compute.losses
+        local = torch.tensor(
+            [
+                sum(v["loss"] for v in losses.values()),
+                sum(v["lm_loss"] for v in losses.values()),
+                sum(v["mtp_loss"] for v in losses.values()),
+                float(len(losses)),
+                self.compute.aux_loss_sum,
+            ],
+            dtype=torch.float64,
+        )
+        dist.all_reduce(local)
+        loss_sum, lm_sum, mtp_sum, count, aux_sum = local.tolist()
+        if round(count) != self.microbatches * self.cfg.parallel.dp:
+            raise RuntimeError(f"{self.name}: {count} micro-batch losses, expected M * dp")
+        per_rank = torch.zeros(self.topo.world_size, 3, dtype=torch.float64)
+        per_rank[self.rank] = torch.tensor([trace.busy_s, trace.step_s, trace.exposed_comm_s])
+        dist.all_reduce(per_rank)
+        busy, span, exposed = per_rank[:, 0], per_rank[:, 1], per_rank[:, 2]
+        step_time = time.perf_counter() - start
+        tokens = self.cfg.data.global_batch * self.cfg.model.seq_len
+        peak = self.cfg.parallel.peak_tflops_per_worker * 1e12 * self.topo.world_size
+        records: list[TimelineRecord] = []
+        if gather:
+            everyone = [None] * self.topo.world_size
+            dist.all_gather_object(everyone, trace.records)
+            records = [r for rank_records in everyone for r in rank_records]
+        base = StepMetrics(
+            step=self.step,
+            loss=loss_sum / count,
+            lm_loss=lm_sum / count,
+            mtp_loss=mtp_sum / count,
+            aux_loss=aux_sum / max(1, self.total_moe_layers) / self.cfg.parallel.dp,
+            lr=lr,
+            grad_norm=grad_norm,
+            tokens=tokens,
+            step_time_s=step_time,
+            load_imbalance=imbalance,
+        )
+        return PipelineStepMetrics(
+            base=base,
+            mfu=(tokens / step_time) * self.flops_per_token / peak if peak > 0 else 0.0,
+            bubble_fraction=float(1.0 - busy.mean() / span.max()) if float(span.max()) > 0 else 0.0,
+            exposed_comm_s=exposed.tolist(),
+            max_expert_load=max_load,
+            mean_expert_load=mean_load,
+            records=records,
+        )
+
+    # ---- outputs ----------------------------------------------------------------------------------
+    def save_params(self, run_dir: str) -> str | None:
+        """Write this rank's parameters and buffers (full-model names) as safetensors to
+        run_dir/params/pp<rank>.safetensors (dp replica 0 only); `load_pipeline_params` merges them."""
+        if self.dp_rank != 0:
+            return None
+        from safetensors.torch import save
+
+        state = {k: v.detach().contiguous().clone() for k, v in self.module.state_dict().items()}
+        storage = open_storage(run_dir)
+        rel = f"params/pp{self.pp_rank}.safetensors"
+        storage.write_bytes(rel, save(state))
+        return storage.url(rel)
+
+
+def load_pipeline_params(run_dir: str) -> dict[str, torch.Tensor]:
+    """Merge the per-stage safetensors files written by `save_params` into one full-model dict."""
+    from safetensors.torch import load
+
+    storage = open_storage(run_dir)
+    merged: dict[str, torch.Tensor] = {}
+    for name in sorted(storage.list("params")):
+        if name.endswith(".safetensors"):
+            rel = name if name.startswith("params/") else f"params/{name}"
+            merged.update(load(storage.read_bytes(rel)))
+    return merged
+
+
+def run_pipeline_training(
+    cfg: TrainConfig,
+    rank: int,
+    world_size: int,
+    report: Callable[[dict], None] | None = None,
+    log: Callable[[str], None] = print,
+    source=None,
+) -> dict | None:
+    """The whole run on one rank; rank 0 returns the summary (see platform/worker.py)."""
+    from moeforge.platform.pipeline_report import PipelineReporter
+
+    runtime = PipelineRuntime(cfg, rank, world_size, source=source)
+    reporter = PipelineReporter(cfg, runtime, log=log, report=report) if rank == 0 else None
+    for _ in range(cfg.run.steps):
+        last = runtime.step + 1 == cfg.run.steps
+        gather = cfg.tracking.log_timeline and (last or (runtime.step + 1) % cfg.run.log_every == 0)
+        metrics = runtime.train_step(gather_timeline=gather)
+        if not math.isfinite(metrics.base.loss):
+            raise FloatingPointError(
+                f"{runtime.name}: loss is {metrics.base.loss} at step {metrics.base.step}"
+            )
+        if reporter is not None:
+            reporter.record(metrics)
+    runtime.save_params(cfg.run.dir)
+    dist.barrier()
+    return reporter.finish() if reporter is not None else None
+
+
+def train_from_dict(rank: int, world_size: int, raw_config: dict, quiet: bool = False) -> dict | None:
+    """`run_pipeline_training` from a plain config dict (picklable entry for spawned processes)."""
+    cfg = TrainConfig.from_dict(raw_config)
+    return run_pipeline_training(cfg, rank, world_size, log=(lambda _line: None) if quiet else print)

@@ -1,0 +1,169 @@
+"""The optimizer step of a pipeline rank: gradient reduction, global-norm clipping, AdamW.
+
+Input, once per step: this rank's gradients (a dict id(param) -> tensor, summed over the micro-batches
+it computed, each loss scaled by 1/M). The step must apply the gradient the single-process reference
+would: summed over the two ranks of a DualPipe pair (each computed half the micro-batches of each
+stage), averaged over dp replicas, clipped by the norm over ALL stages, then AdamW.
+
+Two implementations, same interface (`step(grads, lr) -> grad_norm`):
+
+- `ZeroStep` (parallel.zero_stage 1 or 2): a DeepSpeed engine per rank, over the rank's `RankModule`,
+  with the *shard group* as DeepSpeed's data-parallel group (dp replicas x the DualPipe pair: all hold
+  identical parameters, so optimizer state is partitioned over all of them). NOT DeepSpeed's pipeline
+  engine: the executor runs the schedule; DeepSpeed sees one backward per step. That backward is a
+  surrogate `sum(p * g)` whose gradient w.r.t. p is exactly the accumulated g, so DeepSpeed's own
+  hooks reduce (average over the group) and partition it; multiplying g by `param_copies` first turns
+  the average over a DualPipe pair into the sum the math needs. The executor computes weight
+  gradients with torch.autograd.grad into its own buffers, so DeepSpeed's per-parameter hooks never
+  fire mid-schedule, when the ranks of a group are at different actions.
+  Global-norm clipping stays DeepSpeed's (`gradient_clipping` = optim.grad_clip): given an `mpu`
+  whose model-parallel group is the topology's *norm group* (one rank per distinct shard group) and
+  every parameter marked `model_parallel`, DeepSpeed adds the squared norms of all stages; the
+  last stage's copy of a tied embedding is marked `ds_pipe_replicated` so it is counted once. Same
+  arithmetic as the reference's clip (coef = max_norm / (norm + 1e-6), capped at 1).
+- `PlainStep` (parallel.zero_stage 0): one flat all-reduce over the shard group, the reference's
+  `grad_sq_sum` all-reduced over the norm group, the reference's clip and a torch AdamW.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+from moeforge.platform.config.optim import OptimConfig
+from moeforge.platform.lr_schedule import set_lr
+from moeforge.platform.optim import build_optimizer, clip_grads_with_norm_, grad_sq_sum
+from moeforge.platform.topology import ProcessGroups
+from torch import nn
+
+
+def _group_size(ranks: list[int] | None) -> int:
+    return len(ranks) if ranks else 1
+
+
+class _GroupsMPU:
+    """The `mpu` interface DeepSpeed queries: data parallel = shard group, model parallel = norm group."""
+
+    def __init__(self, groups: ProcessGroups, rank: int) -> None:
+        self.g, self.rank = groups, rank
+
+    def get_data_parallel_group(self):
+        return self.g.shard
+
+    def get_data_parallel_rank(self) -> int:
+        return self.g.ranks["shard"].index(self.rank)
+
+    def get_data_parallel_world_size(self) -> int:
+        return len(self.g.ranks["shard"])
+
+    def get_model_parallel_group(self):
+        return self.g.norm
+
+    def get_model_parallel_rank(self) -> int:
+        return self.g.ranks["norm"].index(self.rank)
+
+    def get_model_parallel_world_size(self) -> int:
+        return len(self.g.ranks["norm"])
+
+
+def deepspeed_config(zero_stage: int, grad_clip: float) -> dict:
+    """DeepSpeed config for one pipeline rank. gradient_accumulation_steps is 1: the executor has
+    already accumulated the step's micro-batches; clipping is explicit (DeepSpeed's default clips)."""
+    return {
+        "train_micro_batch_size_per_gpu": 1,
+        "gradient_accumulation_steps": 1,
+        "gradient_clipping": float(grad_clip),
+        "zero_optimization": {"stage": zero_stage},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 2**31 - 1,
+        "wall_clock_breakdown": False,
+    }
+
+
+class ZeroStep:
+    """DeepSpeed ZeRO-1/2 over the rank's parameters (see module docstring)."""
+
+    def __init__(
+        self,
+        module: nn.Module,
+        optim_cfg: OptimConfig,
+        groups: ProcessGroups,
+        rank: int,
+        zero_stage: int,
+        param_copies: int,
+        replicated: list[nn.Parameter],
+    ) -> None:
+        import deepspeed
+
+        if zero_stage not in (1, 2):
+            raise ValueError(f"parallel.zero_stage: ZeroStep runs stage 1 or 2, got {zero_stage}")
+        self.params = [p for p in module.parameters() if p.requires_grad]
+        for p in self.params:
+            p.model_parallel = True  # every norm-group rank holds distinct parameters: count them all
+        for p in replicated:
+            p.ds_pipe_replicated = True  # a copy of a parameter another rank also counts
+        self.copies = param_copies
+        optimizer = build_optimizer(module.named_parameters(), optim_cfg)
+        self.engine, self.optimizer, _, _ = deepspeed.initialize(
+            model=module,
+            optimizer=optimizer,
+            config=deepspeed_config(zero_stage, optim_cfg.grad_clip),
+            mpu=_GroupsMPU(groups, rank),
+            dist_init_required=False,
+        )
+
+    def step(self, grads: dict[int, torch.Tensor], lr: float) -> float:
+        surrogate = torch.zeros(())
+        for p in self.params:
+            g = grads.get(id(p))
+            # A parameter this rank never touched this step still takes part (zero gradient): the
+            # group's reduction must see the same parameters on every member.
+            g = torch.zeros_like(p) if g is None else g * self.copies
+            surrogate = surrogate + (p * g).sum()
+        self.engine.backward(surrogate)
+        set_lr(self.optimizer, lr)
+        self.engine.step()
+        norm = self.engine.get_global_grad_norm()
+        return float(norm) if norm is not None else math.nan
+
+
+class PlainStep:
+    """No ZeRO: flat all-reduce of gradients over the shard group, clip, torch AdamW."""
+
+    def __init__(
+        self,
+        module: nn.Module,
+        optim_cfg: OptimConfig,
+        groups: ProcessGroups,
+        param_copies: int,
+        replicated: list[nn.Parameter],
+    ) -> None:
+        self.params = [p for p in module.parameters() if p.requires_grad]
+        self.optimizer = build_optimizer(module.named_parameters(), optim_cfg)
+        self.groups = groups
+        self.copies = param_copies
+        replicated_ids = {id(p) for p in replicated}
+        self.norm_params = [p for p in self.params if id(p) not in replicated_ids]
+        self.grad_clip = optim_cfg.grad_clip
+
+    def step(self, grads: dict[int, torch.Tensor], lr: float) -> float:
+        shard = _group_size(self.groups.ranks["shard"])
+        flat = torch.cat([grads.get(id(p), torch.zeros_like(p)).reshape(-1) for p in self.params])
+        if shard > 1:
+            flat.mul_(self.copies / shard)
+            dist.all_reduce(flat, group=self.groups.shard)
+        offset = 0
+        for p in self.params:
+            n = p.numel()
+            p.grad = flat[offset : offset + n].view_as(p)
+            offset += n
+        sq = grad_sq_sum(self.norm_params)
+        if _group_size(self.groups.ranks["norm"]) > 1:
+            dist.all_reduce(sq, group=self.groups.norm)
+        norm = sq.sqrt()
+        clip_grads_with_norm_(self.params, norm, self.grad_clip)
+        set_lr(self.optimizer, lr)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(norm)
