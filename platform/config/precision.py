@@ -6,22 +6,40 @@ from dataclasses import dataclass
 
 from moeforge.platform.config._build import require
 
+_DTYPES = ("float32", "bfloat16")
+
 
 @dataclass
 class PrecisionConfig:
-    """`fp8`: FP8 e4m3 Linear layers in attention projections, dense MLPs and experts (V3 recipe);
-    `bf16`: BF16 compute; `fp32`: everything in float32 (tests and exact references).
-    Master weights and gradient accumulation are always FP32."""
+    """`fp8`: FP8 e4m3 GEMMs (forward, input and weight gradients) in the attention projections,
+    dense MLPs, shared and routed experts, with 1x128 activation / 128x128 weight scaling (the V3
+    recipe); everything else computes in `compute_dtype` (BF16 by default, as V3).
+    `bf16`: BF16 compute (autocast). `fp32`: everything in float32 (tests and exact references).
+    Master weights and gradients are always FP32; `adam_moments_dtype: bfloat16` stores the AdamW
+    moments in BF16 as V3 does. Applied by `moeforge.platform.precision.apply_precision`."""
 
     name: str = "fp32"
     compute_dtype: str = "float32"  # dtype of non-FP8 compute (embedding, head, gate, norms, attention)
-    fp8_linear: bool = False
-    block_size: int = 128
+    fp8_linear: bool = False  # FP8 GEMMs where the recipe says; must equal (name == "fp8")
+    block_size: int = 128  # FP8 scaling tile; the GEMMs promote per 128-wide K block
     adam_moments_dtype: str = "float32"  # V3 stores AdamW moments in bf16
 
     def __post_init__(self) -> None:
         require(self.name in ("fp32", "bf16", "fp8"), "name", f"must be fp32|bf16|fp8, got {self.name!r}")
-        dtypes = ("float32", "bfloat16")
-        require(self.compute_dtype in dtypes, "compute_dtype", f"must be one of {dtypes}")
-        require(self.adam_moments_dtype in dtypes, "adam_moments_dtype", f"must be one of {dtypes}")
+        require(self.compute_dtype in _DTYPES, "compute_dtype", f"must be one of {_DTYPES}")
+        require(self.adam_moments_dtype in _DTYPES, "adam_moments_dtype", f"must be one of {_DTYPES}")
         require(self.block_size > 0, "block_size", "must be positive")
+        require(
+            self.block_size == 128,
+            "block_size",
+            f"the FP8 kernels scale per 128-wide block (promotion interval 128), got {self.block_size}",
+        )
+        require(
+            self.fp8_linear == (self.name == "fp8"),
+            "fp8_linear",
+            f"must be {self.name == 'fp8'} for name={self.name!r} (FP8 GEMMs are what `fp8` means)",
+        )
+        if self.name == "fp32":
+            require(self.compute_dtype == "float32", "compute_dtype", "must be float32 for name='fp32'")
+        if self.name == "bf16":
+            require(self.compute_dtype == "bfloat16", "compute_dtype", "must be bfloat16 for name='bf16'")
