@@ -21,8 +21,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from moeforge.kernels.backend import interpreting
 from moeforge.kernels.fp8_format import BLOCK, ceil_div
+from moeforge.kernels.triton_launch import launcher
 from moeforge.kernels.triton_quant import _group_of_tile, _to_output
 
 
@@ -145,16 +145,9 @@ _GPU_CONFIGS = [
 ]
 
 
-def _launcher(kernel, key: list[str]):
-    """The kernel itself with fixed tiles when interpreting, else autotuned over _GPU_CONFIGS."""
-    if interpreting():
-        return kernel, dict(_INTERPRET_CONFIG)
-    return triton.autotune(configs=_GPU_CONFIGS, key=key)(kernel), {}
-
-
-_gemm, _gemm_kw = _launcher(_fp8_gemm_kernel, ["M", "N", "K", "B_ROW_SCALES"])
-_grouped, _grouped_kw = _launcher(_fp8_grouped_gemm_kernel, ["N", "K"])
-_wgrad, _wgrad_kw = _launcher(_fp8_wgrad_grouped_kernel, ["N", "C"])
+_gemm, _gemm_kw = launcher(_fp8_gemm_kernel, _GPU_CONFIGS, ["M", "N", "K", "B_ROW_SCALES"], _INTERPRET_CONFIG)
+_grouped, _grouped_kw = launcher(_fp8_grouped_gemm_kernel, _GPU_CONFIGS, ["N", "K"], _INTERPRET_CONFIG)
+_wgrad, _wgrad_kw = launcher(_fp8_wgrad_grouped_kernel, _GPU_CONFIGS, ["N", "C"], _INTERPRET_CONFIG)
 
 
 def _g_pow2(groups: int) -> int:

@@ -17,6 +17,7 @@ import torch
 import triton
 import triton.language as tl
 from moeforge.kernels.fp8_format import FP8_MAX, SCALE_FLOOR, ceil_div, round_up
+from moeforge.kernels.triton_launch import launcher
 
 
 @triton.jit
@@ -81,6 +82,14 @@ def _act_quant_kernel(x_ptr, q_ptr, s_ptr, M, K, UE8M0: tl.constexpr, ROWS: tl.c
     tl.store(s_ptr + rows.to(tl.int64) * (K // BLOCK) + pid_k, scale, mask=row_ok)
 
 
+_act_quant, _act_quant_kw = launcher(
+    _act_quant_kernel,
+    [triton.Config({"ROWS": rows}, num_warps=warps) for rows in (16, 32, 64) for warps in (4, 8)],
+    ["M", "K"],
+    {"ROWS": 16},
+)
+
+
 def act_quant_triton(
     x: torch.Tensor, block_size: int = 128, scale_fmt: str | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -91,9 +100,11 @@ def act_quant_triton(
     q = torch.empty(x.shape, dtype=torch.float8_e4m3fn, device=x.device)
     s = torch.empty(*x.shape[:-1], k // block_size, dtype=torch.float32, device=x.device)
     if m:
-        rows = 32
-        grid = (ceil_div(m, rows), k // block_size)
-        _act_quant_kernel[grid](x, q, s, m, k, UE8M0=scale_fmt == "ue8m0", ROWS=rows, BLOCK=block_size)
+
+        def grid(meta):
+            return (triton.cdiv(m, meta["ROWS"]), k // block_size)
+
+        _act_quant[grid](x, q, s, m, k, UE8M0=scale_fmt == "ue8m0", BLOCK=block_size, **_act_quant_kw)
     return q, s
 
 
@@ -142,6 +153,14 @@ def _act_quant_t_kernel(
         tl.store(s_ptr + cols.to(tl.int64) * (T_PAD // BLOCK) + tile, scale, mask=col_ok)
 
 
+_act_quant_t, _act_quant_t_kw = launcher(
+    _act_quant_t_kernel,
+    [triton.Config({"COLS": cols}, num_warps=warps) for cols in (32, 64, 128) for warps in (4, 8)],
+    ["C", "T_PAD"],
+    {"COLS": 64},
+)
+
+
 def act_quant_transpose_triton(
     x: torch.Tensor, block_size: int = 128, group_sizes: list[int] | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -155,10 +174,14 @@ def act_quant_transpose_triton(
     s = torch.empty(c, t_pad // block_size, dtype=torch.float32, device=x.device)
     if t_pad and c:
         sizes = torch.tensor(group_sizes, dtype=torch.int32, device=x.device)
-        cols = 64
-        grid = (t_pad // block_size, ceil_div(c, cols))
         g_pow2 = triton.next_power_of_2(max(len(group_sizes), 2))
-        _act_quant_t_kernel[grid](x, q, s, sizes, len(group_sizes), c, t_pad, G_POW2=g_pow2, BLOCK=block_size, COLS=cols)
+
+        def grid(meta):
+            return (t_pad // block_size, triton.cdiv(c, meta["COLS"]))
+
+        _act_quant_t[grid](
+            x, q, s, sizes, len(group_sizes), c, t_pad, G_POW2=g_pow2, BLOCK=block_size, **_act_quant_t_kw
+        )
     return q, s
 
 

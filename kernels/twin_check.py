@@ -134,6 +134,53 @@ def run_checks(size: str, device: str, seed: int = 0) -> list[dict]:
         "fp8_wgrad_grouped_gemm",
         triton_gemm.fp8_wgrad_grouped_gemm_triton(*grad_t, *x_t, groups),
         gemm_torch.fp8_wgrad_grouped_gemm_torch(*grad_t, *x_t, groups)))
+    results += module_checks(size, device, seed)
+    return results
+
+
+def module_checks(size: str, device: str, seed: int = 0) -> list[dict]:
+    """FP8Linear and the FP8 grouped experts, forward and backward, through the Triton kernels
+    against the same modules through the torch twins (same device, same inputs)."""
+    from moeforge.kernels.backend import use_backend
+    from moeforge.kernels.fp8_linear import FP8Linear
+    from moeforge.kernels.grouped_experts import GroupedSwiGLUExperts
+
+    gen = torch.Generator().manual_seed(seed)
+    t, dim, inter = (300, 7168, 2048) if size == "gpu" else (40, 96, 64)
+    groups = SIZES[size]["groups"][: 4 if size == "tiny" else None]
+    linear = FP8Linear(dim, inter, bias=False).to(device)
+    experts = GroupedSwiGLUExperts(len(groups), dim, inter).to(device)
+    with torch.no_grad():
+        for p in [*linear.parameters(), *experts.parameters()]:
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
+    x = torch.randn(t, dim, generator=gen).to(device)
+    g_lin = torch.randn(t, inter, generator=gen).to(device)
+    x_sorted = torch.randn(sum(groups), dim, generator=gen).to(device)
+    g_exp = torch.randn(sum(groups), dim, generator=gen).to(device)
+    counts = torch.tensor(groups, device=device)
+
+    def outputs(backend: str) -> dict[str, torch.Tensor]:
+        with use_backend(backend):
+            out = {}
+            for name, module, args, grad in (
+                ("fp8_linear", linear, (x,), g_lin), ("fp8_experts", experts, (x_sorted, counts), g_exp)
+            ):
+                inp = args[0].detach().requires_grad_()
+                module.zero_grad(set_to_none=True)
+                y = module(inp, *args[1:])
+                y.backward(grad)
+                out[f"{name}.y"], out[f"{name}.dx"] = y.detach(), inp.grad
+                for pname, p in module.named_parameters():
+                    out[f"{name}.d{pname}"] = p.grad.clone()
+            return out
+
+    results = []
+    try:
+        got, want = outputs("triton"), outputs("torch")
+    except Exception as err:  # noqa: BLE001 - reported as a failed check
+        return [{"check": "modules", "passed": False, "error": f"{type(err).__name__}: {err}"}]
+    for key in want:
+        results.append(_close(f"module:{key}", got[key], want[key]))
     return results
 
 

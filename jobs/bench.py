@@ -1,0 +1,66 @@
+"""moeforge-bench: run one benchmark suite, print its table, write its JSON report.
+
+    moeforge-bench kernels [hydra overrides]       # FP8 kernels (conf/bench_kernels.yaml)
+
+Each suite is a Hydra config `conf/bench_<suite>.yaml` (composed with Hydra's compose API from the
+`moeforge.conf` package) and a function `module:function` that takes the composed config as a plain
+dict and returns the text to print. To add a suite, add one line to SUITES and its YAML. A bad value
+ends in one line on stderr and exit status 2.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from collections.abc import Sequence
+
+from hydra import compose, initialize_config_module
+from hydra.errors import HydraException
+from moeforge.model.config import ConfigError
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+PROG = "moeforge-bench"
+CONFIG_MODULE = "moeforge.conf"
+SUITES: dict[str, str] = {
+    "kernels": "moeforge.kernels.bench_kernels:run_job",
+}
+
+
+def _usage() -> str:
+    return f"usage: {PROG} <suite> [hydra overrides]   suites: {', '.join(SUITES)}"
+
+
+def _one_line(err: BaseException) -> str:
+    text = str(err).split("Config search path")[0]
+    return " ".join(line.strip() for line in text.splitlines() if line.strip())
+
+
+def run(suite: str, overrides: Sequence[str]) -> str:
+    """Compose conf/bench_<suite>.yaml with the overrides and run the suite; return its text."""
+    module_name, function_name = SUITES[suite].split(":")
+    with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
+        composed = compose(config_name=f"bench_{suite}", overrides=list(overrides))
+    values = OmegaConf.to_container(composed, resolve=True)
+    return getattr(importlib.import_module(module_name), function_name)(values)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(__doc__.strip() + "\n\n" + _usage())
+        return 0 if argv else 2
+    suite, overrides = argv[0], argv[1:]
+    if suite not in SUITES:
+        print(f"{PROG}: error: unknown suite {suite!r}. {_usage()}", file=sys.stderr)
+        return 2
+    try:
+        print(run(suite, overrides))
+    except (HydraException, OmegaConfBaseException, ConfigError, ValueError) as err:
+        print(f"{PROG}: error: {_one_line(err)}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
