@@ -51,6 +51,7 @@ class P2P:
     timeout_s: float
     name: str = ""
     timeline_rank: int = 0
+    device: torch.device | str = "cpu"
     clock: object = time.perf_counter
     t0: float = 0.0
     exposed_s: float = 0.0
@@ -73,7 +74,7 @@ class P2P:
         return t
 
     def irecv(self, shape: tuple[int, ...], dtype: torch.dtype, src: int, tag: int, label: str) -> Transfer:
-        buf = torch.empty(shape, dtype=dtype)
+        buf = torch.empty(shape, dtype=dtype, device=self.device)
         work = dist.irecv(buf, src=src, tag=tag)
         return Transfer(work, buf, src, label, "recv", self._now())
 

@@ -23,8 +23,8 @@ COMPUTE_KINDS = {"F", "B", "W", "BW", "FB", "WAIT"}
 
 
 class PipelineReporter:
-    def __init__(self, cfg: TrainConfig, runtime, log: Callable[[str], None], report=None) -> None:
-        self.cfg, self.runtime, self.log, self.report = cfg, runtime, log, report
+    def __init__(self, cfg: TrainConfig, runtime, log: Callable[[str], None]) -> None:
+        self.cfg, self.runtime, self.log = cfg, runtime, log
         self.outputs = RunOutputs(cfg.run.dir)
         self.outputs.write_config(dataclasses.asdict(cfg))
         self.storage = open_storage(cfg.run.dir)
@@ -42,7 +42,8 @@ class PipelineReporter:
             f"{n_params / 1e6:.2f}M params, run.dir={cfg.run.dir}"
         )
 
-    def record(self, m) -> None:
+    def record(self, m) -> dict:
+        """Record, draw and print one step; return its scalar metrics (for Ray Train's report)."""
         steps = self.cfg.run.steps
         record = m.to_dict()
         self.losses.append(m.base.loss)
@@ -62,8 +63,7 @@ class PipelineReporter:
             )
             self.outputs.flush()
             self.window_start, self.window_tokens = now, 0
-        if self.report is not None:
-            self.report({k: v for k, v in record.items() if not isinstance(v, list)})
+        return {k: v for k, v in record.items() if not isinstance(v, list)}
 
     def _write_timeline(self, records, step: int) -> None:
         compute = [r for r in records if r.kind in COMPUTE_KINDS]

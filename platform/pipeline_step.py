@@ -73,9 +73,12 @@ class PipelineStepMetrics:
 class PipelineRuntime:
     """Everything one rank holds: its stage chunks, executor, optimizer and data view."""
 
-    def __init__(self, cfg: TrainConfig, rank: int, world_size: int, source=None) -> None:
+    def __init__(
+        self, cfg: TrainConfig, rank: int, world_size: int, source=None, device: torch.device | str = "cpu"
+    ) -> None:
         par = cfg.parallel
         self.cfg, self.rank = cfg, rank
+        self.device = torch.device(device)
         self.topo = Topology.for_schedule(
             par.schedule, par.pp, par.dp, par.ep, tied_embedding=cfg.model.num_nextn_predict_layers > 0
         )
@@ -91,7 +94,7 @@ class PipelineRuntime:
 
         specs = split_layers(cfg.model.num_hidden_layers, self.topo.num_stages, par.layers_per_stage)
         stages = [self.schedule.stage_of(self.pp_rank, c) for c in range(self.schedule.chunks_per_rank)]
-        self.model, self.module = build_rank(cfg.model, [specs[s] for s in stages], cfg.run.seed)
+        self.model, self.module = build_rank(cfg.model, [specs[s] for s in stages], cfg.run.seed, self.device)
         self.chunks = {c: StageChunk(self.model, specs[s], self.module) for c, s in enumerate(stages)}
         self.holds_data = any(specs[s].first or specs[s].last for s in stages)
         self.moe = self.module.moe_layers()
@@ -99,7 +102,7 @@ class PipelineRuntime:
         set_balance_loss_scale(self.moe, cfg.model.seq_aux_loss_alpha, 1.0 / self.microbatches)
 
         self.compute = ModelCompute(self.chunks, loss_scale=1.0 / self.microbatches)
-        self.p2p = P2P(rank, par.p2p_timeout_s, name=self.name, timeline_rank=rank)
+        self.p2p = P2P(rank, par.p2p_timeout_s, name=self.name, timeline_rank=rank, device=self.device)
         rows = cfg.data.global_batch // (par.dp * par.microbatches)
         self.executor = PipelineExecutor(
             self.schedule,
@@ -153,6 +156,7 @@ class PipelineRuntime:
         if not self.holds_data:  # middle stages never read tokens
             return []
         batch = self.source.batch(self.step, self.dp_rank, self.cfg.parallel.dp)
+        batch = batch.to(self.device)
         return [MicroBatch(*inputs_and_labels(t)) for t in split_microbatches(batch, self.microbatches)]
 
     def train_step(self, gather_timeline: bool = False) -> PipelineStepMetrics:
@@ -273,22 +277,28 @@ def run_pipeline_training(
     report: Callable[[dict], None] | None = None,
     log: Callable[[str], None] = print,
     source=None,
+    device: torch.device | str = "cpu",
 ) -> dict | None:
-    """The whole run on one rank; rank 0 returns the summary (see platform/worker.py)."""
+    """The whole run on one rank; rank 0 returns the summary (see platform/worker.py).
+
+    `report` (Ray Train's, a barrier) is called on EVERY rank at the same steps (each log step and
+    the last), with rank 0's metrics; other ranks pass an empty dict."""
     from moeforge.platform.pipeline_report import PipelineReporter
 
-    runtime = PipelineRuntime(cfg, rank, world_size, source=source)
-    reporter = PipelineReporter(cfg, runtime, log=log, report=report) if rank == 0 else None
+    runtime = PipelineRuntime(cfg, rank, world_size, source=source, device=device)
+    reporter = PipelineReporter(cfg, runtime, log=log) if rank == 0 else None
     for _ in range(cfg.run.steps):
-        last = runtime.step + 1 == cfg.run.steps
-        gather = cfg.tracking.log_timeline and (last or (runtime.step + 1) % cfg.run.log_every == 0)
+        step = runtime.step + 1
+        last = step == cfg.run.steps
+        gather = cfg.tracking.log_timeline and (last or step % cfg.run.log_every == 0)
         metrics = runtime.train_step(gather_timeline=gather)
         if not math.isfinite(metrics.base.loss):
             raise FloatingPointError(
                 f"{runtime.name}: loss is {metrics.base.loss} at step {metrics.base.step}"
             )
-        if reporter is not None:
-            reporter.record(metrics)
+        record = reporter.record(metrics) if reporter is not None else {}
+        if report is not None and (last or step % cfg.run.log_every == 0):
+            report(record)
     runtime.save_params(cfg.run.dir)
     dist.barrier()
     return reporter.finish() if reporter is not None else None

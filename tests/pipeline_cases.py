@@ -53,8 +53,15 @@ def reference_run(raw: dict, run_dir) -> tuple[list[float], dict[str, torch.Tens
     par = raw["parallel"]
     ref_raw["parallel"] = {"schedule": "single", "microbatches": par["microbatches"] * par["dp"]}
     ref_raw["run"]["dir"] = str(run_dir)
-    trainer = ReferenceTrainer(TrainConfig.from_dict(ref_raw), log=lambda _line: None)
-    summary = trainer.train()
+    # One intra-op thread, like each pipeline worker (cpus_per_worker=1): matmul reductions then add
+    # in the same order, and the comparison sees only the pipeline's own reordering.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        trainer = ReferenceTrainer(TrainConfig.from_dict(ref_raw), log=lambda _line: None)
+        summary = trainer.train()
+    finally:
+        torch.set_num_threads(threads)
     return summary.losses, {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
 
 

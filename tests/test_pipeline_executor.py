@@ -19,6 +19,7 @@ from pipeline_cases import (
 CASES = [
     ("zb1p", 2, 1, 4, 0),  # split B / W, plain optimizer step
     ("dualpipev", 2, 1, 4, 0),  # 4 stages on 2 ranks, the local turn of the V
+    ("1f1b", 4, 1, 4, 2),  # 4 stages, tied embedding across ranks 0 and 3 (MTP), ZeRO-2 norm over pp
     ("1f1b", 2, 2, 2, 2),  # dp=2 with DeepSpeed ZeRO-2
 ]
 

@@ -1,0 +1,160 @@
+"""`moeforge-train` for pipeline schedules: validate everything, then run Ray Train workers.
+
+`launch_training(cfg, raw_config)`:
+  1. validates the whole run before any worker starts (`validate_pipeline`): the schedule generator
+     accepts (pp, micro-batches) (built here in the driver, so a ScheduleError surfaces now), the
+     layers split into the stages the schedule needs, ZeRO stage vs pp, the topology (DualPipe needs
+     an even pp, ep divides dp);
+  2. connects to Ray: the running session if `ray.is_initialized()` (tests), the cluster of
+     RAY_ADDRESS / `ray job submit`, else a fresh local one (`address="local"`);
+  3. refuses a run the cluster cannot host (`cluster_check.check_cluster_fits` on
+     `ray.cluster_resources()`), unless `parallel.wait_for_autoscaler`;
+  4. runs a Ray Train `TorchTrainer` with pp x dp workers; every worker is the actor owning its
+     pipeline stage(s) (platform/worker.py) and a failure on any rank ends the run
+     (`FailureConfig(max_failures=0)`) with that rank's error;
+  5. returns rank 0's summary (also in <run.dir>/summary.json) and prints it.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+
+from moeforge.model.config import ConfigError
+from moeforge.platform.config.train import TrainConfig
+from moeforge.platform.schedules import Schedule, ScheduleError, build_schedule
+from moeforge.platform.stages import split_layers
+from moeforge.platform.topology import Topology
+
+
+class PipelineRunError(RuntimeError):
+    """A pipeline run failed on one or more ranks; the message names them."""
+
+
+def validate_pipeline(cfg: TrainConfig) -> Schedule:
+    """Every check that needs no cluster; raises ConfigError naming the field. Returns the schedule."""
+    par = cfg.parallel
+    if par.schedule == "single":
+        raise ConfigError(
+            "parallel.schedule: 'single' is the one-process loop; it does not launch Ray workers"
+        )
+    Topology.for_schedule(par.schedule, par.pp, par.dp, par.ep, cfg.model.num_nextn_predict_layers > 0)
+    try:
+        schedule = build_schedule(par.schedule, par.pp, par.microbatches)
+    except ScheduleError as err:
+        msg = str(err)
+        raise ConfigError(msg if msg.startswith("parallel.") else f"parallel.{msg}") from None
+    split_layers(cfg.model.num_hidden_layers, schedule.num_stages, par.layers_per_stage)
+    if par.zero_stage == 3 and par.pp > 1:
+        raise ConfigError(
+            "parallel.zero_stage: ZeRO-3 shards parameters, which pipeline stages (pp > 1) cannot use"
+        )
+    if cfg.precision.name != "fp32" and not cfg.precision.fp8_linear:
+        raise ConfigError(
+            f"precision.name: the pipeline runtime computes in fp32 or with FP8 Linear layers, got {cfg.precision.name!r}"
+        )
+    return schedule
+
+
+def connect_ray():
+    """The running Ray session, the cluster named by RAY_ADDRESS (as under `ray job submit`), or a
+    new local cluster."""
+    import ray
+
+    if not ray.is_initialized():
+        if os.environ.get("RAY_ADDRESS"):
+            ray.init()
+        else:
+            ray.init(address="local", include_dashboard=False)
+    return ray
+
+
+def _backend(cfg: TrainConfig) -> str:
+    if cfg.parallel.backend != "auto":
+        return cfg.parallel.backend
+    return "nccl" if cfg.parallel.gpus_per_worker > 0 else "gloo"
+
+
+def _storage(run_dir: str) -> tuple[str, object | None]:
+    """Ray Train's storage under <run.dir>/ray: an absolute local path, or S3 (through pyarrow,
+    honouring AWS_ENDPOINT_URL for S3-compatible stores)."""
+    if run_dir.startswith("s3://"):
+        endpoint = os.environ.get("AWS_ENDPOINT_URL")
+        path = run_dir.rstrip("/") + "/ray"
+        if endpoint:
+            import pyarrow.fs
+
+            return path[len("s3://") :], pyarrow.fs.S3FileSystem(endpoint_override=endpoint)
+        return path, None
+    return os.path.join(os.path.abspath(run_dir), "ray"), None
+
+
+def launch_training(cfg: TrainConfig, raw_config: dict | None = None) -> dict:
+    """Run a pipeline-parallel training job on Ray; return rank 0's summary dict."""
+    from moeforge.platform.cluster_check import check_cluster_fits
+
+    validate_pipeline(cfg)
+    ray = connect_ray()
+    check_cluster_fits(cfg.parallel, ray.cluster_resources())
+
+    from moeforge.platform.worker import train_loop_per_worker
+    from ray.train import FailureConfig, RunConfig, ScalingConfig, TrainingFailedError
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    par = cfg.parallel
+    resources = {"CPU": par.cpus_per_worker}
+    if par.gpus_per_worker > 0:
+        resources["GPU"] = par.gpus_per_worker
+    storage_path, filesystem = _storage(cfg.run.dir)
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"cfg": cfg},
+        scaling_config=ScalingConfig(
+            num_workers=par.world_size, use_gpu=par.gpus_per_worker > 0, resources_per_worker=resources
+        ),
+        run_config=RunConfig(
+            name=f"{cfg.run.name}-{datetime.datetime.now():%Y%m%d-%H%M%S}",
+            storage_path=storage_path,
+            storage_filesystem=filesystem,
+            failure_config=FailureConfig(max_failures=0),
+        ),
+        torch_config=TorchConfig(backend=_backend(cfg), timeout_s=int(max(60.0, 2 * par.p2p_timeout_s))),
+    )
+    try:
+        trainer.fit()
+    except TrainingFailedError as err:
+        raise PipelineRunError(describe_failure(err)) from None
+    summary = read_summary(cfg.run.dir)
+    print(json.dumps({k: v for k, v in summary.items() if k != "losses"}, indent=2, sort_keys=True))
+    return summary
+
+
+def describe_failure(err: Exception) -> str:
+    """One message naming every failed rank, root causes first: a rank that raised on its own comes
+    before ranks that only timed out or lost their connection waiting for it."""
+    failures = getattr(err, "worker_failures", None)
+    if not failures:
+        return f"pipeline run failed: {err}"
+    consequential = ("PeerTimeout", "did not complete", "Connection reset", "Connection closed")
+
+    def order(item):
+        rank, exc = item
+        return (any(word in f"{type(exc).__name__} {exc}" for word in consequential), rank)
+
+    lines = [
+        f"rank {rank}: {type(exc).__name__}: {_first_lines(exc)}"
+        for rank, exc in sorted(failures.items(), key=order)
+    ]
+    return "pipeline run failed on " + "; ".join(lines)
+
+
+def _first_lines(exc: Exception, limit: int = 600) -> str:
+    text = " ".join(str(exc).split())
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def read_summary(run_dir: str) -> dict:
+    from moeforge.platform.storage import open_storage
+
+    return json.loads(open_storage(run_dir).read_text("summary.json"))

@@ -1,0 +1,30 @@
+"""The Ray Train worker loop: each worker is the actor that owns its pipeline stage(s).
+
+Ray Train's TorchConfig has already joined the workers in one torch.distributed group (gloo on CPU,
+NCCL on GPU) when `train_loop_per_worker` starts; the pipeline runtime builds its own groups from
+the topology on top of it.
+"""
+
+from __future__ import annotations
+
+import os
+
+
+def train_loop_per_worker(config: dict) -> None:
+    import ray.train
+    import torch
+    from moeforge.platform.pipeline_step import run_pipeline_training
+
+    cfg = config["cfg"]
+    ctx = ray.train.get_context()
+    rank, world_size = ctx.get_world_rank(), ctx.get_world_size()
+    threads = max(1, int(cfg.parallel.cpus_per_worker))
+    torch.set_num_threads(threads)
+    os.environ.setdefault("OMP_NUM_THREADS", str(threads))
+    device = ray.train.torch.get_device() if cfg.parallel.gpus_per_worker > 0 else torch.device("cpu")
+
+    def report(metrics: dict) -> None:
+        # Every worker calls this at the same steps: ray.train.report is a barrier across workers.
+        ray.train.report(metrics)
+
+    run_pipeline_training(cfg, rank, world_size, report=report, device=device)
