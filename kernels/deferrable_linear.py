@@ -32,7 +32,7 @@ class _DeferrableLinearFunction(torch.autograd.Function):
             g = grad_out.to(x_c.dtype)
             dx = (g @ weight.to(x_c.dtype)).to(ctx.x_dtype)
             g2, x2 = g.reshape(-1, g.shape[-1]), x_c.reshape(-1, x_c.shape[-1])  # [T, N], [T, K]
-            dw = deferred_or_now(weight, lambda: (g2.t() @ x2).to(weight.dtype))
+            dw = deferred_or_now(weight, lambda: (g2.t() @ x2).to(weight.dtype)) if ctx.needs_input_grad[1] else None
             db = g2.float().sum(0) if ctx.has_bias else None
         return dx, dw, db
 

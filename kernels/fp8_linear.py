@@ -49,7 +49,7 @@ def quantize_weight(weight: torch.Tensor, transposed: bool = False) -> tuple[tor
 
 class _FP8LinearFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, keep_for_wgrad: bool):
         out_dtype = compute_dtype(x)
         with autocast_off(x):
             n, k = weight.shape
@@ -58,7 +58,8 @@ class _FP8LinearFunction(torch.autograd.Function):
             y = fp8_gemm(*act_quant(x2), *quantize_weight(weight), out_dtype=out_dtype)  # [T, N]
             if bias is not None:
                 y = y + bias.to(out_dtype)
-            x_t, x_t_scales = act_quant_transpose(x2)  # [Kp, T_pad]: what wgrad needs, in FP8
+            # [Kp, T_pad]: what wgrad needs, in FP8 (skipped when no weight gradient can follow)
+            x_t, x_t_scales = act_quant_transpose(x2) if keep_for_wgrad else (None, None)
         ctx.save_for_backward(x_t, x_t_scales, weight)
         ctx.x_shape, ctx.x_dtype, ctx.has_bias = x.shape, x.dtype, bias is not None
         return y.reshape(*x.shape[:-1], n)
@@ -72,19 +73,21 @@ class _FP8LinearFunction(torch.autograd.Function):
             g_q, g_s = act_quant(pad_last(g, round_up(n, BLOCK)))  # tiles along N: dgrad's K
             w_t, w_t_scales = quantize_weight(weight, transposed=True)  # [Kp, Np]
             dx = fp8_gemm(g_q, g_s, w_t, w_t_scales, out_dtype=ctx.x_dtype)[:, :k].reshape(ctx.x_shape)
-            g_t, g_t_scales = act_quant_transpose(g)  # [N, T_pad]: tiles along tokens, quantized now
+            dw = None
+            if x_t is not None:
+                g_t, g_t_scales = act_quant_transpose(g)  # [N, T_pad]: tiles along tokens, quantized now
 
-            def weight_gradient() -> torch.Tensor:
-                return fp8_gemm(g_t, g_t_scales, x_t, x_t_scales, out_dtype=torch.float32)[:, :k].contiguous()
+                def weight_gradient() -> torch.Tensor:
+                    return fp8_gemm(g_t, g_t_scales, x_t, x_t_scales, out_dtype=torch.float32)[:, :k].contiguous()
 
-            dw = deferred_or_now(weight, weight_gradient)
+                dw = deferred_or_now(weight, weight_gradient)
             db = g.float().sum(0) if ctx.has_bias else None
-        return dx, dw, db
+        return dx, dw, db, None
 
 
 def fp8_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear with FP8 GEMMs in forward and backward (see the module docstring)."""
-    return _FP8LinearFunction.apply(x, weight, bias)
+    return _FP8LinearFunction.apply(x, weight, bias, torch.is_grad_enabled() and weight.requires_grad)
 
 
 class FP8Linear(SwappableLinear):

@@ -26,13 +26,14 @@ class _FP8GroupedLinearFunction(torch.autograd.Function):
     """y[rows of g] = x[rows of g] @ weight[g]^T for every group g, all three GEMMs in FP8."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, sizes: list[int]):
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, sizes: list[int], keep_for_wgrad: bool):
         out_dtype = compute_dtype(x)
         with autocast_off(x):
             k = weight.shape[-1]
             x2 = pad_last(x, round_up(k, BLOCK))  # [T, Kp]
             y = fp8_grouped_gemm(*act_quant(x2), *quantize_weight(weight), sizes, out_dtype=out_dtype)
-            x_t, x_t_scales = act_quant_transpose(x2, group_sizes=sizes)  # [Kp, sum of padded segments]
+            # [Kp, sum of 128-padded segments], only when a weight gradient can follow
+            x_t, x_t_scales = act_quant_transpose(x2, group_sizes=sizes) if keep_for_wgrad else (None, None)
         ctx.save_for_backward(x_t, x_t_scales, weight)
         ctx.sizes, ctx.x_dtype = sizes, x.dtype
         return y
@@ -46,21 +47,23 @@ class _FP8GroupedLinearFunction(torch.autograd.Function):
             g_q, g_s = act_quant(pad_last(grad_out, round_up(n, BLOCK)))  # [T, Np]
             w_t, w_t_scales = quantize_weight(weight, transposed=True)  # [E, Kp, Np]
             dx = fp8_grouped_gemm(g_q, g_s, w_t, w_t_scales, sizes, out_dtype=ctx.x_dtype)[:, :k]
-            g_t, g_t_scales = act_quant_transpose(grad_out, group_sizes=sizes)  # [N, padded tokens]
+            dw = None
+            if x_t is not None:
+                g_t, g_t_scales = act_quant_transpose(grad_out, group_sizes=sizes)  # [N, padded tokens]
 
-            def weight_gradient() -> torch.Tensor:
-                dw = fp8_wgrad_grouped_gemm(g_t, g_t_scales, x_t, x_t_scales, sizes)  # [E, N, Kp]
-                return dw[..., :k].contiguous()
+                def weight_gradient() -> torch.Tensor:
+                    dw = fp8_wgrad_grouped_gemm(g_t, g_t_scales, x_t, x_t_scales, sizes)  # [E, N, Kp]
+                    return dw[..., :k].contiguous()
 
-            dw = deferred_or_now(weight, weight_gradient)
-        return dx.contiguous(), dw, None
+                dw = deferred_or_now(weight, weight_gradient)
+        return dx.contiguous(), dw, None, None
 
 
 class _GroupedLinearFunction(torch.autograd.Function):
     """The same in the compute dtype (FP32, or BF16 under autocast): one F.linear per group."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, sizes: list[int]):
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, sizes: list[int], keep_for_wgrad: bool):
         dtype = compute_dtype(x)
         with autocast_off(x):
             x_c = x.to(dtype)
@@ -82,14 +85,14 @@ class _GroupedLinearFunction(torch.autograd.Function):
             def weight_gradient() -> torch.Tensor:
                 return torch.stack([ge.t() @ xe for ge, xe in zip(g_parts, x_parts, strict=True)]).to(weight.dtype)
 
-            dw = deferred_or_now(weight, weight_gradient)
-        return dx, dw, None
+            dw = deferred_or_now(weight, weight_gradient) if ctx.needs_input_grad[1] else None
+        return dx, dw, None, None
 
 
 def grouped_linear(x: torch.Tensor, weight: torch.Tensor, sizes: list[int], fp8: bool) -> torch.Tensor:
     """Rows of x [T, K] in contiguous groups of `sizes`; group g times weight[g]^T ([E, N, K]) -> [T, N]."""
     fn = _FP8GroupedLinearFunction if fp8 else _GroupedLinearFunction
-    return fn.apply(x, weight, sizes)
+    return fn.apply(x, weight, sizes, torch.is_grad_enabled() and weight.requires_grad)
 
 
 class GroupedSwiGLUExperts(nn.Module):

@@ -142,25 +142,25 @@ def test_fp8_linear_under_bf16_autocast():
     assert torch.isfinite(lin.weight.grad).all() and lin.weight.grad.abs().sum() > 0
 
 
-def test_saved_activations_take_about_half_of_bf16():
+def saved_bytes(module: nn.Module, inp: torch.Tensor) -> int:
     """Bytes that autograd keeps for backward, parameters excluded (they exist anyway)."""
+    params = {p.data_ptr() for p in module.parameters()}
+    total = 0
+
+    def pack(t: torch.Tensor):
+        nonlocal total
+        if t.data_ptr() not in params:
+            total += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        module(inp.detach().requires_grad_())
+    return total
+
+
+def test_saved_activations_take_about_half_of_bf16():
     lin = make_linear(512, 512, False)
     x = torch.randn(8, 128, 512)
-
-    def saved_bytes(module: nn.Module, inp: torch.Tensor) -> int:
-        params = {p.data_ptr() for p in module.parameters()}
-        total = 0
-
-        def pack(t: torch.Tensor):
-            nonlocal total
-            if t.data_ptr() not in params:
-                total += t.numel() * t.element_size()
-            return t
-
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            module(inp.detach().requires_grad_())
-        return total
-
     bf16 = saved_bytes(make_linear(512, 512, False).to(torch.bfloat16), x.to(torch.bfloat16))
     fp8 = saved_bytes(FP8Linear.from_linear(lin), x.to(torch.bfloat16))
     assert bf16 == x.numel() * 2
@@ -176,3 +176,13 @@ def test_swapped_modules_keep_parameters_names_and_class():
         assert isinstance(module, nn.Linear)
         assert module.weight is lin.weight and module.bias is lin.bias
         assert list(module.state_dict()) == list(lin.state_dict())
+
+
+def test_frozen_weight_gets_no_gradient_and_keeps_no_activation():
+    lin = make_linear(128, 64, False)
+    lin.weight.requires_grad_(False)
+    module = FP8Linear.from_linear(lin)
+    assert saved_bytes(module, torch.randn(4, 128)) == 0
+    x = torch.randn(4, 128, requires_grad=True)
+    module(x).sum().backward()
+    assert x.grad is not None and lin.weight.grad is None
