@@ -37,24 +37,33 @@ class StepMetrics:
 
 @dataclass
 class TrainSummary:
-    """End of a run: enough to tell whether it learned and how fast."""
+    """End of a run: enough to tell whether it learned and how fast, and how it ended.
+
+    `losses` covers the whole run, resumed segments included (`steps` counts them all);
+    `tokens_per_s` and `elapsed_s` cover this process's segment only."""
 
     steps: int
-    first_loss: float
-    final_loss: float
-    tokens_per_s: float  # over the whole run, all steps
+    first_loss: float | None  # None when the run failed before its first step
+    final_loss: float | None
+    tokens_per_s: float  # over this process's steps
     elapsed_s: float
     eval_loss: float | None = None
     losses: list[float] = field(default_factory=list)  # per step, for tests and plots
+    status: str = "completed"  # completed | failed
+    error: str | None = None  # "ExceptionType: message" when failed
+    resumed_from_step: int | None = None  # the checkpoint step this segment started from
+    checkpoint: str | None = None  # the newest complete checkpoint this run wrote
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
     def format(self) -> str:
-        line = (
-            f"done: {self.steps} steps in {format_duration(self.elapsed_s)} | "
-            f"loss {self.first_loss:.4f} -> {self.final_loss:.4f} | {self.tokens_per_s:,.0f} tok/s"
-        )
+        if self.status != "completed":
+            return f"{self.status} after {self.steps} steps ({format_duration(self.elapsed_s)}): {self.error}"
+        line = f"done: {self.steps} steps in {format_duration(self.elapsed_s)}"
+        if self.first_loss is not None and self.final_loss is not None:
+            line += f" | loss {self.first_loss:.4f} -> {self.final_loss:.4f}"
+        line += f" | {self.tokens_per_s:,.0f} tok/s"
         if self.eval_loss is not None:
             line += f" | eval loss {self.eval_loss:.4f}"
         return line
@@ -72,14 +81,20 @@ def format_duration(seconds: float) -> str:
     return f"{secs}s"
 
 
-def format_progress(m: StepMetrics, total_steps: int, tokens_per_s: float, eta_s: float) -> str:
-    """One console line: step/total, loss, lr, throughput, load imbalance, ETA.
+def format_progress(
+    m: StepMetrics, total_steps: int, tokens_per_s: float, eta_s: float, mfu: float | None = None
+) -> str:
+    """The one console progress line: step/total, loss, lr, throughput, load imbalance, ETA, and
+    MFU when known (a fraction of peak FLOP/s).
 
     `tokens_per_s` and `eta_s` are passed in (averaged by the caller over recent steps) because a
-    single step's time is noisy."""
+    single step's time is noisy; platform.tracking.ConsoleProgress does that averaging."""
     width = len(str(total_steps))
-    return (
+    line = (
         f"step {m.step:>{width}}/{total_steps} | loss {m.loss:.4f} | lr {m.lr:.2e} | "
         f"gnorm {m.grad_norm:.3f} | {tokens_per_s:,.0f} tok/s | imbalance {m.load_imbalance:.2f} | "
         f"eta {format_duration(eta_s)}"
     )
+    if mfu is not None:
+        line += f" | mfu {100 * mfu:.1f}%"
+    return line

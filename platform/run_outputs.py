@@ -3,6 +3,10 @@
 `run.dir` is a local directory or an `s3://bucket/prefix` (through platform.storage, which checks an
 S3 root up front and fails with one message). Object stores cannot append, so metrics lines go to a
 local file and, for a remote run.dir, that file is uploaded whole on every `flush()`.
+
+A resumed run keeps the metrics of the steps its checkpoint covers and appends after them
+(`start_metrics(after_step)`); lines of steps past the checkpoint (recorded by the interrupted run,
+then lost with its unsaved state) are dropped, because the resumed run records those steps again.
 """
 
 from __future__ import annotations
@@ -21,16 +25,51 @@ CONFIG, METRICS, SUMMARY = "config.yaml", "metrics.jsonl", "summary.json"
 
 class RunOutputs:
     """config.yaml (secrets redacted), metrics.jsonl (one JSON object per step) and summary.json
-    under `run_dir`. A fresh RunOutputs starts a fresh metrics file."""
+    under `run_dir`.
 
-    def __init__(self, run_dir: str) -> None:
+    `fresh=True` (the default) starts an empty metrics file now. `fresh=False` leaves an existing
+    one alone until the caller knows where the run starts and calls `start_metrics(after_step)`
+    (a resuming loop: the step comes from the checkpoint it finds through `self.storage`)."""
+
+    def __init__(self, run_dir: str, fresh: bool = True) -> None:
         self.storage = open_storage(run_dir)
         self.remote = not isinstance(self.storage, LocalStorage)
         local_dir = tempfile.mkdtemp(prefix="moeforge-run-") if self.remote else run_dir
         os.makedirs(local_dir, exist_ok=True)
         self.metrics_path = os.path.join(local_dir, METRICS)
-        open(self.metrics_path, "w").close()
         self._unflushed = False
+        if fresh:
+            self.start_metrics(0)
+
+    def start_metrics(self, after_step: int) -> list[dict]:
+        """Keep the recorded metrics of steps 1..after_step (0: none), drop the rest, and return
+        the kept records. Later `append_metrics` calls add after them."""
+        kept = [] if after_step <= 0 else [r for r in self._existing_records() if int(r["step"]) <= after_step]
+        with open(self.metrics_path, "w") as f:
+            f.writelines(json.dumps(r, sort_keys=True) + "\n" for r in kept)
+        self._unflushed = True
+        self.flush()
+        return kept
+
+    def _existing_records(self) -> list[dict]:
+        """The metrics lines already under run_dir (downloaded for a remote run_dir); a torn last
+        line (a crash mid-write) is ignored."""
+        if self.remote:
+            if not self.storage.exists(METRICS):
+                return []
+            text = self.storage.read_text(METRICS)
+        elif os.path.isfile(self.metrics_path):
+            with open(self.metrics_path) as f:
+                text = f.read()
+        else:
+            return []
+        records = []
+        for line in text.splitlines():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                break  # only the last line can be torn; nothing valid follows it
+        return records
 
     def write_config(self, config: Mapping[str, Any]) -> None:
         self.storage.write_text(CONFIG, OmegaConf.to_yaml(OmegaConf.create(_plain(redact(dict(config))))))
