@@ -128,7 +128,8 @@ def make_tracker(tracking_cfg: TrackingConfig, run_cfg_dict: Mapping[str, Any], 
 class ConsoleProgress:
     """One progress line every `every` steps (and at the last), throughput averaged over the steps
     since the previous line; MFU = achieved FLOP/s / peak FLOP/s when both FLOP figures are given
-    (`flops_per_token`: training FLOPs per token, e.g. model.accounting; `peak_flops`: all devices)."""
+    (`flops_per_token`: training FLOPs per token, e.g. model.accounting; `peak_flops`: all devices).
+    `start_step`: the step a resumed run starts from, so the ETA rate counts only this run's steps."""
 
     def __init__(
         self,
@@ -137,9 +138,11 @@ class ConsoleProgress:
         log: Callable[[str], None] = print,
         flops_per_token: float | None = None,
         peak_flops: float | None = None,
+        start_step: int = 0,
     ) -> None:
         self.total_steps, self.every, self.log = total_steps, every, log
         self.flops_per_token, self.peak_flops = flops_per_token, peak_flops
+        self.start_step = start_step
         self.start = time.perf_counter()
         self._window_time, self._window_tokens = 0.0, 0
 
@@ -155,11 +158,9 @@ class ConsoleProgress:
         if metrics.step % self.every and metrics.step != self.total_steps:
             return None
         rate = self._window_tokens / max(self._window_time, 1e-9)
-        eta = (self.total_steps - metrics.step) * (time.perf_counter() - self.start) / max(metrics.step, 1)
-        line = format_progress(metrics, self.total_steps, rate, eta)
-        mfu = self.mfu(rate)
-        if mfu is not None:
-            line += f" | mfu {100 * mfu:.1f}%"
+        done = max(metrics.step - self.start_step, 1)
+        eta = (self.total_steps - metrics.step) * (time.perf_counter() - self.start) / done
+        line = format_progress(metrics, self.total_steps, rate, eta, mfu=self.mfu(rate))
         self._window_time, self._window_tokens = 0.0, 0
         self.log(line)
         return line
@@ -167,7 +168,7 @@ class ConsoleProgress:
     def finish(self, summary: TrainSummary) -> str:
         line = summary.format()
         mfu = self.mfu(summary.tokens_per_s)
-        if mfu is not None:
+        if mfu is not None and summary.status == "completed":
             line += f" | mfu {100 * mfu:.1f}%"
         self.log(line)
         return line
