@@ -1,4 +1,4 @@
-"""The single-process reference training loop (`parallel.schedule=single`).
+"""The single-process reference training loop (`parallel.schedule=single`): a complete training run.
 
 It is the numerical reference for the pipeline runtime: the global batch of each step is split into
 `parallel.microbatches` equal micro-batches, in order, each micro-batch's loss is scaled by 1/M and
@@ -8,12 +8,29 @@ micro-batch count computes the same gradients, so the two can be compared loss f
 One optimizer step (`train_step`), torchtitan style:
     forward_backward   M micro-batches, gradients accumulate (LM + MTP loss; the sequence-wise
                        balance loss rides along inside the MoE layers' autograd graph, its alpha
-                       scaled by 1/M like the other losses: moe_balance.set_balance_loss_scale)
+                       scaled by 1/M like the other losses: moe_balance.set_balance_loss_scale);
+                       the forward runs under the precision policy's autocast context
     clip               global grad norm, then scale (platform.optim)
-    optimizer_step     LR from lr_at(step), AdamW step, zero grads
+    optimizer_step     LR from lr_at(step), AdamW step (BF16 moments when configured), zero grads
     balance            router-bias update from the step's expert loads (platform.moe_balance)
+
+Around the steps (`train`): console progress (platform.tracking.ConsoleProgress), metrics.jsonl and
+summary.json (platform.run_outputs), the tracker (W&B or none), evaluation, and checkpoints
+(platform.checkpoint) every `checkpoint.every` steps and at the end. With `checkpoint.resume` a run
+continues from the newest complete checkpoint in run.dir: weights and router biases, AdamW state by
+parameter name, RNG states, step; the data position is the step (batches are a pure function of
+(data.seed, step)), checked against the checkpoint's samples_consumed.
+
+Nothing is lost on failure: if a step or anything around it raises (KeyboardInterrupt included),
+the metrics so far are flushed, summary.json records status "failed" with the error, and, when
+checkpointing is on and the state is consistent, a checkpoint of the last completed step is
+written. The state is consistent unless the error struck inside the update (clip, AdamW, router
+bias): an error in the forward/backward leaves weights and optimizer as the previous step left
+them (its RNG state is restored from a snapshot taken when the step began).
+
 Determinism: the RNG is seeded before the model is built and data order is a pure function of
-(data.seed, step), so two runs with the same config produce identical losses.
+(data.seed, step), so two runs with the same config produce identical losses, and a run killed and
+resumed produces the losses of an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -21,23 +38,38 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from collections.abc import Callable
-from typing import Protocol
+from collections.abc import Callable, Mapping
+from typing import Any, Protocol
 
 import torch
 from moeforge.model.config import ConfigError
 from moeforge.model.transformer import build_model
+from moeforge.platform.checkpoint import (
+    config_hash,
+    latest_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+    save_checkpoint,
+)
+from moeforge.platform.checkpoint_state import (
+    CheckpointError,
+    OptimizerState,
+    RNGState,
+    rng_state_to_tensors,
+)
 from moeforge.platform.config.train import TrainConfig
 from moeforge.platform.lr_schedule import lr_at, set_lr
-from moeforge.platform.metrics import StepMetrics, TrainSummary, format_progress
+from moeforge.platform.metrics import StepMetrics, TrainSummary
 from moeforge.platform.moe_balance import (
     collect_load_counts,
     load_imbalance,
     set_balance_loss_scale,
     update_balance,
 )
-from moeforge.platform.optim import build_optimizer, clip_grads_with_norm_, global_grad_norm
+from moeforge.platform.optim import clip_grads_with_norm_, global_grad_norm, param_groups
+from moeforge.platform.precision import apply_precision, compute_context, make_adamw
 from moeforge.platform.run_outputs import RunOutputs
+from moeforge.platform.tracking import ConsoleProgress, Tracker, make_tracker
 
 
 class BatchSourceLike(Protocol):
@@ -80,11 +112,22 @@ def default_batch_source(cfg: TrainConfig) -> BatchSourceLike:
     return BatchSource(cfg.data, cfg.model.vocab_size, cfg.model.seq_len)
 
 
+def flops_per_token(cfg: TrainConfig) -> float | None:
+    """Training FLOPs per token (main model + MTP) for MFU, when a peak FLOP/s is configured."""
+    if not cfg.parallel.peak_tflops_per_worker:
+        return None
+    from moeforge.model.accounting import estimate
+
+    est = estimate(cfg.model)
+    return est.train_flops_per_token + est.mtp_train_flops_per_token
+
+
 class ReferenceTrainer:
     """One process, one model, the whole global batch per step.
 
     `source` defaults to the configured data (platform.data.BatchSource); tests inject small
-    sources. `log` receives each console line (print by default)."""
+    sources. `log` receives each console line (print by default). Construction resumes from the
+    newest complete checkpoint in run.dir when `checkpoint.resume` is set and one exists."""
 
     def __init__(
         self,
@@ -96,30 +139,116 @@ class ReferenceTrainer:
             raise ConfigError(
                 f"parallel.schedule: the reference loop runs 'single', got {cfg.parallel.schedule!r}"
             )
-        if cfg.precision.name != "fp32":
-            raise ConfigError(
-                f"precision.name: the reference loop runs fp32 only for now, got {cfg.precision.name!r}"
-            )
         self.cfg = cfg
         self.log = log
-        # Inputs that can be wrong (data path, run.dir) are opened before the model is built.
+        # Inputs that can be wrong (data path, run.dir, its checkpoints) are checked before the
+        # model is built.
         self.source = source if source is not None else default_batch_source(cfg)
-        self.outputs = RunOutputs(cfg.run.dir)
+        self.outputs = RunOutputs(cfg.run.dir, fresh=False)  # metrics kept or dropped once resumed
+        resume_path = self._checkpoint_to_resume()
         self.outputs.write_config(dataclasses.asdict(cfg))
 
         seed_everything(cfg.run.seed)
-        self.model = build_model(cfg.model, seed=cfg.run.seed)
+        self.model = apply_precision(build_model(cfg.model, seed=cfg.run.seed), cfg.precision)
         self.model.train()
+        self.device_type = next(self.model.parameters()).device.type
         self.moe_modules = list(self.model.moe_layers())
         self.params = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = build_optimizer(self.model.named_parameters(), cfg.optim)
+        self.optimizer = make_adamw(
+            param_groups(self.model.named_parameters(), cfg.optim.weight_decay), cfg.optim, cfg.precision
+        )
 
         self.microbatches = cfg.parallel.microbatches
         set_balance_loss_scale(self.moe_modules, cfg.model.seq_aux_loss_alpha, 1.0 / self.microbatches)
         self.step = 0  # optimizer steps taken
         self.tokens_per_step = cfg.data.global_batch * cfg.model.seq_len
+        self.resumed_from: int | None = None
+        self.last_checkpoint: str | None = None
+        self._saved_step: int | None = None  # step of the newest complete checkpoint of this run
+        # What a failure may save: "idle" and "forward_backward" leave weights and optimizer at the
+        # last completed step; "update" (clip, AdamW, router bias) does not.
+        self._phase = "idle"
+        self._rng_at_step_start: dict[str, torch.Tensor] | None = None
+        self._pending_record: dict | None = None  # a completed step's metrics not yet appended
+        if resume_path is not None:
+            self.resume(resume_path)
+        kept = self.outputs.start_metrics(self.step)
+        self.losses: list[float] = [r["loss"] for r in kept]  # the whole run's, resumed part included
+        self.eval_loss: float | None = next(
+            (r["eval_loss"] for r in reversed(kept) if r.get("eval_loss") is not None), None
+        )
 
-    # ------------------------------------------------------------------------------------------
+    # --- checkpoints --------------------------------------------------------------------------
+    def _checkpoint_to_resume(self) -> str | None:
+        """The newest complete checkpoint in run.dir to resume from, or None for a fresh run.
+
+        A fresh run that would checkpoint into a run.dir holding another run's checkpoints is
+        refused: its saves would be skipped where steps collide and pruning would mix the two."""
+        ck, storage = self.cfg.checkpoint, self.outputs.storage
+        if ck.resume:
+            return latest_checkpoint(self.cfg.run.dir, storage)
+        if ck.every:
+            found = list_checkpoints(self.cfg.run.dir, storage)
+            if found:
+                raise ConfigError(
+                    f"checkpoint.resume: false, but run.dir {self.cfg.run.dir} holds checkpoints (newest: "
+                    f"step {found[-1][0]}); resume them (checkpoint.resume=true) or use another run.dir"
+                )
+        return None
+
+    def checkpoint_state(self, rng: Mapping[str, torch.Tensor] | None = None) -> dict[str, Any]:
+        """The parts a checkpoint holds: model (weights and router-bias buffers), AdamW state keyed
+        by parameter name, RNG states (the live ones, or `rng` as captured earlier)."""
+        return {
+            "model": self.model,
+            "optimizer": OptimizerState(self.optimizer, self.model.named_parameters()),
+            "rng": RNGState() if rng is None else dict(rng),
+        }
+
+    def resume(self, path: str) -> None:
+        """Restore the checkpoint at `path`; the next step trained is the checkpoint's step + 1."""
+        meta = load_checkpoint(path, self.checkpoint_state(), storage=self.outputs.storage)
+        expected = meta.step * self.cfg.data.global_batch
+        if meta.samples_consumed != expected:
+            raise CheckpointError(
+                f"{path}: {meta.samples_consumed} samples consumed at step {meta.step}, but "
+                f"data.global_batch={self.cfg.data.global_batch} puts step {meta.step} at sample {expected}; "
+                "resume with the global batch the checkpoint was trained with"
+            )
+        self.step = self.resumed_from = self._saved_step = meta.step
+        self.last_checkpoint = path
+        for m in self.moe_modules:
+            m.reset_load()
+        self.log(f"resumed from {path} at step {meta.step}")
+        if meta.config_hash not in (None, config_hash(dataclasses.asdict(self.cfg))):
+            self.log("note: the config differs from the one that wrote this checkpoint")
+
+    def save_checkpoint(self, rng: Mapping[str, torch.Tensor] | None = None) -> str:
+        """Checkpoint the state after `self.step` steps (metrics flushed first, so a resumed run
+        finds every record its checkpoint covers)."""
+        self.outputs.flush()
+        run = self.cfg.run
+        path = save_checkpoint(
+            run.dir,
+            self.step,
+            self.checkpoint_state(rng),
+            samples_consumed=self.step * self.cfg.data.global_batch,
+            lr_step=self.step,
+            config=dataclasses.asdict(self.cfg),
+            keep=self.cfg.checkpoint.keep,
+            storage=self.outputs.storage,
+        )
+        self._saved_step, self.last_checkpoint = self.step, path
+        self.log(f"checkpoint at step {self.step}: {path}")
+        return path
+
+    def maybe_checkpoint(self) -> None:
+        """Save every `checkpoint.every` steps and at the last step (never when every is 0)."""
+        every = self.cfg.checkpoint.every
+        if every and (self.step % every == 0 or self.step == self.cfg.run.steps):
+            self.save_checkpoint()
+
+    # --- one step -----------------------------------------------------------------------------
     def forward_backward(self, batch: torch.Tensor) -> dict[str, float]:
         """Accumulate gradients over the step's micro-batches; return the step's mean losses."""
         expected = (self.cfg.data.global_batch, self.cfg.model.seq_len + 1)
@@ -131,7 +260,8 @@ class ReferenceTrainer:
         sums = {"loss": 0.0, "lm_loss": 0.0, "mtp_loss": 0.0, "aux_loss": 0.0}
         for tokens in split_microbatches(batch, self.microbatches):
             input_ids, labels = inputs_and_labels(tokens)
-            out = self.model(input_ids, labels=labels)
+            with compute_context(self.cfg.precision, self.device_type):
+                out = self.model(input_ids, labels=labels)
             (out.loss * scale).backward()
             sums["loss"] += float(out.loss.detach()) * scale
             sums["lm_loss"] += float(out.lm_loss.detach()) * scale
@@ -167,13 +297,21 @@ class ReferenceTrainer:
         return load_imbalance(counts)
 
     def train_step(self, batch: torch.Tensor) -> StepMetrics:
-        """One optimizer step on one global batch."""
+        """One optimizer step on one global batch. A non-finite loss raises before the update, so
+        the weights stay those of the last good step."""
         start = time.perf_counter()
+        if self.cfg.checkpoint.every:  # what a failure checkpoint restores if this step dies mid-way
+            self._rng_at_step_start = rng_state_to_tensors()
+        self._phase = "forward_backward"
         losses = self.forward_backward(batch)
+        if not math.isfinite(losses["loss"]):
+            raise FloatingPointError(f"loss is {losses['loss']} at step {self.step + 1}")
+        self._phase = "update"
         grad_norm = self.clip()
         lr = self.optimizer_step()
         imbalance = self.balance()
         self.step += 1
+        self._phase = "idle"
         return StepMetrics(
             step=self.step,
             lr=lr,
@@ -197,70 +335,114 @@ class ReferenceTrainer:
         try:
             for i in range(num_batches):
                 input_ids, labels = inputs_and_labels(self.source.val_batch(i))
-                total += float(self.model(input_ids, labels=labels).loss)
+                with compute_context(self.cfg.precision, self.device_type):
+                    total += float(self.model(input_ids, labels=labels).loss)
         finally:
             for m in self.moe_modules:
                 m.reset_load()
             self.model.train()
         return total / num_batches
 
-    # ------------------------------------------------------------------------------------------
+    # --- in-memory state (tests, notebooks); files go through save_checkpoint / resume ---------
     def state_dict(self) -> dict:
-        """Everything a resumed run needs: weights and router biases (model buffers), AdamW moments,
-        the step count. Data needs no state: the batch at a step is a pure function of (seed, step)."""
-        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), "step": self.step}
+        """The checkpoint parts as flat tensor dicts, plus the step count."""
+        state: dict[str, Any] = {part: obj.state_dict() for part, obj in self.checkpoint_state().items()}
+        state["step"] = self.step
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         """Restore from `state_dict()`; the next `train()` continues at the saved step."""
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        for part, obj in self.checkpoint_state().items():
+            obj.load_state_dict(state[part])
         self.step = int(state["step"])
         for m in self.moe_modules:
             m.reset_load()
 
+    # --- the run ------------------------------------------------------------------------------
     def train(self) -> TrainSummary:
-        """Run cfg.run.steps optimizer steps; log, record metrics, evaluate; return the summary."""
+        """Train up to cfg.run.steps; log, record metrics, track, evaluate, checkpoint; return the
+        summary. On an exception: flush, save what is consistent, record the failure, re-raise."""
         run = self.cfg.run
         n_params = sum(p.numel() for p in self.params)
         self.log(
             f"moeforge reference loop: {n_params / 1e6:.2f}M params, {run.steps} steps x "
             f"{self.cfg.data.global_batch} seq x {self.cfg.model.seq_len} tok, "
-            f"{self.microbatches} micro-batch(es), run.dir={run.dir}"
+            f"{self.microbatches} micro-batch(es), precision {self.cfg.precision.name}, run.dir={run.dir}"
         )
-        losses: list[float] = []
-        eval_loss = None
-        start = time.perf_counter()
-        window_time, window_tokens = 0.0, 0  # training time (data + step) since the last progress line
-        while self.step < run.steps:
-            t0 = time.perf_counter()
-            metrics = self.train_step(self.source.batch(self.step))
-            window_time += time.perf_counter() - t0
-            window_tokens += metrics.tokens
-            if not math.isfinite(metrics.loss):
-                raise FloatingPointError(f"loss is {metrics.loss} at step {metrics.step}")
-            losses.append(metrics.loss)
-            record = metrics.to_dict()
-            if self.step % run.log_every == 0 or self.step == run.steps:
-                eta = (run.steps - self.step) * (time.perf_counter() - start) / self.step
-                self.log(format_progress(metrics, run.steps, window_tokens / max(window_time, 1e-9), eta))
-                window_time, window_tokens = 0.0, 0
-                self.outputs.flush()
-            if run.eval_every and (self.step % run.eval_every == 0 or self.step == run.steps):
-                eval_loss = self.evaluate()
-                if eval_loss is not None:
-                    record["eval_loss"] = eval_loss
-                    self.log(f"eval at step {self.step}: loss {eval_loss:.4f}")
-            self.outputs.append_metrics(record)
-        elapsed = time.perf_counter() - start
-        summary = TrainSummary(
-            steps=self.step,
-            first_loss=losses[0],
-            final_loss=losses[-1],
-            tokens_per_s=self.step * self.tokens_per_step / max(elapsed, 1e-9),
-            elapsed_s=elapsed,
-            eval_loss=eval_loss,
-            losses=losses,
+        peak = self.cfg.parallel.peak_tflops_per_worker * 1e12 or None
+        progress = ConsoleProgress(
+            run.steps, run.log_every, self.log, flops_per_token(self.cfg), peak, start_step=self.step
         )
+        tracker = make_tracker(self.cfg.tracking, dataclasses.asdict(self.cfg), rank=0)
+        start, start_step = time.perf_counter(), self.step
+        try:
+            while self.step < run.steps:
+                t0 = time.perf_counter()
+                metrics = self.train_step(self.source.batch(self.step))
+                metrics.step_time_s = time.perf_counter() - t0  # data time included
+                self.losses.append(metrics.loss)
+                record = self._pending_record = metrics.to_dict()
+                line = progress.update(metrics)
+                if run.eval_every and (self.step % run.eval_every == 0 or self.step == run.steps):
+                    self.eval_loss = self.evaluate()
+                    if self.eval_loss is not None:
+                        record["eval_loss"] = self.eval_loss
+                        self.log(f"eval at step {self.step}: loss {self.eval_loss:.4f}")
+                self.outputs.append_metrics(record)
+                self._pending_record = None
+                if line is not None:
+                    self.outputs.flush()
+                tracker.log(self.step, record)
+                self.maybe_checkpoint()
+        except BaseException as err:
+            self._record_failure(err, tracker, time.perf_counter() - start, start_step)
+            raise
+        summary = self._summary(time.perf_counter() - start, start_step)
         self.outputs.write_summary(summary.to_dict())
-        self.log(summary.format())
+        tracker.finish(summary.to_dict())
+        progress.finish(summary)
         return summary
+
+    def _summary(self, elapsed: float, start_step: int, **status) -> TrainSummary:
+        return TrainSummary(
+            steps=self.step,
+            first_loss=self.losses[0] if self.losses else None,
+            final_loss=self.losses[-1] if self.losses else None,
+            tokens_per_s=(self.step - start_step) * self.tokens_per_step / max(elapsed, 1e-9),
+            elapsed_s=elapsed,
+            eval_loss=self.eval_loss,
+            losses=list(self.losses),
+            resumed_from_step=self.resumed_from,
+            checkpoint=self.last_checkpoint,
+            **status,
+        )
+
+    def _record_failure(self, err: BaseException, tracker: Tracker, elapsed: float, start_step: int) -> None:
+        """Keep what can be kept after `err`; every part is tried even if an earlier one fails, and
+        none of them may replace `err` (the caller re-raises it)."""
+        if self._pending_record is not None:  # the step completed; its record must not be lost
+            pending, self._pending_record = self._pending_record, None
+            try:
+                self.outputs.append_metrics(pending)
+            except Exception as record_err:  # noqa: BLE001
+                self.log(f"could not record step {pending['step']}'s metrics after the failure: {record_err}")
+        if self.cfg.checkpoint.every and self.step > 0 and self.step != self._saved_step:
+            if self._phase == "update":
+                self.log(f"failed mid-update of step {self.step + 1}: no checkpoint written (state inconsistent)")
+            else:
+                rng = self._rng_at_step_start if self._phase == "forward_backward" else None
+                try:
+                    self.save_checkpoint(rng=rng)
+                except Exception as save_err:  # noqa: BLE001 - reported, the original error wins
+                    self.log(f"could not write a checkpoint after the failure: {save_err}")
+        summary = self._summary(elapsed, start_step, status="failed", error=f"{type(err).__name__}: {err}")
+        for what, action in (
+            ("metrics", self.outputs.flush),
+            ("summary.json", lambda: self.outputs.write_summary(summary.to_dict())),
+            ("the tracker", lambda: tracker.finish(summary.to_dict())),
+        ):
+            try:
+                action()
+            except Exception as record_err:  # noqa: BLE001
+                self.log(f"could not record {what} after the failure: {record_err}")
+        self.log(summary.format())

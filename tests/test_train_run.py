@@ -1,0 +1,228 @@
+"""ReferenceTrainer as a complete run: checkpoints and exact resume (also after a crash), failure
+records, tracking, and the bf16 / fp8 precision policies."""
+
+from __future__ import annotations
+
+import glob
+import json
+import math
+
+import pytest
+import torch
+from moeforge.model.config import ConfigError
+from moeforge.platform.checkpoint import list_checkpoints, read_meta
+from moeforge.platform.config import TrainConfig
+from moeforge.platform.train_loop import ReferenceTrainer, default_batch_source
+from test_train_loop import SMALL_MODEL
+
+
+def config(run_dir, steps=6, every=2, resume=True, dropout=0.1, precision=None, **sections) -> TrainConfig:
+    """The small model with attention dropout on, so the torch RNG matters to every step and an
+    exact resume needs the RNG state back."""
+    return TrainConfig.from_dict(
+        {
+            "model": {**SMALL_MODEL, "attention_dropout": dropout},
+            "run": {"dir": str(run_dir), "steps": steps, "log_every": 1, "eval_every": 0},
+            "data": {"global_batch": 4, "seed": 7},
+            "optim": {"lr": 3e-3, "min_lr": 3e-4, "warmup_steps": 2},
+            "checkpoint": {"every": every, "keep": 2, "resume": resume},
+            **({"precision": precision} if precision else {}),
+            **sections,
+        }
+    )
+
+
+def trainer(cfg: TrainConfig, source=None) -> ReferenceTrainer:
+    return ReferenceTrainer(cfg, source=source, log=lambda line: None)
+
+
+def metrics(run_dir) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def summary_json(run_dir) -> dict:
+    return json.loads((run_dir / "summary.json").read_text())
+
+
+class DyingSource:
+    """The configured data, except that fetching the batch of step `dies_at` raises."""
+
+    def __init__(self, cfg: TrainConfig, dies_at: int) -> None:
+        self.inner, self.dies_at = default_batch_source(cfg), dies_at
+        self.has_val = self.inner.has_val
+
+    def batch(self, step: int) -> torch.Tensor:
+        if step == self.dies_at:
+            raise RuntimeError(f"data source died at step {step}")
+        return self.inner.batch(step)
+
+    def val_batch(self, i: int) -> torch.Tensor:
+        return self.inner.val_batch(i)
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory) -> list[float]:
+    """The uninterrupted run every resumed run must reproduce."""
+    run_dir = tmp_path_factory.mktemp("straight")
+    losses = trainer(config(run_dir)).train().losses
+    assert [step for step, _ in list_checkpoints(str(run_dir))] == [4, 6]  # every 2, keep 2
+    meta = read_meta(list_checkpoints(str(run_dir))[-1][1])
+    assert (meta.step, meta.samples_consumed, meta.lr_step) == (6, 6 * 4, 6)
+    return losses
+
+
+def _die_in_data(t: ReferenceTrainer) -> type[BaseException]:
+    t.source = DyingSource(t.cfg, dies_at=3)  # 3 steps done, between steps
+    return RuntimeError
+
+
+def _die_in_forward(t: ReferenceTrainer) -> type[BaseException]:
+    def interrupt(module, args):
+        if t.step == 3:  # inside step 4's forward, after dropout has drawn from the RNG in earlier layers
+            raise KeyboardInterrupt
+
+    t.model.layers[-1].register_forward_pre_hook(interrupt)
+    return KeyboardInterrupt
+
+
+@pytest.mark.parametrize("kill", [_die_in_data, _die_in_forward], ids=["data", "forward"])
+def test_killed_run_resumes_to_the_losses_of_an_uninterrupted_one(tmp_path, straight, kill):
+    killed = trainer(config(tmp_path))
+    error = kill(killed)
+    with pytest.raises(error):
+        killed.train()
+    # Nothing lost: the three finished steps are recorded, the failure too, and (the state being
+    # consistent) a checkpoint of step 3 was written although 3 is not a multiple of every=2.
+    assert [r["step"] for r in metrics(tmp_path)] == [1, 2, 3]
+    failed = summary_json(tmp_path)
+    assert failed["status"] == "failed" and failed["error"].startswith(error.__name__)
+    assert failed["steps"] == 3 and failed["losses"] == straight[:3]
+    assert [step for step, _ in list_checkpoints(str(tmp_path))] == [2, 3]
+
+    resumed = trainer(config(tmp_path))
+    assert resumed.step == 3
+    summary = resumed.train()
+    assert summary.losses == straight  # exact: weights, AdamW moments, router biases, RNG, data
+    assert summary.status == "completed" and summary.resumed_from_step == 3
+    assert [r["loss"] for r in metrics(tmp_path)] == straight  # appended, not truncated
+    assert summary_json(tmp_path)["status"] == "completed"
+
+
+def test_failure_mid_update_writes_no_checkpoint_and_resume_drops_unsaved_steps(tmp_path, straight):
+    killed = trainer(config(tmp_path))
+
+    def fail(optimizer, args, kwargs):
+        if killed.step == 3:
+            raise RuntimeError("optimizer died in step 4")
+
+    killed.optimizer.register_step_pre_hook(fail)
+    with pytest.raises(RuntimeError, match="optimizer died"):
+        killed.train()
+    assert [step for step, _ in list_checkpoints(str(tmp_path))] == [2]  # not the half-updated state
+    assert [r["step"] for r in metrics(tmp_path)] == [1, 2, 3]
+    assert summary_json(tmp_path)["status"] == "failed"
+
+    resumed = trainer(config(tmp_path))
+    assert resumed.step == 2
+    assert resumed.train().losses == straight
+    assert [r["step"] for r in metrics(tmp_path)] == [1, 2, 3, 4, 5, 6]  # step 3 recorded once
+    assert [r["loss"] for r in metrics(tmp_path)] == straight
+
+
+def test_non_finite_loss_stops_before_the_update(tmp_path):
+    t = trainer(config(tmp_path, every=1, dropout=0.0))
+    t.train_step(t.source.batch(0))
+    weights = {k: v.clone() for k, v in t.model.state_dict().items()}
+    t.model.embed.weight.data[:] = float("nan")
+    weights["embed.weight"] = t.model.embed.weight.detach().clone()
+    with pytest.raises(FloatingPointError, match="step 2"):
+        t.train()
+    assert t.step == 1
+    for key, value in t.model.state_dict().items():  # no NaN gradient was applied
+        torch.testing.assert_close(value, weights[key], equal_nan=True)
+    assert summary_json(tmp_path)["error"].startswith("FloatingPointError")
+
+
+def test_fresh_run_refuses_a_run_dir_holding_checkpoints(tmp_path):
+    trainer(config(tmp_path, steps=2, every=1)).train()
+    with pytest.raises(ConfigError, match=r"^checkpoint.resume: false, but run.dir .* \(newest: step 2\)"):
+        trainer(config(tmp_path, steps=2, every=1, resume=False))
+    done = trainer(config(tmp_path, steps=2, every=1))  # resuming a finished run trains nothing
+    assert done.step == 2 and done.train().steps == 2
+
+
+def test_resume_with_another_global_batch_fails_naming_it(tmp_path):
+    trainer(config(tmp_path, steps=2, every=2)).train()
+    cfg = config(tmp_path, steps=4, every=2, data={"global_batch": 8, "seed": 7})
+    with pytest.raises(RuntimeError, match="data.global_batch=8 puts step 2 at sample 16"):
+        trainer(cfg)
+
+
+def test_resume_on_s3_appends_to_the_remote_metrics(s3_server, monkeypatch):
+    import boto3
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server)
+    s3 = boto3.client("s3", endpoint_url=s3_server)
+    s3.create_bucket(Bucket="train-run-resume")
+    run_dir = "s3://train-run-resume/exp"
+    first = trainer(config(run_dir, steps=2, every=2, dropout=0.0)).train().losses
+    resumed = trainer(config(run_dir, steps=3, every=2, dropout=0.0))
+    assert resumed.step == 2
+    summary = resumed.train()
+    body = s3.get_object(Bucket="train-run-resume", Key="exp/metrics.jsonl")["Body"].read().decode()
+    records = [json.loads(line) for line in body.splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3] and summary.losses[:2] == first
+    assert [step for step, _ in list_checkpoints(run_dir)] == [2, 3]
+
+
+def test_wandb_offline_receives_every_step_and_the_summary(tmp_path, monkeypatch):
+    from test_tracking import _key, read_wandb_records
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    cfg = config(tmp_path, steps=3, every=0, dropout=0.0, tracking={"backend": "wandb", "project": "moeforge-test"})
+    summary = trainer(cfg).train()
+    (wandb_file,) = glob.glob(str(tmp_path / "wandb" / "offline-run-*" / "run-*.wandb"))
+    records = read_wandb_records(wandb_file)
+    history = [r.history for r in records if r.WhichOneof("record_type") == "history"]
+    losses = {h.step.num: json.loads(i.value_json) for h in history for i in h.item if _key(i) == "loss"}
+    assert losses == dict(enumerate(summary.losses, start=1))
+    final = {_key(i): json.loads(i.value_json) for r in records if r.WhichOneof("record_type") == "summary"
+             for i in r.summary.update}
+    assert final["final_loss"] == summary.final_loss and final["status"] == "completed"
+    config_updates = [i for r in records if r.WhichOneof("record_type") == "run" for i in r.run.config.update]
+    assert {_key(i) for i in config_updates} >= {"model", "optim", "precision"}
+
+
+def test_tracking_none_writes_no_tracker_files(tmp_path):
+    trainer(config(tmp_path, steps=1, every=0, dropout=0.0)).train()
+    assert not (tmp_path / "wandb").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.yaml", "metrics.jsonl", "summary.json"]
+
+
+PRECISIONS = {
+    "bf16": {"name": "bf16", "compute_dtype": "bfloat16", "fp8_linear": False},
+    "fp8": {"name": "fp8", "compute_dtype": "bfloat16", "fp8_linear": True, "adam_moments_dtype": "bfloat16"},
+}
+
+
+@pytest.mark.parametrize("name", sorted(PRECISIONS))
+def test_low_precision_trains_with_falling_loss(tmp_path, name):
+    from moeforge.kernels.adamw_lowp import AdamWLowPrecisionMoments
+    from moeforge.platform.precision import precision_report
+
+    cfg = config(tmp_path, steps=12, every=0, dropout=0.0, precision=PRECISIONS[name])
+    t = trainer(cfg)
+    report = precision_report(t.model)
+    if name == "fp8":
+        assert len(report["fp8"]) >= 10 and report["fp8_experts"] and not report["deferrable"]
+        assert isinstance(t.optimizer, AdamWLowPrecisionMoments) and t.optimizer.moments_dtype == torch.bfloat16
+    else:
+        assert not report["fp8"] and report["deferrable"] and type(t.optimizer) is torch.optim.AdamW
+    summary = t.train()
+    records = metrics(tmp_path)
+    assert all(math.isfinite(r["grad_norm"]) and r["grad_norm"] > 0 for r in records)
+    losses = summary.losses
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.5, losses
+    # Against the FP32 reference from the same init and data: close, but not bit-equal.
+    ref = trainer(config(tmp_path / "fp32", steps=12, every=0, dropout=0.0)).train().losses
+    assert losses == pytest.approx(ref, abs=0.05) and losses != ref
