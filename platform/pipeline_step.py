@@ -31,6 +31,7 @@ from moeforge.platform.lr_schedule import lr_at
 from moeforge.platform.metrics import StepMetrics
 from moeforge.platform.moe_balance import collect_load_counts, set_balance_loss_scale, update_balance
 from moeforge.platform.p2p import P2P
+from moeforge.platform.precision import apply_precision, compute_context
 from moeforge.platform.schedules import build_schedule
 from moeforge.platform.stage_compute import MicroBatch, ModelCompute
 from moeforge.platform.stages import StageChunk, build_rank, split_layers
@@ -95,13 +96,20 @@ class PipelineRuntime:
         specs = split_layers(cfg.model.num_hidden_layers, self.topo.num_stages, par.layers_per_stage)
         stages = [self.schedule.stage_of(self.pp_rank, c) for c in range(self.schedule.chunks_per_rank)]
         self.model, self.module = build_rank(cfg.model, [specs[s] for s in stages], cfg.run.seed, self.device)
+        # The precision policy swaps this rank's GEMM modules in place (shared with self.model), as the
+        # reference loop does for the whole model; its deferrable layers give the cheap B/W split.
+        apply_precision(self.module, cfg.precision)
         self.chunks = {c: StageChunk(self.model, specs[s], self.module) for c, s in enumerate(stages)}
         self.holds_data = any(specs[s].first or specs[s].last for s in stages)
         self.moe = self.module.moe_layers()
         self.total_moe_layers = len(self.model.moe_layers())
         set_balance_loss_scale(self.moe, cfg.model.seq_aux_loss_alpha, 1.0 / self.microbatches)
 
-        self.compute = ModelCompute(self.chunks, loss_scale=1.0 / self.microbatches)
+        self.compute = ModelCompute(
+            self.chunks,
+            loss_scale=1.0 / self.microbatches,
+            context=lambda: compute_context(cfg.precision, self.device.type),
+        )
         self.p2p = P2P(rank, par.p2p_timeout_s, name=self.name, timeline_rank=rank, device=self.device)
         rows = cfg.data.global_batch // (par.dp * par.microbatches)
         self.executor = PipelineExecutor(
@@ -121,11 +129,14 @@ class PipelineRuntime:
         self.tied = [self.module.embed.weight] if tie else []
         replicated = self.tied if tie and self.pp_rank == par.pp - 1 else []
         if par.zero_stage == 0:
-            self.opt = PlainStep(self.module, cfg.optim, self.groups, self.schedule.param_copies, replicated)
+            self.opt = PlainStep(
+                self.module, cfg.optim, cfg.precision, self.groups, self.schedule.param_copies, replicated
+            )
         else:
             self.opt = ZeroStep(
                 self.module,
                 cfg.optim,
+                cfg.precision,
                 self.groups,
                 rank,
                 par.zero_stage,

@@ -1,23 +1,27 @@
 """The model side of the executor: forward and split backward of a rank's stage chunks.
 
-B and W are split with autograd alone: B takes the gradient w.r.t. the stage input with the graph
-retained, W later takes the gradients w.r.t. the stage's parameters through the same graph. Both
-use `torch.autograd.grad`, which returns gradients instead of accumulating them into `.grad`: the
-weight gradients go into this object's own buffers (`param_grads`) and reach the optimizer once per
-step (see platform/zero.py), so no per-parameter hook (DeepSpeed's) fires in the middle of a
-pipeline step, when the ranks of a dp group are at different points of their action lists.
+B / W split. With the precision policy applied (platform/precision.py: every attention / MLP / expert
+GEMM is a DeferrableLinear, FP8Linear or GroupedSwiGLUExperts), B runs the stage's backward inside
+a `WeightGradStore.defer()` block: those layers return their input gradient at once and queue their
+weight-gradient GEMM; every other parameter (norms, embedding, head, router) gets its gradient in B.
+W pops the queued GEMMs (one store per (chunk, micro-batch)), which accumulate into `param.grad`.
+Without such layers (`deferred_wgrad=False`) B takes the input gradient with the graph retained and
+W the parameter gradients through the same graph, which re-traverses it (correct, not cheaper).
 
-Cost note: with plain autograd, W re-traverses the stage's graph (the input-gradient chain is
-recomputed) because autograd cannot keep B's intermediate gradients; the deferred weight-gradient
-store of FP8Linear / DeferrableLinear (kernels) removes that by capturing each Linear's (input,
-output-gradient) during B, when available.
+Gradients never flow through autograd's own accumulation into `.grad` during the step:
+`torch.autograd.grad` returns them into this object's buffers, and `take_grads` also collects what
+the W closures wrote into `.grad`; so no per-parameter hook (DeepSpeed's) fires mid-schedule, when
+the ranks of a dp group are at different actions. The optimizer step sees them once (zero.py).
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+from moeforge.kernels.wgrad_store import WeightGradStore
 from moeforge.platform.stages import StageChunk
 
 
@@ -32,8 +36,9 @@ class _Slot:
     """Live state of one (chunk, micro-batch) between its F and its W."""
 
     inp: torch.Tensor | None  # stage input with requires_grad (None on the first stage)
-    root: torch.Tensor  # what backward starts from: the stage output, or the scaled loss
+    root: torch.Tensor | None  # what backward starts from: the stage output, or the scaled loss
     grad_out: torch.Tensor | None = None
+    store: WeightGradStore | None = None  # the deferred weight-gradient GEMMs of this slot's B
 
 
 class ModelCompute:
@@ -41,11 +46,22 @@ class ModelCompute:
 
     Each micro-batch's loss is multiplied by `loss_scale` before its backward (1/M for M
     micro-batches, as the reference loop does). Per micro-batch loss values are kept in `losses`
-    (last-stage chunks only)."""
+    (last-stage chunks only). `context()` wraps every forward (the precision policy's autocast);
+    outputs cross stages as `act_dtype`."""
 
-    def __init__(self, chunks: dict[int, StageChunk], loss_scale: float) -> None:
+    def __init__(
+        self,
+        chunks: dict[int, StageChunk],
+        loss_scale: float,
+        deferred_wgrad: bool = True,
+        context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+        act_dtype: torch.dtype = torch.float32,
+    ) -> None:
         self.chunks = chunks
         self.loss_scale = loss_scale
+        self.deferred_wgrad = deferred_wgrad
+        self.context = context
+        self.act_dtype = act_dtype
         self.microbatches: list[MicroBatch] = []
         self.slots: dict[tuple[int, int], _Slot] = {}
         self.losses: dict[int, dict[str, float]] = {}
@@ -67,7 +83,14 @@ class ModelCompute:
         self.aux_loss_sum = 0.0
 
     def take_grads(self) -> dict[int, torch.Tensor]:
-        """The step's accumulated weight gradients, keyed by id(param); resets the buffers."""
+        """The step's accumulated weight gradients, keyed by id(param) (including what deferred W
+        steps wrote into `.grad`, which is cleared); resets the buffers."""
+        if self.slots:
+            raise RuntimeError(f"{len(self.slots)} micro-batches still wait for their backward or W")
+        for p in self.params:
+            if p.grad is not None:
+                self._accumulate([p], [p.grad])
+                p.grad = None
         grads, self.param_grads = self.param_grads, {}
         return grads
 
@@ -75,11 +98,12 @@ class ModelCompute:
     def forward(self, chunk: int, mb: int, x: torch.Tensor | None) -> torch.Tensor | None:
         stage = self.chunks[chunk]
         inp = None if stage.spec.first else x.detach().requires_grad_(True)
-        if stage.spec.first or stage.spec.last:
-            batch = self.microbatches[mb]
-            out = stage.forward(inp, batch.input_ids, batch.labels)
-        else:  # middle stages never see tokens
-            out = stage.forward(inp, None, None)
+        with self.context():
+            if stage.spec.first or stage.spec.last:
+                batch = self.microbatches[mb]
+                out = stage.forward(inp, batch.input_ids, batch.labels)
+            else:  # middle stages never see tokens
+                out = stage.forward(inp, None, None)
         for moe in stage.moe_layers:
             if moe.last_aux_loss is not None:
                 self.aux_loss_sum += float(moe.last_aux_loss)
@@ -92,18 +116,29 @@ class ModelCompute:
             self.slots[(chunk, mb)] = _Slot(inp, out.loss * self.loss_scale)
             return None
         self.slots[(chunk, mb)] = _Slot(inp, out)
-        return out.detach()
+        return out.detach().to(self.act_dtype)
 
     def backward_input(self, chunk: int, mb: int, grad_out: torch.Tensor | None) -> torch.Tensor | None:
         slot = self.slots[(chunk, mb)]
-        slot.grad_out = grad_out
-        if slot.inp is None:
-            return None  # first stage: no input gradient to pass on; W does the whole backward
-        (grad_in,) = torch.autograd.grad(slot.root, [slot.inp], grad_out, retain_graph=True)
-        return grad_in
+        if not self.deferred_wgrad:
+            slot.grad_out = grad_out
+            if slot.inp is None:
+                return None  # first stage: no input gradient to pass on; W does the whole backward
+            (grad_in,) = torch.autograd.grad(slot.root, [slot.inp], grad_out, retain_graph=True)
+            return grad_in
+        params = self.chunks[chunk].params
+        inputs = params if slot.inp is None else [slot.inp, *params]
+        slot.store = WeightGradStore()
+        with slot.store.defer():  # deferrable GEMMs queue their weight gradients here
+            grads = torch.autograd.grad(slot.root, inputs, grad_out, allow_unused=True)
+        slot.root = None  # the graph is freed; W needs only the queued (input, grad) pairs
+        return self._split_grads(slot, params, grads)
 
     def backward_weight(self, chunk: int, mb: int) -> None:
         slot = self.slots.pop((chunk, mb))
+        if slot.store is not None:
+            slot.store.pop()  # accumulates into param.grad; collected by take_grads
+            return
         params = self.chunks[chunk].params
         grads = torch.autograd.grad(slot.root, params, slot.grad_out, allow_unused=True)
         self._accumulate(params, grads)
@@ -113,6 +148,10 @@ class ModelCompute:
         params = self.chunks[chunk].params
         inputs = params if slot.inp is None else [slot.inp, *params]
         grads = torch.autograd.grad(slot.root, inputs, grad_out, allow_unused=True)
+        return self._split_grads(slot, params, grads)
+
+    def _split_grads(self, slot: _Slot, params, grads) -> torch.Tensor | None:
+        """Accumulate the parameter part of `grads`; return the input gradient (None on stage 0)."""
         if slot.inp is None:
             self._accumulate(params, grads)
             return None

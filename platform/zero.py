@@ -32,8 +32,10 @@ import math
 import torch
 import torch.distributed as dist
 from moeforge.platform.config.optim import OptimConfig
+from moeforge.platform.config.precision import PrecisionConfig
 from moeforge.platform.lr_schedule import set_lr
-from moeforge.platform.optim import build_optimizer, clip_grads_with_norm_, grad_sq_sum
+from moeforge.platform.optim import clip_grads_with_norm_, grad_sq_sum, param_groups
+from moeforge.platform.precision import make_adamw
 from moeforge.platform.topology import ProcessGroups
 from torch import nn
 
@@ -88,6 +90,7 @@ class ZeroStep:
         self,
         module: nn.Module,
         optim_cfg: OptimConfig,
+        precision_cfg: PrecisionConfig,
         groups: ProcessGroups,
         rank: int,
         zero_stage: int,
@@ -104,7 +107,9 @@ class ZeroStep:
         for p in replicated:
             p.ds_pipe_replicated = True  # a copy of a parameter another rank also counts
         self.copies = param_copies
-        optimizer = build_optimizer(module.named_parameters(), optim_cfg)
+        optimizer = make_adamw(
+            param_groups(module.named_parameters(), optim_cfg.weight_decay), optim_cfg, precision_cfg
+        )
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=module,
             optimizer=optimizer,
@@ -135,12 +140,15 @@ class PlainStep:
         self,
         module: nn.Module,
         optim_cfg: OptimConfig,
+        precision_cfg: PrecisionConfig,
         groups: ProcessGroups,
         param_copies: int,
         replicated: list[nn.Parameter],
     ) -> None:
         self.params = [p for p in module.parameters() if p.requires_grad]
-        self.optimizer = build_optimizer(module.named_parameters(), optim_cfg)
+        self.optimizer = make_adamw(
+            param_groups(module.named_parameters(), optim_cfg.weight_decay), optim_cfg, precision_cfg
+        )
         self.groups = groups
         self.copies = param_copies
         replicated_ids = {id(p) for p in replicated}
