@@ -108,6 +108,11 @@ class WandbTracker(Tracker):
         if summary:
             self.run.summary.update({k: v for k, v in summary.items() if not isinstance(v, (list, dict))})
         self.run.finish()
+        # finish() can return before W&B's service process has flushed the run file (seen offline
+        # under load); shutting the service down waits for it. A later wandb.init starts a new one.
+        import wandb
+
+        wandb.teardown()
         if self._remote:  # W&B writes locally; keep its files with the run's other records
             storage = open_storage(self.run_dir)
             root = os.path.join(self.local_dir, "wandb")

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -123,6 +124,7 @@ def _tokenize_batch(batch: dict, tokenizer_json: str, tokenizer_sha: str, cfg: P
     """Ray Data UDF: a batch of files (index, uri, kind, data) -> their tokens as bytes per split."""
     from tokenizers import Tokenizer
 
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # this task holds one CPU; no extra threads
     tok = _TOKENIZERS.get(tokenizer_sha)
     if tok is None:
         tok = _TOKENIZERS[tokenizer_sha] = Tokenizer.from_str(tokenizer_json)
@@ -209,8 +211,9 @@ def _unwrap(err: BaseException) -> BaseException:
     return err
 
 
-class _Ray:
-    """ray.init for the duration of a run when no cluster is connected yet (a test's or a job's)."""
+class RaySession:
+    """Context manager: ray.init for the duration of a run unless a cluster is already connected
+    (a test's, or the job's under `ray job submit`); Ray Data set to keep input order, quietly."""
 
     def __init__(self, num_cpus: int | None) -> None:
         self.num_cpus, self.started = num_cpus, False
@@ -331,7 +334,7 @@ def prepare(
         writers["val"].add(np.frombuffer(val, dtype=np_dtype))
 
     try:
-        with _Ray(cfg.num_cpus) as ray:
+        with RaySession(cfg.num_cpus) as ray:
             state["started"] = time.perf_counter()  # throughput excludes cluster start-up
             tokenize_windows(ray, files, restart, tok, cfg, consume)
     except Exception as err:  # noqa: BLE001 -- re-raised; Ray wraps input errors raised in workers
