@@ -1,14 +1,19 @@
 """moeforge-train: compose the Hydra config, validate it, run training.
 
 `parallel=single` runs the one-process reference loop here; any pipeline schedule goes to
-platform.launch (Ray). A bad config prints one line naming the field and exits 2, before any work.
+platform.launch (Ray). A bad config (unknown key, wrong type, missing option) prints one line naming
+the field and exits 2, before any work. `-m` sweeps give each member its own run.dir.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 
 import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.errors import HydraException
+from hydra.types import RunMode
 from moeforge.model.config import ConfigError
 from moeforge.platform.config.train import TrainConfig
 from moeforge.platform.storage import StorageError
@@ -16,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 EXIT_BAD_INPUT = 2
+_sweep_run_dirs: set[str] = set()  # run.dirs taken by earlier members of this process's -m sweep
 
 
 def _fail(msg: str, kind: str = "config") -> None:
@@ -23,8 +29,50 @@ def _fail(msg: str, kind: str = "config") -> None:
     sys.exit(EXIT_BAD_INPUT)
 
 
+def _sweep_member() -> int | None:
+    """This job's index in a -m sweep, None outside one."""
+    if not HydraConfig.initialized():
+        return None
+    hydra_cfg = HydraConfig.get()
+    if hydra_cfg.mode != RunMode.MULTIRUN:
+        return None
+    return OmegaConf.select(hydra_cfg, "job.num")  # None while the sweep itself is composed
+
+
+def _sweep_subdir() -> str:
+    """`${moeforge.sweep_subdir:}` in conf/train.yaml: '/<n>' for sweep member n, '' otherwise."""
+    member = _sweep_member()
+    return "" if member is None else f"/{member}"
+
+
+OmegaConf.register_new_resolver("moeforge.sweep_subdir", _sweep_subdir, replace=True)
+
+
+def _one_line(err: BaseException) -> str:
+    """Hydra's composition errors span lines (options, search path); keep the facts on one line."""
+    parts = [str(err).split("Config search path")[0]]
+    if err.__cause__ is not None:  # e.g. "Key 'foo' is not in struct" under "Could not override"
+        parts.append(str(err.__cause__).split("full_key:")[0])
+    return " ".join(" ".join(part.split()) for part in parts).strip()
+
+
+def main() -> None:
+    """Console entry point: the Hydra app, with Hydra's own errors cut to one line (exit 2).
+
+    HYDRA_FULL_ERROR=1 makes Hydra raise instead of printing its multi-line report; a user who set
+    it asks for the full traceback and gets it."""
+    full_error_requested = os.environ.get("HYDRA_FULL_ERROR") == "1"
+    os.environ["HYDRA_FULL_ERROR"] = "1"
+    try:
+        _train()
+    except (HydraException, OmegaConfBaseException) as err:
+        if full_error_requested:
+            raise
+        _fail(_one_line(err))
+
+
 @hydra.main(config_path="pkg://moeforge.conf", config_name="train", version_base=None)
-def main(cfg: DictConfig) -> None:
+def _train(cfg: DictConfig) -> None:
     try:
         raw = OmegaConf.to_container(cfg, resolve=True)
         config = TrainConfig.from_dict(raw)
@@ -32,9 +80,19 @@ def main(cfg: DictConfig) -> None:
         _fail(str(err).splitlines()[0])
     except ConfigError as err:
         _fail(str(err))
+    if _sweep_member() is not None:
+        if config.run.dir in _sweep_run_dirs:
+            _fail(
+                f"run.dir: {config.run.dir} is already used by an earlier member of this sweep; give "
+                "each member its own, e.g. 'run.dir=/path/sweep/${hydra:job.num}'"
+            )
+        _sweep_run_dirs.add(config.run.dir)
     try:
         if config.parallel.schedule == "single":
+            from moeforge.platform.cluster_check import check_single_process_fits, machine_resources
             from moeforge.platform.train_loop import ReferenceTrainer
+
+            check_single_process_fits(config.model, config.parallel, machine_resources())
 
             ReferenceTrainer(config).train()
         else:

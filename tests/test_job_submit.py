@@ -1,0 +1,183 @@
+"""`ray job submit --working-dir <repo> -- moeforge-train ...` against a `ray start --head` cluster.
+
+The cluster is this module's own: a `ray start --head --block` process in its own process group, with
+its own --temp-dir, ports and token file, so it never meets the session cluster of conftest.py (or a
+colleague's). Teardown signals only that process group: SIGTERM, then SIGKILL after a grace period.
+
+Token authentication: a local head enables it, and both sides must agree on the token. The test
+writes a fresh token file and hands RAY_AUTH_MODE=token and RAY_AUTH_TOKEN_PATH to the head (and
+through it to the job) and to the `ray job submit` client, instead of ~/.ray/auth_token.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+import yaml
+
+from tests.conftest import REPO_ROOT, free_port
+
+BIN = os.path.dirname(sys.executable)  # the venv's bin: `ray` and `moeforge-train`
+RAY = os.path.join(BIN, "ray")
+EXPERIMENT = "tiny_cpu_single"  # tiny_cpu_dualpipe once platform.launch lands
+STEPS = 2
+
+
+def _ray_env(token_path: str) -> dict[str, str]:
+    env = {
+        **os.environ,
+        "PATH": BIN + os.pathsep + os.environ.get("PATH", ""),  # the job's entrypoint finds moeforge-train
+        "RAY_AUTH_MODE": "token",
+        "RAY_AUTH_TOKEN_PATH": token_path,
+        "OMP_NUM_THREADS": "1",
+    }
+    for inherited in ("RAY_ADDRESS", "RAY_AUTH_TOKEN", "HYDRA_FULL_ERROR"):
+        env.pop(inherited, None)
+    return env
+
+
+def _stop_group(proc: subprocess.Popen, grace_s: float = 20.0) -> None:
+    """SIGTERM the head's process group, SIGKILL what is left after `grace_s`."""
+    if proc.poll() is not None and not _group_alive(proc.pid):
+        return
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + grace_s
+    while time.monotonic() < deadline and _group_alive(proc.pid):
+        time.sleep(0.5)
+        proc.poll()  # reap the group leader
+    if _group_alive(proc.pid):
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.wait(timeout=10)
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def _wait_for_dashboard(url: str, proc: subprocess.Popen, log_path: str, timeout_s: float = 120) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            with open(log_path) as f:
+                pytest.fail(f"ray start exited with {proc.returncode}:\n{f.read()[-3000:]}")
+        try:
+            with urllib.request.urlopen(url + "/api/version", timeout=2):
+                return
+        except urllib.error.HTTPError:  # it answers (401: the token is checked): it is up
+            return
+        except OSError:  # not listening yet
+            time.sleep(1)
+    with open(log_path) as f:
+        pytest.fail(f"the dashboard at {url} did not come up in {timeout_s}s:\n{f.read()[-3000:]}")
+
+
+@pytest.fixture(scope="module")
+def ray_head():
+    """A `ray start --head` cluster on this machine; yields (dashboard URL, client env, temp dir)."""
+    temp_dir = tempfile.mkdtemp(prefix="mf-rayjob-")  # short: Ray's socket paths must fit 107 bytes
+    token_path = os.path.join(temp_dir, "auth_token")
+    with open(token_path, "w") as f:
+        f.write(secrets.token_hex(32))
+    os.chmod(token_path, 0o600)
+    env = _ray_env(token_path)
+    dashboard_port = free_port()
+    cmd = [
+        RAY, "start", "--head", "--block",
+        "--num-cpus=4", "--num-gpus=0",
+        f"--port={free_port()}",
+        "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}",
+        f"--dashboard-agent-listen-port={free_port()}",
+        f"--ray-client-server-port={free_port()}",
+        f"--temp-dir={temp_dir}",
+        "--disable-usage-stats",
+    ]  # fmt: skip
+    log_path = os.path.join(temp_dir, "ray-start.log")
+    url = f"http://127.0.0.1:{dashboard_port}"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            _wait_for_dashboard(url, proc, log_path)
+            yield url, env, temp_dir
+        finally:
+            _stop_group(proc)
+            shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def _unpacked_working_dirs(temp_dir: str) -> list[str]:
+    """The job packages the head unpacked (under <temp-dir>/session_*/runtime_resources)."""
+    found = []
+    for root, dirs, _files in os.walk(temp_dir):
+        if os.path.basename(root) == "working_dir_files":
+            found += [os.path.join(root, d) for d in dirs]
+            dirs.clear()
+    return found
+
+
+def _job_info(url: str, submission_id: str, token_path: str | None) -> dict:
+    request = urllib.request.Request(f"{url}/api/jobs/{submission_id}")
+    if token_path is not None:
+        with open(token_path) as f:
+            request.add_header("Authorization", f"Bearer {f.read().strip()}")
+    with urllib.request.urlopen(request, timeout=30) as response:
+        return json.loads(response.read())
+
+
+def test_ray_job_submit_trains_into_an_absolute_run_dir(ray_head, tmp_path):
+    url, env, temp_dir = ray_head
+    run_dir = tmp_path / "run"
+    submission_id = f"moeforge-test-{secrets.token_hex(4)}"
+    submit = [
+        RAY, "job", "submit", "--address", url, "--submission-id", submission_id,
+        "--working-dir", REPO_ROOT, "--",
+        "moeforge-train", f"experiment={EXPERIMENT}", f"run.steps={STEPS}", "run.log_every=1",
+        "run.eval_every=0", f"run.dir={run_dir}",
+    ]  # fmt: skip
+    proc = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=300, check=False)
+    logs = proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert proc.returncode == 0, logs
+
+    # The job's record on the head says SUCCEEDED (REST API, with the token; without it: 401).
+    assert _job_info(url, submission_id, env["RAY_AUTH_TOKEN_PATH"])["status"] == "SUCCEEDED"
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        _job_info(url, submission_id, token_path=None)
+    assert refused.value.code == 401
+    assert f"step {STEPS}/{STEPS}" in proc.stdout  # the job's console streamed back to the client
+
+    # The run's records are in run.dir, not in the job's temporary working directory.
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == list(range(1, STEPS + 1))
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert config["run"]["dir"] == str(run_dir) and config["run"]["name"] == EXPERIMENT
+    assert json.loads((run_dir / "summary.json").read_text())["steps"] == STEPS
+
+    # What was uploaded: the sources and configs, without .git, .venv or local runs.
+    packages = _unpacked_working_dirs(temp_dir)
+    assert packages, f"no unpacked working_dir under {temp_dir}"
+    for package in packages:
+        top = set(os.listdir(package))
+        assert {"conf", "platform", "jobs", "pyproject.toml"} <= top, top
+        assert not {".git", "runs", "wandb"} & top, top
+        venv = os.path.join(package, ".venv")
+        assert not os.path.isdir(venv) or os.listdir(venv) == [], os.listdir(venv)
+        assert not any(name.startswith(("multirun.yaml", "metrics.jsonl")) for name in top)
