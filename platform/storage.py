@@ -317,6 +317,12 @@ def open_storage(root: str, options: S3Options | None = None, check: bool = True
     return LocalStorage(root)
 
 
+def write_text_file(path: str, text: str) -> None:
+    """Write one text file at a local path or s3:// URL (atomically), e.g. a benchmark's JSON report."""
+    parent, _, name = str(path).rstrip("/").rpartition("/")
+    open_storage(parent or ".").write_text(name, text)
+
+
 # --- redaction -------------------------------------------------------------------------------------
 
 _SECRET_WORDS = {"secret", "password", "passwd", "credential", "credentials", "apikey", "auth", "authorization"}

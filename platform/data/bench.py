@@ -1,5 +1,5 @@
-"""Data benchmark: tokens/s of the Ray Data tokenization pipeline against a single-process loop over
-the same files with the same tokenizer (`moeforge-bench data`).
+"""Data benchmark (`moeforge-bench data`): tokens/s of the Ray Data tokenization pipeline against a single-process loop over
+the same files with the same tokenizer.
 
 Both methods read the input bytes, parse documents and tokenize them (one thread per process:
 TOKENIZERS_PARALLELISM=false, as each Ray task holds one CPU). The Ray Data figure is measured twice:
@@ -13,11 +13,11 @@ import json
 import os
 import platform as std_platform
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from moeforge.platform.config._build import build
+from moeforge.platform.config._build import build, require
 from moeforge.platform.data.corpus import discover, read_input
 from moeforge.platform.data.prepare import (
     PrepareConfig,
@@ -27,7 +27,7 @@ from moeforge.platform.data.prepare import (
     training_texts,
 )
 from moeforge.platform.data.tokenizer import eos_id, load_tokenizer, train_bpe
-from moeforge.platform.storage import open_storage
+from moeforge.platform.storage import write_text_file
 
 
 @dataclass
@@ -40,6 +40,12 @@ class DataBenchConfig:
     batch_files: int = 4
     num_cpus: int | None = None  # local Ray cluster size when none is connected
     output: str = "bench/data_tokenize.json"  # local path or s3:// URL
+
+    def __post_init__(self) -> None:
+        require(self.max_files is None or self.max_files >= 1, "max_files", "must be >= 1 or null")
+        require(self.max_bytes is None or self.max_bytes >= 1, "max_bytes", "must be >= 1 or null")
+        require(self.batch_files >= 1, "batch_files", "must be >= 1")
+        require(bool(self.output), "output", "must be a file path or s3:// URL")
 
 
 def _single_process(files, tok, cfg: PrepareConfig) -> tuple[int, float]:
@@ -63,8 +69,8 @@ def _ray_data(ray, files, tok, cfg: PrepareConfig) -> tuple[int, float]:
     return counted[0], time.perf_counter() - started
 
 
-def run(cfg: Mapping[str, Any] | DataBenchConfig | None = None) -> dict:
-    """Measure, print the table, write JSON to cfg.output; return the results."""
+def run(cfg: Mapping[str, Any] | DataBenchConfig | None = None, log: Callable[[str], None] = print) -> dict:
+    """Measure, log the table, write JSON to cfg.output; return the results."""
     if not isinstance(cfg, DataBenchConfig):
         cfg = build(DataBenchConfig, dict(cfg or {}), "bench.data")
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # before Ray starts: workers inherit it
@@ -102,11 +108,17 @@ def run(cfg: Mapping[str, Any] | DataBenchConfig | None = None) -> dict:
         "host": {"cpus": os.cpu_count(), "python": std_platform.python_version()},
         "rows": rows,
     }
-    print(format_table(result))
-    parent, _, name = cfg.output.rpartition("/")
-    open_storage(parent or ".").write_text(name, json.dumps(result, indent=2) + "\n")
-    print(f"wrote {cfg.output}")
+    log(format_table(result))
+    write_text_file(cfg.output, json.dumps(result, indent=2) + "\n")
+    log(f"wrote {cfg.output}")
     return result
+
+
+def run_job(values: Mapping[str, Any]) -> str:
+    """`moeforge-bench data`: the composed conf/bench_data.yaml in, the text to print out."""
+    lines: list[str] = []
+    run(values, log=lines.append)
+    return "\n".join(lines)
 
 
 def format_table(result: dict) -> str:
