@@ -24,6 +24,7 @@ PROG = "moeforge-bench"
 CONFIG_MODULE = "moeforge.conf"
 SUITES: dict[str, str] = {
     "kernels": "moeforge.kernels.bench_kernels:run_job",
+    "data": "moeforge.platform.data.bench:run_job",
 }
 
 
