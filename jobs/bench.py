@@ -25,6 +25,7 @@ CONFIG_MODULE = "moeforge.conf"
 SUITES: dict[str, str] = {
     "kernels": "moeforge.kernels.bench_kernels:run_job",
     "data": "moeforge.platform.data.bench:run_job",
+    "convergence": "moeforge.platform.bench_convergence:run_job",
 }
 
 
