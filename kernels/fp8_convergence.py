@@ -18,7 +18,9 @@ This is the one module in kernels/ that drives the model and the platform; nothi
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import json
+import multiprocessing
 import os
 import tempfile
 import time
@@ -72,8 +74,19 @@ def train(precision_name: str, steps: int, seed: int, global_batch: int, seq_len
     return {"losses": losses, "eval_loss": eval_loss, "seconds": time.perf_counter() - start}
 
 
-def compare(steps: int, window: int, seed: int, global_batch: int, seq_len: int, log_every: int) -> dict:
-    runs = {name: train(name, steps, seed, global_batch, seq_len, log_every) for name in ("bf16", "fp8")}
+def _train_in_worker(args: tuple) -> dict:
+    torch.set_num_threads(args[-1])
+    return train(*args[:-1])
+
+
+def compare(steps: int, window: int, seed: int, global_batch: int, seq_len: int, log_every: int,
+            threads: int = 1) -> dict:
+    """Both runs side by side, one process each (`threads` torch threads per process)."""
+    names = ("bf16", "fp8")
+    context = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(max_workers=2, mp_context=context) as pool:
+        jobs = [(name, steps, seed, global_batch, seq_len, log_every, threads) for name in names]
+        runs = dict(zip(names, pool.map(_train_in_worker, jobs), strict=True))
 
     def tail_mean(name: str) -> float:
         return sum(runs[name]["losses"][-window:]) / window
@@ -102,12 +115,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--global-batch", type=int, default=8)
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--log-every", type=int, default=50)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per run (the two run in parallel)")
     parser.add_argument("--output", default="runs/fp8_convergence.json")
     args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
     report = compare(args.steps, min(args.window, args.steps), args.seed, args.global_batch, args.seq_len,
-                     args.log_every)
+                     args.log_every, args.threads)
     if os.path.dirname(args.output):
         os.makedirs(os.path.dirname(args.output), exist_ok=True)
     Path(args.output).write_text(json.dumps(report, indent=1))

@@ -19,6 +19,10 @@ import triton.language as tl
 from moeforge.kernels.fp8_format import FP8_MAX, SCALE_FLOOR, ceil_div, round_up
 from moeforge.kernels.triton_launch import launcher
 
+# Compiled kernels may only read module globals that are tl.constexpr (the interpreter is laxer).
+_FP8_MAX = tl.constexpr(FP8_MAX)
+_SCALE_FLOOR = tl.constexpr(SCALE_FLOOR)
+
 
 @triton.jit
 def _snap_e4m3(v):
@@ -39,7 +43,7 @@ def _snap_e4m3(v):
 
 @triton.jit
 def _tile_scale(amax, UE8M0: tl.constexpr):
-    scale = tl.math.div_rn(tl.maximum(amax, SCALE_FLOOR), FP8_MAX)
+    scale = tl.math.div_rn(tl.maximum(amax, _SCALE_FLOOR), _FP8_MAX)
     if UE8M0:
         bits = scale.to(tl.int32, bitcast=True)
         biased_exp = ((bits >> 23) & 0xFF) + ((bits & 0x7FFFFF) != 0).to(tl.int32)
@@ -51,7 +55,7 @@ def _tile_scale(amax, UE8M0: tl.constexpr):
 def _quantize(x, scale):
     """x / scale (IEEE division, as torch does) clamped to the finite e4m3 range and snapped."""
     y = tl.math.div_rn(x, scale)
-    y = tl.minimum(tl.maximum(y, -FP8_MAX), FP8_MAX)
+    y = tl.minimum(tl.maximum(y, -_FP8_MAX), _FP8_MAX)
     return _snap_e4m3(y).to(tl.float8e4nv)
 
 
@@ -82,12 +86,8 @@ def _act_quant_kernel(x_ptr, q_ptr, s_ptr, M, K, UE8M0: tl.constexpr, ROWS: tl.c
     tl.store(s_ptr + rows.to(tl.int64) * (K // BLOCK) + pid_k, scale, mask=row_ok)
 
 
-_act_quant, _act_quant_kw = launcher(
-    _act_quant_kernel,
-    [triton.Config({"ROWS": rows}, num_warps=warps) for rows in (16, 32, 64) for warps in (4, 8)],
-    ["M", "K"],
-    {"ROWS": 16},
-)
+ACT_QUANT_CONFIGS = [triton.Config({"ROWS": rows}, num_warps=warps) for rows in (16, 32, 64) for warps in (4, 8)]
+_act_quant, _act_quant_kw = launcher(_act_quant_kernel, ACT_QUANT_CONFIGS, ["M", "K"], {"ROWS": 16})
 
 
 def act_quant_triton(
@@ -153,12 +153,8 @@ def _act_quant_t_kernel(
         tl.store(s_ptr + cols.to(tl.int64) * (T_PAD // BLOCK) + tile, scale, mask=col_ok)
 
 
-_act_quant_t, _act_quant_t_kw = launcher(
-    _act_quant_t_kernel,
-    [triton.Config({"COLS": cols}, num_warps=warps) for cols in (32, 64, 128) for warps in (4, 8)],
-    ["C", "T_PAD"],
-    {"COLS": 64},
-)
+ACT_QUANT_T_CONFIGS = [triton.Config({"COLS": cols}, num_warps=warps) for cols in (32, 64, 128) for warps in (4, 8)]
+_act_quant_t, _act_quant_t_kw = launcher(_act_quant_t_kernel, ACT_QUANT_T_CONFIGS, ["C", "T_PAD"], {"COLS": 64})
 
 
 def act_quant_transpose_triton(
