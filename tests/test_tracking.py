@@ -129,3 +129,18 @@ def test_console_progress_prints_every_n_steps_with_mfu():
     assert progress.finish(summary).endswith("mfu 20.5%") and "5.0000 -> 1.0000" in lines[-1]
     plain = ConsoleProgress(total_steps=2, every=1, log=lines.append)
     assert "mfu" not in plain.update(_step(1, 1.0))
+
+
+def test_wandb_files_are_uploaded_to_an_s3_run_dir(s3_server, monkeypatch):
+    import boto3
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server)  # the standard AWS environment names the endpoint
+    boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket="runs-wandb")
+    config = {"run": {"name": "s3", "dir": "s3://runs-wandb/exp1"}}
+    tracker = make_tracker(TrackingConfig(backend="wandb", project="moeforge-test"), config, rank=0)
+    tracker.log(1, {"loss": 1.0})
+    tracker.finish({"final_loss": 1.0})
+    listed = boto3.client("s3", endpoint_url=s3_server).list_objects_v2(Bucket="runs-wandb", Prefix="exp1/wandb/")
+    keys = [o["Key"] for o in listed.get("Contents", [])]
+    assert any(k.endswith(".wandb") and "/offline-run-" in k for k in keys), keys

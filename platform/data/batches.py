@@ -123,7 +123,7 @@ class BatchSource:
         elif os.path.isfile(local):
             self._split(TokenStream.from_file(local, dtype_for_vocab(self.vocab_size)), None)
         else:
-            raise ConfigError(f"data.path: {path} does not exist")
+            raise ConfigError(f"data.path: {path} does not exist (prepare token shards with moeforge-prepare)")
 
     def _split(self, train: TokenStream, val: TokenStream | None) -> None:
         """Train windows, and validation windows from the val split or the tail of train."""
