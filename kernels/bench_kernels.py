@@ -57,6 +57,7 @@ class KernelBenchConfig:
     m: int = 4096
     gemms: list[list] = field(default_factory=lambda: [list(g) for g in V3_GEMMS])
     large_gemms: list[str] = field(default_factory=lambda: list(V3_LARGE))  # the 1.5x goal's shapes
+    linears: list[str] = field(default_factory=lambda: ["mlp_up", "mlp_down"])  # timed as whole layers
     experts: list[list] = field(default_factory=lambda: [list(g) for g in V3_EXPERTS])
     expert_counts: list[int] = field(default_factory=lambda: [8, 32])
     expert_rows: int = 32768  # rows through the grouped GEMM: 4096 tokens x top-8
@@ -87,8 +88,9 @@ class KernelBenchConfig:
                 )
                 need(ok, f"{group}[{i}]", f"must be [name, N, K] with positive N and K, got {entry!r}")
         names = [entry[0] for entry in self.gemms]
-        for name in self.large_gemms:
-            need(name in names, "large_gemms", f"{name!r} is not one of gemms ({', '.join(names)})")
+        for group in ("large_gemms", "linears"):
+            for name in getattr(self, group):
+                need(name in names, group, f"{name!r} is not one of gemms ({', '.join(names)})")
         need(all(isinstance(e, int) and e > 0 for e in self.expert_counts), "expert_counts", "positive integers")
         need(bool(self.output), "output", "must not be empty")
 
@@ -248,6 +250,27 @@ def quant_bytes(rows: int, cols: int, in_bytes: int) -> int:
     return rows * cols * (in_bytes + 1) + rows * (cols // BLOCK) * 4
 
 
+def _linear_rows(b: _Bench, name: str, n: int, k: int) -> list[dict]:
+    """A whole layer, forward + backward (3 GEMMs): FP8Linear vs nn.Linear under BF16 autocast, both
+    with FP32 master weights, as training runs them."""
+    from moeforge.kernels.fp8_linear import FP8Linear
+
+    m, n, k = b.size(b.cfg.m), b.size(n), b.size(k)
+    base = torch.nn.Linear(k, n, bias=False, device=b.device)
+    x = b.randn(m, k).requires_grad_()
+    grad = b.randn(m, n)
+    layers = {"bf16_linear_fwd_bwd": base, "fp8_linear_fwd_bwd": FP8Linear.from_linear(base)}
+
+    def step(layer: torch.nn.Module) -> None:
+        with torch.autocast(b.device, dtype=torch.bfloat16):
+            y = layer(x)
+        y.backward(grad)
+        base.weight.grad = x.grad = None
+
+    impls = {impl: (lambda layer=layer: step(layer)) for impl, layer in layers.items()}
+    return _measure(b, {"kind": "linear", "name": name, "m": m, "n": n, "k": k}, impls, 3 * 2.0 * m * n * k, {})
+
+
 def _quant_rows(b: _Bench) -> list[dict]:
     rows_, cols = b.size(b.cfg.quant_rows), b.size(b.cfg.quant_cols)
     x = b.randn(rows_, cols)
@@ -272,11 +295,15 @@ def _summary(rows: list[dict], cfg: KernelBenchConfig, device: str) -> dict:
     def tflops(name: str, impl: str) -> float | None:
         return next((r.get("tflops") for r in rows if r["name"] == name and r["impl"] == impl), None)
 
-    speedups = {}
+    speedups, layer_speedups = {}, {}
     for name in cfg.large_gemms:
         fp8, bf16 = tflops(name, "fp8_gemm"), tflops(name, "bf16_matmul")
         if fp8 and bf16:
             speedups[name] = fp8 / bf16
+    for name in cfg.linears:
+        fp8, bf16 = tflops(name, "fp8_linear_fwd_bwd"), tflops(name, "bf16_linear_fwd_bwd")
+        if fp8 and bf16:
+            layer_speedups[name] = fp8 / bf16
     copy = next(r["gbps"] for r in rows if r["impl"] == "copy_bf16")
     quant = {r["impl"]: r["gbps"] / copy for r in rows if r["kind"] == "quant" and r["impl"] != "copy_bf16"}
     geo = math.exp(sum(math.log(s) for s in speedups.values()) / len(speedups)) if speedups else None
@@ -284,6 +311,7 @@ def _summary(rows: list[dict], cfg: KernelBenchConfig, device: str) -> dict:
     return {
         "fp8_over_bf16_large_gemms": speedups,
         "fp8_over_bf16_geomean": geo,
+        "fp8_linear_over_bf16_linear_fwd_bwd": layer_speedups,
         "quant_fraction_of_copy": quant,
         "goal_fp8_1p5x_bf16": (geo is not None and geo >= 1.5) if measured else "not measured on cpu",
         "goal_quant_80pct_copy": (min(quant.values()) >= 0.8) if measured and quant else "not measured on cpu",
@@ -299,6 +327,9 @@ def run_benchmark(cfg: KernelBenchConfig) -> dict:
     for name, n, k in cfg.experts:
         for experts in cfg.expert_counts:
             rows += _grouped_rows(b, name, n, k, experts)
+    shapes = {name: (n, k) for name, n, k in cfg.gemms}
+    for name in cfg.linears:
+        rows += _linear_rows(b, name, *shapes[name])
     rows += _quant_rows(b)
     env = {
         "device": b.device,
@@ -332,6 +363,8 @@ def format_table(report: dict) -> str:
     lines.append(f"device {env['device']} ({env['gpu'] or 'cpu'}), kernels: {env['backend']}, torch {env['torch']}")
     for name, ratio in s["fp8_over_bf16_large_gemms"].items():
         lines.append(f"fp8_gemm / bf16 matmul  {name:12} {ratio:.2f}x")
+    for name, ratio in s["fp8_linear_over_bf16_linear_fwd_bwd"].items():
+        lines.append(f"FP8Linear / BF16 Linear fwd+bwd  {name:12} {ratio:.2f}x  (quantization included)")
     if s["fp8_over_bf16_geomean"] is not None:
         lines.append(f"fp8_gemm / bf16 matmul  geomean      {s['fp8_over_bf16_geomean']:.2f}x  goal >= 1.5x: {s['goal_fp8_1p5x_bf16']}")
     for name, frac in s["quant_fraction_of_copy"].items():

@@ -12,6 +12,7 @@ TINY = [
     "m=32",
     "gemms=[[t_gemm,256,128]]",
     "large_gemms=[t_gemm]",
+    "linears=[t_gemm]",
     "experts=[[t_exp,128,128]]",
     "expert_counts=[3]",
     "expert_rows=70",
@@ -32,7 +33,8 @@ def test_kernel_bench_writes_table_and_json(tmp_path, capsys):
     assert [r["name"] for r in rows if r["kind"] == "gemm"] == ["t_gemm"] * len([r for r in rows if r["kind"] == "gemm"])
     timed = {r["impl"]: r for r in rows if "ms" in r}
     for impl in ("bf16_matmul", "fp8_gemm", "fp8_gemm+act_quant", "fp8_grouped_gemm", "bf16_matmul_loop",
-                 "copy_bf16", "act_quant", "act_quant_transpose", "weight_quant_fp32"):
+                 "copy_bf16", "act_quant", "act_quant_transpose", "weight_quant_fp32", "fp8_linear_fwd_bwd",
+                 "bf16_linear_fwd_bwd"):
         assert timed[impl]["ms"] > 0, impl
     assert timed["fp8_gemm"]["m"] == 32 and timed["fp8_gemm"]["n"] == 256 and timed["fp8_gemm"]["k"] == 128
     assert timed["fp8_grouped_gemm"]["experts"] == 3 and timed["fp8_grouped_gemm"]["m"] == 70
