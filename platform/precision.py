@@ -12,8 +12,10 @@ What gets swapped (found by the model's HF-compatible names, see notes/model_api
   DeferrableLinear (same numerics as nn.Linear, weight gradient deferrable for zero-bubble W steps).
 - Routed experts (any module holding 3-D parameters gate_proj [E, I, D], up_proj, down_proj):
   GroupedSwiGLUExperts, FP8 grouped GEMMs under `fp8`, plain per-expert GEMMs otherwise.
-Everything else (embedding, output head, MoE router, norms, attention core) keeps its module and
-computes in `compute_dtype` under autocast (V3 keeps them out of FP8). The swapped modules reuse the
+Everything else (embedding, output head, norms, attention core) keeps its module and computes in
+`compute_dtype` under autocast (V3 keeps them out of FP8). The MoE router (a child named `gate`)
+computes in FP32 even under autocast: its forward runs with autocast off on FP32 inputs, because a
+BF16 rounding of the affinities can flip top-k choices. The swapped modules reuse the
 original parameter objects: names, shapes and state-dict keys are unchanged, so checkpoints and the
 HF loader are unaffected. Parameters are (kept) FP32: they are the master weights; every cast to
 BF16 or FP8 happens inside the compute.
@@ -22,6 +24,7 @@ BF16 or FP8 happens inside the compute.
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import torch
 from moeforge.kernels.adamw_lowp import AdamWLowPrecisionMoments
@@ -36,6 +39,7 @@ from torch import nn
 ATTENTION_PROJECTIONS = ("q_a_proj", "q_b_proj", "q_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj")
 MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 SWAPPED_LINEARS = ATTENTION_PROJECTIONS + MLP_PROJECTIONS
+FP32_MODULES = ("gate",)  # the MoE router
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
@@ -53,7 +57,9 @@ def apply_precision(model: nn.Module, cfg: PrecisionConfig) -> nn.Module:
     linear_cls = FP8Linear if cfg.fp8_linear else DeferrableLinear
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
-            if name in SWAPPED_LINEARS and isinstance(child, nn.Linear):
+            if name in FP32_MODULES:
+                _set_fp32_forward(child, cfg.compute_dtype != "float32")
+            elif name in SWAPPED_LINEARS and isinstance(child, nn.Linear):
                 if type(child) is not linear_cls:
                     setattr(parent, name, linear_cls.from_linear(child))
             elif is_routed_experts(child) and not isinstance(child, GroupedSwiGLUExperts):
@@ -61,6 +67,21 @@ def apply_precision(model: nn.Module, cfg: PrecisionConfig) -> nn.Module:
             elif isinstance(child, GroupedSwiGLUExperts):
                 child.fp8 = cfg.fp8_linear
     return model
+
+
+def _forward_without_autocast(forward, module: nn.Module, *args, **kwargs):
+    device_type = next((a.device.type for a in args if isinstance(a, torch.Tensor)), "cpu")
+    args = tuple(a.float() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args)
+    with torch.autocast(device_type, enabled=False):
+        return forward(module, *args, **kwargs)
+
+
+def _set_fp32_forward(module: nn.Module, on: bool) -> None:
+    """Make `module` compute in FP32 under autocast (an instance-level forward: parameters, names and
+    the class are untouched), or undo it."""
+    module.__dict__.pop("forward", None)
+    if on:
+        module.forward = functools.partial(_forward_without_autocast, type(module).forward, module)
 
 
 def precision_report(model: nn.Module) -> dict[str, list[str]]:

@@ -189,6 +189,22 @@ def test_tiny_model_deferred_weight_gradients_equal_immediate(tiny, cfg):
         assert torch.equal(deferred[name], grad), name
 
 
+def test_router_computes_in_fp32_under_bf16_autocast(tiny):
+    model, ids, labels = tiny
+    model = apply_precision(copy.deepcopy(model), FP8)
+    gate = model.moe_layers()[0].gate
+    seen = {}
+    gate.register_forward_hook(lambda mod, args, out: seen.update(x=args[0].detach(), out=out))
+    with compute_context(FP8):
+        model(ids, labels=labels)
+    weights, _, affinities = seen["out"]
+    assert weights.dtype == affinities.dtype == torch.float32
+    reference = gate.affinities(seen["x"].float())  # outside autocast: plain FP32
+    assert torch.equal(affinities, reference)
+    apply_precision(model, FP32)
+    assert "forward" not in vars(gate)  # undone: the class's forward again
+
+
 # ---- config and optimizer ------------------------------------------------------------------------
 @pytest.mark.parametrize("name", ["fp32", "bf16", "fp8"])
 def test_precision_yaml_builds_the_config(name):
