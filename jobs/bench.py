@@ -26,6 +26,7 @@ SUITES: dict[str, str] = {
     "kernels": "moeforge.kernels.bench_kernels:run_job",
     "data": "moeforge.platform.data.bench:run_job",
     "convergence": "moeforge.platform.bench_convergence:run_job",
+    "pipeline": "moeforge.platform.bench_pipeline:run_job",
 }
 
 
