@@ -18,6 +18,7 @@ from moeforge.platform.metrics import TrainSummary, format_duration, format_prog
 from moeforge.platform.run_outputs import RunOutputs
 from moeforge.platform.storage import open_storage
 from moeforge.platform.timeline import plot_timeline, write_chrome_trace
+from moeforge.platform.tracking import make_tracker
 
 COMPUTE_KINDS = {"F", "B", "W", "BW", "FB", "WAIT"}
 
@@ -27,6 +28,7 @@ class PipelineReporter:
         self.cfg, self.runtime, self.log = cfg, runtime, log
         self.outputs = RunOutputs(cfg.run.dir)
         self.outputs.write_config(dataclasses.asdict(cfg))
+        self.tracker = make_tracker(cfg.tracking, dataclasses.asdict(cfg), rank=0)
         self.storage = open_storage(cfg.run.dir)
         self.losses: list[float] = []
         self.history: list[dict] = []
@@ -63,7 +65,9 @@ class PipelineReporter:
             )
             self.outputs.flush()
             self.window_start, self.window_tokens = now, 0
-        return {k: v for k, v in record.items() if not isinstance(v, list)}
+        scalars = {k: v for k, v in record.items() if not isinstance(v, list)}
+        self.tracker.log(m.base.step, scalars)
+        return scalars
 
     def _write_timeline(self, records, step: int) -> None:
         compute = [r for r in records if r.kind in COMPUTE_KINDS]
@@ -73,6 +77,7 @@ class PipelineReporter:
             title = f"{par.schedule} pp={par.pp} dp={par.dp}, step {step} (measured)"
             plot_timeline(compute, png, title=title, time_unit="s")
             write_chrome_trace(records, trace)
+            self.tracker.log_image(step, "timeline", png)
             self.storage.upload(png, "timeline.png")
             self.storage.upload(trace, "timeline.json")
         self.timeline_png = self.storage.url("timeline.png")
@@ -107,6 +112,7 @@ class PipelineReporter:
             params_dir=self.storage.url("params"),
         )
         self.outputs.write_summary(summary)
+        self.tracker.finish({k: v for k, v in summary.items() if k != "losses"})
         self.log(
             f"done: {summary['steps']} steps in {format_duration(elapsed)} | loss {summary['first_loss']:.4f} -> "
             f"{summary['final_loss']:.4f} | {summary['tokens_per_s']:,.0f} tok/s | bubble "

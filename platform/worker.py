@@ -8,6 +8,7 @@ the topology on top of it.
 from __future__ import annotations
 
 import os
+import sys
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -27,4 +28,10 @@ def train_loop_per_worker(config: dict) -> None:
         # Every worker calls this at the same steps: ray.train.report is a barrier across workers.
         ray.train.report(metrics)
 
-    run_pipeline_training(cfg, rank, world_size, report=report, device=device)
+    def log(line: str) -> None:
+        # Straight to stdout: Ray Train patches print() into a logger that some libraries also
+        # echo, which printed every progress line twice.
+        sys.stdout.write(line + "\n")
+        sys.stdout.flush()
+
+    run_pipeline_training(cfg, rank, world_size, report=report, log=log, device=device)

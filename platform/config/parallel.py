@@ -28,7 +28,6 @@ class ParallelConfig:
     ep: int = 1  # expert-parallel group size inside each dp group (groups prepared, not used yet)
     recv_lookahead: int = 2  # receives are posted this many compute actions ahead of need
     peak_tflops_per_worker: float = 0.0  # for MFU; 0: reported as 0 (unknown hardware)
-    worker_start_timeout_s: float = 600.0  # how long to wait for the autoscaler when allowed
     # TEST-ONLY: make one rank fail mid-step, e.g. {"rank": 1, "step": 1, "kind": "raise" | "hang"}.
     fault_injection: dict[str, Any] | None = None
 
@@ -56,7 +55,6 @@ class ParallelConfig:
         require(self.ep >= 1 and self.dp % self.ep == 0, "ep", f"must divide dp={self.dp}, got {self.ep}")
         require(self.recv_lookahead >= 1, "recv_lookahead", f"must be >= 1, got {self.recv_lookahead}")
         require(self.peak_tflops_per_worker >= 0, "peak_tflops_per_worker", "must be >= 0")
-        require(self.worker_start_timeout_s > 0, "worker_start_timeout_s", "must be positive")
         if self.fault_injection is not None:
             fault = dict(self.fault_injection)
             require(
