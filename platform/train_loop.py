@@ -21,7 +21,8 @@ continues from the newest complete checkpoint in run.dir: weights and router bia
 parameter name, RNG states, step; the data position is the step (batches are a pure function of
 (data.seed, step)), checked against the checkpoint's samples_consumed.
 
-Nothing is lost on failure: if a step or anything around it raises (KeyboardInterrupt included),
+Nothing is lost on failure: if a step or anything around it raises (KeyboardInterrupt included, and
+SIGTERM, which `train` turns into a `Terminated` exception),
 the metrics so far are flushed, summary.json records status "failed" with the error, and, when
 checkpointing is on and the state is consistent, a checkpoint of the last completed step is
 written. The state is consistent unless the error struck inside the update (clip, AdamW, router
@@ -35,8 +36,11 @@ resumed produces the losses of an uninterrupted one.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
+import signal
+import threading
 import time
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol
@@ -70,6 +74,13 @@ from moeforge.platform.optim import clip_grads_with_norm_, global_grad_norm, par
 from moeforge.platform.precision import apply_precision, compute_context, make_adamw
 from moeforge.platform.run_outputs import RunOutputs
 from moeforge.platform.tracking import ConsoleProgress, Tracker, make_tracker
+
+
+class Terminated(BaseException):
+    """SIGTERM arrived during training (preemption, `kill`, a scheduler's stop): handled like Ctrl-C,
+    so the run records its failure and keeps a consistent checkpoint before it exits."""
+
+
 
 
 class BatchSourceLike(Protocol):
@@ -170,6 +181,7 @@ class ReferenceTrainer:
         self._phase = "idle"
         self._rng_at_step_start: dict[str, torch.Tensor] | None = None
         self._pending_record: dict | None = None  # a completed step's metrics not yet appended
+        self._terminate: str | None = None  # a SIGTERM held back until the current update is done
         if resume_path is not None:
             self.resume(resume_path)
         kept = self.outputs.start_metrics(self.step)
@@ -376,24 +388,8 @@ class ReferenceTrainer:
         tracker = make_tracker(self.cfg.tracking, dataclasses.asdict(self.cfg), rank=0)
         start, start_step = time.perf_counter(), self.step
         try:
-            while self.step < run.steps:
-                t0 = time.perf_counter()
-                metrics = self.train_step(self.source.batch(self.step))
-                metrics.step_time_s = time.perf_counter() - t0  # data time included
-                self.losses.append(metrics.loss)
-                record = self._pending_record = metrics.to_dict()
-                line = progress.update(metrics)
-                if run.eval_every and (self.step % run.eval_every == 0 or self.step == run.steps):
-                    self.eval_loss = self.evaluate()
-                    if self.eval_loss is not None:
-                        record["eval_loss"] = self.eval_loss
-                        self.log(f"eval at step {self.step}: loss {self.eval_loss:.4f}")
-                self.outputs.append_metrics(record)
-                self._pending_record = None
-                if line is not None:
-                    self.outputs.flush()
-                tracker.log(self.step, record)
-                self.maybe_checkpoint()
+            with self._sigterm_raises_terminated():
+                self._run_steps(progress, tracker)
         except BaseException as err:
             self._record_failure(err, tracker, time.perf_counter() - start, start_step)
             raise
@@ -402,6 +398,51 @@ class ReferenceTrainer:
         tracker.finish(summary.to_dict())
         progress.finish(summary)
         return summary
+
+    @contextlib.contextmanager
+    def _sigterm_raises_terminated(self):
+        """Turn SIGTERM into `Terminated` while the block runs. A signal that lands inside an update
+        is held until the step is complete and recorded, so what is saved is consistent. Main
+        thread only (Python delivers signals there); elsewhere this does nothing."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def handler(signum, frame):
+            self._terminate = f"received {signal.Signals(signum).name}"
+            if self._phase != "update":
+                raise Terminated(self._terminate)
+
+        previous = signal.signal(signal.SIGTERM, handler)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+
+    def _run_steps(self, progress: ConsoleProgress, tracker: Tracker) -> None:
+        """Steps up to run.steps, each recorded (metrics, progress, tracker), evaluated and
+        checkpointed when due."""
+        run = self.cfg.run
+        while self.step < run.steps:
+            t0 = time.perf_counter()
+            metrics = self.train_step(self.source.batch(self.step))
+            metrics.step_time_s = time.perf_counter() - t0  # data time included
+            self.losses.append(metrics.loss)
+            record = self._pending_record = metrics.to_dict()
+            line = progress.update(metrics)
+            if run.eval_every and (self.step % run.eval_every == 0 or self.step == run.steps):
+                self.eval_loss = self.evaluate()
+                if self.eval_loss is not None:
+                    record["eval_loss"] = self.eval_loss
+                    self.log(f"eval at step {self.step}: loss {self.eval_loss:.4f}")
+            self.outputs.append_metrics(record)
+            self._pending_record = None
+            if self._terminate:  # SIGTERM during the update: stop now that the step is whole
+                raise Terminated(self._terminate)
+            if line is not None:
+                self.outputs.flush()
+            tracker.log(self.step, record)
+            self.maybe_checkpoint()
 
     def _summary(self, elapsed: float, start_step: int, **status) -> TrainSummary:
         return TrainSummary(

@@ -6,6 +6,8 @@ from __future__ import annotations
 import glob
 import json
 import math
+import os
+import signal
 
 import pytest
 import torch
@@ -85,12 +87,40 @@ def _die_in_forward(t: ReferenceTrainer) -> type[BaseException]:
     return KeyboardInterrupt
 
 
-@pytest.mark.parametrize("kill", [_die_in_data, _die_in_forward], ids=["data", "forward"])
+def _sigterm_in_forward(t: ReferenceTrainer) -> type[BaseException]:
+    from moeforge.platform.train_loop import Terminated
+
+    def terminate(module, args):
+        if t.step == 3:  # a scheduler stopping the run: the signal lands mid-step
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    t.model.layers[0].register_forward_pre_hook(terminate)
+    return Terminated
+
+
+def _sigterm_in_update(t: ReferenceTrainer) -> type[BaseException]:
+    from moeforge.platform.train_loop import Terminated
+
+    def terminate(optimizer, args, kwargs):
+        if t.step == 2:  # inside step 3's update: held until step 3 is complete and recorded
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    t.optimizer.register_step_pre_hook(terminate)
+    return Terminated
+
+
+@pytest.mark.parametrize(
+    "kill",
+    [_die_in_data, _die_in_forward, _sigterm_in_forward, _sigterm_in_update],
+    ids=["data", "forward", "sigterm-forward", "sigterm-update"],
+)
 def test_killed_run_resumes_to_the_losses_of_an_uninterrupted_one(tmp_path, straight, kill):
     killed = trainer(config(tmp_path))
     error = kill(killed)
+    handler = signal.getsignal(signal.SIGTERM)
     with pytest.raises(error):
         killed.train()
+    assert signal.getsignal(signal.SIGTERM) is handler  # the loop's SIGTERM handler is gone again
     # Nothing lost: the three finished steps are recorded, the failure too, and (the state being
     # consistent) a checkpoint of step 3 was written although 3 is not a multiple of every=2.
     assert [r["step"] for r in metrics(tmp_path)] == [1, 2, 3]
