@@ -16,7 +16,7 @@ def tiny_model(**changes) -> dict:
         importlib.resources.files("moeforge.conf").joinpath("model/tiny.yaml").read_text()
     )
     values.pop("arch", None)
-    values.update(seq_len=32, **changes)
+    values.update({"seq_len": 32, **changes})
     return values
 
 
