@@ -32,8 +32,10 @@ train: setup
 test: setup
 	$(PY) -m pytest -q tests
 
+# `make bench BENCH="kernels pipeline"` runs a subset; each suite prints a table and writes JSON.
+BENCH ?= kernels pipeline data
 bench: setup
-	$(VENV)/bin/moeforge-bench
+	for suite in $(BENCH); do $(VENV)/bin/moeforge-bench $$suite || exit 1; done
 
 lint: setup
 	$(VENV)/bin/ruff check platform model kernels jobs tests
