@@ -197,11 +197,17 @@ class PipelineRuntime:
         if counts.numel():
             mean = counts.mean(dim=1)  # [layers]
             worst = int((counts.max(dim=1).values / mean.clamp_min(1e-9)).argmax())
-            stats = torch.tensor(
-                [counts[worst].max(), counts[worst].mean(), counts[worst].max() / counts[worst].mean()]
-            )
-        dist.all_reduce(stats, op=dist.ReduceOp.MAX)
+            top, avg = float(counts[worst].max()), float(counts[worst].mean())
+            stats = torch.tensor([top, avg, top / max(avg, 1e-9)])
+        stats = self._all_reduce_small(stats.float(), dist.ReduceOp.MAX)
         return float(stats[0]), float(stats[1]), max(1.0, float(stats[2]))
+
+    def _all_reduce_small(self, t: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
+        """All-reduce a small bookkeeping tensor over the world, on this rank's device (NCCL needs
+        device tensors; gloo takes CPU ones), returned on the CPU."""
+        t = t.to(self.device)
+        dist.all_reduce(t, op=op)
+        return t.cpu()
 
     def _metrics(self, trace: StepTrace, lr, grad_norm, imbalance, max_load, mean_load, start, gather):
         losses = self.compute.losses
@@ -215,13 +221,13 @@ class PipelineRuntime:
             ],
             dtype=torch.float64,
         )
-        dist.all_reduce(local)
+        local = self._all_reduce_small(local)
         loss_sum, lm_sum, mtp_sum, count, aux_sum = local.tolist()
         if round(count) != self.microbatches * self.cfg.parallel.dp:
             raise RuntimeError(f"{self.name}: {count} micro-batch losses, expected M * dp")
         per_rank = torch.zeros(self.topo.world_size, 3, dtype=torch.float64)
         per_rank[self.rank] = torch.tensor([trace.busy_s, trace.step_s, trace.exposed_comm_s])
-        dist.all_reduce(per_rank)
+        per_rank = self._all_reduce_small(per_rank)
         busy, span, exposed = per_rank[:, 0], per_rank[:, 1], per_rank[:, 2]
         step_time = time.perf_counter() - start
         tokens = self.cfg.data.global_batch * self.cfg.model.seq_len

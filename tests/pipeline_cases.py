@@ -25,10 +25,12 @@ def pipeline_config(
 ) -> dict:
     """A raw (Hydra-like) config of the tiny model on synthetic data, 2 steps.
 
-    lr is small on purpose: Adam divides each gradient by its own running RMS, so an entry whose
-    gradient is ~0 turns an ulp of summation-order noise (pipelines add micro-batch gradients in a
-    different order) into an lr-sized step; 1e-4 keeps that noise far below the 1e-5 tolerance while
-    every weight still moves by ~lr per step."""
+    Adam divides each gradient entry by its own running RMS (+ eps), so an entry whose gradient is a
+    near-cancelling sum turns an ulp of summation-order noise (a pipeline adds micro-batch and stage
+    contributions in another order than one process does) into a visible fraction of an lr-sized
+    step. A small lr (1e-4) and eps=1e-6 (instead of 1e-8) keep that conditioning noise far below the
+    1e-5 tolerance (measured: ~2e-7 vs ~1e-5 with eps=1e-8 on DualPipe pp=4) while every weight
+    still moves by ~lr per step, so a wrong gradient would still show."""
     return {
         "model": tiny_model(),
         "run": {"dir": str(run_dir), "steps": 2, "log_every": 1, "eval_every": 0},
@@ -41,7 +43,7 @@ def pipeline_config(
             **parallel,
         },
         "data": {"global_batch": 8},
-        "optim": {"lr": 1e-4, "min_lr": 0.0, "warmup_steps": 1},
+        "optim": {"lr": 1e-4, "min_lr": 0.0, "eps": 1e-6, "warmup_steps": 1},
         "tracking": {"log_timeline": True},
     }
 
