@@ -45,8 +45,7 @@ class AdamWLowPrecisionMoments(torch.optim.Optimizer):
                     state["step"] = 0
                     state["exp_avg"] = torch.zeros_like(p, dtype=self.moments_dtype)
                     state["exp_avg_sq"] = torch.zeros_like(p, dtype=self.moments_dtype)
-                state["step"] += 1
-                t = state["step"]
+                state["step"] = t = int(state["step"]) + 1  # a checkpoint restores it as a tensor
                 grad = p.grad.float()
                 exp_avg = state["exp_avg"].float().lerp_(grad, 1 - beta1)
                 exp_avg_sq = state["exp_avg_sq"].float().mul_(beta2).addcmul_(grad, grad, value=1 - beta2)

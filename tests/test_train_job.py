@@ -56,5 +56,8 @@ def test_missing_data_path_fails_before_any_work(tmp_path):
         ["data.source=tokens", f"+data.path={missing}", f"run.dir={tmp_path / 'run'}"], cwd=tmp_path
     )
     assert proc.returncode == 2
-    assert proc.stderr.strip() == f"moeforge-train: config error: data.path: {missing} does not exist"
+    assert proc.stderr.strip() == (
+        f"moeforge-train: config error: data.path: {missing} does not exist "
+        "(prepare token shards with moeforge-prepare)"
+    )
     assert not (tmp_path / "run").exists()
