@@ -161,7 +161,7 @@ class PipelineExecutor:
             raise ValueError(f"unknown action {a}")
         end = self._now()
         trace.busy_s += end - start
-        trace.records.append(TimelineRecord(self.rank, str(a), a.kind.value, start, end))
+        trace.records.append(TimelineRecord(self.p2p.timeline_rank, str(a), a.kind.value, start, end))
         self._issue_ready_sends(index)
 
     def _forward_input(self, chunk: int, mb: int) -> torch.Tensor | None:

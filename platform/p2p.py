@@ -45,7 +45,8 @@ class Transfer:
 @dataclass
 class P2P:
     """Point-to-point endpoint of one rank. `rank` is the world rank used for the transfers;
-    `name` (e.g. "rank 3 (pp 1, dp 1)") appears in errors; records use `timeline_rank`."""
+    `name` (e.g. "rank 3 (pp 1, dp 1)") appears in errors; this rank's timeline records (the
+    executor's compute records too) carry `timeline_rank` (the world rank in a training run)."""
 
     rank: int
     timeout_s: float

@@ -50,6 +50,11 @@ def test_ray_pipeline_matches_reference(ray_cluster, tmp_path, schedule, pp, dp,
         assert key in step, key
     assert step["max_expert_load"] >= step["mean_expert_load"] > 0
     assert (tmp_path / "run" / "timeline.png").stat().st_size > 0
+    # the gathered timeline holds every world rank's compute actions, forwards and backwards
+    trace = json.loads((tmp_path / "run" / "timeline.json").read_text())["traceEvents"]
+    for kind in ("F", "SEND"):
+        ranks = {e["tid"] for e in trace if e.get("ph") == "X" and e["cat"] == kind}
+        assert ranks == set(range(pp * dp)), (kind, ranks)
     assert summary["final_loss"] == summary["losses"][-1]
 
 
