@@ -1,7 +1,7 @@
 """moeforge-train's pipeline path end to end: Ray Train workers own the stages (launch_training).
 
 Four TorchTrainer launches (each costs seconds of Ray Train start-up): DualPipe pp=2 x dp=2 with
-ZeRO-1 and DualPipe pp=4 against the single-process reference loop, and the two failure modes (a
+ZeRO-1 and DualPipe pp=4 (no ZeRO) against the single-process reference loop, and the two failure modes (a
 rank raising mid-step, a rank that never sends). Config errors are refused before any launch."""
 
 from __future__ import annotations
@@ -17,14 +17,14 @@ from pipeline_cases import assert_losses_match, max_relative_difference, pipelin
 
 
 @pytest.mark.parametrize(
-    "schedule, pp, dp, microbatches",
+    "schedule, pp, dp, microbatches, zero_stage",
     [
-        ("dualpipe", 2, 2, 4),  # DualPipe pairs x dp replicas: ZeRO-1 over 4 ranks holding the same stages
-        ("dualpipe", 4, 1, 8),  # 4 ranks, each stage on two of them, both model ends on rank 0
+        ("dualpipe", 2, 2, 4, 1),  # DualPipe pairs x dp replicas: ZeRO-1 over 4 ranks holding the same stages
+        ("dualpipe", 4, 1, 8, 0),  # each stage on two ranks, both model ends on rank 0; plain pair all-reduce
     ],
 )
-def test_ray_pipeline_matches_reference(ray_cluster, tmp_path, schedule, pp, dp, microbatches):
-    raw = pipeline_config(tmp_path / "run", schedule, pp, dp, microbatches, zero_stage=1)
+def test_ray_pipeline_matches_reference(ray_cluster, tmp_path, schedule, pp, dp, microbatches, zero_stage):
+    raw = pipeline_config(tmp_path / "run", schedule, pp, dp, microbatches, zero_stage=zero_stage)
     summary = launch_training(TrainConfig.from_dict(raw), raw)
     ref_losses, ref_params = reference_run(raw, tmp_path / "reference")
     assert_losses_match(summary["losses"], ref_losses)
