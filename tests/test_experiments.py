@@ -65,6 +65,15 @@ def test_tiny_cpu_single_preset():
     assert cfg.run.name == "tiny_cpu_single" and cfg.run.dir == "runs/tiny_cpu_single"
 
 
+@needs_launch
+def test_tiny_cpu_dualpipe_preset_matches_the_single_reference():
+    cfg, ref = preset("tiny_cpu_dualpipe"), preset("tiny_cpu_single")
+    par = cfg.parallel
+    assert (par.schedule, par.pp, par.dp, par.world_size) == ("dualpipe", 2, 1, 2)
+    assert cfg.model == ref.model and cfg.data == ref.data and cfg.optim == ref.optim
+    assert cfg.run.seed == ref.run.seed and cfg.precision == ref.precision
+
+
 def test_small_1gpu_fp8_preset():
     cfg = preset("small_1gpu_fp8")
     assert cfg.model.hidden_size == 1024 and cfg.model.num_hidden_layers == 24
