@@ -25,6 +25,7 @@ the step start); `busy_s` sums compute time and `p2p.exposed_s` the time blocked
 
 from __future__ import annotations
 
+import bisect
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -209,8 +210,8 @@ class PipelineExecutor:
 
     def _post_recvs_ahead(self, index: int) -> None:
         """Post every RECV up to the `recv_lookahead`-th compute action after `index`, in list order."""
-        later = [p for p in self._compute_positions if p >= index]
-        limit = later[self.recv_lookahead] if len(later) > self.recv_lookahead else len(self.actions)
+        nth = bisect.bisect_left(self._compute_positions, index) + self.recv_lookahead
+        limit = self._compute_positions[nth] if nth < len(self._compute_positions) else len(self.actions)
         while self._recv_cursor < limit:
             a = self.actions[self._recv_cursor]
             if a.kind in (Kind.RECV_F, Kind.RECV_B):

@@ -15,6 +15,7 @@ def train_loop_per_worker(config: dict) -> None:
     import ray.train
     import torch
     from moeforge.platform.pipeline_step import run_pipeline_training
+    from ray.train.torch import get_device
 
     cfg = config["cfg"]
     ctx = ray.train.get_context()
@@ -22,7 +23,7 @@ def train_loop_per_worker(config: dict) -> None:
     threads = max(1, int(cfg.parallel.cpus_per_worker))
     torch.set_num_threads(threads)
     os.environ.setdefault("OMP_NUM_THREADS", str(threads))
-    device = ray.train.torch.get_device() if cfg.parallel.gpus_per_worker > 0 else torch.device("cpu")
+    device = get_device() if cfg.parallel.gpus_per_worker > 0 else torch.device("cpu")
 
     def report(metrics: dict) -> None:
         # Every worker calls this at the same steps: ray.train.report is a barrier across workers.
