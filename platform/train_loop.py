@@ -105,6 +105,15 @@ def split_microbatches(batch: torch.Tensor, microbatches: int) -> list[torch.Ten
     return list(batch.split(rows // microbatches, dim=0))
 
 
+def training_device(cfg: TrainConfig) -> torch.device:
+    """The one-process loop's device: the GPU when the run asks for one (parallel.gpus_per_worker)."""
+    if cfg.parallel.gpus_per_worker > 0:
+        if not torch.cuda.is_available():
+            raise ConfigError("parallel.gpus_per_worker: the run asks for a GPU but torch sees none")
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def inputs_and_labels(tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Windows of seq_len + 1 tokens -> (input_ids, labels), each [b, seq_len], labels shifted by one."""
     return tokens[:, :-1], tokens[:, 1:]
@@ -160,9 +169,11 @@ class ReferenceTrainer:
         self.outputs.write_config(dataclasses.asdict(cfg))
 
         seed_everything(cfg.run.seed)
-        self.model = apply_precision(build_model(cfg.model, seed=cfg.run.seed), cfg.precision)
+        self.device = training_device(cfg)
+        model = build_model(cfg.model, seed=cfg.run.seed).to(self.device)  # init on CPU: same weights anywhere
+        self.model = apply_precision(model, cfg.precision)
         self.model.train()
-        self.device_type = next(self.model.parameters()).device.type
+        self.device_type = self.device.type
         self.moe_modules = list(self.model.moe_layers())
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = make_adamw(
@@ -271,7 +282,7 @@ class ReferenceTrainer:
         scale = 1.0 / self.microbatches
         sums = {"loss": 0.0, "lm_loss": 0.0, "mtp_loss": 0.0, "aux_loss": 0.0}
         for tokens in split_microbatches(batch, self.microbatches):
-            input_ids, labels = inputs_and_labels(tokens)
+            input_ids, labels = inputs_and_labels(tokens.to(self.device))
             with compute_context(self.cfg.precision, self.device_type):
                 out = self.model(input_ids, labels=labels)
             (out.loss * scale).backward()
@@ -346,7 +357,7 @@ class ReferenceTrainer:
         total = 0.0
         try:
             for i in range(num_batches):
-                input_ids, labels = inputs_and_labels(self.source.val_batch(i))
+                input_ids, labels = inputs_and_labels(self.source.val_batch(i).to(self.device))
                 with compute_context(self.cfg.precision, self.device_type):
                     total += float(self.model(input_ids, labels=labels).loss)
         finally:
