@@ -14,14 +14,9 @@ import importlib
 import sys
 from collections.abc import Sequence
 
-from hydra import compose, initialize_config_module
-from hydra.errors import HydraException
-from moeforge.model.config import ConfigError
-from omegaconf import OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from moeforge.platform.cli import compose_values, run_cli
 
 PROG = "moeforge-bench"
-CONFIG_MODULE = "moeforge.conf"
 SUITES: dict[str, str] = {
     "kernels": "moeforge.kernels.bench_kernels:run_job",
     "data": "moeforge.platform.data.bench:run_job",
@@ -34,17 +29,10 @@ def _usage() -> str:
     return f"usage: {PROG} <suite> [hydra overrides]   suites: {', '.join(SUITES)}"
 
 
-def _one_line(err: BaseException) -> str:
-    text = str(err).split("Config search path")[0]
-    return " ".join(line.strip() for line in text.splitlines() if line.strip())
-
-
 def run(suite: str, overrides: Sequence[str]) -> str:
     """Compose conf/bench_<suite>.yaml with the overrides and run the suite; return its text."""
     module_name, function_name = SUITES[suite].split(":")
-    with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
-        composed = compose(config_name=f"bench_{suite}", overrides=list(overrides))
-    values = OmegaConf.to_container(composed, resolve=True)
+    values = compose_values(f"bench_{suite}", overrides)[0]
     return getattr(importlib.import_module(module_name), function_name)(values)
 
 
@@ -57,12 +45,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if suite not in SUITES:
         print(f"{PROG}: error: unknown suite {suite!r}. {_usage()}", file=sys.stderr)
         return 2
-    try:
-        print(run(suite, overrides))
-    except (HydraException, OmegaConfBaseException, ConfigError, ValueError) as err:
-        print(f"{PROG}: error: {_one_line(err)}", file=sys.stderr)
-        return 2
-    return 0
+    return run_cli(PROG, __doc__, overrides, lambda rest: run(suite, rest), errors=(ValueError,))
 
 
 if __name__ == "__main__":

@@ -16,8 +16,6 @@ import json
 import sys
 from collections.abc import Sequence
 
-from hydra import compose, initialize_config_module
-from hydra.errors import HydraException
 from moeforge.model.accounting import (
     ClusterConfig,
     build_checked,
@@ -27,29 +25,18 @@ from moeforge.model.accounting import (
     training_cost,
 )
 from moeforge.model.config import ConfigError
-from omegaconf import OmegaConf, open_dict
-from omegaconf.errors import OmegaConfBaseException
+from moeforge.platform.cli import compose_values, run_cli
 
-CONFIG_MODULE = "moeforge.conf"  # the same source as config_path="pkg://moeforge.conf"
 CONFIG_NAME = "estimate"
 PROG = "moeforge-estimate"
 FORMATS = ("table", "json")
 KNOWN_KEYS = {"model", "format", "tokens", "cluster"}
 
 
-def _one_line(err: BaseException) -> str:
-    text = str(err).split("Config search path")[0]  # Hydra appends its search path to lookup errors
-    return " ".join(line.strip() for line in text.splitlines() if line.strip())
-
-
 def run(argv: Sequence[str]) -> str:
     """Compose the config from Hydra overrides and return the report text."""
-    with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
-        composed = compose(config_name=CONFIG_NAME, overrides=list(argv), return_hydra_config=True)
-    name = str(composed.hydra.runtime.choices.get("model", ""))
-    with open_dict(composed):
-        del composed["hydra"]  # its run/sweep dirs interpolate job fields that compose leaves unset
-    values = OmegaConf.to_container(composed, resolve=True)
+    values, choices = compose_values(CONFIG_NAME, argv)
+    name = choices.get("model", "")
     unknown = sorted(set(values) - KNOWN_KEYS)
     if unknown:
         raise ConfigError(f"{unknown[0]}: unknown key (known: {', '.join(sorted(KNOWN_KEYS))})")
@@ -69,16 +56,7 @@ def run(argv: Sequence[str]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if any(a in ("-h", "--help") for a in argv):
-        print(__doc__.strip())
-        return 0
-    try:
-        print(run(argv))
-    except (ConfigError, HydraException, OmegaConfBaseException) as err:
-        print(f"{PROG}: error: {_one_line(err)}", file=sys.stderr)
-        return 2
-    return 0
+    return run_cli(PROG, __doc__, argv, run)
 
 
 if __name__ == "__main__":

@@ -19,8 +19,7 @@ import json
 import sys
 from collections.abc import Sequence
 
-from hydra import compose, initialize_config_module
-from hydra.errors import HydraException
+from moeforge.platform.cli import compose_values, run_cli
 from moeforge.platform.schedules import ScheduleError, simulate
 from moeforge.platform.schedules.report import (
     ScheduleJobConfig,
@@ -30,24 +29,14 @@ from moeforge.platform.schedules.report import (
     format_table,
     write_outputs,
 )
-from omegaconf import OmegaConf
-from omegaconf.errors import OmegaConfBaseException
 
-CONFIG_MODULE = "moeforge.conf"
 CONFIG_NAME = "schedule"
 PROG = "moeforge-schedule"
 
 
-def _one_line(err: BaseException) -> str:
-    text = str(err).split("Config search path")[0]
-    return " ".join(line.strip() for line in text.splitlines() if line.strip())
-
-
 def run(argv: Sequence[str]) -> str:
     """Compose the config from Hydra overrides, do the work and return what to print."""
-    with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
-        composed = compose(config_name=CONFIG_NAME, overrides=list(argv))
-    cfg = ScheduleJobConfig.from_dict(OmegaConf.to_container(composed, resolve=True))
+    cfg = ScheduleJobConfig.from_dict(compose_values(CONFIG_NAME, argv)[0])
     schedule = chosen_schedule(cfg)
     result = simulate(schedule, chunk_costs(schedule, cfg.cost))
     rows = compare(schedule.pp, schedule.num_microbatches, cfg.cost)
@@ -78,16 +67,7 @@ def run(argv: Sequence[str]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if any(a in ("-h", "--help") for a in argv):
-        print(__doc__.strip())
-        return 0
-    try:
-        print(run(argv))
-    except (ScheduleError, HydraException, OmegaConfBaseException) as err:
-        print(f"{PROG}: error: {_one_line(err)}", file=sys.stderr)
-        return 2
-    return 0
+    return run_cli(PROG, __doc__, argv, run, errors=(ScheduleError,))
 
 
 if __name__ == "__main__":
