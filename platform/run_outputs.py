@@ -17,10 +17,11 @@ import tempfile
 from collections.abc import Mapping
 from typing import Any
 
+from moeforge.platform.loss_plot import loss_curve_png
 from moeforge.platform.storage import LocalStorage, open_storage, redact
 from omegaconf import OmegaConf
 
-CONFIG, METRICS, SUMMARY = "config.yaml", "metrics.jsonl", "summary.json"
+CONFIG, METRICS, SUMMARY, LOSS_PNG = "config.yaml", "metrics.jsonl", "summary.json", "loss.png"
 
 
 class RunOutputs:
@@ -86,8 +87,16 @@ class RunOutputs:
         self._unflushed = False
 
     def write_summary(self, summary: Mapping[str, Any]) -> None:
+        """summary.json, and beside it loss.png drawn from the metrics recorded so far (named in the
+        summary as `loss_curve`); a run that recorded no step gets no picture."""
         self.flush()
-        self.storage.write_text(SUMMARY, json.dumps(dict(summary), indent=2, sort_keys=True) + "\n")
+        summary = dict(summary)
+        records = self._existing_records()
+        if records:
+            title = f"{summary.get('name') or 'run'}: {len(records)} steps"
+            self.storage.write_bytes(LOSS_PNG, loss_curve_png({"run": records}, title=title))
+            summary["loss_curve"] = self.storage.url(LOSS_PNG)
+        self.storage.write_text(SUMMARY, json.dumps(summary, indent=2, sort_keys=True) + "\n")
 
 
 def _plain(value: Any) -> Any:

@@ -226,7 +226,7 @@ def test_wandb_offline_receives_every_step_and_the_summary(tmp_path, monkeypatch
 def test_tracking_none_writes_no_tracker_files(tmp_path):
     trainer(config(tmp_path, steps=1, every=0, dropout=0.0)).train()
     assert not (tmp_path / "wandb").exists()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.yaml", "metrics.jsonl", "summary.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.yaml", "loss.png", "metrics.jsonl", "summary.json"]
 
 
 PRECISIONS = {

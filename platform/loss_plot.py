@@ -1,0 +1,51 @@
+"""Loss curves as a PNG: what people look at first after a run.
+
+Takes plain metric records (the lines of metrics.jsonl), so the training loops, the pipeline runtime
+and the convergence benchmark all draw with the same code.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # headless: runs on workers and CI without a display
+import matplotlib.pyplot as plt  # noqa: E402
+
+# metric key -> legend label; drawn when present in the records
+CURVES = {"loss": "train loss", "lm_loss": "LM loss", "mtp_loss": "MTP loss", "eval_loss": "eval loss"}
+
+
+def loss_curve_png(runs: Mapping[str, Sequence[Mapping[str, Any]]], title: str = "") -> bytes:
+    """PNG bytes of loss against step for one or more runs ({run name: metric records}).
+
+    Each record needs `step`; every key of CURVES it carries becomes a line (eval loss as markers,
+    since it is reported every few steps). Raises ValueError when no record has a loss."""
+    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=120)
+    drawn = 0
+    for run_name, records in runs.items():
+        prefix = f"{run_name}: " if len(runs) > 1 else ""
+        for key, label in CURVES.items():
+            points = [(r["step"], r[key]) for r in records if r.get(key) is not None]
+            if not points:
+                continue
+            steps, values = zip(*points)
+            style = {"marker": "o", "linestyle": "--"} if key == "eval_loss" else {}
+            ax.plot(steps, values, label=prefix + label, linewidth=1.4, **style)
+            drawn += 1
+    if not drawn:
+        plt.close(fig)
+        raise ValueError("no metric record carries a loss to plot")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss (nats/token)")
+    ax.set_title(title or "loss")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    plt.close(fig)
+    return buffer.getvalue()

@@ -1,0 +1,37 @@
+"""Every run summary comes with a loss-curve picture drawn from its own metrics."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from moeforge.platform.loss_plot import loss_curve_png
+from moeforge.platform.run_outputs import RunOutputs
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def test_summary_writes_loss_png_from_recorded_metrics(tmp_path):
+    outputs = RunOutputs(str(tmp_path / "run"))
+    for step in range(1, 6):
+        record = {"step": step, "loss": 5.0 / step, "lm_loss": 4.0 / step}
+        if step % 2 == 0:
+            record["eval_loss"] = 4.5 / step
+        outputs.append_metrics(record)
+    outputs.write_summary({"name": "unit", "final_loss": 1.0})
+    png = (tmp_path / "run" / "loss.png").read_bytes()
+    assert png.startswith(PNG_MAGIC) and len(png) > 5000
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["loss_curve"].endswith("loss.png") and summary["final_loss"] == 1.0
+
+
+def test_no_steps_no_picture(tmp_path):
+    outputs = RunOutputs(str(tmp_path / "run"))
+    outputs.write_summary({"status": "failed"})
+    assert not (tmp_path / "run" / "loss.png").exists()
+    assert "loss_curve" not in json.loads((tmp_path / "run" / "summary.json").read_text())
+
+
+def test_records_without_loss_are_refused():
+    with pytest.raises(ValueError, match="no metric record carries a loss"):
+        loss_curve_png({"a": [{"step": 1, "lr": 0.1}]})
