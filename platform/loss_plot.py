@@ -13,7 +13,7 @@ from typing import Any
 import matplotlib
 
 matplotlib.use("Agg")  # headless: runs on workers and CI without a display
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
 # metric key -> legend label; drawn when present in the records
 CURVES = {"loss": "train loss", "lm_loss": "LM loss", "mtp_loss": "MTP loss", "eval_loss": "eval loss"}
