@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 
 class ConfigError(ValueError):
@@ -226,12 +227,12 @@ class ModelConfig:
 
     # --- construction ---------------------------------------------------------------------------------------
     @classmethod
-    def from_dict(cls, values: Mapping[str, Any]) -> "ModelConfig":
+    def from_dict(cls, values: Mapping[str, Any]) -> ModelConfig:
         """Build from a plain mapping (Hydra / YAML); an unknown key fails with its name."""
         return _build(cls, dict(values), "model")
 
     @classmethod
-    def from_hf_dict(cls, hf: Mapping[str, Any]) -> "ModelConfig":
+    def from_hf_dict(cls, hf: Mapping[str, Any]) -> ModelConfig:
         """Build from a Hugging Face DeepSeek-V3 `config.json`; HF-only bookkeeping keys are dropped.
 
         Reads both the published layout (`rope_scaling` + `rope_theta`) and transformers v5's
@@ -269,7 +270,7 @@ class ModelConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
-    def replace(self, **changes: Any) -> "ModelConfig":
+    def replace(self, **changes: Any) -> ModelConfig:
         return dataclasses.replace(self, **changes)
 
 

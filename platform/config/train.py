@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 from moeforge.model.config import ConfigError, ModelConfig
 from moeforge.platform.config._build import build
@@ -38,7 +39,7 @@ class TrainConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
     @classmethod
-    def from_dict(cls, values: Mapping[str, Any]) -> "TrainConfig":
+    def from_dict(cls, values: Mapping[str, Any]) -> TrainConfig:
         """Build from the composed Hydra config (as a plain dict). Unknown sections or keys fail
         with their dotted path; cross-section checks run last."""
         values = dict(values)
