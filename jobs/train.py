@@ -15,6 +15,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.errors import HydraException
 from hydra.types import RunMode
 from moeforge.model.config import ConfigError
+from moeforge.platform.checkpoint_state import CheckpointError
 from moeforge.platform.config.train import TrainConfig
 from moeforge.platform.storage import StorageError
 from omegaconf import DictConfig, OmegaConf
@@ -103,6 +104,8 @@ def _train(cfg: DictConfig) -> None:
         _fail(str(err))
     except StorageError as err:  # run.dir unreachable (bucket, credentials, endpoint)
         _fail(str(err), kind="storage")
+    except CheckpointError as err:  # a checkpoint to resume is damaged or does not fit the run
+        _fail(str(err), kind="checkpoint")
 
 
 if __name__ == "__main__":

@@ -12,7 +12,9 @@
   4. runs a Ray Train `TorchTrainer` with pp x dp workers; every worker is the actor owning its
      pipeline stage(s) (platform/worker.py) and a failure on any rank ends the run
      (`FailureConfig(max_failures=0)`) with that rank's error;
-  5. returns rank 0's summary (also in <run.dir>/summary.json) and prints it.
+  5. returns rank 0's summary (also in <run.dir>/summary.json) and prints it. A failed run's
+     summary.json says status "failed" with the error naming every failed rank (root cause first),
+     over what rank 0 recorded before it stopped.
 """
 
 from __future__ import annotations
@@ -88,9 +90,14 @@ def _storage(run_dir: str) -> tuple[str, object | None]:
 
 def launch_training(cfg: TrainConfig, raw_config: dict | None = None) -> dict:
     """Run a pipeline-parallel training job on Ray; return rank 0's summary dict."""
+    from moeforge.platform.checkpoint import checkpoint_path, read_meta
     from moeforge.platform.cluster_check import check_cluster_fits
+    from moeforge.platform.pipeline_step import check_resumable, resume_point
 
     validate_pipeline(cfg)
+    resume_step = resume_point(cfg)  # run.dir and its checkpoints: refused now, not on a worker
+    if resume_step is not None:
+        check_resumable(cfg, read_meta(checkpoint_path(cfg.run.dir, resume_step)))
     ray = connect_ray()
     check_cluster_fits(cfg.parallel, ray.cluster_resources())
 
@@ -120,7 +127,9 @@ def launch_training(cfg: TrainConfig, raw_config: dict | None = None) -> dict:
     try:
         trainer.fit()
     except TrainingFailedError as err:
-        raise PipelineRunError(describe_failure(err)) from None
+        message = describe_failure(err)
+        record_failure(cfg.run.dir, message)
+        raise PipelineRunError(message) from None
     summary = read_summary(cfg.run.dir)
     print(json.dumps({k: v for k, v in summary.items() if k != "losses"}, indent=2, sort_keys=True))
     return summary
@@ -148,6 +157,27 @@ def describe_failure(err: Exception) -> str:
 def _first_lines(exc: Exception, limit: int = 600) -> str:
     text = " ".join(str(exc).split())
     return text if len(text) <= limit else text[:limit] + "..."
+
+
+def record_failure(run_dir: str, message: str) -> None:
+    """summary.json of a failed run: what rank 0 recorded (steps, losses, its own error), with the
+    error replaced by the driver's `message`, which names every failed rank. Best effort: a failure
+    to write it is printed, never raised over the run's own error."""
+    from moeforge.platform.metrics import TrainSummary
+    from moeforge.platform.run_outputs import SUMMARY
+    from moeforge.platform.storage import open_storage
+
+    try:
+        storage = open_storage(run_dir)
+        summary = json.loads(storage.read_text(SUMMARY)) if storage.exists(SUMMARY) else {}
+        if summary.get("status") != "failed":  # none yet, or an earlier run's: start afresh
+            summary = TrainSummary(
+                steps=0, first_loss=None, final_loss=None, tokens_per_s=0.0, elapsed_s=0.0
+            ).to_dict()
+        summary.update(status="failed", error=message)
+        storage.write_text(SUMMARY, json.dumps(summary, indent=2, sort_keys=True) + "\n")
+    except Exception as err:  # noqa: BLE001
+        print(f"could not write {run_dir}/{SUMMARY} after the failure: {err}")
 
 
 def read_summary(run_dir: str) -> dict:

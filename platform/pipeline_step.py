@@ -13,10 +13,27 @@ Train's TorchConfig, or by a test that spawns gloo processes). Per optimizer ste
                 (platform/moe_balance.py)
     metrics     losses, grad norm, LR, tokens/s, MFU, expert load, bubble, exposed comm (all ranks
                 contribute; rank 0 formats and records them)
+
+Around the steps (`run_pipeline_training`, mirroring the reference loop's `train`):
+    evaluate    every run.eval_every steps and at the end: a forward-only pass of run.eval_batches
+                held-out batches along the stage route of micro-batch 0 (`Schedule.route`), one
+                stage after the other with blocking send/recv: no schedule, no overlap, but the same
+                stage code and weights as training, so it equals the reference's `evaluate`. Each dp
+                replica evaluates its rows of every val batch; the mean over replicas is the mean
+                over the whole batch (equal token counts).
+    checkpoint  every checkpoint.every steps and at the end: every rank writes its shard (its stage
+                modules with router biases, its optimizer state, its RNG), barrier, rank 0 commits
+                with world {pp, dp} and samples_consumed (platform/checkpoint.py's contract).
+    resume      checkpoint.resume: every rank loads its own shard of the newest complete checkpoint
+                (rank 0 picks it, the others take its step).
+    failure     rank 0 records what it has (metrics, summary.json with status "failed" and its
+                error); the driver (platform/launch.py) then names every failed rank in the summary.
+                No failure checkpoint: that would need every rank alive and at a common step.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections.abc import Callable
@@ -25,6 +42,16 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 from moeforge.model.accounting import estimate
+from moeforge.model.config import ConfigError
+from moeforge.platform.checkpoint import (
+    CheckpointMeta,
+    checkpoint_path,
+    commit_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+    save_shard,
+)
+from moeforge.platform.checkpoint_state import CheckpointError, RNGState
 from moeforge.platform.config.train import TrainConfig
 from moeforge.platform.executor import PipelineExecutor, StepTrace
 from moeforge.platform.lr_schedule import lr_at
@@ -152,6 +179,9 @@ class PipelineRuntime:
         est = estimate(cfg.model)
         self.flops_per_token = est.train_flops_per_token + est.mtp_train_flops_per_token
         self.step = 0
+        # Evaluation needs held-out data on every rank that reads tokens; middle stages follow.
+        has_val = 1.0 if not self.holds_data or getattr(self.source, "has_val", False) else 0.0
+        self.has_val = bool(self._all_reduce_small(torch.tensor([has_val]), dist.ReduceOp.MIN)[0] > 0)
 
     # ---- one optimizer step -----------------------------------------------------------------------
     def _maybe_fault(self) -> None:
@@ -259,6 +289,94 @@ class PipelineRuntime:
             records=records,
         )
 
+    # ---- evaluation -------------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self, num_batches: int | None = None) -> float | None:
+        """Mean loss over the first `num_batches` held-out batches (run.eval_batches), the same on
+        every rank; None when there is no held-out data. Every rank must call it (see module doc).
+
+        Expert loads counted here are discarded so they never move the router biases."""
+        if not self.has_val:
+            return None
+        num_batches = num_batches or self.cfg.run.eval_batches
+        par = self.cfg.parallel
+        route = self.schedule.route(0)  # [(pp rank, local chunk)] in stage order
+        shape = (self.cfg.data.global_batch // par.dp, self.cfg.model.seq_len, self.cfg.model.hidden_size)
+        total, count = 0.0, 0
+        self.module.eval()
+        try:
+            for i in range(num_batches):
+                ids = labels = None
+                if self.holds_data:
+                    ids, labels = inputs_and_labels(
+                        self.source.val_batch(i, self.dp_rank, par.dp).to(self.device)
+                    )
+                h = None
+                for s, (owner, chunk) in enumerate(route):
+                    if owner != self.pp_rank:
+                        continue
+                    if s > 0 and route[s - 1][0] != owner:  # the previous stage is on another rank
+                        h = torch.empty(shape, dtype=torch.float32, device=self.device)
+                        dist.recv(h, src=self.topo.rank_of(route[s - 1][0], self.dp_rank))
+                    stage = self.chunks[chunk]
+                    with compute_context(self.cfg.precision, self.device.type):
+                        out = stage.forward(h, ids, labels)
+                    if stage.spec.last:
+                        total, count = total + float(out.loss), count + 1
+                        continue
+                    h = out.to(torch.float32)
+                    if route[s + 1][0] != owner:
+                        dist.send(h.contiguous(), dst=self.topo.rank_of(route[s + 1][0], self.dp_rank))
+        finally:
+            for m in self.moe:
+                m.reset_load()
+            self.module.train()
+        sums = self._all_reduce_small(torch.tensor([total, float(count)], dtype=torch.float64))
+        return float(sums[0] / sums[1])
+
+    # ---- checkpoints ------------------------------------------------------------------------------
+    def checkpoint_state(self) -> dict:
+        """This rank's checkpoint parts: its stage modules (weights and router-bias buffers, full-model
+        names), its optimizer state (platform/zero.py) and its RNG states."""
+        return {"model": self.module, "optimizer": self.opt.state(), "rng": RNGState()}
+
+    def save_checkpoint(self) -> str:
+        """Every rank: write this rank's shard of the checkpoint of `self.step`; barrier; rank 0
+        commits it (meta.json, COMPLETE, pruning). Returns the checkpoint's path."""
+        cfg = self.cfg
+        path = save_shard(cfg.run.dir, self.step, self.checkpoint_state(), shard=(self.pp_rank, self.dp_rank))
+        dist.barrier()  # every shard is written before rank 0 checks them
+        if self.rank == 0:
+            path = commit_checkpoint(
+                cfg.run.dir,
+                self.step,
+                world={"pp": self.topo.pp, "dp": self.topo.dp},
+                samples_consumed=self.step * cfg.data.global_batch,
+                lr_step=self.step,
+                config=dataclasses.asdict(cfg),
+                extra={"schedule": cfg.parallel.schedule, "zero_stage": cfg.parallel.zero_stage},
+                keep=cfg.checkpoint.keep,
+            )
+        return path
+
+    def resume(self) -> str | None:
+        """With checkpoint.resume, restore this rank's shard of the newest complete checkpoint (rank 0
+        picks it; every rank takes that step). Returns its path, or None for a fresh start."""
+        mine = torch.zeros(1, dtype=torch.float64)  # rank 0's choice, summed over the world
+        if self.rank == 0:
+            found = resume_point(self.cfg)
+            mine[0] = -1 if found is None else found
+        step = int(self._all_reduce_small(mine)[0])
+        if step < 0:
+            return None
+        path = checkpoint_path(self.cfg.run.dir, step)
+        meta = load_checkpoint(path, self.checkpoint_state(), shard=(self.pp_rank, self.dp_rank))
+        check_resumable(self.cfg, meta)
+        self.step = meta.step
+        for m in self.moe:
+            m.reset_load()
+        return path
+
     # ---- outputs ----------------------------------------------------------------------------------
     def save_params(self, run_dir: str) -> str | None:
         """Write this rank's parameters and buffers (full-model names) as safetensors to
@@ -287,6 +405,41 @@ def load_pipeline_params(run_dir: str) -> dict[str, torch.Tensor]:
     return merged
 
 
+def resume_point(cfg: TrainConfig) -> int | None:
+    """The step of the checkpoint a pipeline run resumes from, None for a fresh start. A fresh run
+    that would checkpoint into a run.dir holding checkpoints is refused (as the reference loop
+    refuses it): its saves would collide with them and pruning would mix the two runs."""
+    ck = cfg.checkpoint
+    if ck.resume:
+        found = list_checkpoints(cfg.run.dir)
+        return found[-1][0] if found else None
+    if ck.every:
+        found = list_checkpoints(cfg.run.dir)
+        if found:
+            raise ConfigError(
+                f"checkpoint.resume: false, but run.dir {cfg.run.dir} holds checkpoints (newest: step "
+                f"{found[-1][0]}); resume them (checkpoint.resume=true) or use another run.dir"
+            )
+    return None
+
+
+def check_resumable(cfg: TrainConfig, meta: CheckpointMeta) -> None:
+    """A checkpoint fits this run: same (pp, dp) layout (one shard per rank, no resharding) and its
+    samples_consumed is its step's position at this global batch. Raises CheckpointError."""
+    world = {"pp": cfg.parallel.pp, "dp": cfg.parallel.dp}
+    if {k: meta.world.get(k) for k in world} != world:
+        raise CheckpointError(
+            f"{meta.path}: written by world {meta.world}, this run is {world} (resharding is not supported)"
+        )
+    expected = meta.step * cfg.data.global_batch
+    if meta.samples_consumed != expected:
+        raise CheckpointError(
+            f"{meta.path}: {meta.samples_consumed} samples consumed at step {meta.step}, but "
+            f"data.global_batch={cfg.data.global_batch} puts step {meta.step} at sample {expected}; "
+            "resume with the global batch the checkpoint was trained with"
+        )
+
+
 def run_pipeline_training(
     cfg: TrainConfig,
     rank: int,
@@ -299,25 +452,40 @@ def run_pipeline_training(
     """The whole run on one rank; rank 0 returns the summary (see platform/worker.py).
 
     `report` (Ray Train's, a barrier) is called on EVERY rank at the same steps (each log step and
-    the last), with rank 0's metrics; other ranks pass an empty dict."""
+    the last), with rank 0's metrics; other ranks pass an empty dict. Evaluation and checkpoints are
+    collective too: every rank takes part at the same steps."""
     from moeforge.platform.pipeline_report import PipelineReporter
 
     runtime = PipelineRuntime(cfg, rank, world_size, source=source, device=device)
-    reporter = PipelineReporter(cfg, runtime, log=log) if rank == 0 else None
-    for _ in range(cfg.run.steps):
-        step = runtime.step + 1
-        last = step == cfg.run.steps
-        gather = cfg.tracking.log_timeline and (last or step % cfg.run.log_every == 0)
-        metrics = runtime.train_step(gather_timeline=gather)
-        if not math.isfinite(metrics.base.loss):
-            raise FloatingPointError(
-                f"{runtime.name}: loss is {metrics.base.loss} at step {metrics.base.step}"
-            )
-        record = reporter.record(metrics) if reporter is not None else {}
-        if report is not None and (last or step % cfg.run.log_every == 0):
-            report(record)
-    runtime.save_params(cfg.run.dir)
-    dist.barrier()
+    resumed = runtime.resume()
+    reporter = PipelineReporter(cfg, runtime, log=log, resumed_from=resumed) if rank == 0 else None
+    run, every = cfg.run, cfg.checkpoint.every
+    try:
+        while runtime.step < run.steps:
+            step = runtime.step + 1
+            last = step == run.steps
+            gather = cfg.tracking.log_timeline and (last or step % run.log_every == 0)
+            metrics = runtime.train_step(gather_timeline=gather)
+            if not math.isfinite(metrics.base.loss):
+                raise FloatingPointError(f"{runtime.name}: loss is {metrics.base.loss} at step {step}")
+            eval_loss = None
+            if run.eval_every and (step % run.eval_every == 0 or last):
+                eval_loss = runtime.evaluate()
+            record = reporter.record(metrics, eval_loss) if reporter is not None else {}
+            if report is not None and (last or step % run.log_every == 0):
+                report(record)
+            if every and (step % every == 0 or last):
+                if reporter is not None:
+                    reporter.outputs.flush()  # a resumed run finds every record its checkpoint covers
+                path = runtime.save_checkpoint()
+                if reporter is not None:
+                    reporter.checkpointed(step, path)
+        runtime.save_params(cfg.run.dir)
+        dist.barrier()
+    except BaseException as err:
+        if reporter is not None:
+            reporter.fail(err)
+        raise
     return reporter.finish() if reporter is not None else None
 
 

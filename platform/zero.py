@@ -23,6 +23,11 @@ Two implementations, same interface (`step(grads, lr) -> grad_norm`):
   arithmetic as the reference's clip (coef = max_norm / (norm + 1e-6), capped at 1).
 - `PlainStep` (parallel.zero_stage 0): one flat all-reduce over the shard group, the reference's
   `grad_sq_sum` all-reduced over the norm group, the reference's clip and a torch AdamW.
+
+Checkpoints: `state()` returns the optimizer as a Stateful of flat tensors (platform/checkpoint.py).
+PlainStep: AdamW moments by parameter name (`OptimizerState`). ZeroStep: `ZeroOptimizerState`, this
+rank's partition of DeepSpeed's ZeRO state: the fp32 master partition and the wrapped AdamW's moments
+on it, per parameter group, exact (no pickle; DeepSpeed's own `state_dict()` mixes in Python objects).
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ import math
 
 import torch
 import torch.distributed as dist
+from moeforge.platform.checkpoint_state import CheckpointError, OptimizerState
 from moeforge.platform.config.optim import OptimConfig
 from moeforge.platform.config.precision import PrecisionConfig
 from moeforge.platform.lr_schedule import set_lr
@@ -132,6 +138,65 @@ class ZeroStep:
         norm = self.engine.get_global_grad_norm()
         return float(norm) if norm is not None else math.nan
 
+    def state(self) -> ZeroOptimizerState:
+        """The optimizer state to checkpoint (this rank's ZeRO partition)."""
+        return ZeroOptimizerState(self.optimizer)
+
+
+class ZeroOptimizerState:
+    """This rank's DeepSpeed ZeRO-1/2 optimizer state as flat tensors: per parameter group g, the fp32
+    master partition DeepSpeed keeps (`group{g}/fp32`, padding included) and the wrapped AdamW's state
+    on it (`group{g}/exp_avg`, `group{g}/exp_avg_sq`, `group{g}/step`).
+
+    The partition layout is DeepSpeed's for this rank's parameter list and shard-group size, so a
+    resume needs the same world (which pipeline checkpoints require anyway: one shard per rank)."""
+
+    def __init__(self, zero_optimizer) -> None:
+        self.zero = zero_optimizer
+
+    def _partitions(self) -> list[torch.Tensor]:
+        return list(self.zero.single_partition_of_fp32_groups)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        out: dict[str, torch.Tensor] = {}
+        for g, part in enumerate(self._partitions()):
+            out[f"group{g}/fp32"] = part.detach().cpu().clone()
+            for key, value in self.zero.optimizer.state.get(part, {}).items():
+                if isinstance(value, (int, float)):
+                    value = torch.tensor(float(value), dtype=torch.float32)
+                out[f"group{g}/{key}"] = value.detach().cpu().clone()
+        return out
+
+    def load_state_dict(self, tensors) -> None:
+        parts = self._partitions()
+        by_group: dict[int, dict[str, torch.Tensor]] = {}
+        for key, value in tensors.items():
+            group, _, name = key.partition("/")
+            if not group.startswith("group") or not group[5:].isdigit() or not name:
+                raise CheckpointError(f"optimizer state {key!r}: expected 'group<g>/<state key>'")
+            g = int(group[5:])
+            if g >= len(parts):
+                raise CheckpointError(
+                    f"optimizer state {key}: this rank has {len(parts)} ZeRO parameter groups"
+                )
+            by_group.setdefault(g, {})[name] = value
+        for g, part in enumerate(parts):
+            saved = dict(by_group.get(g, {}))
+            master = saved.pop("fp32", None)
+            if master is None:
+                raise CheckpointError(f"optimizer state group{g}/fp32: missing")
+            for key, value in [("fp32", master), *saved.items()]:
+                if value.ndim > 0 and value.shape != part.shape:
+                    raise CheckpointError(
+                        f"optimizer state group{g}/{key}: shape {list(value.shape)} != ZeRO partition "
+                        f"{list(part.shape)} (another world size or parameter layout)"
+                    )
+            with torch.no_grad():
+                part.copy_(master.to(part.device))
+            self.zero.optimizer.state[part] = {
+                k: (v.to(part.device, copy=True) if v.ndim > 0 else v.clone()) for k, v in saved.items()
+            }
+
 
 class PlainStep:
     """No ZeRO: flat all-reduce of gradients over the shard group, clip, torch AdamW."""
@@ -146,6 +211,7 @@ class PlainStep:
         replicated: list[nn.Parameter],
     ) -> None:
         self.params = [p for p in module.parameters() if p.requires_grad]
+        self.named_params = list(module.named_parameters())
         self.optimizer = make_adamw(
             param_groups(module.named_parameters(), optim_cfg.weight_decay), optim_cfg, precision_cfg
         )
@@ -175,3 +241,7 @@ class PlainStep:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return float(norm)
+
+    def state(self) -> OptimizerState:
+        """The optimizer state to checkpoint (AdamW moments by parameter name)."""
+        return OptimizerState(self.optimizer, self.named_params)

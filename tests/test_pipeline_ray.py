@@ -7,6 +7,7 @@ rank raising mid-step, a rank that never sends). Config errors are refused befor
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 from moeforge.model.config import ConfigError
@@ -78,6 +79,10 @@ def test_ray_pipeline_failure_names_the_rank(ray_cluster, tmp_path, kind, messag
     )
     with pytest.raises(PipelineRunError, match=message):
         launch_training(TrainConfig.from_dict(raw), raw)
+    # the driver records the failure, naming the rank(s), in summary.json
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["status"] == "failed"
+    assert summary["error"].startswith("pipeline run failed on ") and re.search(message, summary["error"])
 
 
 @pytest.mark.parametrize(

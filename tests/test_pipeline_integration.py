@@ -1,0 +1,173 @@
+"""A pipeline run has what the reference loop has: evaluation, checkpoints and resume, tracking, a
+recorded failure.
+
+In-process gloo runs (spawn_gloo, no Ray) check the numbers: the pipeline's eval loss equals the
+reference loop's at the same steps, and a run resumed from its step-2 checkpoint (weights, DeepSpeed
+ZeRO optimizer partition, RNG) reproduces the straight run's step-3/4 losses exactly. One pair of Ray
+Train launches checks the same through `launch_training`, with W&B (offline) on rank 0.
+"""
+
+from __future__ import annotations
+
+import copy
+import glob
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+from moeforge.platform.checkpoint import list_checkpoints, read_meta
+from moeforge.platform.local_spawn import spawn_gloo
+from moeforge.platform.pipeline_step import train_from_dict
+from pipeline_cases import pipeline_config, reference_run
+from test_tracking import read_wandb_records
+
+STEPS, EVERY = 4, 2
+
+
+def _config(run_dir, **run) -> dict:
+    """DualPipe pp=2 with ZeRO-1: the two ranks of the pair form DeepSpeed's shard group, so each
+    checkpoint shard holds a real ZeRO partition. Eval and checkpoints every 2 of 4 steps."""
+    raw = pipeline_config(run_dir, "dualpipe", 2, 1, 4, zero_stage=1)
+    raw["run"].update(steps=STEPS, eval_every=EVERY, eval_batches=1, **run)
+    raw["checkpoint"] = {"every": EVERY, "keep": 2, "resume": True}
+    return raw
+
+
+def _metrics(run_dir) -> list[dict]:
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def _keep_only_first_checkpoint(src, dst) -> None:
+    """run.dir as it was right after the step-2 checkpoint: later checkpoints and records removed
+    (the resumed run itself drops metrics lines past its checkpoint)."""
+    shutil.copytree(src, dst)
+    for step, path in list_checkpoints(str(dst)):
+        if step > EVERY:
+            shutil.rmtree(path)
+    os.remove(os.path.join(dst, "summary.json"))
+
+
+def _assert_resumed_run_repeats(straight: dict, resumed: dict, resumed_dir) -> None:
+    assert resumed["resumed_from_step"] == EVERY
+    assert resumed["steps"] == STEPS
+    # Optimizer moments, weights, router biases and RNG all restored: bit-identical losses.
+    assert resumed["losses"] == straight["losses"], (resumed["losses"], straight["losses"])
+    assert [r["step"] for r in _metrics(resumed_dir)] == list(range(1, STEPS + 1))
+
+
+def test_eval_checkpoint_resume_on_gloo(tmp_path):
+    straight_dir = tmp_path / "straight"
+    raw = _config(straight_dir)
+    straight = spawn_gloo(train_from_dict, 2, (raw, True))[0]
+
+    # evaluation: every 2 steps, equal to the reference loop's eval loss at the same steps
+    ref_raw = copy.deepcopy(raw)
+    ref_raw["checkpoint"] = {"every": 0}
+    reference_run(ref_raw, tmp_path / "reference")
+    ref_eval = {r["step"]: r["eval_loss"] for r in _metrics(tmp_path / "reference") if "eval_loss" in r}
+    pipe_eval = {r["step"]: r["eval_loss"] for r in _metrics(straight_dir) if "eval_loss" in r}
+    assert sorted(pipe_eval) == sorted(ref_eval) == [2, 4]
+    for step, ref in ref_eval.items():
+        assert abs(pipe_eval[step] - ref) <= 1e-5 * abs(ref), (step, pipe_eval[step], ref)
+    assert straight["eval_loss"] == pipe_eval[4]
+
+    # checkpoints: one shard per rank with model, ZeRO optimizer partition and RNG; committed by rank 0
+    found = list_checkpoints(str(straight_dir))
+    assert [s for s, _ in found] == [2, 4]
+    meta = read_meta(found[0][1])
+    assert meta.world == {"pp": 2, "dp": 1} and meta.samples_consumed == 2 * raw["data"]["global_batch"]
+    assert sorted(meta.shards) == ["rank0_0", "rank1_0"]
+    for shard in meta.shards.values():
+        assert shard["parts"] == ["model", "optimizer", "rng"]
+        keys = shard["tensors"]
+        assert "optimizer/group0/fp32" in keys and "optimizer/group0/exp_avg_sq" in keys
+    assert straight["checkpoint"].endswith("step_00000004")
+
+    # resume from step 2 in a copy of the run.dir: steps 3 and 4 repeat the straight run's exactly
+    resumed_dir = tmp_path / "resumed"
+    _keep_only_first_checkpoint(straight_dir, resumed_dir)
+    resumed = spawn_gloo(train_from_dict, 2, (_config(resumed_dir), True))[0]
+    _assert_resumed_run_repeats(straight, resumed, resumed_dir)
+    assert resumed["eval_loss"] == straight["eval_loss"]
+
+
+def test_failed_run_records_rank0_error(tmp_path):
+    """Rank 0 raises in its second step: summary.json says failed, with the error and the step done."""
+    raw = pipeline_config(
+        tmp_path / "run",
+        "1f1b",
+        2,
+        1,
+        2,
+        0,
+        p2p_timeout_s=5.0,
+        fault_injection={"rank": 0, "step": 1, "kind": "raise"},
+    )
+    with pytest.raises(RuntimeError, match="InjectedFault"):
+        spawn_gloo(train_from_dict, 2, (raw, True), timeout_s=60)
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["status"] == "failed"
+    assert summary["error"].startswith("InjectedFault: rank 0 (pp 0, dp 0): injected fault at step 1")
+    assert summary["steps"] == 1 and len(summary["losses"]) == 1
+    assert len(_metrics(tmp_path / "run")) == 1
+
+
+def test_damaged_checkpoint_is_one_line_exit_2(tmp_path):
+    """moeforge-train refuses to resume a corrupt checkpoint before any worker starts."""
+    raw = pipeline_config(tmp_path / "run", "dualpipe", 2, 1, 4, 0)
+    folder = tmp_path / "run" / "checkpoints" / "step_00000002"
+    folder.mkdir(parents=True)
+    (folder / "meta.json").write_text("{}\n")
+    (folder / "COMPLETE").write_text('{"meta_sha256": "0"}\n')
+    cmd = [
+        os.path.join(os.path.dirname(sys.executable), "moeforge-train"),
+        "experiment=tiny_cpu_dualpipe",
+        f"run.dir={raw['run']['dir']}",
+        "checkpoint.every=2",
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("moeforge-train: checkpoint error: "), proc.stderr[-2000:]
+    assert "meta.json" in lines[0] and "corrupt" in lines[0]
+
+
+def test_ray_pipeline_tracks_evaluates_checkpoints_and_resumes(ray_cluster, tmp_path):
+    """Two Ray Train launches: 4 steps with W&B (offline), eval and checkpoints; then a resume from
+    the step-2 checkpoint that repeats steps 3 and 4."""
+    from moeforge.platform.config import TrainConfig
+    from moeforge.platform.launch import launch_training
+
+    straight_dir = tmp_path / "straight"
+    raw = _config(straight_dir)
+    raw["tracking"] = {"backend": "wandb", "mode": "offline", "log_timeline": True}
+    straight = launch_training(TrainConfig.from_dict(raw), raw)
+    assert straight["status"] == "completed" and straight["eval_loss"] is not None
+    assert [s for s, _ in list_checkpoints(str(straight_dir))] == [2, 4]
+    # W&B ran on rank 0 only: one offline run with every step's metrics, the timeline image, the summary
+    (wandb_file,) = glob.glob(str(straight_dir / "wandb" / "offline-run-*" / "run-*.wandb"))
+    records = read_wandb_records(wandb_file)
+    history = [r.history for r in records if r.WhichOneof("record_type") == "history"]
+    assert sorted({h.step.num for h in history}) == list(range(1, STEPS + 1))
+    keys = {item.key or "/".join(item.nested_key) for h in history for item in h.item}
+    expected = {"loss", "mtp_loss", "aux_loss", "grad_norm", "lr", "tokens_per_s", "mfu", "eval_loss"}
+    expected |= {"bubble_fraction", "exposed_comm_s", "max_expert_load", "mean_expert_load", "timeline/_type"}
+    assert expected <= keys, expected - keys
+    summary_keys = {
+        i.key for r in records if r.WhichOneof("record_type") == "summary" for i in r.summary.update
+    }
+    assert {"final_loss", "tokens_per_s", "bubble_fraction", "eval_loss"} <= summary_keys, summary_keys
+    assert glob.glob(
+        str(straight_dir / "wandb" / "offline-run-*" / "files" / "media" / "images" / "timeline*.png")
+    )
+
+    resumed_dir = tmp_path / "resumed"
+    _keep_only_first_checkpoint(straight_dir, resumed_dir)
+    shutil.rmtree(resumed_dir / "wandb")
+    raw_resumed = _config(resumed_dir)
+    resumed = launch_training(TrainConfig.from_dict(raw_resumed), raw_resumed)
+    _assert_resumed_run_repeats(straight, resumed, resumed_dir)
