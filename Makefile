@@ -26,8 +26,12 @@ $(STAMP): $(VENV)/bin/python pyproject.toml
 	$(PIP) install -q -e ".[dev]"
 	touch $(STAMP)
 
+# The main job: prepare the stdlib corpus (cached after the first run), then train `tiny` with
+# DualPipe across two Ray stage actors, FP8 Linear layers (CPU path) and W&B offline.
+TRAIN_ARGS ?= experiment=tiny_cpu_dualpipe data=stdlib precision=fp8 tracking=wandb
 train: setup
-	$(VENV)/bin/moeforge-train
+	$(VENV)/bin/moeforge-prepare
+	$(VENV)/bin/moeforge-train $(TRAIN_ARGS)
 
 test: setup
 	$(PY) -m pytest -q tests
