@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+from moeforge.model.balance import update_router_biases
 
 
 def collect_load_counts(moe_modules: Sequence[torch.nn.Module]) -> torch.Tensor:
@@ -37,11 +38,9 @@ def update_balance(moe_modules: Sequence[torch.nn.Module], gamma: float, counts:
     gamma = 0 leaves the biases frozen (the counters are still reset)."""
     if not moe_modules:
         return
-    if counts.shape[0] != len(moe_modules):
-        raise ValueError(f"update_balance: counts has {counts.shape[0]} layers, model has {len(moe_modules)}")
-    for moe, layer_counts in zip(moe_modules, counts):
-        if gamma > 0:
-            moe.update_bias(layer_counts, gamma)  # bias += gamma * sign(mean - load)
+    # The rule itself (bias += gamma * sign(mean - load), shapes checked) lives with the model.
+    update_router_biases(moe_modules, gamma, list(counts))
+    for moe in moe_modules:
         moe.reset_load()
 
 
