@@ -92,7 +92,7 @@ def launch_training(cfg: TrainConfig, raw_config: dict | None = None) -> dict:
     """Run a pipeline-parallel training job on Ray; return rank 0's summary dict."""
     from moeforge.platform.checkpoint import checkpoint_path, read_meta
     from moeforge.platform.cluster_check import check_cluster_fits
-    from moeforge.platform.pipeline_step import check_resumable, resume_point
+    from moeforge.platform.resume import check_resumable, resume_point
 
     validate_pipeline(cfg)
     resume_step = resume_point(cfg)  # run.dir and its checkpoints: refused now, not on a worker

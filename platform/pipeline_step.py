@@ -42,16 +42,13 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 from moeforge.model.accounting import estimate
-from moeforge.model.config import ConfigError
 from moeforge.platform.checkpoint import (
-    CheckpointMeta,
     checkpoint_path,
     commit_checkpoint,
-    list_checkpoints,
     load_checkpoint,
     save_shard,
 )
-from moeforge.platform.checkpoint_state import CheckpointError, RNGState
+from moeforge.platform.checkpoint_state import RNGState
 from moeforge.platform.config.train import TrainConfig
 from moeforge.platform.executor import PipelineExecutor, StepTrace
 from moeforge.platform.lr_schedule import lr_at
@@ -59,6 +56,7 @@ from moeforge.platform.metrics import StepMetrics
 from moeforge.platform.moe_balance import collect_load_counts, set_balance_loss_scale, update_balance
 from moeforge.platform.p2p import P2P
 from moeforge.platform.precision import apply_precision, compute_context
+from moeforge.platform.resume import check_resumable, resume_point
 from moeforge.platform.schedules import build_schedule
 from moeforge.platform.stage_compute import MicroBatch, ModelCompute
 from moeforge.platform.stages import StageChunk, build_rank, split_layers
@@ -403,41 +401,6 @@ def load_pipeline_params(run_dir: str) -> dict[str, torch.Tensor]:
             rel = name if name.startswith("params/") else f"params/{name}"
             merged.update(load(storage.read_bytes(rel)))
     return merged
-
-
-def resume_point(cfg: TrainConfig) -> int | None:
-    """The step of the checkpoint a pipeline run resumes from, None for a fresh start. A fresh run
-    that would checkpoint into a run.dir holding checkpoints is refused (as the reference loop
-    refuses it): its saves would collide with them and pruning would mix the two runs."""
-    ck = cfg.checkpoint
-    if ck.resume:
-        found = list_checkpoints(cfg.run.dir)
-        return found[-1][0] if found else None
-    if ck.every:
-        found = list_checkpoints(cfg.run.dir)
-        if found:
-            raise ConfigError(
-                f"checkpoint.resume: false, but run.dir {cfg.run.dir} holds checkpoints (newest: step "
-                f"{found[-1][0]}); resume them (checkpoint.resume=true) or use another run.dir"
-            )
-    return None
-
-
-def check_resumable(cfg: TrainConfig, meta: CheckpointMeta) -> None:
-    """A checkpoint fits this run: same (pp, dp) layout (one shard per rank, no resharding) and its
-    samples_consumed is its step's position at this global batch. Raises CheckpointError."""
-    world = {"pp": cfg.parallel.pp, "dp": cfg.parallel.dp}
-    if {k: meta.world.get(k) for k in world} != world:
-        raise CheckpointError(
-            f"{meta.path}: written by world {meta.world}, this run is {world} (resharding is not supported)"
-        )
-    expected = meta.step * cfg.data.global_batch
-    if meta.samples_consumed != expected:
-        raise CheckpointError(
-            f"{meta.path}: {meta.samples_consumed} samples consumed at step {meta.step}, but "
-            f"data.global_batch={cfg.data.global_batch} puts step {meta.step} at sample {expected}; "
-            "resume with the global batch the checkpoint was trained with"
-        )
 
 
 def run_pipeline_training(

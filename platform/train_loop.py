@@ -49,14 +49,12 @@ import torch
 from moeforge.model.config import ConfigError
 from moeforge.model.transformer import build_model
 from moeforge.platform.checkpoint import (
+    checkpoint_path,
     config_hash,
-    latest_checkpoint,
-    list_checkpoints,
     load_checkpoint,
     save_checkpoint,
 )
 from moeforge.platform.checkpoint_state import (
-    CheckpointError,
     OptimizerState,
     RNGState,
     rng_state_to_tensors,
@@ -72,6 +70,7 @@ from moeforge.platform.moe_balance import (
 )
 from moeforge.platform.optim import clip_grads_with_norm_, global_grad_norm, param_groups
 from moeforge.platform.precision import apply_precision, compute_context, make_adamw
+from moeforge.platform.resume import check_resumable, resume_point
 from moeforge.platform.run_outputs import RunOutputs
 from moeforge.platform.tracking import ConsoleProgress, Tracker, make_tracker
 
@@ -203,21 +202,10 @@ class ReferenceTrainer:
 
     # --- checkpoints --------------------------------------------------------------------------
     def _checkpoint_to_resume(self) -> str | None:
-        """The newest complete checkpoint in run.dir to resume from, or None for a fresh run.
-
-        A fresh run that would checkpoint into a run.dir holding another run's checkpoints is
-        refused: its saves would be skipped where steps collide and pruning would mix the two."""
-        ck, storage = self.cfg.checkpoint, self.outputs.storage
-        if ck.resume:
-            return latest_checkpoint(self.cfg.run.dir, storage)
-        if ck.every:
-            found = list_checkpoints(self.cfg.run.dir, storage)
-            if found:
-                raise ConfigError(
-                    f"checkpoint.resume: false, but run.dir {self.cfg.run.dir} holds checkpoints (newest: "
-                    f"step {found[-1][0]}); resume them (checkpoint.resume=true) or use another run.dir"
-                )
-        return None
+        """The newest complete checkpoint in run.dir to resume from, or None for a fresh run (a
+        fresh run into a run.dir holding checkpoints is refused: platform/resume.py)."""
+        step = resume_point(self.cfg, self.outputs.storage)
+        return None if step is None else checkpoint_path(self.cfg.run.dir, step)
 
     def checkpoint_state(self, rng: Mapping[str, torch.Tensor] | None = None) -> dict[str, Any]:
         """The parts a checkpoint holds: model (weights and router-bias buffers), AdamW state keyed
@@ -231,13 +219,7 @@ class ReferenceTrainer:
     def resume(self, path: str) -> None:
         """Restore the checkpoint at `path`; the next step trained is the checkpoint's step + 1."""
         meta = load_checkpoint(path, self.checkpoint_state(), storage=self.outputs.storage)
-        expected = meta.step * self.cfg.data.global_batch
-        if meta.samples_consumed != expected:
-            raise CheckpointError(
-                f"{path}: {meta.samples_consumed} samples consumed at step {meta.step}, but "
-                f"data.global_batch={self.cfg.data.global_batch} puts step {meta.step} at sample {expected}; "
-                "resume with the global batch the checkpoint was trained with"
-            )
+        check_resumable(self.cfg, meta)
         self.step = self.resumed_from = self._saved_step = meta.step
         self.last_checkpoint = path
         for m in self.moe_modules:
