@@ -22,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 EXIT_BAD_INPUT = 2
+EXIT_RUN_FAILED = 1
 _sweep_run_dirs: set[str] = set()  # run.dirs taken by earlier members of this process's -m sweep
 
 
@@ -76,7 +77,7 @@ def main() -> None:
 def _train(cfg: DictConfig) -> None:
     try:
         raw = OmegaConf.to_container(cfg, resolve=True)
-        config = TrainConfig.from_dict(raw)
+        config = TrainConfig.from_dict(raw).with_absolute_paths()
     except OmegaConfBaseException as err:  # e.g. an interpolation that does not resolve
         _fail(str(err).splitlines()[0])
     except ConfigError as err:
@@ -97,9 +98,13 @@ def _train(cfg: DictConfig) -> None:
 
             ReferenceTrainer(config).train()
         else:
-            from moeforge.platform.launch import launch_training
+            from moeforge.platform.launch import PipelineRunError, launch_training
 
-            launch_training(config, raw)
+            try:
+                launch_training(config, raw)
+            except PipelineRunError as err:  # the failed ranks are named; their tracebacks are in the log
+                print(f"moeforge-train: run failed: {err}", file=sys.stderr, flush=True)
+                sys.exit(EXIT_RUN_FAILED)
     except ConfigError as err:  # checks that need the environment (paths, data) fail the same way
         _fail(str(err))
     except StorageError as err:  # run.dir unreachable (bucket, credentials, endpoint)

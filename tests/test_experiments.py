@@ -205,7 +205,7 @@ def test_sweep_members_write_their_own_run_dirs(tmp_path):
     losses = []
     for member, lr in (("0", 1e-3), ("1", 2e-3)):
         config = yaml.safe_load((sweep / member / "config.yaml").read_text())
-        assert config["optim"]["lr"] == lr and config["run"]["dir"] == f"runs/tiny_cpu_single/{member}"
+        assert config["optim"]["lr"] == lr and config["run"]["dir"] == str(sweep / str(member))
         records = [json.loads(line) for line in (sweep / member / "metrics.jsonl").read_text().splitlines()]
         assert [r["step"] for r in records] == [1, 2]
         losses.append([r["loss"] for r in records])

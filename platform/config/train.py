@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -58,6 +60,20 @@ class TrainConfig:
         config = cls(model=model, **sections)
         config.check()
         return config
+
+    def with_absolute_paths(self) -> TrainConfig:
+        """A copy whose local relative paths (run.dir, data.path, data.cache_dir) are made absolute
+        against the launching process's directory: Ray workers run elsewhere, so a path relative to
+        the driver would silently point somewhere else on a worker. s3:// paths are kept."""
+
+        def absolute(path: str | None) -> str | None:
+            return path if not path or "://" in path else os.path.abspath(os.path.expanduser(path))
+
+        run = dataclasses.replace(self.run, dir=absolute(self.run.dir))
+        data = dataclasses.replace(
+            self.data, path=absolute(self.data.path), cache_dir=absolute(self.data.cache_dir)
+        )
+        return dataclasses.replace(self, run=run, data=data)
 
     def check(self) -> None:
         """Cross-section checks that need more than one component's values."""
