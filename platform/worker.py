@@ -7,8 +7,19 @@ the topology on top of it.
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
+
+
+def _quiet_ray_train_report_log() -> None:
+    """Ray Train logs every ray.train.report with its whole metrics dict at INFO, on every rank; the
+    progress line on rank 0 already says the same. Its logger is named after its module's file."""
+    try:
+        from ray.train.v2._internal.execution import context
+    except ImportError:  # another Ray layout: keep its logging as it is
+        return
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -17,6 +28,7 @@ def train_loop_per_worker(config: dict) -> None:
     from moeforge.platform.pipeline_step import run_pipeline_training
     from ray.train.torch import get_device
 
+    _quiet_ray_train_report_log()
     cfg = config["cfg"]
     ctx = ray.train.get_context()
     rank, world_size = ctx.get_world_rank(), ctx.get_world_size()
