@@ -27,7 +27,7 @@ import torch
 import yaml
 from moeforge.platform.config._build import build, require
 from moeforge.platform.config.train import TrainConfig
-from moeforge.platform.storage import open_storage
+from moeforge.platform.storage import write_text_file
 
 
 @dataclass
@@ -151,8 +151,7 @@ def run(cfg: Mapping[str, Any] | ConvergenceBenchConfig | None = None, log: Call
         "runs": runs,
     }
     log(format_table(report))
-    parent, _, name = cfg.output.rpartition("/")
-    open_storage(parent or ".").write_text(name, json.dumps(report, indent=1) + "\n")
+    write_text_file(cfg.output, json.dumps(report, indent=1) + "\n")  # local path or s3://
     log(f"wrote {cfg.output}")
     return report
 

@@ -29,6 +29,7 @@ from typing import Any
 
 import yaml
 from moeforge.platform.config._build import build, require
+from moeforge.platform.storage import write_text_file
 
 
 @dataclass
@@ -281,9 +282,5 @@ def run_job(values: dict) -> str:
     """`moeforge-bench pipeline`: config dict -> run, write the JSON report, return the table."""
     cfg = PipelineBenchConfig.from_dict(values)
     report = run_benchmark(cfg)
-    directory = os.path.dirname(cfg.output)
-    if directory:
-        os.makedirs(directory, exist_ok=True)
-    with open(cfg.output, "w") as f:
-        json.dump(report, f, indent=1)
+    write_text_file(cfg.output, json.dumps(report, indent=1) + "\n")  # local path or s3://
     return format_table(report) + f"\nwrote {cfg.output}"
