@@ -33,7 +33,7 @@ train: setup
 	$(VENV)/bin/moeforge-prepare
 	$(VENV)/bin/moeforge-train $(TRAIN_ARGS)
 
-test: setup
+test: setup lint
 	$(PY) -m pytest -q tests
 
 # `make bench BENCH="kernels pipeline"` runs a subset; each suite prints a table and writes JSON.
