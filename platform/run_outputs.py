@@ -34,6 +34,7 @@ class RunOutputs:
 
     def __init__(self, run_dir: str, fresh: bool = True) -> None:
         self.storage = open_storage(run_dir)
+        self.name = run_dir.rstrip("/").rsplit("/", 1)[-1]  # titles the loss curve
         self.remote = not isinstance(self.storage, LocalStorage)
         local_dir = tempfile.mkdtemp(prefix="moeforge-run-") if self.remote else run_dir
         os.makedirs(local_dir, exist_ok=True)
@@ -93,7 +94,7 @@ class RunOutputs:
         summary = dict(summary)
         records = self._existing_records()
         if records:
-            title = f"{summary.get('name') or 'run'}: {len(records)} steps"
+            title = f"{self.name}: {len(records)} steps"
             self.storage.write_bytes(LOSS_PNG, loss_curve_png({"run": records}, title=title))
             summary["loss_curve"] = self.storage.url(LOSS_PNG)
         self.storage.write_text(SUMMARY, json.dumps(summary, indent=2, sort_keys=True) + "\n")
