@@ -44,7 +44,8 @@ def train_loop_per_worker(config: dict) -> None:
     def log(line: str) -> None:
         # Straight to stdout: Ray Train patches print() into a logger that some libraries also
         # echo, which printed every progress line twice.
-        sys.stdout.write(line + "\n")
+        # Ray prefixes a worker's output with its pid; the pipeline rank is what a reader needs.
+        sys.stdout.write(f"[rank {rank}] {line}\n")
         sys.stdout.flush()
 
     run_pipeline_training(cfg, rank, world_size, report=report, log=log, device=device)
