@@ -16,6 +16,7 @@ from hydra.errors import HydraException
 from hydra.types import RunMode
 from moeforge.model.config import ConfigError
 from moeforge.platform.checkpoint_state import CheckpointError
+from moeforge.platform.cli import one_line
 from moeforge.platform.config.train import TrainConfig
 from moeforge.platform.storage import StorageError
 from omegaconf import DictConfig, OmegaConf
@@ -50,14 +51,6 @@ def _sweep_subdir() -> str:
 OmegaConf.register_new_resolver("moeforge.sweep_subdir", _sweep_subdir, replace=True)
 
 
-def _one_line(err: BaseException) -> str:
-    """Hydra's composition errors span lines (options, search path); keep the facts on one line."""
-    parts = [str(err).split("Config search path")[0]]
-    if err.__cause__ is not None:  # e.g. "Key 'foo' is not in struct" under "Could not override"
-        parts.append(str(err.__cause__).split("full_key:")[0])
-    return " ".join(" ".join(part.split()) for part in parts).strip()
-
-
 def main() -> None:
     """Console entry point: the Hydra app, with Hydra's own errors cut to one line (exit 2).
 
@@ -70,7 +63,7 @@ def main() -> None:
     except (HydraException, OmegaConfBaseException) as err:
         if full_error_requested:
             raise
-        _fail(_one_line(err))
+        _fail(one_line(err))
 
 
 @hydra.main(config_path="pkg://moeforge.conf", config_name="train", version_base=None)

@@ -24,9 +24,12 @@ USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError, HydraException, Ome
 
 
 def one_line(err: BaseException) -> str:
-    """The error's message folded onto one line, without Hydra's appended config search path."""
-    text = str(err).split("Config search path")[0]
-    return " ".join(line.strip() for line in text.splitlines() if line.strip())
+    """The error's message folded onto one line, without Hydra's appended config search path, and
+    with its cause when it has one (Hydra's "Could not override" hides "Key 'foo' is not in struct")."""
+    parts = [str(err).split("Config search path")[0]]
+    if err.__cause__ is not None:
+        parts.append(str(err.__cause__).split("full_key:")[0])
+    return " ".join(" ".join(part.split()) for part in parts).strip()
 
 
 def compose_values(config_name: str, overrides: Sequence[str]) -> tuple[dict[str, Any], dict[str, str]]:
