@@ -19,9 +19,9 @@ from moeforge.platform.cli import compose_values, run_cli
 PROG = "moeforge-bench"
 SUITES: dict[str, str] = {
     "kernels": "moeforge.kernels.bench_kernels:run_job",
-    "data": "moeforge.platform.data.bench:run_job",
-    "convergence": "moeforge.platform.bench_convergence:run_job",
-    "pipeline": "moeforge.platform.bench_pipeline:run_job",
+    "data": "moeforge.platform.bench.data:run_job",
+    "convergence": "moeforge.platform.bench.convergence:run_job",
+    "pipeline": "moeforge.platform.bench.pipeline:run_job",
 }
 
 

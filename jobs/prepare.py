@@ -13,7 +13,7 @@ from moeforge.model.config import ConfigError
 from moeforge.platform.config._build import build
 from moeforge.platform.data.corpus import CorpusError
 from moeforge.platform.data.prepare import PrepareConfig, prepare
-from moeforge.platform.storage import StorageError
+from moeforge.platform.outputs.storage import StorageError
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 

@@ -10,7 +10,7 @@ a PNG timeline, a Chrome/Perfetto trace and the schedule's text form to out_dir 
 runs/schedule). Configs come from the `moeforge.conf` package (conf/schedule.yaml), composed with
 Hydra's compose API (the same source as config_path="pkg://moeforge.conf", config_name="schedule") so
 that a bad value ends in one line on stderr and exit status 2, with no traceback and no Hydra output
-directory. The work lives in moeforge.platform.schedules.report.
+directory. The work lives in moeforge.platform.schedules.compare.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from collections.abc import Sequence
 
 from moeforge.platform.cli import compose_values, run_cli
 from moeforge.platform.schedules import ScheduleError, simulate
-from moeforge.platform.schedules.report import (
+from moeforge.platform.schedules.compare import (
     ScheduleJobConfig,
     chosen_schedule,
     chunk_costs,

@@ -1,7 +1,7 @@
 """moeforge-train: compose the Hydra config, validate it, run training.
 
 `parallel=single` runs the one-process reference loop here; any pipeline schedule goes to
-platform.launch (Ray). A bad config (unknown key, wrong type, missing option) prints one line naming
+platform.runtime.launch (Ray). A bad config (unknown key, wrong type, missing option) prints one line naming
 the field and exits 2, before any work. `-m` sweeps give each member its own run.dir.
 """
 
@@ -15,10 +15,10 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.errors import HydraException
 from hydra.types import RunMode
 from moeforge.model.config import ConfigError
-from moeforge.platform.checkpoint_state import CheckpointError
+from moeforge.platform.checkpoint.state import CheckpointError
 from moeforge.platform.cli import one_line
 from moeforge.platform.config.train import TrainConfig
-from moeforge.platform.storage import StorageError
+from moeforge.platform.outputs.storage import StorageError
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -84,14 +84,14 @@ def _train(cfg: DictConfig) -> None:
         _sweep_run_dirs.add(config.run.dir)
     try:
         if config.parallel.schedule == "single":
-            from moeforge.platform.cluster_check import check_single_process_fits, machine_resources
-            from moeforge.platform.train_loop import ReferenceTrainer
+            from moeforge.platform.reference.loop import ReferenceTrainer
+            from moeforge.platform.runtime.cluster_check import check_single_process_fits, machine_resources
 
             check_single_process_fits(config.model, config.parallel, machine_resources())
 
             ReferenceTrainer(config).train()
         else:
-            from moeforge.platform.launch import PipelineRunError, launch_training
+            from moeforge.platform.runtime.launch import PipelineRunError, launch_training
 
             try:
                 launch_training(config, raw)

@@ -1,7 +1,7 @@
 """The precision policy: swap the model's GEMM modules from outside, per `PrecisionConfig`.
 
     model = apply_precision(build_model(cfg.model), cfg.precision)
-    opt = make_adamw(param_groups, cfg.optim, cfg.precision)
+    opt = build_adamw(model.named_parameters(), cfg.optim, cfg.precision)  # platform/optim/adamw.py
     with compute_context(cfg.precision, device_type="cuda"):
         loss = model(input_ids, labels=labels).loss
     loss.backward()
@@ -27,12 +27,10 @@ import contextlib
 import functools
 
 import torch
-from moeforge.kernels.adamw_lowp import AdamWLowPrecisionMoments
 from moeforge.kernels.deferrable_linear import DeferrableLinear
 from moeforge.kernels.fp8_linear import FP8Linear
 from moeforge.kernels.grouped_experts import GroupedSwiGLUExperts
 from moeforge.kernels.swappable import SwappableLinear
-from moeforge.platform.config.optim import OptimConfig
 from moeforge.platform.config.precision import PrecisionConfig
 from torch import nn
 
@@ -40,7 +38,6 @@ ATTENTION_PROJECTIONS = ("q_a_proj", "q_b_proj", "q_proj", "kv_a_proj_with_mqa",
 MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 SWAPPED_LINEARS = ATTENTION_PROJECTIONS + MLP_PROJECTIONS
 FP32_MODULES = ("gate",)  # the MoE router
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 def is_routed_experts(module: nn.Module) -> bool:
@@ -105,13 +102,3 @@ def compute_context(cfg: PrecisionConfig, device_type: str = "cpu") -> contextli
     if cfg.compute_dtype == "bfloat16":
         return torch.autocast(device_type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
-
-
-def make_adamw(param_groups, optim_cfg: OptimConfig, cfg: PrecisionConfig) -> torch.optim.Optimizer:
-    """AdamW over `param_groups` (e.g. platform.optim.param_groups(...)) with the moments in
-    cfg.adam_moments_dtype: torch's AdamW for float32, AdamWLowPrecisionMoments for bfloat16."""
-    kwargs = {"lr": optim_cfg.lr, "betas": tuple(optim_cfg.betas), "eps": optim_cfg.eps,
-              "weight_decay": optim_cfg.weight_decay}
-    if cfg.adam_moments_dtype == "float32":
-        return torch.optim.AdamW(param_groups, **kwargs)
-    return AdamWLowPrecisionMoments(param_groups, moments_dtype=_DTYPES[cfg.adam_moments_dtype], **kwargs)

@@ -8,7 +8,7 @@ import importlib.resources
 import torch
 import yaml
 from moeforge.platform.config import TrainConfig
-from moeforge.platform.train_loop import ReferenceTrainer
+from moeforge.platform.reference.loop import ReferenceTrainer
 
 
 def tiny_model(**changes) -> dict:

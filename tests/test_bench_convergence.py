@@ -8,7 +8,7 @@ import json
 import pytest
 from moeforge.jobs.bench import main
 from moeforge.model.config import ConfigError
-from moeforge.platform.bench_convergence import run
+from moeforge.platform.bench.convergence import run
 
 
 def test_convergence_suite_trains_each_precision_and_compares(tmp_path, capsys):

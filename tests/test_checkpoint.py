@@ -14,7 +14,13 @@ from botocore.exceptions import ConnectionClosedError
 from moeforge.model.balance import update_router_biases
 from moeforge.model.config import ModelConfig
 from moeforge.model.transformer import build_model
-from moeforge.platform.checkpoint import (
+from moeforge.platform.checkpoint.state import (
+    OptimizerState,
+    RNGState,
+    optimizer_state_from_tensors,
+    optimizer_state_to_tensors,
+)
+from moeforge.platform.checkpoint.store import (
     COMPLETE,
     CheckpointError,
     checkpoint_path,
@@ -26,13 +32,7 @@ from moeforge.platform.checkpoint import (
     save_checkpoint,
     save_shard,
 )
-from moeforge.platform.checkpoint_state import (
-    OptimizerState,
-    RNGState,
-    optimizer_state_from_tensors,
-    optimizer_state_to_tensors,
-)
-from moeforge.platform.storage import S3Options, open_storage
+from moeforge.platform.outputs.storage import S3Options, open_storage
 
 from tests.conftest import REPO_ROOT
 

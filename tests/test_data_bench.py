@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from moeforge.platform.data.bench import run
+from moeforge.platform.bench.data import run
 
 
 def test_bench_compares_ray_data_with_a_single_process(ray_cluster, tmp_path, capsys):

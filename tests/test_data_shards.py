@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from moeforge.platform.data.shards import ShardError, TokenStream, check_vocab_fits, dtype_for_vocab
 from moeforge.platform.data.writer import Progress, SplitWriter
-from moeforge.platform.storage import LocalStorage
+from moeforge.platform.outputs.storage import LocalStorage
 
 
 def test_dtype_follows_the_vocab_and_overflow_is_refused():

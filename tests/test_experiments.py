@@ -18,17 +18,17 @@ import pytest
 import yaml
 from hydra import compose, initialize_config_module
 from moeforge.model.config import ConfigError
-from moeforge.platform.cluster_check import (
+from moeforge.platform.config import ParallelConfig, TrainConfig
+from moeforge.platform.runtime.cluster_check import (
     check_cluster_fits,
     check_single_process_fits,
     machine_resources,
 )
-from moeforge.platform.config import ParallelConfig, TrainConfig
 from omegaconf import OmegaConf
 
 TRAIN = os.path.join(os.path.dirname(sys.executable), "moeforge-train")
-LAUNCH_MISSING = importlib.util.find_spec("moeforge.platform.launch") is None
-needs_launch = pytest.mark.skipif(LAUNCH_MISSING, reason="moeforge.platform.launch cannot be imported yet")
+LAUNCH_MISSING = importlib.util.find_spec("moeforge.platform.runtime.launch") is None
+needs_launch = pytest.mark.skipif(LAUNCH_MISSING, reason="moeforge.platform.runtime.launch cannot be imported yet")
 
 
 def preset(name: str, *overrides: str) -> TrainConfig:
@@ -155,7 +155,7 @@ def test_small_1gpu_fp8_is_refused_without_a_gpu(tmp_path):
 
 @needs_launch
 def test_v3_launch_is_refused_before_any_worker_starts(tmp_path):
-    """Through platform.launch: it connects to Ray (a fresh local cluster here), then refuses."""
+    """Through platform.runtime.launch: it connects to Ray (a fresh local cluster here), then refuses."""
     proc = run_train(["experiment=v3_671b_2048gpu", f"run.dir={tmp_path / 'run'}"], cwd=tmp_path)
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "Traceback" not in proc.stdout + proc.stderr

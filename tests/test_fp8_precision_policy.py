@@ -20,11 +20,11 @@ from moeforge.model.transformer import build_model
 from moeforge.platform.config._build import build
 from moeforge.platform.config.optim import OptimConfig
 from moeforge.platform.config.precision import PrecisionConfig
+from moeforge.platform.optim.adamw import build_adamw
 from moeforge.platform.precision import (
     SWAPPED_LINEARS,
     apply_precision,
     compute_context,
-    make_adamw,
     precision_report,
 )
 from torch import nn
@@ -238,7 +238,8 @@ def test_compute_context_is_bf16_autocast_for_bf16_and_fp8():
 def _adamw_run(cfg: PrecisionConfig, steps: int = 5):
     torch.manual_seed(0)
     params = [nn.Parameter(torch.randn(64, 32)), nn.Parameter(torch.randn(32))]
-    opt = make_adamw([{"params": params, "weight_decay": 0.1}], OptimConfig(lr=1e-2), cfg)
+    named = [("w", params[0]), ("b", params[1])]
+    opt = build_adamw(named, OptimConfig(lr=1e-2, weight_decay=0.1), cfg)
     gen = torch.Generator().manual_seed(1)
     for _ in range(steps):
         for p in params:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 
 import pytest
-from moeforge.platform.loss_plot import loss_curve_png
-from moeforge.platform.run_outputs import RunOutputs
+from moeforge.platform.outputs.loss_plot import loss_curve_png
+from moeforge.platform.outputs.run_files import RunOutputs
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

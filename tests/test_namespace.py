@@ -65,3 +65,27 @@ def test_stdlib_platform_inside_ray_worker_with_repo_working_dir(ray_cluster, tm
     assert has_platform_dir, f"the worker's cwd {cwd} should be the uploaded repo"
     assert system == "Linux"
     assert not path.startswith(cwd), f"platform resolved to the repo copy: {path}"
+
+
+def test_every_code_folder_is_a_listed_package():
+    """A wheel holds only the packages pyproject.toml lists: a new room left out would import in an
+    editable install and be missing from a built one."""
+    import tomllib
+
+    with open(os.path.join(REPO_ROOT, "pyproject.toml"), "rb") as f:
+        listed = set(tomllib.load(f)["tool"]["setuptools"]["packages"])
+    expected = set()
+    for top in ("platform", "model", "kernels", "jobs", "conf"):
+        for folder, dirs, files in os.walk(os.path.join(REPO_ROOT, top)):
+            dirs[:] = [d for d in dirs if d != "__pycache__"]
+            if any(name.endswith(".py") for name in files):
+                rel = os.path.relpath(folder, REPO_ROOT).split(os.sep)
+                expected.add(".".join(["moeforge", *rel]))
+    assert expected - listed == set(), f"pyproject.toml [tool.setuptools] packages misses {expected - listed}"
+
+
+def test_platform_root_keeps_a_handful_of_modules():
+    """platform/ is rooms: new code lands in a sub-package whose name says what it owns."""
+    root = os.path.join(REPO_ROOT, "platform")
+    modules = sorted(n for n in os.listdir(root) if n.endswith(".py"))
+    assert len(modules) <= 4, modules

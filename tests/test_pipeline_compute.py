@@ -8,8 +8,8 @@ from moeforge.model.config import ModelConfig
 from moeforge.model.transformer import build_model
 from moeforge.platform.config.precision import PrecisionConfig
 from moeforge.platform.precision import apply_precision
-from moeforge.platform.stage_compute import MicroBatch, ModelCompute
-from moeforge.platform.stages import StageChunk, build_rank, split_layers
+from moeforge.platform.runtime.stage_compute import MicroBatch, ModelCompute
+from moeforge.platform.runtime.stages import StageChunk, build_rank, split_layers
 from pipeline_cases import tiny_model
 
 

@@ -6,8 +6,8 @@ The Ray Train path (launch_training) is covered by tests/test_pipeline_ray.py.""
 from __future__ import annotations
 
 import pytest
-from moeforge.platform.local_spawn import spawn_gloo
-from moeforge.platform.pipeline_step import load_pipeline_params, train_from_dict
+from moeforge.platform.runtime.local_spawn import spawn_gloo
+from moeforge.platform.runtime.pipeline_run import load_pipeline_params, train_from_dict
 from pipeline_cases import (
     assert_losses_match,
     max_relative_difference,

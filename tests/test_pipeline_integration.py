@@ -18,9 +18,9 @@ import subprocess
 import sys
 
 import pytest
-from moeforge.platform.checkpoint import list_checkpoints, read_meta
-from moeforge.platform.local_spawn import spawn_gloo
-from moeforge.platform.pipeline_step import train_from_dict
+from moeforge.platform.checkpoint.store import list_checkpoints, read_meta
+from moeforge.platform.runtime.local_spawn import spawn_gloo
+from moeforge.platform.runtime.pipeline_run import train_from_dict
 from pipeline_cases import pipeline_config, reference_run
 from test_tracking import read_wandb_records
 
@@ -140,7 +140,7 @@ def test_ray_pipeline_tracks_evaluates_checkpoints_and_resumes(ray_cluster, tmp_
     """Two Ray Train launches: 4 steps with W&B (offline), eval and checkpoints; then a resume from
     the step-2 checkpoint that repeats steps 3 and 4."""
     from moeforge.platform.config import TrainConfig
-    from moeforge.platform.launch import launch_training
+    from moeforge.platform.runtime.launch import launch_training
 
     straight_dir = tmp_path / "straight"
     raw = _config(straight_dir)

@@ -12,8 +12,8 @@ import re
 import pytest
 from moeforge.model.config import ConfigError
 from moeforge.platform.config import TrainConfig
-from moeforge.platform.launch import PipelineRunError, launch_training
-from moeforge.platform.pipeline_step import load_pipeline_params
+from moeforge.platform.runtime.launch import PipelineRunError, launch_training
+from moeforge.platform.runtime.pipeline_run import load_pipeline_params
 from pipeline_cases import assert_losses_match, max_relative_difference, pipeline_config, reference_run
 
 

@@ -25,7 +25,7 @@ from moeforge.platform.data.corpus import CorpusError, InputFile, read_input
 from moeforge.platform.data.prepare import PrepareConfig, prepare, tokenize_file
 from moeforge.platform.data.shards import MANIFEST, ShardError, TokenStream, sha256_file
 from moeforge.platform.data.tokenizer import eos_id, load_tokenizer
-from moeforge.platform.storage import StorageError
+from moeforge.platform.outputs.storage import StorageError
 
 from tests.conftest import free_port
 

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 from moeforge.jobs.schedule import main
+from moeforge.platform.outputs.timeline import TimelineRecord, plot_timeline, write_chrome_trace
 from moeforge.platform.schedules import Costs, build_schedule, simulate
-from moeforge.platform.timeline import TimelineRecord, plot_timeline, write_chrome_trace
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 NAMES = ("1f1b", "zb1p", "dualpipe", "dualpipev")

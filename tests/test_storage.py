@@ -8,7 +8,7 @@ import uuid
 import boto3
 import pytest
 from botocore.exceptions import ConnectionClosedError
-from moeforge.platform.storage import (
+from moeforge.platform.outputs.storage import (
     REDACTED,
     MiB,
     S3Options,

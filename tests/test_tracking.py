@@ -9,8 +9,14 @@ import struct
 
 import pytest
 from moeforge.platform.config.tracking import TrackingConfig
-from moeforge.platform.metrics import StepMetrics, TrainSummary
-from moeforge.platform.tracking import ConsoleProgress, NullTracker, WandbTracker, make_tracker, resolve_mode
+from moeforge.platform.outputs.metrics import StepMetrics, TrainSummary
+from moeforge.platform.outputs.tracking import (
+    ConsoleProgress,
+    NullTracker,
+    WandbTracker,
+    make_tracker,
+    resolve_mode,
+)
 
 _BLOCK, _HEADER = 32768, 7  # W&B's .wandb file: LevelDB-log framing of protobuf Records
 

@@ -9,8 +9,9 @@ import math
 import pytest
 import torch
 from moeforge.platform.config import OptimConfig, TrainConfig
-from moeforge.platform.lr_schedule import lr_at
-from moeforge.platform.optim import build_optimizer, clip_grads_with_norm_, global_grad_norm, grad_sq_sum
+from moeforge.platform.config.precision import PrecisionConfig
+from moeforge.platform.optim.adamw import build_adamw, clip_grads_with_norm_, global_grad_norm, grad_sq_sum
+from moeforge.platform.optim.lr_schedule import lr_at
 
 # --- LR schedule: values against hand computation ---------------------------------------------------
 
@@ -54,7 +55,7 @@ def test_lr_without_warmup_starts_at_peak():
 
 def test_weight_decay_skips_norms_and_biases():
     model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.LayerNorm(3))
-    opt = build_optimizer(model.named_parameters(), OptimConfig(weight_decay=0.1))
+    opt = build_adamw(model.named_parameters(), OptimConfig(weight_decay=0.1), PrecisionConfig(name="fp32"))
     decayed, plain = opt.param_groups
     assert decayed["weight_decay"] == 0.1 and plain["weight_decay"] == 0.0
     assert [p.shape for p in decayed["params"]] == [torch.Size([3, 4])]
@@ -120,7 +121,7 @@ def small_config(tmp_path, steps=3, microbatches=1, gamma=0.001, **run) -> Train
 
 
 def run_losses(cfg: TrainConfig) -> list[float]:
-    from moeforge.platform.train_loop import ReferenceTrainer
+    from moeforge.platform.reference.loop import ReferenceTrainer
 
     return ReferenceTrainer(cfg, log=lambda line: None).train().losses
 
@@ -141,7 +142,7 @@ def test_microbatching_does_not_change_the_math(tmp_path, microbatches):
 
 
 def test_loss_falls_and_metrics_are_written(tmp_path):
-    from moeforge.platform.train_loop import ReferenceTrainer
+    from moeforge.platform.reference.loop import ReferenceTrainer
 
     cfg = small_config(tmp_path, steps=30, eval_every=30)
     lines: list[str] = []
@@ -171,7 +172,7 @@ def _yaml(path):
 
 @pytest.mark.parametrize("gamma", [0.0, 0.05])
 def test_router_bias_update(tmp_path, gamma):
-    from moeforge.platform.train_loop import ReferenceTrainer
+    from moeforge.platform.reference.loop import ReferenceTrainer
 
     trainer = ReferenceTrainer(small_config(tmp_path, gamma=gamma), log=lambda line: None)
     gates = [m.gate.e_score_correction_bias for m in trainer.moe_modules]
@@ -199,7 +200,7 @@ def test_router_bias_update(tmp_path, gamma):
 
 def test_run_records_go_to_an_s3_run_dir(s3_server, monkeypatch):
     import boto3
-    from moeforge.platform.train_loop import ReferenceTrainer
+    from moeforge.platform.reference.loop import ReferenceTrainer
 
     monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server)  # how a user points boto3 at an S3-compatible store
     s3 = boto3.client("s3", endpoint_url=s3_server)
@@ -216,7 +217,7 @@ def test_run_records_go_to_an_s3_run_dir(s3_server, monkeypatch):
 
 
 def test_resume_from_state_dict_continues_the_same_run(tmp_path):
-    from moeforge.platform.train_loop import ReferenceTrainer
+    from moeforge.platform.reference.loop import ReferenceTrainer
 
     straight = run_losses(small_config(tmp_path / "straight", steps=4))
     first = ReferenceTrainer(small_config(tmp_path / "a", steps=4), log=lambda line: None)

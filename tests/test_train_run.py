@@ -12,9 +12,10 @@ import signal
 import pytest
 import torch
 from moeforge.model.config import ConfigError
-from moeforge.platform.checkpoint import list_checkpoints, read_meta
+from moeforge.platform.checkpoint.store import list_checkpoints, read_meta
 from moeforge.platform.config import TrainConfig
-from moeforge.platform.train_loop import ReferenceTrainer, default_batch_source
+from moeforge.platform.data.microbatches import default_batch_source
+from moeforge.platform.reference.loop import ReferenceTrainer
 from test_train_loop import SMALL_MODEL
 
 
@@ -88,7 +89,7 @@ def _die_in_forward(t: ReferenceTrainer) -> type[BaseException]:
 
 
 def _sigterm_in_forward(t: ReferenceTrainer) -> type[BaseException]:
-    from moeforge.platform.train_loop import Terminated
+    from moeforge.platform.reference.loop import Terminated
 
     def terminate(module, args):
         if t.step == 3:  # a scheduler stopping the run: the signal lands mid-step
@@ -99,7 +100,7 @@ def _sigterm_in_forward(t: ReferenceTrainer) -> type[BaseException]:
 
 
 def _sigterm_in_update(t: ReferenceTrainer) -> type[BaseException]:
-    from moeforge.platform.train_loop import Terminated
+    from moeforge.platform.reference.loop import Terminated
 
     def terminate(optimizer, args, kwargs):
         if t.step == 2:  # inside step 3's update: held until step 3 is complete and recorded

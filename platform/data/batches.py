@@ -24,7 +24,7 @@ from moeforge.platform.config.data import DataConfig
 from moeforge.platform.data.cache import cached_tokens
 from moeforge.platform.data.sampler import GlobalSampler
 from moeforge.platform.data.shards import MANIFEST, TokenStream, dtype_for_vocab, read_manifest
-from moeforge.platform.storage import S3Options, is_s3
+from moeforge.platform.outputs.storage import S3Options, is_s3
 
 _TRAIN, _VAL = 0, 1  # stream ids folded into the synthetic generator's seed
 

@@ -12,7 +12,7 @@ import json
 import os
 
 from moeforge.platform.data.shards import MANIFEST
-from moeforge.platform.storage import S3Options, open_storage, split_s3
+from moeforge.platform.outputs.storage import S3Options, open_storage, split_s3
 
 DEFAULT_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "moeforge", "tokens")
 

@@ -19,7 +19,7 @@ import os
 import sysconfig
 from dataclasses import dataclass
 
-from moeforge.platform.storage import S3Options, is_s3, open_storage
+from moeforge.platform.outputs.storage import S3Options, is_s3, open_storage
 
 KINDS = ("text", "jsonl", "parquet")
 # Standard-library folders that are not representative source (tests hold deliberately odd files).

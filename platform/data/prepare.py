@@ -34,7 +34,7 @@ from moeforge.platform.data.tokenizer import (
     train_bpe,
 )
 from moeforge.platform.data.writer import PROGRESS, SPLITS, Progress, SplitWriter
-from moeforge.platform.storage import MiB, S3Options, Storage, open_storage
+from moeforge.platform.outputs.storage import MiB, S3Options, Storage, open_storage
 
 TOKENIZER_FILE = "tokenizer.json"
 

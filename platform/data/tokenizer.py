@@ -12,7 +12,7 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 from moeforge.platform.data.corpus import CorpusError
-from moeforge.platform.storage import S3Options, is_s3, open_storage
+from moeforge.platform.outputs.storage import S3Options, is_s3, open_storage
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 EOS = "<|endoftext|>"

@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 import numpy as np
 from moeforge.platform.data.shards import DTYPES
-from moeforge.platform.storage import Storage
+from moeforge.platform.outputs.storage import Storage
 
 PROGRESS = "_progress.json"
 SPLITS = ("train", "val")

@@ -16,9 +16,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from moeforge.platform.outputs.timeline import TimelineRecord
 from moeforge.platform.schedules.actions import Action, Kind, Schedule, ScheduleError
 from moeforge.platform.schedules.dataflow import Work, compute_parts, needs, transfer_for
-from moeforge.platform.timeline import TimelineRecord
 
 
 @dataclass(frozen=True)

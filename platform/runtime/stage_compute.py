@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 from moeforge.kernels.wgrad_store import WeightGradStore
-from moeforge.platform.stages import StageChunk
+from moeforge.platform.runtime.stages import StageChunk
 
 
 @dataclass

@@ -1,70 +1,53 @@
-"""One pipeline rank's training state and its optimizer step (what each Ray Train worker runs).
+"""One pipeline rank's training state and its optimizer step.
 
-`PipelineRuntime(cfg, rank, world_size)` is built after torch.distributed is initialised (by Ray
+`PipelineRuntime(cfg, rank, world_size)` (platform/runtime/pipeline_run.py drives it) is built after torch.distributed is initialised (by Ray
 Train's TorchConfig, or by a test that spawns gloo processes). Per optimizer step (`train_step`):
 
     data        this dp replica's rows of the global batch, split into M micro-batches in order
-                (the reference loop's split: `train_loop.split_microbatches`)
+                (the reference loop's split: `data.microbatches.split_microbatches`)
     executor    the schedule's action list for this rank (F / B / W / BW / F&B, async p2p)
     tie         with MTP on 1F1B/ZB1P: sum the embedding gradient of the first and last stage
     optimizer   ZeRO (DeepSpeed) or plain: reduce over the shard group, global-norm clip, AdamW at
-                `lr_at(step)` (platform/zero.py)
+                `lr_at(step)` (platform/optim/zero_step.py)
     balance     expert loads summed over every rank holding the layer, router-bias update
-                (platform/moe_balance.py)
+                (platform/optim/bias_update.py)
     metrics     losses, grad norm, LR, tokens/s, MFU, expert load, bubble, exposed comm (all ranks
                 contribute; rank 0 formats and records them)
-
-Around the steps (`run_pipeline_training`, mirroring the reference loop's `train`):
-    evaluate    every run.eval_every steps and at the end: a forward-only pass of run.eval_batches
-                held-out batches along the stage route of micro-batch 0 (`Schedule.route`), one
-                stage after the other with blocking send/recv: no schedule, no overlap, but the same
-                stage code and weights as training, so it equals the reference's `evaluate`. Each dp
-                replica evaluates its rows of every val batch; the mean over replicas is the mean
-                over the whole batch (equal token counts).
-    checkpoint  every checkpoint.every steps and at the end: every rank writes its shard (its stage
-                modules with router biases, its optimizer state, its RNG), barrier, rank 0 commits
-                with world {pp, dp} and samples_consumed (platform/checkpoint.py's contract).
-    resume      checkpoint.resume: every rank loads its own shard of the newest complete checkpoint
-                (rank 0 picks it, the others take its step).
-    failure     rank 0 records what it has (metrics, summary.json with status "failed" and its
-                error); the driver (platform/launch.py) then names every failed rank in the summary.
-                No failure checkpoint: that would need every rank alive and at a common step.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
 from moeforge.model.accounting import estimate
-from moeforge.platform.checkpoint import (
+from moeforge.platform.checkpoint.resume import check_resumable, resume_point
+from moeforge.platform.checkpoint.state import RNGState
+from moeforge.platform.checkpoint.store import (
     checkpoint_path,
     commit_checkpoint,
     load_checkpoint,
     save_shard,
 )
-from moeforge.platform.checkpoint_state import RNGState
 from moeforge.platform.config.train import TrainConfig
-from moeforge.platform.executor import PipelineExecutor, StepTrace
-from moeforge.platform.lr_schedule import lr_at
-from moeforge.platform.metrics import StepMetrics
-from moeforge.platform.moe_balance import collect_load_counts, set_balance_loss_scale, update_balance
-from moeforge.platform.p2p import P2P
+from moeforge.platform.data.microbatches import default_batch_source, inputs_and_labels, split_microbatches
+from moeforge.platform.optim.bias_update import collect_load_counts, set_balance_loss_scale, update_balance
+from moeforge.platform.optim.lr_schedule import lr_at
+from moeforge.platform.optim.plain_step import PlainStep
+from moeforge.platform.optim.zero_step import ZeroStep
+from moeforge.platform.outputs.metrics import StepMetrics
+from moeforge.platform.outputs.storage import open_storage
+from moeforge.platform.outputs.timeline import TimelineRecord
 from moeforge.platform.precision import apply_precision, compute_context
-from moeforge.platform.resume import check_resumable, resume_point
+from moeforge.platform.runtime.executor import PipelineExecutor, StepTrace
+from moeforge.platform.runtime.p2p import P2P
+from moeforge.platform.runtime.stage_compute import MicroBatch, ModelCompute
+from moeforge.platform.runtime.stages import StageChunk, build_rank, split_layers
+from moeforge.platform.runtime.topology import Topology, create_process_groups
 from moeforge.platform.schedules import build_schedule
-from moeforge.platform.stage_compute import MicroBatch, ModelCompute
-from moeforge.platform.stages import StageChunk, build_rank, split_layers
-from moeforge.platform.storage import open_storage
-from moeforge.platform.timeline import TimelineRecord
-from moeforge.platform.topology import Topology, create_process_groups
-from moeforge.platform.train_loop import inputs_and_labels, split_microbatches
-from moeforge.platform.zero import PlainStep, ZeroStep
 
 
 class InjectedFault(RuntimeError):
@@ -171,8 +154,6 @@ class PipelineRuntime:
 
         self.source = source
         if self.source is None and self.holds_data:
-            from moeforge.platform.train_loop import default_batch_source
-
             self.source = default_batch_source(cfg)
         est = estimate(cfg.model)
         self.flops_per_token = est.train_flops_per_token + est.mtp_train_flops_per_token
@@ -335,7 +316,7 @@ class PipelineRuntime:
     # ---- checkpoints ------------------------------------------------------------------------------
     def checkpoint_state(self) -> dict:
         """This rank's checkpoint parts: its stage modules (weights and router-bias buffers, full-model
-        names), its optimizer state (platform/zero.py) and its RNG states."""
+        names), its optimizer state (platform/optim/zero_step.py) and its RNG states."""
         return {"model": self.module, "optimizer": self.opt.state(), "rng": RNGState()}
 
     def save_checkpoint(self) -> str:
@@ -388,71 +369,3 @@ class PipelineRuntime:
         rel = f"params/pp{self.pp_rank}.safetensors"
         storage.write_bytes(rel, save(state))
         return storage.url(rel)
-
-
-def load_pipeline_params(run_dir: str) -> dict[str, torch.Tensor]:
-    """Merge the per-stage safetensors files written by `save_params` into one full-model dict."""
-    from safetensors.torch import load
-
-    storage = open_storage(run_dir)
-    merged: dict[str, torch.Tensor] = {}
-    for name in sorted(storage.list("params")):
-        if name.endswith(".safetensors"):
-            rel = name if name.startswith("params/") else f"params/{name}"
-            merged.update(load(storage.read_bytes(rel)))
-    return merged
-
-
-def run_pipeline_training(
-    cfg: TrainConfig,
-    rank: int,
-    world_size: int,
-    report: Callable[[dict], None] | None = None,
-    log: Callable[[str], None] = print,
-    source=None,
-    device: torch.device | str = "cpu",
-) -> dict | None:
-    """The whole run on one rank; rank 0 returns the summary (see platform/worker.py).
-
-    `report` (Ray Train's, a barrier) is called on EVERY rank at the same steps (each log step and
-    the last), with rank 0's metrics; other ranks pass an empty dict. Evaluation and checkpoints are
-    collective too: every rank takes part at the same steps."""
-    from moeforge.platform.pipeline_report import PipelineReporter
-
-    runtime = PipelineRuntime(cfg, rank, world_size, source=source, device=device)
-    resumed = runtime.resume()
-    reporter = PipelineReporter(cfg, runtime, log=log, resumed_from=resumed) if rank == 0 else None
-    run, every = cfg.run, cfg.checkpoint.every
-    try:
-        while runtime.step < run.steps:
-            step = runtime.step + 1
-            last = step == run.steps
-            gather = cfg.tracking.log_timeline and (last or step % run.log_every == 0)
-            metrics = runtime.train_step(gather_timeline=gather)
-            if not math.isfinite(metrics.base.loss):
-                raise FloatingPointError(f"{runtime.name}: loss is {metrics.base.loss} at step {step}")
-            eval_loss = None
-            if run.eval_every and (step % run.eval_every == 0 or last):
-                eval_loss = runtime.evaluate()
-            record = reporter.record(metrics, eval_loss) if reporter is not None else {}
-            if report is not None and (last or step % run.log_every == 0):
-                report(record)
-            if every and (step % every == 0 or last):
-                if reporter is not None:
-                    reporter.outputs.flush()  # a resumed run finds every record its checkpoint covers
-                path = runtime.save_checkpoint()
-                if reporter is not None:
-                    reporter.checkpointed(step, path)
-        runtime.save_params(cfg.run.dir)
-        dist.barrier()
-    except BaseException as err:
-        if reporter is not None:
-            reporter.fail(err)
-        raise
-    return reporter.finish() if reporter is not None else None
-
-
-def train_from_dict(rank: int, world_size: int, raw_config: dict, quiet: bool = False) -> dict | None:
-    """`run_pipeline_training` from a plain config dict (picklable entry for spawned processes)."""
-    cfg = TrainConfig.from_dict(raw_config)
-    return run_pipeline_training(cfg, rank, world_size, log=(lambda _line: None) if quiet else print)

@@ -7,7 +7,7 @@
   Hyperparameters (lr, betas, eps, weight decay) are not saved: the loops set the LR from
   `lr_at(step)` before every step and take the rest from the config.
 - `OptimizerState` / `RNGState`: the same as objects with `state_dict()` / `load_state_dict()` (the
-  one interface `platform.checkpoint` saves through, torchtitan style).
+  one interface `platform.checkpoint.store` saves through, torchtitan style).
 - RNG states (torch CPU, each CUDA device, numpy's and Python's global generators) become uint8
   tensors: torch's are already byte tensors, the others are JSON text as bytes (never pickle).
 """

@@ -10,7 +10,7 @@
   3. refuses a run the cluster cannot host (`cluster_check.check_cluster_fits` on
      `ray.cluster_resources()`), unless `parallel.wait_for_autoscaler`;
   4. runs a Ray Train `TorchTrainer` with pp x dp workers; every worker is the actor owning its
-     pipeline stage(s) (platform/worker.py) and a failure on any rank ends the run
+     pipeline stage(s) (platform/runtime/worker.py) and a failure on any rank ends the run
      (`FailureConfig(max_failures=0)`) with that rank's error;
   5. returns rank 0's summary (also in <run.dir>/summary.json) and prints it. A failed run's
      summary.json says status "failed" with the error naming every failed rank (root cause first),
@@ -25,9 +25,9 @@ import os
 
 from moeforge.model.config import ConfigError
 from moeforge.platform.config.train import TrainConfig
+from moeforge.platform.runtime.stages import split_layers
+from moeforge.platform.runtime.topology import Topology
 from moeforge.platform.schedules import Schedule, ScheduleError, build_schedule
-from moeforge.platform.stages import split_layers
-from moeforge.platform.topology import Topology
 
 
 class PipelineRunError(RuntimeError):
@@ -90,9 +90,9 @@ def _storage(run_dir: str) -> tuple[str, object | None]:
 
 def launch_training(cfg: TrainConfig, raw_config: dict | None = None) -> dict:
     """Run a pipeline-parallel training job on Ray; return rank 0's summary dict."""
-    from moeforge.platform.checkpoint import checkpoint_path, read_meta
-    from moeforge.platform.cluster_check import check_cluster_fits
-    from moeforge.platform.resume import check_resumable, resume_point
+    from moeforge.platform.checkpoint.resume import check_resumable, resume_point
+    from moeforge.platform.checkpoint.store import checkpoint_path, read_meta
+    from moeforge.platform.runtime.cluster_check import check_cluster_fits
 
     validate_pipeline(cfg)
     resume_step = resume_point(cfg)  # run.dir and its checkpoints: refused now, not on a worker
@@ -101,7 +101,7 @@ def launch_training(cfg: TrainConfig, raw_config: dict | None = None) -> dict:
     ray = connect_ray()
     check_cluster_fits(cfg.parallel, ray.cluster_resources())
 
-    from moeforge.platform.worker import train_loop_per_worker
+    from moeforge.platform.runtime.worker import train_loop_per_worker
     from ray.train import FailureConfig, RunConfig, ScalingConfig, TrainingFailedError
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -163,9 +163,9 @@ def record_failure(run_dir: str, message: str) -> None:
     """summary.json of a failed run: what rank 0 recorded (steps, losses, its own error), with the
     error replaced by the driver's `message`, which names every failed rank. Best effort: a failure
     to write it is printed, never raised over the run's own error."""
-    from moeforge.platform.metrics import TrainSummary
-    from moeforge.platform.run_outputs import SUMMARY
-    from moeforge.platform.storage import open_storage
+    from moeforge.platform.outputs.metrics import TrainSummary
+    from moeforge.platform.outputs.run_files import SUMMARY
+    from moeforge.platform.outputs.storage import open_storage
 
     try:
         storage = open_storage(run_dir)
@@ -181,6 +181,6 @@ def record_failure(run_dir: str, message: str) -> None:
 
 
 def read_summary(run_dir: str) -> dict:
-    from moeforge.platform.storage import open_storage
+    from moeforge.platform.outputs.storage import open_storage
 
     return json.loads(open_storage(run_dir).read_text("summary.json"))

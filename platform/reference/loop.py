@@ -10,13 +10,13 @@ One optimizer step (`train_step`), torchtitan style:
                        balance loss rides along inside the MoE layers' autograd graph, its alpha
                        scaled by 1/M like the other losses: moe_balance.set_balance_loss_scale);
                        the forward runs under the precision policy's autocast context
-    clip               global grad norm, then scale (platform.optim)
+    clip               global grad norm, then scale (platform.optim.adamw)
     optimizer_step     LR from lr_at(step), AdamW step (BF16 moments when configured), zero grads
-    balance            router-bias update from the step's expert loads (platform.moe_balance)
+    balance            router-bias update from the step's expert loads (platform.optim.bias_update)
 
-Around the steps (`train`): console progress (platform.tracking.ConsoleProgress), metrics.jsonl and
-summary.json (platform.run_outputs), the tracker (W&B or none), evaluation, and checkpoints
-(platform.checkpoint) every `checkpoint.every` steps and at the end. With `checkpoint.resume` a run
+Around the steps (`train`): console progress (platform.outputs.tracking.ConsoleProgress), metrics.jsonl and
+summary.json (platform.outputs.run_files), the tracker (W&B or none), evaluation, and checkpoints
+(platform.checkpoint.store) every `checkpoint.every` steps and at the end. With `checkpoint.resume` a run
 continues from the newest complete checkpoint in run.dir: weights and router biases, AdamW state by
 parameter name, RNG states, step; the data position is the step (batches are a pure function of
 (data.seed, step)), checked against the checkpoint's samples_consumed.
@@ -43,36 +43,42 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Mapping
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 from moeforge.model.config import ConfigError
 from moeforge.model.transformer import build_model
-from moeforge.platform.checkpoint import (
+from moeforge.platform.checkpoint.resume import check_resumable, resume_point
+from moeforge.platform.checkpoint.state import (
+    OptimizerState,
+    RNGState,
+    rng_state_to_tensors,
+)
+from moeforge.platform.checkpoint.store import (
     checkpoint_path,
     config_hash,
     load_checkpoint,
     save_checkpoint,
 )
-from moeforge.platform.checkpoint_state import (
-    OptimizerState,
-    RNGState,
-    rng_state_to_tensors,
-)
 from moeforge.platform.config.train import TrainConfig
-from moeforge.platform.lr_schedule import lr_at, set_lr
-from moeforge.platform.metrics import StepMetrics, TrainSummary
-from moeforge.platform.moe_balance import (
+from moeforge.platform.data.microbatches import (
+    BatchSourceLike,
+    default_batch_source,
+    inputs_and_labels,
+    split_microbatches,
+)
+from moeforge.platform.optim.adamw import build_adamw, clip_grads_with_norm_, global_grad_norm
+from moeforge.platform.optim.bias_update import (
     collect_load_counts,
     load_imbalance,
     set_balance_loss_scale,
     update_balance,
 )
-from moeforge.platform.optim import clip_grads_with_norm_, global_grad_norm, param_groups
-from moeforge.platform.precision import apply_precision, compute_context, make_adamw
-from moeforge.platform.resume import check_resumable, resume_point
-from moeforge.platform.run_outputs import RunOutputs
-from moeforge.platform.tracking import ConsoleProgress, Tracker, make_tracker
+from moeforge.platform.optim.lr_schedule import lr_at, set_lr
+from moeforge.platform.outputs.metrics import StepMetrics, TrainSummary
+from moeforge.platform.outputs.run_files import RunOutputs
+from moeforge.platform.outputs.tracking import ConsoleProgress, Tracker, make_tracker
+from moeforge.platform.precision import apply_precision, compute_context
 
 
 class Terminated(BaseException):
@@ -80,28 +86,6 @@ class Terminated(BaseException):
     so the run records its failure and keeps a consistent checkpoint before it exits."""
 
 
-
-
-class BatchSourceLike(Protocol):
-    """What the loop needs from its data (platform.data.BatchSource, or a test's own source)."""
-
-    has_val: bool  # whether val_batch can be called (evaluation is skipped otherwise)
-
-    def batch(self, step: int) -> torch.Tensor:
-        """Token windows for optimizer step `step`: LongTensor [global_batch, seq_len + 1]."""
-
-    def val_batch(self, i: int) -> torch.Tensor:
-        """The i-th held-out batch, same shape."""
-
-
-def split_microbatches(batch: torch.Tensor, microbatches: int) -> list[torch.Tensor]:
-    """Split [global_batch, seq_len + 1] into `microbatches` equal row blocks, in order.
-
-    The pipeline runtime feeds micro-batch i of the same step with exactly these rows."""
-    rows = batch.shape[0]
-    if rows % microbatches:
-        raise ValueError(f"batch of {rows} sequences does not split into {microbatches} micro-batches")
-    return list(batch.split(rows // microbatches, dim=0))
 
 
 def training_device(cfg: TrainConfig) -> torch.device:
@@ -113,22 +97,9 @@ def training_device(cfg: TrainConfig) -> torch.device:
     return torch.device("cpu")
 
 
-def inputs_and_labels(tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Windows of seq_len + 1 tokens -> (input_ids, labels), each [b, seq_len], labels shifted by one."""
-    return tokens[:, :-1], tokens[:, 1:]
-
-
 def seed_everything(seed: int) -> None:
     """Seed torch's global RNG (model init, anything stochastic in the loop)."""
     torch.manual_seed(seed)
-
-
-def default_batch_source(cfg: TrainConfig) -> BatchSourceLike:
-    """The data engineer's BatchSource for this config (imported late: the data stack is optional
-    for callers that inject their own source)."""
-    from moeforge.platform.data.batches import BatchSource
-
-    return BatchSource(cfg.data, cfg.model.vocab_size, cfg.model.seq_len)
 
 
 def flops_per_token(cfg: TrainConfig) -> float | None:
@@ -175,9 +146,7 @@ class ReferenceTrainer:
         self.device_type = self.device.type
         self.moe_modules = list(self.model.moe_layers())
         self.params = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = make_adamw(
-            param_groups(self.model.named_parameters(), cfg.optim.weight_decay), cfg.optim, cfg.precision
-        )
+        self.optimizer = build_adamw(self.model.named_parameters(), cfg.optim, cfg.precision)
 
         self.microbatches = cfg.parallel.microbatches
         set_balance_loss_scale(self.moe_modules, cfg.model.seq_aux_loss_alpha, 1.0 / self.microbatches)
@@ -203,7 +172,7 @@ class ReferenceTrainer:
     # --- checkpoints --------------------------------------------------------------------------
     def _checkpoint_to_resume(self) -> str | None:
         """The newest complete checkpoint in run.dir to resume from, or None for a fresh run (a
-        fresh run into a run.dir holding checkpoints is refused: platform/resume.py)."""
+        fresh run into a run.dir holding checkpoints is refused: platform/checkpoint/resume.py)."""
         step = resume_point(self.cfg, self.outputs.storage)
         return None if step is None else checkpoint_path(self.cfg.run.dir, step)
 

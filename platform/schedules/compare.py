@@ -7,13 +7,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from moeforge.platform.outputs.timeline import plot_timeline, write_chrome_trace
 from moeforge.platform.schedules import GENERATORS, build_schedule
 from moeforge.platform.schedules.actions import Schedule, ScheduleError
 from moeforge.platform.schedules.formulas import formula_bubble, formula_holds
 from moeforge.platform.schedules.io import load_schedule, save_schedule
 from moeforge.platform.schedules.simulate import Costs, SimResult, simulate
 from moeforge.platform.schedules.validate import validate
-from moeforge.platform.timeline import plot_timeline, write_chrome_trace
 
 FORMATS = ("text", "json")
 

@@ -8,7 +8,7 @@ configured and offline when none is. W&B files go under run.dir (a local staging
 run.dir at finish when run.dir is on S3).
 
 `ConsoleProgress` prints one line every N steps (step, loss, lr, tokens/s, MFU when the peak FLOP/s is
-known, ETA) with the shared formatter of platform/metrics.py, and the final summary.
+known, ETA) with the shared formatter of platform/outputs/metrics.py, and the final summary.
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from moeforge.platform.config.tracking import TrackingConfig
-from moeforge.platform.metrics import StepMetrics, TrainSummary, format_progress
-from moeforge.platform.storage import is_s3, open_storage, redact
+from moeforge.platform.outputs.metrics import StepMetrics, TrainSummary, format_progress
+from moeforge.platform.outputs.storage import is_s3, open_storage, redact
 
 
 class Tracker(ABC):

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
-from moeforge.platform.timeline import TimelineRecord
+from moeforge.platform.outputs.timeline import TimelineRecord
 
 
 class PeerTimeout(RuntimeError):

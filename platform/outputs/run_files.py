@@ -1,6 +1,6 @@
 """The one place a run writes its records: resolved config, metrics lines, final summary.
 
-`run.dir` is a local directory or an `s3://bucket/prefix` (through platform.storage, which checks an
+`run.dir` is a local directory or an `s3://bucket/prefix` (through platform.outputs.storage, which checks an
 S3 root up front and fails with one message). Object stores cannot append, so metrics lines go to a
 local file and, for a remote run.dir, that file is uploaded whole on every `flush()`.
 
@@ -17,8 +17,8 @@ import tempfile
 from collections.abc import Mapping
 from typing import Any
 
-from moeforge.platform.loss_plot import loss_curve_png
-from moeforge.platform.storage import LocalStorage, open_storage, redact
+from moeforge.platform.outputs.loss_plot import loss_curve_png
+from moeforge.platform.outputs.storage import LocalStorage, open_storage, redact
 from omegaconf import OmegaConf
 
 CONFIG, METRICS, SUMMARY, LOSS_PNG = "config.yaml", "metrics.jsonl", "summary.json", "loss.png"

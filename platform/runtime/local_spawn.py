@@ -1,7 +1,7 @@
 """Run a function on N local processes joined in a gloo process group (no Ray).
 
 Used by the pipeline benchmark and by tests that exercise the executor without paying Ray Train's
-start-up; `moeforge-train` itself always goes through Ray (platform/launch.py).
+start-up; `moeforge-train` itself always goes through Ray (platform/runtime/launch.py).
 """
 
 from __future__ import annotations

@@ -29,7 +29,7 @@ from typing import Any
 
 import yaml
 from moeforge.platform.config._build import build, require
-from moeforge.platform.storage import write_text_file
+from moeforge.platform.outputs.storage import write_text_file
 
 
 @dataclass
@@ -85,8 +85,8 @@ def _synthetic_rank(
     """Run every (schedule, M) case on this rank's executor; rank 0 returns the measured times."""
     import torch
     import torch.distributed as dist
-    from moeforge.platform.executor import PipelineExecutor, SleepCompute
-    from moeforge.platform.p2p import P2P
+    from moeforge.platform.runtime.executor import PipelineExecutor, SleepCompute
+    from moeforge.platform.runtime.p2p import P2P
     from moeforge.platform.schedules import build_schedule
 
     out = []
@@ -119,7 +119,7 @@ def _synthetic_rank(
 
 
 def run_synthetic(cfg: PipelineBenchConfig) -> list[dict]:
-    from moeforge.platform.local_spawn import spawn_gloo
+    from moeforge.platform.runtime.local_spawn import spawn_gloo
     from moeforge.platform.schedules import Costs, build_schedule, simulate
 
     costs = Costs(f=cfg.f_ms / 1e3, b=cfg.b_ms / 1e3, w=cfg.w_ms / 1e3, fb=(cfg.f_ms + cfg.b_ms) / 1e3)
@@ -198,9 +198,9 @@ def _steady_tokens_per_s(run_dir: str) -> float:
 def run_real(cfg: PipelineBenchConfig) -> list[dict]:
     import torch
     from moeforge.platform.config import TrainConfig
-    from moeforge.platform.local_spawn import spawn_gloo
-    from moeforge.platform.pipeline_step import train_from_dict
-    from moeforge.platform.train_loop import ReferenceTrainer
+    from moeforge.platform.reference.loop import ReferenceTrainer
+    from moeforge.platform.runtime.local_spawn import spawn_gloo
+    from moeforge.platform.runtime.pipeline_run import train_from_dict
 
     rows = []
     with tempfile.TemporaryDirectory(prefix="moeforge-bench-") as tmp:

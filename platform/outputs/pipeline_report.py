@@ -1,8 +1,8 @@
 """Rank 0 of a pipeline run: progress lines, metrics.jsonl, the measured timeline and the summary.
 
-Writes the same files as the reference loop (platform/run_outputs.py: config.yaml, metrics.jsonl,
+Writes the same files as the reference loop (platform/outputs/run_files.py: config.yaml, metrics.jsonl,
 summary.json) plus `timeline.png` and `timeline.json` (Chrome/Perfetto trace) of the last gathered
-step, drawn by platform/timeline.py from the measured records.
+step, drawn by platform/outputs/timeline.py from the measured records.
 """
 
 from __future__ import annotations
@@ -14,11 +14,11 @@ import time
 from collections.abc import Callable
 
 from moeforge.platform.config.train import TrainConfig
-from moeforge.platform.metrics import TrainSummary, format_progress
-from moeforge.platform.run_outputs import RunOutputs
-from moeforge.platform.storage import open_storage
-from moeforge.platform.timeline import plot_timeline, write_chrome_trace
-from moeforge.platform.tracking import make_tracker
+from moeforge.platform.outputs.metrics import TrainSummary, format_progress
+from moeforge.platform.outputs.run_files import RunOutputs
+from moeforge.platform.outputs.storage import open_storage
+from moeforge.platform.outputs.timeline import plot_timeline, write_chrome_trace
+from moeforge.platform.outputs.tracking import make_tracker
 
 COMPUTE_KINDS = {"F", "B", "W", "BW", "FB", "WAIT"}
 

@@ -1,11 +1,13 @@
-"""The optimizer step of a pipeline rank: gradient reduction, global-norm clipping, AdamW.
+"""The ZeRO optimizer step of a pipeline rank (DeepSpeed): gradient reduction, global-norm clipping,
+AdamW, with optimizer state (and, for ZeRO-2, gradients) partitioned over the shard group.
 
 Input, once per step: this rank's gradients (a dict id(param) -> tensor, summed over the micro-batches
 it computed, each loss scaled by 1/M). The step must apply the gradient the single-process reference
 would: summed over the two ranks of a DualPipe pair (each computed half the micro-batches of each
 stage), averaged over dp replicas, clipped by the norm over ALL stages, then AdamW.
 
-Two implementations, same interface (`step(grads, lr) -> grad_norm`):
+Two implementations, same interface (`step(grads, lr) -> grad_norm`), this one and `PlainStep`
+(platform/optim/plain_step.py):
 
 - `ZeroStep` (parallel.zero_stage 1 or 2): a DeepSpeed engine per rank, over the rank's `RankModule`,
   with the *shard group* as DeepSpeed's data-parallel group (dp replicas x the DualPipe pair: all hold
@@ -21,10 +23,10 @@ Two implementations, same interface (`step(grads, lr) -> grad_norm`):
   every parameter marked `model_parallel`, DeepSpeed adds the squared norms of all stages; the
   last stage's copy of a tied embedding is marked `ds_pipe_replicated` so it is counted once. Same
   arithmetic as the reference's clip (coef = max_norm / (norm + 1e-6), capped at 1).
-- `PlainStep` (parallel.zero_stage 0): one flat all-reduce over the shard group, the reference's
+- `PlainStep` (parallel.zero_stage 0, its own file): one flat all-reduce over the shard group, the reference's
   `grad_sq_sum` all-reduced over the norm group, the reference's clip and a torch AdamW.
 
-Checkpoints: `state()` returns the optimizer as a Stateful of flat tensors (platform/checkpoint.py).
+Checkpoints: `state()` returns the optimizer as a Stateful of flat tensors (platform/checkpoint/store.py).
 PlainStep: AdamW moments by parameter name (`OptimizerState`). ZeroStep: `ZeroOptimizerState`, this
 rank's partition of DeepSpeed's ZeRO state: the fp32 master partition and the wrapped AdamW's moments
 on it, per parameter group, exact (no pickle; DeepSpeed's own `state_dict()` mixes in Python objects).
@@ -35,19 +37,13 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.distributed as dist
-from moeforge.platform.checkpoint_state import CheckpointError, OptimizerState
+from moeforge.platform.checkpoint.state import CheckpointError
 from moeforge.platform.config.optim import OptimConfig
 from moeforge.platform.config.precision import PrecisionConfig
-from moeforge.platform.lr_schedule import set_lr
-from moeforge.platform.optim import clip_grads_with_norm_, grad_sq_sum, param_groups
-from moeforge.platform.precision import make_adamw
-from moeforge.platform.topology import ProcessGroups
+from moeforge.platform.optim.adamw import build_adamw
+from moeforge.platform.optim.lr_schedule import set_lr
+from moeforge.platform.runtime.topology import ProcessGroups
 from torch import nn
-
-
-def _group_size(ranks: list[int] | None) -> int:
-    return len(ranks) if ranks else 1
 
 
 class _GroupsMPU:
@@ -113,9 +109,7 @@ class ZeroStep:
         for p in replicated:
             p.ds_pipe_replicated = True  # a copy of a parameter another rank also counts
         self.copies = param_copies
-        optimizer = make_adamw(
-            param_groups(module.named_parameters(), optim_cfg.weight_decay), optim_cfg, precision_cfg
-        )
+        optimizer = build_adamw(module.named_parameters(), optim_cfg, precision_cfg)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=module,
             optimizer=optimizer,
@@ -196,52 +190,3 @@ class ZeroOptimizerState:
             self.zero.optimizer.state[part] = {
                 k: (v.to(part.device, copy=True) if v.ndim > 0 else v.clone()) for k, v in saved.items()
             }
-
-
-class PlainStep:
-    """No ZeRO: flat all-reduce of gradients over the shard group, clip, torch AdamW."""
-
-    def __init__(
-        self,
-        module: nn.Module,
-        optim_cfg: OptimConfig,
-        precision_cfg: PrecisionConfig,
-        groups: ProcessGroups,
-        param_copies: int,
-        replicated: list[nn.Parameter],
-    ) -> None:
-        self.params = [p for p in module.parameters() if p.requires_grad]
-        self.named_params = list(module.named_parameters())
-        self.optimizer = make_adamw(
-            param_groups(module.named_parameters(), optim_cfg.weight_decay), optim_cfg, precision_cfg
-        )
-        self.groups = groups
-        self.copies = param_copies
-        replicated_ids = {id(p) for p in replicated}
-        self.norm_params = [p for p in self.params if id(p) not in replicated_ids]
-        self.grad_clip = optim_cfg.grad_clip
-
-    def step(self, grads: dict[int, torch.Tensor], lr: float) -> float:
-        shard = _group_size(self.groups.ranks["shard"])
-        flat = torch.cat([grads.get(id(p), torch.zeros_like(p)).reshape(-1) for p in self.params])
-        if shard > 1:
-            flat.mul_(self.copies / shard)
-            dist.all_reduce(flat, group=self.groups.shard)
-        offset = 0
-        for p in self.params:
-            n = p.numel()
-            p.grad = flat[offset : offset + n].view_as(p)
-            offset += n
-        sq = grad_sq_sum(self.norm_params)
-        if _group_size(self.groups.ranks["norm"]) > 1:
-            dist.all_reduce(sq, group=self.groups.norm)
-        norm = sq.sqrt()
-        clip_grads_with_norm_(self.params, norm, self.grad_clip)
-        set_lr(self.optimizer, lr)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return float(norm)
-
-    def state(self) -> OptimizerState:
-        """The optimizer state to checkpoint (AdamW moments by parameter name)."""
-        return OptimizerState(self.optimizer, self.named_params)

@@ -1,7 +1,7 @@
 """The optimizer step pieces shared by the reference loop and the pipeline runtime.
 
-- `build_optimizer`: AdamW with two parameter groups. Weight decay applies to matrices and stacked
-  expert weights (ndim >= 2: Linear, Embedding, gate and expert weights); it is NOT applied to
+- `build_adamw`: the one optimizer constructor, AdamW with two parameter groups. Weight decay
+  applies to matrices and stacked expert weights (ndim >= 2: Linear, Embedding, gate and expert weights); it is NOT applied to
   vectors (ndim < 2: RMSNorm scales and biases), whose decay would only pull norms toward zero
   and shift activations without regularising anything (the GPT-2/nanoGPT/V3 convention).
 - `grad_sq_sum` / `global_grad_norm` / `clip_grads_with_norm_`: clipping by the global norm is split
@@ -15,7 +15,11 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import torch
+from moeforge.kernels.adamw_lowp import AdamWLowPrecisionMoments
 from moeforge.platform.config.optim import OptimConfig
+from moeforge.platform.config.precision import PrecisionConfig
+
+_MOMENT_DTYPES = {"bfloat16": torch.bfloat16}
 
 
 def param_groups(
@@ -36,23 +40,31 @@ def param_groups(
     return groups
 
 
-def build_optimizer(
-    named_parameters: Iterable[tuple[str, torch.nn.Parameter]], optim_cfg: OptimConfig
-) -> torch.optim.AdamW:
-    """AdamW (betas, eps, weight decay from `optim_cfg`) over `named_parameters`.
+def build_adamw(
+    named_parameters: Iterable[tuple[str, torch.nn.Parameter]],
+    optim_cfg: OptimConfig,
+    precision_cfg: PrecisionConfig,
+) -> torch.optim.Optimizer:
+    """The one AdamW of every moeforge loop: `param_groups` of `named_parameters` (decay on ndim >= 2
+    only), betas / eps / weight decay from `optim_cfg`, moments in precision_cfg.adam_moments_dtype
+    (torch's AdamW for float32, AdamWLowPrecisionMoments for bfloat16).
 
-    The LR is set before every step with `lr_schedule.set_lr(opt, lr_at(step, ...))`; the initial
-    value here is the peak LR and never used for an update by the moeforge loops."""
+    The reference loop, the plain pipeline step and the ZeRO step (which hands it to DeepSpeed) all
+    build their optimizer here. The LR is set before every step with
+    `lr_schedule.set_lr(opt, lr_at(step, ...))`; the initial value is the peak LR and never used."""
     groups = param_groups(named_parameters, optim_cfg.weight_decay)
     if not any(g["params"] for g in groups):
-        raise ValueError("build_optimizer: no trainable parameters")
-    return torch.optim.AdamW(
-        groups,
-        lr=optim_cfg.lr,
-        betas=tuple(optim_cfg.betas),
-        eps=optim_cfg.eps,
-        weight_decay=optim_cfg.weight_decay,
-    )
+        raise ValueError("build_adamw: no trainable parameters")
+    kwargs = {
+        "lr": optim_cfg.lr,
+        "betas": tuple(optim_cfg.betas),
+        "eps": optim_cfg.eps,
+        "weight_decay": optim_cfg.weight_decay,
+    }
+    if precision_cfg.adam_moments_dtype == "float32":
+        return torch.optim.AdamW(groups, **kwargs)
+    moments = _MOMENT_DTYPES[precision_cfg.adam_moments_dtype]
+    return AdamWLowPrecisionMoments(groups, moments_dtype=moments, **kwargs)
 
 
 def _grads(parameters: Iterable[torch.Tensor]) -> list[torch.Tensor]:

@@ -88,7 +88,7 @@ def format_progress(
     MFU when known (a fraction of peak FLOP/s).
 
     `tokens_per_s` and `eta_s` are passed in (averaged by the caller over recent steps) because a
-    single step's time is noisy; platform.tracking.ConsoleProgress does that averaging."""
+    single step's time is noisy; platform.outputs.tracking.ConsoleProgress does that averaging."""
     width = len(str(total_steps))
     line = (
         f"step {m.step:>{width}}/{total_steps} | loss {m.loss:.4f} | lr {m.lr:.2e} | "

@@ -4,7 +4,7 @@ Two checks, both pure arithmetic on numbers handed in, so they cost nothing and 
 
 * `check_cluster_fits(parallel, resources)`: a pipeline run needs pp x dp workers, each with
   `parallel.gpus_per_worker` GPUs and `parallel.cpus_per_worker` CPUs. `resources` is what the
-  cluster has in total, as `ray.cluster_resources()` reports it. Called by platform.launch right after
+  cluster has in total, as `ray.cluster_resources()` reports it. Called by platform.runtime.launch right after
   it connects to Ray; a 2,048-GPU DeepSeek-V3 run on a small cluster fails there with both numbers
   instead of waiting forever for workers that can never be placed.
 * `check_single_process_fits(model, parallel, machine)`: the one-process reference loop holds the

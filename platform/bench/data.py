@@ -27,7 +27,7 @@ from moeforge.platform.data.prepare import (
     training_texts,
 )
 from moeforge.platform.data.tokenizer import eos_id, load_tokenizer, train_bpe
-from moeforge.platform.storage import write_text_file
+from moeforge.platform.outputs.storage import write_text_file
 
 
 @dataclass

@@ -8,10 +8,10 @@ runs it.
 from __future__ import annotations
 
 from moeforge.model.config import ConfigError
-from moeforge.platform.checkpoint import CheckpointMeta, list_checkpoints
-from moeforge.platform.checkpoint_state import CheckpointError
+from moeforge.platform.checkpoint.state import CheckpointError
+from moeforge.platform.checkpoint.store import CheckpointMeta, list_checkpoints
 from moeforge.platform.config.train import TrainConfig
-from moeforge.platform.storage import Storage
+from moeforge.platform.outputs.storage import Storage
 
 
 def resume_point(cfg: TrainConfig, storage: Storage | None = None) -> int | None:

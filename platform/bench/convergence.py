@@ -27,7 +27,7 @@ import torch
 import yaml
 from moeforge.platform.config._build import build, require
 from moeforge.platform.config.train import TrainConfig
-from moeforge.platform.storage import write_text_file
+from moeforge.platform.outputs.storage import write_text_file
 
 
 @dataclass
@@ -104,7 +104,7 @@ def train_config(cfg: ConvergenceBenchConfig, precision: str, run_dir: str) -> T
 
 
 def _train(cfg: ConvergenceBenchConfig, precision: str, run_dir: str, log: Callable[[str], None]) -> dict:
-    from moeforge.platform.train_loop import ReferenceTrainer
+    from moeforge.platform.reference.loop import ReferenceTrainer
 
     trainer = ReferenceTrainer(train_config(cfg, precision, run_dir), log=lambda line: log(f"[{precision}] {line}"))
     summary = trainer.train()

@@ -1,6 +1,6 @@
 """Checkpoints that lose nothing on failure: safetensors shards plus JSON manifests, marker last.
 
-Layout under `run_dir` (a local directory or `s3://bucket/prefix`, through platform.storage):
+Layout under `run_dir` (a local directory or `s3://bucket/prefix`, through platform.outputs.storage):
 
     checkpoints/step_00000100/
         rank0_0.safetensors   one file per writing rank (pp rank, dp rank); keys "{part}/{name}":
@@ -48,8 +48,8 @@ from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
-from moeforge.platform.checkpoint_state import CheckpointError
-from moeforge.platform.storage import LocalStorage, Storage, _atomic_local_write, open_storage
+from moeforge.platform.checkpoint.state import CheckpointError
+from moeforge.platform.outputs.storage import LocalStorage, Storage, _atomic_local_write, open_storage
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 

@@ -25,7 +25,7 @@ def _quiet_ray_train_report_log() -> None:
 def train_loop_per_worker(config: dict) -> None:
     import ray.train
     import torch
-    from moeforge.platform.pipeline_step import run_pipeline_training
+    from moeforge.platform.runtime.pipeline_run import run_pipeline_training
     from ray.train.torch import get_device
 
     _quiet_ray_train_report_log()

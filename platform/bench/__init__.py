@@ -1,0 +1,6 @@
+"""Benchmark suites behind `moeforge-bench <suite>`: each prints a table and writes JSON.
+
+`pipeline` (the runtime against the simulator, real model against the one-process loop), `data`
+(Ray Data tokenization against a single-process loop), `convergence` (FP8 against BF16 through the
+reference loop). The FP8 kernel suite lives beside its kernels (moeforge.kernels.bench_kernels).
+"""

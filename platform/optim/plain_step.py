@@ -1,0 +1,71 @@
+"""The optimizer step of a pipeline rank without ZeRO (parallel.zero_stage 0).
+
+One flat all-reduce of the rank's gradients over its shard group (dp replicas x the DualPipe pair;
+multiplied by `param_copies / shard` so a DualPipe pair sums and dp replicas average, as
+platform/optim/zero_step.py explains), the reference's sum of squares all-reduced over the norm group,
+the reference's clip, then AdamW from `build_adamw`. Same interface as `ZeroStep`:
+`step(grads, lr) -> grad_norm` and `state()` for checkpoints.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from moeforge.platform.checkpoint.state import OptimizerState
+from moeforge.platform.config.optim import OptimConfig
+from moeforge.platform.config.precision import PrecisionConfig
+from moeforge.platform.optim.adamw import build_adamw, clip_grads_with_norm_, grad_sq_sum
+from moeforge.platform.optim.lr_schedule import set_lr
+from moeforge.platform.runtime.topology import ProcessGroups
+from torch import nn
+
+
+def _group_size(ranks: list[int] | None) -> int:
+    return len(ranks) if ranks else 1
+
+
+class PlainStep:
+    """No ZeRO: flat all-reduce of gradients over the shard group, clip, torch AdamW."""
+
+    def __init__(
+        self,
+        module: nn.Module,
+        optim_cfg: OptimConfig,
+        precision_cfg: PrecisionConfig,
+        groups: ProcessGroups,
+        param_copies: int,
+        replicated: list[nn.Parameter],
+    ) -> None:
+        self.params = [p for p in module.parameters() if p.requires_grad]
+        self.named_params = list(module.named_parameters())
+        self.optimizer = build_adamw(module.named_parameters(), optim_cfg, precision_cfg)
+        self.groups = groups
+        self.copies = param_copies
+        replicated_ids = {id(p) for p in replicated}
+        self.norm_params = [p for p in self.params if id(p) not in replicated_ids]
+        self.grad_clip = optim_cfg.grad_clip
+
+    def step(self, grads: dict[int, torch.Tensor], lr: float) -> float:
+        shard = _group_size(self.groups.ranks["shard"])
+        flat = torch.cat([grads.get(id(p), torch.zeros_like(p)).reshape(-1) for p in self.params])
+        if shard > 1:
+            flat.mul_(self.copies / shard)
+            dist.all_reduce(flat, group=self.groups.shard)
+        offset = 0
+        for p in self.params:
+            n = p.numel()
+            p.grad = flat[offset : offset + n].view_as(p)
+            offset += n
+        sq = grad_sq_sum(self.norm_params)
+        if _group_size(self.groups.ranks["norm"]) > 1:
+            dist.all_reduce(sq, group=self.groups.norm)
+        norm = sq.sqrt()
+        clip_grads_with_norm_(self.params, norm, self.grad_clip)
+        set_lr(self.optimizer, lr)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(norm)
+
+    def state(self) -> OptimizerState:
+        """The optimizer state to checkpoint (AdamW moments by parameter name)."""
+        return OptimizerState(self.optimizer, self.named_params)

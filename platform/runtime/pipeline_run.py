@@ -1,0 +1,97 @@
+"""The whole pipeline run on one rank (what each Ray Train worker runs), around its steps.
+
+Around the steps (`run_pipeline_training`, mirroring the reference loop's `train`):
+    evaluate    every run.eval_every steps and at the end: a forward-only pass of run.eval_batches
+                held-out batches along the stage route of micro-batch 0 (`Schedule.route`), one
+                stage after the other with blocking send/recv: no schedule, no overlap, but the same
+                stage code and weights as training, so it equals the reference's `evaluate`. Each dp
+                replica evaluates its rows of every val batch; the mean over replicas is the mean
+                over the whole batch (equal token counts).
+    checkpoint  every checkpoint.every steps and at the end: every rank writes its shard (its stage
+                modules with router biases, its optimizer state, its RNG), barrier, rank 0 commits
+                with world {pp, dp} and samples_consumed (platform/checkpoint/store.py's contract).
+    resume      checkpoint.resume: every rank loads its own shard of the newest complete checkpoint
+                (rank 0 picks it, the others take its step).
+    failure     rank 0 records what it has (metrics, summary.json with status "failed" and its
+                error); the driver (platform/runtime/launch.py) then names every failed rank in the summary.
+                No failure checkpoint: that would need every rank alive and at a common step.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+import torch.distributed as dist
+from moeforge.platform.config.train import TrainConfig
+from moeforge.platform.outputs.storage import open_storage
+from moeforge.platform.runtime.rank_state import PipelineRuntime
+
+
+def load_pipeline_params(run_dir: str) -> dict[str, torch.Tensor]:
+    """Merge the per-stage safetensors files written by `save_params` into one full-model dict."""
+    from safetensors.torch import load
+
+    storage = open_storage(run_dir)
+    merged: dict[str, torch.Tensor] = {}
+    for name in sorted(storage.list("params")):
+        if name.endswith(".safetensors"):
+            rel = name if name.startswith("params/") else f"params/{name}"
+            merged.update(load(storage.read_bytes(rel)))
+    return merged
+
+
+def run_pipeline_training(
+    cfg: TrainConfig,
+    rank: int,
+    world_size: int,
+    report: Callable[[dict], None] | None = None,
+    log: Callable[[str], None] = print,
+    source=None,
+    device: torch.device | str = "cpu",
+) -> dict | None:
+    """The whole run on one rank; rank 0 returns the summary (see platform/runtime/worker.py).
+
+    `report` (Ray Train's, a barrier) is called on EVERY rank at the same steps (each log step and
+    the last), with rank 0's metrics; other ranks pass an empty dict. Evaluation and checkpoints are
+    collective too: every rank takes part at the same steps."""
+    from moeforge.platform.outputs.pipeline_report import PipelineReporter
+
+    runtime = PipelineRuntime(cfg, rank, world_size, source=source, device=device)
+    resumed = runtime.resume()
+    reporter = PipelineReporter(cfg, runtime, log=log, resumed_from=resumed) if rank == 0 else None
+    run, every = cfg.run, cfg.checkpoint.every
+    try:
+        while runtime.step < run.steps:
+            step = runtime.step + 1
+            last = step == run.steps
+            gather = cfg.tracking.log_timeline and (last or step % run.log_every == 0)
+            metrics = runtime.train_step(gather_timeline=gather)
+            if not math.isfinite(metrics.base.loss):
+                raise FloatingPointError(f"{runtime.name}: loss is {metrics.base.loss} at step {step}")
+            eval_loss = None
+            if run.eval_every and (step % run.eval_every == 0 or last):
+                eval_loss = runtime.evaluate()
+            record = reporter.record(metrics, eval_loss) if reporter is not None else {}
+            if report is not None and (last or step % run.log_every == 0):
+                report(record)
+            if every and (step % every == 0 or last):
+                if reporter is not None:
+                    reporter.outputs.flush()  # a resumed run finds every record its checkpoint covers
+                path = runtime.save_checkpoint()
+                if reporter is not None:
+                    reporter.checkpointed(step, path)
+        runtime.save_params(cfg.run.dir)
+        dist.barrier()
+    except BaseException as err:
+        if reporter is not None:
+            reporter.fail(err)
+        raise
+    return reporter.finish() if reporter is not None else None
+
+
+def train_from_dict(rank: int, world_size: int, raw_config: dict, quiet: bool = False) -> dict | None:
+    """`run_pipeline_training` from a plain config dict (picklable entry for spawned processes)."""
+    cfg = TrainConfig.from_dict(raw_config)
+    return run_pipeline_training(cfg, rank, world_size, log=(lambda _line: None) if quiet else print)
