@@ -18,13 +18,12 @@ from collections.abc import Sequence
 
 from moeforge.model.accounting import (
     ClusterConfig,
-    build_checked,
     estimate,
     format_table,
     model_config_from_dict,
     training_cost,
 )
-from moeforge.model.config import ConfigError
+from moeforge.model.config import ConfigError, build_config
 from moeforge.platform.cli import compose_values, run_cli
 
 CONFIG_NAME = "estimate"
@@ -44,7 +43,7 @@ def run(argv: Sequence[str]) -> str:
         raise ConfigError(f"format must be one of {', '.join(FORMATS)}, got {values.get('format')!r}")
     # Everything is validated before any work: model, cluster and token budget.
     model_cfg = model_config_from_dict(values["model"])
-    cluster = build_checked(ClusterConfig, values.get("cluster") or {}, "cluster")
+    cluster = build_config(ClusterConfig, values.get("cluster") or {}, "cluster")
     est = estimate(model_cfg, name=name)
     cost = None if values.get("tokens") is None else training_cost(est, values["tokens"], cluster)
     if values["format"] == "json":

@@ -15,7 +15,6 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.errors import HydraException
 from hydra.types import RunMode
 from moeforge.model.config import ConfigError
-from moeforge.platform.checkpoint.state import CheckpointError
 from moeforge.platform.cli import one_line
 from moeforge.platform.config.train import TrainConfig
 from moeforge.platform.outputs.storage import StorageError
@@ -82,6 +81,10 @@ def _train(cfg: DictConfig) -> None:
                 "each member its own, e.g. 'run.dir=/path/sweep/${hydra:job.num}'"
             )
         _sweep_run_dirs.add(config.run.dir)
+    # Imported only once the config is valid: it pulls in torch (seconds), and a bad override should
+    # fail at once.
+    from moeforge.platform.checkpoint.state import CheckpointError
+
     try:
         if config.parallel.schedule == "single":
             from moeforge.platform.reference.loop import ReferenceTrainer

@@ -36,13 +36,11 @@ into DeepSeek-V3", tables on KV cache and training cost per token at sequence le
 from __future__ import annotations
 
 import dataclasses
-import types
-import typing
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any
 
-from moeforge.model.config import ConfigError, ModelConfig
+from moeforge.model.config import ConfigError, ModelConfig, build_config
 
 KV_CACHE_BYTES_PER_VALUE = 2  # BF16 cache
 TRAIN_STATE_BYTES_PER_PARAM = 16  # bf16 weight + bf16 grad + fp32 master + fp32 Adam m, v
@@ -142,18 +140,15 @@ class ClusterConfig:
     price_per_gpu_hour: float = 2.0
 
     def __post_init__(self) -> None:
-        if not isinstance(self.gpus, int) or isinstance(self.gpus, bool) or self.gpus <= 0:
-            raise ConfigError(f"cluster.gpus must be a positive integer, got {self.gpus!r}")
-        for name in ("peak_tflops", "mfu", "price_per_gpu_hour"):
-            value = getattr(self, name)
-            if not isinstance(value, (int, float)) or isinstance(value, bool):
-                raise ConfigError(f"cluster.{name} must be a number, got {value!r}")
+        # Types are checked by build_config (moeforge-estimate builds it from `cluster.*`).
+        if self.gpus <= 0:
+            raise ConfigError(f"gpus must be positive, got {self.gpus}")
         if not self.peak_tflops > 0:
-            raise ConfigError(f"cluster.peak_tflops must be positive, got {self.peak_tflops}")
+            raise ConfigError(f"peak_tflops must be positive, got {self.peak_tflops}")
         if not 0 < self.mfu <= 1:
-            raise ConfigError(f"cluster.mfu must lie in (0, 1], got {self.mfu}")
+            raise ConfigError(f"mfu must lie in (0, 1], got {self.mfu}")
         if self.price_per_gpu_hour < 0:
-            raise ConfigError(f"cluster.price_per_gpu_hour must be >= 0, got {self.price_per_gpu_hour}")
+            raise ConfigError(f"price_per_gpu_hour must be >= 0, got {self.price_per_gpu_hour}")
 
 
 @dataclass(frozen=True)
@@ -330,68 +325,15 @@ def training_cost(est: Estimate, tokens: float, cluster: ClusterConfig) -> Train
 def model_config_from_dict(values: Mapping[str, Any]) -> ModelConfig | DenseGQAConfig:
     """Build the config a model YAML describes; its `arch` key picks the class.
 
-    Unknown keys and values of the wrong type fail with one ConfigError naming `model.<field>`.
+    Unknown keys, missing fields and values of the wrong type fail (`build_config`) with one
+    ConfigError naming `model.<field>`.
     """
     values = dict(values)
     arch = values.pop("arch", ARCH_DEEPSEEK_V3)
     classes = {ARCH_DEEPSEEK_V3: ModelConfig, ARCH_DENSE_GQA: DenseGQAConfig}
     if arch not in classes:
         raise ConfigError(f"model.arch must be one of {sorted(classes)}, got {arch!r}")
-    return build_checked(classes[arch], values, "model")
-
-
-def build_checked(cls: type, values: Mapping[str, Any], where: str) -> Any:
-    """`cls(**values)` after checking keys and value types against `cls`'s annotations."""
-    values = dict(values)
-    hints = typing.get_type_hints(cls)
-    unknown = sorted(set(values) - set(hints))
-    if unknown:
-        raise ConfigError(f"{where}.{unknown[0]}: unknown key (known: {', '.join(sorted(hints))})")
-    required = [
-        f.name
-        for f in dataclasses.fields(cls)
-        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-    ]
-    missing = [name for name in required if name not in values]
-    if missing:
-        raise ConfigError(f"{where}.{missing[0]}: missing (required)")
-    for key, value in values.items():
-        if not _matches(value, hints[key], f"{where}.{key}"):
-            raise ConfigError(f"{where}.{key} must be {_describe(hints[key])}, got {value!r}")
-    try:
-        return cls(**values)
-    except ConfigError as err:
-        msg = str(err)
-        raise ConfigError(msg if msg.startswith(f"{where}.") else f"{where}.{msg}") from None
-
-
-def _matches(value: Any, hint: Any, where: str) -> bool:
-    origin = typing.get_origin(hint)
-    if origin in (Union, types.UnionType):
-        return any(_matches(value, arg, where) for arg in typing.get_args(hint))
-    if hint is type(None):
-        return value is None
-    if hint is bool:
-        return isinstance(value, bool)
-    if hint is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if hint is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if hint is str:
-        return isinstance(value, str)
-    if dataclasses.is_dataclass(hint):
-        if isinstance(value, Mapping):
-            build_checked(hint, value, where)  # raises naming the nested field
-            return True
-        return isinstance(value, hint)
-    return True  # annotations this module does not know are left to the dataclass
-
-
-def _describe(hint: Any) -> str:
-    if typing.get_origin(hint) in (Union, types.UnionType):
-        return " or ".join(_describe(arg) for arg in typing.get_args(hint))
-    names = {bool: "true or false", int: "an integer", float: "a number", str: "a string", type(None): "null"}
-    return names.get(hint, getattr(hint, "__name__", str(hint)))
+    return build_config(classes[arch], values, "model")
 
 
 # ------------------------------------------------------------------------------------------------

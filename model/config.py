@@ -3,15 +3,22 @@
 Field names follow the Hugging Face `config.json` of deepseek-ai/DeepSeek-V3 so a checkpoint's config
 maps onto this dataclass one to one (`ModelConfig.from_hf_dict`). Validation runs in `__post_init__`
 and every error names the offending field, so a bad YAML fails before any work starts.
+
+This module also holds `build_config`, the one builder that turns plain values (YAML, Hydra) into any
+config dataclass of moeforge, model or platform, checking keys and types first.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Mapping
+import types
+import typing
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal, TypeVar, Union
+
+T = TypeVar("T")
 
 
 class ConfigError(ValueError):
@@ -21,6 +28,9 @@ class ConfigError(ValueError):
 @dataclass
 class RopeScaling:
     """YaRN context extension (DeepSeek-V3 trains at 4K, extends to 128K).
+
+    Its error messages name fields relative to itself (`factor ...`); `build_config` prefixes the
+    path it is built at (`model.rope_scaling.factor ...`).
 
     `factor` stretches the rotary wavelengths; dimensions whose wavelength is shorter than
     original_max_position_embeddings / beta_fast are kept (extrapolated), those longer than
@@ -39,18 +49,16 @@ class RopeScaling:
 
     def __post_init__(self) -> None:
         if self.type != "yarn":
-            raise ConfigError(f"rope_scaling.type: only 'yarn' is supported, got {self.type!r}")
+            raise ConfigError(f"type: only 'yarn' is supported, got {self.type!r}")
         if not self.factor >= 1.0:
-            raise ConfigError(f"rope_scaling.factor must be >= 1, got {self.factor}")
+            raise ConfigError(f"factor must be >= 1, got {self.factor}")
         if self.original_max_position_embeddings <= 0:
             raise ConfigError(
-                "rope_scaling.original_max_position_embeddings must be positive, "
+                "original_max_position_embeddings must be positive, "
                 f"got {self.original_max_position_embeddings}"
             )
         if not self.beta_fast > self.beta_slow > 0:
-            raise ConfigError(
-                f"rope_scaling.beta_fast ({self.beta_fast}) must exceed beta_slow ({self.beta_slow}) > 0"
-            )
+            raise ConfigError(f"beta_fast ({self.beta_fast}) must exceed beta_slow ({self.beta_slow}) > 0")
 
 
 # Fields that must be strictly positive integers; checked together so the message names the field.
@@ -128,7 +136,7 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         if isinstance(self.rope_scaling, Mapping):
-            self.rope_scaling = _build(RopeScaling, dict(self.rope_scaling), "rope_scaling")
+            self.rope_scaling = build_config(RopeScaling, self.rope_scaling, "rope_scaling")
         self._validate()
 
     # ------------------------------------------------------------------------------------------------
@@ -174,7 +182,9 @@ class ModelConfig:
 
     def _validate_routing(self) -> None:
         if self.n_routed_experts <= 0:
-            raise ConfigError(f"n_routed_experts must be positive for MoE layers, got {self.n_routed_experts}")
+            raise ConfigError(
+                f"n_routed_experts must be positive for MoE layers, got {self.n_routed_experts}"
+            )
         if self.n_shared_experts < 0:
             raise ConfigError(f"n_shared_experts must be >= 0, got {self.n_shared_experts}")
         if self.n_group <= 0:
@@ -228,8 +238,9 @@ class ModelConfig:
     # --- construction ---------------------------------------------------------------------------------------
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> ModelConfig:
-        """Build from a plain mapping (Hydra / YAML); an unknown key fails with its name."""
-        return _build(cls, dict(values), "model")
+        """Build from a plain mapping (Hydra / YAML) with `build_config`: an unknown key, a missing or
+        mistyped value and a failed check all raise one ConfigError naming `model.<field>`."""
+        return build_config(cls, values, "model")
 
     @classmethod
     def from_hf_dict(cls, hf: Mapping[str, Any]) -> ModelConfig:
@@ -274,9 +285,140 @@ class ModelConfig:
         return dataclasses.replace(self, **changes)
 
 
-def _build(cls: type, values: dict[str, Any], where: str) -> Any:
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - known)
+# ------------------------------------------------------------------------------------------------
+# The config builder
+# ------------------------------------------------------------------------------------------------
+def build_config(cls: type[T], values: Mapping[str, Any], where: str = "") -> T:
+    """Build the config dataclass `cls` from plain values (YAML, or Hydra after OmegaConf.to_container).
+
+    Before `cls(**values)` runs, every key must be a field of `cls`, every field without a default
+    must be given, and every value must have its field's annotated type. Each failure raises one
+    ConfigError naming the dotted key under `where` (`model.n_group: expected int, got 8.0`). The
+    dataclass's own `__post_init__` checks name fields relative to the dataclass; their messages get
+    the `where.` prefix here. `where=""` builds a root config (keys are named as they are).
+
+    Type rules (strict, because a silently converted typo trains the wrong model):
+    - int: an int, never a bool or a float (8.0 included: Hydra reads `n_group=8.0` as a float);
+    - float: a float, or an int (converted to float); never a bool or a string;
+    - str and bool: exactly that type;
+    - `X | None` / Optional, unions: the first member that fits;  Literal: one of its values;
+    - list[X], tuple[X, ...], tuple[X, Y]: a list or tuple (any sequence but a string), checked
+      element by element (`key[i]`); tuples are built as tuples, since YAML has only lists;
+    - dict[K, V]: a mapping, checked entry by entry (`key.name`);
+    - a nested config dataclass: a mapping (built recursively, errors keep the full path) or an
+      instance;  Any: anything.
+    An annotation outside these rules is a programming error (TypeError), not a user error.
+    """
+    if not isinstance(values, Mapping):
+        raise ConfigError(
+            f"{where or cls.__name__}: expected a mapping of {cls.__name__} fields, got {values!r}"
+        )
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted((key for key in values if key not in fields), key=str)
     if unknown:
-        raise ConfigError(f"{where}: unknown key {unknown[0]!r} (known keys: {', '.join(sorted(known))})")
-    return cls(**values)
+        raise ConfigError(f"{_join(where, unknown[0])}: unknown key (known: {', '.join(sorted(fields))})")
+    missing = [
+        name
+        for name, f in fields.items()
+        if name not in values
+        and f.default is dataclasses.MISSING
+        and f.default_factory is dataclasses.MISSING
+    ]
+    if missing:
+        raise ConfigError(f"{_join(where, missing[0])}: missing (required)")
+    hints = typing.get_type_hints(cls)
+    kwargs = {key: _typed(value, hints[key], _join(where, key)) for key, value in values.items()}
+    try:
+        return cls(**kwargs)
+    except ConfigError as err:
+        msg = str(err)
+        # A dataclass that already names itself in full (its own `where.` prefix) is left as it is.
+        raise ConfigError(msg if not where or msg.startswith(f"{where}.") else f"{where}.{msg}") from None
+
+
+class _WrongType(ConfigError):
+    """`value` at `where` is not of type `hint`; a union tries its next member on this error only."""
+
+    def __init__(self, where: str, hint: Any, value: Any) -> None:
+        super().__init__(f"{where}: expected {_describe(hint)}, got {value!r}")
+        self.where = where
+
+
+def _join(where: str, key: Any) -> str:
+    return f"{where}.{key}" if where else str(key)
+
+
+def _typed(value: Any, hint: Any, where: str) -> Any:
+    """`value` checked against `hint` (and converted: int -> float, list -> tuple, mapping -> dataclass)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        for arg in args:
+            try:
+                return _typed(value, arg, where)
+            except _WrongType as err:
+                if err.where != where:  # the value fits this member's shape; an element inside is wrong
+                    raise
+        raise _WrongType(where, hint, value)
+    if origin is Literal:
+        if any(type(value) is type(arg) and value == arg for arg in args):
+            return value
+        raise _WrongType(where, hint, value)
+    if hint is type(None) or hint is None:
+        if value is None:
+            return None
+        raise _WrongType(where, hint, value)
+    if hint in (bool, int, str):
+        if type(value) is hint or (isinstance(value, hint) and not isinstance(value, bool)):
+            return value
+        raise _WrongType(where, hint, value)
+    if hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise _WrongType(where, hint, value)
+    if hint in (list, tuple) or origin in (list, tuple):
+        # Any sequence but a string: YAML gives lists, an OmegaConf ListConfig is a Sequence too.
+        if not isinstance(value, Sequence) or isinstance(value, (str, bytes)):
+            raise _WrongType(where, hint, value)
+        if hint is tuple or origin is tuple:
+            if len(args) == 2 and args[1] is Ellipsis:
+                args = (args[0],) * len(value)
+            elif not args:
+                args = (Any,) * len(value)
+            elif len(args) != len(value):
+                raise _WrongType(where, hint, value)
+            return tuple(
+                _typed(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args, strict=True))
+            )
+        item = args[0] if args else Any
+        return [_typed(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
+    if hint is dict or origin in (dict, Mapping):
+        if not isinstance(value, Mapping):
+            raise _WrongType(where, hint, value)
+        key_hint, value_hint = args or (Any, Any)
+        return {
+            _typed(k, key_hint, _join(where, k)): _typed(v, value_hint, _join(where, k))
+            for k, v in value.items()
+        }
+    if dataclasses.is_dataclass(hint):
+        if isinstance(value, hint):
+            return value
+        if isinstance(value, Mapping):
+            return build_config(hint, value, where)
+        raise _WrongType(where, hint, value)
+    raise TypeError(f"{where}: build_config has no rule for the annotation {hint!r}")
+
+
+def _describe(hint: Any) -> str:
+    """The type as the error messages name it: int, float, list[int], int | None, one of 'a', 'b'."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (Union, types.UnionType):
+        return " | ".join(_describe(arg) for arg in args)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(arg) for arg in args)
+    if hint is type(None) or hint is None:
+        return "None"
+    if isinstance(hint, type) and not args:
+        return hint.__name__
+    return str(hint).replace("typing.", "")

@@ -1,11 +1,15 @@
-"""ModelConfig: bad values fail naming the field; Hugging Face config.json variants map correctly."""
+"""ModelConfig: bad values and types fail naming the field; Hugging Face config.json variants map
+correctly; build_config checks every annotation kind."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
 import pytest
-from moeforge.model.config import ConfigError, ModelConfig
+from moeforge.model.config import ConfigError, ModelConfig, RopeScaling, build_config
 
 SMALL = {
     "vocab_size": 64, "hidden_size": 32, "intermediate_size": 48, "moe_intermediate_size": 16,
@@ -85,3 +89,99 @@ def test_transformers_v5_rope_parameters():
 def test_unsupported_hf_config_fails_naming_the_key(hf, field):
     with pytest.raises(ConfigError, match=field):
         ModelConfig.from_hf_dict({**SMALL, **hf})
+
+
+# --------------------------------------------------------------------------------------------------
+# Types: build_config, the one builder of every config dataclass
+# --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"n_group": 8.0}, "model.n_group: expected int, got 8.0"),  # never truncated to 8
+        ({"n_group": True}, "model.n_group: expected int, got True"),
+        ({"routed_scaling_factor": "abc"}, "model.routed_scaling_factor: expected float, got 'abc'"),
+        ({"routed_scaling_factor": False}, "model.routed_scaling_factor: expected float, got False"),
+        ({"norm_topk_prob": 1}, "model.norm_topk_prob: expected bool, got 1"),
+        ({"scoring_func": 1}, "model.scoring_func: expected str, got 1"),
+        ({"q_lora_rank": "24"}, "model.q_lora_rank: expected int | None, got '24'"),
+        ({"rope_scaling": {"factor": "forty"}}, "model.rope_scaling.factor: expected float, got 'forty'"),
+        ({"rope_scaling": {"factor": 0.5}}, "model.rope_scaling.factor must be >= 1, got 0.5"),
+        ({"rope_scaling": {"extra": 1}}, "model.rope_scaling.extra: unknown key (known: beta_fast, "),
+        ({"rope_scaling": [40.0]}, "model.rope_scaling: expected RopeScaling | None, got [40.0]"),
+        ({"hidden_sise": 32}, "model.hidden_sise: unknown key (known: attention_bias, "),
+    ],
+)
+def test_a_wrong_type_fails_naming_the_dotted_key(changes, message):
+    with pytest.raises(ConfigError) as info:
+        ModelConfig.from_dict({**SMALL, **changes})
+    assert str(info.value).startswith(message), str(info.value)
+
+
+def test_a_float_field_takes_an_int_as_a_float():
+    cfg = ModelConfig.from_dict({**SMALL, "routed_scaling_factor": 2, "rope_scaling": {"factor": 4}})
+    assert type(cfg.routed_scaling_factor) is float and cfg.routed_scaling_factor == 2.0
+    assert type(cfg.rope_scaling.factor) is float and cfg.rope_scaling.factor == 4.0
+
+
+def test_the_defaults_round_trip_through_the_builder():
+    assert build_config(ModelConfig, ModelConfig().to_dict(), "model") == ModelConfig()
+    assert build_config(RopeScaling, dataclasses.asdict(RopeScaling()), "rope") == RopeScaling()
+
+
+@dataclass
+class _Leaf:
+    size: int
+    mode: Literal["a", "b"] = "a"
+
+
+@dataclass
+class _Every:
+    """One field of each annotation kind build_config knows."""
+
+    leaf: _Leaf
+    ints: list[int] = field(default_factory=list)
+    pair: tuple[float, float] = (0.0, 1.0)
+    many: tuple[str, ...] = ()
+    table: dict[str, int] = field(default_factory=dict)
+    maybe: _Leaf | None = None
+    anything: Any = None
+
+
+@pytest.mark.parametrize(
+    "values, message",
+    [
+        ({}, "cfg.leaf: missing (required)"),
+        ({"leaf": {}}, "cfg.leaf.size: missing (required)"),
+        ({"leaf": 3}, "cfg.leaf: expected _Leaf, got 3"),
+        ({"leaf": {"size": 1, "mode": "c"}}, "cfg.leaf.mode: expected one of 'a', 'b', got 'c'"),
+        ({"leaf": {"size": 1}, "ints": [1, 2.0]}, "cfg.ints[1]: expected int, got 2.0"),
+        ({"leaf": {"size": 1}, "ints": 1}, "cfg.ints: expected list[int], got 1"),
+        ({"leaf": {"size": 1}, "pair": [1.0]}, "cfg.pair: expected tuple[float, float], got [1.0]"),
+        ({"leaf": {"size": 1}, "many": ["x", 2]}, "cfg.many[1]: expected str, got 2"),
+        ({"leaf": {"size": 1}, "table": {"k": "v"}}, "cfg.table.k: expected int, got 'v'"),
+        ({"leaf": {"size": 1}, "table": [1]}, "cfg.table: expected dict[str, int], got [1]"),
+        ({"leaf": {"size": 1}, "maybe": {"size": 1.5}}, "cfg.maybe.size: expected int, got 1.5"),
+        ({"leaf": {"size": 1}, "maybe": "x"}, "cfg.maybe: expected _Leaf | None, got 'x'"),
+    ],
+)
+def test_every_annotation_kind_is_checked(values, message):
+    with pytest.raises(ConfigError) as info:
+        build_config(_Every, values, "cfg")
+    assert str(info.value) == message
+
+
+def test_the_builder_converts_yaml_shapes():
+    cfg = build_config(_Every, {"leaf": {"size": 1}, "pair": [1, 2], "many": ["x"], "maybe": {"size": 2}})
+    assert cfg.pair == (1.0, 2.0) and type(cfg.pair[0]) is float and cfg.many == ("x",)
+    assert cfg.maybe == _Leaf(2) and cfg.leaf == _Leaf(1)
+    with pytest.raises(ConfigError, match=r"^cfg: expected a mapping of _Every fields, got \[\]$"):
+        build_config(_Every, [], "cfg")
+
+
+def test_an_annotation_without_a_rule_is_a_programming_error():
+    @dataclass
+    class Odd:
+        fn: complex = 0j
+
+    with pytest.raises(TypeError, match="no rule for the annotation"):
+        build_config(Odd, {"fn": 1j}, "odd")

@@ -3,11 +3,13 @@ Ray workers, before any work starts."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import pytest
 from moeforge.model.config import ConfigError
 from moeforge.platform.config import TrainConfig
+from moeforge.platform.config.train import _SECTIONS
 
 TINY = {"num_hidden_layers": 2, "first_k_dense_replace": 1, "n_routed_experts": 4, "n_group": 2,
         "topk_group": 1, "num_experts_per_tok": 2}
@@ -21,6 +23,28 @@ TINY = {"num_hidden_layers": 2, "first_k_dense_replace": 1, "n_routed_experts": 
         ({"model": TINY, "optim": {"lr": -1.0}}, "optim.lr: must be positive"),
         ({"model": {**TINY, "n_group": 3}}, "n_routed_experts (4) must be divisible by n_group (3)"),
         ({"run": {}}, "model: missing"),
+        ({"model": {**TINY, "n_group": 8.0}}, "model.n_group: expected int, got 8.0"),
+        ({"model": {**TINY, "arch": "dense_gqa"}}, "model.arch: moeforge-train trains deepseek_v3 models"),
+        ({"model": TINY, "run": {"steps": "abc"}}, "run.steps: expected int, got 'abc'"),
+        ({"model": TINY, "run": {"name": 7}}, "run.name: expected str, got 7"),
+        ({"model": TINY, "parallel": {"pp": 2.5}}, "parallel.pp: expected int, got 2.5"),
+        (
+            {"model": TINY, "parallel": {"layers_per_stage": "2,2"}},
+            "parallel.layers_per_stage: expected list[int] | None",
+        ),
+        (
+            {"model": TINY, "parallel": {"layers_per_stage": [1, "a"]}},
+            "parallel.layers_per_stage[1]: expected int",
+        ),
+        ({"model": TINY, "parallel": {"fault_injection": [1]}}, "parallel.fault_injection: expected dict"),
+        ({"model": TINY, "parallel": 2}, "parallel: expected ParallelConfig, got 2"),
+        ({"model": TINY, "optim": {"lr": "fast"}}, "optim.lr: expected float, got 'fast'"),
+        ({"model": TINY, "optim": {"betas": [0.9, "x"]}}, "optim.betas[1]: expected float, got 'x'"),
+        ({"model": TINY, "precision": {"fp8_linear": "no"}}, "precision.fp8_linear: expected bool, got 'no'"),
+        ({"model": TINY, "data": {"path": 3}}, "data.path: expected str | None, got 3"),
+        ({"model": TINY, "tracking": {"log_timeline": 1}}, "tracking.log_timeline: expected bool, got 1"),
+        ({"model": TINY, "checkpoint": {"keep": 1.0}}, "checkpoint.keep: expected int, got 1.0"),
+        ({"model": TINY, "checkpoint": {"nope": 1}}, "checkpoint.nope: unknown key (known: every, keep, "),
         (
             {"model": TINY, "parallel": {"schedule": "dualpipe", "pp": 2, "microbatches": 3}, "data": {"global_batch": 8}},
             "data.global_batch (8) must be divisible by parallel.microbatches * parallel.dp (3)",
@@ -31,6 +55,18 @@ def test_bad_values_name_the_field(values, message):
     with pytest.raises(ConfigError) as err:
         TrainConfig.from_dict(values)
     assert message in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_every_section_round_trips_through_the_builder():
+    """Each section's defaults, as YAML would hold them (tuples as lists), build back to the same
+    config: every annotation in platform/config has a builder rule and every default fits it."""
+    cfg = TrainConfig.from_dict({"model": TINY, "parallel": {"layers_per_stage": [1, 1]}})
+    values = dataclasses.asdict(cfg)
+    values["optim"]["betas"] = list(values["optim"]["betas"])
+    again = TrainConfig.from_dict(values)
+    assert again == cfg and again.optim.betas == (0.9, 0.95)
+    assert [f.name for f in dataclasses.fields(TrainConfig)] == ["model", *_SECTIONS]
 
 
 def test_local_paths_become_absolute_and_s3_stays(tmp_path, monkeypatch):

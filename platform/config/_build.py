@@ -1,20 +1,24 @@
-"""Build a config dataclass from a mapping, naming unknown keys with their dotted path."""
+"""Build a platform config dataclass from a mapping: `moeforge.model.config.build_config`, the one builder.
+
+model/ may not import platform/, so the builder lives beside ModelConfig and platform/ uses it from
+there; `build` only adds that a section left out of the YAML (None) takes every default.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from typing import Any, TypeVar
 
-from moeforge.model.accounting import build_checked
-from moeforge.model.config import ConfigError
+from moeforge.model.config import ConfigError, build_config
 
 T = TypeVar("T")
 
 
 def build(cls: type[T], values: Mapping[str, Any] | None, where: str) -> T:
-    """`cls(**values)`, but an unknown key or a value of the wrong type (`run.steps=abc`) fails as
-    `where.key` before the dataclass is built (the checks model configs use too)."""
-    return build_checked(cls, values or {}, where)
+    """`cls(**values)`, but an unknown key, a missing field or a value of the wrong type
+    (`run.steps=abc`, `parallel.pp=2.5`) fails as `where.key` before the dataclass is built, and
+    `__post_init__` errors are prefixed with `where.` (see `build_config`)."""
+    return build_config(cls, values or {}, where)
 
 
 def require(cond: bool, field: str, message: str) -> None:

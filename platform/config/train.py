@@ -8,8 +8,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from moeforge.model.config import ConfigError, ModelConfig
-from moeforge.platform.config._build import build
+from moeforge.model.accounting import ARCH_DEEPSEEK_V3
+from moeforge.model.config import ConfigError, ModelConfig, build_config
 from moeforge.platform.config.checkpoint import CheckpointConfig
 from moeforge.platform.config.data import DataConfig
 from moeforge.platform.config.optim import OptimConfig
@@ -31,6 +31,8 @@ _SECTIONS = {
 
 @dataclass
 class TrainConfig:
+    """One training run: the model and every component config, checked across sections on creation."""
+
     model: ModelConfig
     run: RunConfig = field(default_factory=RunConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
@@ -40,26 +42,32 @@ class TrainConfig:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
+    def __post_init__(self) -> None:
+        self.check()
+
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> TrainConfig:
-        """Build from the composed Hydra config (as a plain dict). Unknown sections or keys fail
-        with their dotted path; cross-section checks run last."""
-        values = dict(values)
+        """Build from the composed Hydra config (as a plain dict) with `build_config`: an unknown
+        section or key, a missing field or a value of the wrong type fails as one ConfigError with
+        its dotted path (`model.n_group: expected int, got 8.0`); cross-section checks run last."""
+        # A section given as None (an empty YAML mapping) takes its defaults, as a section left out.
+        values = {name: value for name, value in values.items() if value is not None}
         unknown = sorted(set(values) - set(_SECTIONS) - {"model"})
         if unknown:
             raise ConfigError(f"{unknown[0]}: unknown config section (known: model, {', '.join(_SECTIONS)})")
         if "model" not in values:
             raise ConfigError("model: missing (choose one, e.g. model=tiny)")
-        model_values = dict(values["model"])
-        model_values.pop("arch", None)  # estimator-only tag on model YAMLs
-        try:
-            model = ModelConfig.from_dict(model_values)
-        except ConfigError as err:
-            raise ConfigError(f"model.{err}" if not str(err).startswith("model") else str(err)) from None
-        sections = {name: build(kind, values.get(name), name) for name, kind in _SECTIONS.items()}
-        config = cls(model=model, **sections)
-        config.check()
-        return config
+        if isinstance(values["model"], Mapping):
+            # `arch` tags the model YAMLs for moeforge-estimate; only the DeepSeek-V3 family trains.
+            model = dict(values["model"])
+            arch = model.pop("arch", ARCH_DEEPSEEK_V3)
+            if arch != ARCH_DEEPSEEK_V3:
+                raise ConfigError(
+                    f"model.arch: moeforge-train trains {ARCH_DEEPSEEK_V3} models; {arch!r} configs are "
+                    "for moeforge-estimate only"
+                )
+            values["model"] = model
+        return build_config(cls, values)
 
     def with_absolute_paths(self) -> TrainConfig:
         """A copy whose local relative paths (run.dir, data.path, data.cache_dir) are made absolute

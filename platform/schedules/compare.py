@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from moeforge.model.config import build_config
 from moeforge.platform.outputs.timeline import plot_timeline, write_chrome_trace
 from moeforge.platform.schedules import GENERATORS, build_schedule
 from moeforge.platform.schedules.actions import Schedule, ScheduleError
@@ -34,11 +35,6 @@ class ScheduleJobConfig:
     plot: bool = True
 
     def __post_init__(self) -> None:
-        if isinstance(self.cost, dict):
-            unknown = sorted(set(self.cost) - {"f", "b", "w", "fb", "comm"})
-            if unknown:
-                raise ScheduleError(f"cost.{unknown[0]}: unknown key (known: f, b, w, fb, comm)")
-            self.cost = Costs(**self.cost)
         if self.file is None and self.schedule not in GENERATORS:
             raise ScheduleError(f"schedule: must be one of {', '.join(GENERATORS)}, got {self.schedule!r}")
         for name in ("pp", "microbatches"):
@@ -52,11 +48,8 @@ class ScheduleJobConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> ScheduleJobConfig:
-        known = {f for f in cls.__dataclass_fields__}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ScheduleError(f"{unknown[0]}: unknown key (known: {', '.join(sorted(known))})")
-        return cls(**values)
+        """Through the one config builder: unknown keys and wrong types fail naming the key."""
+        return build_config(cls, values)
 
 
 @dataclass

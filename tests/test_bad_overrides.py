@@ -1,0 +1,75 @@
+"""A bad command-line override, through the installed console scripts: one line naming the key, exit
+status 2, no traceback, and nothing done (no run.dir, no Ray) -- for a training run and an estimate.
+
+Each case fails while the config is built, before torch is imported, so it takes about a second.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+BIN = os.path.dirname(sys.executable)
+
+# (override, what the one line must contain). The first four come from moeforge's config builder, the
+# others from Hydra (an override of a key the YAML lacks, a group option that does not exist).
+COMMON = [
+    ("model.routed_scaling_factor=abc", "model.routed_scaling_factor: expected float, got 'abc'"),
+    ("model.n_group=8.0", "model.n_group: expected int, got 8.0"),
+    ("+model.nope=1", "model.nope: unknown key (known: "),
+    ("model.nope=1", "Could not override 'model.nope'"),
+    ("model=nosuchmodel", "Could not find 'model/nosuchmodel'"),
+]
+TRAIN_CASES = [
+    *COMMON,
+    ("optim.lr=abc", "optim.lr: expected float, got 'abc'"),
+    ("run.steps=2.5", "run.steps: expected int, got 2.5"),
+    ("parallel.pp=2.5", "parallel.pp: expected int, got 2.5"),
+    ("parallel=nosuch", "Could not find 'parallel/nosuch'"),
+]
+ESTIMATE_CASES = [
+    *COMMON,
+    ("cluster.mfu=abc", "cluster.mfu: expected float, got 'abc'"),
+    ("cluster.gpus=2.5", "cluster.gpus: expected int, got 2.5"),
+    ("+cluster.nope=1", "cluster.nope: unknown key (known: "),
+    ("parallel=nosuch", "Could not override 'parallel'"),  # moeforge-estimate has no parallel group
+]
+
+
+def _one_line(proc: subprocess.CompletedProcess, prefix: str) -> str:
+    """The single output line of a refused command (stdout and stderr together)."""
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 2, output[-3000:]
+    assert "Traceback" not in output
+    lines = [line for line in output.splitlines() if line.strip()]
+    assert len(lines) == 1, output
+    assert lines[0].startswith(prefix), lines[0]
+    return lines[0]
+
+
+def _run(script: str, args: list[str], cwd) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("HYDRA_FULL_ERROR", None)  # set, it asks for the full traceback
+    env.pop("RAY_ADDRESS", None)
+    command = [os.path.join(BIN, script), *args]
+    return subprocess.run(command, check=False, cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("override, expected", TRAIN_CASES)
+def test_train_refuses_a_bad_override_before_any_work(tmp_path, override, expected):
+    run_dir = tmp_path / "run"
+    proc = _run("moeforge-train", ["experiment=tiny_cpu_single", f"run.dir={run_dir}", override], tmp_path)
+    line = _one_line(proc, "moeforge-train: config error: ")
+    assert expected in line
+    assert not run_dir.exists()
+    assert os.listdir(tmp_path) == []  # nor anything else (Hydra outputs, a Ray session dir)
+
+
+@pytest.mark.parametrize("override, expected", ESTIMATE_CASES)
+def test_estimate_refuses_a_bad_override(tmp_path, override, expected):
+    line = _one_line(_run("moeforge-estimate", [override], tmp_path), "moeforge-estimate: error: ")
+    assert expected in line
+    assert os.listdir(tmp_path) == []
