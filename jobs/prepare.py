@@ -1,7 +1,8 @@
 """moeforge-prepare: compose the Hydra config and prepare token shards (platform/data/prepare.py).
 
 Bad input (a config value, a missing or empty input, an unreachable S3 endpoint, missing
-credentials) prints one line to stderr and exits 2, before any shard is written.
+credentials, a RAY_ADDRESS where no Ray cluster answers: `RayConnectionError`, a ConfigError)
+prints one line to stderr and exits 2, before any shard is written.
 """
 
 from __future__ import annotations

@@ -35,6 +35,7 @@ from moeforge.platform.data.tokenizer import (
 )
 from moeforge.platform.data.writer import PROGRESS, SPLITS, Progress, SplitWriter
 from moeforge.platform.outputs.storage import MiB, S3Options, Storage, open_storage
+from moeforge.platform.runtime.ray_connection import check_ray_address, connect_ray
 
 TOKENIZER_FILE = "tokenizer.json"
 
@@ -212,25 +213,27 @@ def _unwrap(err: BaseException) -> BaseException:
 
 
 class RaySession:
-    """Context manager: ray.init for the duration of a run unless a cluster is already connected
-    (a test's, or the job's under `ray job submit`); Ray Data set to keep input order, quietly."""
+    """Context manager: Ray for the duration of a run (`ray_connection.connect_ray`: the connected
+    session, RAY_ADDRESS's cluster, or a new local one without the dashboard) and shut down after it
+    when this session connected; Ray Data set to keep input order, quietly."""
 
     def __init__(self, num_cpus: int | None) -> None:
         self.num_cpus, self.started = num_cpus, False
 
     def __enter__(self):
         import ray
+
+        self.started = not ray.is_initialized()
+        connect_ray(num_cpus=self.num_cpus, log_to_driver=False, logging_level=logging.WARNING)
         from ray.data import DataContext
 
-        if not ray.is_initialized():
-            ray.init(num_cpus=self.num_cpus, include_dashboard=False, log_to_driver=False,
-                     logging_level=logging.WARNING)
-            self.started = True
         ctx = DataContext.get_current()
         ctx.execution_options.preserve_order = True  # shards follow input order: reproducible
         ctx.enable_progress_bars = False  # one line per shard instead (see prepare())
         ctx.print_on_execution_start = False
         logging.getLogger("ray.data").setLevel(logging.WARNING)
+        # Its only warning says the progress bars are off, which is the choice made just above.
+        logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
         return ray
 
     def __exit__(self, *exc) -> None:
@@ -283,6 +286,7 @@ def prepare(
             log(f"prepare: {storage.url(MANIFEST)} is complete for these inputs; nothing to do")
             return PrepareResult(storage.url(), manifest, already_complete=True)
         storage.delete(MANIFEST)  # about to rewrite: the output must not look complete meanwhile
+    check_ray_address()  # a dead RAY_ADDRESS fails now, not after the tokenizer is trained
 
     progress = Progress.load(storage, fp)
     if progress is not None and not (progress.shards_intact(storage) and storage.exists(TOKENIZER_FILE)):

@@ -5,8 +5,9 @@
      accepts (pp, micro-batches) (built here in the driver, so a ScheduleError surfaces now), the
      layers split into the stages the schedule needs, ZeRO stage vs pp, the topology (DualPipe needs
      an even pp, ep divides dp);
-  2. connects to Ray: the running session if `ray.is_initialized()` (tests), the cluster of
-     RAY_ADDRESS / `ray job submit`, else a fresh local one (`address="local"`);
+  2. connects to Ray (`ray_connection.connect_ray`): the running session if `ray.is_initialized()`
+     (tests), the cluster of RAY_ADDRESS / `ray job submit` (refused in one line when it does not
+     answer), else a fresh local one (`address="local"`);
   3. refuses a run the cluster cannot host (`cluster_check.check_cluster_fits` on
      `ray.cluster_resources()`), unless `parallel.wait_for_autoscaler`;
   4. runs a Ray Train `TorchTrainer` with pp x dp workers; every worker is the actor owning its
@@ -25,6 +26,7 @@ import os
 
 from moeforge.model.config import ConfigError
 from moeforge.platform.config.train import TrainConfig
+from moeforge.platform.runtime.ray_connection import connect_ray
 from moeforge.platform.runtime.stages import split_layers
 from moeforge.platform.runtime.topology import Topology
 from moeforge.platform.schedules import Schedule, ScheduleError, build_schedule
@@ -53,19 +55,6 @@ def validate_pipeline(cfg: TrainConfig) -> Schedule:
             "parallel.zero_stage: ZeRO-3 shards parameters, which pipeline stages (pp > 1) cannot use"
         )
     return schedule
-
-
-def connect_ray():
-    """The running Ray session, the cluster named by RAY_ADDRESS (as under `ray job submit`), or a
-    new local cluster."""
-    import ray
-
-    if not ray.is_initialized():
-        if os.environ.get("RAY_ADDRESS"):
-            ray.init()
-        else:
-            ray.init(address="local", include_dashboard=False)
-    return ray
 
 
 def _backend(cfg: TrainConfig) -> str:

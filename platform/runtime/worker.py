@@ -7,9 +7,14 @@ the topology on top of it.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import os
 import sys
+import warnings
+
+from moeforge.platform.runtime.ray_connection import drop_log_message
 
 
 def _quiet_ray_train_report_log() -> None:
@@ -22,6 +27,48 @@ def _quiet_ray_train_report_log() -> None:
     logging.getLogger(context.__file__).setLevel(logging.WARNING)
 
 
+def _quiet_third_party_console() -> None:
+    """Keep recurring library noise that says nothing about this run off the console, each at its
+    source and no wider than the one message (everything else those libraries say still shows).
+
+    - torch deprecates `all_gather_into_tensor`, which DeepSpeed's comm layer calls after every ZeRO
+      step (not our code): a FutureWarning attributed to torch's c10d_logger wrapper, printed anew at
+      every log step (Python shows a warning again once anything has changed the warning filters,
+      as `warnings.catch_warnings` blocks in other libraries do).
+    - DeepSpeed warns on rank 0 that ZeRO runs "an untested optimizer": moeforge opted in with
+      `zero_allow_untested_optimizer` (its AdamW matched a one-process reference, FACTS.md).
+    - DeepSpeed announces its CPU shared-memory comm op ("DeepSpeed deepspeed.ops.comm.
+      deepspeed_shm_comm_op built successfully") when it creates its comm backend, with a bare
+      print(): no logger, so no level to set. Ray Train patches print() in its workers into a record
+      on the root logger (at the caller's file), dropped here by file and text, plus a copy to
+      sys.stdout, which `_init_deepspeed_comm` redirects for that one call.
+    """
+    warnings.filterwarnings(
+        "ignore",
+        message=r"`torch\.distributed\.all_gather_into_tensor` is deprecated",
+        category=FutureWarning,
+        module=r"torch\.distributed\.c10d_logger",
+    )
+    # "DeepSpeed" is deepspeed.utils.logger's name; a filter set before deepspeed creates it stays.
+    drop_log_message("DeepSpeed", "**** You are using ZeRO with an untested optimizer")
+    drop_log_message("", "DeepSpeed deepspeed.ops.comm.", source="deepspeed/comm/")
+
+
+def _init_deepspeed_comm() -> None:
+    """Create DeepSpeed's communication backend over the process group Ray Train set up, once, with
+    stdout redirected for this call only (see `_quiet_third_party_console`); `deepspeed.initialize`
+    finds it and does not create another. A failure still raises."""
+    from deepspeed import comm as ds_comm
+    from deepspeed.accelerator import get_accelerator
+
+    if ds_comm.is_initialized():
+        return
+    with contextlib.redirect_stdout(io.StringIO()):
+        ds_comm.init_distributed(
+            dist_backend=get_accelerator().communication_backend_name(), dist_init_required=False
+        )
+
+
 def train_loop_per_worker(config: dict) -> None:
     import ray.train
     import torch
@@ -29,6 +76,7 @@ def train_loop_per_worker(config: dict) -> None:
     from ray.train.torch import get_device
 
     _quiet_ray_train_report_log()
+    _quiet_third_party_console()
     cfg = config["cfg"]
     ctx = ray.train.get_context()
     rank, world_size = ctx.get_world_rank(), ctx.get_world_size()
@@ -36,6 +84,8 @@ def train_loop_per_worker(config: dict) -> None:
     torch.set_num_threads(threads)
     os.environ.setdefault("OMP_NUM_THREADS", str(threads))
     device = get_device() if cfg.parallel.gpus_per_worker > 0 else torch.device("cpu")
+    if cfg.parallel.zero_stage > 0:  # ZeRO runs on DeepSpeed
+        _init_deepspeed_comm()
 
     def report(metrics: dict) -> None:
         # Every worker calls this at the same steps: ray.train.report is a barrier across workers.
