@@ -1,14 +1,26 @@
-"""Shared helpers of the pipeline tests: tiny configs and the single-process reference to compare with."""
+"""Shared helpers of the pipeline tests: tiny configs, the single-process reference, and the one
+comparison every pipeline-vs-reference case goes through (`assert_matches_reference`)."""
 
 from __future__ import annotations
 
 import copy
 import importlib.resources
+import json
+import math
+import os
+from dataclasses import dataclass
 
 import torch
 import yaml
 from moeforge.platform.config import TrainConfig
 from moeforge.platform.reference.loop import ReferenceTrainer
+from moeforge.platform.runtime.pipeline_run import load_pipeline_params
+
+# Tolerances of the comparison (relative, every step). Measured on the cases of the executor, Ray and
+# integration tests: losses <= 1.1e-8, grad norms <= 9.4e-8 (DeepSpeed and PlainStep add the squares
+# of partitions and stages in other orders than the reference), parameters <= 6.1e-7. 1e-4 on the
+# norm is far above that noise and far below any scale error a factor in the step could make.
+LOSS_RTOL, GRAD_NORM_RTOL, PARAM_RTOL = 1e-5, 1e-4, 1e-5
 
 
 def tiny_model(**changes) -> dict:
@@ -48,23 +60,55 @@ def pipeline_config(
     }
 
 
-def reference_run(raw: dict, run_dir) -> tuple[list[float], dict[str, torch.Tensor]]:
+@dataclass
+class RunRecord:
+    """What a comparison needs from one run: per step, the loss and the global gradient norm before
+    clipping, as the run recorded them in run.dir/metrics.jsonl (StepMetrics, written alike by the
+    reference loop and the pipeline's rank 0), and the final parameters by full-model name."""
+
+    losses: list[float]
+    grad_norms: list[float]
+    params: dict[str, torch.Tensor]
+
+
+def read_metrics(run_dir) -> list[dict]:
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def run_record(run_dir, params: dict[str, torch.Tensor]) -> RunRecord:
+    """The RunRecord of the run in `run_dir`; every step must be there, each with a finite grad_norm."""
+    records = read_metrics(run_dir)
+    assert [r["step"] for r in records] == list(range(1, len(records) + 1)), f"{run_dir}: steps missing"
+    for r in records:
+        assert "grad_norm" in r, f"{run_dir}: step {r['step']} recorded no grad_norm"
+        assert math.isfinite(r["grad_norm"]), f"{run_dir}: step {r['step']} grad_norm is {r['grad_norm']}"
+    return RunRecord([r["loss"] for r in records], [r["grad_norm"] for r in records], params)
+
+
+def pipeline_record(run_dir) -> RunRecord:
+    """A pipeline run's record: rank 0's metrics.jsonl and the merged per-stage parameters."""
+    return run_record(run_dir, load_pipeline_params(str(run_dir)))
+
+
+def reference_run(raw: dict, run_dir, trainer_cls: type[ReferenceTrainer] = ReferenceTrainer) -> RunRecord:
     """The single-process reference loop on the same data and global batch, with M * dp micro-batches
-    (the same micro-batch rows the pipeline's dp replicas see)."""
+    (the same micro-batch rows the pipeline's dp replicas see). `trainer_cls` lets a test inject an
+    error into the reference loop (a subclass)."""
     ref_raw = copy.deepcopy(raw)
     par = raw["parallel"]
-    ref_raw["parallel"] = {"schedule": "single", "microbatches": par["microbatches"] * par["dp"]}
+    ref_raw["parallel"] = {"schedule": "single", "microbatches": par["microbatches"] * par.get("dp", 1)}
     ref_raw["run"]["dir"] = str(run_dir)
     # One intra-op thread, like each pipeline worker (cpus_per_worker=1): matmul reductions then add
     # in the same order, and the comparison sees only the pipeline's own reordering.
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        trainer = ReferenceTrainer(TrainConfig.from_dict(ref_raw), log=lambda _line: None)
-        summary = trainer.train()
+        trainer = trainer_cls(TrainConfig.from_dict(ref_raw), log=lambda _line: None)
+        trainer.train()
     finally:
         torch.set_num_threads(threads)
-    return summary.losses, {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
+    return run_record(run_dir, {k: v.detach().clone() for k, v in trainer.model.state_dict().items()})
 
 
 def max_relative_difference(
@@ -80,7 +124,101 @@ def max_relative_difference(
     return worst, name
 
 
-def assert_losses_match(losses: list[float], ref_losses: list[float], rtol: float = 1e-5) -> None:
-    assert len(losses) == len(ref_losses)
-    for step, (a, b) in enumerate(zip(losses, ref_losses)):
-        assert abs(a - b) <= rtol * abs(b), f"step {step}: pipeline loss {a} vs reference {b}"
+def relative_differences(values: list[float], reference: list[float]) -> list[float]:
+    """Per step |a - b| / |b| (NaN compares as infinitely far)."""
+    assert len(values) == len(reference), f"{len(values)} steps vs the reference's {len(reference)}"
+    out = []
+    for a, b in zip(values, reference):
+        d = abs(a - b) / max(abs(b), 1e-30)
+        out.append(d if math.isfinite(d) else math.inf)
+    return out
+
+
+def assert_losses_match(losses: list[float], ref_losses: list[float], rtol: float = LOSS_RTOL) -> None:
+    for step, d in enumerate(relative_differences(losses, ref_losses), start=1):
+        assert d <= rtol, f"step {step}: loss {losses[step - 1]} vs reference {ref_losses[step - 1]}"
+
+
+def assert_grad_norms_match(norms: list[float], ref_norms: list[float], rtol: float = GRAD_NORM_RTOL) -> None:
+    for step, d in enumerate(relative_differences(norms, ref_norms), start=1):
+        assert d <= rtol, (
+            f"step {step}: grad_norm {norms[step - 1]} vs reference {ref_norms[step - 1]} "
+            f"(relative difference {d:.2e} > {rtol:.0e})"
+        )
+
+
+@dataclass
+class Comparison:
+    """The measured differences of one comparison (relative; per step for losses and grad norms)."""
+
+    loss: list[float]
+    grad_norm: list[float]
+    param: float
+    param_name: str
+
+    def format(self) -> str:
+        return (
+            f"loss {max(self.loss):.1e} | grad_norm per step "
+            + ", ".join(f"{d:.1e}" for d in self.grad_norm)
+            + f" | params {self.param:.1e} ({self.param_name})"
+        )
+
+
+def assert_matches_reference(run: RunRecord, ref: RunRecord, label: str = "") -> Comparison:
+    """THE pipeline-vs-reference comparison (every case calls it): per-step losses, per-step
+    pre-clip gradient norms and final parameters all match.
+
+    The gradient norm is what catches a uniform gradient-scale error (a wrong 1/M, 1/dp or
+    DualPipe-pair factor): AdamW divides the scale out of every update and clipping caps the
+    norm, so losses stay equal and parameters move by the same ~lr either way
+    (tests/test_pipeline_executor.py::test_comparison_catches_gradient_scale_error shows it)."""
+    comparison = Comparison(
+        relative_differences(run.losses, ref.losses),
+        relative_differences(run.grad_norms, ref.grad_norms),
+        *max_relative_difference(run.params, ref.params),
+    )
+    print(f"{label} vs reference: {comparison.format()}")  # the measured figures, for `pytest -s`
+    assert_losses_match(run.losses, ref.losses)
+    assert_grad_norms_match(run.grad_norms, ref.grad_norms)
+    assert comparison.param <= PARAM_RTOL, (
+        f"{comparison.param_name}: parameters differ by {comparison.param:.2e} (relative) > {PARAM_RTOL:.0e}"
+    )
+    return comparison
+
+
+COMPUTE_KINDS = ("F", "B", "W", "BW", "FB")
+
+
+def assert_timeline_runs_schedule(run_dir, schedule: str, pp: int, dp: int, microbatches: int) -> None:
+    """The measured timeline of the last step (timeline.json, every world rank) against the
+    simulator and the step's metrics:
+
+    - every rank ran exactly the compute actions the simulator runs for its pipeline rank, in the
+      same order (the same action lists feed both: what is simulated is what runs);
+    - the recorded bubble_fraction is 1 - mean busy / longest span recomputed from those events,
+      and each rank's exposed communication is the sum of its WAIT events.
+    (Real compute on shared cores has no fixed costs, so the measured bubble itself is held against
+    the simulator's in tests/test_pipeline_bench.py, where every action sleeps a set time.)"""
+    from moeforge.platform.schedules import Costs, build_schedule, simulate
+
+    with open(os.path.join(run_dir, "timeline.json")) as f:
+        trace = json.load(f)["traceEvents"]
+    events = [e for e in trace if e.get("ph") == "X"]
+    sim = simulate(build_schedule(schedule, pp, microbatches), Costs())
+    expected = {r: [rec.label for rec in sim.records() if rec.rank == r] for r in range(pp)}
+    busy, end, waits = [], [], []
+    for rank in range(pp * dp):
+        mine = sorted((e for e in events if e["tid"] == rank), key=lambda e: e["ts"])
+        compute = [e for e in mine if e["cat"] in COMPUTE_KINDS]
+        assert [e["name"] for e in compute] == expected[rank % pp], f"rank {rank} ran another action list"
+        busy.append(sum(e["dur"] for e in compute) / 1e6)
+        end.append(max(e["ts"] + e["dur"] for e in mine) / 1e6)
+        waits.append(sum(e["dur"] for e in mine if e["cat"] == "WAIT") / 1e6)
+    last = read_metrics(run_dir)[-1]
+    bubble = 1.0 - sum(busy) / len(busy) / max(end)
+    # the span of a rank ends when its last send is reaped, microseconds after its last event
+    assert abs(last["bubble_fraction"] - bubble) <= 0.01, (last["bubble_fraction"], bubble)
+    for rank, (recorded, summed) in enumerate(zip(last["exposed_comm_s_per_rank"], waits)):
+        assert abs(recorded - summed) <= 1e-5, (
+            f"rank {rank}: exposed comm {recorded} s vs WAIT events {summed} s"
+        )

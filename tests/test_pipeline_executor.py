@@ -1,49 +1,111 @@
-"""The pipeline executor on plain gloo process groups (spawned processes, no Ray): per-step losses and
-final parameters equal the single-process reference loop; a hung peer ends the run naming the rank.
+"""The pipeline executor on plain gloo process groups (spawned processes, no Ray): per-step losses,
+pre-clip gradient norms and final parameters equal the single-process reference loop; each rank ran
+the simulator's action list; a hung peer ends the run naming the rank.
 
 The Ray Train path (launch_training) is covered by tests/test_pipeline_ray.py."""
 
 from __future__ import annotations
 
 import pytest
+from moeforge.platform.reference.loop import ReferenceTrainer
 from moeforge.platform.runtime.local_spawn import spawn_gloo
-from moeforge.platform.runtime.pipeline_run import load_pipeline_params, train_from_dict
+from moeforge.platform.runtime.pipeline_run import train_from_dict
+from moeforge.platform.runtime.topology import Topology
 from pipeline_cases import (
+    PARAM_RTOL,
     assert_losses_match,
+    assert_matches_reference,
+    assert_timeline_runs_schedule,
     max_relative_difference,
     pipeline_config,
+    pipeline_record,
     reference_run,
 )
 
-# Every case has M * dp = 4 micro-batches of 2 sequences: one reference run serves them all.
+# (schedule, pp, dp, micro-batches per replica, ZeRO stage, ranks in every shard group). The shard
+# group (dp replicas x the DualPipe pair) is what ZeRO partitions over and reduces gradients in: the
+# last two cases partition over 4 and 2 ranks for real.
 CASES = [
-    ("zb1p", 2, 1, 4, 0),  # split B / W, plain optimizer step
-    ("dualpipev", 2, 1, 4, 0),  # 4 stages on 2 ranks, the local turn of the V
-    ("1f1b", 4, 1, 4, 2),  # 4 stages, tied embedding across ranks 0 and 3 (MTP), ZeRO-2 norm over pp
-    ("1f1b", 2, 2, 2, 2),  # dp=2 with DeepSpeed ZeRO-2
+    ("zb1p", 2, 1, 4, 0, 1),  # split B / W, plain optimizer step
+    ("dualpipev", 2, 1, 4, 0, 1),  # 4 stages on 2 ranks, the local turn of the V
+    ("1f1b", 4, 1, 4, 2, 1),  # 4 stages, tied embedding across ranks 0 and 3 (MTP), ZeRO-2 norm over pp
+    ("dualpipe", 2, 2, 4, 2, 4),  # ZeRO-2 over the DualPipe pair x 2 replicas; the pair sums, dp averages
+    ("zb1p", 2, 2, 4, 1, 2),  # ZeRO-1 over 2 replicas; tied embedding and DeepSpeed's norm over pp
 ]
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    raw = pipeline_config("unused", "single", 1, 1, 4, 0)
-    return reference_run(raw, tmp_path_factory.mktemp("reference"))
+def references(tmp_path_factory):
+    """The reference loop's record for M * dp micro-batches (one run per count, shared by the cases)."""
+    cache = {}
+
+    def get(total_microbatches: int):
+        if total_microbatches not in cache:
+            raw = pipeline_config("unused", "single", 1, 1, total_microbatches, 0)
+            run_dir = tmp_path_factory.mktemp(f"reference_m{total_microbatches}")
+            cache[total_microbatches] = reference_run(raw, run_dir)
+        return cache[total_microbatches]
+
+    return get
 
 
-@pytest.mark.parametrize("schedule, pp, dp, microbatches, zero", CASES)
-def test_pipeline_matches_reference(tmp_path, reference, schedule, pp, dp, microbatches, zero):
-    raw = pipeline_config(tmp_path / "run", schedule, pp, dp, microbatches, zero)
-    results = spawn_gloo(train_from_dict, pp * dp, (raw, True))
-    summary = results[0]
-    ref_losses, ref_params = reference
-    assert_losses_match(summary["losses"], ref_losses)
-    worst, name = max_relative_difference(load_pipeline_params(raw["run"]["dir"]), ref_params)
-    assert worst <= 1e-5, f"{name}: max relative difference {worst:.2e}"
-    # the measured timeline was drawn and the pipeline metrics are there
+@pytest.mark.parametrize("schedule, pp, dp, microbatches, zero, shard", CASES)
+def test_pipeline_matches_reference(tmp_path, references, schedule, pp, dp, microbatches, zero, shard):
+    # the groups create_process_groups builds (and ZeroStep hands DeepSpeed) have `shard` ranks each
+    groups = Topology.for_schedule(schedule, pp, dp).all_groups()["shard"]
+    assert {len(g) for g in groups} == {shard}, groups
+    run_dir = tmp_path / "run"
+    raw = pipeline_config(run_dir, schedule, pp, dp, microbatches, zero)
+    summary = spawn_gloo(train_from_dict, pp * dp, (raw, True))[0]
+    record = pipeline_record(run_dir)
+    assert summary["losses"] == record.losses
+    assert_matches_reference(
+        record, references(microbatches * dp), label=f"{schedule} pp={pp} dp={dp} ZeRO-{zero}"
+    )
+    # the measured timeline was drawn, and it is the simulator's schedule with the recorded bubble
     assert summary["timeline_png"].endswith("timeline.png")
-    assert (tmp_path / "run" / "timeline.png").stat().st_size > 0
-    assert 0.0 <= summary["bubble_fraction"] < 1.0
-    assert summary["exposed_comm_s"] >= 0.0
+    assert (run_dir / "timeline.png").stat().st_size > 0
+    assert_timeline_runs_schedule(run_dir, schedule, pp, dp, microbatches)
+
+
+class _ScaledGradients(ReferenceTrainer):
+    """The reference loop with every gradient multiplied by `factor` before the clip (and its norm):
+    the error a wrong 1/M, 1/dp or DualPipe-pair factor in a pipeline would make."""
+
+    factor = 1.0
+
+    def clip(self) -> float:
+        for p in self.params:
+            if p.grad is not None:
+                p.grad.mul_(self.factor)
+        return super().clip()
+
+
+@pytest.mark.parametrize("factor", [2.0, 0.5])
+def test_comparison_catches_gradient_scale_error(tmp_path, references, factor):
+    """A run whose gradients are all scaled by `factor` has the reference's losses (AdamW divides the
+    scale out, clipping caps it); the shared comparison fails it on the gradient norm.
+
+    x2: both runs clip to norm 1 (from 1.29 and 2.59), so they apply the same gradient up to
+    rounding and the parameters stay within 4e-7: only the gradient norm shows the error. x0.5: the
+    scaled norm (0.65) is not clipped where the reference's is; Adam still divides most of the scale
+    out, but not for entries near eps, enough for one MTP token to pick another expert in step 2,
+    whose weights (2.6e-3) and router bias then differ: a parameter comparison catches that one, by
+    the luck of a routing decision."""
+    scaled_loop = type(f"ScaledGradients{factor:g}", (_ScaledGradients,), {"factor": factor})
+    scaled = reference_run(pipeline_config("unused", "single", 1, 1, 4, 0), tmp_path, scaled_loop)
+    ref = references(4)
+    # the first step's gradient is the reference's times `factor` (later steps start from other weights)
+    assert scaled.grad_norms[0] == pytest.approx(factor * ref.grad_norms[0], rel=1e-6)
+    # losses alone would not have caught it (nor, for x2, the parameters) ...
+    assert_losses_match(scaled.losses, ref.losses)
+    worst, name = max_relative_difference(scaled.params, ref.params)
+    print(f"gradients x{factor:g}: losses within tolerance, parameters differ by {worst:.1e} ({name})")
+    if factor == 2.0:
+        assert worst <= PARAM_RTOL, (name, worst)
+    # ... the shared comparison does, through the gradient norm, before it looks at parameters
+    with pytest.raises(AssertionError, match="grad_norm"):
+        assert_matches_reference(scaled, ref, label=f"gradients x{factor:g}")
 
 
 def test_hung_peer_fails_with_rank_named(tmp_path):

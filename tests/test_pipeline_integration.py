@@ -21,7 +21,7 @@ import pytest
 from moeforge.platform.checkpoint.store import list_checkpoints, read_meta
 from moeforge.platform.runtime.local_spawn import spawn_gloo
 from moeforge.platform.runtime.pipeline_run import train_from_dict
-from pipeline_cases import pipeline_config, reference_run
+from pipeline_cases import assert_matches_reference, pipeline_config, pipeline_record, reference_run
 from test_tracking import read_wandb_records
 
 STEPS, EVERY = 4, 2
@@ -38,7 +38,7 @@ def _config(run_dir, **run) -> dict:
 
 def _metrics(run_dir) -> list[dict]:
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
+        return [json.loads(line) for line in f if line.strip()]
 
 
 def _keep_only_first_checkpoint(src, dst) -> None:
@@ -51,12 +51,15 @@ def _keep_only_first_checkpoint(src, dst) -> None:
     os.remove(os.path.join(dst, "summary.json"))
 
 
-def _assert_resumed_run_repeats(straight: dict, resumed: dict, resumed_dir) -> None:
+def _assert_resumed_run_repeats(straight: dict, resumed: dict, straight_dir, resumed_dir) -> None:
     assert resumed["resumed_from_step"] == EVERY
     assert resumed["steps"] == STEPS
     # Optimizer moments, weights, router biases and RNG all restored: bit-identical losses.
     assert resumed["losses"] == straight["losses"], (resumed["losses"], straight["losses"])
-    assert [r["step"] for r in _metrics(resumed_dir)] == list(range(1, STEPS + 1))
+    records = _metrics(resumed_dir)
+    assert [r["step"] for r in records] == list(range(1, STEPS + 1))
+    # ... and bit-identical gradients: the same pre-clip norms as the straight run's, every step
+    assert [r["grad_norm"] for r in records] == [r["grad_norm"] for r in _metrics(straight_dir)]
 
 
 def test_eval_checkpoint_resume_on_gloo(tmp_path):
@@ -64,10 +67,12 @@ def test_eval_checkpoint_resume_on_gloo(tmp_path):
     raw = _config(straight_dir)
     straight = spawn_gloo(train_from_dict, 2, (raw, True))[0]
 
+    # losses, grad norms and parameters (4 steps, through two checkpoints) equal the reference loop's;
     # evaluation: every 2 steps, equal to the reference loop's eval loss at the same steps
     ref_raw = copy.deepcopy(raw)
     ref_raw["checkpoint"] = {"every": 0}
-    reference_run(ref_raw, tmp_path / "reference")
+    reference = reference_run(ref_raw, tmp_path / "reference")
+    assert_matches_reference(pipeline_record(straight_dir), reference, label="dualpipe pp=2 ZeRO-1, 4 steps")
     ref_eval = {r["step"]: r["eval_loss"] for r in _metrics(tmp_path / "reference") if "eval_loss" in r}
     pipe_eval = {r["step"]: r["eval_loss"] for r in _metrics(straight_dir) if "eval_loss" in r}
     assert sorted(pipe_eval) == sorted(ref_eval) == [2, 4]
@@ -91,7 +96,7 @@ def test_eval_checkpoint_resume_on_gloo(tmp_path):
     resumed_dir = tmp_path / "resumed"
     _keep_only_first_checkpoint(straight_dir, resumed_dir)
     resumed = spawn_gloo(train_from_dict, 2, (_config(resumed_dir), True))[0]
-    _assert_resumed_run_repeats(straight, resumed, resumed_dir)
+    _assert_resumed_run_repeats(straight, resumed, straight_dir, resumed_dir)
     assert resumed["eval_loss"] == straight["eval_loss"]
 
 
@@ -170,4 +175,4 @@ def test_ray_pipeline_tracks_evaluates_checkpoints_and_resumes(ray_cluster, tmp_
     shutil.rmtree(resumed_dir / "wandb")
     raw_resumed = _config(resumed_dir)
     resumed = launch_training(TrainConfig.from_dict(raw_resumed), raw_resumed)
-    _assert_resumed_run_repeats(straight, resumed, resumed_dir)
+    _assert_resumed_run_repeats(straight, resumed, straight_dir, resumed_dir)

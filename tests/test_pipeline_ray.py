@@ -1,8 +1,10 @@
 """moeforge-train's pipeline path end to end: Ray Train workers own the stages (launch_training).
 
 Four TorchTrainer launches (each costs seconds of Ray Train start-up): DualPipe pp=2 x dp=2 with
-ZeRO-1 and DualPipe pp=4 (no ZeRO) against the single-process reference loop, and the two failure modes (a
-rank raising mid-step, a rank that never sends). Config errors are refused before any launch."""
+ZeRO-1 (shard groups of 4 ranks) and DualPipe pp=4 (no ZeRO) against the single-process reference
+loop (losses, pre-clip gradient norms, parameters: pipeline_cases.assert_matches_reference), and the
+two failure modes (a rank raising mid-step, a rank that never sends). Config errors are refused
+before any launch."""
 
 from __future__ import annotations
 
@@ -13,8 +15,13 @@ import pytest
 from moeforge.model.config import ConfigError
 from moeforge.platform.config import TrainConfig
 from moeforge.platform.runtime.launch import PipelineRunError, launch_training
-from moeforge.platform.runtime.pipeline_run import load_pipeline_params
-from pipeline_cases import assert_losses_match, max_relative_difference, pipeline_config, reference_run
+from pipeline_cases import (
+    assert_matches_reference,
+    assert_timeline_runs_schedule,
+    pipeline_config,
+    pipeline_record,
+    reference_run,
+)
 
 
 @pytest.mark.parametrize(
@@ -27,10 +34,10 @@ from pipeline_cases import assert_losses_match, max_relative_difference, pipelin
 def test_ray_pipeline_matches_reference(ray_cluster, tmp_path, schedule, pp, dp, microbatches, zero_stage):
     raw = pipeline_config(tmp_path / "run", schedule, pp, dp, microbatches, zero_stage=zero_stage)
     summary = launch_training(TrainConfig.from_dict(raw), raw)
-    ref_losses, ref_params = reference_run(raw, tmp_path / "reference")
-    assert_losses_match(summary["losses"], ref_losses)
-    worst, name = max_relative_difference(load_pipeline_params(raw["run"]["dir"]), ref_params)
-    assert worst <= 1e-5, f"{name}: max relative difference {worst:.2e}"
+    record = pipeline_record(tmp_path / "run")
+    assert summary["losses"] == record.losses
+    label = f"Ray {schedule} pp={pp} dp={dp} ZeRO-{zero_stage}"
+    assert_matches_reference(record, reference_run(raw, tmp_path / "reference"), label=label)
     # rank 0 recorded the run: per-step metrics with the pipeline fields, the measured timeline
     lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 2
@@ -56,6 +63,8 @@ def test_ray_pipeline_matches_reference(ray_cluster, tmp_path, schedule, pp, dp,
     for kind in ("F", "SEND"):
         ranks = {e["tid"] for e in trace if e.get("ph") == "X" and e["cat"] == kind}
         assert ranks == set(range(pp * dp)), (kind, ranks)
+    # ... each rank's the simulator's action list, with the recorded bubble and exposed communication
+    assert_timeline_runs_schedule(tmp_path / "run", schedule, pp, dp, microbatches)
     assert summary["final_loss"] == summary["losses"][-1]
 
 

@@ -4,7 +4,7 @@ One flat all-reduce of the rank's gradients over its shard group (dp replicas x 
 multiplied by `param_copies / shard` so a DualPipe pair sums and dp replicas average, as
 platform/optim/zero_step.py explains), the reference's sum of squares all-reduced over the norm group,
 the reference's clip, then AdamW from `build_adamw`. Same interface as `ZeroStep`:
-`step(grads, lr) -> grad_norm` and `state()` for checkpoints.
+`step(grads, lr) -> grad_norm` (consuming `grads`) and `state()` for checkpoints.
 """
 
 from __future__ import annotations
@@ -46,8 +46,10 @@ class PlainStep:
         self.grad_clip = optim_cfg.grad_clip
 
     def step(self, grads: dict[int, torch.Tensor], lr: float) -> float:
+        """Reduce, clip and apply `grads`, which this consumes (the dict is emptied, as ZeroStep's
+        is), so the flat copy is the only full-size gradient left during the all-reduce and AdamW."""
         shard = _group_size(self.groups.ranks["shard"])
-        flat = torch.cat([grads.get(id(p), torch.zeros_like(p)).reshape(-1) for p in self.params])
+        flat = torch.cat([grads.pop(id(p), torch.zeros_like(p)).reshape(-1) for p in self.params])
         if shard > 1:
             flat.mul_(self.copies / shard)
             dist.all_reduce(flat, group=self.groups.shard)

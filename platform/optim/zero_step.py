@@ -1,5 +1,6 @@
 """The ZeRO optimizer step of a pipeline rank (DeepSpeed): gradient reduction, global-norm clipping,
-AdamW, with optimizer state (and, for ZeRO-2, gradients) partitioned over the shard group.
+AdamW, with optimizer state partitioned over the shard group (gradients too, but see "What ZeRO-2
+saves here" below: no more than ZeRO-1 in this design).
 
 Input, once per step: this rank's gradients (a dict id(param) -> tensor, summed over the micro-batches
 it computed, each loss scaled by 1/M). The step must apply the gradient the single-process reference
@@ -25,6 +26,34 @@ Two implementations, same interface (`step(grads, lr) -> grad_norm`), this one a
   arithmetic as the reference's clip (coef = max_norm / (norm + 1e-6), capped at 1).
 - `PlainStep` (parallel.zero_stage 0, its own file): one flat all-reduce over the shard group, the reference's
   `grad_sq_sum` all-reduced over the norm group, the reference's clip and a torch AdamW.
+
+What ZeRO-2 saves here: nothing over ZeRO-1. Measured by tests/test_zero_partition.py (DualPipe pp=2,
+tiny model, shard group of 2, 9.50 MB of fp32 gradients per rank), DeepSpeed 0.19's stage_1_and_2.py
+read alongside:
+- The stages differ only in WHEN DeepSpeed reduces. ZeRO-2 reduces an IPG bucket as soon as it fills
+  (reduce_bucket_size, 5e8 elements by default) during the backward and drops other ranks' parts;
+  ZeRO-1 reduces at the gradient-accumulation boundary. With gradient_accumulation_steps=1 every
+  backward is a boundary, so both reduce at the end of the one surrogate backward and keep for
+  step() only `averaged_gradients`: views into `grads_in_partition`, the parameters overlapping this
+  rank's partition. Measured at engine.step(): 4.99 MB and 4.78 MB on the two ranks (the exact half is
+  4.75 MB; a parameter straddling the edge is held whole), the same bytes under ZeRO-1 and ZeRO-2.
+- When DeepSpeed's reduction begins it holds the whole gradient (9.50 MB) under both stages: the
+  surrogate hands over every parameter's gradient in one backward, and the tiny model fits in one
+  bucket. On a model larger than a bucket ZeRO-2 would reduce during the backward, but the peak is
+  set before that: the executor accumulates full-size gradients of every parameter from the
+  schedule's first W until the step (its own buffers, so the ranks of a group can be at different
+  actions), so peak gradient memory is the full size under either stage.
+- Our own full-size buffers: `step` consumes the dict, so each gradient lives on only in the
+  surrogate's graph, which the backward frees parameter by parameter as DeepSpeed takes it over
+  (measured alive at engine.step(): 0 bytes; 9.50 MB before `step` consumed the dict, and for a
+  DualPipe pair a second full copy `g * param_copies` during the backward).
+So a rank holds, at the optimizer step, 1/shard of its gradient (+ edge parameters) under ZeRO-1 and
+ZeRO-2 alike, and at its peak the full gradient under both; what partitioning really saves is the
+fp32 master and the AdamW moments (1/shard under both stages). ZeRO-2 could lower the peak only if
+the executor handed each parameter's gradient over as soon as its last W is done (a reduction per
+finished parameter group, in schedule order on every rank of the group), which it does not. Also
+note that DeepSpeed allocates each IPG bucket at reduce_bucket_size (2 GB of fp32) under both
+stages: the CPU commits only the pages written, a GPU would commit all of it.
 
 Checkpoints: `state()` returns the optimizer as a Stateful of flat tensors (platform/checkpoint/store.py).
 PlainStep: AdamW moments by parameter name (`OptimizerState`). ZeroStep: `ZeroOptimizerState`, this
@@ -119,13 +148,21 @@ class ZeroStep:
         )
 
     def step(self, grads: dict[int, torch.Tensor], lr: float) -> float:
-        surrogate = torch.zeros(())
+        """Reduce, clip and apply `grads`, which this CONSUMES (the dict is emptied): each full-size
+        gradient then lives only in the surrogate's graph, which the backward frees parameter by
+        parameter as DeepSpeed takes the gradients over, so none of ours is left when DeepSpeed's
+        optimizer step runs (see the module docstring: what ZeRO-2 does and does not save)."""
+        surrogate, g = torch.zeros(()), None
         for p in self.params:
-            g = grads.get(id(p))
-            # A parameter this rank never touched this step still takes part (zero gradient): the
-            # group's reduction must see the same parameters on every member.
-            g = torch.zeros_like(p) if g is None else g * self.copies
+            g = grads.pop(id(p), None)
+            if g is None:
+                # A parameter this rank never touched this step still takes part (zero gradient):
+                # the group's reduction must see the same parameters on every member.
+                g = torch.zeros_like(p)
+            elif self.copies != 1:
+                g = g * self.copies  # the popped original is freed here: one full copy at a time
             surrogate = surrogate + (p * g).sum()
+        del g  # the loop variable would otherwise keep the last gradient alive through the step
         self.engine.backward(surrogate)
         set_lr(self.optimizer, lr)
         self.engine.step()
