@@ -35,3 +35,14 @@ def test_no_steps_no_picture(tmp_path):
 def test_records_without_loss_are_refused():
     with pytest.raises(ValueError, match="no metric record carries a loss"):
         loss_curve_png({"a": [{"step": 1, "lr": 0.1}]})
+
+
+def test_legend_names_the_objective_and_the_eval_lm_loss():
+    import matplotlib.pyplot as plt
+    from moeforge.platform.outputs.loss_plot import loss_curve_figure
+
+    records = [{"step": 1, "loss": 5.0, "lm_loss": 4.0, "mtp_loss": 6.0, "eval_loss": 4.2, "eval_ppl": 66.7}]
+    fig = loss_curve_figure({"run": records})
+    labels = fig.axes[0].get_legend_handles_labels()[1]
+    plt.close(fig)
+    assert labels == ["train objective (LM + λ·MTP)", "train LM loss", "train MTP loss", "eval LM loss"]

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from moeforge.model.balance import load_stats, update_router_biases
+from moeforge.model.balance import update_router_biases, worst_layer_load
 from moeforge.model.config import ModelConfig
 from moeforge.model.mla import MLA, LatentCache
 from moeforge.model.moe import MoE, sequence_balance_loss
@@ -186,7 +186,7 @@ def test_bias_update_moves_a_skewed_router_toward_balance():
         moe.reset_load()
         with torch.no_grad():
             moe(x)
-        return load_stats([moe])["moe/L1/max_over_mean"]
+        return worst_layer_load(moe.load_counts[None]).max_over_mean  # [1 layer, experts]
 
     before = measure()
     frozen = moe.gate.e_score_correction_bias.clone()
@@ -361,3 +361,11 @@ def test_moe_layers_in_layer_order_including_mtp():
     cfg = tiny_cfg(num_hidden_layers=4, first_k_dense_replace=2, num_nextn_predict_layers=2)
     model = build_model(cfg, device="meta")
     assert [m.layer_id for m in model.moe_layers()] == [2, 3, 4, 5]
+
+
+def test_worst_layer_load_picks_the_layer_with_the_largest_max_over_mean():
+    counts = torch.tensor([[4.0, 4.0, 4.0, 4.0], [1.0, 1.0, 1.0, 9.0], [0.0, 0.0, 0.0, 0.0]])  # [layers, experts]
+    load = worst_layer_load(counts)
+    assert load.layer == 1 and load.max_load == 9.0 and load.mean_load == 3.0 and load.max_over_mean == 3.0
+    assert worst_layer_load(counts[[0, 2]]).max_over_mean == 1.0  # balanced, and a layer with no tokens
+    assert worst_layer_load(torch.zeros(0, 0)).layer is None

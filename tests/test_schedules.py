@@ -248,3 +248,23 @@ def test_rejects_wrong_direction_microbatch():
     s = build_schedule("dualpipe", 4, 8)
     with pytest.raises(ScheduleError, match="micro-batch 5 does not flow through chunk 0"):
         validate(edited(s, 0, lambda acts: acts + [parse_action("F0.5")]))
+
+
+@pytest.mark.parametrize(("name", "pp", "m"), [("1f1b", 4, 8), ("zb1p", 2, 4), ("dualpipe", 4, 8), ("dualpipev", 2, 4)])
+def test_forward_only_lists_follow_the_training_routes(name, pp, m):
+    """Evaluation's lists: every micro-batch passes every (rank, chunk) of its training route once,
+    forward only, and the lists are deadlock-free under blocking send/recv."""
+    from moeforge.platform.schedules import forward_only
+
+    train = build_schedule(name, pp, m)
+    fwd = forward_only(train)
+    validate(fwd)
+    assert fwd.forward_only and fwd.layout == train.layout and fwd.num_microbatches == m
+    assert all(a.kind in (Kind.F, Kind.SEND_F, Kind.RECV_F) for acts in fwd.actions for a in acts)
+    for mb in range(m):
+        passes = sorted((r, a.chunk) for r, acts in enumerate(fwd.actions) for a in acts
+                        if a.kind is Kind.F and a.mb == mb)
+        assert passes == sorted(train.route(mb))
+    broken = replace(fwd, actions=[acts[::-1] for acts in fwd.actions])
+    with pytest.raises(ScheduleError):  # consumers before producers: a blocking run cannot finish
+        validate(broken)

@@ -23,14 +23,6 @@ def collect_load_counts(moe_modules: Sequence[torch.nn.Module]) -> torch.Tensor:
     return torch.stack([m.load_counts.detach().float().clone() for m in moe_modules])
 
 
-def load_imbalance(counts: torch.Tensor) -> float:
-    """Worst layer's max/mean expert load (1.0 = perfectly balanced); 1.0 when there is no MoE."""
-    if counts.numel() == 0:
-        return 1.0
-    mean = counts.mean(dim=1).clamp_min(1e-9)  # [layers]
-    return float((counts.max(dim=1).values / mean).max())
-
-
 def update_balance(moe_modules: Sequence[torch.nn.Module], gamma: float, counts: torch.Tensor) -> None:
     """Apply the bias update from `counts` ([layers, experts], summed over the whole step and, in a
     distributed run, over ranks) and reset every layer's load counter for the next step.

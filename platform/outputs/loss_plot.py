@@ -15,12 +15,18 @@ import matplotlib
 matplotlib.use("Agg")  # headless: runs on workers and CI without a display
 import matplotlib.pyplot as plt
 
-# metric key -> legend label; drawn when present in the records
-CURVES = {"loss": "train loss", "lm_loss": "LM loss", "mtp_loss": "MTP loss", "eval_loss": "eval loss"}
+# metric key -> legend label; drawn when present in the records. `loss` is the training objective
+# (LM + mtp_loss_weight * MTP); `eval_loss` is held-out LM cross-entropy, comparable with `lm_loss`.
+CURVES = {
+    "loss": "train objective (LM + λ·MTP)",
+    "lm_loss": "train LM loss",
+    "mtp_loss": "train MTP loss",
+    "eval_loss": "eval LM loss",
+}
 
 
-def loss_curve_png(runs: Mapping[str, Sequence[Mapping[str, Any]]], title: str = "") -> bytes:
-    """PNG bytes of loss against step for one or more runs ({run name: metric records}).
+def loss_curve_figure(runs: Mapping[str, Sequence[Mapping[str, Any]]], title: str = ""):
+    """The matplotlib Figure of loss against step for one or more runs ({run name: metric records}).
 
     Each record needs `step`; every key of CURVES it carries becomes a line (eval loss as markers,
     since it is reported every few steps). Raises ValueError when no record has a loss."""
@@ -45,6 +51,12 @@ def loss_curve_png(runs: Mapping[str, Sequence[Mapping[str, Any]]], title: str =
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
+    return fig
+
+
+def loss_curve_png(runs: Mapping[str, Sequence[Mapping[str, Any]]], title: str = "") -> bytes:
+    """PNG bytes of `loss_curve_figure(runs, title)`."""
+    fig = loss_curve_figure(runs, title)
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png")
     plt.close(fig)

@@ -7,6 +7,7 @@ fields under the same names.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 
 
@@ -23,7 +24,9 @@ class StepMetrics:
     grad_norm: float  # global norm before clipping
     tokens: int  # tokens in this step (global batch * seq_len)
     step_time_s: float
-    load_imbalance: float  # worst layer's max/mean expert load in this step
+    load_imbalance: float  # worst MoE layer's max/mean expert load in this step (model.balance)
+    max_expert_load: float = 0.0  # that layer's tokens on its busiest expert ...
+    mean_expert_load: float = 0.0  # ... and per expert on average
 
     @property
     def tokens_per_s(self) -> float:
@@ -47,7 +50,8 @@ class TrainSummary:
     final_loss: float | None
     tokens_per_s: float  # over this process's steps
     elapsed_s: float
-    eval_loss: float | None = None
+    eval_loss: float | None = None  # held-out LM cross-entropy, the last evaluation's
+    eval_ppl: float | None = None  # exp(eval_loss)
     losses: list[float] = field(default_factory=list)  # per step, for tests and plots
     status: str = "completed"  # completed | failed
     error: str | None = None  # "ExceptionType: message" when failed
@@ -66,7 +70,35 @@ class TrainSummary:
         line += f" | {self.tokens_per_s:,.0f} tok/s"
         if self.eval_loss is not None:
             line += f" | eval loss {self.eval_loss:.4f}"
+            if self.eval_ppl is not None:
+                line += f" (ppl {self.eval_ppl:,.1f})"
         return line
+
+
+@dataclass
+class EvalResult:
+    """A held-out evaluation, the same fields from both training loops.
+
+    `lm_loss` is the next-token cross-entropy (nats per token), the figure people compare runs by,
+    recorded as `eval_loss` with its perplexity `eval_ppl`. `objective` is what training minimises
+    (LM + mtp_loss_weight * MTP; the balance loss only shapes routing in training), recorded as
+    `eval_objective`. Means over equal-sized micro-batches, so over every held-out token."""
+
+    lm_loss: float
+    objective: float
+
+    @property
+    def ppl(self) -> float:
+        return math.exp(min(self.lm_loss, 700.0))  # exp overflows a float past ~709 nats
+
+    def to_record(self) -> dict[str, float]:
+        return {"eval_loss": self.lm_loss, "eval_ppl": self.ppl, "eval_objective": self.objective}
+
+    def format(self, step: int) -> str:
+        return (
+            f"eval at step {step}: loss {self.lm_loss:.4f} | ppl {self.ppl:,.1f} | "
+            f"objective {self.objective:.4f}"
+        )
 
 
 def format_duration(seconds: float) -> str:
@@ -84,15 +116,17 @@ def format_duration(seconds: float) -> str:
 def format_progress(
     m: StepMetrics, total_steps: int, tokens_per_s: float, eta_s: float, mfu: float | None = None
 ) -> str:
-    """The one console progress line: step/total, loss, lr, throughput, load imbalance, ETA, and
-    MFU when known (a fraction of peak FLOP/s).
+    """The one console progress line: step/total, loss, lr, throughput, expert load imbalance (the
+    busiest expert's tokens over the mean, in the worst MoE layer: 1.00 is perfect balance), ETA,
+    and MFU when known (a fraction of peak FLOP/s).
 
     `tokens_per_s` and `eta_s` are passed in (averaged by the caller over recent steps) because a
     single step's time is noisy; platform.outputs.tracking.ConsoleProgress does that averaging."""
     width = len(str(total_steps))
     line = (
         f"step {m.step:>{width}}/{total_steps} | loss {m.loss:.4f} | lr {m.lr:.2e} | "
-        f"gnorm {m.grad_norm:.3f} | {tokens_per_s:,.0f} tok/s | imbalance {m.load_imbalance:.2f} | "
+        f"gnorm {m.grad_norm:.3f} | {tokens_per_s:,.0f} tok/s | "
+        f"expert load max/mean {m.load_imbalance:.2f} (worst layer) | "
         f"eta {format_duration(eta_s)}"
     )
     if mfu is not None:

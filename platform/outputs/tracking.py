@@ -21,6 +21,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from moeforge.platform.config.cadence import Cadence
 from moeforge.platform.config.tracking import TrackingConfig
 from moeforge.platform.outputs.metrics import StepMetrics, TrainSummary, format_progress
 from moeforge.platform.outputs.storage import is_s3, open_storage, redact
@@ -145,7 +146,8 @@ class ConsoleProgress:
         peak_flops: float | None = None,
         start_step: int = 0,
     ) -> None:
-        self.total_steps, self.every, self.log = total_steps, every, log
+        self.total_steps, self.log = total_steps, log
+        self.cadence = Cadence(total_steps, log_every=every)
         self.flops_per_token, self.peak_flops = flops_per_token, peak_flops
         self.start_step = start_step
         self.start = time.perf_counter()
@@ -156,24 +158,26 @@ class ConsoleProgress:
             return None
         return tokens_per_s * self.flops_per_token / self.peak_flops
 
-    def update(self, metrics: StepMetrics) -> str | None:
-        """Account one step; return (and log) the progress line when one is due."""
+    def update(self, metrics: StepMetrics, suffix: str = "") -> str | None:
+        """Account one step; return (and log) the progress line when one is due, with `suffix`
+        (what only some loops measure, e.g. a pipeline's bubble) at its end."""
         self._window_time += metrics.step_time_s
         self._window_tokens += metrics.tokens
-        if metrics.step % self.every and metrics.step != self.total_steps:
+        if not self.cadence.logs(metrics.step):
             return None
         rate = self._window_tokens / max(self._window_time, 1e-9)
         done = max(metrics.step - self.start_step, 1)
         eta = (self.total_steps - metrics.step) * (time.perf_counter() - self.start) / done
-        line = format_progress(metrics, self.total_steps, rate, eta, mfu=self.mfu(rate))
+        line = format_progress(metrics, self.total_steps, rate, eta, mfu=self.mfu(rate)) + suffix
         self._window_time, self._window_tokens = 0.0, 0
         self.log(line)
         return line
 
-    def finish(self, summary: TrainSummary) -> str:
+    def finish(self, summary: TrainSummary, suffix: str = "") -> str:
         line = summary.format()
         mfu = self.mfu(summary.tokens_per_s)
         if mfu is not None and summary.status == "completed":
             line += f" | mfu {100 * mfu:.1f}%"
+        line += suffix
         self.log(line)
         return line

@@ -8,18 +8,19 @@ micro-batch count computes the same gradients, so the two can be compared loss f
 One optimizer step (`train_step`), torchtitan style:
     forward_backward   M micro-batches, gradients accumulate (LM + MTP loss; the sequence-wise
                        balance loss rides along inside the MoE layers' autograd graph, its alpha
-                       scaled by 1/M like the other losses: moe_balance.set_balance_loss_scale);
+                       scaled by 1/M like the other losses: bias_update.set_balance_loss_scale);
                        the forward runs under the precision policy's autocast context
     clip               global grad norm, then scale (platform.optim.adamw)
     optimizer_step     LR from lr_at(step), AdamW step (BF16 moments when configured), zero grads
     balance            router-bias update from the step's expert loads (platform.optim.bias_update)
 
-Around the steps (`train`): console progress (platform.outputs.tracking.ConsoleProgress), metrics.jsonl and
-summary.json (platform.outputs.run_files), the tracker (W&B or none), evaluation, and checkpoints
-(platform.checkpoint.store) every `checkpoint.every` steps and at the end. With `checkpoint.resume` a run
-continues from the newest complete checkpoint in run.dir: weights and router biases, AdamW state by
-parameter name, RNG states, step; the data position is the step (batches are a pure function of
-(data.seed, step)), checked against the checkpoint's samples_consumed.
+Around the steps (`train`): the run's record (platform/outputs/run_report.py, shared with the
+pipeline run: config.yaml, metrics.jsonl, progress lines, the tracker, summary.json), evaluation
+and checkpoints (platform/checkpoint/store.py) when the cadence (platform/config/cadence.py) says.
+With `checkpoint.resume` a run continues from the newest complete checkpoint in run.dir: weights
+and router biases, AdamW state by parameter name, RNG states, step; the data position is the step
+(batches are a pure function of (data.seed, step)), checked against the checkpoint's
+samples_consumed.
 
 Nothing is lost on failure: if a step or anything around it raises (KeyboardInterrupt included, and
 SIGTERM, which `train` turns into a `Terminated` exception),
@@ -46,6 +47,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
+from moeforge.model.balance import ExpertLoad, worst_layer_load
 from moeforge.model.config import ConfigError
 from moeforge.model.transformer import build_model
 from moeforge.platform.checkpoint.resume import check_resumable, resume_point
@@ -60,6 +62,7 @@ from moeforge.platform.checkpoint.store import (
     load_checkpoint,
     save_checkpoint,
 )
+from moeforge.platform.config.cadence import Cadence
 from moeforge.platform.config.train import TrainConfig
 from moeforge.platform.data.microbatches import (
     BatchSourceLike,
@@ -70,14 +73,13 @@ from moeforge.platform.data.microbatches import (
 from moeforge.platform.optim.adamw import build_adamw, clip_grads_with_norm_, global_grad_norm
 from moeforge.platform.optim.bias_update import (
     collect_load_counts,
-    load_imbalance,
     set_balance_loss_scale,
     update_balance,
 )
 from moeforge.platform.optim.lr_schedule import lr_at, set_lr
-from moeforge.platform.outputs.metrics import StepMetrics, TrainSummary
+from moeforge.platform.outputs.metrics import EvalResult, StepMetrics, TrainSummary
 from moeforge.platform.outputs.run_files import RunOutputs
-from moeforge.platform.outputs.tracking import ConsoleProgress, Tracker, make_tracker
+from moeforge.platform.outputs.run_report import RunReport
 from moeforge.platform.precision import apply_precision, compute_context
 
 
@@ -136,7 +138,6 @@ class ReferenceTrainer:
         self.source = source if source is not None else default_batch_source(cfg)
         self.outputs = RunOutputs(cfg.run.dir, fresh=False)  # metrics kept or dropped once resumed
         resume_path = self._checkpoint_to_resume()
-        self.outputs.write_config(dataclasses.asdict(cfg))
 
         seed_everything(cfg.run.seed)
         self.device = training_device(cfg)
@@ -151,23 +152,18 @@ class ReferenceTrainer:
         self.microbatches = cfg.parallel.microbatches
         set_balance_loss_scale(self.moe_modules, cfg.model.seq_aux_loss_alpha, 1.0 / self.microbatches)
         self.step = 0  # optimizer steps taken
-        self.tokens_per_step = cfg.data.global_batch * cfg.model.seq_len
-        self.resumed_from: int | None = None
+        self.resumed_from: str | None = None  # the checkpoint this run continues
         self.last_checkpoint: str | None = None
         self._saved_step: int | None = None  # step of the newest complete checkpoint of this run
         # What a failure may save: "idle" and "forward_backward" leave weights and optimizer at the
         # last completed step; "update" (clip, AdamW, router bias) does not.
         self._phase = "idle"
         self._rng_at_step_start: dict[str, torch.Tensor] | None = None
-        self._pending_record: dict | None = None  # a completed step's metrics not yet appended
+        self._pending: tuple[StepMetrics, EvalResult | None] | None = None  # a step not yet recorded
+        self.report: RunReport | None = None  # the run's record, while `train` runs
         self._terminate: str | None = None  # a SIGTERM held back until the current update is done
         if resume_path is not None:
             self.resume(resume_path)
-        kept = self.outputs.start_metrics(self.step)
-        self.losses: list[float] = [r["loss"] for r in kept]  # the whole run's, resumed part included
-        self.eval_loss: float | None = next(
-            (r["eval_loss"] for r in reversed(kept) if r.get("eval_loss") is not None), None
-        )
 
     # --- checkpoints --------------------------------------------------------------------------
     def _checkpoint_to_resume(self) -> str | None:
@@ -189,11 +185,11 @@ class ReferenceTrainer:
         """Restore the checkpoint at `path`; the next step trained is the checkpoint's step + 1."""
         meta = load_checkpoint(path, self.checkpoint_state(), storage=self.outputs.storage)
         check_resumable(self.cfg, meta)
-        self.step = self.resumed_from = self._saved_step = meta.step
-        self.last_checkpoint = path
+        self.step = self._saved_step = meta.step
+        self.resumed_from = self.last_checkpoint = path
         for m in self.moe_modules:
             m.reset_load()
-        self.log(f"resumed from {path} at step {meta.step}")
+        # "resumed from ..." is the run report's line (train); a changed config is said now.
         if meta.config_hash not in (None, config_hash(dataclasses.asdict(self.cfg))):
             self.log("note: the config differs from the one that wrote this checkpoint")
 
@@ -213,14 +209,11 @@ class ReferenceTrainer:
             storage=self.outputs.storage,
         )
         self._saved_step, self.last_checkpoint = self.step, path
-        self.log(f"checkpoint at step {self.step}: {path}")
+        if self.report is not None:
+            self.report.checkpointed(self.step, path)
+        else:
+            self.log(f"checkpoint at step {self.step}: {path}")
         return path
-
-    def maybe_checkpoint(self) -> None:
-        """Save every `checkpoint.every` steps and at the last step (never when every is 0)."""
-        every = self.cfg.checkpoint.every
-        if every and (self.step % every == 0 or self.step == self.cfg.run.steps):
-            self.save_checkpoint()
 
     # --- one step -----------------------------------------------------------------------------
     def forward_backward(self, batch: torch.Tensor) -> dict[str, float]:
@@ -264,11 +257,11 @@ class ReferenceTrainer:
         self.optimizer.zero_grad(set_to_none=True)
         return lr
 
-    def balance(self) -> float:
-        """Router-bias update from this step's expert loads; return the step's load imbalance."""
+    def balance(self) -> ExpertLoad:
+        """Router-bias update from this step's expert loads; return the worst layer's load."""
         counts = collect_load_counts(self.moe_modules)  # [moe_layers, experts]
         update_balance(self.moe_modules, self.cfg.model.bias_update_speed, counts)
-        return load_imbalance(counts)
+        return worst_layer_load(counts)
 
     def train_step(self, batch: torch.Tensor) -> StepMetrics:
         """One optimizer step on one global batch. A non-finite loss raises before the update, so
@@ -283,7 +276,7 @@ class ReferenceTrainer:
         self._phase = "update"
         grad_norm = self.clip()
         lr = self.optimizer_step()
-        imbalance = self.balance()
+        load = self.balance()
         self.step += 1
         self._phase = "idle"
         return StepMetrics(
@@ -292,30 +285,39 @@ class ReferenceTrainer:
             grad_norm=grad_norm,
             tokens=batch.shape[0] * (batch.shape[1] - 1),
             step_time_s=time.perf_counter() - start,
-            load_imbalance=imbalance,
+            load_imbalance=load.max_over_mean,
+            max_expert_load=load.max_load,
+            mean_expert_load=load.mean_load,
             **losses,
         )
 
     @torch.no_grad()
-    def evaluate(self, num_batches: int | None = None) -> float | None:
-        """Mean loss over the first `num_batches` held-out batches (None when the source has none).
+    def evaluate(self, num_batches: int | None = None) -> EvalResult | None:
+        """LM cross-entropy and training objective over the first `num_batches` held-out batches
+        (None when the source has none). Each batch is split into the step's micro-batches, as the
+        pipeline evaluates it, so the two loops compare micro-batch for micro-batch.
 
         Expert loads counted during evaluation are discarded so they never move the router biases."""
         if not getattr(self.source, "has_val", False):
             return None
         num_batches = num_batches or self.cfg.run.eval_batches
         self.model.eval()
-        total = 0.0
+        lm_sum = objective_sum = 0.0
+        count = 0
         try:
             for i in range(num_batches):
-                input_ids, labels = inputs_and_labels(self.source.val_batch(i).to(self.device))
-                with compute_context(self.cfg.precision, self.device_type):
-                    total += float(self.model(input_ids, labels=labels).loss)
+                for tokens in split_microbatches(self.source.val_batch(i), self.microbatches):
+                    input_ids, labels = inputs_and_labels(tokens.to(self.device))
+                    with compute_context(self.cfg.precision, self.device_type):
+                        out = self.model(input_ids, labels=labels)
+                    lm_sum += float(out.lm_loss)
+                    objective_sum += float(out.loss)
+                    count += 1
         finally:
             for m in self.moe_modules:
                 m.reset_load()
             self.model.train()
-        return total / num_batches
+        return EvalResult(lm_loss=lm_sum / count, objective=objective_sum / count)
 
     # --- in-memory state (tests, notebooks); files go through save_checkpoint / resume ---------
     def state_dict(self) -> dict:
@@ -335,31 +337,36 @@ class ReferenceTrainer:
     # --- the run ------------------------------------------------------------------------------
     def train(self) -> TrainSummary:
         """Train up to cfg.run.steps; log, record metrics, track, evaluate, checkpoint; return the
-        summary. On an exception: flush, save what is consistent, record the failure, re-raise."""
+        summary. On an exception: record what completed, save what is consistent, record the
+        failure, re-raise."""
         run = self.cfg.run
         n_params = sum(p.numel() for p in self.params)
-        self.log(
+        header = (
             f"moeforge reference loop: {n_params / 1e6:.2f}M params, {run.steps} steps x "
             f"{self.cfg.data.global_batch} seq x {self.cfg.model.seq_len} tok, "
             f"{self.microbatches} micro-batch(es), precision {self.cfg.precision.name}, run.dir={run.dir}"
         )
         peak = self.cfg.parallel.peak_tflops_per_worker * 1e12 or None
-        progress = ConsoleProgress(
-            run.steps, run.log_every, self.log, flops_per_token(self.cfg), peak, start_step=self.step
+        self.report = RunReport(
+            self.cfg,
+            header,
+            self.log,
+            start_step=self.step,
+            resumed_from=self.resumed_from,
+            flops_per_token=flops_per_token(self.cfg),
+            peak_flops=peak,
+            outputs=self.outputs,
         )
-        tracker = make_tracker(self.cfg.tracking, dataclasses.asdict(self.cfg), rank=0)
-        start, start_step = time.perf_counter(), self.step
         try:
             with self._sigterm_raises_terminated():
-                self._run_steps(progress, tracker)
+                self._run_steps()
         except BaseException as err:
-            self._record_failure(err, tracker, time.perf_counter() - start, start_step)
+            self._record_failure(err)
             raise
-        summary = self._summary(time.perf_counter() - start, start_step)
-        self.outputs.write_summary(summary.to_dict())
-        tracker.finish(summary.to_dict())
-        progress.finish(summary)
-        return summary
+        finally:
+            report, self.report = self.report, None
+        report.finish()
+        return report.summary()
 
     @contextlib.contextmanager
     def _sigterm_raises_terminated(self):
@@ -381,54 +388,33 @@ class ReferenceTrainer:
         finally:
             signal.signal(signal.SIGTERM, previous)
 
-    def _run_steps(self, progress: ConsoleProgress, tracker: Tracker) -> None:
-        """Steps up to run.steps, each recorded (metrics, progress, tracker), evaluated and
-        checkpointed when due."""
-        run = self.cfg.run
-        while self.step < run.steps:
+    def _run_steps(self) -> None:
+        """Steps up to run.steps, each evaluated when due, recorded, and checkpointed when due."""
+        cadence = Cadence.of(self.cfg)
+        while self.step < self.cfg.run.steps:
             t0 = time.perf_counter()
             metrics = self.train_step(self.source.batch(self.step))
             metrics.step_time_s = time.perf_counter() - t0  # data time included
-            self.losses.append(metrics.loss)
-            record = self._pending_record = metrics.to_dict()
-            line = progress.update(metrics)
-            if run.eval_every and (self.step % run.eval_every == 0 or self.step == run.steps):
-                self.eval_loss = self.evaluate()
-                if self.eval_loss is not None:
-                    record["eval_loss"] = self.eval_loss
-                    self.log(f"eval at step {self.step}: loss {self.eval_loss:.4f}")
-            self.outputs.append_metrics(record)
-            self._pending_record = None
+            self._pending = (metrics, None)
+            if cadence.evaluates(self.step):
+                self._pending = (metrics, self.evaluate())
+            self.report.record(*self._pending)
+            self._pending = None
             if self._terminate:  # SIGTERM during the update: stop now that the step is whole
                 raise Terminated(self._terminate)
-            if line is not None:
-                self.outputs.flush()
-            tracker.log(self.step, record)
-            self.maybe_checkpoint()
+            if cadence.checkpoints(self.step):
+                self.save_checkpoint()
 
-    def _summary(self, elapsed: float, start_step: int, **status) -> TrainSummary:
-        return TrainSummary(
-            steps=self.step,
-            first_loss=self.losses[0] if self.losses else None,
-            final_loss=self.losses[-1] if self.losses else None,
-            tokens_per_s=(self.step - start_step) * self.tokens_per_step / max(elapsed, 1e-9),
-            elapsed_s=elapsed,
-            eval_loss=self.eval_loss,
-            losses=list(self.losses),
-            resumed_from_step=self.resumed_from,
-            checkpoint=self.last_checkpoint,
-            **status,
-        )
-
-    def _record_failure(self, err: BaseException, tracker: Tracker, elapsed: float, start_step: int) -> None:
-        """Keep what can be kept after `err`; every part is tried even if an earlier one fails, and
-        none of them may replace `err` (the caller re-raises it)."""
-        if self._pending_record is not None:  # the step completed; its record must not be lost
-            pending, self._pending_record = self._pending_record, None
+    def _record_failure(self, err: BaseException) -> None:
+        """Keep what can be kept after `err`: the completed step's record, a checkpoint when the
+        state is consistent, then the failed run's record (RunReport.fail). Every part is tried even
+        if an earlier one fails, and none of them may replace `err` (the caller re-raises it)."""
+        if self._pending is not None:  # the step completed; its record must not be lost
+            (metrics, evaluation), self._pending = self._pending, None
             try:
-                self.outputs.append_metrics(pending)
+                self.report.record(metrics, evaluation)
             except Exception as record_err:  # noqa: BLE001
-                self.log(f"could not record step {pending['step']}'s metrics after the failure: {record_err}")
+                self.log(f"could not record step {metrics.step}'s metrics after the failure: {record_err}")
         if self.cfg.checkpoint.every and self.step > 0 and self.step != self._saved_step:
             if self._phase == "update":
                 self.log(f"failed mid-update of step {self.step + 1}: no checkpoint written (state inconsistent)")
@@ -438,14 +424,4 @@ class ReferenceTrainer:
                     self.save_checkpoint(rng=rng)
                 except Exception as save_err:  # noqa: BLE001 - reported, the original error wins
                     self.log(f"could not write a checkpoint after the failure: {save_err}")
-        summary = self._summary(elapsed, start_step, status="failed", error=f"{type(err).__name__}: {err}")
-        for what, action in (
-            ("metrics", self.outputs.flush),
-            ("summary.json", lambda: self.outputs.write_summary(summary.to_dict())),
-            ("the tracker", lambda: tracker.finish(summary.to_dict())),
-        ):
-            try:
-                action()
-            except Exception as record_err:  # noqa: BLE001
-                self.log(f"could not record {what} after the failure: {record_err}")
-        self.log(summary.format())
+        self.report.fail(err)

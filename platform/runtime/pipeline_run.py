@@ -24,7 +24,9 @@ from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
+from moeforge.platform.config.cadence import Cadence
 from moeforge.platform.config.train import TrainConfig
+from moeforge.platform.outputs.pipeline_report import PipelineReport
 from moeforge.platform.outputs.storage import open_storage
 from moeforge.platform.runtime.rank_state import PipelineRuntime
 
@@ -56,29 +58,23 @@ def run_pipeline_training(
     `report` (Ray Train's, a barrier) is called on EVERY rank at the same steps (each log step and
     the last), with rank 0's metrics; other ranks pass an empty dict. Evaluation and checkpoints are
     collective too: every rank takes part at the same steps."""
-    from moeforge.platform.outputs.pipeline_report import PipelineReporter
-
     runtime = PipelineRuntime(cfg, rank, world_size, source=source, device=device)
     resumed = runtime.resume()
-    reporter = PipelineReporter(cfg, runtime, log=log, resumed_from=resumed) if rank == 0 else None
-    run, every = cfg.run, cfg.checkpoint.every
+    reporter = _rank0_report(cfg, runtime, log, resumed) if rank == 0 else None
+    cadence = Cadence.of(cfg)
     try:
-        while runtime.step < run.steps:
+        while runtime.step < cfg.run.steps:
             step = runtime.step + 1
-            last = step == run.steps
-            gather = cfg.tracking.log_timeline and (last or step % run.log_every == 0)
-            metrics = runtime.train_step(gather_timeline=gather)
+            metrics = runtime.train_step(gather_timeline=cfg.tracking.log_timeline and cadence.logs(step))
             if not math.isfinite(metrics.base.loss):
                 raise FloatingPointError(f"{runtime.name}: loss is {metrics.base.loss} at step {step}")
-            eval_loss = None
-            if run.eval_every and (step % run.eval_every == 0 or last):
-                eval_loss = runtime.evaluate()
-            record = reporter.record(metrics, eval_loss) if reporter is not None else {}
-            if report is not None and (last or step % run.log_every == 0):
+            evaluation = runtime.evaluate() if cadence.evaluates(step) else None
+            record = reporter.record_step(metrics, evaluation) if reporter is not None else {}
+            if report is not None and cadence.logs(step):
                 report(record)
-            if every and (step % every == 0 or last):
+            if cadence.checkpoints(step):
                 if reporter is not None:
-                    reporter.outputs.flush()  # a resumed run finds every record its checkpoint covers
+                    reporter.flush()  # a resumed run finds every record its checkpoint covers
                 path = runtime.save_checkpoint()
                 if reporter is not None:
                     reporter.checkpointed(step, path)
@@ -86,9 +82,22 @@ def run_pipeline_training(
         dist.barrier()
     except BaseException as err:
         if reporter is not None:
-            reporter.fail(err)
+            reporter.fail_pipeline(err)
         raise
-    return reporter.finish() if reporter is not None else None
+    return reporter.finish_pipeline() if reporter is not None else None
+
+
+def _rank0_report(cfg: TrainConfig, runtime: PipelineRuntime, log, resumed: str | None) -> PipelineReport:
+    peak = cfg.parallel.peak_tflops_per_worker * 1e12 * runtime.topo.world_size
+    return PipelineReport(
+        cfg,
+        rank_params=sum(p.numel() for p in runtime.module.parameters()),
+        log=log,
+        start_step=runtime.step,
+        resumed_from=resumed,
+        flops_per_token=runtime.flops_per_token,
+        peak_flops=peak or None,
+    )
 
 
 def train_from_dict(rank: int, world_size: int, raw_config: dict, quiet: bool = False) -> dict | None:

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 from moeforge.model.accounting import estimate
+from moeforge.model.balance import ExpertLoad, worst_layer_load
 from moeforge.platform.checkpoint.resume import check_resumable, resume_point
 from moeforge.platform.checkpoint.state import RNGState
 from moeforge.platform.checkpoint.store import (
@@ -38,16 +39,16 @@ from moeforge.platform.optim.bias_update import collect_load_counts, set_balance
 from moeforge.platform.optim.lr_schedule import lr_at
 from moeforge.platform.optim.plain_step import PlainStep
 from moeforge.platform.optim.zero_step import ZeroStep
-from moeforge.platform.outputs.metrics import StepMetrics
+from moeforge.platform.outputs.metrics import EvalResult, StepMetrics
 from moeforge.platform.outputs.storage import open_storage
 from moeforge.platform.outputs.timeline import TimelineRecord
 from moeforge.platform.precision import apply_precision, compute_context
 from moeforge.platform.runtime.executor import PipelineExecutor, StepTrace
 from moeforge.platform.runtime.p2p import P2P
-from moeforge.platform.runtime.stage_compute import MicroBatch, ModelCompute
+from moeforge.platform.runtime.stage_compute import ForwardCompute, MicroBatch, ModelCompute
 from moeforge.platform.runtime.stages import StageChunk, build_rank, split_layers
 from moeforge.platform.runtime.topology import Topology, create_process_groups
-from moeforge.platform.schedules import build_schedule
+from moeforge.platform.schedules import build_schedule, forward_only
 
 
 class InjectedFault(RuntimeError):
@@ -62,21 +63,19 @@ class PipelineStepMetrics:
     mfu: float
     bubble_fraction: float  # measured: 1 - mean compute time / step time over ranks
     exposed_comm_s: list[float]  # per world rank: time blocked on transfers
-    max_expert_load: float  # worst layer's max tokens/expert ...
-    mean_expert_load: float  # ... and the mean tokens/expert
     records: list[TimelineRecord] = field(default_factory=list)  # rank 0, when gathered
 
+    def pipeline_fields(self) -> dict:
+        """The pipeline's own figures, as metrics.jsonl records them beside the base metrics."""
+        return {
+            "mfu": self.mfu,
+            "bubble_fraction": self.bubble_fraction,
+            "exposed_comm_s": max(self.exposed_comm_s),
+            "exposed_comm_s_per_rank": self.exposed_comm_s,
+        }
+
     def to_dict(self) -> dict:
-        out = self.base.to_dict()
-        out.update(
-            mfu=self.mfu,
-            bubble_fraction=self.bubble_fraction,
-            exposed_comm_s=max(self.exposed_comm_s),
-            exposed_comm_s_per_rank=self.exposed_comm_s,
-            max_expert_load=self.max_expert_load,
-            mean_expert_load=self.mean_expert_load,
-        )
-        return out
+        return {**self.base.to_dict(), **self.pipeline_fields()}
 
 
 class PipelineRuntime:
@@ -120,17 +119,24 @@ class PipelineRuntime:
         )
         self.p2p = P2P(rank, par.p2p_timeout_s, name=self.name, timeline_rank=rank, device=self.device)
         rows = cfg.data.global_batch // (par.dp * par.microbatches)
-        self.executor = PipelineExecutor(
-            self.schedule,
-            self.pp_rank,
-            self.compute,
-            self.p2p,
-            world_rank_of=lambda q: self.topo.rank_of(q, self.dp_rank),
-            act_shape=(rows, cfg.model.seq_len, cfg.model.hidden_size),
-            act_dtype=torch.float32,
-            recv_lookahead=par.recv_lookahead,
-            fault=self._maybe_fault,
-        )
+
+        def executor(schedule, compute, fault=None) -> PipelineExecutor:
+            return PipelineExecutor(
+                schedule,
+                self.pp_rank,
+                compute,
+                self.p2p,
+                world_rank_of=lambda q: self.topo.rank_of(q, self.dp_rank),
+                act_shape=(rows, cfg.model.seq_len, cfg.model.hidden_size),
+                act_dtype=torch.float32,
+                recv_lookahead=par.recv_lookahead,
+                fault=fault,
+            )
+
+        self.executor = executor(self.schedule, self.compute, fault=self._maybe_fault)
+        # Evaluation: the same executor and transfers over forward-only lists of the same placement.
+        self.eval_compute = ForwardCompute(self.chunks, context=self.compute.context)
+        self.eval_executor = executor(forward_only(self.schedule), self.eval_compute)
 
         # The last stage's copy of the embedding (1F1B/ZB1P with MTP) is tied to the first stage's.
         tie = self.groups.ranks["tie"]
@@ -187,29 +193,32 @@ class PipelineRuntime:
         trace = self.executor.run(t0)
         grads = self.compute.take_grads()
         for p in self.tied:  # sum the first and last stage's embedding gradients
-            g = grads.setdefault(id(p), torch.zeros_like(p))
-            dist.all_reduce(g, group=self.groups.tie)
+            # No loop variable keeps the gradient alive: the optimizer step consumes `grads`.
+            dist.all_reduce(grads.setdefault(id(p), torch.zeros_like(p)), group=self.groups.tie)
         lr = lr_at(self.step, self.cfg.optim, self.cfg.run.steps)
         grad_norm = self.opt.step(grads, lr)
-        max_load, mean_load, imbalance = self._balance()
+        load = self._balance()
         self.step += 1
-        return self._metrics(trace, lr, grad_norm, imbalance, max_load, mean_load, start, gather_timeline)
+        return self._metrics(trace, lr, grad_norm, load, start, gather_timeline)
 
-    def _balance(self) -> tuple[float, float, float]:
+    def _balance(self) -> ExpertLoad:
         """Sum this step's expert loads over every rank holding each layer, update the router biases
-        on every copy alike; return (max load, mean load, max/mean) of the worst layer anywhere."""
+        on every copy alike; return the worst layer's load over the whole model (every rank)."""
         counts = collect_load_counts(self.moe)  # [layers here, experts]
         if counts.numel() and len(self.groups.ranks["shard"]) > 1:
             dist.all_reduce(counts, group=self.groups.shard)
         update_balance(self.moe, self.cfg.model.bias_update_speed, counts)
-        stats = torch.zeros(3)
-        if counts.numel():
-            mean = counts.mean(dim=1)  # [layers]
-            worst = int((counts.max(dim=1).values / mean.clamp_min(1e-9)).argmax())
-            top, avg = float(counts[worst].max()), float(counts[worst].mean())
-            stats = torch.tensor([top, avg, top / max(avg, 1e-9)])
-        stats = self._all_reduce_small(stats.float(), dist.ReduceOp.MAX)
-        return float(stats[0]), float(stats[1]), max(1.0, float(stats[2]))
+        # Each rank holds some layers: gather every rank's worst and keep the worst of those, so max
+        # and mean come from the same layer.
+        mine = worst_layer_load(counts)
+        table = torch.zeros(self.topo.world_size, 3, dtype=torch.float64)  # [rank, (ratio, max, mean)]
+        if mine.layer is not None:
+            table[self.rank] = torch.tensor([mine.max_over_mean, mine.max_load, mine.mean_load])
+        table = self._all_reduce_small(table)
+        worst = int(table[:, 0].argmax())
+        if float(table[worst, 0]) == 0.0:  # no MoE layer anywhere
+            return ExpertLoad(layer=None, max_load=0.0, mean_load=0.0)
+        return ExpertLoad(layer=worst, max_load=float(table[worst, 1]), mean_load=float(table[worst, 2]))
 
     def _all_reduce_small(self, t: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
         """All-reduce a small bookkeeping tensor over the world, on this rank's device (NCCL needs
@@ -218,7 +227,7 @@ class PipelineRuntime:
         dist.all_reduce(t, op=op)
         return t.cpu()
 
-    def _metrics(self, trace: StepTrace, lr, grad_norm, imbalance, max_load, mean_load, start, gather):
+    def _metrics(self, trace: StepTrace, lr, grad_norm, load: ExpertLoad, start, gather):
         losses = self.compute.losses
         local = torch.tensor(
             [
@@ -256,62 +265,53 @@ class PipelineRuntime:
             grad_norm=grad_norm,
             tokens=tokens,
             step_time_s=step_time,
-            load_imbalance=imbalance,
+            load_imbalance=load.max_over_mean,
+            max_expert_load=load.max_load,
+            mean_expert_load=load.mean_load,
         )
         return PipelineStepMetrics(
             base=base,
             mfu=(tokens / step_time) * self.flops_per_token / peak if peak > 0 else 0.0,
             bubble_fraction=float(1.0 - busy.mean() / span.max()) if float(span.max()) > 0 else 0.0,
             exposed_comm_s=exposed.tolist(),
-            max_expert_load=max_load,
-            mean_expert_load=mean_load,
             records=records,
         )
 
     # ---- evaluation -------------------------------------------------------------------------------
-    @torch.no_grad()
-    def evaluate(self, num_batches: int | None = None) -> float | None:
-        """Mean loss over the first `num_batches` held-out batches (run.eval_batches), the same on
-        every rank; None when there is no held-out data. Every rank must call it (see module doc).
+    def evaluate(self, num_batches: int | None = None) -> EvalResult | None:
+        """LM cross-entropy and objective over the first `num_batches` held-out batches
+        (run.eval_batches), the same on every rank; None when there is no held-out data. Every rank
+        must call it.
 
+        Each dp replica evaluates its rows of every held-out batch, split into the step's M
+        micro-batches, through the same executor and stage placement as training, on forward-only
+        lists (schedules.forward_only): the same routes, no schedule-specific walk of its own. The
+        mean over micro-batches and replicas is the mean over every held-out token (equal sizes).
         Expert loads counted here are discarded so they never move the router biases."""
         if not self.has_val:
             return None
         num_batches = num_batches or self.cfg.run.eval_batches
         par = self.cfg.parallel
-        route = self.schedule.route(0)  # [(pp rank, local chunk)] in stage order
-        shape = (self.cfg.data.global_batch // par.dp, self.cfg.model.seq_len, self.cfg.model.hidden_size)
-        total, count = 0.0, 0
+        total = torch.zeros(3, dtype=torch.float64)  # [lm loss sum, objective sum, micro-batches]
         self.module.eval()
         try:
             for i in range(num_batches):
-                ids = labels = None
+                microbatches = []
                 if self.holds_data:
-                    ids, labels = inputs_and_labels(
-                        self.source.val_batch(i, self.dp_rank, par.dp).to(self.device)
-                    )
-                h = None
-                for s, (owner, chunk) in enumerate(route):
-                    if owner != self.pp_rank:
-                        continue
-                    if s > 0 and route[s - 1][0] != owner:  # the previous stage is on another rank
-                        h = torch.empty(shape, dtype=torch.float32, device=self.device)
-                        dist.recv(h, src=self.topo.rank_of(route[s - 1][0], self.dp_rank))
-                    stage = self.chunks[chunk]
-                    with compute_context(self.cfg.precision, self.device.type):
-                        out = stage.forward(h, ids, labels)
-                    if stage.spec.last:
-                        total, count = total + float(out.loss), count + 1
-                        continue
-                    h = out.to(torch.float32)
-                    if route[s + 1][0] != owner:
-                        dist.send(h.contiguous(), dst=self.topo.rank_of(route[s + 1][0], self.dp_rank))
+                    batch = self.source.val_batch(i, self.dp_rank, par.dp).to(self.device)
+                    microbatches = [
+                        MicroBatch(*inputs_and_labels(t)) for t in split_microbatches(batch, self.microbatches)
+                    ]
+                self.eval_compute.start(microbatches)
+                self.eval_executor.run()
+                for loss in self.eval_compute.losses.values():
+                    total += torch.tensor([loss["lm_loss"], loss["loss"], 1.0], dtype=torch.float64)
         finally:
             for m in self.moe:
                 m.reset_load()
             self.module.train()
-        sums = self._all_reduce_small(torch.tensor([total, float(count)], dtype=torch.float64))
-        return float(sums[0] / sums[1])
+        lm_sum, objective_sum, count = self._all_reduce_small(total).tolist()
+        return EvalResult(lm_loss=lm_sum / count, objective=objective_sum / count)
 
     # ---- checkpoints ------------------------------------------------------------------------------
     def checkpoint_state(self) -> dict:

@@ -167,3 +167,48 @@ class ModelCompute:
                 self.param_grads[id(p)] = g.detach().clone()
             else:
                 acc.add_(g)
+
+
+class ForwardCompute:
+    """StageCompute for forward-only passes (evaluation) over `chunks`: no autograd graph, no
+    gradients, and the last stages' per micro-batch losses kept in `losses`. Run by the same
+    executor as training, on `schedules.forward_only` lists, so activations take the training
+    routes. Expert loads counted here are the caller's to discard (they must not move biases)."""
+
+    def __init__(
+        self,
+        chunks: dict[int, StageChunk],
+        context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+        act_dtype: torch.dtype = torch.float32,
+    ) -> None:
+        self.chunks = chunks
+        self.context = context
+        self.act_dtype = act_dtype
+        self.microbatches: list[MicroBatch] = []
+        self.losses: dict[int, dict[str, float]] = {}
+
+    def start(self, microbatches: list[MicroBatch]) -> None:
+        """The micro-batches of one held-out batch (empty on ranks that hold no pipeline end)."""
+        self.microbatches, self.losses = microbatches, {}
+
+    @torch.no_grad()
+    def forward(self, chunk: int, mb: int, x: torch.Tensor | None) -> torch.Tensor | None:
+        stage = self.chunks[chunk]
+        batch = self.microbatches[mb] if stage.spec.first or stage.spec.last else None
+        with self.context():
+            if batch is None:  # middle stages never see tokens
+                out = stage.forward(x, None, None)
+            else:
+                out = stage.forward(x, batch.input_ids, batch.labels)
+        if stage.spec.last:
+            self.losses[mb] = {"loss": float(out.loss), "lm_loss": float(out.lm_loss)}
+            return None
+        return out.to(self.act_dtype)
+
+    def backward_input(self, chunk: int, mb: int, grad_out: torch.Tensor | None) -> torch.Tensor | None:
+        raise RuntimeError(f"forward-only compute asked for the backward of chunk {chunk} micro-batch {mb}")
+
+    backward_full = backward_input
+
+    def backward_weight(self, chunk: int, mb: int) -> None:
+        raise RuntimeError(f"forward-only compute asked for the W of chunk {chunk} micro-batch {mb}")

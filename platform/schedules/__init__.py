@@ -10,6 +10,7 @@ from __future__ import annotations
 from moeforge.platform.schedules.actions import Action, Kind, Schedule, ScheduleError, parse_action
 from moeforge.platform.schedules.dualpipe import dualpipe
 from moeforge.platform.schedules.dualpipev import dualpipev
+from moeforge.platform.schedules.forward_only import forward_only
 from moeforge.platform.schedules.onef1b import one_f_one_b
 from moeforge.platform.schedules.simulate import Costs, SimResult, simulate
 from moeforge.platform.schedules.validate import validate
@@ -40,6 +41,7 @@ __all__ = [
     "ScheduleError",
     "SimResult",
     "build_schedule",
+    "forward_only",
     "parse_action",
     "simulate",
     "validate",

@@ -184,6 +184,7 @@ class Schedule:
       from the start of its F to the end of its input-gradient backward (B, BW or an FB's backward half).
     param_copies: how many ranks hold each stage's parameters (2 for DualPipe: their gradients must be
       summed across the two ranks; 1 otherwise, including DualPipeV).
+    forward_only: the lists hold forwards only (evaluation); the validator then expects no backward.
     """
 
     name: str
@@ -195,6 +196,7 @@ class Schedule:
     claimed_peak_activations: list[int]
     param_copies: int
     layout: str = "linear"
+    forward_only: bool = False  # evaluation's lists (schedules/forward_only.py): no B or W at all
 
     def __post_init__(self) -> None:
         if self.layout not in LAYOUTS:

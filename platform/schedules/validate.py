@@ -4,8 +4,9 @@
 
 1. every action names an existing chunk, micro-batch (in its chunk's direction for DualPipe) and peer;
 2. on every rank, each (chunk, micro-batch) that passes it is forwarded exactly once and backwarded
-   exactly once; a split backward (B, or an FB with a B half) has exactly one W later, a full backward
-   (BW, or an FB with a BW half) has none;
+   exactly once (a `forward_only` schedule: forwarded once, never backwarded); a split backward
+   (B, or an FB with a B half) has exactly one W later, a full backward (BW, or an FB with a BW
+   half) has none;
 3. every cross-rank input has exactly one SEND on the producer and one RECV on the consumer (and no
    transfer is superfluous);
 4. the lists run to completion under BLOCKING point-to-point semantics: a SEND and its RECV complete
@@ -63,11 +64,17 @@ def _check_work_counts(schedule: Schedule, rank: int) -> None:
         if half.kind is Kind.B:
             split.add((half.chunk, half.mb))
     for chunk, mb in sorted(expected):
-        for step in ("F", "B"):
+        for step in ("F",) if schedule.forward_only else ("F", "B"):
             if counts[step, chunk, mb] != 1:
                 raise ScheduleError(
                     f"rank {rank}: {step}{chunk}.{mb} appears {counts[step, chunk, mb]} times, expected once"
                 )
+        if schedule.forward_only:
+            if counts["B", chunk, mb] or counts["W", chunk, mb]:
+                raise ScheduleError(
+                    f"rank {rank}: chunk {chunk} micro-batch {mb}: a forward-only list has a backward"
+                )
+            continue
         if counts["W", chunk, mb] != 1:  # from its BW, or from the W after a split B
             what = "its split B needs exactly one W" if (chunk, mb) in split else "its BW already computed it"
             raise ScheduleError(
