@@ -113,6 +113,12 @@ class Estimate:
         return self.train_flops_per_token / 1e9
 
     @property
+    def run_flops_per_token(self) -> float:
+        """What a training step computes per token: the main model and the MTP modules (for MFU and
+        GPU-hours)."""
+        return self.train_flops_per_token + self.mtp_train_flops_per_token
+
+    @property
     def train_state_bytes(self) -> int:
         return (self.total_params + self.mtp_params) * TRAIN_STATE_BYTES_PER_PARAM
 
@@ -306,7 +312,7 @@ def training_cost(est: Estimate, tokens: float, cluster: ClusterConfig) -> Train
     """GPU-hours, wall-clock days and price of training `est` (main model + MTP) on `tokens`."""
     if isinstance(tokens, bool) or not isinstance(tokens, (int, float)) or not tokens > 0:
         raise ConfigError(f"tokens must be a positive number, got {tokens!r}")
-    flops = float(tokens) * (est.train_flops_per_token + est.mtp_train_flops_per_token)
+    flops = float(tokens) * est.run_flops_per_token
     gpu_seconds = flops / (cluster.peak_tflops * 1e12 * cluster.mfu)
     gpu_hours = gpu_seconds / 3600.0
     return TrainingCost(

@@ -110,8 +110,7 @@ def flops_per_token(cfg: TrainConfig) -> float | None:
         return None
     from moeforge.model.accounting import estimate
 
-    est = estimate(cfg.model)
-    return est.train_flops_per_token + est.mtp_train_flops_per_token
+    return estimate(cfg.model).run_flops_per_token
 
 
 class ReferenceTrainer:

@@ -161,8 +161,7 @@ class PipelineRuntime:
         self.source = source
         if self.source is None and self.holds_data:
             self.source = default_batch_source(cfg)
-        est = estimate(cfg.model)
-        self.flops_per_token = est.train_flops_per_token + est.mtp_train_flops_per_token
+        self.flops_per_token = estimate(cfg.model).run_flops_per_token
         self.step = 0
         # Evaluation needs held-out data on every rank that reads tokens; middle stages follow.
         has_val = 1.0 if not self.holds_data or getattr(self.source, "has_val", False) else 0.0
