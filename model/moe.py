@@ -8,8 +8,11 @@ Gating weights come from the *unbiased* affinities, normalised over the chosen k
 multiplied by routed_scaling_factor. V2 variants: softmax affinities, group score = max affinity
 (group_limited_greedy), or no groups at all (greedy).
 
-Dispatch: the (token, expert) pairs are sorted by expert so `RoutedExperts` applies each expert once to
-one contiguous slice; results are weighted and scattered back with index_add.
+Dispatch: `MoE.dispatch` turns (tokens, gating weights, expert ids) into the gated sum of the routed
+experts' outputs. The single-device `LocalDispatch` sorts the (token, expert) pairs by expert so
+`RoutedExperts` applies each expert once to one contiguous slice, then weights and scatters the results
+back with index_add. Expert parallelism (platform/moe) installs another dispatch, over an all-to-all,
+and an `experts` module holding only this rank's slice of the experts; the model code is unchanged.
 """
 
 from __future__ import annotations
@@ -82,11 +85,15 @@ class Gate(nn.Module):
 
 
 class RoutedExperts(nn.Module):
-    """E SwiGLU experts with stacked weights; applies each expert once to its contiguous slice."""
+    """E SwiGLU experts with stacked weights; applies each expert once to its contiguous slice.
 
-    def __init__(self, n_experts: int, dim: int, inter_dim: int) -> None:
+    `first_expert` is the global index of row 0: a slice of the full layer's experts (expert
+    parallelism) initialises each row as the full layer's row of that index (model/init.py)."""
+
+    def __init__(self, n_experts: int, dim: int, inter_dim: int, first_expert: int = 0) -> None:
         super().__init__()
         self.n_experts = n_experts
+        self.first_expert = first_expert
         self.gate_proj = nn.Parameter(torch.empty(n_experts, inter_dim, dim))
         self.up_proj = nn.Parameter(torch.empty(n_experts, inter_dim, dim))
         self.down_proj = nn.Parameter(torch.empty(n_experts, dim, inter_dim))
@@ -102,6 +109,24 @@ class RoutedExperts(nn.Module):
         if not outputs:
             return x_sorted.new_zeros(x_sorted.shape)
         return torch.cat(outputs)
+
+
+class LocalDispatch:
+    """Every expert on this device: sort the (token, expert) pairs by expert, run `experts` once over
+    the sorted rows, weight each row by its gate and sum the rows of each token."""
+
+    def __call__(
+        self, flat: torch.Tensor, weights: torch.Tensor, expert_ids: torch.Tensor, experts: nn.Module
+    ) -> torch.Tensor:
+        """flat [N, hidden], weights [N, k] fp32, expert_ids [N, k] -> [N, hidden]."""
+        top_k = expert_ids.shape[1]
+        pair_expert = expert_ids.flatten()  # [N*k]
+        order = pair_expert.argsort(stable=True)
+        pair_token = order // top_k
+        tokens_per_expert = torch.bincount(pair_expert, minlength=experts.n_experts)
+        y_sorted = experts(flat[pair_token], tokens_per_expert)  # [N*k, hidden]
+        y_sorted = y_sorted * weights.flatten()[order].unsqueeze(-1).to(y_sorted.dtype)
+        return torch.zeros_like(flat).index_add_(0, pair_token, y_sorted.to(flat.dtype))
 
 
 class AddAuxiliaryLoss(torch.autograd.Function):
@@ -160,27 +185,21 @@ class MoE(nn.Module):
         )
         self.register_buffer("load_counts", torch.zeros(self.n_experts), persistent=False)
         self.last_aux_loss: torch.Tensor | None = None
+        self.dispatch = LocalDispatch()  # platform/moe swaps in the all-to-all dispatch
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [b, s, hidden] -> [b, s, hidden]."""
         b, s, dim = x.shape
         flat = x.reshape(b * s, dim)  # [N, hidden]
         weights, expert_ids, affinities = self.gate(flat)
-
-        # Sort the N*k (token, expert) pairs by expert: each expert sees one contiguous slice.
-        pair_expert = expert_ids.flatten()  # [N*k]
-        order = pair_expert.argsort(stable=True)
-        pair_token = order // self.top_k
-        tokens_per_expert = torch.bincount(pair_expert, minlength=self.n_experts)
-        y_sorted = self.experts(flat[pair_token], tokens_per_expert)  # [N*k, hidden]
-        y_sorted = y_sorted * weights.flatten()[order].unsqueeze(-1).to(y_sorted.dtype)
-        out = torch.zeros_like(flat).index_add_(0, pair_token, y_sorted.to(flat.dtype))
+        out = self.dispatch(flat, weights, expert_ids, self.experts)  # [N, hidden]
         if self.shared_experts is not None:
             out = out + self.shared_experts(flat)
         out = out.view(b, s, dim)  # [b, s, hidden]
 
         if self.training:
-            with torch.no_grad():
+            with torch.no_grad():  # every expert's load, wherever it lives: the router is replicated
+                tokens_per_expert = torch.bincount(expert_ids.flatten(), minlength=self.n_experts)
                 self.load_counts += tokens_per_expert.to(self.load_counts.dtype)
             if self.aux_alpha > 0:
                 aux = self.aux_alpha * sequence_balance_loss(

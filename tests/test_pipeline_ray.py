@@ -1,8 +1,9 @@
 """moeforge-train's pipeline path end to end: Ray Train workers own the stages (launch_training).
 
-Four TorchTrainer launches (each costs seconds of Ray Train start-up): DualPipe pp=2 x dp=2 with
-ZeRO-1 (shard groups of 4 ranks) and DualPipe pp=4 (no ZeRO) against the single-process reference
-loop (losses, pre-clip gradient norms, parameters: pipeline_cases.assert_matches_reference), and the
+Five TorchTrainer launches (each costs seconds of Ray Train start-up): DualPipe pp=2 x dp=2 x ep=2
+(four workers; experts sharded over the two replicas of each stage, tokens dispatched by all-to-all)
+with ZeRO-1 (dense shard groups of 4 ranks, expert shard groups of 2) and without ZeRO, and DualPipe
+pp=4 (no ZeRO, no EP) against the single-process reference loop (losses, pre-clip gradient norms, parameters: pipeline_cases.assert_matches_reference), and the
 two failure modes (a rank raising mid-step, a rank that never sends). Config errors are refused
 before any launch."""
 
@@ -25,18 +26,21 @@ from pipeline_cases import (
 
 
 @pytest.mark.parametrize(
-    "schedule, pp, dp, microbatches, zero_stage",
+    "schedule, pp, dp, ep, microbatches, zero_stage",
     [
-        ("dualpipe", 2, 2, 4, 1),  # DualPipe pairs x dp replicas: ZeRO-1 over 4 ranks holding the same stages
-        ("dualpipe", 4, 1, 8, 0),  # each stage on two ranks, both model ends on rank 0; plain pair all-reduce
+        # DualPipe pairs x dp replicas x EP: ZeRO-1 over the 4 ranks holding the same dense
+        # parameters, and over the 2 holding the same experts (DeepSpeed's MoE parameter groups)
+        ("dualpipe", 2, 2, 2, 4, 1),
+        ("dualpipe", 2, 2, 2, 4, 0),  # the same with the plain step: expert all-reduce over 2 ranks
+        ("dualpipe", 4, 1, 1, 8, 0),  # each stage on two ranks, both model ends on rank 0; plain pair all-reduce
     ],
 )
-def test_ray_pipeline_matches_reference(ray_cluster, tmp_path, schedule, pp, dp, microbatches, zero_stage):
-    raw = pipeline_config(tmp_path / "run", schedule, pp, dp, microbatches, zero_stage=zero_stage)
+def test_ray_pipeline_matches_reference(ray_cluster, tmp_path, schedule, pp, dp, ep, microbatches, zero_stage):
+    raw = pipeline_config(tmp_path / "run", schedule, pp, dp, microbatches, zero_stage=zero_stage, ep=ep)
     summary = launch_training(TrainConfig.from_dict(raw), raw)
     record = pipeline_record(tmp_path / "run")
     assert summary["losses"] == record.losses
-    label = f"Ray {schedule} pp={pp} dp={dp} ZeRO-{zero_stage}"
+    label = f"Ray {schedule} pp={pp} dp={dp} ep={ep} ZeRO-{zero_stage}"
     assert_matches_reference(record, reference_run(raw, tmp_path / "reference"), label=label)
     # rank 0 recorded the run: per-step metrics with the pipeline fields, the measured timeline
     lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
@@ -57,6 +61,9 @@ def test_ray_pipeline_matches_reference(ray_cluster, tmp_path, schedule, pp, dp,
     ):
         assert key in step, key
     assert step["max_expert_load"] >= step["mean_expert_load"] > 0
+    if ep > 1:  # the token routing of the step; Ray placed every worker on this one node
+        assert step["ep_nodes_per_token_max"] == 1
+        assert 1 <= step["ep_ranks_per_token_mean"] <= step["ep_ranks_per_token_max"] <= 2
     assert (tmp_path / "run" / "timeline.png").stat().st_size > 0
     # the gathered timeline holds every world rank's compute actions, forwards and backwards
     trace = json.loads((tmp_path / "run" / "timeline.json").read_text())["traceEvents"]

@@ -34,10 +34,11 @@ def resume_point(cfg: TrainConfig, storage: Storage | None = None) -> int | None
 
 
 def check_resumable(cfg: TrainConfig, meta: CheckpointMeta) -> None:
-    """A checkpoint fits this run: same (pp, dp) layout (one shard per rank, no resharding) and its
-    samples_consumed is its step's position at this global batch. Raises CheckpointError."""
-    world = {"pp": cfg.parallel.pp, "dp": cfg.parallel.dp}
-    if {k: meta.world.get(k) for k in world} != world:
+    """A checkpoint fits this run: same (pp, dp, ep) layout (one shard per rank, no resharding) and
+    its samples_consumed is its step's position at this global batch. Raises CheckpointError."""
+    world = {"pp": cfg.parallel.pp, "dp": cfg.parallel.dp, "ep": cfg.parallel.ep}
+    written = {"ep": 1, **meta.world}  # checkpoints from before expert parallelism: ep = 1
+    if {k: written.get(k) for k in world} != world:
         raise CheckpointError(
             f"{meta.path}: written by world {meta.world}, this run is {world} (resharding is not supported)"
         )

@@ -25,7 +25,13 @@ class ParallelConfig:
     p2p_timeout_s: float = 120.0  # a peer that never sends fails the run after this long
     wait_for_autoscaler: bool = False  # False: fail early when the cluster is too small
     layers_per_stage: list[int] | None = None  # explicit uneven split, one count per model stage
-    ep: int = 1  # expert-parallel group size inside each dp group (groups prepared, not used yet)
+    # Expert parallelism: the routed experts of every MoE layer are sharded over `ep` data-parallel
+    # replicas of the same stage(s) (platform/moe). Must divide dp and model.n_routed_experts.
+    ep: int = 1
+    # Ranks of an EP group per node, for node-limited routing and its statistics. 0: from where Ray
+    # placed the workers (node ids); a test sets it to pretend several nodes on one machine.
+    ep_ranks_per_node: int = 0
+    gpu_memory_gb: float = 0.0  # per worker, for the memory plan (moeforge-estimate); 0: unknown
     recv_lookahead: int = 2  # receives are posted this many compute actions ahead of need
     peak_tflops_per_worker: float = 0.0  # for MFU; 0: reported as 0 (unknown hardware)
     # TEST-ONLY: make one rank fail mid-step, e.g. {"rank": 1, "step": 1, "kind": "raise" | "hang"}.
@@ -53,6 +59,14 @@ class ParallelConfig:
                 f"must be a list of integers >= 0, got {self.layers_per_stage}",
             )
         require(self.ep >= 1 and self.dp % self.ep == 0, "ep", f"must divide dp={self.dp}, got {self.ep}")
+        require(self.ep_ranks_per_node >= 0, "ep_ranks_per_node", f"must be >= 0, got {self.ep_ranks_per_node}")
+        if self.ep_ranks_per_node:
+            require(
+                self.ep % self.ep_ranks_per_node == 0,
+                "ep_ranks_per_node",
+                f"must divide ep={self.ep}, got {self.ep_ranks_per_node}",
+            )
+        require(self.gpu_memory_gb >= 0, "gpu_memory_gb", f"must be >= 0, got {self.gpu_memory_gb}")
         require(self.recv_lookahead >= 1, "recv_lookahead", f"must be >= 1, got {self.recv_lookahead}")
         require(self.peak_tflops_per_worker >= 0, "peak_tflops_per_worker", "must be >= 0")
         if self.fault_injection is not None:

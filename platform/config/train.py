@@ -92,3 +92,8 @@ class TrainConfig:
                 f"data.global_batch ({data.global_batch}) must be divisible by "
                 f"parallel.microbatches * parallel.dp ({per_step})"
             )
+        experts = self.model.n_routed_experts
+        if par.ep > 1 and experts % par.ep:
+            raise ConfigError(
+                f"parallel.ep: model.n_routed_experts ({experts}) must be divisible by ep ({par.ep})"
+            )

@@ -12,7 +12,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 from moeforge.kernels.adamw_lowp import AdamWLowPrecisionMoments
@@ -34,9 +34,10 @@ def param_groups(
         if not param.requires_grad:
             continue
         (decay if param.ndim >= 2 else no_decay).append(param)
-    groups = [{"params": decay, "weight_decay": weight_decay}]
+    # Named: DeepSpeed's MoE group split keys the expert groups it cuts out by the group's name.
+    groups = [{"name": "decay", "params": decay, "weight_decay": weight_decay}]
     if no_decay:
-        groups.append({"params": no_decay, "weight_decay": 0.0})
+        groups.append({"name": "no_decay", "params": no_decay, "weight_decay": 0.0})
     return groups
 
 
@@ -44,6 +45,7 @@ def build_adamw(
     named_parameters: Iterable[tuple[str, torch.nn.Parameter]],
     optim_cfg: OptimConfig,
     precision_cfg: PrecisionConfig,
+    split_groups: Callable[[list[dict]], list[dict]] | None = None,
 ) -> torch.optim.Optimizer:
     """The one AdamW of every moeforge loop: `param_groups` of `named_parameters` (decay on ndim >= 2
     only), betas / eps / weight decay from `optim_cfg`, moments in precision_cfg.adam_moments_dtype
@@ -51,8 +53,11 @@ def build_adamw(
 
     The reference loop, the plain pipeline step and the ZeRO step (which hands it to DeepSpeed) all
     build their optimizer here. The LR is set before every step with
-    `lr_schedule.set_lr(opt, lr_at(step, ...))`; the initial value is the peak LR and never used."""
+    `lr_schedule.set_lr(opt, lr_at(step, ...))`; the initial value is the peak LR and never used.
+    `split_groups` may re-split the groups (the ZeRO step separates expert parameters with it)."""
     groups = param_groups(named_parameters, optim_cfg.weight_decay)
+    if split_groups is not None:
+        groups = split_groups(groups)
     if not any(g["params"] for g in groups):
         raise ValueError("build_adamw: no trainable parameters")
     kwargs = {

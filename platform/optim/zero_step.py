@@ -55,6 +55,26 @@ finished parameter group, in schedule order on every rank of the group), which i
 note that DeepSpeed allocates each IPG bucket at reduce_bucket_size (2 GB of fp32) under both
 stages: the CPU commits only the pages written, a GPU would commit all of it.
 
+Expert parallelism: DeepSpeed's own MoE mechanism, fed our groups. DeepSpeed expresses MoE state
+as (a) expert parameters marked `allreduce = False` with a `group_name`, (b) optimizer parameter
+groups split by `deepspeed.moe.utils.split_params_into_different_moe_groups_for_optimizer` into
+groups flagged `moe: True` with that name, and (c) process groups registered under the name in
+`deepspeed.utils.groups` (expert-parallel and expert-data-parallel). Its ZeRO-1/2 optimizer then
+partitions each expert group over the expert-data-parallel group, reduces expert gradients over it
+after dividing the whole bucket by the data-parallel (shard) group size, which is the arithmetic we
+need (an expert gradient already sums the tokens of its EP group, see plain_step.py), and adds the
+expert partitions' norms into the global norm. Where it does not fit, and why:
+- (c) DeepSpeed builds its groups itself (`groups._create_expert_and_data_parallel`) from a rank
+  layout of its own (experts over consecutive ranks of one data-parallel world); ours come from
+  the topology (a DualPipe pair x dp replicas, EP blocks inside them), so we register our handles
+  in its group dictionaries, which are module globals without a public setter.
+- DeepSpeed only switches its ZeRO optimizer to the MoE path when the model contains an instance of
+  its own `deepspeed.moe.layer.MoE` (that class holds its gate and experts; ours are the model's).
+  The engine therefore wraps the rank's module together with a parameter-less marker instance of
+  that class (`_MoEMarker`), used for nothing but that check.
+Both touch DeepSpeed internals (checked against 0.19); tests/test_ep_parity.py's ZeRO-1 case holds
+the result to the reference, so a DeepSpeed change that breaks them fails there.
+
 Checkpoints: `state()` returns the optimizer as a Stateful of flat tensors (platform/checkpoint/store.py).
 PlainStep: AdamW moments by parameter name (`OptimizerState`). ZeroStep: `ZeroOptimizerState`, this
 rank's partition of DeepSpeed's ZeRO state: the fp32 master partition and the wrapped AdamW's moments
@@ -114,6 +134,37 @@ def deepspeed_config(zero_stage: int, grad_clip: float) -> dict:
     }
 
 
+EXPERT_GROUP_NAME = "moeforge_ep"  # DeepSpeed's name of our experts' parameter and process groups
+
+
+def _register_expert_groups(groups: ProcessGroups) -> None:
+    """Put our EP and expert-shard groups where DeepSpeed's ZeRO optimizer looks for them."""
+    from deepspeed.utils import groups as ds_groups
+
+    ds_groups._EXPERT_PARALLEL_GROUP[EXPERT_GROUP_NAME] = groups.ep
+    ds_groups._EXPERT_PARALLEL_GROUP_RANKS[EXPERT_GROUP_NAME] = groups.ranks["ep"]
+    ds_groups._EXPERT_DATA_PARALLEL_GROUP[EXPERT_GROUP_NAME] = groups.expert_shard
+    ds_groups._EXPERT_DATA_PARALLEL_GROUP_RANKS[EXPERT_GROUP_NAME] = groups.ranks["expert_shard"]
+
+
+def _with_moe_marker(module: nn.Module, groups: ProcessGroups) -> nn.Module:
+    """`module` beside a parameter-less `deepspeed.moe.layer.MoE`, so DeepSpeed takes its MoE path."""
+    from deepspeed.moe.layer import MoE as DeepSpeedMoE
+
+    marker = DeepSpeedMoE.__new__(DeepSpeedMoE)  # no gate, no experts: never called
+    nn.Module.__init__(marker)
+    # the attributes DeepSpeed's engine reads from its MoE layers
+    marker.ep_size = len(groups.ranks["ep"])
+    marker.expert_group_name = EXPERT_GROUP_NAME
+    marker.num_experts = marker.num_local_experts = 0
+    # The engine asks each MoE layer to create (or look up) its groups; ours are registered already.
+    marker.set_deepspeed_parallelism = lambda *args, **kwargs: None
+    wrapper = nn.Module()
+    wrapper.rank_module = module
+    wrapper.moe_marker = marker
+    return wrapper
+
+
 class ZeroStep:
     """DeepSpeed ZeRO-1/2 over the rank's parameters (see module docstring)."""
 
@@ -127,8 +178,10 @@ class ZeroStep:
         zero_stage: int,
         param_copies: int,
         replicated: list[nn.Parameter],
+        expert_params: list[nn.Parameter] = (),
     ) -> None:
         import deepspeed
+        from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
 
         if zero_stage not in (1, 2):
             raise ValueError(f"parallel.zero_stage: ZeroStep runs stage 1 or 2, got {zero_stage}")
@@ -138,9 +191,18 @@ class ZeroStep:
         for p in replicated:
             p.ds_pipe_replicated = True  # a copy of a parameter another rank also counts
         self.copies = param_copies
-        optimizer = build_adamw(module.named_parameters(), optim_cfg, precision_cfg)
+        split = None
+        engine_module = module
+        if expert_params:
+            for p in expert_params:
+                p.allreduce = False  # DeepSpeed's mark of an expert parameter
+                p.group_name = EXPERT_GROUP_NAME
+            _register_expert_groups(groups)
+            split = split_params_into_different_moe_groups_for_optimizer
+            engine_module = _with_moe_marker(module, groups)
+        optimizer = build_adamw(module.named_parameters(), optim_cfg, precision_cfg, split_groups=split)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
-            model=module,
+            model=engine_module,
             optimizer=optimizer,
             config=deepspeed_config(zero_stage, optim_cfg.grad_clip),
             mpu=_GroupsMPU(groups, rank),

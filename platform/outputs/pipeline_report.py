@@ -37,7 +37,9 @@ class PipelineReport(RunReport):
     ) -> None:
         par = cfg.parallel
         header = (
-            f"moeforge pipeline: {par.schedule} pp={par.pp} dp={par.dp} ZeRO-{par.zero_stage}, "
+            f"moeforge pipeline: {par.schedule} pp={par.pp} dp={par.dp}"
+            + (f" ep={par.ep}" if par.ep > 1 else "")
+            + f" ZeRO-{par.zero_stage}, "
             f"{par.microbatches} micro-batches/replica, {cfg.run.steps} steps, rank 0 holds "
             f"{rank_params / 1e6:.2f}M params, precision {cfg.precision.name}, run.dir={cfg.run.dir}"
         )
@@ -56,6 +58,12 @@ class PipelineReport(RunReport):
         if m.records:
             self._write_timeline(m.records, m.base.step)
         suffix = f" | bubble {m.bubble_fraction:.0%} | exposed comm {max(m.exposed_comm_s) * 1e3:.1f} ms"
+        if m.routing:  # expert parallelism: how far tokens travelled
+            suffix += (
+                f" | EP ranks/token {m.routing['ep_ranks_per_token_mean']:.2f}"
+                f" (max {m.routing['ep_ranks_per_token_max']:.0f}),"
+                f" nodes {m.routing['ep_nodes_per_token_mean']:.2f} (max {m.routing['ep_nodes_per_token_max']:.0f})"
+            )
         return self.record(m.base, evaluation, extra=pipeline, progress_suffix=suffix)
 
     def _write_timeline(self, records, step: int) -> None:

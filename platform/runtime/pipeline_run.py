@@ -32,15 +32,27 @@ from moeforge.platform.runtime.rank_state import PipelineRuntime
 
 
 def load_pipeline_params(run_dir: str) -> dict[str, torch.Tensor]:
-    """Merge the per-stage safetensors files written by `save_params` into one full-model dict."""
+    """Merge the per-stage safetensors files written by `save_params` into one full-model dict;
+    expert slices (pp<r>.ep<e>.safetensors) are concatenated along the expert dimension in EP order."""
     from safetensors.torch import load
 
     storage = open_storage(run_dir)
     merged: dict[str, torch.Tensor] = {}
+    slices: dict[str, dict[int, torch.Tensor]] = {}  # name -> EP rank -> slice
     for name in sorted(storage.list("params")):
-        if name.endswith(".safetensors"):
-            rel = name if name.startswith("params/") else f"params/{name}"
-            merged.update(load(storage.read_bytes(rel)))
+        if not name.endswith(".safetensors"):
+            continue
+        rel = name if name.startswith("params/") else f"params/{name}"
+        stem = rel.rsplit("/", 1)[-1].removesuffix(".safetensors")
+        tensors = load(storage.read_bytes(rel))
+        if ".ep" in stem:
+            ep_rank = int(stem.rsplit(".ep", 1)[1])
+            for key, value in tensors.items():  # a DualPipe pair writes the same slices twice
+                slices.setdefault(key, {})[ep_rank] = value
+        else:
+            merged.update(tensors)
+    for key, parts in slices.items():
+        merged[key] = torch.cat([parts[e] for e in sorted(parts)])
     return merged
 
 

@@ -35,6 +35,9 @@ from moeforge.platform.checkpoint.store import (
 )
 from moeforge.platform.config.train import TrainConfig
 from moeforge.platform.data.microbatches import default_batch_source, inputs_and_labels, split_microbatches
+from moeforge.platform.moe.install import install_dispatch
+from moeforge.platform.moe.placement import expert_placement
+from moeforge.platform.moe.routing_stats import RoutingStats, routing_summary
 from moeforge.platform.optim.bias_update import collect_load_counts, set_balance_loss_scale, update_balance
 from moeforge.platform.optim.lr_schedule import lr_at
 from moeforge.platform.optim.plain_step import PlainStep
@@ -64,6 +67,7 @@ class PipelineStepMetrics:
     bubble_fraction: float  # measured: 1 - mean compute time / step time over ranks
     exposed_comm_s: list[float]  # per world rank: time blocked on transfers
     records: list[TimelineRecord] = field(default_factory=list)  # rank 0, when gathered
+    routing: dict[str, float] = field(default_factory=dict)  # EP: ranks and nodes per token
 
     def pipeline_fields(self) -> dict:
         """The pipeline's own figures, as metrics.jsonl records them beside the base metrics."""
@@ -72,6 +76,7 @@ class PipelineStepMetrics:
             "bubble_fraction": self.bubble_fraction,
             "exposed_comm_s": max(self.exposed_comm_s),
             "exposed_comm_s_per_rank": self.exposed_comm_s,
+            **self.routing,
         }
 
     def to_dict(self) -> dict:
@@ -102,10 +107,21 @@ class PipelineRuntime:
 
         specs = split_layers(cfg.model.num_hidden_layers, self.topo.num_stages, par.layers_per_stage)
         stages = [self.schedule.stage_of(self.pp_rank, c) for c in range(self.schedule.chunks_per_rank)]
-        self.model, self.module = build_rank(cfg.model, [specs[s] for s in stages], cfg.run.seed, self.device)
+        # Expert parallelism: this rank's slice of every MoE layer's experts (platform/moe).
+        self.placement = expert_placement(par, cfg.model.n_routed_experts, self.groups, rank)
+        self.model, self.module = build_rank(
+            cfg.model, [specs[s] for s in stages], cfg.run.seed, self.device, experts=self.placement
+        )
         # The precision policy swaps this rank's GEMM modules in place (shared with self.model), as the
         # reference loop does for the whole model; its deferrable layers give the cheap B/W split.
         apply_precision(self.module, cfg.precision)
+        self.routing = RoutingStats()
+        expert_params: list[torch.nn.Parameter] = []
+        if self.placement is not None:
+            install_dispatch(
+                self.module.moe_layers(), self.placement, self.groups.ep, cfg.precision.fp8_linear, self.routing
+            )
+            expert_params = [p for m in self.module.moe_layers() for p in m.experts.parameters()]
         self.chunks = {c: StageChunk(self.model, specs[s], self.module) for c, s in enumerate(stages)}
         self.holds_data = any(specs[s].first or specs[s].last for s in stages)
         self.moe = self.module.moe_layers()
@@ -144,7 +160,13 @@ class PipelineRuntime:
         replicated = self.tied if tie and self.pp_rank == par.pp - 1 else []
         if par.zero_stage == 0:
             self.opt = PlainStep(
-                self.module, cfg.optim, cfg.precision, self.groups, self.schedule.param_copies, replicated
+                self.module,
+                cfg.optim,
+                cfg.precision,
+                self.groups,
+                self.schedule.param_copies,
+                replicated,
+                expert_params,
             )
         else:
             self.opt = ZeroStep(
@@ -156,6 +178,7 @@ class PipelineRuntime:
                 par.zero_stage,
                 self.schedule.param_copies,
                 replicated,
+                expert_params,
             )
 
         self.source = source
@@ -219,6 +242,16 @@ class PipelineRuntime:
             return ExpertLoad(layer=None, max_load=0.0, mean_load=0.0)
         return ExpertLoad(layer=worst, max_load=float(table[worst, 1]), mean_load=float(table[worst, 2]))
 
+    def _routing_summary(self) -> dict[str, float]:
+        """This step's token routing over the EP groups (every rank's layers), then reset."""
+        if self.placement is None:
+            return {}
+        local = self.routing.as_tensor()
+        self.routing.reset()
+        # clones: on the CPU the all-reduce works in place on the tensor it is given
+        summed = self._all_reduce_small(local.clone())
+        return routing_summary(summed, self._all_reduce_small(local.clone(), dist.ReduceOp.MAX))
+
     def _all_reduce_small(self, t: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
         """All-reduce a small bookkeeping tensor over the world, on this rank's device (NCCL needs
         device tensors; gloo takes CPU ones), returned on the CPU."""
@@ -270,6 +303,7 @@ class PipelineRuntime:
         )
         return PipelineStepMetrics(
             base=base,
+            routing=self._routing_summary(),
             mfu=(tokens / step_time) * self.flops_per_token / peak if peak > 0 else 0.0,
             bubble_fraction=float(1.0 - busy.mean() / span.max()) if float(span.max()) > 0 else 0.0,
             exposed_comm_s=exposed.tolist(),
@@ -308,6 +342,7 @@ class PipelineRuntime:
         finally:
             for m in self.moe:
                 m.reset_load()
+            self.routing.reset()  # evaluation's dispatches are not the step's routing
             self.module.train()
         lm_sum, objective_sum, count = self._all_reduce_small(total).tolist()
         return EvalResult(lm_loss=lm_sum / count, objective=objective_sum / count)
@@ -328,7 +363,7 @@ class PipelineRuntime:
             path = commit_checkpoint(
                 cfg.run.dir,
                 self.step,
-                world={"pp": self.topo.pp, "dp": self.topo.dp},
+                world={"pp": self.topo.pp, "dp": self.topo.dp, "ep": self.topo.ep},
                 samples_consumed=self.step * cfg.data.global_batch,
                 lr_step=self.step,
                 config=dataclasses.asdict(cfg),
@@ -357,14 +392,27 @@ class PipelineRuntime:
 
     # ---- outputs ----------------------------------------------------------------------------------
     def save_params(self, run_dir: str) -> str | None:
-        """Write this rank's parameters and buffers (full-model names) as safetensors to
-        run_dir/params/pp<rank>.safetensors (dp replica 0 only); `load_pipeline_params` merges them."""
-        if self.dp_rank != 0:
+        """Write this rank's parameters and buffers (full-model names) as safetensors under
+        run_dir/params/ (dp replica 0: pp<rank>.safetensors; with expert parallelism, replicas 0..ep-1
+        also write their slice of the routed experts to pp<rank>.ep<e>.safetensors under the full
+        names); `load_pipeline_params` merges them."""
+        ep_rank = self.placement.ep_rank if self.placement is not None else 0
+        if self.dp_rank != ep_rank:  # the first EP group of the stage writes
             return None
         from safetensors.torch import save
 
+        expert_names = set()
+        if self.placement is not None:
+            expert_ids = {id(p) for m in self.moe for p in m.experts.parameters()}
+            expert_names = {n for n, p in self.module.named_parameters() if id(p) in expert_ids}
         state = {k: v.detach().contiguous().clone() for k, v in self.module.state_dict().items()}
         storage = open_storage(run_dir)
-        rel = f"params/pp{self.pp_rank}.safetensors"
-        storage.write_bytes(rel, save(state))
-        return storage.url(rel)
+        url = None
+        if self.dp_rank == 0:
+            rel = f"params/pp{self.pp_rank}.safetensors"
+            storage.write_bytes(rel, save({k: v for k, v in state.items() if k not in expert_names}))
+            url = storage.url(rel)
+        if expert_names:
+            rel = f"params/pp{self.pp_rank}.ep{ep_rank}.safetensors"
+            storage.write_bytes(rel, save({k: state[k] for k in sorted(expert_names)}))
+        return url

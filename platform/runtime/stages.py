@@ -21,6 +21,8 @@ from moeforge.model.config import ConfigError, ModelConfig
 from moeforge.model.init import init_weights
 from moeforge.model.moe import MoE
 from moeforge.model.transformer import Transformer, build_model
+from moeforge.platform.moe.install import shard_experts
+from moeforge.platform.moe.placement import ExpertPlacement
 from torch import nn
 
 
@@ -131,12 +133,24 @@ class StageChunk:
 
 
 def build_rank(
-    cfg: ModelConfig, specs: Sequence[StageSpec], seed: int, device: str | torch.device = "cpu"
+    cfg: ModelConfig,
+    specs: Sequence[StageSpec],
+    seed: int,
+    device: str | torch.device = "cpu",
+    experts: ExpertPlacement | None = None,
 ) -> tuple[Transformer, RankModule]:
     """Build the Transformer on meta, materialise only the modules of `specs` on `device` and
-    initialise them exactly as `build_model(cfg, seed=seed)` would."""
+    initialise them exactly as `build_model(cfg, seed=seed)` would.
+
+    With `experts` (expert parallelism) each MoE layer holds only that placement's local experts,
+    with the full model's weights of the same global indices. `device="meta"` stops before
+    materialising: the memory plan counts a rank's parameters that way."""
     model = build_model(cfg, device="meta")
     rank_module = RankModule(model, specs)
+    if experts is not None:
+        shard_experts(rank_module.moe_layers(), experts)
+    if torch.device(device).type == "meta":
+        return model, rank_module
     rank_module.to_empty(device=device)
     init_weights(rank_module, cfg.initializer_range, seed)
     for moe in rank_module.moe_layers():

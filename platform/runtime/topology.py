@@ -20,7 +20,12 @@ Groups, all derived from (schedule layout, pp, dp) alone so every rank computes 
   with MTP the last stage needs the embedding; when the first and last stages live on different
   ranks (1F1B, ZB1P) their copies' gradients are summed over {first-stage rank, last-stage rank} of
   each dp replica. DualPipe and DualPipeV put both ends on the same ranks, so no tie group exists.
-- ep group: ranks of one dp group split into blocks of `ep` (expert parallelism; prepared, unused).
+- ep group: ranks of one dp group split into blocks of `ep` consecutive dp replicas: the ranks
+  whose MoE layers exchange tokens (platform/moe). A rank's EP rank is its position in the block,
+  dp_rank % ep, and decides which experts it holds.
+- expert shard group: every rank holding this rank's routed experts (the expert-data-parallel
+  group): the shard group's members with the same EP rank, size shard/ep. Expert gradients are
+  reduced, and ZeRO partitions their optimizer state, over it. With ep = 1 it is the shard group.
 """
 
 from __future__ import annotations
@@ -136,11 +141,20 @@ class Topology:
         dp_ranks = self.dp_group(rank)
         return dp_ranks[first : first + self.ep]
 
+    def ep_rank(self, rank: int) -> int:
+        """Position in the EP group: which block of experts this rank holds."""
+        return self.coords(rank)[1] % self.ep
+
+    def expert_shard_group(self, rank: int) -> list[int]:
+        """Every rank holding exactly this rank's routed experts (see module docstring)."""
+        mine = self.ep_rank(rank)
+        return [q for q in self.shard_group(rank) if self.ep_rank(q) == mine]
+
     def all_groups(self) -> dict[str, list[list[int]]]:
         """Every distinct group of every kind, in a fixed order (all ranks must create process groups
         in the same order)."""
         out: dict[str, list[list[int]]] = {}
-        for kind in ("pipeline", "dp", "shard", "norm", "tie", "ep"):
+        for kind in ("pipeline", "dp", "shard", "norm", "tie", "ep", "expert_shard"):
             seen: list[list[int]] = []
             for rank in range(self.world_size):
                 g = getattr(self, f"{kind}_group")(rank)
@@ -160,6 +174,7 @@ class ProcessGroups:
     norm: object
     tie: object
     ep: object
+    expert_shard: object
     ranks: dict[str, list[int] | None]
 
 

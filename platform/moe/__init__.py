@@ -1,0 +1,15 @@
+"""Expert parallelism: routed experts sharded over the ranks of an EP group, tokens dispatched to
+them and combined back with all-to-alls.
+
+    placement.py     which rank and node holds which expert (one place, from the topology)
+    all_to_all.py    the collectives, inside autograd: count exchange, token all-to-all (FP8 or
+                     the compute dtype), their reverses in backward
+    dispatch.py      AllToAllDispatch: the MoE layer's routed part over an EP group, each (token,
+                     rank) pair sent once, dropless
+    routing_stats.py distinct ranks and nodes each token is sent to, per step
+    install.py       build-time: replace each MoE layer's experts by this rank's slice, install the
+                     dispatch
+
+The model code stays single-device (model/moe.py calls `self.dispatch` and `self.experts`); this
+room swaps both, as platform/precision.py swaps GEMM modules.
+"""
