@@ -218,6 +218,27 @@ def _mla_block(cfg: ModelConfig, layer_idx: int, seq_len: int) -> _Block:
     return _Block(attn + ffn_total, attn + ffn_active, other, attention_flops)
 
 
+def routed_expert_params(cfg: ModelConfig, layer_idx: int) -> int:
+    """Parameters of the routed experts of block `layer_idx` (0 for a dense block): the part expert
+    parallelism splits over ranks. Layer ids >= num_hidden_layers are MTP blocks."""
+    if not cfg.is_moe_layer(layer_idx):
+        return 0
+    return cfg.n_routed_experts * 3 * cfg.hidden_size * cfg.moe_intermediate_size
+
+
+def block_params(cfg: ModelConfig, layer_idx: int) -> int:
+    """All parameters of block `layer_idx` (attention, norms, dense MLP or router + shared + routed
+    experts), as `estimate` counts them. Layer ids >= num_hidden_layers are MTP blocks."""
+    return _mla_block(cfg, layer_idx, cfg.seq_len).total
+
+
+def mtp_module_params(cfg: ModelConfig, depth: int) -> int:
+    """Unique parameters of MTP module `depth` (1-based): enorm, hnorm, eh_proj [h, 2h], its block and
+    its final norm; the embedding and the output head it uses are the main model's."""
+    h = cfg.hidden_size
+    return 2 * h + 2 * h * h + block_params(cfg, cfg.num_hidden_layers + depth - 1) + h
+
+
 def _gqa_block(cfg: DenseGQAConfig) -> _Block:
     h, d = cfg.hidden_size, cfg.head_dim
     q, kv = cfg.num_attention_heads * d, cfg.num_key_value_heads * d

@@ -35,7 +35,9 @@ ESTIMATE_CASES = [
     ("cluster.mfu=abc", "cluster.mfu: expected float, got 'abc'"),
     ("cluster.gpus=2.5", "cluster.gpus: expected int, got 2.5"),
     ("+cluster.nope=1", "cluster.nope: unknown key (known: "),
-    ("parallel=nosuch", "Could not override 'parallel'"),  # moeforge-estimate has no parallel group
+    # A training section asks moeforge-estimate for a memory plan: it composes conf/train.yaml then.
+    ("parallel=nosuch", "Could not find 'parallel/nosuch'"),
+    ("+parallel.ep=3", "parallel.ep: must divide dp=1, got 3"),
 ]
 
 
