@@ -1,6 +1,7 @@
 """moeforge-bench: run one benchmark suite, print its table, write its JSON report.
 
     moeforge-bench kernels [hydra overrides]       # FP8 kernels (conf/bench_kernels.yaml)
+    moeforge-bench ep [hydra overrides]            # EP dispatch/combine all-to-all (conf/bench_ep.yaml)
 
 Each suite is a Hydra config `conf/bench_<suite>.yaml` (composed with Hydra's compose API from the
 `moeforge.conf` package) and a function `module:function` that takes the composed config as a plain
@@ -22,6 +23,7 @@ SUITES: dict[str, str] = {
     "data": "moeforge.platform.bench.data:run_job",
     "convergence": "moeforge.platform.bench.convergence:run_job",
     "pipeline": "moeforge.platform.bench.pipeline:run_job",
+    "ep": "moeforge.platform.bench.ep:run_job",
 }
 
 
