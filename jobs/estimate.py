@@ -5,7 +5,7 @@ per-rank memory plan of a parallel layout.
     moeforge-estimate model=qwen2_5_72b format=json          # one JSON object
     moeforge-estimate model=deepseek_v3 tokens=14.8e12 cluster.gpus=2048 cluster.mfu=0.4
     moeforge-estimate experiment=v3_671b_2048gpu             # + memory plan of the training preset
-    moeforge-estimate model=tiny parallel=dualpipe_pp2_dp2 +parallel.ep=2 format=json
+    moeforge-estimate model=tiny parallel=dualpipe_pp2_dp2 parallel.ep=2 format=json
 
 Configs come from the `moeforge.conf` package (conf/estimate.yaml and conf/model/*.yaml), composed
 with Hydra's compose API rather than `@hydra.main` so that a bad override, an unknown model or an

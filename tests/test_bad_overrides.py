@@ -37,7 +37,7 @@ ESTIMATE_CASES = [
     ("+cluster.nope=1", "cluster.nope: unknown key (known: "),
     # A training section asks moeforge-estimate for a memory plan: it composes conf/train.yaml then.
     ("parallel=nosuch", "Could not find 'parallel/nosuch'"),
-    ("+parallel.ep=3", "parallel.ep: must divide dp=1, got 3"),
+    ("parallel.ep=3", "parallel.ep: must divide dp=1, got 3"),
 ]
 
 

@@ -17,13 +17,14 @@ import yaml
 from moeforge.platform.config import TrainConfig
 from moeforge.platform.reference.loop import ReferenceTrainer
 from moeforge.platform.runtime.local_spawn import spawn_gloo
-from moeforge.platform.runtime.pipeline_run import train_from_dict
+from moeforge.platform.runtime.pipeline_run import run_pipeline_training, train_from_dict
 from pipeline_cases import (
     assert_matches_reference,
     pipeline_config,
     pipeline_record,
     read_metrics,
     reference_run,
+    run_record,
 )
 
 TOPK_GROUP = 1  # tiny: 8 experts in 2 groups, 1 group kept per token
@@ -117,3 +118,59 @@ def test_fp8_dispatch_stays_within_the_e4m3_rounding_bound(tmp_path):
     first = read_metrics(tmp_path / "run")[0]
     # e4m3 bytes plus one scale byte per 128 values, against BF16 combine rows: 129 / 256
     assert first["ep_dispatch_bytes"] / first["ep_combine_bytes"] == pytest.approx(129 / 256)
+
+
+class SkewedTokens:
+    """Batches in which 7 of every 8 rows repeat one token id. Every position of such a row has the
+    same hidden state at every MoE layer (position-wise MLPs; attention over identical values
+    returns that value whatever its weights), so their tokens all pick the same experts: one EP rank
+    receives most of the step's rows. Rows are cut per dp replica as the default source cuts them
+    (contiguous blocks), and the reference reads the whole batch."""
+
+    has_val = False
+
+    def __init__(self, global_batch: int, seq_len: int, vocab_size: int) -> None:
+        self.global_batch, self.seq_len, self.vocab_size = global_batch, seq_len, vocab_size
+
+    def batch(self, step: int, dp_rank: int = 0, dp_size: int = 1) -> torch.Tensor:
+        gen = torch.Generator().manual_seed(1000 + step)
+        rows = torch.randint(0, self.vocab_size, (self.global_batch, self.seq_len + 1), generator=gen)
+        rows[torch.arange(self.global_batch) % 8 != 0] = 7  # [global_batch, seq_len + 1]
+        per_replica = self.global_batch // dp_size
+        return rows[dp_rank * per_replica : (dp_rank + 1) * per_replica]
+
+
+def _skewed_source(cfg: TrainConfig) -> SkewedTokens:
+    return SkewedTokens(cfg.data.global_batch, cfg.model.seq_len, cfg.model.vocab_size)
+
+
+def _train_on_skewed_tokens(rank: int, world_size: int, raw: dict):
+    cfg = TrainConfig.from_dict(raw)
+    return run_pipeline_training(cfg, rank, world_size, log=lambda _line: None, source=_skewed_source(cfg))
+
+
+def test_skewed_routing_keeps_parity(tmp_path):
+    raw = pipeline_config(tmp_path / "run", "1f1b", 1, 2, 2, 0, ep=2)
+    raw["data"]["global_batch"] = 16
+    spawn_gloo(_train_on_skewed_tokens, 2, (raw,))
+    record = pipeline_record(tmp_path / "run")
+    ref_raw = copy.deepcopy(raw)
+    ref_raw["parallel"] = {"schedule": "single", "microbatches": 4}
+    ref_raw["run"]["dir"] = str(tmp_path / "reference")
+    cfg = TrainConfig.from_dict(ref_raw)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each gloo worker
+    try:
+        trainer = ReferenceTrainer(cfg, log=lambda _line: None, source=_skewed_source(cfg))
+        trainer.train()
+    finally:
+        torch.set_num_threads(threads)
+    reference = run_record(
+        tmp_path / "reference", {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
+    )
+    assert_matches_reference(record, reference, label="skewed routing dp=2 ep=2")
+    shares = [step["ep_recv_max_over_mean"] for step in read_metrics(tmp_path / "run")]
+    print(f"skewed routing: busiest EP rank's rows / mean, per step: {shares}")
+    for step in read_metrics(tmp_path / "run"):
+        # the busiest EP rank received well over the mean: with 2 ranks, 1.5 means 3/4 of the rows
+        assert step["ep_recv_max_over_mean"] >= 1.5, step["ep_recv_max_over_mean"]

@@ -226,7 +226,7 @@ def test_plain_estimate_has_no_plan(capsys):
 
 
 def test_a_parallel_override_asks_for_a_plan(capsys):
-    report = estimate_json(capsys, "model=tiny", "parallel=dualpipe_pp2_dp2", "+parallel.ep=2")
+    report = estimate_json(capsys, "model=tiny", "parallel=dualpipe_pp2_dp2", "parallel.ep=2")
     assert report["name"] == "tiny"
     assert report["per_rank"]["fits"] is None  # gpu_memory_gb unknown
     assert report["memory_plan"]["expert_shard_group_size"] == 2

@@ -84,7 +84,7 @@ def test_eval_checkpoint_resume_on_gloo(tmp_path):
     found = list_checkpoints(str(straight_dir))
     assert [s for s, _ in found] == [2, 4]
     meta = read_meta(found[0][1])
-    assert meta.world == {"pp": 2, "dp": 1} and meta.samples_consumed == 2 * raw["data"]["global_batch"]
+    assert meta.world == {"pp": 2, "dp": 1, "ep": 1} and meta.samples_consumed == 2 * raw["data"]["global_batch"]
     assert sorted(meta.shards) == ["rank0_0", "rank1_0"]
     for shard in meta.shards.values():
         assert shard["parts"] == ["model", "optimizer", "rng"]

@@ -78,6 +78,7 @@ class AllToAllDispatch:
         # 2. counts
         recv_counts = exchange_counts(send_counts, self.group)
         send_splits, recv_splits = send_counts.tolist(), recv_counts.tolist()
+        self.stats.add_received(sum(recv_splits))
 
         # 3. dispatch: hidden rows, and per pair the routing of its experts on the destination
         on_dest = self.placement.rank_of_expert(expert_ids[pair_token]) == pair_rank.unsqueeze(1)  # [P, k]

@@ -62,7 +62,8 @@ class PipelineReport(RunReport):
             suffix += (
                 f" | EP ranks/token {m.routing['ep_ranks_per_token_mean']:.2f}"
                 f" (max {m.routing['ep_ranks_per_token_max']:.0f}),"
-                f" nodes {m.routing['ep_nodes_per_token_mean']:.2f} (max {m.routing['ep_nodes_per_token_max']:.0f})"
+                f" nodes {m.routing['ep_nodes_per_token_mean']:.2f} (max {m.routing['ep_nodes_per_token_max']:.0f}),"
+                f" busiest rank {m.routing['ep_recv_max_over_mean']:.2f}x mean rows"
             )
         return self.record(m.base, evaluation, extra=pipeline, progress_suffix=suffix)
 
