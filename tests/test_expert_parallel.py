@@ -43,6 +43,22 @@ def _layer(cfg: ModelConfig) -> MoE:
     return moe
 
 
+def expert_parallel_copy(
+    full: MoE, rank: int, world: int, fp8: bool
+) -> tuple[MoE, ExpertPlacement, RoutingStats]:
+    """`full` as EP rank `rank` of `world` holds it: its slice of the experts (the same weights),
+    the all-to-all dispatch over the default group."""
+    layer = copy.deepcopy(full)
+    placement = ExpertPlacement(full.n_experts, world, rank)
+    shard_experts([layer], placement)
+    with torch.no_grad():
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            getattr(layer.experts, name).copy_(getattr(full.experts, name)[placement.local_experts])
+    stats = RoutingStats()
+    install_dispatch([layer], placement, group=None, fp8=fp8, stats=stats)
+    return layer, placement, stats
+
+
 def _dispatch_case(rank: int, world: int, fp8: bool, skew: float) -> dict:
     """Route this rank's tokens through the EP layer and the full local layer; return differences."""
     cfg = _moe_config()
@@ -50,14 +66,7 @@ def _dispatch_case(rank: int, world: int, fp8: bool, skew: float) -> dict:
     if skew:  # favour the experts of EP rank 0 (group 0 of the router's two groups)
         with torch.no_grad():
             full.gate.e_score_correction_bias[: cfg.n_routed_experts // 2] += skew
-    ep_layer = copy.deepcopy(full)
-    placement = ExpertPlacement(cfg.n_routed_experts, world, rank)
-    shard_experts([ep_layer], placement)
-    with torch.no_grad():
-        for name in ("gate_proj", "up_proj", "down_proj"):
-            getattr(ep_layer.experts, name).copy_(getattr(full.experts, name)[placement.local_experts])
-    stats = RoutingStats()
-    install_dispatch([ep_layer], placement, group=None, fp8=fp8, stats=stats)
+    ep_layer, placement, stats = expert_parallel_copy(full, rank, world, fp8)
 
     gen = torch.Generator().manual_seed(100 + rank)
     x = torch.randn(2, 24, HIDDEN, generator=gen)

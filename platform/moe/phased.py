@@ -1,0 +1,222 @@
+"""One expert-parallel MoE layer as phases split at its two all-to-alls, for DualPipe's overlap.
+
+`AllToAllDispatch` (dispatch.py) runs a layer's routed part in one call, waiting on each
+all-to-all where it is issued. `PhasedMoE` runs the same arithmetic as a program of compute phases
+with the collectives launched asynchronously between them, so that a caller can compute something
+else (the other micro-batch of an overlapped pair) while a transfer is in flight:
+
+    forward   route     gate, (token, rank) pairs, counts exchanged (blocking: the splits are host
+                        lists), token rows packed and their all-to-all LAUNCHED
+              experts   wait for the rows; local experts; gated partial sums; combine LAUNCHED
+              combine   wait; sum per token, + shared experts
+    backward  combine   gradient of the combine phase; its reverse all-to-all LAUNCHED
+              experts   wait; gradient of the experts phase; reverse dispatch LAUNCHED
+              route     wait; gradient of the route phase -> gradient of the layer input
+
+Each phase is its own autograd graph between detached boundary tensors, so its backward can run on
+its own, layer by layer, in any interleaving with another micro-batch's phases, as long as every EP
+rank issues its collectives in the same order (ranks of an EP group run the same action list).
+Gradients of parameters are returned per phase (never written to `.grad`), for the executor's
+accumulation. The arithmetic is AllToAllDispatch's, op for op: tests/test_moe_phases.py holds the
+two to bitwise equality.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+from moeforge.kernels.compute_dtype import compute_dtype
+from moeforge.kernels.token_compress import compress_tokens, decompress_tokens
+from moeforge.model.moe import MoE
+from moeforge.platform.moe.all_to_all import exchange_counts
+from moeforge.platform.moe.dispatch import AllToAllDispatch, plan_dispatch
+from torch import nn
+
+
+@dataclass
+class _InFlight:
+    """An all-to-all launched asynchronously: `out` is valid once `work.wait()` returned."""
+
+    work: object
+    out: torch.Tensor
+
+    def wait(self) -> torch.Tensor:
+        self.work.wait()
+        return self.out
+
+
+def _launch(x: torch.Tensor, send_splits: list[int], recv_splits: list[int], group) -> _InFlight:
+    out = x.new_empty((sum(recv_splits), *x.shape[1:]))
+    work = dist.all_to_all_single(out, x.contiguous(), recv_splits, send_splits, group=group, async_op=True)
+    return _InFlight(work, out)
+
+
+def _leaf(t: torch.Tensor) -> torch.Tensor:
+    """A phase boundary: the tensor's value, as a new autograd leaf."""
+    return t.detach().requires_grad_(t.is_floating_point())
+
+
+def _grads(outputs, inputs, grad_outputs) -> list[torch.Tensor | None]:
+    pairs = [(o, g) for o, g in zip(outputs, grad_outputs, strict=True) if o.requires_grad and g is not None]
+    wanted = [i for i in inputs if i.requires_grad]
+    if not pairs or not wanted:
+        return [None] * len(inputs)
+    got = iter(torch.autograd.grad([o for o, _ in pairs], wanted, [g for _, g in pairs], allow_unused=True))
+    return [next(got) if i.requires_grad else None for i in inputs]
+
+
+@dataclass
+class MoEPhaseState:
+    """One micro-batch's pass through one layer: boundaries, graphs and in-flight transfers."""
+
+    x: torch.Tensor | None = None  # layer input leaf [N, hidden]
+    shape: tuple[int, ...] = ()
+    send_splits: list[int] = field(default_factory=list)
+    recv_splits: list[int] = field(default_factory=list)
+    pair_token: torch.Tensor | None = None
+    top_k: int = 0
+    # route phase: outputs and the transfers it launched
+    rows_out: torch.Tensor | None = None  # [P, hidden] compute dtype (what the dispatch sends, before FP8)
+    routing_out: torch.Tensor | None = None  # [P, 2k] gate weights and local ids
+    rows_flight: _InFlight | None = None
+    routing_flight: _InFlight | None = None
+    # experts phase
+    rows_in: torch.Tensor | None = None  # received rows leaf [R, hidden]
+    routing_in: torch.Tensor | None = None  # received routing leaf [R, 2k]
+    partial_out: torch.Tensor | None = None  # [R, hidden]
+    combine_flight: _InFlight | None = None
+    # combine phase
+    back_in: torch.Tensor | None = None  # combined rows leaf [P, hidden]
+    out: torch.Tensor | None = None  # [N, hidden]
+    # backward
+    x_grad_shared: torch.Tensor | None = None  # the shared experts' part of the input gradient
+    grad_flight: _InFlight | None = None
+    grad_routing_flight: _InFlight | None = None
+    param_grads: dict[int, torch.Tensor] = field(default_factory=dict)
+
+
+class PhasedMoE:
+    """The routed and shared parts of `moe` (an MoE layer with an AllToAllDispatch installed) as
+    phases; `forward_*` then `backward_*` in the order of the module docstring."""
+
+    def __init__(self, moe: MoE) -> None:
+        if not isinstance(moe.dispatch, AllToAllDispatch):
+            raise TypeError(
+                f"MoE layer {moe.layer_id}: PhasedMoE needs the expert-parallel dispatch installed"
+            )
+        self.moe = moe
+        self.dispatch: AllToAllDispatch = moe.dispatch
+
+    # ---- forward ----------------------------------------------------------------------------------
+    def forward_route(self, x: torch.Tensor) -> MoEPhaseState:
+        """x [N, hidden] (the post-attention norm's output) -> state with the dispatch in flight."""
+        moe, d = self.moe, self.dispatch
+        st = MoEPhaseState(x=_leaf(x), shape=tuple(x.shape))
+        weights, expert_ids, _ = moe.gate(st.x)
+        if moe.training:
+            with torch.no_grad():
+                counts = torch.bincount(expert_ids.flatten(), minlength=moe.n_experts)
+                moe.load_counts += counts.to(moe.load_counts.dtype)
+        plan = plan_dispatch(expert_ids, d.placement)
+        d._record(plan.send_mask)
+        recv_counts = exchange_counts(plan.send_counts, d.group)
+        st.send_splits, st.recv_splits = plan.send_counts.tolist(), recv_counts.tolist()
+        d.stats.add_received(sum(st.recv_splits))
+        st.pair_token, st.top_k = plan.pair_token, expert_ids.shape[1]
+        per_rank = d.placement.experts_per_rank
+        on_dest = d.placement.rank_of_expert(expert_ids[plan.pair_token]) == plan.pair_rank.unsqueeze(1)
+        local_ids = torch.where(
+            on_dest, expert_ids[plan.pair_token] - plan.pair_rank.unsqueeze(1) * per_rank, -1
+        )
+        pair_weights = torch.where(on_dest, weights[plan.pair_token], 0.0)
+        st.routing_out = torch.cat([pair_weights, local_ids.to(pair_weights.dtype)], dim=1)  # [P, 2k]
+        st.rows_out = st.x[plan.pair_token].to(compute_dtype(st.x))  # [P, hidden]
+        payload = st.rows_out.detach()
+        if d.fp8:
+            payload = torch.cat(
+                compress_tokens(st.x[plan.pair_token].detach()), dim=-1
+            )  # [P, D + D/128] uint8
+        st.rows_flight = _launch(payload, st.send_splits, st.recv_splits, d.group)
+        st.routing_flight = _launch(st.routing_out.detach(), st.send_splits, st.recv_splits, d.group)
+        d.stats.add_bytes(payload, payload[:0])
+        return st
+
+    def forward_experts(self, st: MoEPhaseState) -> None:
+        """Wait for the rows; run the local experts; launch the combine."""
+        d, hidden = self.dispatch, st.shape[-1]
+        received = st.rows_flight.wait()
+        if d.fp8:
+            received = decompress_tokens(received[:, :hidden], received[:, hidden:], st.rows_out.dtype)
+        st.rows_in, st.routing_in = _leaf(received), _leaf(st.routing_flight.wait())
+        st.rows_flight = st.routing_flight = None
+        top_k = st.top_k
+        w_recv, ids_recv = st.routing_in[:, :top_k], st.routing_in[:, top_k:].detach().long()
+        slot_pair, slot = (ids_recv >= 0).nonzero(as_tuple=True)
+        slot_expert = ids_recv[slot_pair, slot]
+        order = slot_expert.argsort(stable=True)
+        slot_pair, slot, slot_expert = slot_pair[order], slot[order], slot_expert[order]
+        tokens_per_expert = torch.bincount(slot_expert, minlength=d.placement.experts_per_rank)
+        y = self.moe.experts(st.rows_in[slot_pair], tokens_per_expert)  # [S, hidden]
+        y = y * w_recv[slot_pair, slot].unsqueeze(-1).to(y.dtype)
+        partial = y.new_zeros((st.rows_in.shape[0], y.shape[1])).index_add_(0, slot_pair, y)
+        st.partial_out = partial.to(st.rows_out.dtype)  # [R, hidden]
+        st.combine_flight = _launch(st.partial_out.detach(), st.recv_splits, st.send_splits, d.group)
+        d.stats.add_bytes(st.partial_out[:0], st.partial_out)
+
+    def forward_combine(self, st: MoEPhaseState) -> torch.Tensor:
+        """Wait for the combined rows; sum per token, add the shared experts -> [N, hidden]."""
+        st.back_in = _leaf(st.combine_flight.wait())
+        st.combine_flight = None
+        out = torch.zeros_like(st.x).index_add_(0, st.pair_token, st.back_in.to(st.x.dtype))
+        if self.moe.shared_experts is not None:
+            out = out + self.moe.shared_experts(st.x)
+        st.out = out
+        return out.detach()
+
+    # ---- backward ---------------------------------------------------------------------------------
+    def _params(self, module: nn.Module | None) -> list[nn.Parameter]:
+        return [] if module is None else [p for p in module.parameters() if p.requires_grad]
+
+    def _keep(self, st: MoEPhaseState, params, grads) -> None:
+        for p, g in zip(params, grads, strict=True):
+            if g is not None:
+                acc = st.param_grads.get(id(p))
+                st.param_grads[id(p)] = g if acc is None else acc + g
+
+    def backward_combine(self, st: MoEPhaseState, grad_out: torch.Tensor) -> None:
+        """grad_out [N, hidden] -> shared experts' gradients; the combine's reverse launched."""
+        shared = self._params(self.moe.shared_experts)
+        grads = _grads([st.out], [st.back_in, st.x, *shared], [grad_out])
+        self._keep(st, shared, grads[2:])
+        st.x_grad_shared = grads[1]
+        grad_back = grads[0] if grads[0] is not None else torch.zeros_like(st.back_in)
+        st.grad_flight = _launch(grad_back, st.send_splits, st.recv_splits, self.dispatch.group)
+        st.out = None
+
+    def backward_experts(self, st: MoEPhaseState) -> None:
+        """Wait for the partial sums' gradient; the experts' gradients; the dispatch's reverse."""
+        grad_partial = st.grad_flight.wait()
+        experts = self._params(self.moe.experts)
+        grads = _grads([st.partial_out], [st.rows_in, st.routing_in, *experts], [grad_partial])
+        self._keep(st, experts, grads[2:])
+        d = self.dispatch
+        grad_rows = grads[0] if grads[0] is not None else torch.zeros_like(st.rows_in)
+        grad_routing = grads[1] if grads[1] is not None else torch.zeros_like(st.routing_in)
+        st.grad_flight = _launch(grad_rows.to(st.rows_out.dtype), st.recv_splits, st.send_splits, d.group)
+        st.grad_routing_flight = _launch(grad_routing, st.recv_splits, st.send_splits, d.group)
+        st.partial_out = None
+
+    def backward_route(self, st: MoEPhaseState) -> torch.Tensor:
+        """Wait for the dispatch's reverse; the router's gradients -> gradient of the layer input."""
+        grad_rows = st.grad_flight.wait()
+        grad_routing = st.grad_routing_flight.wait()
+        gate = self._params(self.moe.gate)
+        grads = _grads([st.rows_out, st.routing_out], [st.x, *gate], [grad_rows, grad_routing])
+        self._keep(st, gate, grads[1:])
+        grad_x = grads[0] if grads[0] is not None else torch.zeros_like(st.x)
+        if st.x_grad_shared is not None:
+            grad_x = grad_x + st.x_grad_shared
+        st.rows_out = st.routing_out = None
+        return grad_x
