@@ -32,6 +32,11 @@ class ParallelConfig:
     # placed the workers (node ids); a test sets it to pretend several nodes on one machine.
     ep_ranks_per_node: int = 0
     gpu_memory_gb: float = 0.0  # per worker, for the memory plan (moeforge-estimate); 0: unknown
+    # Run stage chunks as phase programs split at the MoE all-to-alls (runtime/chunk_program.py)
+    # instead of one autograd graph each; `overlap` then interleaves the two halves of every F&B
+    # pair phase by phase (DualPipe's overlap). Same math either way: on and off are bit-identical.
+    chunk_phases: bool = False
+    overlap: bool = False
     recv_lookahead: int = 2  # receives are posted this many compute actions ahead of need
     peak_tflops_per_worker: float = 0.0  # for MFU; 0: reported as 0 (unknown hardware)
     # TEST-ONLY: make one rank fail mid-step, e.g. {"rank": 1, "step": 1, "kind": "raise" | "hang"}.
@@ -66,6 +71,11 @@ class ParallelConfig:
                 "ep_ranks_per_node",
                 f"must divide ep={self.ep}, got {self.ep_ranks_per_node}",
             )
+        require(
+            self.chunk_phases or not self.overlap,
+            "overlap",
+            "interleaves phase programs: set parallel.chunk_phases=true too",
+        )
         require(self.gpu_memory_gb >= 0, "gpu_memory_gb", f"must be >= 0, got {self.gpu_memory_gb}")
         require(self.recv_lookahead >= 1, "recv_lookahead", f"must be >= 1, got {self.recv_lookahead}")
         require(self.peak_tflops_per_worker >= 0, "peak_tflops_per_worker", "must be >= 0")

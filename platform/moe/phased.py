@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 from moeforge.kernels.compute_dtype import compute_dtype
 from moeforge.kernels.token_compress import compress_tokens, decompress_tokens
-from moeforge.model.moe import MoE
+from moeforge.model.moe import MoE, sequence_balance_loss
 from moeforge.platform.moe.all_to_all import exchange_counts
 from moeforge.platform.moe.dispatch import AllToAllDispatch, plan_dispatch
 from torch import nn
@@ -72,7 +72,8 @@ class MoEPhaseState:
     """One micro-batch's pass through one layer: boundaries, graphs and in-flight transfers."""
 
     x: torch.Tensor | None = None  # layer input leaf [N, hidden]
-    shape: tuple[int, ...] = ()
+    shape: tuple[int, ...] = ()  # the layer input's shape ([b, s, hidden] or [N, hidden])
+    aux: torch.Tensor | None = None  # alpha * sequence balance loss, when the layer trains with one
     send_splits: list[int] = field(default_factory=list)
     recv_splits: list[int] = field(default_factory=list)
     pair_token: torch.Tensor | None = None
@@ -111,14 +112,21 @@ class PhasedMoE:
 
     # ---- forward ----------------------------------------------------------------------------------
     def forward_route(self, x: torch.Tensor) -> MoEPhaseState:
-        """x [N, hidden] (the post-attention norm's output) -> state with the dispatch in flight."""
+        """x [b, s, hidden] or [N, hidden] (the post-attention norm's output) -> state with the
+        dispatch in flight. Load counts and the sequence-wise balance loss as MoE.forward keeps them."""
         moe, d = self.moe, self.dispatch
-        st = MoEPhaseState(x=_leaf(x), shape=tuple(x.shape))
-        weights, expert_ids, _ = moe.gate(st.x)
+        st = MoEPhaseState(x=_leaf(x.reshape(-1, x.shape[-1])), shape=tuple(x.shape))  # [N, hidden]
+        weights, expert_ids, affinities = moe.gate(st.x)
         if moe.training:
             with torch.no_grad():
                 counts = torch.bincount(expert_ids.flatten(), minlength=moe.n_experts)
                 moe.load_counts += counts.to(moe.load_counts.dtype)
+            if moe.aux_alpha > 0 and len(st.shape) == 3:
+                b, s = st.shape[:2]
+                st.aux = moe.aux_alpha * sequence_balance_loss(
+                    affinities.view(b, s, -1), expert_ids.view(b, s, -1), moe.n_experts, moe.top_k
+                )
+                moe.last_aux_loss = st.aux.detach()
         plan = plan_dispatch(expert_ids, d.placement)
         d._record(plan.send_mask)
         recv_counts = exchange_counts(plan.send_counts, d.group)
@@ -166,14 +174,15 @@ class PhasedMoE:
         d.stats.add_bytes(st.partial_out[:0], st.partial_out)
 
     def forward_combine(self, st: MoEPhaseState) -> torch.Tensor:
-        """Wait for the combined rows; sum per token, add the shared experts -> [N, hidden]."""
+        """Wait for the combined rows; sum per token, add the shared experts -> the layer output, in
+        the input's shape (detached: the phase's graph stays in `st`)."""
         st.back_in = _leaf(st.combine_flight.wait())
         st.combine_flight = None
         out = torch.zeros_like(st.x).index_add_(0, st.pair_token, st.back_in.to(st.x.dtype))
         if self.moe.shared_experts is not None:
             out = out + self.moe.shared_experts(st.x)
         st.out = out
-        return out.detach()
+        return out.detach().view(st.shape)
 
     # ---- backward ---------------------------------------------------------------------------------
     def _params(self, module: nn.Module | None) -> list[nn.Parameter]:
@@ -186,9 +195,9 @@ class PhasedMoE:
                 st.param_grads[id(p)] = g if acc is None else acc + g
 
     def backward_combine(self, st: MoEPhaseState, grad_out: torch.Tensor) -> None:
-        """grad_out [N, hidden] -> shared experts' gradients; the combine's reverse launched."""
+        """grad_out (the output's shape) -> shared experts' gradients; the combine's reverse launched."""
         shared = self._params(self.moe.shared_experts)
-        grads = _grads([st.out], [st.back_in, st.x, *shared], [grad_out])
+        grads = _grads([st.out], [st.back_in, st.x, *shared], [grad_out.reshape(st.out.shape)])
         self._keep(st, shared, grads[2:])
         st.x_grad_shared = grads[1]
         grad_back = grads[0] if grads[0] is not None else torch.zeros_like(st.back_in)
@@ -213,10 +222,14 @@ class PhasedMoE:
         grad_rows = st.grad_flight.wait()
         grad_routing = st.grad_routing_flight.wait()
         gate = self._params(self.moe.gate)
-        grads = _grads([st.rows_out, st.routing_out], [st.x, *gate], [grad_rows, grad_routing])
+        outputs, grad_outputs = [st.rows_out, st.routing_out], [grad_rows, grad_routing]
+        if st.aux is not None and st.aux.requires_grad:  # unit weight, as AddAuxiliaryLoss injects it
+            outputs.append(st.aux)
+            grad_outputs.append(torch.ones_like(st.aux))
+        grads = _grads(outputs, [st.x, *gate], grad_outputs)
         self._keep(st, gate, grads[1:])
         grad_x = grads[0] if grads[0] is not None else torch.zeros_like(st.x)
         if st.x_grad_shared is not None:
             grad_x = grad_x + st.x_grad_shared
-        st.rows_out = st.routing_out = None
-        return grad_x
+        st.rows_out = st.routing_out = st.aux = None
+        return grad_x.view(st.shape)

@@ -11,10 +11,12 @@ Per action:
                compute the input gradient only; its W comes later.
   W c.m        weight gradients of an earlier B.
   BW c.m       both at once.
-  F c.m&B d.n  the overlapped pair: both inputs are awaited first, then the forward half is computed
-               and its SEND issued at once, so the activations travel while the backward half
-               computes; the backward's SEND follows. (Two streams on a GPU would overlap the two
-               computations too; on one CPU thread they run back to back.)
+  F c.m&B d.n  the overlapped pair: both inputs are awaited first. Without parallel.overlap the
+               forward half is computed and its SEND issued at once, so the activations travel
+               while the backward half computes; the backward's SEND follows. With it the two
+               halves run as phase programs interleaved phase by phase (chunk_program.py), so each
+               MoE all-to-all of one travels while the other computes; the forward's SEND is
+               issued as soon as its last phase is done.
   SEND / RECV  non-blocking. Receives are posted `recv_lookahead` compute actions ahead of the
                action that needs them; sends are issued when their data exists, never later than
                their place in the list, and in list order.
@@ -90,8 +92,12 @@ class PipelineExecutor:
         act_dtype: torch.dtype = torch.float32,
         recv_lookahead: int = 2,
         fault: Callable[[], None] | None = None,
+        overlap: bool = False,
     ) -> None:
+        if overlap and not hasattr(compute, "overlapped_pair"):
+            raise ValueError("parallel.overlap: this compute cannot interleave an F&B pair")
         self.schedule = schedule
+        self.overlap = overlap
         self.rank = pp_rank
         self.actions: list[Action] = schedule.actions[pp_rank]
         self.compute = compute
@@ -140,7 +146,20 @@ class PipelineExecutor:
 
     # ---- compute ----------------------------------------------------------------------------------
     def _run_compute(self, index: int, a: Action, trace: StepTrace) -> None:
-        if a.kind is Kind.FB:
+        if a.kind is Kind.FB and self.overlap:
+            x = self._forward_input(a.chunk, a.mb)
+            grad_out = self._backward_input(a.b_chunk, a.b_mb)
+            start = self._now()
+
+            def forward_done(out: torch.Tensor | None) -> None:
+                self._deliver_forward(a.chunk, a.mb, out)
+                self._issue_ready_sends(index)  # the activations travel while the backward ends
+
+            grad_in = self.compute.overlapped_pair(
+                (a.chunk, a.mb, x), (a.b_chunk, a.b_mb, grad_out), a.b_kind is Kind.BW, forward_done
+            )
+            self._deliver_backward(a.b_chunk, a.b_mb, grad_in)
+        elif a.kind is Kind.FB:
             x = self._forward_input(a.chunk, a.mb)
             grad_out = self._backward_input(a.b_chunk, a.b_mb)
             start = self._now()
@@ -182,7 +201,10 @@ class PipelineExecutor:
         return self.p2p.wait(self._recvs.pop((Kind.RECV_B, chunk, mb)))
 
     def _forward(self, chunk: int, mb: int, x: torch.Tensor | None) -> None:
-        out = self.compute.forward(chunk, mb, x)
+        self._deliver_forward(chunk, mb, self.compute.forward(chunk, mb, x))
+
+    def _deliver_forward(self, chunk: int, mb: int, out: torch.Tensor | None) -> None:
+        """A forward's output to its SEND, or to the other local chunk at the turn of the V."""
         nxt = self.schedule.next_rank(self.rank, chunk)
         if nxt is None:
             return
@@ -196,6 +218,10 @@ class PipelineExecutor:
             grad_in = self.compute.backward_full(chunk, mb, grad_out)
         else:
             grad_in = self.compute.backward_input(chunk, mb, grad_out)
+        self._deliver_backward(chunk, mb, grad_in)
+
+    def _deliver_backward(self, chunk: int, mb: int, grad_in: torch.Tensor | None) -> None:
+        """A backward's input gradient to its SEND, or to the other local chunk."""
         prev = self.schedule.prev_rank(self.rank, chunk)
         if prev is None:
             return

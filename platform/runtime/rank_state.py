@@ -132,11 +132,12 @@ class PipelineRuntime:
             self.chunks,
             loss_scale=1.0 / self.microbatches,
             context=lambda: compute_context(cfg.precision, self.device.type),
+            phases=par.chunk_phases,
         )
         self.p2p = P2P(rank, par.p2p_timeout_s, name=self.name, timeline_rank=rank, device=self.device)
         rows = cfg.data.global_batch // (par.dp * par.microbatches)
 
-        def executor(schedule, compute, fault=None) -> PipelineExecutor:
+        def executor(schedule, compute, fault=None, overlap=False) -> PipelineExecutor:
             return PipelineExecutor(
                 schedule,
                 self.pp_rank,
@@ -147,9 +148,10 @@ class PipelineRuntime:
                 act_dtype=torch.float32,
                 recv_lookahead=par.recv_lookahead,
                 fault=fault,
+                overlap=overlap,
             )
 
-        self.executor = executor(self.schedule, self.compute, fault=self._maybe_fault)
+        self.executor = executor(self.schedule, self.compute, fault=self._maybe_fault, overlap=par.overlap)
         # Evaluation: the same executor and transfers over forward-only lists of the same placement.
         self.eval_compute = ForwardCompute(self.chunks, context=self.compute.context)
         self.eval_executor = executor(forward_only(self.schedule), self.eval_compute)

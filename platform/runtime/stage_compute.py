@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import torch
 from moeforge.kernels.wgrad_store import WeightGradStore
+from moeforge.platform.runtime.chunk_program import ChunkProgram, ChunkRun, Program, interleave, run_to_end
 from moeforge.platform.runtime.stages import StageChunk
 
 
@@ -56,14 +57,20 @@ class ModelCompute:
         deferred_wgrad: bool = True,
         context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
         act_dtype: torch.dtype = torch.float32,
+        phases: bool = False,
     ) -> None:
         self.chunks = chunks
         self.loss_scale = loss_scale
         self.deferred_wgrad = deferred_wgrad
+        # parallel.chunk_phases: chunks run as phase programs (chunk_program.py), which an F&B pair
+        # can interleave; otherwise each chunk is one autograd graph
+        self.programs = (
+            {c: ChunkProgram(stage, context, self._accumulate) for c, stage in chunks.items()} if phases else None
+        )
         self.context = context
         self.act_dtype = act_dtype
         self.microbatches: list[MicroBatch] = []
-        self.slots: dict[tuple[int, int], _Slot] = {}
+        self.slots: dict[tuple[int, int], _Slot | ChunkRun] = {}
         self.losses: dict[int, dict[str, float]] = {}
         self.aux_loss_sum = 0.0  # balance losses recorded by this rank's MoE layers this step
         # Parameters shared by two chunks (the embedding on a DualPipe rank) appear once.
@@ -94,8 +101,44 @@ class ModelCompute:
         grads, self.param_grads = self.param_grads, {}
         return grads
 
+    # ---- phase programs (parallel.chunk_phases) ------------------------------------------------------
+    def forward_program(self, chunk: int, mb: int, x: torch.Tensor | None) -> Program:
+        """The forward of (chunk, mb) as a phase program; its result is what `forward` returns."""
+        stage = self.chunks[chunk]
+        batch = self.microbatches[mb] if stage.spec.first or stage.spec.last else None
+        ids, labels = (batch.input_ids, batch.labels) if batch is not None else (None, None)
+        run = ChunkRun()
+        out = yield from self.programs[chunk].forward(run, x, ids, labels, self.loss_scale)
+        self._record_forward(stage, mb, run.loss)
+        self.slots[(chunk, mb)] = run
+        run.loss = None  # the last phase holds the scaled loss as its root
+        return None if stage.spec.last else out.to(self.act_dtype)
+
+    def backward_program(self, chunk: int, mb: int, grad_out: torch.Tensor | None, full: bool) -> Program:
+        """The input-gradient backward of (chunk, mb) as a phase program (with `full`, its weight
+        gradients too); its result is the gradient of the chunk input."""
+        run = self.slots[(chunk, mb)]
+        grad_in = yield from self.programs[chunk].backward(run, grad_out)
+        if full:
+            self.slots.pop((chunk, mb)).store.flush()
+        return grad_in
+
+    def overlapped_pair(
+        self,
+        f: tuple[int, int, torch.Tensor | None],
+        b: tuple[int, int, torch.Tensor | None],
+        full: bool,
+        on_forward_done: Callable[[torch.Tensor | None], None],
+    ) -> torch.Tensor | None:
+        """An F&B pair with its phases interleaved (parallel.overlap); returns the backward's input
+        gradient. `on_forward_done` receives the forward's output as soon as it exists."""
+        _, grad_in = interleave(self.forward_program(*f), self.backward_program(*b, full), on_forward_done)
+        return grad_in
+
     # ---- StageCompute -----------------------------------------------------------------------------
     def forward(self, chunk: int, mb: int, x: torch.Tensor | None) -> torch.Tensor | None:
+        if self.programs is not None:
+            return run_to_end(self.forward_program(chunk, mb, x))
         stage = self.chunks[chunk]
         inp = None if stage.spec.first else x.detach().requires_grad_(True)
         with self.context():
@@ -104,21 +147,29 @@ class ModelCompute:
                 out = stage.forward(inp, batch.input_ids, batch.labels)
             else:  # middle stages never see tokens
                 out = stage.forward(inp, None, None)
-        for moe in stage.moe_layers:
-            if moe.last_aux_loss is not None:
-                self.aux_loss_sum += float(moe.last_aux_loss)
+        self._record_forward(stage, mb, out if stage.spec.last else None)
         if stage.spec.last:
-            self.losses[mb] = {
-                "loss": float(out.loss.detach()),
-                "lm_loss": float(out.lm_loss.detach()),
-                "mtp_loss": float(out.mtp_loss.detach()),
-            }
             self.slots[(chunk, mb)] = _Slot(inp, out.loss * self.loss_scale)
             return None
         self.slots[(chunk, mb)] = _Slot(inp, out)
         return out.detach().to(self.act_dtype)
 
+    def _record_forward(self, stage: StageChunk, mb: int, loss) -> None:
+        """After a forward: the balance losses its MoE layers recorded, and on the last stage the
+        micro-batch's loss values (`loss`, a LossOutput; None elsewhere)."""
+        for moe in stage.moe_layers:
+            if moe.last_aux_loss is not None:
+                self.aux_loss_sum += float(moe.last_aux_loss)
+        if loss is not None:
+            self.losses[mb] = {
+                "loss": float(loss.loss.detach()),
+                "lm_loss": float(loss.lm_loss.detach()),
+                "mtp_loss": float(loss.mtp_loss.detach()),
+            }
+
     def backward_input(self, chunk: int, mb: int, grad_out: torch.Tensor | None) -> torch.Tensor | None:
+        if self.programs is not None:
+            return run_to_end(self.backward_program(chunk, mb, grad_out, full=False))
         slot = self.slots[(chunk, mb)]
         if not self.deferred_wgrad:
             slot.grad_out = grad_out
@@ -136,6 +187,9 @@ class ModelCompute:
 
     def backward_weight(self, chunk: int, mb: int) -> None:
         slot = self.slots.pop((chunk, mb))
+        if isinstance(slot, ChunkRun):
+            slot.store.flush()  # one queued batch per backward phase
+            return
         if slot.store is not None:
             slot.store.pop()  # accumulates into param.grad; collected by take_grads
             return
@@ -144,6 +198,8 @@ class ModelCompute:
         self._accumulate(params, grads)
 
     def backward_full(self, chunk: int, mb: int, grad_out: torch.Tensor | None) -> torch.Tensor | None:
+        if self.programs is not None:
+            return run_to_end(self.backward_program(chunk, mb, grad_out, full=True))
         slot = self.slots.pop((chunk, mb))
         params = self.chunks[chunk].params
         inputs = params if slot.inp is None else [slot.inp, *params]

@@ -1,0 +1,209 @@
+"""A stage chunk's forward and backward as programs of phases, split where the MoE layers communicate.
+
+`StageChunk.forward` (stages.py) runs a chunk in one autograd graph, every all-to-all waited on
+where it is issued. Here the same modules run as generator programs that yield right after each
+all-to-all is launched, so that a caller can run another program (the other micro-batch of a
+DualPipe F&B pair) while the transfer travels:
+
+    forward    [embedding]; per block: attention phase (h1 = h + attn(norm(h)), x = norm(h1)),
+               then for an expert-parallel MoE block PhasedMoE's route | experts | combine phases
+               (a yield after each launch) and the residual, otherwise the block's MLP as one
+               phase; [final norm, head, loss and the MTP chain as one phase]
+    backward   the same phases in reverse, each an autograd graph between detached boundaries
+
+`interleave(a, b)` advances two programs alternately, one phase each: V3's overlapped pair, with
+each phase's all-to-all in flight while the other micro-batch computes its next phase. The math of
+a program does not depend on what runs between its phases, so interleaved and sequential pairs
+give bit-identical results (tests/test_overlap.py).
+
+Each forward phase enters the precision context itself (an autocast block must not span a yield:
+two programs would exit each other's); each backward phase enters the run's WeightGradStore (one
+queued batch per phase; W flushes the run's batches, so the weight-gradient GEMMs stay deferrable).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Generator
+from dataclasses import dataclass, field
+
+import torch
+from moeforge.kernels.wgrad_store import WeightGradStore
+from moeforge.model.moe import MoE
+from moeforge.platform.moe.dispatch import AllToAllDispatch
+from moeforge.platform.moe.phased import MoEPhaseState, PhasedMoE
+from moeforge.platform.runtime.stages import StageChunk
+from torch import nn
+
+Program = Generator[None, None, object]  # yields at each launched transfer; returns its result
+
+
+def _leaf(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().requires_grad_(True)
+
+
+def _trainable(module: nn.Module) -> list[nn.Parameter]:
+    return [p for p in module.parameters() if p.requires_grad]
+
+
+@dataclass
+class _Phase:
+    """One compute phase's graph: what its backward starts from and what it differentiates."""
+
+    inputs: list[torch.Tensor]  # leaves: boundary tensors (their gradients flow on) ...
+    params: list[nn.Parameter]  # ... and parameters (their gradients are accumulated)
+    outputs: list[torch.Tensor]
+    moe: MoEPhaseState | None = None  # set for the three phases of an expert-parallel MoE ...
+    phased: PhasedMoE | None = None  # ... and the layer they belong to
+
+
+@dataclass
+class ChunkRun:
+    """One (chunk, micro-batch): its phases in forward order, and its deferred weight gradients."""
+
+    phases: list[_Phase] = field(default_factory=list)
+    store: WeightGradStore = field(default_factory=WeightGradStore)
+    loss: object = None  # LossOutput on the last stage
+
+
+class ChunkProgram:
+    """Forward and backward programs of one StageChunk; gradients go to `accumulate(params, grads)`."""
+
+    def __init__(
+        self,
+        chunk: StageChunk,
+        context: Callable[[], contextlib.AbstractContextManager],
+        accumulate: Callable[[list[nn.Parameter], list[torch.Tensor | None]], None],
+    ) -> None:
+        self.chunk, self.context, self.accumulate = chunk, context, accumulate
+        self.phased_moe = {
+            id(b.mlp): PhasedMoE(b.mlp)
+            for b in chunk.blocks
+            if isinstance(b.mlp, MoE) and isinstance(b.mlp.dispatch, AllToAllDispatch)
+        }
+
+    # ---- forward ----------------------------------------------------------------------------------
+    def forward(self, run: ChunkRun, x, input_ids, labels, loss_scale: float) -> Program:
+        """x [b, s, hidden] (None on the first stage) -> h [b, s, hidden] detached, or on the last
+        stage None (the loss, times loss_scale, is the root of the last phase)."""
+        model, spec = self.chunk.model, self.chunk.spec
+        h = None if spec.first else x
+        if spec.first:
+            with self.context():
+                out = model.embed_tokens(input_ids)
+            run.phases.append(_Phase([], _trainable(model.embed), [out]))
+            h = out.detach()
+        for block in self.chunk.blocks:
+            phased = self.phased_moe.get(id(block.mlp))
+            h_in = _leaf(h)
+            if phased is None:  # no transfer inside: the whole block is one phase
+                with self.context():
+                    out = block(h_in)
+                run.phases.append(_Phase([h_in], _trainable(block), [out]))
+                h = out.detach()
+                continue
+            with self.context():
+                h1 = h_in + block.self_attn(block.input_layernorm(h_in))
+                x_norm = block.post_attention_layernorm(h1)
+            attn_params = _trainable(block.input_layernorm) + _trainable(block.self_attn)
+            attn_params += _trainable(block.post_attention_layernorm)
+            run.phases.append(_Phase([h_in], attn_params, [h1, x_norm]))
+            with self.context():
+                st = phased.forward_route(x_norm.detach())
+            yield  # the dispatch travels
+            with self.context():
+                phased.forward_experts(st)
+            yield  # the combine travels
+            with self.context():
+                moe_out = phased.forward_combine(st)
+            run.phases.append(_Phase([], [], [], moe=st, phased=phased))
+            h = h1.detach() + moe_out  # the residual; its backward is the identity
+        if not spec.last:
+            return h
+        h_in = _leaf(h)
+        with self.context():
+            run.loss = model.head_and_loss(h_in, input_ids, labels)
+        head_params = _trainable(model.norm) + _trainable(model.head) + _trainable(model.mtp)
+        if len(model.mtp) > 0:
+            head_params += _trainable(model.embed)
+        run.phases.append(_Phase([h_in], _dedup(head_params), [run.loss.loss * loss_scale]))
+        return None
+
+    # ---- backward ---------------------------------------------------------------------------------
+    def backward(self, run: ChunkRun, grad_out: torch.Tensor | None) -> Program:
+        """Input-gradient backward (weight-gradient GEMMs queued in run.store) -> the gradient of the
+        chunk input (None on the first stage)."""
+        grad = grad_out  # the gradient flowing down, w.r.t. the current phase's output
+        pending_residual: torch.Tensor | None = None  # grad of h1 from an MoE block's residual
+        for phase in reversed(run.phases):
+            if phase.moe is not None:
+                phased, st = phase.phased, phase.moe
+                pending_residual = grad
+                with run.store.defer():
+                    phased.backward_combine(st, grad)
+                yield  # the combine's gradient travels back
+                with run.store.defer():
+                    phased.backward_experts(st)
+                yield  # the dispatch's gradient travels back
+                with run.store.defer():
+                    grad = phased.backward_route(st)  # w.r.t. x_norm
+                params = [p for p in _trainable(phased.moe) if id(p) in st.param_grads]
+                self.accumulate(params, [st.param_grads[id(p)] for p in params])
+                continue
+            if pending_residual is not None:  # the attention phase of an MoE block: (h1, x_norm)
+                grad_outputs = [pending_residual, grad]
+                pending_residual = None
+            else:
+                grad_outputs = [torch.ones_like(phase.outputs[0]) if grad is None else grad]
+            with run.store.defer():
+                grads = _grads(phase.outputs, phase.inputs + phase.params, grad_outputs)
+            self.accumulate(phase.params, grads[len(phase.inputs) :])
+            grad = grads[0] if phase.inputs else None
+        run.phases = []
+        return grad
+
+
+def _dedup(params: list[nn.Parameter]) -> list[nn.Parameter]:
+    seen: set[int] = set()
+    out = []
+    for p in params:
+        if id(p) not in seen:
+            seen.add(id(p))
+            out.append(p)
+    return out
+
+
+def _grads(outputs, inputs, grad_outputs) -> list[torch.Tensor | None]:
+    pairs = [(o, g) for o, g in zip(outputs, grad_outputs, strict=True) if o.requires_grad]
+    got = torch.autograd.grad([o for o, _ in pairs], inputs, [g for _, g in pairs], allow_unused=True)
+    return list(got)
+
+
+def run_to_end(program: Program):
+    """Run a program without interleaving; its result."""
+    try:
+        while True:
+            next(program)
+    except StopIteration as done:
+        return done.value
+
+
+def interleave(
+    first: Program, second: Program, on_first_done: Callable[[object], None] | None = None
+) -> tuple[object, object]:
+    """Advance two programs one phase each in turn until both end; their results. `on_first_done`
+    sees the first program's result as soon as it ends (the executor sends a forward's activations
+    then, while the backward still computes)."""
+    results: list[object] = [None, None]
+    live = {0: first, 1: second}
+    while live:
+        for i in (0, 1):
+            if i in live:
+                try:
+                    next(live[i])
+                except StopIteration as done:
+                    results[i] = done.value
+                    del live[i]
+                    if i == 0 and on_first_done is not None:
+                        on_first_done(done.value)
+    return results[0], results[1]
