@@ -38,12 +38,25 @@ def run(argv: Sequence[str]) -> str:
     """Compose the config from Hydra overrides, do the work and return what to print."""
     cfg = ScheduleJobConfig.from_dict(compose_values(CONFIG_NAME, argv)[0])
     schedule = chosen_schedule(cfg)
-    result = simulate(schedule, chunk_costs(schedule, cfg.cost))
-    rows = compare(schedule.pp, schedule.num_microbatches, cfg.cost)
+    result = simulate(schedule, chunk_costs(schedule, cfg.chunk_cost))
+    rows = compare(schedule.pp, schedule.num_microbatches, cfg.chunk_cost)
     paths = write_outputs(schedule, result, cfg.out_dir, plot=cfg.plot)
+    overlap = None
+    if cfg.phases is not None:  # what parallel.overlap would gain on this schedule
+        pair = cfg.phases.pair()
+        without = simulate(schedule, chunk_costs(schedule, cfg.phases.costs(cfg.cost, overlap=False)))
+        overlap = {
+            "pair_overlapped": pair.overlapped,
+            "pair_sequential": pair.sequential,
+            "hidden_fraction": pair.hidden_fraction,
+            "makespan_overlapped": result.makespan,
+            "makespan_sequential": without.makespan,
+        }
     if cfg.format == "json":
         report = result.to_dict()
-        report["costs"] = vars(cfg.cost)
+        report["costs"] = vars(cfg.chunk_cost)
+        if overlap is not None:
+            report["overlap"] = overlap
         report["compare"] = [
             {"schedule": row.name, "error": row.error}
             if row.result is None
@@ -62,6 +75,12 @@ def run(argv: Sequence[str]) -> str:
             f"peak activations {max(result.peak_activations)}"
         )
     parts += ["", f"bubble per rank ({schedule.name}): " + " ".join(f"{x:g}" for x in result.idle)]
+    if overlap is not None:
+        parts.append(
+            f"overlap (from phases): F&B pair {overlap['pair_sequential']:g} -> {overlap['pair_overlapped']:g}, "
+            f"{overlap['hidden_fraction']:.0%} of its transfers hidden; {schedule.name} makespan "
+            f"{overlap['makespan_sequential']:g} -> {overlap['makespan_overlapped']:g}"
+        )
     parts += [f"wrote {path}" for path in paths.values()]
     return "\n".join(parts)
 

@@ -13,6 +13,7 @@ from moeforge.platform.schedules import GENERATORS, build_schedule
 from moeforge.platform.schedules.actions import Schedule, ScheduleError
 from moeforge.platform.schedules.formulas import formula_bubble, formula_holds
 from moeforge.platform.schedules.io import load_schedule, save_schedule
+from moeforge.platform.schedules.phase_costs import PhaseCostsConfig
 from moeforge.platform.schedules.simulate import Costs, SimResult, simulate
 from moeforge.platform.schedules.validate import validate
 
@@ -33,6 +34,8 @@ class ScheduleJobConfig:
     format: str = "text"
     out_dir: str = "runs/schedule"
     plot: bool = True
+    # F&B pairs from phase costs: cost.f / cost.b / cost.fb derived, overlap on against off
+    phases: PhaseCostsConfig | None = None
 
     def __post_init__(self) -> None:
         if self.file is None and self.schedule not in GENERATORS:
@@ -45,6 +48,11 @@ class ScheduleJobConfig:
             raise ScheduleError(f"format: must be one of {', '.join(FORMATS)}, got {self.format!r}")
         if not self.out_dir:
             raise ScheduleError("out_dir: must not be empty")
+
+    @property
+    def chunk_cost(self) -> Costs:
+        """The per-chunk costs to simulate: `cost`, or with `phases` the overlapped pair's."""
+        return self.cost if self.phases is None else self.phases.costs(self.cost, overlap=True)
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> ScheduleJobConfig:
