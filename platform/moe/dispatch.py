@@ -53,6 +53,36 @@ def plan_dispatch(expert_ids: torch.Tensor, placement: ExpertPlacement) -> Dispa
     return DispatchPlan(send_mask, pair_rank, pair_token, send_mask.sum(dim=0))
 
 
+def pair_routing(
+    plan: DispatchPlan, weights: torch.Tensor, expert_ids: torch.Tensor, placement: ExpertPlacement
+) -> torch.Tensor:
+    """Per pair, its token's k gate weights and local expert ids on the destination (weight 0 and
+    id -1 for experts on other ranks), fp32 -> [P, 2k]: what travels beside the hidden rows."""
+    ids = expert_ids[plan.pair_token]  # [P, k]
+    on_dest = placement.rank_of_expert(ids) == plan.pair_rank.unsqueeze(1)  # [P, k]
+    local_ids = torch.where(on_dest, ids - plan.pair_rank.unsqueeze(1) * placement.experts_per_rank, -1)
+    pair_weights = torch.where(on_dest, weights[plan.pair_token], 0.0)  # [P, k] fp32
+    return torch.cat([pair_weights, local_ids.to(pair_weights.dtype)], dim=1)
+
+
+def run_local_experts(
+    rows: torch.Tensor, routing: torch.Tensor, experts: nn.Module, experts_per_rank: int
+) -> torch.Tensor:
+    """Step 4: received rows [R, hidden] and their routing [R, 2k] -> the gated sum of this rank's
+    experts per received pair [R, hidden], the (pair, slot) rows sorted by local expert for one
+    grouped-GEMM call."""
+    top_k = routing.shape[1] // 2
+    w_recv, ids_recv = routing[:, :top_k], routing[:, top_k:].detach().long()
+    slot_pair, slot = (ids_recv >= 0).nonzero(as_tuple=True)  # [S]
+    slot_expert = ids_recv[slot_pair, slot]
+    order = slot_expert.argsort(stable=True)
+    slot_pair, slot, slot_expert = slot_pair[order], slot[order], slot_expert[order]
+    tokens_per_expert = torch.bincount(slot_expert, minlength=experts_per_rank)
+    y = experts(rows[slot_pair], tokens_per_expert)  # [S, hidden]
+    y = y * w_recv[slot_pair, slot].unsqueeze(-1).to(y.dtype)
+    return y.new_zeros((rows.shape[0], y.shape[1])).index_add_(0, slot_pair, y)  # [R, hidden]
+
+
 class AllToAllDispatch:
     """Callable installed as `MoE.dispatch` on an EP rank (see module docstring)."""
 
@@ -68,23 +98,12 @@ class AllToAllDispatch:
         self, flat: torch.Tensor, weights: torch.Tensor, expert_ids: torch.Tensor, experts: nn.Module
     ) -> torch.Tensor:
         """flat [N, hidden], weights [N, k] fp32, expert_ids [N, k] (global ids) -> [N, hidden]."""
-        per_rank = self.placement.experts_per_rank
-
-        # 1. unique (token, rank) pairs, rank-major
-        plan = plan_dispatch(expert_ids, self.placement)
-        pair_rank, pair_token, send_counts = plan.pair_rank, plan.pair_token, plan.send_counts
-        self._record(plan.send_mask)
-
-        # 2. counts
-        recv_counts = exchange_counts(send_counts, self.group)
-        send_splits, recv_splits = send_counts.tolist(), recv_counts.tolist()
-        self.stats.add_received(sum(recv_splits))
+        # 1-2. unique (token, rank) pairs, rank-major, and the counts exchanged
+        plan, send_splits, recv_splits = self.route(expert_ids)
+        pair_token = plan.pair_token
 
         # 3. dispatch: hidden rows, and per pair the routing of its experts on the destination
-        on_dest = self.placement.rank_of_expert(expert_ids[pair_token]) == pair_rank.unsqueeze(1)  # [P, k]
-        local_ids = torch.where(on_dest, expert_ids[pair_token] - pair_rank.unsqueeze(1) * per_rank, -1)
-        pair_weights = torch.where(on_dest, weights[pair_token], 0.0)  # [P, k] fp32
-        routing = torch.cat([pair_weights, local_ids.to(pair_weights.dtype)], dim=1)  # [P, 2k]
+        routing = pair_routing(plan, weights, expert_ids, self.placement)  # [P, 2k]
         dtype = compute_dtype(flat)
         rows = flat[pair_token]  # [P, hidden]
         if self.fp8:
@@ -97,24 +116,25 @@ class AllToAllDispatch:
             sent = rows.to(dtype)
             x_recv = all_to_all_rows(sent, send_splits, recv_splits, self.group)
         routing_recv = all_to_all_rows(routing, send_splits, recv_splits, self.group)  # [R, 2k]
-        top_k = expert_ids.shape[1]
-        w_recv, ids_recv = routing_recv[:, :top_k], routing_recv[:, top_k:].detach().long()
 
-        # 4. local experts over the received (pair, slot) rows, sorted by local expert
-        slot_pair, slot = (ids_recv >= 0).nonzero(as_tuple=True)  # [S]
-        slot_expert = ids_recv[slot_pair, slot]
-        order = slot_expert.argsort(stable=True)
-        slot_pair, slot, slot_expert = slot_pair[order], slot[order], slot_expert[order]
-        tokens_per_expert = torch.bincount(slot_expert, minlength=per_rank)
-        y = experts(x_recv[slot_pair], tokens_per_expert)  # [S, hidden]
-        y = y * w_recv[slot_pair, slot].unsqueeze(-1).to(y.dtype)
-        partial = y.new_zeros((x_recv.shape[0], y.shape[1])).index_add_(0, slot_pair, y)  # [R, hidden]
+        # 4. local experts over the received (pair, slot) rows
+        partial = run_local_experts(x_recv, routing_recv, experts, self.placement.experts_per_rank)
 
         # 5. combine back to the senders, sum per token
         partial = partial.to(dtype)
         back = all_to_all_rows(partial, recv_splits, send_splits, self.group)  # [P, hidden]
         self.stats.add_bytes(sent, partial)
         return torch.zeros_like(flat).index_add_(0, pair_token, back.to(flat.dtype))
+
+    def route(self, expert_ids: torch.Tensor) -> tuple[DispatchPlan, list[int], list[int]]:
+        """Steps 1-2: the pairs, recorded in the statistics, and the splits (host lists, as
+        all_to_all_single takes them: the one host synchronisation of a layer's dispatch)."""
+        plan = plan_dispatch(expert_ids, self.placement)
+        self._record(plan.send_mask)
+        recv_counts = exchange_counts(plan.send_counts, self.group)
+        send_splits, recv_splits = plan.send_counts.tolist(), recv_counts.tolist()
+        self.stats.add_received(sum(recv_splits))
+        return plan, send_splits, recv_splits
 
     def _record(self, send_mask: torch.Tensor) -> None:
         with torch.no_grad():

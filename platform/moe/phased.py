@@ -30,8 +30,7 @@ import torch.distributed as dist
 from moeforge.kernels.compute_dtype import compute_dtype
 from moeforge.kernels.token_compress import compress_tokens, decompress_tokens
 from moeforge.model.moe import MoE, sequence_balance_loss
-from moeforge.platform.moe.all_to_all import exchange_counts
-from moeforge.platform.moe.dispatch import AllToAllDispatch, plan_dispatch
+from moeforge.platform.moe.dispatch import AllToAllDispatch, pair_routing, run_local_experts
 from torch import nn
 
 
@@ -77,7 +76,6 @@ class MoEPhaseState:
     send_splits: list[int] = field(default_factory=list)
     recv_splits: list[int] = field(default_factory=list)
     pair_token: torch.Tensor | None = None
-    top_k: int = 0
     # route phase: outputs and the transfers it launched
     rows_out: torch.Tensor | None = None  # [P, hidden] compute dtype (what the dispatch sends, before FP8)
     routing_out: torch.Tensor | None = None  # [P, 2k] gate weights and local ids
@@ -127,19 +125,9 @@ class PhasedMoE:
                     affinities.view(b, s, -1), expert_ids.view(b, s, -1), moe.n_experts, moe.top_k
                 )
                 moe.last_aux_loss = st.aux.detach()
-        plan = plan_dispatch(expert_ids, d.placement)
-        d._record(plan.send_mask)
-        recv_counts = exchange_counts(plan.send_counts, d.group)
-        st.send_splits, st.recv_splits = plan.send_counts.tolist(), recv_counts.tolist()
-        d.stats.add_received(sum(st.recv_splits))
-        st.pair_token, st.top_k = plan.pair_token, expert_ids.shape[1]
-        per_rank = d.placement.experts_per_rank
-        on_dest = d.placement.rank_of_expert(expert_ids[plan.pair_token]) == plan.pair_rank.unsqueeze(1)
-        local_ids = torch.where(
-            on_dest, expert_ids[plan.pair_token] - plan.pair_rank.unsqueeze(1) * per_rank, -1
-        )
-        pair_weights = torch.where(on_dest, weights[plan.pair_token], 0.0)
-        st.routing_out = torch.cat([pair_weights, local_ids.to(pair_weights.dtype)], dim=1)  # [P, 2k]
+        plan, st.send_splits, st.recv_splits = d.route(expert_ids)
+        st.pair_token = plan.pair_token
+        st.routing_out = pair_routing(plan, weights, expert_ids, d.placement)  # [P, 2k]
         st.rows_out = st.x[plan.pair_token].to(compute_dtype(st.x))  # [P, hidden]
         payload = st.rows_out.detach()
         if d.fp8:
@@ -159,16 +147,7 @@ class PhasedMoE:
             received = decompress_tokens(received[:, :hidden], received[:, hidden:], st.rows_out.dtype)
         st.rows_in, st.routing_in = _leaf(received), _leaf(st.routing_flight.wait())
         st.rows_flight = st.routing_flight = None
-        top_k = st.top_k
-        w_recv, ids_recv = st.routing_in[:, :top_k], st.routing_in[:, top_k:].detach().long()
-        slot_pair, slot = (ids_recv >= 0).nonzero(as_tuple=True)
-        slot_expert = ids_recv[slot_pair, slot]
-        order = slot_expert.argsort(stable=True)
-        slot_pair, slot, slot_expert = slot_pair[order], slot[order], slot_expert[order]
-        tokens_per_expert = torch.bincount(slot_expert, minlength=d.placement.experts_per_rank)
-        y = self.moe.experts(st.rows_in[slot_pair], tokens_per_expert)  # [S, hidden]
-        y = y * w_recv[slot_pair, slot].unsqueeze(-1).to(y.dtype)
-        partial = y.new_zeros((st.rows_in.shape[0], y.shape[1])).index_add_(0, slot_pair, y)
+        partial = run_local_experts(st.rows_in, st.routing_in, self.moe.experts, d.placement.experts_per_rank)
         st.partial_out = partial.to(st.rows_out.dtype)  # [R, hidden]
         st.combine_flight = _launch(st.partial_out.detach(), st.recv_splits, st.send_splits, d.group)
         d.stats.add_bytes(st.partial_out[:0], st.partial_out)
