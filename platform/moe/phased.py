@@ -52,12 +52,14 @@ def _launch(x: torch.Tensor, send_splits: list[int], recv_splits: list[int], gro
     return _InFlight(work, out)
 
 
-def _leaf(t: torch.Tensor) -> torch.Tensor:
+def boundary_leaf(t: torch.Tensor) -> torch.Tensor:
     """A phase boundary: the tensor's value, as a new autograd leaf."""
     return t.detach().requires_grad_(t.is_floating_point())
 
 
-def _grads(outputs, inputs, grad_outputs) -> list[torch.Tensor | None]:
+def phase_grads(outputs, inputs, grad_outputs) -> list[torch.Tensor | None]:
+    """Gradients of one phase graph w.r.t. `inputs` (None for inputs without a gradient), from the
+    outputs that require one and have a gradient given."""
     pairs = [(o, g) for o, g in zip(outputs, grad_outputs, strict=True) if o.requires_grad and g is not None]
     wanted = [i for i in inputs if i.requires_grad]
     if not pairs or not wanted:
@@ -113,7 +115,7 @@ class PhasedMoE:
         """x [b, s, hidden] or [N, hidden] (the post-attention norm's output) -> state with the
         dispatch in flight. Load counts and the sequence-wise balance loss as MoE.forward keeps them."""
         moe, d = self.moe, self.dispatch
-        st = MoEPhaseState(x=_leaf(x.reshape(-1, x.shape[-1])), shape=tuple(x.shape))  # [N, hidden]
+        st = MoEPhaseState(x=boundary_leaf(x.reshape(-1, x.shape[-1])), shape=tuple(x.shape))  # [N, hidden]
         weights, expert_ids, affinities = moe.gate(st.x)
         if moe.training:
             with torch.no_grad():
@@ -145,7 +147,7 @@ class PhasedMoE:
         received = st.rows_flight.wait()
         if d.fp8:
             received = decompress_tokens(received[:, :hidden], received[:, hidden:], st.rows_out.dtype)
-        st.rows_in, st.routing_in = _leaf(received), _leaf(st.routing_flight.wait())
+        st.rows_in, st.routing_in = boundary_leaf(received), boundary_leaf(st.routing_flight.wait())
         st.rows_flight = st.routing_flight = None
         partial = run_local_experts(st.rows_in, st.routing_in, self.moe.experts, d.placement.experts_per_rank)
         st.partial_out = partial.to(st.rows_out.dtype)  # [R, hidden]
@@ -155,7 +157,7 @@ class PhasedMoE:
     def forward_combine(self, st: MoEPhaseState) -> torch.Tensor:
         """Wait for the combined rows; sum per token, add the shared experts -> the layer output, in
         the input's shape (detached: the phase's graph stays in `st`)."""
-        st.back_in = _leaf(st.combine_flight.wait())
+        st.back_in = boundary_leaf(st.combine_flight.wait())
         st.combine_flight = None
         out = torch.zeros_like(st.x).index_add_(0, st.pair_token, st.back_in.to(st.x.dtype))
         if self.moe.shared_experts is not None:
@@ -176,7 +178,7 @@ class PhasedMoE:
     def backward_combine(self, st: MoEPhaseState, grad_out: torch.Tensor) -> None:
         """grad_out (the output's shape) -> shared experts' gradients; the combine's reverse launched."""
         shared = self._params(self.moe.shared_experts)
-        grads = _grads([st.out], [st.back_in, st.x, *shared], [grad_out.reshape(st.out.shape)])
+        grads = phase_grads([st.out], [st.back_in, st.x, *shared], [grad_out.reshape(st.out.shape)])
         self._keep(st, shared, grads[2:])
         st.x_grad_shared = grads[1]
         grad_back = grads[0] if grads[0] is not None else torch.zeros_like(st.back_in)
@@ -187,7 +189,7 @@ class PhasedMoE:
         """Wait for the partial sums' gradient; the experts' gradients; the dispatch's reverse."""
         grad_partial = st.grad_flight.wait()
         experts = self._params(self.moe.experts)
-        grads = _grads([st.partial_out], [st.rows_in, st.routing_in, *experts], [grad_partial])
+        grads = phase_grads([st.partial_out], [st.rows_in, st.routing_in, *experts], [grad_partial])
         self._keep(st, experts, grads[2:])
         d = self.dispatch
         grad_rows = grads[0] if grads[0] is not None else torch.zeros_like(st.rows_in)
@@ -205,7 +207,7 @@ class PhasedMoE:
         if st.aux is not None and st.aux.requires_grad:  # unit weight, as AddAuxiliaryLoss injects it
             outputs.append(st.aux)
             grad_outputs.append(torch.ones_like(st.aux))
-        grads = _grads(outputs, [st.x, *gate], grad_outputs)
+        grads = phase_grads(outputs, [st.x, *gate], grad_outputs)
         self._keep(st, gate, grads[1:])
         grad_x = grads[0] if grads[0] is not None else torch.zeros_like(st.x)
         if st.x_grad_shared is not None:

@@ -31,15 +31,11 @@ import torch
 from moeforge.kernels.wgrad_store import WeightGradStore
 from moeforge.model.moe import MoE
 from moeforge.platform.moe.dispatch import AllToAllDispatch
-from moeforge.platform.moe.phased import MoEPhaseState, PhasedMoE
+from moeforge.platform.moe.phased import MoEPhaseState, PhasedMoE, boundary_leaf, phase_grads
 from moeforge.platform.runtime.stages import StageChunk
 from torch import nn
 
 Program = Generator[None, None, object]  # yields at each launched transfer; returns its result
-
-
-def _leaf(t: torch.Tensor) -> torch.Tensor:
-    return t.detach().requires_grad_(True)
 
 
 def _trainable(module: nn.Module) -> list[nn.Parameter]:
@@ -95,7 +91,7 @@ class ChunkProgram:
             h = out.detach()
         for block in self.chunk.blocks:
             phased = self.phased_moe.get(id(block.mlp))
-            h_in = _leaf(h)
+            h_in = boundary_leaf(h)
             if phased is None:  # no transfer inside: the whole block is one phase
                 with self.context():
                     out = block(h_in)
@@ -120,7 +116,7 @@ class ChunkProgram:
             h = h1.detach() + moe_out  # the residual; its backward is the identity
         if not spec.last:
             return h
-        h_in = _leaf(h)
+        h_in = boundary_leaf(h)
         with self.context():
             run.loss = model.head_and_loss(h_in, input_ids, labels)
         head_params = _trainable(model.norm) + _trainable(model.head) + _trainable(model.mtp)
@@ -156,7 +152,7 @@ class ChunkProgram:
             else:
                 grad_outputs = [torch.ones_like(phase.outputs[0]) if grad is None else grad]
             with run.store.defer():
-                grads = _grads(phase.outputs, phase.inputs + phase.params, grad_outputs)
+                grads = phase_grads(phase.outputs, phase.inputs + phase.params, grad_outputs)
             self.accumulate(phase.params, grads[len(phase.inputs) :])
             grad = grads[0] if phase.inputs else None
         run.phases = []
@@ -171,12 +167,6 @@ def _dedup(params: list[nn.Parameter]) -> list[nn.Parameter]:
             seen.add(id(p))
             out.append(p)
     return out
-
-
-def _grads(outputs, inputs, grad_outputs) -> list[torch.Tensor | None]:
-    pairs = [(o, g) for o, g in zip(outputs, grad_outputs, strict=True) if o.requires_grad]
-    got = torch.autograd.grad([o for o, _ in pairs], inputs, [g for _, g in pairs], allow_unused=True)
-    return list(got)
 
 
 def run_to_end(program: Program):
