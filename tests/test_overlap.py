@@ -8,24 +8,71 @@ parameter), and both must match the single-process loop as every pipeline case d
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from moeforge.model.config import ConfigError
 from moeforge.platform.config import TrainConfig
+from moeforge.platform.runtime.chunk_program import run_pair
 from moeforge.platform.runtime.local_spawn import spawn_gloo
 from moeforge.platform.runtime.pipeline_run import train_from_dict
-from pipeline_cases import assert_matches_reference, pipeline_config, pipeline_record, reference_run
+from pipeline_cases import (
+    assert_matches_reference,
+    pipeline_config,
+    pipeline_record,
+    read_metrics,
+    reference_run,
+)
 
 
-@pytest.mark.parametrize("schedule", ["dualpipe", "dualpipev"])
-def test_overlap_on_and_off_are_bit_identical_and_match_reference(tmp_path, schedule):
+def _recording(name: str, phases: int, log: list):
+    for k in range(phases):
+        log.append(f"{name}{k}")
+        if k < phases - 1:
+            yield
+    return name
+
+
+@pytest.mark.parametrize(
+    "order, expected",
+    [("backward_first", ["B0", "F0", "B1", "F1", "F2"]), ("forward_first", ["F0", "B0", "F1", "B1", "F2"])],
+)
+def test_pair_runs_phases_alternately_in_the_configured_order(order, expected):
+    log, forward_done = [], []
+    f, b = run_pair(_recording("F", 3, log), _recording("B", 2, log), forward_done.append, order)
+    assert (f, b) == ("F", "B")
+    assert log == expected
+    assert forward_done == ["F"]
+    with pytest.raises(ValueError, match="parallel.overlap_order"):
+        run_pair(_recording("F", 1, []), _recording("B", 1, []), None, "sideways")
+
+
+# both orders of the pair, one per schedule
+@pytest.mark.parametrize("schedule, order", [("dualpipe", "forward_first"), ("dualpipev", "backward_first")])
+def test_overlap_on_and_off_are_bit_identical_and_match_reference(tmp_path, schedule, order):
     records = {}
     for overlap in (False, True):
         raw = pipeline_config(
-            tmp_path / f"overlap_{overlap}", schedule, 2, 2, 4, 0, ep=2, chunk_phases=True, overlap=overlap
+            tmp_path / f"overlap_{overlap}",
+            schedule,
+            2,
+            2,
+            4,
+            0,
+            ep=2,
+            chunk_phases=True,
+            overlap=overlap,
+            overlap_order=order,
         )
         spawn_gloo(train_from_dict, 4, (raw, True))
         records[overlap] = pipeline_record(tmp_path / f"overlap_{overlap}")
+    # the phase programs' all-to-alls are timed: spans on every rank's timeline, waits in the metrics
+    with open(tmp_path / "overlap_True" / "timeline.json") as f:
+        events = [e for e in json.load(f)["traceEvents"] if e.get("ph") == "X"]
+    for rank in range(4):
+        assert any(e["cat"] == "A2A" and e["tid"] == rank for e in events), rank
+    assert all("exposed_a2a_s" in m for m in read_metrics(tmp_path / "overlap_True"))
     off, on = records[False], records[True]
     assert on.losses == off.losses
     assert on.grad_norms == off.grad_norms

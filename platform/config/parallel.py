@@ -37,6 +37,9 @@ class ParallelConfig:
     # pair phase by phase (DualPipe's overlap). Same math either way: on and off are bit-identical.
     chunk_phases: bool = False
     overlap: bool = False
+    # Whose phase opens an overlapped pair (runtime/chunk_program.run_pair): backward_first hides a
+    # short closing phase's transfer (measured by moeforge-bench overlap); forward_first the other.
+    overlap_order: str = "backward_first"
     recv_lookahead: int = 2  # receives are posted this many compute actions ahead of need
     peak_tflops_per_worker: float = 0.0  # for MFU; 0: reported as 0 (unknown hardware)
     # TEST-ONLY: make one rank fail mid-step, e.g. {"rank": 1, "step": 1, "kind": "raise" | "hang"}.
@@ -64,7 +67,9 @@ class ParallelConfig:
                 f"must be a list of integers >= 0, got {self.layers_per_stage}",
             )
         require(self.ep >= 1 and self.dp % self.ep == 0, "ep", f"must divide dp={self.dp}, got {self.ep}")
-        require(self.ep_ranks_per_node >= 0, "ep_ranks_per_node", f"must be >= 0, got {self.ep_ranks_per_node}")
+        require(
+            self.ep_ranks_per_node >= 0, "ep_ranks_per_node", f"must be >= 0, got {self.ep_ranks_per_node}"
+        )
         if self.ep_ranks_per_node:
             require(
                 self.ep % self.ep_ranks_per_node == 0,
@@ -75,6 +80,11 @@ class ParallelConfig:
             self.chunk_phases or not self.overlap,
             "overlap",
             "interleaves phase programs: set parallel.chunk_phases=true too",
+        )
+        require(
+            self.overlap_order in ("backward_first", "forward_first"),
+            "overlap_order",
+            f"must be backward_first|forward_first, got {self.overlap_order!r}",
         )
         require(self.gpu_memory_gb >= 0, "gpu_memory_gb", f"must be >= 0, got {self.gpu_memory_gb}")
         require(self.recv_lookahead >= 1, "recv_lookahead", f"must be >= 1, got {self.recv_lookahead}")

@@ -6,6 +6,8 @@ rows, per destination rank in group order. Works on gloo (CPU) and NCCL (GPU) al
 
     exchange_counts     how many rows each rank will send me (one small all-to-all)
     all_to_all_rows     rows of any dtype; backward sends the gradient back the reverse way
+    launch_all_to_all   one asynchronous all-to-all (outside autograd), awaited where its result is
+                        consumed: the phase programs of DualPipe's overlap (phased.py, the overlap bench)
     dispatch_rows_fp8   rows as FP8 e4m3 with 1x128 power-of-two tile scales (kernels/token_compress),
                         D + D/128 bytes per row; decompressed on arrival. Backward: the gradient
                         travels back in the compute dtype, unquantised (straight through the
@@ -15,6 +17,8 @@ rows, per destination rank in group order. Works on gloo (CPU) and NCCL (GPU) al
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 import torch.distributed as dist
@@ -26,6 +30,42 @@ def exchange_counts(send_counts: torch.Tensor, group) -> torch.Tensor:
     recv = torch.empty_like(send_counts)
     dist.all_to_all_single(recv, send_counts.contiguous(), group=group)
     return recv
+
+
+@dataclass
+class InFlight:
+    """An all-to-all launched asynchronously: `out` is valid once `wait()` returned."""
+
+    work: object
+    out: torch.Tensor
+
+    def wait(self) -> torch.Tensor:
+        self.work.wait()
+        return self.out
+
+
+class CollectiveTracker(Protocol):
+    """Something that times launched collectives (the rank's P2P endpoint): wraps the work so that
+    its wait is recorded (exposed time, timeline span)."""
+
+    def track_collective(self, work: object, out: torch.Tensor, label: str): ...
+
+
+def launch_all_to_all(
+    x: torch.Tensor,
+    send_splits: list[int],
+    recv_splits: list[int],
+    group,
+    tracker: CollectiveTracker | None = None,
+    label: str = "all-to-all",
+):
+    """Start x [sum(send_splits), ...] -> [sum(recv_splits), ...] without waiting; the returned handle's
+    `wait()` gives the received rows. With a `tracker`, the wait is timed under `label`."""
+    out = x.new_empty((sum(recv_splits), *x.shape[1:]))
+    work = dist.all_to_all_single(out, x.contiguous(), recv_splits, send_splits, group=group, async_op=True)
+    if tracker is not None:
+        return tracker.track_collective(work, out, label)
+    return InFlight(work, out)
 
 
 def _exchange(x: torch.Tensor, send_splits: list[int], recv_splits: list[int], group) -> torch.Tensor:

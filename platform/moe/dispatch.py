@@ -128,7 +128,13 @@ class AllToAllDispatch:
 
     def route(self, expert_ids: torch.Tensor) -> tuple[DispatchPlan, list[int], list[int]]:
         """Steps 1-2: the pairs, recorded in the statistics, and the splits (host lists, as
-        all_to_all_single takes them: the one host synchronisation of a layer's dispatch)."""
+        all_to_all_single takes them: the one host synchronisation of a layer's dispatch).
+
+        Why it stays: the receiving rank must know how many rows arrive to allocate the buffer
+        and pass the splits, and torch's all-to-all takes them on the host. Removing it needs a
+        dispatch kernel that writes into a worst-case buffer and reads the counts on the device
+        (what DeepEP does). On a GPU it drains the compute stream up to the router: the one
+        per-layer host synchronisation left in an overlapped pair (not yet removed)."""
         plan = plan_dispatch(expert_ids, self.placement)
         self._record(plan.send_mask)
         recv_counts = exchange_counts(plan.send_counts, self.group)

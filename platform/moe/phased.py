@@ -26,30 +26,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-import torch.distributed as dist
 from moeforge.kernels.compute_dtype import compute_dtype
 from moeforge.kernels.token_compress import compress_tokens, decompress_tokens
 from moeforge.model.moe import MoE, sequence_balance_loss
+from moeforge.platform.moe.all_to_all import CollectiveTracker, InFlight, launch_all_to_all
 from moeforge.platform.moe.dispatch import AllToAllDispatch, pair_routing, run_local_experts
 from torch import nn
-
-
-@dataclass
-class _InFlight:
-    """An all-to-all launched asynchronously: `out` is valid once `work.wait()` returned."""
-
-    work: object
-    out: torch.Tensor
-
-    def wait(self) -> torch.Tensor:
-        self.work.wait()
-        return self.out
-
-
-def _launch(x: torch.Tensor, send_splits: list[int], recv_splits: list[int], group) -> _InFlight:
-    out = x.new_empty((sum(recv_splits), *x.shape[1:]))
-    work = dist.all_to_all_single(out, x.contiguous(), recv_splits, send_splits, group=group, async_op=True)
-    return _InFlight(work, out)
 
 
 def boundary_leaf(t: torch.Tensor) -> torch.Tensor:
@@ -81,20 +63,20 @@ class MoEPhaseState:
     # route phase: outputs and the transfers it launched
     rows_out: torch.Tensor | None = None  # [P, hidden] compute dtype (what the dispatch sends, before FP8)
     routing_out: torch.Tensor | None = None  # [P, 2k] gate weights and local ids
-    rows_flight: _InFlight | None = None
-    routing_flight: _InFlight | None = None
+    rows_flight: InFlight | None = None
+    routing_flight: InFlight | None = None
     # experts phase
     rows_in: torch.Tensor | None = None  # received rows leaf [R, hidden]
     routing_in: torch.Tensor | None = None  # received routing leaf [R, 2k]
     partial_out: torch.Tensor | None = None  # [R, hidden]
-    combine_flight: _InFlight | None = None
+    combine_flight: InFlight | None = None
     # combine phase
     back_in: torch.Tensor | None = None  # combined rows leaf [P, hidden]
     out: torch.Tensor | None = None  # [N, hidden]
     # backward
     x_grad_shared: torch.Tensor | None = None  # the shared experts' part of the input gradient
-    grad_flight: _InFlight | None = None
-    grad_routing_flight: _InFlight | None = None
+    grad_flight: InFlight | None = None
+    grad_routing_flight: InFlight | None = None
     param_grads: dict[int, torch.Tensor] = field(default_factory=dict)
 
 
@@ -102,13 +84,18 @@ class PhasedMoE:
     """The routed and shared parts of `moe` (an MoE layer with an AllToAllDispatch installed) as
     phases; `forward_*` then `backward_*` in the order of the module docstring."""
 
-    def __init__(self, moe: MoE) -> None:
+    def __init__(self, moe: MoE, tracker: CollectiveTracker | None = None) -> None:
         if not isinstance(moe.dispatch, AllToAllDispatch):
             raise TypeError(
                 f"MoE layer {moe.layer_id}: PhasedMoE needs the expert-parallel dispatch installed"
             )
         self.moe = moe
         self.dispatch: AllToAllDispatch = moe.dispatch
+        self.tracker = tracker  # times each all-to-all's wait (exposed time, timeline), when set
+
+    def _launch(self, x: torch.Tensor, send_splits: list[int], recv_splits: list[int], what: str):
+        label = f"L{self.moe.layer_id} {what}"
+        return launch_all_to_all(x, send_splits, recv_splits, self.dispatch.group, self.tracker, label)
 
     # ---- forward ----------------------------------------------------------------------------------
     def forward_route(self, x: torch.Tensor) -> MoEPhaseState:
@@ -136,8 +123,10 @@ class PhasedMoE:
             payload = torch.cat(
                 compress_tokens(st.x[plan.pair_token].detach()), dim=-1
             )  # [P, D + D/128] uint8
-        st.rows_flight = _launch(payload, st.send_splits, st.recv_splits, d.group)
-        st.routing_flight = _launch(st.routing_out.detach(), st.send_splits, st.recv_splits, d.group)
+        st.rows_flight = self._launch(payload, st.send_splits, st.recv_splits, "dispatch")
+        st.routing_flight = self._launch(
+            st.routing_out.detach(), st.send_splits, st.recv_splits, "dispatch routing"
+        )
         d.stats.add_bytes(payload, payload[:0])
         return st
 
@@ -151,7 +140,7 @@ class PhasedMoE:
         st.rows_flight = st.routing_flight = None
         partial = run_local_experts(st.rows_in, st.routing_in, self.moe.experts, d.placement.experts_per_rank)
         st.partial_out = partial.to(st.rows_out.dtype)  # [R, hidden]
-        st.combine_flight = _launch(st.partial_out.detach(), st.recv_splits, st.send_splits, d.group)
+        st.combine_flight = self._launch(st.partial_out.detach(), st.recv_splits, st.send_splits, "combine")
         d.stats.add_bytes(st.partial_out[:0], st.partial_out)
 
     def forward_combine(self, st: MoEPhaseState) -> torch.Tensor:
@@ -182,7 +171,7 @@ class PhasedMoE:
         self._keep(st, shared, grads[2:])
         st.x_grad_shared = grads[1]
         grad_back = grads[0] if grads[0] is not None else torch.zeros_like(st.back_in)
-        st.grad_flight = _launch(grad_back, st.send_splits, st.recv_splits, self.dispatch.group)
+        st.grad_flight = self._launch(grad_back, st.send_splits, st.recv_splits, "combine grad")
         st.out = None
 
     def backward_experts(self, st: MoEPhaseState) -> None:
@@ -191,11 +180,14 @@ class PhasedMoE:
         experts = self._params(self.moe.experts)
         grads = phase_grads([st.partial_out], [st.rows_in, st.routing_in, *experts], [grad_partial])
         self._keep(st, experts, grads[2:])
-        d = self.dispatch
         grad_rows = grads[0] if grads[0] is not None else torch.zeros_like(st.rows_in)
         grad_routing = grads[1] if grads[1] is not None else torch.zeros_like(st.routing_in)
-        st.grad_flight = _launch(grad_rows.to(st.rows_out.dtype), st.recv_splits, st.send_splits, d.group)
-        st.grad_routing_flight = _launch(grad_routing, st.recv_splits, st.send_splits, d.group)
+        st.grad_flight = self._launch(
+            grad_rows.to(st.rows_out.dtype), st.recv_splits, st.send_splits, "dispatch grad"
+        )
+        st.grad_routing_flight = self._launch(
+            grad_routing, st.recv_splits, st.send_splits, "dispatch routing grad"
+        )
         st.partial_out = None
 
     def backward_route(self, st: MoEPhaseState) -> torch.Tensor:

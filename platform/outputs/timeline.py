@@ -30,7 +30,17 @@ _PALETTE = {
 }
 _OTHER = "#bdbdbd"
 _WAIT = "#de2d26"
+_A2A = {"F": "#9e9ac8", "B": "#74c476"}  # all-to-alls in flight: a forward's purple, a backward's green
 _DARK = {"W", "BW"}
+_PHASES = {"PHASE_F", "PHASE_B"}
+
+
+def _a2a_direction(rec: TimelineRecord) -> str | None:
+    """ "F" / "B" for an all-to-all span or wait (a backward's labels say "grad" or start with B)."""
+    if rec.kind not in ("A2A", "A2A_WAIT"):
+        return None
+    label = rec.label.removeprefix("wait ")
+    return "B" if label.startswith("B") or label.endswith("grad") else "F"
 
 
 def _halves(label: str) -> list[tuple[str, int, str]] | None:
@@ -59,7 +69,10 @@ def plot_timeline(
     kind and labelled with its micro-batch; an overlapped F&B pair is one box with a black border, forward
     on the upper half and backward on the lower half. Records whose label is not a compute action
     (measured sends, receives, waits, ...) are drawn as a thin strip along the bottom of their rank's row,
-    coloured by `kind` (WAIT in red)."""
+    coloured by `kind` (WAIT in red). Phase records (PHASE_F / PHASE_B, an overlapped pair's
+    compute phases) are outlined inside their pair's box, forward half or backward half; MoE
+    all-to-all spans (A2A) get two lanes of the strip of their own, forward and backward, so the
+    transfers of both micro-batches of a pair show while the other computes."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -68,7 +81,8 @@ def plot_timeline(
 
     if not records:
         raise ValueError("plot_timeline: no records to plot")
-    parsed = [(rec, _halves(rec.label)) for rec in records]
+    phases = [rec for rec in records if rec.kind in _PHASES]
+    parsed = [(rec, _halves(rec.label)) for rec in records if rec.kind not in _PHASES]
     compute = [(rec, halves) for rec, halves in parsed if halves is not None]
     others = [rec for rec, halves in parsed if halves is None]
     ranks = sorted({r.rank for r in records})
@@ -80,7 +94,8 @@ def plot_timeline(
     width = min(max(10.0, 0.45 * span / min(durations)), 60.0)
     fig, ax = plt.subplots(figsize=(width, 0.55 * len(ranks) + 1.6))
     font = 7 if len(ranks) <= 8 else 6
-    strip = 0.15 if others else 0.0  # height of the bottom strip for non-compute records
+    has_a2a = any(_a2a_direction(rec) for rec in others)
+    strip = (0.27 if has_a2a else 0.15) if others else 0.0  # bottom strip for non-compute records
     top, bottom = 0.95, 0.05 + strip
     for rec, halves in compute:
         y, x, w = row[rec.rank], rec.start - t0, rec.end - rec.start
@@ -96,11 +111,32 @@ def plot_timeline(
             ax.add_patch(
                 Rectangle((x, y + bottom), w, top - bottom, fill=False, edgecolor="black", linewidth=1.2)
             )
-    other_kinds = sorted({rec.kind for rec in others})
-    for rec in others:
-        colour = _WAIT if rec.kind.upper() == "WAIT" else _OTHER
+    pair_half = (top - bottom) / 2
+    for rec in phases:  # outlines inside the pair box: forward phases above, backward below
+        y = row[rec.rank] + (top - pair_half if rec.kind == "PHASE_F" else bottom)
         ax.add_patch(
-            Rectangle((rec.start - t0, row[rec.rank] + 0.04), rec.end - rec.start, strip, color=colour)
+            Rectangle(
+                (rec.start - t0, y),
+                rec.end - rec.start,
+                pair_half,
+                fill=False,
+                edgecolor="black",
+                linewidth=0.4,
+            )
+        )
+    other_kinds = sorted({rec.kind for rec in others if not _a2a_direction(rec)})
+    lane = strip / 3 if has_a2a else strip  # p2p at the bottom, then forward and backward all-to-alls
+    for rec in others:
+        direction = _a2a_direction(rec)
+        if rec.kind.upper() in ("WAIT", "A2A_WAIT"):
+            colour = _WAIT
+        else:
+            colour = _A2A[direction] if direction else _OTHER
+        level = {None: 0, "F": 1, "B": 2}[direction]
+        ax.add_patch(
+            Rectangle(
+                (rec.start - t0, row[rec.rank] + 0.04 + level * lane), rec.end - rec.start, lane, color=colour
+            )
         )
     ax.set_xlim(0, span)
     ax.set_ylim(-0.1, len(ranks) + 0.05)
@@ -118,12 +154,14 @@ def plot_timeline(
     ]
     if any(len(halves) == 2 for _, halves in compute):
         handles.append(Patch(facecolor="white", edgecolor="black", label="F&B overlapped (top F, bottom B)"))
+    if has_a2a:
+        handles += [Patch(facecolor=_A2A[d], label=f"all-to-all in flight ({d})") for d in ("F", "B")]
     if other_kinds:
         handles.append(
             Patch(facecolor=_OTHER, label="/".join(k for k in other_kinds if k.upper() != "WAIT") or "other")
         )
-        if any(k.upper() == "WAIT" for k in other_kinds):
-            handles.append(Patch(facecolor=_WAIT, label="WAIT"))
+    if any(rec.kind.upper() in ("WAIT", "A2A_WAIT") for rec in others):
+        handles.append(Patch(facecolor=_WAIT, label="WAIT"))
     if handles:
         ax.legend(
             handles=handles,

@@ -11,8 +11,9 @@ DualPipe F&B pair) while the transfer travels:
                phase; [final norm, head, loss and the MTP chain as one phase]
     backward   the same phases in reverse, each an autograd graph between detached boundaries
 
-`interleave(a, b)` advances two programs alternately, one phase each: V3's overlapped pair, with
-each phase's all-to-all in flight while the other micro-batch computes its next phase. The math of
+`run_pair(forward, backward)` advances the two programs alternately, one phase each (`interleave`):
+V3's overlapped pair, with each phase's all-to-all in flight while the other micro-batch computes
+its next phase. The math of
 a program does not depend on what runs between its phases, so interleaved and sequential pairs
 give bit-identical results (tests/test_overlap.py).
 
@@ -24,12 +25,14 @@ queued batch per phase; W flushes the run's batches, so the weight-gradient GEMM
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
 
 import torch
 from moeforge.kernels.wgrad_store import WeightGradStore
 from moeforge.model.moe import MoE
+from moeforge.platform.moe.all_to_all import CollectiveTracker
 from moeforge.platform.moe.dispatch import AllToAllDispatch
 from moeforge.platform.moe.phased import MoEPhaseState, PhasedMoE, boundary_leaf, phase_grads
 from moeforge.platform.runtime.stages import StageChunk
@@ -70,10 +73,11 @@ class ChunkProgram:
         chunk: StageChunk,
         context: Callable[[], contextlib.AbstractContextManager],
         accumulate: Callable[[list[nn.Parameter], list[torch.Tensor | None]], None],
+        tracker: CollectiveTracker | None = None,
     ) -> None:
         self.chunk, self.context, self.accumulate = chunk, context, accumulate
         self.phased_moe = {
-            id(b.mlp): PhasedMoE(b.mlp)
+            id(b.mlp): PhasedMoE(b.mlp, tracker)
             for b in chunk.blocks
             if isinstance(b.mlp, MoE) and isinstance(b.mlp.dispatch, AllToAllDispatch)
         }
@@ -178,22 +182,62 @@ def run_to_end(program: Program):
         return done.value
 
 
+PAIR_ORDERS = ("backward_first", "forward_first")
+
+
+PhaseHook = Callable[[str, float, float], None]  # (program name, start, end) of one phase
+
+
 def interleave(
-    first: Program, second: Program, on_first_done: Callable[[object], None] | None = None
-) -> tuple[object, object]:
-    """Advance two programs one phase each in turn until both end; their results. `on_first_done`
-    sees the first program's result as soon as it ends (the executor sends a forward's activations
-    then, while the backward still computes)."""
-    results: list[object] = [None, None]
-    live = {0: first, 1: second}
+    programs: list[Program],
+    on_done: list[Callable[[object], None] | None] | None = None,
+    on_phase: Callable[[int, float, float], None] | None = None,
+) -> list[object]:
+    """Advance the programs one phase each in turn, in list order, until all end; their results.
+    `on_done[i]` sees program i's result as soon as it ends (the executor sends a forward's
+    activations then, while the other program still computes); `on_phase(i, start, end)` sees
+    each phase's perf_counter span (the timeline)."""
+    on_done = on_done or [None] * len(programs)
+    results: list[object] = [None] * len(programs)
+    live = dict(enumerate(programs))
     while live:
-        for i in (0, 1):
-            if i in live:
-                try:
-                    next(live[i])
-                except StopIteration as done:
-                    results[i] = done.value
-                    del live[i]
-                    if i == 0 and on_first_done is not None:
-                        on_first_done(done.value)
-    return results[0], results[1]
+        for i in list(live):
+            start = time.perf_counter()
+            try:
+                next(live[i])
+                if on_phase is not None:
+                    on_phase(i, start, time.perf_counter())
+            except StopIteration as done:
+                if on_phase is not None:
+                    on_phase(i, start, time.perf_counter())
+                results[i] = done.value
+                del live[i]
+                if on_done[i] is not None:
+                    on_done[i](done.value)
+    return results
+
+
+def run_pair(
+    forward: Program,
+    backward: Program,
+    on_forward_done: Callable[[object], None] | None = None,
+    order: str = "backward_first",
+    on_phase: PhaseHook | None = None,
+) -> tuple[object, object]:
+    """V3's overlapped F&B pair: the two programs interleaved phase by phase; (forward result,
+    backward result). `order` says whose phase runs first (parallel.overlap_order). Backward first
+    lets the backward's short opening phase (the head, or the last block's residual) launch its
+    combine gradient right away, so the forward's long attention phase covers it; forward first
+    waits on the forward's dispatch behind that short phase (schedules/phase_costs.py predicts
+    both). The order must be the same on every rank of an EP group (their collectives pair up in
+    launch order): it is a fixed setting, never decided by timing. `on_phase("F" | "B", start,
+    end)` sees every phase's perf_counter span."""
+    if order not in PAIR_ORDERS:
+        raise ValueError(f"parallel.overlap_order: {order!r} is not one of {PAIR_ORDERS}")
+    names = ("F", "B") if order == "forward_first" else ("B", "F")
+    hook = None if on_phase is None else (lambda i, start, end: on_phase(names[i], start, end))
+    if order == "forward_first":
+        f, b = interleave([forward, backward], [on_forward_done, None], hook)
+    else:
+        b, f = interleave([backward, forward], [None, on_forward_done], hook)
+    return f, b

@@ -22,7 +22,9 @@ Per action:
                their place in the list, and in list order.
 
 Timing: every compute action, transfer and blocking wait becomes a TimelineRecord (seconds since
-the step start); `busy_s` sums compute time and `p2p.exposed_s` the time blocked on transfers.
+the step start); `busy_s` sums compute time, `p2p.exposed_s` the time blocked on transfers and
+`p2p.exposed_a2a_s` the time blocked on the all-to-alls of phase programs (parallel.chunk_phases;
+the one-graph path waits inside autograd, untimed, and its all-to-alls count as compute).
 """
 
 from __future__ import annotations
@@ -61,7 +63,8 @@ class StepTrace:
     records: list[TimelineRecord] = field(default_factory=list)
     busy_s: float = 0.0  # compute time
     step_s: float = 0.0  # from step start until the last action (and send) finished
-    exposed_comm_s: float = 0.0  # time blocked waiting on transfers
+    exposed_comm_s: float = 0.0  # time blocked waiting on point-to-point transfers
+    exposed_a2a_s: float = 0.0  # time blocked waiting on the phase programs' MoE all-to-alls
 
     @property
     def bubble_fraction(self) -> float:
@@ -140,6 +143,7 @@ class PipelineExecutor:
         self.p2p.wait_sends()
         trace.step_s = self.clock() - t0
         trace.exposed_comm_s = self.p2p.exposed_s
+        trace.exposed_a2a_s = self.p2p.exposed_a2a_s
         trace.records.extend(self.p2p.records)
         trace.records.sort(key=lambda r: r.start)
         return trace
@@ -155,8 +159,21 @@ class PipelineExecutor:
                 self._deliver_forward(a.chunk, a.mb, out)
                 self._issue_ready_sends(index)  # the activations travel while the backward ends
 
+            def phase_done(half: str, begin: float, end: float) -> None:  # the pair's phases, on the timeline
+                label = f"{a.chunk}.{a.mb}" if half == "F" else f"{a.b_chunk}.{a.b_mb}"
+                t0 = self.p2p.t0
+                trace.records.append(
+                    TimelineRecord(
+                        self.p2p.timeline_rank, f"{half}{label}", f"PHASE_{half}", begin - t0, end - t0
+                    )
+                )
+
             grad_in = self.compute.overlapped_pair(
-                (a.chunk, a.mb, x), (a.b_chunk, a.b_mb, grad_out), a.b_kind is Kind.BW, forward_done
+                (a.chunk, a.mb, x),
+                (a.b_chunk, a.b_mb, grad_out),
+                a.b_kind is Kind.BW,
+                forward_done,
+                phase_done,
             )
             self._deliver_backward(a.b_chunk, a.b_mb, grad_in)
         elif a.kind is Kind.FB:

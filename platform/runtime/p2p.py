@@ -3,7 +3,11 @@
 Every transfer is non-blocking (`torch.distributed.isend` / `irecv`); the executor posts receives
 ahead of need and only waits when a compute action needs the data, so transfers overlap computation.
 The time spent blocked in `wait` is the *exposed* communication time: the part that computation did
-not hide.
+not hide. The same endpoint times the MoE all-to-alls that phase programs launch asynchronously
+(`track_collective`): their blocked time is kept apart (`exposed_a2a_s`), and each becomes an A2A
+timeline span from launch to the end of its wait (gloo has no completion timestamp: when the wait
+did not block, the span ends where the result was consumed), with an A2A_WAIT record where it
+blocked.
 
 Tags tell apart transfers between the same two ranks (gloo matches a receive to a send by source and
 tag, so the order in which the two sides post them does not matter). NCCL ignores tags and matches
@@ -37,9 +41,20 @@ class Transfer:
     tensor: torch.Tensor
     peer: int
     label: str
-    kind: str  # "send" | "recv"
+    kind: str  # "send" | "recv" | "a2a"
     posted: float
     done: float | None = None
+
+
+@dataclass
+class TrackedCollective:
+    """A launched collective whose `wait()` goes through its P2P endpoint's timing."""
+
+    p2p: P2P
+    transfer: Transfer
+
+    def wait(self) -> torch.Tensor:
+        return self.p2p.wait(self.transfer)
 
 
 @dataclass
@@ -55,13 +70,15 @@ class P2P:
     device: torch.device | str = "cpu"
     clock: object = time.perf_counter
     t0: float = 0.0
-    exposed_s: float = 0.0
+    exposed_s: float = 0.0  # blocked on point-to-point transfers
+    exposed_a2a_s: float = 0.0  # blocked on tracked collectives (the MoE all-to-alls)
     records: list[TimelineRecord] = field(default_factory=list)
     pending_sends: list[Transfer] = field(default_factory=list)
 
     def start_step(self, t0: float) -> None:
         self.t0 = t0
         self.exposed_s = 0.0
+        self.exposed_a2a_s = 0.0
         self.records = []
 
     def _now(self) -> float:
@@ -79,6 +96,10 @@ class P2P:
         work = dist.irecv(buf, src=src, tag=tag)
         return Transfer(work, buf, src, label, "recv", self._now())
 
+    def track_collective(self, work: object, out: torch.Tensor, label: str) -> TrackedCollective:
+        """Wrap an asynchronous collective launched just now (moe.all_to_all.launch_all_to_all)."""
+        return TrackedCollective(self, Transfer(work, out, -1, label, "a2a", self._now()))
+
     def wait(self, t: Transfer) -> torch.Tensor:
         """Block until `t` completes (time counted as exposed communication); return its tensor."""
         if t.done is None:
@@ -86,17 +107,26 @@ class P2P:
             try:
                 t.work.wait(datetime.timedelta(seconds=self.timeout_s))
             except RuntimeError as err:
-                what = "receiving" if t.kind == "recv" else "sending"
-                direction = "from" if t.kind == "recv" else "to"
+                if t.kind == "a2a":
+                    what = f"the all-to-all {t.label} over its EP group"
+                else:
+                    direction = "from" if t.kind == "recv" else "to"
+                    what = f"{'receiving' if t.kind == 'recv' else 'sending'} {t.label} {direction} rank {t.peer}"
                 raise PeerTimeout(
-                    f"{self.name or f'rank {self.rank}'}: {what} {t.label} {direction} rank {t.peer} did not "
-                    f"complete within parallel.p2p_timeout_s={self.timeout_s:g}s ({err})"
+                    f"{self.name or f'rank {self.rank}'}: {what} did not complete within "
+                    f"parallel.p2p_timeout_s={self.timeout_s:g}s ({err})"
                 ) from None
             end = self._now()
             t.done = end
-            self.exposed_s += end - start
+            wait_kind = "A2A_WAIT" if t.kind == "a2a" else "WAIT"
+            if t.kind == "a2a":
+                self.exposed_a2a_s += end - start
+            else:
+                self.exposed_s += end - start
             if end - start > 0:
-                self.records.append(TimelineRecord(self.timeline_rank, "wait " + t.label, "WAIT", start, end))
+                self.records.append(
+                    TimelineRecord(self.timeline_rank, "wait " + t.label, wait_kind, start, end)
+                )
             self.records.append(TimelineRecord(self.timeline_rank, t.label, t.kind.upper(), t.posted, end))
         return t.tensor
 

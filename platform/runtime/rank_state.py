@@ -66,6 +66,7 @@ class PipelineStepMetrics:
     mfu: float
     bubble_fraction: float  # measured: 1 - mean compute time / step time over ranks
     exposed_comm_s: list[float]  # per world rank: time blocked on transfers
+    exposed_a2a_s: list[float] = field(default_factory=list)  # per world rank: blocked on phase all-to-alls
     records: list[TimelineRecord] = field(default_factory=list)  # rank 0, when gathered
     routing: dict[str, float] = field(default_factory=dict)  # EP: ranks and nodes per token
 
@@ -76,6 +77,7 @@ class PipelineStepMetrics:
             "bubble_fraction": self.bubble_fraction,
             "exposed_comm_s": max(self.exposed_comm_s),
             "exposed_comm_s_per_rank": self.exposed_comm_s,
+            "exposed_a2a_s": max(self.exposed_a2a_s, default=0.0),
             **self.routing,
         }
 
@@ -119,7 +121,11 @@ class PipelineRuntime:
         expert_params: list[torch.nn.Parameter] = []
         if self.placement is not None:
             install_dispatch(
-                self.module.moe_layers(), self.placement, self.groups.ep, cfg.precision.fp8_linear, self.routing
+                self.module.moe_layers(),
+                self.placement,
+                self.groups.ep,
+                cfg.precision.fp8_linear,
+                self.routing,
             )
             expert_params = [p for m in self.module.moe_layers() for p in m.experts.parameters()]
         self.chunks = {c: StageChunk(self.model, specs[s], self.module) for c, s in enumerate(stages)}
@@ -128,13 +134,15 @@ class PipelineRuntime:
         self.total_moe_layers = len(self.model.moe_layers())
         set_balance_loss_scale(self.moe, cfg.model.seq_aux_loss_alpha, 1.0 / self.microbatches)
 
+        self.p2p = P2P(rank, par.p2p_timeout_s, name=self.name, timeline_rank=rank, device=self.device)
         self.compute = ModelCompute(
             self.chunks,
             loss_scale=1.0 / self.microbatches,
             context=lambda: compute_context(cfg.precision, self.device.type),
             phases=par.chunk_phases,
+            tracker=self.p2p,
+            overlap_order=par.overlap_order,
         )
-        self.p2p = P2P(rank, par.p2p_timeout_s, name=self.name, timeline_rank=rank, device=self.device)
         rows = cfg.data.global_batch // (par.dp * par.microbatches)
 
         def executor(schedule, compute, fault=None, overlap=False) -> PipelineExecutor:
@@ -262,14 +270,14 @@ class PipelineRuntime:
         return t.cpu()
 
     def _metrics(self, trace: StepTrace, lr, grad_norm, load: ExpertLoad, start, gather):
-        losses = self.compute.losses
+        losses, aux_loss_sum = self.compute.loss_values()
         local = torch.tensor(
             [
                 sum(v["loss"] for v in losses.values()),
                 sum(v["lm_loss"] for v in losses.values()),
                 sum(v["mtp_loss"] for v in losses.values()),
                 float(len(losses)),
-                self.compute.aux_loss_sum,
+                aux_loss_sum,
             ],
             dtype=torch.float64,
         )
@@ -277,8 +285,10 @@ class PipelineRuntime:
         loss_sum, lm_sum, mtp_sum, count, aux_sum = local.tolist()
         if round(count) != self.microbatches * self.cfg.parallel.dp:
             raise RuntimeError(f"{self.name}: {count} micro-batch losses, expected M * dp")
-        per_rank = torch.zeros(self.topo.world_size, 3, dtype=torch.float64)
-        per_rank[self.rank] = torch.tensor([trace.busy_s, trace.step_s, trace.exposed_comm_s])
+        per_rank = torch.zeros(self.topo.world_size, 4, dtype=torch.float64)
+        per_rank[self.rank] = torch.tensor(
+            [trace.busy_s, trace.step_s, trace.exposed_comm_s, trace.exposed_a2a_s]
+        )
         per_rank = self._all_reduce_small(per_rank)
         busy, span, exposed = per_rank[:, 0], per_rank[:, 1], per_rank[:, 2]
         step_time = time.perf_counter() - start
@@ -309,6 +319,7 @@ class PipelineRuntime:
             mfu=(tokens / step_time) * self.flops_per_token / peak if peak > 0 else 0.0,
             bubble_fraction=float(1.0 - busy.mean() / span.max()) if float(span.max()) > 0 else 0.0,
             exposed_comm_s=exposed.tolist(),
+            exposed_a2a_s=per_rank[:, 3].tolist(),
             records=records,
         )
 
@@ -335,7 +346,8 @@ class PipelineRuntime:
                 if self.holds_data:
                     batch = self.source.val_batch(i, self.dp_rank, par.dp).to(self.device)
                     microbatches = [
-                        MicroBatch(*inputs_and_labels(t)) for t in split_microbatches(batch, self.microbatches)
+                        MicroBatch(*inputs_and_labels(t))
+                        for t in split_microbatches(batch, self.microbatches)
                     ]
                 self.eval_compute.start(microbatches)
                 self.eval_executor.run()

@@ -22,7 +22,15 @@ from dataclasses import dataclass
 
 import torch
 from moeforge.kernels.wgrad_store import WeightGradStore
-from moeforge.platform.runtime.chunk_program import ChunkProgram, ChunkRun, Program, interleave, run_to_end
+from moeforge.platform.moe.all_to_all import CollectiveTracker
+from moeforge.platform.runtime.chunk_program import (
+    ChunkProgram,
+    ChunkRun,
+    PhaseHook,
+    Program,
+    run_pair,
+    run_to_end,
+)
 from moeforge.platform.runtime.stages import StageChunk
 
 
@@ -58,21 +66,30 @@ class ModelCompute:
         context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
         act_dtype: torch.dtype = torch.float32,
         phases: bool = False,
+        tracker: CollectiveTracker | None = None,
+        overlap_order: str = "backward_first",
     ) -> None:
         self.chunks = chunks
         self.loss_scale = loss_scale
         self.deferred_wgrad = deferred_wgrad
         # parallel.chunk_phases: chunks run as phase programs (chunk_program.py), which an F&B pair
-        # can interleave; otherwise each chunk is one autograd graph
+        # can interleave; otherwise each chunk is one autograd graph. `tracker` (the rank's P2P
+        # endpoint) times the programs' all-to-alls.
         self.programs = (
-            {c: ChunkProgram(stage, context, self._accumulate) for c, stage in chunks.items()} if phases else None
+            {c: ChunkProgram(stage, context, self._accumulate, tracker) for c, stage in chunks.items()}
+            if phases
+            else None
         )
+        self.overlap_order = overlap_order
         self.context = context
         self.act_dtype = act_dtype
         self.microbatches: list[MicroBatch] = []
         self.slots: dict[tuple[int, int], _Slot | ChunkRun] = {}
-        self.losses: dict[int, dict[str, float]] = {}
-        self.aux_loss_sum = 0.0  # balance losses recorded by this rank's MoE layers this step
+        # Per micro-batch loss values and the balance-loss sum stay 0-d tensors until the step's end
+        # (loss_values): a float() per micro-batch would be a host synchronisation on the GPU's
+        # critical path, between schedule actions.
+        self.losses: dict[int, dict[str, torch.Tensor]] = {}
+        self.aux_loss_sum: torch.Tensor | float = 0.0  # balance losses of this rank's MoE layers
         # Parameters shared by two chunks (the embedding on a DualPipe rank) appear once.
         seen, self.params = set(), []
         for c in sorted(chunks):
@@ -88,6 +105,12 @@ class ModelCompute:
         self.microbatches = microbatches
         self.losses = {}
         self.aux_loss_sum = 0.0
+
+    def loss_values(self) -> tuple[dict[int, dict[str, float]], float]:
+        """The step's per micro-batch losses and balance-loss sum as floats: one synchronisation,
+        after the schedule."""
+        losses = {mb: {k: float(v) for k, v in vals.items()} for mb, vals in self.losses.items()}
+        return losses, float(self.aux_loss_sum)
 
     def take_grads(self) -> dict[int, torch.Tensor]:
         """The step's accumulated weight gradients, keyed by id(param) (including what deferred W
@@ -129,10 +152,13 @@ class ModelCompute:
         b: tuple[int, int, torch.Tensor | None],
         full: bool,
         on_forward_done: Callable[[torch.Tensor | None], None],
+        on_phase: PhaseHook | None = None,
     ) -> torch.Tensor | None:
         """An F&B pair with its phases interleaved (parallel.overlap); returns the backward's input
-        gradient. `on_forward_done` receives the forward's output as soon as it exists."""
-        _, grad_in = interleave(self.forward_program(*f), self.backward_program(*b, full), on_forward_done)
+        gradient. `on_forward_done` receives the forward's output as soon as it exists; `on_phase`
+        each phase's span (chunk_program.run_pair)."""
+        programs = self.forward_program(*f), self.backward_program(*b, full)
+        _, grad_in = run_pair(*programs, on_forward_done, self.overlap_order, on_phase)
         return grad_in
 
     # ---- StageCompute -----------------------------------------------------------------------------
@@ -159,12 +185,12 @@ class ModelCompute:
         micro-batch's loss values (`loss`, a LossOutput; None elsewhere)."""
         for moe in stage.moe_layers:
             if moe.last_aux_loss is not None:
-                self.aux_loss_sum += float(moe.last_aux_loss)
+                self.aux_loss_sum = self.aux_loss_sum + moe.last_aux_loss.detach()
         if loss is not None:
             self.losses[mb] = {
-                "loss": float(loss.loss.detach()),
-                "lm_loss": float(loss.lm_loss.detach()),
-                "mtp_loss": float(loss.mtp_loss.detach()),
+                "loss": loss.loss.detach(),
+                "lm_loss": loss.lm_loss.detach(),
+                "mtp_loss": loss.mtp_loss.detach(),
             }
 
     def backward_input(self, chunk: int, mb: int, grad_out: torch.Tensor | None) -> torch.Tensor | None:

@@ -2,8 +2,9 @@
 
 A chunk's forward and backward are programs of compute phases with a transfer (an MoE all-to-all)
 after each phase but the last (platform/runtime/chunk_program.py). The overlapped pair runs the
-two programs phase by phase in turn, as `chunk_program.interleave` does: forward phase 0,
-backward phase 0, forward phase 1, ... A phase starts when the compute is free and its own
+two programs phase by phase in turn, as `chunk_program.run_pair` does: with parallel.overlap_order
+backward_first (the default), backward phase 0, forward phase 0, backward phase 1, ...; with
+forward_first the other way round. A phase starts when the compute is free and its own
 program's previous transfer has arrived. Transfers go over one link in launch order: both
 programs' all-to-alls are collectives of the same EP group, which gloo (one queue per group) and
 NCCL (one stream) run one after another.
@@ -13,7 +14,10 @@ NCCL (one stream) run one after another.
                 the other program runs meanwhile
 
 For V3's shape (3 compute phases and 2 all-to-alls per direction, all phases x, all transfers y)
-the overlapped pair takes 6x when y <= x and 2x + 4y when y >= x (tests/test_phase_costs.py).
+the overlapped pair takes 6x when y <= x and 2x + 4y when y >= x, in either order
+(tests/test_phase_costs.py). The order matters when phases differ: a chunk ending in a short phase
+(the head, a residual) hides its transfers only backward first, since the backward then opens
+with that short phase and the forward's long first phase covers its transfer.
 """
 
 from __future__ import annotations
@@ -68,9 +72,11 @@ class PairTime:
         return 1.0 if self.transfers == 0 else 1.0 - self.exposed_transfer / self.transfers
 
 
-def overlapped_pair(forward: ProgramCosts, backward: ProgramCosts) -> PairTime:
-    """Simulate the interleaved pair (see module docstring)."""
-    programs = (forward, backward)
+def overlapped_pair(forward: ProgramCosts, backward: ProgramCosts, order: str = "backward_first") -> PairTime:
+    """Simulate the interleaved pair (see module docstring); `order` as parallel.overlap_order."""
+    if order not in ("backward_first", "forward_first"):
+        raise ScheduleError(f"phase costs: order must be backward_first or forward_first, got {order!r}")
+    programs = (backward, forward) if order == "backward_first" else (forward, backward)
     next_phase = [0, 0]
     ready = [0.0, 0.0]  # when each program's next phase may start (its last transfer arrived)
     compute_free = link_free = 0.0
@@ -95,6 +101,26 @@ def overlapped_pair(forward: ProgramCosts, backward: ProgramCosts) -> PairTime:
     )
 
 
+def pair_costs(
+    forward: ProgramCosts,
+    backward: ProgramCosts,
+    w: float,
+    overlap: bool,
+    comm: float = 0.0,
+    order: str = "backward_first",
+):
+    """The simulator's per-action costs from a chunk's phase programs (`backward`: the full backward,
+    its weight gradient `w` included): f and b run their programs back to back; fb is the overlapped
+    pair's time with `overlap`, else the two programs one after the other."""
+    from moeforge.platform.schedules.simulate import Costs
+
+    if overlap:
+        fb = overlapped_pair(forward, backward, order).overlapped
+    else:
+        fb = forward.sequential + backward.sequential
+    return Costs(forward.sequential, backward.sequential, w, fb, comm)
+
+
 @dataclass
 class PhaseCostsConfig:
     """`phases` of moeforge-schedule: one chunk's forward and full backward as compute phases and the
@@ -104,9 +130,11 @@ class PhaseCostsConfig:
     forward_transfers: list[float]
     backward: list[float]
     backward_transfers: list[float]
+    order: str = "backward_first"  # whose phase opens the pair, as parallel.overlap_order
 
     def __post_init__(self) -> None:
         self.programs()  # validates both
+        overlapped_pair(*self.programs(), self.order)  # validates the order
 
     def programs(self) -> tuple[ProgramCosts, ProgramCosts]:
         return (
@@ -115,13 +143,8 @@ class PhaseCostsConfig:
         )
 
     def pair(self) -> PairTime:
-        return overlapped_pair(*self.programs())
+        return overlapped_pair(*self.programs(), self.order)
 
     def costs(self, base, overlap: bool):
-        """`base` (a simulate.Costs: w and comm kept) with f, b and fb from the phases: fb is the
-        overlapped pair's time with `overlap`, else the two programs back to back."""
-        from moeforge.platform.schedules.simulate import Costs
-
-        forward, backward = self.programs()
-        fb = self.pair().overlapped if overlap else forward.sequential + backward.sequential
-        return Costs(forward.sequential, backward.sequential, base.w, fb, base.comm)
+        """`base` (a simulate.Costs: w and comm kept) with f, b and fb from the phases (pair_costs)."""
+        return pair_costs(*self.programs(), base.w, overlap, base.comm, self.order)
