@@ -2,6 +2,7 @@
 
     moeforge-bench kernels [hydra overrides]       # FP8 kernels (conf/bench_kernels.yaml)
     moeforge-bench ep [hydra overrides]            # EP dispatch/combine all-to-all (conf/bench_ep.yaml)
+    moeforge-bench overlap [hydra overrides]       # DualPipe's overlapped F&B vs torch (conf/bench_overlap.yaml)
 
 Each suite is a Hydra config `conf/bench_<suite>.yaml` (composed with Hydra's compose API from the
 `moeforge.conf` package) and a function `module:function` that takes the composed config as a plain
@@ -24,6 +25,7 @@ SUITES: dict[str, str] = {
     "convergence": "moeforge.platform.bench.convergence:run_job",
     "pipeline": "moeforge.platform.bench.pipeline:run_job",
     "ep": "moeforge.platform.bench.ep:run_job",
+    "overlap": "moeforge.platform.bench.overlap:run_job",
 }
 
 

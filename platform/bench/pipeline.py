@@ -28,8 +28,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import yaml
+from moeforge.platform.bench.report import write_report
 from moeforge.platform.config._build import build, require
-from moeforge.platform.outputs.storage import write_text_file
 
 
 @dataclass
@@ -282,5 +282,4 @@ def run_job(values: dict) -> str:
     """`moeforge-bench pipeline`: config dict -> run, write the JSON report, return the table."""
     cfg = PipelineBenchConfig.from_dict(values)
     report = run_benchmark(cfg)
-    write_text_file(cfg.output, json.dumps(report, indent=1) + "\n")  # local path or s3://
-    return format_table(report) + f"\nwrote {cfg.output}"
+    return write_report(cfg.output, report, format_table(report))
