@@ -141,11 +141,13 @@ class PipelineExecutor:
                 if self.fault is not None:
                     self.fault()
         self.p2p.wait_sends()
-        trace.step_s = self.clock() - t0
         trace.exposed_comm_s = self.p2p.exposed_s
         trace.exposed_a2a_s = self.p2p.exposed_a2a_s
         trace.records.extend(self.p2p.records)
         trace.records.sort(key=lambda r: r.start)
+        # The step ends with its last recorded action or transfer (not at a clock read after it: a
+        # process descheduled there on shared cores would add time in which nothing ran).
+        trace.step_s = max((r.end for r in trace.records), default=self.clock() - t0)
         return trace
 
     # ---- compute ----------------------------------------------------------------------------------
