@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 
 from moeforge.platform.bench.report import write_report
 from moeforge.platform.config._build import build, require
+from moeforge.platform.config.parallel import OVERLAP_ORDERS
 
 
 @dataclass
@@ -60,7 +61,7 @@ class OverlapBenchConfig:
     a2a_ms: float = 8.0
     act_numel: int = 16384  # float32 values per activation crossing stages
     steps: int = 3  # measured steps per case (the first is left out when there are more)
-    orders: list[str] = field(default_factory=lambda: ["backward_first", "forward_first"])  # overlap_order
+    orders: list[str] = field(default_factory=lambda: list(OVERLAP_ORDERS))  # parallel.overlap_order values
     torch_peer: bool = True
     real: bool = True
     real_model: str = "tiny"
@@ -93,7 +94,7 @@ class OverlapBenchConfig:
         require(self.steps >= 1, "steps", "must be >= 1")
         for order in self.orders:
             require(
-                order in ("backward_first", "forward_first"), "orders", f"unknown overlap order {order!r}"
+                order in OVERLAP_ORDERS, "orders", f"unknown overlap order {order!r} (known: {OVERLAP_ORDERS})"
             )
         require(self.real_steps >= 2, "real_steps", "must be >= 2 (the first step is warm-up)")
 

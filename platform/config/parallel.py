@@ -8,6 +8,7 @@ from typing import Any
 from moeforge.platform.config._build import require
 
 SCHEDULES = ("single", "1f1b", "zb1p", "dualpipe", "dualpipev")
+OVERLAP_ORDERS = ("backward_first", "forward_first")  # whose phase opens an overlapped F&B pair
 
 
 @dataclass
@@ -82,7 +83,7 @@ class ParallelConfig:
             "interleaves phase programs: set parallel.chunk_phases=true too",
         )
         require(
-            self.overlap_order in ("backward_first", "forward_first"),
+            self.overlap_order in OVERLAP_ORDERS,
             "overlap_order",
             f"must be backward_first|forward_first, got {self.overlap_order!r}",
         )

@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 import torch
 from moeforge.kernels.wgrad_store import WeightGradStore
 from moeforge.model.moe import MoE
+from moeforge.platform.config.parallel import OVERLAP_ORDERS
 from moeforge.platform.moe.all_to_all import CollectiveTracker
 from moeforge.platform.moe.dispatch import AllToAllDispatch
 from moeforge.platform.moe.phased import MoEPhaseState, PhasedMoE, boundary_leaf, phase_grads
@@ -182,9 +183,6 @@ def run_to_end(program: Program):
         return done.value
 
 
-PAIR_ORDERS = ("backward_first", "forward_first")
-
-
 PhaseHook = Callable[[str, float, float], None]  # (program name, start, end) of one phase
 
 
@@ -232,8 +230,8 @@ def run_pair(
     both). The order must be the same on every rank of an EP group (their collectives pair up in
     launch order): it is a fixed setting, never decided by timing. `on_phase("F" | "B", start,
     end)` sees every phase's perf_counter span."""
-    if order not in PAIR_ORDERS:
-        raise ValueError(f"parallel.overlap_order: {order!r} is not one of {PAIR_ORDERS}")
+    if order not in OVERLAP_ORDERS:
+        raise ValueError(f"parallel.overlap_order: {order!r} is not one of {OVERLAP_ORDERS}")
     names = ("F", "B") if order == "forward_first" else ("B", "F")
     hook = None if on_phase is None else (lambda i, start, end: on_phase(names[i], start, end))
     if order == "forward_first":

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from moeforge.platform.config.parallel import OVERLAP_ORDERS
 from moeforge.platform.schedules.actions import ScheduleError
 
 
@@ -74,8 +75,8 @@ class PairTime:
 
 def overlapped_pair(forward: ProgramCosts, backward: ProgramCosts, order: str = "backward_first") -> PairTime:
     """Simulate the interleaved pair (see module docstring); `order` as parallel.overlap_order."""
-    if order not in ("backward_first", "forward_first"):
-        raise ScheduleError(f"phase costs: order must be backward_first or forward_first, got {order!r}")
+    if order not in OVERLAP_ORDERS:
+        raise ScheduleError(f"phase costs: order must be {' or '.join(OVERLAP_ORDERS)}, got {order!r}")
     programs = (backward, forward) if order == "backward_first" else (forward, backward)
     next_phase = [0, 0]
     ready = [0.0, 0.0]  # when each program's next phase may start (its last transfer arrived)
