@@ -192,7 +192,7 @@ def _synthetic_rank(rank: int, world_size: int, cfg: OverlapBenchConfig, pp: int
         schedule = build_schedule(name, pp, microbatches)
         shape = cfg.shape(schedule.num_stages // pp, a2a_numel)
         p2p = P2P(rank, cfg.timeout_s, name=f"rank {rank}", timeline_rank=rank)
-        compute = SleepPhaseCompute(shape, ep_group, ep, act_shape, tracker=p2p, order=order or "")
+        compute = SleepPhaseCompute(shape, ep_group, ep, act_shape, tracker=p2p, order=order or OVERLAP_ORDERS[0])
         executor = PipelineExecutor(
             schedule,
             pp_rank,

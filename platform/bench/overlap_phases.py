@@ -48,6 +48,11 @@ class PhaseShape:
         scale = self.backward_factor * (1.0 - self.w_fraction)
         return [scale * s for s in reversed(self.forward_phases())]
 
+    def payload(self, ep_size: int) -> tuple[torch.Tensor, list[int]]:
+        """The all-to-all's send buffer and its equal splits over `ep_size` ranks."""
+        per_peer = max(1, self.a2a_numel // ep_size)
+        return torch.zeros(per_peer * ep_size), [per_peer] * ep_size
+
     @property
     def w_s(self) -> float:
         return self.backward_factor * self.w_fraction * sum(self.forward_phases())
@@ -73,9 +78,7 @@ class SleepPhaseCompute:
     order: str = "backward_first"  # parallel.overlap_order
 
     def __post_init__(self) -> None:
-        per_peer = max(1, self.shape.a2a_numel // self.ep_size)
-        self.splits = [per_peer] * self.ep_size
-        self.payload = torch.zeros(per_peer * self.ep_size)
+        self.payload, self.splits = self.shape.payload(self.ep_size)
 
     # ---- programs ---------------------------------------------------------------------------------
     def _program(self, phases: list[float], label: str, extra_last_s: float = 0.0) -> Program:

@@ -19,12 +19,8 @@ import time
 import torch
 import torch.distributed as dist
 from moeforge.platform.bench.overlap_phases import PhaseShape
+from moeforge.platform.moe.all_to_all import launch_all_to_all
 from torch import nn
-
-
-def _exchange(payload: torch.Tensor, splits: list[int], group) -> None:
-    out = torch.empty_like(payload)
-    dist.all_to_all_single(out, payload, splits, splits, group=group)
 
 
 class _Phase(torch.autograd.Function):
@@ -43,13 +39,13 @@ class _Phase(torch.autograd.Function):
 class _AllToAll(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, payload, splits, group):
-        _exchange(payload, splits, group)
+        launch_all_to_all(payload, splits, splits, group).wait()  # blocking, as torch's stage runs it
         ctx.payload, ctx.splits, ctx.group = payload, splits, group
         return x.clone()
 
     @staticmethod
     def backward(ctx, grad):
-        _exchange(ctx.payload, ctx.splits, ctx.group)
+        launch_all_to_all(ctx.payload, ctx.splits, ctx.splits, ctx.group).wait()
         return grad, None, None, None
 
 
@@ -59,9 +55,7 @@ class SyntheticStage(nn.Module):
     def __init__(self, shape: PhaseShape, ep_group, ep_size: int) -> None:
         super().__init__()
         self.shape, self.ep_group = shape, ep_group
-        per_peer = max(1, shape.a2a_numel // ep_size)
-        self.splits = [per_peer] * ep_size
-        self.payload = torch.zeros(per_peer * ep_size)
+        self.payload, self.splits = shape.payload(ep_size)
         self.anchor = nn.Parameter(torch.zeros(()))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
