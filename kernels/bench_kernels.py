@@ -1,10 +1,15 @@
 """Benchmark of the FP8 kernels on DeepSeek-V3's GEMM shapes (`moeforge-bench kernels`).
 
 For each GEMM (M tokens x weight [N, K]) it times fp8_gemm on quantized operands, fp8_gemm with the
-activation quantization included (what FP8Linear's forward does), torch's BF16 matmul and
-torch._scaled_mm (tensor-wise, row-wise and block-wise scaling, where this torch and GPU have them),
-in TFLOP/s (2*M*N*K per GEMM). Grouped expert GEMMs: fp8_grouped_gemm (one launch) against a BF16
-loop over experts and torch._grouped_mm where available. Quantization kernels: GB/s (bytes read +
+activation quantization included (what FP8Linear's forward does), torch's BF16 matmul,
+torch._scaled_mm (tensor-wise, row-wise and block-wise scaling, where this torch and GPU have them:
+each is its own labelled row, with the error text where this build refuses it) and DeepGEMM's
+fp8_gemm_nt where `deep_gemm` is importable, in TFLOP/s (2*M*N*K per GEMM). The block-wise
+_scaled_mm and DeepGEMM compute the same product as fp8_gemm, which is checked before they are
+timed. On CUDA the shapes named in `config_sweep` also time fp8_gemm with each of
+triton_gemm.GPU_CONFIGS in turn (warp-specialized or not, tile shapes), next to the autotuner's
+pick. Grouped expert GEMMs: fp8_grouped_gemm (one launch) against a BF16 loop over experts and
+torch._grouped_mm where available. Quantization kernels: GB/s (bytes read +
 written, counted in `quant_bytes`) against a device-to-device copy of the same activation.
 
 On CUDA the Triton kernels run, timed with CUDA events by triton.testing.do_bench (warm-up, L2
@@ -43,6 +48,9 @@ V3_GEMMS = [  # [name, N, K]: weight [N, K] of DeepSeek-V3's projections
 ]
 V3_EXPERTS = [["expert_up", 2048, 7168], ["expert_down", 7168, 2048]]
 V3_LARGE = ["mla_q_b", "mla_kv_b", "mla_o", "mlp_up", "mlp_down"]
+# FP8 GEMMs that fp8_gemm is compared with in the summary (torch's block-wise scaling where this
+# build has it; row-wise and tensor-wise are coarser scalings of the same operands, labelled so).
+FP8_REFERENCES = ("scaled_mm_blockwise", "scaled_mm_rowwise", "scaled_mm_tensorwise", "deep_gemm")
 
 
 class BenchConfigError(ValueError):
@@ -58,6 +66,7 @@ class KernelBenchConfig:
     gemms: list[list] = field(default_factory=lambda: [list(g) for g in V3_GEMMS])
     large_gemms: list[str] = field(default_factory=lambda: list(V3_LARGE))  # the 1.5x goal's shapes
     linears: list[str] = field(default_factory=lambda: ["mlp_up", "mlp_down"])  # timed as whole layers
+    config_sweep: list[str] = field(default_factory=list)  # CUDA: also time each GPU launch config
     experts: list[list] = field(default_factory=lambda: [list(g) for g in V3_EXPERTS])
     expert_counts: list[int] = field(default_factory=lambda: [8, 32])
     expert_rows: int = 32768  # rows through the grouped GEMM: 4096 tokens x top-8
@@ -88,7 +97,7 @@ class KernelBenchConfig:
                 )
                 need(ok, f"{group}[{i}]", f"must be [name, N, K] with positive N and K, got {entry!r}")
         names = [entry[0] for entry in self.gemms]
-        for group in ("large_gemms", "linears"):
+        for group in ("large_gemms", "linears", "config_sweep"):
             for name in getattr(self, group):
                 need(name in names, group, f"{name!r} is not one of gemms ({', '.join(names)})")
         need(all(isinstance(e, int) and e > 0 for e in self.expert_counts), "expert_counts", "positive integers")
@@ -162,8 +171,54 @@ def _gemm_rows(b: _Bench, name: str, n: int, k: int) -> list[dict]:
                 xq, wq.t(), scale_a=ones_a, scale_b=ones_b, out_dtype=torch.bfloat16
             )
             impls["scaled_mm_blockwise"] = _blockwise_scaled_mm(xq, xs, wq, ws)
-    checks = {"scaled_mm_blockwise": fp8_gemm(xq, xs, wq, ws)}  # must compute the same product
+    if b.device == "cuda":
+        impls["deep_gemm"] = _deep_gemm(xq, xs, wq, ws)
+    if b.device == "cuda" and name in b.cfg.config_sweep and use_triton(xq):
+        from moeforge.kernels.triton_gemm import GPU_CONFIGS, fp8_gemm_triton
+
+        for config in GPU_CONFIGS:
+            impls[f"fp8_gemm[{config_label(config)}]"] = lambda config=config: fp8_gemm_triton(
+                xq, xs, wq, ws, config=config)
+    reference = fp8_gemm(xq, xs, wq, ws)  # the block-scaled implementations must compute this product
+    checks = {impl: reference for impl in impls if impl in ("scaled_mm_blockwise", "deep_gemm")}
     return _measure(b, {"kind": "gemm", "name": name, "m": m, "n": n, "k": k}, impls, flops, checks)
+
+
+def config_label(config) -> str:
+    """A GPU launch config in a few characters: tile, warps (ws: warp-specialized), stages."""
+    kw = config.kwargs
+    ws = "ws" if kw.get("WARP_SPECIALIZE") else ""
+    return f"{kw['BLOCK_M']}x{kw['BLOCK_N']}w{config.num_warps}{ws}/s{config.num_stages}"
+
+
+def _unavailable(reason: str) -> Callable[[], torch.Tensor]:
+    def call() -> torch.Tensor:
+        raise RuntimeError(reason)
+
+    return call
+
+
+def _deep_gemm(xq, xs, wq, ws) -> Callable[[], torch.Tensor]:
+    """DeepGEMM's FP8 GEMM (1x128 / 128x128 scales, BF16 out) through whichever entry point the
+    installed version has; _measure checks its product against fp8_gemm."""
+    try:
+        import deep_gemm
+    except ImportError:
+        return _unavailable("deep_gemm is not installed")
+    out = torch.empty(xq.shape[0], wq.shape[0], dtype=torch.bfloat16, device=xq.device)
+    calls = []
+    if hasattr(deep_gemm, "fp8_gemm_nt"):  # 2025 API
+        calls.append(lambda: deep_gemm.fp8_gemm_nt((xq, xs), (wq, ws), out))
+    if hasattr(deep_gemm, "gemm_fp8_fp8_bf16_nt"):  # first release: the a scales transposed, TMA-aligned
+        align = getattr(deep_gemm, "get_col_major_tma_aligned_tensor", lambda t: t)
+        calls.append(lambda: deep_gemm.gemm_fp8_fp8_bf16_nt((xq, align(xs)), (wq, ws), out))
+    errors = []
+    for call in calls:
+        err = _attempt(call)
+        if err is None:
+            return lambda call=call: (call(), out)[1]
+        errors.append(err)
+    return _unavailable(errors[0] if errors else "deep_gemm has no FP8 NT GEMM entry point known here")
 
 
 def _blockwise_scaled_mm(xq, xs, wq, ws) -> Callable[[], torch.Tensor]:
@@ -185,10 +240,7 @@ def _blockwise_scaled_mm(xq, xs, wq, ws) -> Callable[[], torch.Tensor]:
             return lambda: call(a_s, b_s)
         errors.append(err)
 
-    def unavailable():
-        raise RuntimeError(errors[0])
-
-    return unavailable
+    return _unavailable(errors[0])
 
 
 def _measure(b: _Bench, row: dict, impls: dict, flops: float, checks: dict) -> list[dict]:
@@ -296,10 +348,15 @@ def _summary(rows: list[dict], cfg: KernelBenchConfig, device: str) -> dict:
         return next((r.get("tflops") for r in rows if r["name"] == name and r["impl"] == impl), None)
 
     speedups, layer_speedups = {}, {}
+    versus: dict[str, dict[str, float]] = {}  # other FP8 GEMMs: fp8_gemm's TFLOP/s over theirs
     for name in cfg.large_gemms:
         fp8, bf16 = tflops(name, "fp8_gemm"), tflops(name, "bf16_matmul")
         if fp8 and bf16:
             speedups[name] = fp8 / bf16
+        for ref in FP8_REFERENCES:
+            other = tflops(name, ref)
+            if fp8 and other:
+                versus.setdefault(ref, {})[name] = fp8 / other
     for name in cfg.linears:
         fp8, bf16 = tflops(name, "fp8_linear_fwd_bwd"), tflops(name, "bf16_linear_fwd_bwd")
         if fp8 and bf16:
@@ -311,6 +368,7 @@ def _summary(rows: list[dict], cfg: KernelBenchConfig, device: str) -> dict:
     return {
         "fp8_over_bf16_large_gemms": speedups,
         "fp8_over_bf16_geomean": geo,
+        "fp8_over_other_fp8": versus,
         "fp8_linear_over_bf16_linear_fwd_bwd": layer_speedups,
         "quant_fraction_of_copy": quant,
         "goal_fp8_1p5x_bf16": (geo is not None and geo >= 1.5) if measured else "not measured on cpu",
@@ -365,6 +423,9 @@ def format_table(report: dict) -> str:
         lines.append(f"fp8_gemm / bf16 matmul  {name:12} {ratio:.2f}x")
     for name, ratio in s["fp8_linear_over_bf16_linear_fwd_bwd"].items():
         lines.append(f"FP8Linear / BF16 Linear fwd+bwd  {name:12} {ratio:.2f}x  (quantization included)")
+    for ref, ratios in s["fp8_over_other_fp8"].items():
+        for name, ratio in ratios.items():
+            lines.append(f"fp8_gemm / {ref:20} {name:12} {ratio:.2f}x")
     if s["fp8_over_bf16_geomean"] is not None:
         lines.append(f"fp8_gemm / bf16 matmul  geomean      {s['fp8_over_bf16_geomean']:.2f}x  goal >= 1.5x: {s['goal_fp8_1p5x_bf16']}")
     for name, frac in s["quant_fraction_of_copy"].items():
@@ -393,8 +454,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--output", default=KernelBenchConfig.output)
     parser.add_argument("--rep-ms", type=int, default=KernelBenchConfig.rep_ms)
+    parser.add_argument("--config-sweep", default="mlp_up", help="comma-separated gemm names ('' for none)")
     args = parser.parse_args(argv)
-    print(run_job({"device": args.device, "output": args.output, "rep_ms": args.rep_ms}), flush=True)
+    sweep = [name for name in args.config_sweep.split(",") if name]
+    print(run_job({"device": args.device, "output": args.output, "rep_ms": args.rep_ms, "config_sweep": sweep}),
+          flush=True)
     return 0
 
 

@@ -1,7 +1,8 @@
 """Public FP8 quantization entry points: check arguments, then run the Triton kernel or its torch twin.
 
-    act_quant(x, block_size=128, scale_fmt=None)      -> (x_fp8 [..., K], scales [..., K/128])
-    act_quant_transpose(x, block_size=128, group_sizes=None)
+    act_quant(x, block_size=128, scale_fmt=None, *, scale_floor=SCALE_FLOOR)
+                                                      -> (x_fp8 [..., K], scales [..., K/128])
+    act_quant_transpose(x, block_size=128, group_sizes=None, scale_fmt=None, *, scale_floor=SCALE_FLOOR)
                                                       -> (xt_fp8 [C, T_pad], scales [C, T_pad/128])
     weight_quant(w, block_size=128)                   -> (w_fp8 [..., N, K], scales [..., ceil(N/128), K/128])
     weight_dequant(w_fp8, scales, block_size=128, dtype=torch.float32) -> w [..., N, K]
@@ -9,9 +10,16 @@
 The format is described in fp8_format.py. K (the dimension the tiles run along) must be a multiple
 of block_size; N (weight rows) may be anything, its last block being partial. Callers with other K
 pad with zeros (fp8_linear.py does this for weights and activations together).
+
+`scale_floor` is the amax floor of the activation quantizers: SCALE_FLOOR (DeepSeek's 1e-4) for
+activations, GRAD_SCALE_FLOOR for gradients, whose tiles are far smaller (fp8_format.py explains
+both). Weights always use SCALE_FLOOR.
 """
 
 from __future__ import annotations
+
+import math
+import numbers
 
 import torch
 from moeforge.kernels import quant_torch
@@ -25,49 +33,83 @@ from moeforge.kernels.checks import (
     fail,
     group_sizes_list,
 )
-from moeforge.kernels.fp8_format import ceil_div
+from moeforge.kernels.fp8_format import GRAD_SCALE_FLOOR, SCALE_FLOOR, ceil_div
 
 SCALE_FORMATS = (None, "ue8m0")
+_FP32_MAX = torch.finfo(torch.float32).max
 
 
 def act_quant(
-    x: torch.Tensor, block_size: int = 128, scale_fmt: str | None = None
+    x: torch.Tensor, block_size: int = 128, scale_fmt: str | None = None, *, scale_floor: float = SCALE_FLOOR
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantize activations to e4m3 with one FP32 scale per 1 x block_size tile of the last dim.
 
-    scale = max(amax, 1e-4) / 448 (rounded up to a power of two when scale_fmt="ue8m0")."""
+    scale = max(amax, scale_floor) / 448 (rounded up to a power of two when scale_fmt="ue8m0");
+    scale_floor: SCALE_FLOOR (1e-4) for activations, GRAD_SCALE_FLOOR for gradients."""
     op = "act_quant"
     check_high_precision(op, "x", x)
     check_block_size(op, block_size)
-    if scale_fmt not in SCALE_FORMATS:
-        fail(op, "scale_fmt", f"must be None or 'ue8m0', got {scale_fmt!r}")
+    _check_scale_fmt(op, scale_fmt)
+    floor = _scale_floor_fp32(op, scale_floor)
     check_block_multiple(op, "x", x.shape[-1], block_size, "last dimension")
     if use_triton(x):
         from moeforge.kernels.triton_quant import act_quant_triton
 
-        return act_quant_triton(x, block_size, scale_fmt)
-    return quant_torch.act_quant_torch(x, block_size, scale_fmt)
+        return act_quant_triton(x, block_size, scale_fmt, scale_floor=floor)
+    return quant_torch.act_quant_torch(x, block_size, scale_fmt, scale_floor=floor)
 
 
 def act_quant_transpose(
-    x: torch.Tensor, block_size: int = 128, group_sizes: torch.Tensor | list[int] | None = None
+    x: torch.Tensor,
+    block_size: int = 128,
+    group_sizes: torch.Tensor | list[int] | None = None,
+    scale_fmt: str | None = None,
+    *,
+    scale_floor: float = SCALE_FLOOR,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Fused quantize-and-transpose for weight-gradient GEMMs: x [T, C] -> x^T in e4m3 [C, T_pad]
     with 1 x block_size tiles along the tokens, and scales [C, T_pad / block_size].
 
     T is padded with zero tokens up to a multiple of block_size. With `group_sizes` (tokens per
-    expert, summing to T) each group gets its own padded segment, so no tile mixes two experts."""
+    expert, summing to T) each group gets its own padded segment, so no tile mixes two experts.
+    `scale_fmt` and `scale_floor` are act_quant's (the scale of each token tile)."""
     op = "act_quant_transpose"
     check_high_precision(op, "x", x)
     check_block_size(op, block_size)
+    _check_scale_fmt(op, scale_fmt)
+    floor = _scale_floor_fp32(op, scale_floor)
     if x.dim() != 2:
         fail(op, "x", f"expected 2 dimensions [tokens, channels], got shape {list(x.shape)}")
     sizes = _group_sizes_list(op, group_sizes, x.shape[0])
     if use_triton(x):
         from moeforge.kernels.triton_quant import act_quant_transpose_triton
 
-        return act_quant_transpose_triton(x, block_size, sizes)
-    return quant_torch.act_quant_transpose_torch(x, block_size, sizes)
+        return act_quant_transpose_triton(x, block_size, sizes, scale_fmt, scale_floor=floor)
+    return quant_torch.act_quant_transpose_torch(x, block_size, sizes, scale_fmt, scale_floor=floor)
+
+
+def _check_scale_fmt(op: str, scale_fmt) -> None:
+    if scale_fmt not in SCALE_FORMATS:
+        fail(op, "scale_fmt", f"must be None or 'ue8m0', got {scale_fmt!r}")
+
+
+def _scale_floor_fp32(op: str, scale_floor) -> float:
+    """The floor as the FP32 number both backends compare amax with. It must keep every scale a
+    normal FP32 number: GRAD_SCALE_FLOOR <= floor (after rounding to FP32) <= the FP32 maximum."""
+    if isinstance(scale_floor, bool) or not isinstance(scale_floor, numbers.Real):
+        fail(op, "scale_floor", f"expected a number, got {type(scale_floor).__name__}")
+    floor = float(scale_floor)
+    if not (math.isfinite(floor) and floor <= _FP32_MAX):
+        fail(op, "scale_floor", f"must be a finite FP32 number, got {scale_floor!r}")
+    floor = torch.tensor(floor, dtype=torch.float32).item()  # both backends see this exact value
+    if floor < GRAD_SCALE_FLOOR:
+        fail(
+            op,
+            "scale_floor",
+            f"must be >= GRAD_SCALE_FLOOR ({GRAD_SCALE_FLOOR:.6g}, so that floor / 448 is a normal FP32 "
+            f"number), got {scale_floor!r}",
+        )
+    return floor
 
 
 def _group_sizes_list(op: str, group_sizes, total: int) -> list[int] | None:

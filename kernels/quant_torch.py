@@ -11,18 +11,19 @@ import torch.nn.functional as F
 from moeforge.kernels.fp8_format import FP8_MAX, SCALE_FLOOR, ceil_div, round_scale_ue8m0, to_fp8
 
 
-def _tile_scales(amax: torch.Tensor, scale_fmt: str | None) -> torch.Tensor:
-    scale = amax.clamp(min=SCALE_FLOOR) / FP8_MAX
+def _tile_scales(amax: torch.Tensor, scale_fmt: str | None, scale_floor: float = SCALE_FLOOR) -> torch.Tensor:
+    scale = amax.clamp(min=scale_floor) / FP8_MAX
     return round_scale_ue8m0(scale) if scale_fmt == "ue8m0" else scale
 
 
 def act_quant_torch(
-    x: torch.Tensor, block_size: int = 128, scale_fmt: str | None = None
+    x: torch.Tensor, block_size: int = 128, scale_fmt: str | None = None, *, scale_floor: float = SCALE_FLOOR
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [..., K] -> (e4m3 [..., K], scales fp32 [..., K / block_size]) with 1 x block_size tiles."""
+    """x [..., K] -> (e4m3 [..., K], scales fp32 [..., K / block_size]) with 1 x block_size tiles,
+    scale = max(amax, scale_floor) / 448 (see fp8_format.py for the floors)."""
     k = x.shape[-1]
     tiles = x.float().reshape(*x.shape[:-1], k // block_size, block_size)  # [..., K/B, B]
-    scale = _tile_scales(tiles.abs().amax(dim=-1), scale_fmt)  # [..., K/B]
+    scale = _tile_scales(tiles.abs().amax(dim=-1), scale_fmt, scale_floor)  # [..., K/B]
     q = to_fp8(tiles / scale.unsqueeze(-1)).reshape(x.shape)
     return q.contiguous(), scale.contiguous()  # x may be a transposed view (act_quant_transpose)
 
@@ -38,17 +39,23 @@ def padded_group_rows(x: torch.Tensor, group_sizes: list[int], block_size: int) 
 
 
 def act_quant_transpose_torch(
-    x: torch.Tensor, block_size: int = 128, group_sizes: list[int] | None = None
+    x: torch.Tensor,
+    block_size: int = 128,
+    group_sizes: list[int] | None = None,
+    scale_fmt: str | None = None,
+    *,
+    scale_floor: float = SCALE_FLOOR,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantize x^T with 1 x block_size tiles along the rows (tokens) of x [T, C].
 
     -> (e4m3 [C, T_pad], scales fp32 [C, T_pad / block_size]). T_pad rounds T up to the block size;
     with `group_sizes` (rows per group, summing to T) every group is padded separately, so the
-    weight-gradient GEMM of each expert reads only its own tokens. Padding is zeros."""
+    weight-gradient GEMM of each expert reads only its own tokens. Padding is zeros. `scale_fmt` and
+    `scale_floor` mean what they mean for act_quant_torch."""
     if group_sizes is None:
         group_sizes = [x.shape[0]]
     padded = padded_group_rows(x, group_sizes, block_size)  # [T_pad, C]
-    return act_quant_torch(padded.t(), block_size)
+    return act_quant_torch(padded.t(), block_size, scale_fmt, scale_floor=scale_floor)
 
 
 def weight_quant_torch(w: torch.Tensor, block_size: int = 128) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,12 +1,30 @@
 """Compile the Triton kernels for Hopper (sm_90) on a machine without a GPU and read the machine code.
 
-    python -m moeforge.kernels.sass_report            # every kernel x every GPU launch config
+    python -m moeforge.kernels.sass_report                 # every kernel x every GPU launch config
+    python -m moeforge.kernels.sass_report fp8_gemm        # some kernels
 
 Triton's wheel carries ptxas, cuobjdump and nvdisasm, so the compiler's resource report (registers,
-shared memory, local-memory spills) and the SASS (QGMMA = the e4m3 wgmma tensor-core instruction;
-LDL/STL = local memory) cost no device time. This is how the autotuning configs were chosen: the
-promotion of each 128-K block into a second FP32 accumulator doubles the accumulator registers, so
-tiles of 128 x 256 per 8 warps spill, and were dropped.
+shared memory, local-memory spills), the PTX and the SASS cost no device time. What is counted:
+
+SASS  QGMMA      e4m3 wgmma (the FP8 tensor-core instruction); HMMA would be the pre-Hopper fallback
+      LDL / STL  local-memory loads/stores: register spills
+      LDGSTS     cp.async (Ampere-style asynchronous copies into shared memory)
+      UTMALDG / UTMASTG   TMA bulk tensor loads / stores (the copy engine)
+      SYNCS      mbarrier operations (arrive / expect-tx / try-wait on a TMA copy or a consumer)
+      USETMAXREG register reallocation between warp groups (setmaxnreg): warp specialization
+PTX   tma_loads / tma_stores   cp.async.bulk.tensor global -> shared / shared -> global
+      mbarrier   mbarrier.* instructions
+      setmaxnreg_dec / setmaxnreg_inc   the producer warp group gives registers up, consumers take them
+      reads_grid_size   the kernel reads %nctaid.x: in these kernels only tl.num_programs(0) does,
+                 the stride of the persistent tile loop (a one-tile-per-program kernel never needs it)
+      loops      backward branches: the tile loop, the K loop, and mbarrier try-wait spin loops
+      wgmma_wait0 / wgmma_wait1   wgmma.wait_group with 0 / 1 groups left in flight
+plus "warps", the warps the compiled kernel runs with (warp specialization adds the producer's and a
+second consumer's warp groups to the requested num_warps).
+
+The promotion of each 128-K block into the FP32 accumulator keeps a second FP32 tile live, so a warp
+group holds at most 64 x 128 of them: 128 x 256 tiles spill (on 8 warps, and on a warp-specialized
+consumer), and were dropped from the configs.
 """
 
 from __future__ import annotations
@@ -23,39 +41,42 @@ from triton.backends.compiler import GPUTarget
 
 HOPPER = GPUTarget("cuda", 90, 32)
 _TOOLS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
-_OPS = ("QGMMA", "HGMMA", "HMMA", "LDL", "STL", "LDGSTS")
+_OPS = ("QGMMA", "HGMMA", "HMMA", "LDL", "STL", "LDGSTS", "UTMALDG", "UTMASTG", "SYNCS", "USETMAXREG")
 
 _GEMM_SIG = {"a_ptr": "*fp8e4nv", "a_s_ptr": "*fp32", "b_ptr": "*fp8e4nv", "b_s_ptr": "*fp32", "c_ptr": "*bf16"}
-KERNELS = {  # name -> (jit function, signature, fixed constexprs, arguments Triton sees as 16-aligned)
+_GEMM_META = {"BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr", "GROUP_M": "constexpr",
+              "WARP_SPECIALIZE": "constexpr"}
+KERNELS = {  # name -> (jit function, signature, fixed constexprs); pointers and ints are taken as 16-aligned
     "fp8_gemm": (
         triton_gemm._fp8_gemm_kernel,
-        {**_GEMM_SIG, "M": "i32", "N": "i32", "K": "i32", "B_ROW_SCALES": "constexpr", "BLOCK_M": "constexpr",
-         "BLOCK_N": "constexpr", "BLOCK_K": "constexpr", "GROUP_M": "constexpr"},
-        {"B_ROW_SCALES": False, "BLOCK_K": 128, "GROUP_M": 8},
+        {**_GEMM_SIG, "M": "i32", "N": "i32", "K": "i32", "B_ROW_SCALES": "constexpr", "C_TMA": "constexpr",
+         **_GEMM_META},
+        {"B_ROW_SCALES": False, "C_TMA": True, "BLOCK_K": 128},
     ),
     "fp8_grouped_gemm": (
         triton_gemm._fp8_grouped_gemm_kernel,
-        {**_GEMM_SIG, "sizes_ptr": "*i32", "G": "i32", "N": "i32", "K": "i32", "G_POW2": "constexpr",
-         "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr"},
-        {"G_POW2": 32, "BLOCK_K": 128},
+        {**_GEMM_SIG, "table_ptr": "*i32", "T": "i32", "G": "i32", "N": "i32", "K": "i32", "LOG2_G": "constexpr",
+         **_GEMM_META},
+        {"LOG2_G": 5, "BLOCK_K": 128},
     ),
     "fp8_wgrad_grouped_gemm": (
         triton_gemm._fp8_wgrad_grouped_kernel,
-        {**_GEMM_SIG, "c_ptr": "*fp32", "sizes_ptr": "*i32", "G": "i32", "N": "i32", "C": "i32", "T_PAD": "i32",
-         "G_POW2": "constexpr", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr"},
-        {"G_POW2": 32, "BLOCK_K": 128},
+        {**_GEMM_SIG, "c_ptr": "*fp32", "kb_prefix_ptr": "*i32", "G": "i32", "N": "i32", "C": "i32",
+         "T_PAD": "i32", **_GEMM_META},
+        {"BLOCK_K": 128},
     ),
     "act_quant": (
         triton_quant._act_quant_kernel,
-        {"x_ptr": "*bf16", "q_ptr": "*fp8e4nv", "s_ptr": "*fp32", "M": "i32", "K": "i32", "UE8M0": "constexpr",
-         "ROWS": "constexpr", "BLOCK": "constexpr"},
+        {"x_ptr": "*bf16", "q_ptr": "*fp8e4nv", "s_ptr": "*fp32", "M": "i32", "K": "i32", "floor": "fp32",
+         "UE8M0": "constexpr", "ROWS": "constexpr", "BLOCK": "constexpr"},
         {"UE8M0": False, "BLOCK": 128},
     ),
     "act_quant_transpose": (
         triton_quant._act_quant_t_kernel,
         {"x_ptr": "*bf16", "q_ptr": "*fp8e4nv", "s_ptr": "*fp32", "sizes_ptr": "*i32", "G": "i32", "C": "i32",
-         "T_PAD": "i32", "G_POW2": "constexpr", "BLOCK": "constexpr", "COLS": "constexpr"},
-        {"G_POW2": 32, "BLOCK": 128},
+         "T_PAD": "i32", "floor": "fp32", "UE8M0": "constexpr", "G_POW2": "constexpr", "BLOCK": "constexpr",
+         "COLS": "constexpr"},
+        {"UE8M0": False, "G_POW2": 32, "BLOCK": 128},
     ),
     "weight_quant": (
         triton_quant._weight_quant_kernel,
@@ -79,11 +100,36 @@ CONFIGS = {
 }
 
 
+def ptx_features(ptx: str) -> dict:
+    """Counts of the Hopper features in a PTX listing (see the module docstring)."""
+    labels = {}
+    loops = 0
+    for i, line in enumerate(ptx.splitlines()):
+        label = re.match(r"^\s*(\$?[\w$]+):", line)
+        if label:
+            labels[label.group(1)] = i
+        branch = re.search(r"\bbra(?:\.uni)?\s+(\$?[\w$]+);", line)
+        if branch and branch.group(1) in labels:  # a branch to a label above it closes a loop
+            loops += 1
+    return {
+        "tma_loads": len(re.findall(r"cp\.async\.bulk\.tensor\.\dd\.shared::\w+\.global", ptx)),
+        "tma_stores": len(re.findall(r"cp\.async\.bulk\.tensor\.\dd\.global\.shared", ptx)),
+        "mbarrier": len(re.findall(r"\bmbarrier\.", ptx)),
+        "setmaxnreg_dec": len(re.findall(r"setmaxnreg\.dec", ptx)),
+        "setmaxnreg_inc": len(re.findall(r"setmaxnreg\.inc", ptx)),
+        "reads_grid_size": "%nctaid.x" in ptx,
+        "loops": loops,
+        "wgmma_wait0": len(re.findall(r"wgmma\.wait_group\.sync\.aligned\s+0\b", ptx)),
+        "wgmma_wait1": len(re.findall(r"wgmma\.wait_group\.sync\.aligned\s+1\b", ptx)),
+    }
+
+
 def compile_report(name: str, config: triton.Config) -> dict:
-    """Compile kernel `name` with `config` for sm_90; registers, shared memory and SASS op counts."""
+    """Compile kernel `name` with `config` for sm_90: registers, shared memory, warps, SASS op counts
+    and PTX feature counts (plus the PTX itself, under "ptx")."""
     fn, signature, constexprs = KERNELS[name]
     constexprs = {**constexprs, **config.kwargs}
-    aligned = {(i,): [["tt.divisibility", 16]] for i, (arg, kind) in enumerate(signature.items()) if kind != "constexpr"}
+    aligned = {(i,): [["tt.divisibility", 16]] for i, kind in enumerate(signature.values()) if kind[0] in "*i"}
     source = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=aligned)
     backend = triton.compiler.make_backend(HOPPER)
     options = backend.parse_options({"num_warps": config.num_warps, "num_stages": config.num_stages})
@@ -100,18 +146,31 @@ def compile_report(name: str, config: triton.Config) -> dict:
         "ptx": compiled.asm["ptx"],
         "kernel": name,
         "config": {**config.kwargs, "num_warps": config.num_warps, "num_stages": config.num_stages},
+        "warps": compiled.metadata.num_warps,
         "shared_bytes": compiled.metadata.shared,
         "registers": int(regs.group(1)) if regs else None,
         **{op: len(re.findall(rf"\b{op}\b", sass)) for op in _OPS},
+        **ptx_features(compiled.asm["ptx"]),
     }
 
 
+_PTX_SHOWN = ("tma_loads", "tma_stores", "mbarrier", "setmaxnreg_dec", "setmaxnreg_inc", "reads_grid_size", "loops", "wgmma_wait0")
+
+
+def format_row(r: dict) -> str:
+    cfg = r["config"]
+    shape = f"{cfg.get('BLOCK_M', '')}x{cfg.get('BLOCK_N', '')}" if "BLOCK_M" in cfg else "-"
+    flags = f"ws={int(bool(cfg.get('WARP_SPECIALIZE', False)))} w={cfg['num_warps']}->{r['warps']} s={cfg['num_stages']}"
+    ops = " ".join(f"{op}={r[op]}" for op in _OPS)
+    ptx = " ".join(f"{key}={int(r[key])}" for key in _PTX_SHOWN)
+    return f"{r['kernel']:22} {shape:8} {flags:18} regs={r['registers']} smem={r['shared_bytes']} {ops} | {ptx}"
+
+
 def main() -> int:
+    print(f"triton {triton.__version__}, sm_90", flush=True)
     for name in sys.argv[1:] or KERNELS:  # python -m moeforge.kernels.sass_report [kernel ...]
         for config in CONFIGS[name]:
-            r = compile_report(name, config)
-            ops = " ".join(f"{op}={r[op]}" for op in _OPS)
-            print(f"{name:24} {r['config']!s:64} regs={r['registers']} smem={r['shared_bytes']} {ops}", flush=True)
+            print(format_row(compile_report(name, config)), flush=True)
     return 0
 
 

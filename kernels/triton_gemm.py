@@ -4,172 +4,395 @@ All three kernels are "NT": both operands are row-major with K contiguous, the l
 tensor-core instructions want on Hopper. The K loop walks 128-wide blocks: each block's product is
 accumulated by the tensor cores, then promoted into the FP32 accumulator with its scales applied
 (promotion interval N_C = 128, as in DeepSeek-V3), which bounds the error of the tensor cores'
-limited-precision internal accumulation to one block.
+limited-precision internal accumulation to one block (tolerance.py models it).
 
 - `fp8_gemm`: a [M, K] (1x128 scales) @ b [N, K]^T (128x128 block or 1x128 tile scales).
 - `fp8_grouped_gemm`: M-grouped, one launch for all experts: rows of a come in contiguous groups,
-  group g uses b[g]. Tiles never straddle groups; the tile -> group map is computed in the kernel
-  from the group sizes (no host-side table, no sync).
+  group g uses b[g]. Tiles never straddle groups; the kernel finds a tile's group by a binary
+  search in a small prefix table built on the host from the group sizes (a list there already,
+  so no device sync).
 - `fp8_wgrad_grouped_gemm`: K-grouped weight gradients: for each group, a_g @ b_g^T over that
   group's own 128-aligned token segment (from act_quant_transpose with group_sizes).
+
+How the kernels are built for Hopper (sm_90), and what sass_report.py checks they emit:
+- Operands through tensor descriptors made in the kernel (`tl.make_tensor_descriptor`): on sm_90
+  every A/B tile is one TMA bulk copy (SASS UTMALDG, PTX cp.async.bulk.tensor) completing on an
+  mbarrier (SYNCS), out-of-range rows and columns zero-filled by the copy engine. fp8_gemm also
+  stores C through a descriptor (UTMASTG) where N's row pitch is 16-byte aligned. Device-side
+  descriptors need a small global scratch per program, hence `_ensure_allocator`.
+- Persistent: the grid is min(number of SMs, tiles) (or `num_programs`) and each program walks
+  tiles program_id, program_id + grid, ... in GROUP_M swizzle order, so the tiles in flight at
+  any moment share their A rows and B columns in L2.
+- Warp specialization (configs with WARP_SPECIALIZE): Triton's Hopper pass splits the tile loop
+  into a producer warp group issuing the TMA copies (registers released with setmaxnreg.dec) and
+  two consumer warp groups, one per 64-row half of the 128-row tile (setmaxnreg.inc), each running
+  its wgmma chain and then its FP32 promotion. The promotion needs the block's product, so each
+  consumer waits for its own wgmma (wait_group 0) before promoting: the overlap comes from the two
+  consumers sharing one tensor core (one promotes while the other's wgmma runs) and from the
+  producer running num_stages blocks ahead, also across tile boundaries, not from a deeper async
+  wgmma queue (Triton keeps none for a product that is consumed in the same iteration).
+  Triton applies it on Hopper only with num_warps=4 (so 12 warps in all).
+- The scales stay ordinary loads, issued before the block's wgmma: a_s is [M, K/128] (one 4-byte
+  value per row and block, and a TMA box needs 16 contiguous bytes) and the 128x128 block scale of
+  b is one scalar per tile and block. Together they are 1/32 of A's bytes and hit in L1/L2.
+
+Under TRITON_INTERPRET=1 the same source runs (the interpreter implements tensor descriptors and
+ignores warp_specialize): it checks indexing, tile order and the persistent loop; its tl.dot is
+exact FP32, so it does not check tensor-core numerics.
 
 FLOPs 2*M*N*K; bytes M*K + N*K (e4m3) + M*N*2 (bf16 out) + scales.
 """
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
+from moeforge.kernels.backend import interpreting
 from moeforge.kernels.fp8_format import BLOCK, ceil_div
-from moeforge.kernels.triton_launch import launcher
-from moeforge.kernels.triton_quant import _group_of_tile, _to_output
+from moeforge.kernels.triton_quant import _to_output
+
+
+@triton.jit
+def _swizzle(t, num_m, num_n, GROUP_M: tl.constexpr):
+    """(pid_m, pid_n) of the t-th tile of a num_m x num_n grid: bands of GROUP_M row tiles, each
+    band walked column by column with its row tiles fastest, then the next band."""
+    per_band = GROUP_M * num_n
+    first_m = (t // per_band) * GROUP_M
+    band_rows = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (t % per_band) % band_rows
+    pid_n = (t % per_band) // band_rows
+    return pid_m, pid_n
 
 
 @triton.jit
 def _scaled_mma(
-    a_ptr, a_s_ptr, b_ptr, b_s_ptr, rows_a, rows_b, scale_rows_b, K, kb_start, kb_count,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    a_desc, b_desc, off_a, off_b, a_s_ptr, a_s_offs, b_s_ptr, b_s_offs, kb_start, kb_count,
+    B_SCALE_VEC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """FP32 [BLOCK_M, BLOCK_N] = sum over K blocks kb_start.. of a_s*b_s * (a_kb @ b_kb^T).
 
-    rows_a / rows_b: int64 row indices (already clamped in range) into a [*, K] and b [*, K];
-    scale_rows_b: the rows of b's scale matrix [*, K/BLOCK_K] that hold each column's scale."""
-    kb_total = K // BLOCK_K
-    offs_k = kb_start * BLOCK_K + tl.arange(0, BLOCK_K)
-    a_ptrs = a_ptr + rows_a[:, None] * K + offs_k[None, :]
-    b_ptrs = b_ptr + rows_b[None, :] * K + offs_k[:, None]
-    a_s_ptrs = a_s_ptr + rows_a * kb_total + kb_start
-    b_s_ptrs = b_s_ptr + scale_rows_b * kb_total + kb_start
+    a_desc / b_desc: descriptors with [BLOCK_M | BLOCK_N, BLOCK_K] blocks, read at rows off_a /
+    off_b. a_s_offs: [BLOCK_M] int32 offsets of each row's block-0 scale from a_s_ptr; b_s_offs:
+    the same for b, [BLOCK_N] of them (B_SCALE_VEC) or one (a 128x128 block scale for the whole
+    tile). 32-bit offsets rather than 64-bit pointers: a thread of a 64 x 128 wgmma tile holds 32
+    columns, whose scale pointers would otherwise take 64 registers."""
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for _ in range(kb_count):
-        a = tl.load(a_ptrs)
-        b = tl.load(b_ptrs)
-        a_s = tl.load(a_s_ptrs)
-        b_s = tl.load(b_s_ptrs)
-        acc += tl.dot(a, b) * (a_s[:, None] * b_s[None, :])
-        a_ptrs += BLOCK_K
-        b_ptrs += BLOCK_K
-        a_s_ptrs += 1
-        b_s_ptrs += 1
+    for kb in range(kb_start, kb_start + kb_count):
+        a_s = tl.load(a_s_ptr + (a_s_offs + kb))  # issued before the wgmma, consumed after it
+        b_s = tl.load(b_s_ptr + (b_s_offs + kb))
+        a = a_desc.load([off_a, kb * BLOCK_K])
+        b = b_desc.load([off_b, kb * BLOCK_K])
+        if B_SCALE_VEC:
+            scale = a_s[:, None] * b_s[None, :]
+        else:
+            scale = a_s[:, None] * b_s
+        acc += tl.dot(a, b.T) * scale
     return acc
 
 
 @triton.jit
 def _fp8_gemm_kernel(
     a_ptr, a_s_ptr, b_ptr, b_s_ptr, c_ptr, M, N, K,
-    B_ROW_SCALES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr,
+    B_ROW_SCALES: tl.constexpr, C_TMA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
 ):
-    # Programs walk GROUP_M row tiles per column tile so neighbouring programs share b in L2.
-    pid = tl.program_id(0)
+    kb_total = K // BLOCK_K
+    a_desc = tl.make_tensor_descriptor(a_ptr, shape=[M, K], strides=[K, 1], block_shape=[BLOCK_M, BLOCK_K])
+    b_desc = tl.make_tensor_descriptor(b_ptr, shape=[N, K], strides=[K, 1], block_shape=[BLOCK_N, BLOCK_K])
+    if C_TMA:
+        c_desc = tl.make_tensor_descriptor(c_ptr, shape=[M, N], strides=[N, 1], block_shape=[BLOCK_M, BLOCK_N])
     num_m = tl.cdiv(M, BLOCK_M)
     num_n = tl.cdiv(N, BLOCK_N)
-    per_group = GROUP_M * num_n
-    first_m = (pid // per_group) * GROUP_M
-    group_rows = tl.minimum(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % per_group) % group_rows
-    pid_n = (pid % per_group) // group_rows
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    # Out-of-range rows/cols re-read a valid row (no load masks, so loads pipeline); never stored.
-    rows_a = (rows % M).to(tl.int64)
-    rows_b = (cols % N).to(tl.int64)
-    scale_rows_b = rows_b if B_ROW_SCALES else rows_b // BLOCK_K
-    acc = _scaled_mma(
-        a_ptr, a_s_ptr, b_ptr, b_s_ptr, rows_a, rows_b, scale_rows_b, K, 0, K // BLOCK_K, BLOCK_M, BLOCK_N, BLOCK_K
-    )
-    c_ptrs = c_ptr + rows.to(tl.int64)[:, None] * N + cols[None, :]
-    tl.store(c_ptrs, _to_output(acc, c_ptr), mask=(rows[:, None] < M) & (cols[None, :] < N))
+    for tile in tl.range(tl.program_id(0), num_m * num_n, tl.num_programs(0), warp_specialize=WARP_SPECIALIZE):
+        pid_m, pid_n = _swizzle(tile, num_m, num_n, GROUP_M)
+        off_m = pid_m * BLOCK_M
+        off_n = pid_n * BLOCK_N
+        rows = off_m + tl.arange(0, BLOCK_M)
+        cols = off_n + tl.arange(0, BLOCK_N)
+        # Scales of out-of-range rows/cols: a valid row's (no masks; those outputs are never stored).
+        # (The wrappers check that every scale offset fits in int32.)
+        a_s_offs = (rows % M) * kb_total
+        if B_ROW_SCALES:
+            b_s_offs = (cols % N) * kb_total
+        elif BLOCK_N > BLOCK_K:
+            b_s_offs = ((cols % N) // BLOCK_K) * kb_total
+        else:  # the tile lies inside one 128-row block of b: one scale per K block
+            b_s_offs = (off_n // BLOCK_K) * kb_total
+        acc = _scaled_mma(
+            a_desc, b_desc, off_m, off_n, a_s_ptr, a_s_offs, b_s_ptr, b_s_offs, 0, kb_total,
+            B_ROW_SCALES or BLOCK_N > BLOCK_K, BLOCK_M, BLOCK_N, BLOCK_K,
+        )
+        out = _to_output(acc, c_ptr)
+        if C_TMA:  # the copy engine clips the rows/cols past M and N
+            c_desc.store([off_m, off_n], out)
+        else:
+            c_ptrs = c_ptr + rows.to(tl.int64)[:, None] * N + cols[None, :]
+            tl.store(c_ptrs, out, mask=(rows[:, None] < M) & (cols[None, :] < N))
+
+
+# BLOCK_M values the grouped kernel's tile table has a row for (launch configs and interpreter).
+TABLE_BLOCK_M = (16, 32, 64, 128, 256)
+
+
+@triton.jit
+def _table_row(BLOCK_M: tl.constexpr):
+    """Row of the grouped GEMM's table that holds the row-tile prefix for this BLOCK_M."""
+    tl.static_assert(BLOCK_M == 16 or BLOCK_M == 32 or BLOCK_M == 64 or BLOCK_M == 128 or BLOCK_M == 256)
+    if BLOCK_M == 16:
+        row: tl.constexpr = 1
+    elif BLOCK_M == 32:
+        row: tl.constexpr = 2
+    elif BLOCK_M == 64:
+        row: tl.constexpr = 3
+    elif BLOCK_M == 128:
+        row: tl.constexpr = 4
+    else:
+        row: tl.constexpr = 5
+    return row
+
+
+@triton.jit
+def _last_at_or_below(prefix_ptr, G, value, LOG2_G: tl.constexpr):
+    """Largest g < G with prefix[g] <= value (prefix non-decreasing, prefix[0] = 0 <= value): a
+    binary search of LOG2_G scalar loads, so the tile loop holds no reductions (Triton's Hopper
+    warp specialization does not take them inside the loop)."""
+    lo = 0
+    for step in tl.static_range(LOG2_G):
+        probe = lo + (1 << (LOG2_G - 1 - step))
+        p = tl.load(prefix_ptr + probe, mask=probe < G, other=2147483647)
+        lo = tl.where(p <= value, probe, lo)
+    return lo
 
 
 @triton.jit
 def _fp8_grouped_gemm_kernel(
-    a_ptr, a_s_ptr, b_ptr, b_s_ptr, c_ptr, sizes_ptr, G, N, K,
-    G_POW2: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    a_ptr, a_s_ptr, b_ptr, b_s_ptr, c_ptr, table_ptr, T, G, N, K,
+    LOG2_G: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
 ):
-    tile = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    group, first_tile, row_start, n_rows, total = _group_of_tile(sizes_ptr, G, tile, BLOCK_M, G_POW2)
-    if tile < total:  # the grid is an upper bound on the number of tiles
-        local = (tile - first_tile) * BLOCK_M + tl.arange(0, BLOCK_M)
+    # table [1 + len(TABLE_BLOCK_M), G + 1] int32: row 0 the groups' first rows (exclusive prefix of
+    # the group sizes, then T); row r the exclusive prefix of the groups' row-tile counts for one
+    # BLOCK_M (_table_row). Tile order: expert by expert; inside an expert, GROUP_M swizzle over its
+    # row tiles x N tiles, so an expert's activation rows are read for every N column while they
+    # are in L2 (and its weights while they are), before its next rows.
+    kb_total = K // BLOCK_K
+    a_desc = tl.make_tensor_descriptor(a_ptr, shape=[T, K], strides=[K, 1], block_shape=[BLOCK_M, BLOCK_K])
+    # b [G, N, K] as [G*N, K]: the last column tile of an expert may read the next expert's first
+    # rows; those columns are never stored.
+    b_desc = tl.make_tensor_descriptor(b_ptr, shape=[G * N, K], strides=[K, 1], block_shape=[BLOCK_N, BLOCK_K])
+    num_n = tl.cdiv(N, BLOCK_N)
+    nb_total = tl.cdiv(N, BLOCK_K)
+    tile_prefix = table_ptr + _table_row(BLOCK_M) * (G + 1)
+    total = tl.load(tile_prefix + G) * num_n
+    for tile in tl.range(tl.program_id(0), total, tl.num_programs(0), warp_specialize=WARP_SPECIALIZE):
+        group = _last_at_or_below(tile_prefix, G, tile // num_n, LOG2_G)
+        first_mt = tl.load(tile_prefix + group)
+        row_start = tl.load(table_ptr + group)
+        n_rows = tl.load(table_ptr + group + 1) - row_start
+        pid_m, pid_n = _swizzle(tile - first_mt * num_n, tl.load(tile_prefix + group + 1) - first_mt, num_n, GROUP_M)
+        local = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         row_ok = local < n_rows
-        rows_a = (row_start + tl.where(row_ok, local, 0)).to(tl.int64)
-        cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        rows_b = (cols % N).to(tl.int64)
-        kb_total = K // BLOCK_K
-        b_base = b_ptr + group.to(tl.int64) * N * K
-        b_s_base = b_s_ptr + group.to(tl.int64) * tl.cdiv(N, BLOCK_K) * kb_total
+        rows = row_start + tl.where(row_ok, local, 0)
+        off_n = pid_n * BLOCK_N
+        cols = off_n + tl.arange(0, BLOCK_N)
+        b_s_first = group * nb_total * kb_total
+        if BLOCK_N > BLOCK_K:
+            b_s_offs = b_s_first + ((cols % N) // BLOCK_K) * kb_total
+        else:
+            b_s_offs = b_s_first + (off_n // BLOCK_K) * kb_total
         acc = _scaled_mma(
-            a_ptr, a_s_ptr, b_base, b_s_base, rows_a, rows_b, rows_b // BLOCK_K, K, 0, kb_total,
-            BLOCK_M, BLOCK_N, BLOCK_K,
+            a_desc, b_desc, row_start + pid_m * BLOCK_M, group * N + off_n, a_s_ptr, rows * kb_total, b_s_ptr,
+            b_s_offs, 0, kb_total, BLOCK_N > BLOCK_K, BLOCK_M, BLOCK_N, BLOCK_K,
         )
-        c_ptrs = c_ptr + rows_a[:, None] * N + cols[None, :]
+        # Masked stores: a tile's last rows may belong to the next expert (a TMA store would
+        # overwrite them).
+        c_ptrs = c_ptr + rows.to(tl.int64)[:, None] * N + cols[None, :]
         tl.store(c_ptrs, _to_output(acc, c_ptr), mask=row_ok[:, None] & (cols[None, :] < N))
 
 
 @triton.jit
 def _fp8_wgrad_grouped_kernel(
-    a_ptr, a_s_ptr, b_ptr, b_s_ptr, c_ptr, sizes_ptr, G, N, C, T_PAD,
-    G_POW2: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    a_ptr, a_s_ptr, b_ptr, b_s_ptr, c_ptr, kb_prefix_ptr, G, N, C, T_PAD,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    group = tl.program_id(2)
-    g_ids = tl.arange(0, G_POW2)
-    sizes = tl.load(sizes_ptr + g_ids, mask=g_ids < G, other=0).to(tl.int32)
-    blocks = (sizes + BLOCK_K - 1) // BLOCK_K  # each group's token segment, in 128-blocks
-    kb_start = tl.sum(tl.where(g_ids < group, blocks, 0), 0)
-    kb_count = tl.sum(tl.where(g_ids == group, blocks, 0), 0)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    rows_a = (rows % N).to(tl.int64)
-    rows_b = (cols % C).to(tl.int64)
-    acc = _scaled_mma(
-        a_ptr, a_s_ptr, b_ptr, b_s_ptr, rows_a, rows_b, rows_b, T_PAD, kb_start, kb_count, BLOCK_M, BLOCK_N, BLOCK_K
-    )
-    c_ptrs = c_ptr + group.to(tl.int64) * N * C + rows.to(tl.int64)[:, None] * C + cols[None, :]
-    tl.store(c_ptrs, _to_output(acc, c_ptr), mask=(rows[:, None] < N) & (cols[None, :] < C))
+    # kb_prefix [G + 1] int32: where each group's 128-aligned token segment starts, in K blocks.
+    # Tile order: group by group (a group's token segment of a and b is read by all of its tiles),
+    # GROUP_M swizzle inside a group.
+    kb_all = T_PAD // BLOCK_K
+    a_desc = tl.make_tensor_descriptor(a_ptr, shape=[N, T_PAD], strides=[T_PAD, 1], block_shape=[BLOCK_M, BLOCK_K])
+    b_desc = tl.make_tensor_descriptor(b_ptr, shape=[C, T_PAD], strides=[T_PAD, 1], block_shape=[BLOCK_N, BLOCK_K])
+    num_m = tl.cdiv(N, BLOCK_M)
+    num_n = tl.cdiv(C, BLOCK_N)
+    per_group = num_m * num_n
+    for tile in tl.range(tl.program_id(0), G * per_group, tl.num_programs(0), warp_specialize=WARP_SPECIALIZE):
+        group = tile // per_group
+        kb_start = tl.load(kb_prefix_ptr + group)
+        kb_count = tl.load(kb_prefix_ptr + group + 1) - kb_start
+        pid_m, pid_n = _swizzle(tile - group * per_group, num_m, num_n, GROUP_M)
+        off_m = pid_m * BLOCK_M
+        off_n = pid_n * BLOCK_N
+        rows = off_m + tl.arange(0, BLOCK_M)
+        cols = off_n + tl.arange(0, BLOCK_N)
+        acc = _scaled_mma(
+            a_desc, b_desc, off_m, off_n, a_s_ptr, (rows % N) * kb_all, b_s_ptr, (cols % C) * kb_all, kb_start,
+            kb_count, True, BLOCK_M, BLOCK_N, BLOCK_K,
+        )  # a group without tokens: zeros
+        c_ptrs = c_ptr + group.to(tl.int64) * N * C + rows.to(tl.int64)[:, None] * C + cols[None, :]
+        tl.store(c_ptrs, _to_output(acc, c_ptr), mask=(rows[:, None] < N) & (cols[None, :] < C))
 
 
 # ---- launch configurations ------------------------------------------------------------------------
-# Interpreted (CPU tests): small tiles so that several tiles, partial tiles and BLOCK_N < 128 (two
-# tiles per scale block) are exercised at tiny sizes. GPU: autotuned over a few Hopper-sized tiles.
-_INTERPRET_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 64}
-# Two FP32 accumulators per tile (the running sum and the block being promoted): 128 x 256 tiles
-# spill on 8 warps (see sass_report.py), so the tiles stay at 128 x 128 per 8 warps or smaller.
+# Interpreted (CPU tests): small tiles, so that several tiles, partial tiles, partial GROUP_M bands
+# and BLOCK_N < 128 (two tiles per scale block) are exercised at tiny sizes; few programs, so that
+# each walks several tiles of the persistent loop.
+_INTERPRET_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 64, "GROUP_M": 2, "WARP_SPECIALIZE": False}
+INTERPRET_PROGRAMS = 3
+
+
+def _config(bm: int, bn: int, warps: int, stages: int, ws: bool) -> triton.Config:
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "GROUP_M": 8, "WARP_SPECIALIZE": ws},
+                         num_warps=warps, num_stages=stages)
+
+
+# GPU: autotuned over these (all spill-free for sm_90, see sass_report.py). The per-block promotion
+# keeps two FP32 tiles live (the running sum and the block's product), so a warp group holds at most
+# 64 x 128 of them: 128 x 256 tiles spill on 8 warps, and on a warp-specialized consumer too.
 GPU_CONFIGS = [
-    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128}, num_stages=4, num_warps=8),
-    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128}, num_stages=3, num_warps=8),
-    triton.Config({"BLOCK_M": 64, "BLOCK_N": 128}, num_stages=4, num_warps=4),
-    triton.Config({"BLOCK_M": 64, "BLOCK_N": 256}, num_stages=3, num_warps=8),
-    triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_stages=4, num_warps=4),
+    _config(128, 128, 4, 4, True),  # producer + 2 consumer warp groups (12 warps), 4 TMA stages
+    _config(128, 128, 4, 5, True),  # the same, 5 stages (~180 KB of shared memory)
+    _config(128, 128, 8, 4, False),  # 2 warp groups, Triton's software pipeline over TMA, no producer
+    _config(64, 128, 4, 4, False),  # small M (decode-sized batches, small experts)
+    _config(128, 64, 4, 4, False),  # small N
 ]
+WS_CONFIG = GPU_CONFIGS[0]
+PLAIN_CONFIG = GPU_CONFIGS[2]
 
 
-_gemm, _gemm_kw = launcher(_fp8_gemm_kernel, GPU_CONFIGS, ["M", "N", "K", "B_ROW_SCALES"], _INTERPRET_CONFIG)
-_grouped, _grouped_kw = launcher(_fp8_grouped_gemm_kernel, GPU_CONFIGS, ["N", "K"], _INTERPRET_CONFIG)
-_wgrad, _wgrad_kw = launcher(_fp8_wgrad_grouped_kernel, GPU_CONFIGS, ["N", "C"], _INTERPRET_CONFIG)
+@functools.cache
+def _num_sms(device: int) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def _g_pow2(groups: int) -> int:
-    return triton.next_power_of_2(max(groups, 2))
+def _programs(device: torch.device, tiles: int, num_programs: int | None) -> int:
+    if num_programs is None:
+        num_programs = INTERPRET_PROGRAMS if device.type != "cuda" else _num_sms(device.index or 0)
+    return max(1, min(num_programs, tiles))
+
+
+def _scratch(size: int, alignment: int, stream) -> torch.Tensor:
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+def _ensure_allocator() -> None:
+    """Device-side tensor descriptors live in a per-program global scratch that Triton allocates
+    through `triton.set_allocator`. The allocator is a context variable (autograd's backward
+    threads start without it), so it is checked before each launch; one set by the user is kept."""
+    try:
+        from triton.runtime import _allocation
+
+        if not isinstance(_allocation._allocator.get(), _allocation.NullAllocator):
+            return
+    except (ImportError, AttributeError):  # another Triton layout: set ours
+        pass
+    triton.set_allocator(_scratch)
+
+
+class _Launcher:
+    """One kernel: fixed meta under the interpreter, autotuned over GPU_CONFIGS on a GPU (re-tuned
+    whenever the `key` arguments change), or one given triton.Config (the GPU check runs each)."""
+
+    def __init__(self, kernel, key: list[str]) -> None:
+        self.kernel = kernel
+        self.key = key
+
+    @functools.cached_property
+    def tuned(self):
+        return triton.autotune(configs=GPU_CONFIGS, key=self.key)(self.kernel)
+
+    def __call__(self, grid, *args, config: triton.Config | None = None, **consts) -> None:
+        if interpreting():
+            self.kernel[grid](*args, **consts, **_INTERPRET_CONFIG)
+            return
+        _ensure_allocator()
+        if config is None:
+            self.tuned[grid](*args, **consts)
+        else:
+            self.kernel[grid](*args, **consts, **config.kwargs, num_warps=config.num_warps,
+                              num_stages=config.num_stages)
+
+
+_gemm = _Launcher(_fp8_gemm_kernel, ["M", "N", "K", "B_ROW_SCALES", "C_TMA"])
+_grouped = _Launcher(_fp8_grouped_gemm_kernel, ["N", "K"])
+_wgrad = _Launcher(_fp8_wgrad_grouped_kernel, ["N", "C"])
+
+
+def _log2_groups(groups: int) -> int:
+    return max(groups - 1, 1).bit_length()  # 2**result >= groups
+
+
+def _exclusive_prefix(counts: torch.Tensor) -> torch.Tensor:
+    return torch.cat([counts.new_zeros(1), torch.cumsum(counts, 0)])
+
+
+def grouped_table(group_sizes: list[int]) -> torch.Tensor:
+    """The grouped GEMM's tile table (CPU, int32 [1 + len(TABLE_BLOCK_M), G + 1]): the groups'
+    first rows, then for each BLOCK_M the exclusive prefix of the groups' row-tile counts."""
+    sizes = torch.tensor(group_sizes, dtype=torch.int64)
+    rows = [_exclusive_prefix(sizes)] + [_exclusive_prefix((sizes + bm - 1) // bm) for bm in TABLE_BLOCK_M]
+    return torch.stack(rows).to(torch.int32)
+
+
+def _check_scale_offsets(*scales: torch.Tensor) -> None:
+    """The kernels index the scale matrices with int32 offsets (see _scaled_mma)."""
+    for s in scales:
+        if s.numel() >= 2**31:
+            raise ValueError(f"scale matrix of {s.numel()} elements: the FP8 GEMM kernels index scales with int32")
+
+
+def _aligned(t: torch.Tensor) -> torch.Tensor:
+    """TMA reads from 16-byte aligned addresses: a (rare) misaligned view is copied."""
+    return t if t.data_ptr() % 16 == 0 else t.clone()
+
+
+def _meta(config: triton.Config | None, name: str):
+    """A meta value for sizing the grid: the given config's, or the autotuner's candidate's."""
+    if interpreting():
+        return lambda meta: _INTERPRET_CONFIG[name]
+    if config is not None:
+        return lambda meta: config.kwargs[name]
+    return lambda meta: meta[name]
 
 
 def fp8_gemm_triton(
-    a: torch.Tensor, a_s: torch.Tensor, b: torch.Tensor, b_s: torch.Tensor, out_dtype: torch.dtype = torch.bfloat16
+    a: torch.Tensor,
+    a_s: torch.Tensor,
+    b: torch.Tensor,
+    b_s: torch.Tensor,
+    out_dtype: torch.dtype = torch.bfloat16,
+    *,
+    num_programs: int | None = None,
+    config: triton.Config | None = None,
 ) -> torch.Tensor:
-    """Triton twin of fp8_gemm_torch."""
+    """Triton twin of fp8_gemm_torch. num_programs: the persistent grid (default: one program per
+    SM; 3 under the interpreter); config: one of GPU_CONFIGS instead of the autotuner's choice."""
     m, k = a.shape
     n = b.shape[0]
     c = torch.empty(m, n, dtype=out_dtype, device=a.device)
     if m and n:
+        _check_scale_offsets(a_s, b_s)
         row_scales = b_s.shape[0] == n and n != ceil_div(n, BLOCK)
+        c_tma = (n * c.element_size()) % 16 == 0 and c.data_ptr() % 16 == 0
+        bm, bn = _meta(config, "BLOCK_M"), _meta(config, "BLOCK_N")
 
         def grid(meta):
-            return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
+            return (_programs(a.device, triton.cdiv(m, bm(meta)) * triton.cdiv(n, bn(meta)), num_programs),)
 
-        _gemm[grid](a, a_s, b, b_s, c, m, n, k, B_ROW_SCALES=row_scales, BLOCK_K=BLOCK, GROUP_M=8, **_gemm_kw)
+        _gemm(grid, _aligned(a), a_s, _aligned(b), b_s, c, m, n, k, config=config, B_ROW_SCALES=row_scales,
+              C_TMA=c_tma, BLOCK_K=BLOCK)
     return c
 
 
@@ -180,19 +403,25 @@ def fp8_grouped_gemm_triton(
     b_s: torch.Tensor,
     group_sizes: list[int],
     out_dtype: torch.dtype = torch.bfloat16,
+    *,
+    num_programs: int | None = None,
+    config: triton.Config | None = None,
 ) -> torch.Tensor:
-    """Triton twin of fp8_grouped_gemm_torch (one launch for all groups)."""
+    """Triton twin of fp8_grouped_gemm_torch (one persistent launch for all groups)."""
     t, k = a.shape
     g, n, _ = b.shape
     c = torch.empty(t, n, dtype=out_dtype, device=a.device)
     if t and n:
-        sizes = torch.tensor(group_sizes, dtype=torch.int32, device=a.device)
+        _check_scale_offsets(a_s, b_s)
+        table = grouped_table(group_sizes)
+        bm, bn = _meta(config, "BLOCK_M"), _meta(config, "BLOCK_N")
 
         def grid(meta):
-            # sum_g ceil(n_g / BM) <= ceil(T / BM) + G: surplus programs exit at once.
-            return (triton.cdiv(t, meta["BLOCK_M"]) + g, triton.cdiv(n, meta["BLOCK_N"]))
+            row_tiles = int(table[1 + TABLE_BLOCK_M.index(bm(meta)), -1])
+            return (_programs(a.device, row_tiles * triton.cdiv(n, bn(meta)), num_programs),)
 
-        _grouped[grid](a, a_s, b, b_s, c, sizes, g, n, k, G_POW2=_g_pow2(g), BLOCK_K=BLOCK, **_grouped_kw)
+        _grouped(grid, _aligned(a), a_s, _aligned(b), b_s, c, table.to(a.device), t, g, n, k, config=config,
+                 LOG2_G=_log2_groups(g), BLOCK_K=BLOCK)
     return c
 
 
@@ -203,17 +432,26 @@ def fp8_wgrad_grouped_gemm_triton(
     b_s: torch.Tensor,
     group_sizes: list[int],
     out_dtype: torch.dtype = torch.float32,
+    *,
+    num_programs: int | None = None,
+    config: triton.Config | None = None,
 ) -> torch.Tensor:
-    """Triton twin of fp8_wgrad_grouped_gemm_torch (one launch for all groups)."""
+    """Triton twin of fp8_wgrad_grouped_gemm_torch (one persistent launch for all groups)."""
     n, t_pad = a.shape
     c_dim = b.shape[0]
     g = len(group_sizes)
     out = torch.empty(g, n, c_dim, dtype=out_dtype, device=a.device)
-    if g and n and c_dim:
-        sizes = torch.tensor(group_sizes, dtype=torch.int32, device=a.device)
+    if g and n and c_dim and not t_pad:  # no tokens at all: every gradient is zero
+        out.zero_()
+    elif g and n and c_dim:
+        _check_scale_offsets(a_s, b_s)
+        blocks = (torch.tensor(group_sizes, dtype=torch.int64) + BLOCK - 1) // BLOCK
+        kb_prefix = _exclusive_prefix(blocks).to(device=a.device, dtype=torch.int32)
+        bm, bn = _meta(config, "BLOCK_M"), _meta(config, "BLOCK_N")
 
         def grid(meta):
-            return (triton.cdiv(n, meta["BLOCK_M"]), triton.cdiv(c_dim, meta["BLOCK_N"]), g)
+            return (_programs(a.device, g * triton.cdiv(n, bm(meta)) * triton.cdiv(c_dim, bn(meta)), num_programs),)
 
-        _wgrad[grid](a, a_s, b, b_s, out, sizes, g, n, c_dim, t_pad, G_POW2=_g_pow2(g), BLOCK_K=BLOCK, **_wgrad_kw)
+        _wgrad(grid, _aligned(a), a_s, _aligned(b), b_s, out, kb_prefix, g, n, c_dim, t_pad, config=config,
+               BLOCK_K=BLOCK)
     return out

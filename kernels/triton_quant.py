@@ -4,6 +4,10 @@ Memory traffic (the floor these kernels are measured against in the benchmark), 
 act_quant reads 2 bytes (bf16) and writes 1 byte + 4/128 bytes of scale; weight_quant reads 4 (fp32
 master) and writes 1; the transpose variant moves the same bytes with a transposed store.
 
+The amax floor (SCALE_FLOOR or GRAD_SCALE_FLOOR, fp8_format.py) of the activation quantizers is a
+runtime fp32 argument, `floor`: one compiled kernel serves both, and the wrappers pass the exact FP32
+value their torch twins clamp with, so the scales stay bit-identical. weight_quant keeps SCALE_FLOOR.
+
 e4m3 rounding: values are first snapped to the e4m3 grid in FP32 arithmetic (`_snap_e4m3`, round to
 nearest even, subnormals included) and only then converted. The conversion of an on-grid value is
 exact on every backend. This matters because Triton's CPU interpreter rounds FP32->FP8 half-up and
@@ -21,7 +25,7 @@ from moeforge.kernels.triton_launch import launcher
 
 # Compiled kernels may only read module globals that are tl.constexpr (the interpreter is laxer).
 _FP8_MAX = tl.constexpr(FP8_MAX)
-_SCALE_FLOOR = tl.constexpr(SCALE_FLOOR)
+_SCALE_FLOOR = tl.constexpr(SCALE_FLOOR)  # weight_quant's floor; the activation kernels take `floor`
 
 
 @triton.jit
@@ -42,8 +46,8 @@ def _snap_e4m3(v):
 
 
 @triton.jit
-def _tile_scale(amax, UE8M0: tl.constexpr):
-    scale = tl.math.div_rn(tl.maximum(amax, _SCALE_FLOOR), _FP8_MAX)
+def _tile_scale(amax, floor, UE8M0: tl.constexpr):
+    scale = tl.math.div_rn(tl.maximum(amax, floor), _FP8_MAX)
     if UE8M0:
         bits = scale.to(tl.int32, bitcast=True)
         biased_exp = ((bits >> 23) & 0xFF) + ((bits & 0x7FFFFF) != 0).to(tl.int32)
@@ -72,8 +76,10 @@ def _to_output(acc, c_ptr):
 
 
 @triton.jit
-def _act_quant_kernel(x_ptr, q_ptr, s_ptr, M, K, UE8M0: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
-    # One program: ROWS rows x one BLOCK-wide tile; one scale per row.
+def _act_quant_kernel(
+    x_ptr, q_ptr, s_ptr, M, K, floor, UE8M0: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr
+):
+    # One program: ROWS rows x one BLOCK-wide tile; one scale per row. floor: fp32 amax floor.
     pid_m = tl.program_id(0)
     pid_k = tl.program_id(1)
     rows = pid_m * ROWS + tl.arange(0, ROWS)
@@ -81,7 +87,7 @@ def _act_quant_kernel(x_ptr, q_ptr, s_ptr, M, K, UE8M0: tl.constexpr, ROWS: tl.c
     row_ok = rows < M
     offsets = rows.to(tl.int64)[:, None] * K + cols[None, :]
     x = tl.load(x_ptr + offsets, mask=row_ok[:, None], other=0.0).to(tl.float32)
-    scale = _tile_scale(tl.max(tl.abs(x), axis=1), UE8M0)  # [ROWS]
+    scale = _tile_scale(tl.max(tl.abs(x), axis=1), floor, UE8M0)  # [ROWS]
     tl.store(q_ptr + offsets, _quantize(x, scale[:, None]), mask=row_ok[:, None])
     tl.store(s_ptr + rows.to(tl.int64) * (K // BLOCK) + pid_k, scale, mask=row_ok)
 
@@ -91,7 +97,7 @@ _act_quant, _act_quant_kw = launcher(_act_quant_kernel, ACT_QUANT_CONFIGS, ["M",
 
 
 def act_quant_triton(
-    x: torch.Tensor, block_size: int = 128, scale_fmt: str | None = None
+    x: torch.Tensor, block_size: int = 128, scale_fmt: str | None = None, *, scale_floor: float = SCALE_FLOOR
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton twin of act_quant_torch: x [..., K] -> (e4m3 [..., K], fp32 scales [..., K/B])."""
     x = x.contiguous()
@@ -104,7 +110,9 @@ def act_quant_triton(
         def grid(meta):
             return (triton.cdiv(m, meta["ROWS"]), k // block_size)
 
-        _act_quant[grid](x, q, s, m, k, UE8M0=scale_fmt == "ue8m0", BLOCK=block_size, **_act_quant_kw)
+        _act_quant[grid](
+            x, q, s, m, k, float(scale_floor), UE8M0=scale_fmt == "ue8m0", BLOCK=block_size, **_act_quant_kw
+        )
     return q, s
 
 
@@ -129,9 +137,21 @@ def _group_of_tile(sizes_ptr, G, tile, TILE: tl.constexpr, G_POW2: tl.constexpr)
 
 @triton.jit
 def _act_quant_t_kernel(
-    x_ptr, q_ptr, s_ptr, sizes_ptr, G, C, T_PAD, G_POW2: tl.constexpr, BLOCK: tl.constexpr, COLS: tl.constexpr
+    x_ptr,
+    q_ptr,
+    s_ptr,
+    sizes_ptr,
+    G,
+    C,
+    T_PAD,
+    floor,
+    UE8M0: tl.constexpr,
+    G_POW2: tl.constexpr,
+    BLOCK: tl.constexpr,
+    COLS: tl.constexpr,
 ):
     # One program: one BLOCK-token tile of one group x COLS channels; writes q^T [C, T_PAD].
+    # floor: fp32 amax floor; UE8M0: power-of-two scales, as in _act_quant_kernel.
     tile = tl.program_id(0)
     pid_c = tl.program_id(1)
     _, first_tile, row_start, n_rows, total = _group_of_tile(sizes_ptr, G, tile, BLOCK, G_POW2)
@@ -144,7 +164,7 @@ def _act_quant_t_kernel(
         x = tl.load(
             x_ptr + src_rows[:, None] * C + cols[None, :], mask=tok_ok[:, None] & col_ok[None, :], other=0.0
         ).to(tl.float32)  # [BLOCK tokens, COLS channels]; padding tokens read as 0
-        scale = _tile_scale(tl.max(tl.abs(x), axis=0), False)  # [COLS]: one per channel
+        scale = _tile_scale(tl.max(tl.abs(x), axis=0), floor, UE8M0)  # [COLS]: one per channel
         q = _quantize(x, scale[None, :])
         out_cols = tile * BLOCK + tl.arange(0, BLOCK)  # padded token position
         tl.store(
@@ -158,7 +178,12 @@ _act_quant_t, _act_quant_t_kw = launcher(_act_quant_t_kernel, ACT_QUANT_T_CONFIG
 
 
 def act_quant_transpose_triton(
-    x: torch.Tensor, block_size: int = 128, group_sizes: list[int] | None = None
+    x: torch.Tensor,
+    block_size: int = 128,
+    group_sizes: list[int] | None = None,
+    scale_fmt: str | None = None,
+    *,
+    scale_floor: float = SCALE_FLOOR,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton twin of act_quant_transpose_torch: x [T, C] -> (e4m3 [C, T_pad], scales [C, T_pad/B])."""
     x = x.contiguous()
@@ -176,7 +201,8 @@ def act_quant_transpose_triton(
             return (t_pad // block_size, triton.cdiv(c, meta["COLS"]))
 
         _act_quant_t[grid](
-            x, q, s, sizes, len(group_sizes), c, t_pad, G_POW2=g_pow2, BLOCK=block_size, **_act_quant_t_kw
+            x, q, s, sizes, len(group_sizes), c, t_pad, float(scale_floor), UE8M0=scale_fmt == "ue8m0",
+            G_POW2=g_pow2, BLOCK=block_size, **_act_quant_t_kw,
         )
     return q, s
 
@@ -200,7 +226,7 @@ def _weight_block(N, K, BLOCK: tl.constexpr):
 def _weight_quant_kernel(w_ptr, q_ptr, s_ptr, N, K, BLOCK: tl.constexpr):
     offsets, row_ok, scale_offset = _weight_block(N, K, BLOCK)
     w = tl.load(w_ptr + offsets, mask=row_ok, other=0.0).to(tl.float32)
-    scale = _tile_scale(tl.max(tl.max(tl.abs(w), axis=1), axis=0), False)
+    scale = _tile_scale(tl.max(tl.max(tl.abs(w), axis=1), axis=0), _SCALE_FLOOR, False)
     tl.store(q_ptr + offsets, _quantize(w, scale), mask=row_ok)
     tl.store(s_ptr + scale_offset, scale)
 

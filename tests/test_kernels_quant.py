@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 from moeforge.kernels.checks import KernelArgumentError
-from moeforge.kernels.fp8_format import FP8_MAX, SCALE_FLOOR, round_scale_ue8m0
+from moeforge.kernels.fp8_format import FP8_MAX, GRAD_SCALE_FLOOR, SCALE_FLOOR, round_scale_ue8m0
 from moeforge.kernels.quant import act_quant, act_quant_transpose, weight_dequant, weight_quant
 from moeforge.kernels.twin_check import irregular
 
@@ -62,6 +62,59 @@ def test_an_all_zero_tile_gets_the_floor_scale():
     q, s = act_quant(x)
     assert float(s[1, 1]) == pytest.approx(SCALE_FLOOR / FP8_MAX, rel=1e-7)
     assert bool((q[1, 128:].float() == 0).all())
+
+
+@pytest.mark.parametrize("floor", [GRAD_SCALE_FLOOR, 1e-2])
+def test_act_quant_scale_floor_is_the_amax_floor(floor):
+    x = irregular((4, 384), gen(), "cpu") * 1e-3  # amax per tile ~1e-3 .. 1: some tiles below 1e-2
+    x[3, :128] = 0.0
+    q, s = act_quant(x, scale_floor=floor)
+    amax = x.unflatten(-1, (3, 128)).abs().amax(-1)
+    assert torch.equal(s, amax.clamp(min=floor) / FP8_MAX)
+    assert float(s[3, 0]) == pytest.approx(floor / FP8_MAX, rel=1e-6)
+    assert_within_e4m3_rounding(x, dequant_tiles(q, s), s.repeat_interleave(128, -1))
+    q_default, s_default = act_quant(x)
+    q_named, s_named = act_quant(x, scale_floor=SCALE_FLOOR)  # the default is SCALE_FLOOR
+    assert torch.equal(s_default, s_named) and torch.equal(q_default.view(torch.uint8), q_named.view(torch.uint8))
+
+
+def test_grad_scale_floor_is_the_smallest_amax_with_a_normal_scale():
+    tiny = torch.finfo(torch.float32).tiny
+    assert GRAD_SCALE_FLOOR == FP8_MAX * tiny and torch.tensor(GRAD_SCALE_FLOOR).item() == GRAD_SCALE_FLOOR
+    assert float(torch.tensor(GRAD_SCALE_FLOOR) / FP8_MAX) == tiny  # exactly 2^-126
+    _, s = act_quant(torch.zeros(2, 128), scale_floor=GRAD_SCALE_FLOOR)
+    assert bool((s == tiny).all())
+    _, s = act_quant(torch.zeros(2, 128), scale_fmt="ue8m0", scale_floor=GRAD_SCALE_FLOOR)
+    assert bool((s == tiny).all())  # a power of two already
+
+
+def test_act_quant_transpose_ue8m0_and_scale_floor_are_act_quants_of_the_padded_transpose():
+    x = irregular((150, 192), gen(), "cpu", torch.bfloat16) * 1e-8
+    padded = torch.nn.functional.pad(x, (0, 0, 0, 106)).t().contiguous()  # [C, T_pad]
+    for kwargs in ({"scale_fmt": "ue8m0"}, {"scale_floor": GRAD_SCALE_FLOOR},
+                   {"scale_fmt": "ue8m0", "scale_floor": GRAD_SCALE_FLOOR}):
+        qt, st = act_quant_transpose(x, **kwargs)
+        q_ref, s_ref = act_quant(padded, **kwargs)
+        assert torch.equal(qt.view(torch.uint8), q_ref.view(torch.uint8)) and torch.equal(st, s_ref), kwargs
+    _, st = act_quant_transpose(x, scale_fmt="ue8m0")
+    amax = padded.float().unflatten(-1, (2, 128)).abs().amax(-1)  # [C, 2]
+    assert torch.equal(st, round_scale_ue8m0(amax.clamp(min=SCALE_FLOOR) / FP8_MAX))  # powers of two
+    _, plain = act_quant_transpose(x, scale_floor=GRAD_SCALE_FLOOR)
+    _, pow2 = act_quant_transpose(x, scale_fmt="ue8m0", scale_floor=GRAD_SCALE_FLOOR)
+    assert bool((pow2 >= plain).all() and (pow2 < 2 * plain).all())
+
+
+def test_act_quant_transpose_ue8m0_groups_pad_each_group_on_its_own():
+    x = irregular((140, 128), gen(), "cpu")
+    sizes = [130, 0, 10]
+    qt, st = act_quant_transpose(x, group_sizes=sizes, scale_fmt="ue8m0")
+    mantissa, _ = torch.frexp(st)
+    assert qt.shape == (128, 384) and bool((mantissa == 0.5).all())
+    deq = dequant_tiles(qt, st)
+    per_elem = st.repeat_interleave(128, 1)
+    for start, row, rows in [(0, 0, 130), (256, 130, 10)]:
+        cols = slice(start, start + rows)
+        assert_within_e4m3_rounding(x[row : row + rows], deq[:, cols].t(), per_elem[:, cols].t())
 
 
 def test_weight_quant_blocks_with_a_partial_last_row_block():
@@ -119,6 +172,16 @@ def test_act_quant_transpose_pads_each_group_on_its_own():
         (lambda: weight_quant(torch.randn(128, 96)), "w"),
         (lambda: act_quant_transpose(torch.randn(2, 4, 128)), "x"),
         (lambda: act_quant_transpose(torch.randn(10, 128), group_sizes=[4, 5]), "group_sizes"),
+        (lambda: act_quant_transpose(torch.randn(10, 128), scale_fmt="e8m0"), "scale_fmt"),
+        (lambda: act_quant(torch.randn(4, 128), scale_floor="1e-4"), "scale_floor: expected a number"),
+        (lambda: act_quant(torch.randn(4, 128), scale_floor=True), "scale_floor: expected a number"),
+        (lambda: act_quant(torch.randn(4, 128), scale_floor=torch.tensor(1e-4)), "scale_floor: expected a number"),
+        (lambda: act_quant(torch.randn(4, 128), scale_floor=float("nan")), "scale_floor: must be a finite"),
+        (lambda: act_quant(torch.randn(4, 128), scale_floor=1e39), "scale_floor: must be a finite"),
+        (lambda: act_quant(torch.randn(4, 128), scale_floor=0.0), "scale_floor: must be >= GRAD_SCALE_FLOOR"),
+        (lambda: act_quant(torch.randn(4, 128), scale_floor=-1.0), "scale_floor: must be >= GRAD_SCALE_FLOOR"),
+        (lambda: act_quant(torch.randn(4, 128), scale_floor=GRAD_SCALE_FLOOR / 2), "scale_floor"),
+        (lambda: act_quant_transpose(torch.randn(10, 128), scale_floor=1e-40), "scale_floor"),
         (lambda: weight_dequant(torch.randn(128, 128), torch.ones(1, 1)), "w_fp8"),
         (lambda: weight_dequant(*_wq_with_scales(torch.ones(3, 2))), "scales"),
         (lambda: weight_dequant(*_wq_with_scales(torch.ones(2, 2).t())), "scales.*contiguous"),
