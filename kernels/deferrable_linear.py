@@ -22,12 +22,14 @@ class _DeferrableLinearFunction(torch.autograd.Function):
             x_c = x.to(dtype)
             y = F.linear(x_c, weight.to(dtype), None if bias is None else bias.to(dtype))
         ctx.save_for_backward(x_c, weight)
+        ctx.param = weight  # the parameter itself: see fp8_linear._FP8LinearFunction.backward
         ctx.x_dtype, ctx.has_bias = x.dtype, bias is not None
         return y
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
-        x_c, weight = ctx.saved_tensors
+        x_c, _ = ctx.saved_tensors
+        weight = ctx.param
         with autocast_off(grad_out):
             g = grad_out.to(x_c.dtype)
             dx = (g @ weight.to(x_c.dtype)).to(ctx.x_dtype)

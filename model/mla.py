@@ -69,23 +69,26 @@ class MLA(nn.Module):
         self.rotary = RotaryEmbedding(cfg)
 
     # --- shared pieces ---------------------------------------------------------------------------
+    def _project_input(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The two projections of the block input, back to back: (q_a(x) or q(x), kv_a(x)).
+        Run together, an FP8 policy quantizes x once for both (kernels/shared_quant.py)."""
+        q = self.q_proj(x) if self.q_lora_rank is None else self.q_a_proj(x)
+        return q, self.kv_a_proj_with_mqa(x)
+
     def _queries(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+        self, q: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(q_nope [b, s, h, nope], q_rope [b, s, h, rope]) with rotary applied to q_rope."""
-        if self.q_lora_rank is None:
-            q = self.q_proj(x)
-        else:
-            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        """From q(x) or q_a(x): (q_nope [b, s, h, nope], q_rope [b, s, h, rope]), rotary on q_rope."""
+        if self.q_lora_rank is not None:
+            q = self.q_b_proj(self.q_a_layernorm(q))
         q = q.unflatten(-1, (self.n_heads, self.qk_dim))  # [b, s, h, qk]
         q_nope, q_rope = q.split([self.nope_dim, self.rope_dim], dim=-1)
         return q_nope, apply_rotary(q_rope, cos, sin)
 
     def _latent(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+        self, kv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(normed latent [b, s, kv_lora_rank], rotated shared key [b, s, rope])."""
-        kv = self.kv_a_proj_with_mqa(x)  # [b, s, r + rope]
+        """From kv_a(x) [b, s, r + rope]: (normed latent [b, s, kv_lora_rank], rotated shared key [b, s, rope])."""
         latent, k_rope = kv.split([self.kv_lora_rank, self.rope_dim], dim=-1)
         k_rope = apply_rotary(k_rope.unsqueeze(2), cos, sin).squeeze(2)  # [b, s, 1, rope] -> [b, s, rope]
         return self.kv_a_layernorm(latent), k_rope
@@ -100,13 +103,14 @@ class MLA(nn.Module):
         """
         b, s, _ = x.shape
         cos, sin = self.rotary(start_pos, s, x.device)
-        q_nope, q_rope = self._queries(x, cos, sin)
-        latent, k_rope = self._latent(x, cos, sin)
+        q, kv = self._project_input(x)
         if cache is None:
             if start_pos != 0:
                 raise ValueError("MLA: start_pos > 0 needs a LatentCache holding the earlier positions")
-            out = self._attend_expanded(q_nope, q_rope, latent, k_rope)
+            out = self.attend(q, kv, cos, sin)
         else:
+            q_nope, q_rope = self._queries(q, cos, sin)
+            latent, k_rope = self._latent(kv, cos, sin)
             end = start_pos + s
             if end > cache.latent.shape[1]:
                 raise ValueError(f"MLA: position {end} exceeds the cache length {cache.latent.shape[1]}")
@@ -117,6 +121,15 @@ class MLA(nn.Module):
             )
         return self.o_proj(out.flatten(2))  # [b, s, h * v] -> [b, s, hidden]
 
+    def attend(self, q: torch.Tensor, kv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """Training path from the input projections q_a(x) (or q(x)) and kv_a(x) to the attention
+        output [b, s, h, v]: latent norms, up-projections, rotary and attention. One method, so a
+        memory policy applied from outside can recompute all of it but the attention core in
+        backward (DeepSeek-V3 recomputes the MLA up-projections and norms)."""
+        q_nope, q_rope = self._queries(q, cos, sin)
+        latent, k_rope = self._latent(kv, cos, sin)
+        return self._attend_expanded(q_nope, q_rope, latent, k_rope)
+
     def _attend_expanded(self, q_nope, q_rope, latent, k_rope) -> torch.Tensor:
         """Training path: per-head keys/values from the latent; returns [b, s, h, v]."""
         kv = self.kv_b_proj(latent)  # [b, s, h * (nope + v)]
@@ -124,15 +137,20 @@ class MLA(nn.Module):
         k_nope, v = kv.split([self.nope_dim, self.v_dim], dim=-1)
         k = torch.cat((k_nope, k_rope.unsqueeze(2).expand_as(q_rope)), dim=-1)  # [b, s, h, qk]
         q = torch.cat((q_nope, q_rope), dim=-1)  # [b, s, h, qk]
+        # Values zero-padded to the query/key width: fused (flash) attention kernels need one head
+        # width, and without them attention falls back to a path that saves the FP32 [s, s] scores
+        # for backward. The padded output columns are zero and sliced off.
+        if self.v_dim < self.qk_dim:
+            v = F.pad(v, (0, self.qk_dim - self.v_dim))  # [b, s, h, qk]
         out = F.scaled_dot_product_attention(
             q.transpose(1, 2),  # [b, h, s, qk]
             k.transpose(1, 2),
-            v.transpose(1, 2),  # [b, h, s, v]
+            v.transpose(1, 2),
             dropout_p=self.dropout if self.training else 0.0,
             is_causal=True,
             scale=self.softmax_scale,
         )
-        return out.transpose(1, 2)  # [b, s, h, v]
+        return out.transpose(1, 2)[..., : self.v_dim]  # [b, s, h, v]
 
     def _attend_absorbed(self, q_nope, q_rope, latent, k_rope, start_pos: int) -> torch.Tensor:
         """Inference path over cached latent [b, t, r] and k_rope [b, t, rope]; returns [b, s, h, v]."""

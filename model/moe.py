@@ -10,8 +10,10 @@ multiplied by routed_scaling_factor. V2 variants: softmax affinities, group scor
 
 Dispatch: `MoE.dispatch` turns (tokens, gating weights, expert ids) into the gated sum of the routed
 experts' outputs. The single-device `LocalDispatch` sorts the (token, expert) pairs by expert so
-`RoutedExperts` applies each expert once to one contiguous slice, then weights and scatters the results
-back with index_add. Expert parallelism (platform/moe) installs another dispatch, over an all-to-all,
+`RoutedExperts` applies each expert once to one contiguous slice, and sums each token's rows back.
+The gating weight of a row scales its SwiGLU output inside the expert, before the down projection
+(down(w * h) = w * down(h)): the gradient of w then needs only h, which the expert keeps anyway,
+instead of the [rows, hidden] expert output. Expert parallelism (platform/moe) installs another dispatch, over an all-to-all,
 and an `experts` module holding only this rank's slice of the experts; the model code is unchanged.
 """
 
@@ -36,6 +38,25 @@ class MLP(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
+class _Fp32Linear(torch.autograd.Function):
+    """x.float() @ weight.float().T, keeping x for backward in its own dtype (BF16 in the residual
+    stream) rather than the FP32 copy autograd would save: the router computes in FP32, but its
+    input need not be stored that way."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x, weight)
+        return F.linear(x.float(), weight.float())
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, weight = ctx.saved_tensors
+        grad = grad.float()
+        grad_x = (grad @ weight.float()).to(x.dtype) if ctx.needs_input_grad[0] else None
+        grad_w = (grad.flatten(0, -2).t() @ x.float().flatten(0, -2)).to(weight.dtype) if ctx.needs_input_grad[1] else None
+        return grad_x, grad_w
+
+
 class Gate(nn.Module):
     """Router: fp32 affinities, group-limited top-k selection on bias-corrected scores."""
 
@@ -54,7 +75,7 @@ class Gate(nn.Module):
 
     def affinities(self, x: torch.Tensor) -> torch.Tensor:
         """Unbiased token-to-expert affinities [N, E] (fp32) for x [N, hidden]."""
-        logits = F.linear(x.float(), self.weight.float())
+        logits = _Fp32Linear.apply(x, self.weight)  # [N, E] fp32
         return logits.sigmoid() if self.scoring == "sigmoid" else logits.softmax(dim=-1)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -98,13 +119,20 @@ class RoutedExperts(nn.Module):
         self.up_proj = nn.Parameter(torch.empty(n_experts, inter_dim, dim))
         self.down_proj = nn.Parameter(torch.empty(n_experts, dim, inter_dim))
 
-    def forward(self, x_sorted: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
-        """x_sorted [N, dim] grouped by expert in expert order; tokens_per_expert [E] -> [N, dim]."""
+    def forward(
+        self, x_sorted: torch.Tensor, tokens_per_expert: torch.Tensor, row_weights: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """x_sorted [N, dim] grouped by expert in expert order; tokens_per_expert [E]; row_weights [N]
+        (the gating weight of each row, scaling its SwiGLU output; None: 1) -> [N, dim]."""
         outputs = []
-        for e, xe in enumerate(torch.split(x_sorted, tokens_per_expert.tolist())):
+        sizes = tokens_per_expert.tolist()
+        weight_parts = torch.split(row_weights, sizes) if row_weights is not None else [None] * len(sizes)
+        for e, (xe, we) in enumerate(zip(torch.split(x_sorted, sizes), weight_parts, strict=True)):
             if xe.shape[0] == 0:
                 continue
             h = F.silu(F.linear(xe, self.gate_proj[e])) * F.linear(xe, self.up_proj[e])  # [n_e, inter]
+            if we is not None:
+                h = h * we.unsqueeze(-1).to(h.dtype)
             outputs.append(F.linear(h, self.down_proj[e]))  # [n_e, dim]
         if not outputs:
             return x_sorted.new_zeros(x_sorted.shape)
@@ -124,9 +152,29 @@ class LocalDispatch:
         order = pair_expert.argsort(stable=True)
         pair_token = order // top_k
         tokens_per_expert = torch.bincount(pair_expert, minlength=experts.n_experts)
-        y_sorted = experts(flat[pair_token], tokens_per_expert)  # [N*k, hidden]
-        y_sorted = y_sorted * weights.flatten()[order].unsqueeze(-1).to(y_sorted.dtype)
-        return torch.zeros_like(flat).index_add_(0, pair_token, y_sorted.to(flat.dtype))
+        y_sorted = experts(flat[pair_token], tokens_per_expert, weights.flatten()[order])  # [N*k, hidden]
+        return sum_rows_by_index(y_sorted.to(flat.dtype), pair_token, flat.shape[0])
+
+
+class _SumRowsByIndex(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, rows: torch.Tensor, index: torch.Tensor, n: int) -> torch.Tensor:
+        ctx.save_for_backward(index)
+        return rows.new_zeros(n, rows.shape[1]).index_add_(0, index, rows)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (index,) = ctx.saved_tensors
+        return grad.index_select(0, index), None, None
+
+
+def sum_rows_by_index(rows: torch.Tensor, index: torch.Tensor, n: int) -> torch.Tensor:
+    """out [n, d] with out[i] = sum of rows[j] where index[j] == i (rows [R, d], index [R]).
+
+    index_add keeps its whole source for backward (for its shape); the gradient needs only the
+    index, so this saves just that: the combine of an MoE layer would otherwise hold a second copy
+    of every expert output."""
+    return _SumRowsByIndex.apply(rows, index, n)
 
 
 class AddAuxiliaryLoss(torch.autograd.Function):

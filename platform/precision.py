@@ -13,8 +13,15 @@ What gets swapped (found by the model's HF-compatible names, see notes/model_api
 - Routed experts (any module holding 3-D parameters gate_proj [E, I, D], up_proj, down_proj):
   GroupedSwiGLUExperts, FP8 grouped GEMMs under `fp8`, plain per-expert GEMMs otherwise.
 Everything else (embedding, output head, norms, attention core) keeps its module and computes in
-`compute_dtype` under autocast (V3 keeps them out of FP8). The MoE router (a child named `gate`)
-computes in FP32 even under autocast: its forward runs with autocast off on FP32 inputs, because a
+`compute_dtype` under autocast (V3 keeps them out of FP8). The embedding's output is cast to the
+compute dtype (autocast leaves embedding lookups in the table's FP32), so the residual stream, the
+norms' outputs and the MoE combine are BF16 under bf16 and fp8, as V3 keeps them.
+V3's storage options: `recompute_swiglu` makes the routed experts keep only the SwiGLU inputs
+(FP8 under fp8) and recompute its output in backward; `power_of_two_scales` gives ue8m0 scales to
+the FP8 tiles of the attention output projection's input, the SwiGLU inputs and the routed
+experts' input rows (whose FP8 copy changes tile orientation in backward). `recompute_mla_up_proj`
+recomputes MLA's latent norms and up-projections in backward (platform/recompute.py). The MoE router (a child named `gate`)
+computes in FP32 even under autocast: its forward runs with autocast off and casts to FP32 itself, because a
 BF16 rounding of the affinities can flip top-k choices. The swapped modules reuse the
 original parameter objects: names, shapes and state-dict keys are unchanged, so checkpoints and the
 HF loader are unaffected. Parameters are (kept) FP32: they are the master weights; every cast to
@@ -29,15 +36,17 @@ import functools
 import torch
 from moeforge.kernels.deferrable_linear import DeferrableLinear
 from moeforge.kernels.fp8_linear import FP8Linear
-from moeforge.kernels.grouped_experts import GroupedSwiGLUExperts
+from moeforge.kernels.grouped_experts import GroupedSwiGLUExperts, recomputed_swiglu_mlp
 from moeforge.kernels.swappable import SwappableLinear
 from moeforge.platform.config.precision import PrecisionConfig
+from moeforge.platform.recompute import apply_recompute
 from torch import nn
 
 ATTENTION_PROJECTIONS = ("q_a_proj", "q_b_proj", "q_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj")
 MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 SWAPPED_LINEARS = ATTENTION_PROJECTIONS + MLP_PROJECTIONS
 FP32_MODULES = ("gate",)  # the MoE router
+POW2_INPUT_LINEARS = ("o_proj",)  # FP8 inputs with power-of-two scales under power_of_two_scales
 
 
 def is_routed_experts(module: nn.Module) -> bool:
@@ -46,29 +55,71 @@ def is_routed_experts(module: nn.Module) -> bool:
     return all(isinstance(p, nn.Parameter) and p.dim() == 3 for p in params)
 
 
+def is_swiglu_mlp(module: nn.Module) -> bool:
+    """A dense SwiGLU MLP (dense blocks, shared experts): gate_proj / up_proj / down_proj Linears."""
+    return all(isinstance(getattr(module, name, None), nn.Linear) for name in MLP_PROJECTIONS)
+
+
 def apply_precision(model: nn.Module, cfg: PrecisionConfig) -> nn.Module:
     """Swap the GEMM modules of `model` in place for `cfg` and return it (parameters made FP32).
 
     Idempotent; calling it again with another config re-swaps to that config's modules."""
     model.float()  # master weights; a no-op for the FP32 models build_model makes
     linear_cls = FP8Linear if cfg.fp8_linear else DeferrableLinear
+    pow2 = "ue8m0" if cfg.power_of_two_scales else None
+    low_precision = cfg.compute_dtype != "float32"
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if name in FP32_MODULES:
-                _set_fp32_forward(child, cfg.compute_dtype != "float32")
+                _set_fp32_forward(child, low_precision)
+            elif isinstance(child, nn.Embedding):
+                _set_output_dtype(child, getattr(torch, cfg.compute_dtype) if low_precision else None)
             elif name in SWAPPED_LINEARS and isinstance(child, nn.Linear):
                 if type(child) is not linear_cls:
-                    setattr(parent, name, linear_cls.from_linear(child))
-            elif is_routed_experts(child) and not isinstance(child, GroupedSwiGLUExperts):
-                setattr(parent, name, GroupedSwiGLUExperts.from_experts(child, fp8=cfg.fp8_linear))
-            elif isinstance(child, GroupedSwiGLUExperts):
-                child.fp8 = cfg.fp8_linear
-    return model
+                    child = linear_cls.from_linear(child)
+                    setattr(parent, name, child)
+                if isinstance(child, FP8Linear):
+                    child.input_scale_fmt = pow2 if name in POW2_INPUT_LINEARS else None
+            elif is_swiglu_mlp(child):
+                _set_recomputed_swiglu(child, cfg.recompute_swiglu, cfg.fp8_linear, pow2)
+            elif is_routed_experts(child):
+                if not isinstance(child, GroupedSwiGLUExperts):
+                    child = GroupedSwiGLUExperts.from_experts(child, fp8=cfg.fp8_linear)
+                    setattr(parent, name, child)
+                child.fp8, child.recompute_swiglu = cfg.fp8_linear, cfg.recompute_swiglu
+                child.input_scale_fmt = child.swiglu_scale_fmt = pow2
+    return apply_recompute(model, cfg.recompute_mla_up_proj)
+
+
+def _recomputed_swiglu_forward(module: nn.Module, fp8: bool, scale_fmt: str | None, x: torch.Tensor) -> torch.Tensor:
+    return recomputed_swiglu_mlp(x, module.gate_proj, module.up_proj, module.down_proj, fp8, scale_fmt)
+
+
+def _set_recomputed_swiglu(module: nn.Module, on: bool, fp8: bool, scale_fmt: str | None) -> None:
+    """Make a dense SwiGLU MLP recompute its SwiGLU output in backward (an instance-level forward;
+    its Linears stay, and are swapped like any other), or undo it."""
+    module.__dict__.pop("forward", None)
+    if on:
+        module.forward = functools.partial(_recomputed_swiglu_forward, module, fp8, scale_fmt)
+
+
+def _forward_in_dtype(forward, dtype: torch.dtype, module: nn.Module, *args, **kwargs):
+    out = forward(module, *args, **kwargs)
+    return out.to(dtype) if torch.is_autocast_enabled(out.device.type) else out
+
+
+def _set_output_dtype(module: nn.Module, dtype: torch.dtype | None) -> None:
+    """Cast `module`'s output to `dtype` while autocast is on (None: undo), as an instance-level
+    forward: parameters, names and the class are untouched."""
+    module.__dict__.pop("forward", None)
+    if dtype is not None:
+        module.forward = functools.partial(_forward_in_dtype, type(module).forward, dtype, module)
 
 
 def _forward_without_autocast(forward, module: nn.Module, *args, **kwargs):
+    # Inputs keep their dtype: the router casts to FP32 inside its own arithmetic, and keeps its
+    # BF16 input (not an FP32 copy) for backward.
     device_type = next((a.device.type for a in args if isinstance(a, torch.Tensor)), "cpu")
-    args = tuple(a.float() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args)
     with torch.autocast(device_type, enabled=False):
         return forward(module, *args, **kwargs)
 

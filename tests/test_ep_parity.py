@@ -112,7 +112,10 @@ def test_fp8_dispatch_stays_within_the_e4m3_rounding_bound(tmp_path):
     assert first_loss == pytest.approx(reference.losses[0], rel=1e-9)  # the same first step
     errors = [abs(a - b) for a, b in zip(record.losses, reference.losses, strict=True)]
     print(f"FP8 dispatch: loss change per step {errors}; first-order e4m3 bound {bound:.2e}")
-    assert 0 < errors[0] <= bound, f"step 1: the FP8 dispatch moved the loss by {errors[0]:.2e} > {bound:.2e}"
+    # With power-of-two scales (the fp8 preset) the experts quantize their input rows with the
+    # dispatch's own ue8m0 tiles, so re-quantizing the dispatched values reproduces them exactly
+    # and step 1 may not move at all; what remains is the order of the BF16 combine sums.
+    assert 0 <= errors[0] <= bound, f"step 1: the FP8 dispatch moved the loss by {errors[0]:.2e} > {bound:.2e}"
     for step, error in enumerate(errors[1:], start=2):
         assert error <= 10 * bound, f"step {step}: loss moved by {error:.2e} > 10 x the step-1 bound"
     first = read_metrics(tmp_path / "run")[0]

@@ -12,7 +12,7 @@ Per layer call, on every EP rank at once (collective over the group):
                       otherwise the compute dtype; beside them, per pair, its k gate weights and
                       local expert ids (weight 0 / id -1 for experts on other ranks), in fp32
     4. experts        received (pair, slot) rows sorted by local expert, one grouped-GEMM call
-                      (the experts module precision installed), times their gate weights, summed
+                      (the experts module precision installed), gated by their weights, summed
                       per pair: one partial output per received pair
     5. combine        partial outputs back to their senders in the compute dtype, summed per token
 
@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 import torch
 from moeforge.kernels.compute_dtype import compute_dtype
+from moeforge.model.moe import sum_rows_by_index
 from moeforge.platform.moe.all_to_all import all_to_all_rows, dispatch_rows_fp8, exchange_counts
 from moeforge.platform.moe.placement import ExpertPlacement
 from moeforge.platform.moe.routing_stats import RoutingStats
@@ -78,9 +79,8 @@ def run_local_experts(
     order = slot_expert.argsort(stable=True)
     slot_pair, slot, slot_expert = slot_pair[order], slot[order], slot_expert[order]
     tokens_per_expert = torch.bincount(slot_expert, minlength=experts_per_rank)
-    y = experts(rows[slot_pair], tokens_per_expert)  # [S, hidden]
-    y = y * w_recv[slot_pair, slot].unsqueeze(-1).to(y.dtype)
-    return y.new_zeros((rows.shape[0], y.shape[1])).index_add_(0, slot_pair, y)  # [R, hidden]
+    y = experts(rows[slot_pair], tokens_per_expert, w_recv[slot_pair, slot])  # [S, hidden], gated
+    return sum_rows_by_index(y, slot_pair, rows.shape[0])  # [R, hidden]
 
 
 class AllToAllDispatch:
@@ -124,7 +124,7 @@ class AllToAllDispatch:
         partial = partial.to(dtype)
         back = all_to_all_rows(partial, recv_splits, send_splits, self.group)  # [P, hidden]
         self.stats.add_bytes(sent, partial)
-        return torch.zeros_like(flat).index_add_(0, pair_token, back.to(flat.dtype))
+        return sum_rows_by_index(back.to(flat.dtype), pair_token, flat.shape[0])
 
     def route(self, expert_ids: torch.Tensor) -> tuple[DispatchPlan, list[int], list[int]]:
         """Steps 1-2: the pairs, recorded in the statistics, and the splits (host lists, as

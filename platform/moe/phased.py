@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import torch
 from moeforge.kernels.compute_dtype import compute_dtype
 from moeforge.kernels.token_compress import compress_tokens, decompress_tokens
-from moeforge.model.moe import MoE, sequence_balance_loss
+from moeforge.model.moe import MoE, sequence_balance_loss, sum_rows_by_index
 from moeforge.platform.moe.all_to_all import CollectiveTracker, InFlight, launch_all_to_all
 from moeforge.platform.moe.dispatch import AllToAllDispatch, pair_routing, run_local_experts
 from torch import nn
@@ -148,7 +148,7 @@ class PhasedMoE:
         the input's shape (detached: the phase's graph stays in `st`)."""
         st.back_in = boundary_leaf(st.combine_flight.wait())
         st.combine_flight = None
-        out = torch.zeros_like(st.x).index_add_(0, st.pair_token, st.back_in.to(st.x.dtype))
+        out = sum_rows_by_index(st.back_in.to(st.x.dtype), st.pair_token, st.x.shape[0])
         if self.moe.shared_experts is not None:
             out = out + self.moe.shared_experts(st.x)
         st.out = out

@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterable
 
 import torch
 from moeforge.kernels.adamw_lowp import AdamWLowPrecisionMoments
+from moeforge.kernels.weight_cache import invalidate_fp8_weight_cache
 from moeforge.platform.config.optim import OptimConfig
 from moeforge.platform.config.precision import PrecisionConfig
 
@@ -54,7 +55,8 @@ def build_adamw(
     The reference loop, the plain pipeline step and the ZeRO step (which hands it to DeepSpeed) all
     build their optimizer here. The LR is set before every step with
     `lr_schedule.set_lr(opt, lr_at(step, ...))`; the initial value is the peak LR and never used.
-    `split_groups` may re-split the groups (the ZeRO step separates expert parameters with it)."""
+    `split_groups` may re-split the groups (the ZeRO step separates expert parameters with it).
+    Every step invalidates the per-step FP8 weight copies (kernels/weight_cache.py)."""
     groups = param_groups(named_parameters, optim_cfg.weight_decay)
     if split_groups is not None:
         groups = split_groups(groups)
@@ -67,9 +69,15 @@ def build_adamw(
         "weight_decay": optim_cfg.weight_decay,
     }
     if precision_cfg.adam_moments_dtype == "float32":
-        return torch.optim.AdamW(groups, **kwargs)
-    moments = _MOMENT_DTYPES[precision_cfg.adam_moments_dtype]
-    return AdamWLowPrecisionMoments(groups, moments_dtype=moments, **kwargs)
+        optimizer = torch.optim.AdamW(groups, **kwargs)
+    else:
+        moments = _MOMENT_DTYPES[precision_cfg.adam_moments_dtype]
+        optimizer = AdamWLowPrecisionMoments(groups, moments_dtype=moments, **kwargs)
+    # The FP8 copies of the weights are made once per step: every step makes them stale. DeepSpeed
+    # calls this optimizer's step too, so the hook covers the ZeRO path, whose parameter writes
+    # (through .data) the cache's version check alone would not see.
+    optimizer.register_step_post_hook(lambda _optimizer, _args, _kwargs: invalidate_fp8_weight_cache())
+    return optimizer
 
 
 def _grads(parameters: Iterable[torch.Tensor]) -> list[torch.Tensor]:

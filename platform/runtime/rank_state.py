@@ -135,8 +135,12 @@ class PipelineRuntime:
         set_balance_loss_scale(self.moe, cfg.model.seq_aux_loss_alpha, 1.0 / self.microbatches)
 
         self.p2p = P2P(rank, par.p2p_timeout_s, name=self.name, timeline_rank=rank, device=self.device)
+        # Stages exchange the residual stream in its own dtype (BF16 under bf16/fp8): what the
+        # single-process model passes between the same blocks, at half the bytes of FP32.
+        act_dtype = getattr(torch, cfg.precision.compute_dtype)
         self.compute = ModelCompute(
             self.chunks,
+            act_dtype=act_dtype,
             loss_scale=1.0 / self.microbatches,
             context=lambda: compute_context(cfg.precision, self.device.type),
             phases=par.chunk_phases,
@@ -153,7 +157,7 @@ class PipelineRuntime:
                 self.p2p,
                 world_rank_of=lambda q: self.topo.rank_of(q, self.dp_rank),
                 act_shape=(rows, cfg.model.seq_len, cfg.model.hidden_size),
-                act_dtype=torch.float32,
+                act_dtype=act_dtype,
                 recv_lookahead=par.recv_lookahead,
                 fault=fault,
                 overlap=overlap,
@@ -161,7 +165,7 @@ class PipelineRuntime:
 
         self.executor = executor(self.schedule, self.compute, fault=self._maybe_fault, overlap=par.overlap)
         # Evaluation: the same executor and transfers over forward-only lists of the same placement.
-        self.eval_compute = ForwardCompute(self.chunks, context=self.compute.context)
+        self.eval_compute = ForwardCompute(self.chunks, context=self.compute.context, act_dtype=act_dtype)
         self.eval_executor = executor(forward_only(self.schedule), self.eval_compute)
 
         # The last stage's copy of the embedding (1F1B/ZB1P with MTP) is tied to the first stage's.
