@@ -95,12 +95,23 @@ class Transformer(nn.Module):
         """Last block output h [b, s, hidden] -> logits [b, s, vocab] (final norm + head)."""
         return self.head(self.norm(h))
 
-    def head_and_loss(self, h: torch.Tensor, input_ids: torch.Tensor, labels: torch.Tensor) -> LossOutput:
-        """Final norm + head + LM loss, then the MTP chain from h (the last block output, pre-norm)."""
-        return self._head_and_loss(h, input_ids, labels)[0]
+    def head_and_loss(
+        self,
+        h: torch.Tensor,
+        input_ids: torch.Tensor,
+        labels: torch.Tensor,
+        mtp_loss_weight: float | None = None,
+    ) -> LossOutput:
+        """Final norm + head + LM loss, then the MTP chain from h (the last block output, pre-norm).
+        `mtp_loss_weight` (lambda) overrides cfg.mtp_loss_weight: a trainer passes its scheduled value."""
+        return self._head_and_loss(h, input_ids, labels, mtp_loss_weight)[0]
 
     def _head_and_loss(
-        self, h: torch.Tensor, input_ids: torch.Tensor, labels: torch.Tensor
+        self,
+        h: torch.Tensor,
+        input_ids: torch.Tensor,
+        labels: torch.Tensor,
+        mtp_loss_weight: float | None = None,
     ) -> tuple[LossOutput, torch.Tensor]:
         logits = self.logits(h)
         lm_loss = cross_entropy(logits, labels)
@@ -114,21 +125,28 @@ class Transformer(nn.Module):
             mtp_losses.append(cross_entropy(mtp_logits, _shift_left(labels, depth, fill=IGNORE_INDEX)))
         if mtp_losses:
             mtp_loss = torch.stack(mtp_losses).mean()
-            loss = lm_loss + self.cfg.mtp_loss_weight * mtp_loss
+            weight = self.cfg.mtp_loss_weight if mtp_loss_weight is None else mtp_loss_weight
+            loss = lm_loss + weight * mtp_loss
         else:
             mtp_loss = torch.zeros((), device=lm_loss.device)
             loss = lm_loss
         return LossOutput(loss=loss, lm_loss=lm_loss, mtp_loss=mtp_loss), logits
 
-    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None) -> ModelOutput:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        mtp_loss_weight: float | None = None,
+    ) -> ModelOutput:
         """input_ids [b, s] (positions 0..s-1) -> logits, and losses when labels [b, s] are given.
-        MTP runs only with labels (training); inference never needs it."""
+        MTP runs only with labels (training); inference never needs it. `mtp_loss_weight` as in
+        `head_and_loss` (None: cfg.mtp_loss_weight)."""
         h = self.embed_tokens(input_ids)
         for block in self.layers:
             h = block(h)
         if labels is None:
             return ModelOutput(logits=self.logits(h))
-        out, logits = self._head_and_loss(h, input_ids, labels)
+        out, logits = self._head_and_loss(h, input_ids, labels, mtp_loss_weight)
         return ModelOutput(logits=logits, loss=out.loss, lm_loss=out.lm_loss, mtp_loss=out.mtp_loss)
 
     # --- inference with the compressed-latent cache -------------------------------------------------------

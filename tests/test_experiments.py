@@ -6,7 +6,9 @@ user types runs `moeforge-train` in a subprocess.
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 import os
 import re
 import subprocess
@@ -84,6 +86,58 @@ def test_v3_preset_is_the_published_layout():
     assert par.world_size * par.gpus_per_worker == 2048
     assert cfg.model.hidden_size == 7168 and cfg.model.n_routed_experts == 256
     assert cfg.precision.name == "fp8" and cfg.data.global_batch == 15360
+
+
+def test_v3_pretrains_with_plain_rope_and_extends_with_yarn():
+    """Pre-training at 4K without YaRN; the two extension phases (report, section 4.3) with YaRN
+    s = 40, alpha = 1, beta = 32 over the original 4K and sqrt(t) = 0.1 ln s + 1, from the same
+    model preset, which stays the published config (tests/test_accounting.py)."""
+    from moeforge.platform.runtime.launch import validate_pipeline
+
+    pre, ext32, ext128 = (preset(n) for n in ("v3_671b_2048gpu", "v3_671b_extend_32k", "v3_671b_extend_128k"))
+    assert pre.model.rope_scaling is None and pre.model.seq_len == pre.model.max_position_embeddings == 4096
+    assert pre.model.softmax_scale == 192**-0.5  # no YaRN temperature
+    for cfg, seq, batch in ((ext32, 32768, 1920), (ext128, 131072, 480)):
+        yarn = cfg.model.rope_scaling
+        assert (yarn.factor, yarn.original_max_position_embeddings) == (40.0, 4096)
+        assert (yarn.beta_fast, yarn.beta_slow, yarn.mscale, yarn.mscale_all_dim) == (32.0, 1.0, 1.0, 1.0)
+        assert cfg.model.softmax_scale == pytest.approx(192**-0.5 * (0.1 * math.log(40) + 1) ** 2)
+        assert (cfg.model.seq_len, cfg.data.global_batch, cfg.run.steps) == (seq, batch, 1000)
+        assert (cfg.optim.schedule, cfg.optim.lr, cfg.optim.warmup_steps) == ("constant", 7.3e-6, 0)
+        # the rest of the model is the pre-trained one
+        same = {"rope_scaling", "max_position_embeddings", "seq_len", "bias_update_speed", "mtp_loss_weight"}
+        for field in dataclasses.fields(cfg.model):
+            if field.name not in same:
+                assert getattr(cfg.model, field.name) == getattr(pre.model, field.name), field.name
+        assert cfg.precision == pre.precision and cfg.parallel.layers_per_stage == pre.parallel.layers_per_stage
+    for cfg in (pre, ext32, ext128):  # every check that needs no cluster passes ...
+        validate_pipeline(cfg)
+        with pytest.raises(ConfigError, match=r"needs \d+ GPUs .* the cluster has 8"):  # ... then this
+            check_cluster_fits(cfg.parallel, {"CPU": 16.0, "GPU": 8.0})
+
+
+def test_v3_schedules_gamma_and_lambda_at_the_reports_token_counts():
+    from moeforge.platform.optim.recipe_schedule import RecipeValues, recipe_at, tokens_before
+
+    cfg = preset("v3_671b_2048gpu")
+    per_step = cfg.data.global_batch * cfg.model.seq_len
+    assert per_step == 62_914_560
+    assert (cfg.model.bias_update_speed, cfg.model.mtp_loss_weight) == (0.001, 0.3)
+    assert cfg.optim.mtp_loss_weight_schedule == [(10e12, 0.1)]
+    assert cfg.optim.bias_update_speed_schedule == [(14.3e12, 0.0)]
+    # lambda 0.1 after the first 10T tokens: 0-based step 158,946 is the first to start past them
+    assert tokens_before(158_945, cfg) < 10e12 <= tokens_before(158_946, cfg)
+    assert recipe_at(158_945, cfg) == RecipeValues(0.001, 0.3)
+    assert recipe_at(158_946, cfg) == RecipeValues(0.001, 0.1)
+    # gamma 0 for the last 500B of 14.8T: from 14.3T on, to the run's last step
+    assert recipe_at(227_292, cfg).bias_update_speed == 0.001
+    assert recipe_at(227_293, cfg).bias_update_speed == 0.0
+    assert recipe_at(cfg.run.steps - 1, cfg) == RecipeValues(0.0, 0.1)
+    assert 14.7e12 < cfg.run.steps * per_step < 14.8e12
+    # the extension phases continue at the end values, without schedules of their own
+    for name in ("v3_671b_extend_32k", "v3_671b_extend_128k"):
+        ext = preset(name)
+        assert {recipe_at(s, ext) for s in (0, ext.run.steps - 1)} == {RecipeValues(0.0, 0.1)}
 
 
 def test_command_line_overrides_beat_the_preset():
@@ -177,6 +231,10 @@ def test_v3_launch_is_refused_before_any_worker_starts(tmp_path):
             "Could not find 'experiment/nope' Available options in 'experiment': small_1gpu_fp8",
         ),
         ("model=nope", "Could not find 'model/nope'"),
+        (
+            "optim.mtp_loss_weight_schedule=[[100,0.1],[50,0.2]]",
+            "optim.mtp_loss_weight_schedule[1]: from_tokens must exceed the previous entry's (100), got 50",
+        ),
     ],
 )
 def test_bad_input_fails_with_one_line(tmp_path, override, expected):

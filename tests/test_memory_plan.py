@@ -251,3 +251,15 @@ def test_bad_layout_is_one_line_exit_2(capsys, argv, field):
     lines = captured.err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("moeforge-estimate: error: "), captured.err
     assert field in lines[0] and "Traceback" not in captured.err
+
+
+@pytest.mark.parametrize(
+    "name, seq_len, dp", [("v3_671b_extend_32k", 32768, 32), ("v3_671b_extend_128k", 131072, 8)]
+)
+def test_v3_extension_presets_are_planned_and_do_not_fit_80gb(capsys, name, seq_len, dp):
+    """The context-extension presets plan one 32K / 128K sequence per micro-batch; without context
+    parallelism a middle rank's live micro-batches need several times an 80 GB GPU (the presets say so)."""
+    report = estimate_json(capsys, f"experiment={name}")
+    layout, per_rank = report["memory_plan"], report["per_rank"]
+    assert (layout["seq_len"], layout["rows_per_microbatch"], layout["dp"]) == (seq_len, 1, dp)
+    assert per_rank["fits"] is False and per_rank["activations_bytes"] > 4 * 80e9

@@ -57,8 +57,9 @@ def _key(item) -> str:
 
 
 def _step(step: int, loss: float) -> StepMetrics:
-    return StepMetrics(step=step, loss=loss, lm_loss=loss, mtp_loss=0.0, aux_loss=0.0, lr=1e-3, grad_norm=1.0,
-                       tokens=1024, step_time_s=0.5, load_imbalance=1.1)
+    return StepMetrics(step=step, loss=loss, lm_loss=loss, mtp_loss=0.0, aux_loss=0.0, lr=1e-3,
+                       bias_update_speed=1e-3, mtp_loss_weight=0.3, grad_norm=1.0, tokens=1024,
+                       step_time_s=0.5, load_imbalance=1.1)
 
 
 def test_wandb_offline_run_records_metrics_config_and_summary(tmp_path, monkeypatch):

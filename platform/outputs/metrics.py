@@ -21,6 +21,8 @@ class StepMetrics:
     mtp_loss: float
     aux_loss: float  # sequence-wise balance loss as the MoE layers record it, mean over layers
     lr: float
+    bias_update_speed: float  # gamma of this step's router-bias update (optim.bias_update_speed_schedule)
+    mtp_loss_weight: float  # lambda in `loss` (optim.mtp_loss_weight_schedule)
     grad_norm: float  # global norm before clipping
     tokens: int  # tokens in this step (global batch * seq_len)
     step_time_s: float

@@ -6,7 +6,9 @@ back-propagated, then one optimizer step runs. A pipeline run with the same seed
 micro-batch count computes the same gradients, so the two can be compared loss for loss.
 
 One optimizer step (`train_step`), torchtitan style:
-    forward_backward   M micro-batches, gradients accumulate (LM + MTP loss; the sequence-wise
+    recipe             the step's MTP loss weight and bias update speed (`recipe_at(step)`,
+                       platform/optim/recipe_schedule.py, as every pipeline rank computes them)
+    forward_backward   M micro-batches, gradients accumulate (LM + lambda * MTP loss; the sequence-wise
                        balance loss rides along inside the MoE layers' autograd graph, its alpha
                        scaled by 1/M like the other losses: bias_update.set_balance_loss_scale);
                        the forward runs under the precision policy's autocast context
@@ -77,6 +79,7 @@ from moeforge.platform.optim.bias_update import (
     update_balance,
 )
 from moeforge.platform.optim.lr_schedule import lr_at, set_lr
+from moeforge.platform.optim.recipe_schedule import recipe_after, recipe_at
 from moeforge.platform.outputs.metrics import EvalResult, StepMetrics, TrainSummary
 from moeforge.platform.outputs.run_files import RunOutputs
 from moeforge.platform.outputs.run_report import RunReport
@@ -215,8 +218,9 @@ class ReferenceTrainer:
         return path
 
     # --- one step -----------------------------------------------------------------------------
-    def forward_backward(self, batch: torch.Tensor) -> dict[str, float]:
-        """Accumulate gradients over the step's micro-batches; return the step's mean losses."""
+    def forward_backward(self, batch: torch.Tensor, mtp_loss_weight: float | None = None) -> dict[str, float]:
+        """Accumulate gradients over the step's micro-batches, MTP weighted by `mtp_loss_weight`
+        (None: model.mtp_loss_weight); return the step's mean losses."""
         expected = (self.cfg.data.global_batch, self.cfg.model.seq_len + 1)
         if tuple(batch.shape) != expected:
             raise ValueError(
@@ -227,7 +231,7 @@ class ReferenceTrainer:
         for tokens in split_microbatches(batch, self.microbatches):
             input_ids, labels = inputs_and_labels(tokens.to(self.device))
             with compute_context(self.cfg.precision, self.device_type):
-                out = self.model(input_ids, labels=labels)
+                out = self.model(input_ids, labels=labels, mtp_loss_weight=mtp_loss_weight)
             (out.loss * scale).backward()
             sums["loss"] += float(out.loss.detach()) * scale
             sums["lm_loss"] += float(out.lm_loss.detach()) * scale
@@ -256,10 +260,11 @@ class ReferenceTrainer:
         self.optimizer.zero_grad(set_to_none=True)
         return lr
 
-    def balance(self) -> ExpertLoad:
-        """Router-bias update from this step's expert loads; return the worst layer's load."""
+    def balance(self, gamma: float) -> ExpertLoad:
+        """Router-bias update by `gamma` (the step's scheduled bias update speed) from this step's
+        expert loads; return the worst layer's load."""
         counts = collect_load_counts(self.moe_modules)  # [moe_layers, experts]
-        update_balance(self.moe_modules, self.cfg.model.bias_update_speed, counts)
+        update_balance(self.moe_modules, gamma, counts)
         return worst_layer_load(counts)
 
     def train_step(self, batch: torch.Tensor) -> StepMetrics:
@@ -268,19 +273,22 @@ class ReferenceTrainer:
         start = time.perf_counter()
         if self.cfg.checkpoint.every:  # what a failure checkpoint restores if this step dies mid-way
             self._rng_at_step_start = rng_state_to_tensors()
+        recipe = recipe_at(self.step, self.cfg)
         self._phase = "forward_backward"
-        losses = self.forward_backward(batch)
+        losses = self.forward_backward(batch, recipe.mtp_loss_weight)
         if not math.isfinite(losses["loss"]):
             raise FloatingPointError(f"loss is {losses['loss']} at step {self.step + 1}")
         self._phase = "update"
         grad_norm = self.clip()
         lr = self.optimizer_step()
-        load = self.balance()
+        load = self.balance(recipe.bias_update_speed)
         self.step += 1
         self._phase = "idle"
         return StepMetrics(
             step=self.step,
             lr=lr,
+            bias_update_speed=recipe.bias_update_speed,
+            mtp_loss_weight=recipe.mtp_loss_weight,
             grad_norm=grad_norm,
             tokens=batch.shape[0] * (batch.shape[1] - 1),
             step_time_s=time.perf_counter() - start,
@@ -294,12 +302,14 @@ class ReferenceTrainer:
     def evaluate(self, num_batches: int | None = None) -> EvalResult | None:
         """LM cross-entropy and training objective over the first `num_batches` held-out batches
         (None when the source has none). Each batch is split into the step's micro-batches, as the
-        pipeline evaluates it, so the two loops compare micro-batch for micro-batch.
+        pipeline evaluates it, so the two loops compare micro-batch for micro-batch. The objective
+        weights MTP by the last trained step's lambda (`recipe_after`).
 
         Expert loads counted during evaluation are discarded so they never move the router biases."""
         if not getattr(self.source, "has_val", False):
             return None
         num_batches = num_batches or self.cfg.run.eval_batches
+        mtp_loss_weight = recipe_after(self.step, self.cfg).mtp_loss_weight
         self.model.eval()
         lm_sum = objective_sum = 0.0
         count = 0
@@ -308,7 +318,7 @@ class ReferenceTrainer:
                 for tokens in split_microbatches(self.source.val_batch(i), self.microbatches):
                     input_ids, labels = inputs_and_labels(tokens.to(self.device))
                     with compute_context(self.cfg.precision, self.device_type):
-                        out = self.model(input_ids, labels=labels)
+                        out = self.model(input_ids, labels=labels, mtp_loss_weight=mtp_loss_weight)
                     lm_sum += float(out.lm_loss)
                     objective_sum += float(out.loss)
                     count += 1

@@ -84,9 +84,12 @@ class ChunkProgram:
         }
 
     # ---- forward ----------------------------------------------------------------------------------
-    def forward(self, run: ChunkRun, x, input_ids, labels, loss_scale: float) -> Program:
+    def forward(
+        self, run: ChunkRun, x, input_ids, labels, loss_scale: float, mtp_loss_weight: float | None = None
+    ) -> Program:
         """x [b, s, hidden] (None on the first stage) -> h [b, s, hidden] detached, or on the last
-        stage None (the loss, times loss_scale, is the root of the last phase)."""
+        stage None (the loss, times loss_scale, is the root of the last phase; its MTP term weighted
+        by `mtp_loss_weight`, None: model.mtp_loss_weight)."""
         model, spec = self.chunk.model, self.chunk.spec
         h = None if spec.first else x
         if spec.first:
@@ -123,7 +126,7 @@ class ChunkProgram:
             return h
         h_in = boundary_leaf(h)
         with self.context():
-            run.loss = model.head_and_loss(h_in, input_ids, labels)
+            run.loss = model.head_and_loss(h_in, input_ids, labels, mtp_loss_weight)
         head_params = _trainable(model.norm) + _trainable(model.head) + _trainable(model.mtp)
         if len(model.mtp) > 0:
             head_params += _trainable(model.embed)

@@ -5,6 +5,8 @@ Train's TorchConfig, or by a test that spawns gloo processes). Per optimizer ste
 
     data        this dp replica's rows of the global batch, split into M micro-batches in order
                 (the reference loop's split: `data.microbatches.split_microbatches`)
+    recipe      the step's MTP loss weight and bias update speed (`recipe_at(step)`,
+                platform/optim/recipe_schedule.py), the same on every rank
     executor    the schedule's action list for this rank (F / B / W / BW / F&B, async p2p)
     tie         with MTP on 1F1B/ZB1P: sum the embedding gradient of the first and last stage
     optimizer   ZeRO (DeepSpeed) or plain: reduce over the shard group, global-norm clip, AdamW at
@@ -41,6 +43,7 @@ from moeforge.platform.moe.routing_stats import RoutingStats, routing_summary
 from moeforge.platform.optim.bias_update import collect_load_counts, set_balance_loss_scale, update_balance
 from moeforge.platform.optim.lr_schedule import lr_at
 from moeforge.platform.optim.plain_step import PlainStep
+from moeforge.platform.optim.recipe_schedule import RecipeValues, recipe_after, recipe_at
 from moeforge.platform.optim.zero_step import ZeroStep
 from moeforge.platform.outputs.metrics import EvalResult, StepMetrics
 from moeforge.platform.outputs.storage import open_storage
@@ -223,7 +226,8 @@ class PipelineRuntime:
 
     def train_step(self, gather_timeline: bool = False) -> PipelineStepMetrics:
         start = time.perf_counter()
-        self.compute.start_step(self._microbatches())
+        recipe = recipe_at(self.step, self.cfg)
+        self.compute.start_step(self._microbatches(), recipe.mtp_loss_weight)
         dist.barrier()  # a common start for every rank's timeline
         t0 = time.perf_counter()
         trace = self.executor.run(t0)
@@ -233,17 +237,18 @@ class PipelineRuntime:
             dist.all_reduce(grads.setdefault(id(p), torch.zeros_like(p)), group=self.groups.tie)
         lr = lr_at(self.step, self.cfg.optim, self.cfg.run.steps)
         grad_norm = self.opt.step(grads, lr)
-        load = self._balance()
+        load = self._balance(recipe.bias_update_speed)
         self.step += 1
-        return self._metrics(trace, lr, grad_norm, load, start, gather_timeline)
+        return self._metrics(trace, lr, recipe, grad_norm, load, start, gather_timeline)
 
-    def _balance(self) -> ExpertLoad:
+    def _balance(self, gamma: float) -> ExpertLoad:
         """Sum this step's expert loads over every rank holding each layer, update the router biases
-        on every copy alike; return the worst layer's load over the whole model (every rank)."""
+        on every copy alike by `gamma`; return the worst layer's load over the whole model (every
+        rank)."""
         counts = collect_load_counts(self.moe)  # [layers here, experts]
         if counts.numel() and len(self.groups.ranks["shard"]) > 1:
             dist.all_reduce(counts, group=self.groups.shard)
-        update_balance(self.moe, self.cfg.model.bias_update_speed, counts)
+        update_balance(self.moe, gamma, counts)
         # Each rank holds some layers: gather every rank's worst and keep the worst of those, so max
         # and mean come from the same layer.
         mine = worst_layer_load(counts)
@@ -273,7 +278,9 @@ class PipelineRuntime:
         dist.all_reduce(t, op=op)
         return t.cpu()
 
-    def _metrics(self, trace: StepTrace, lr, grad_norm, load: ExpertLoad, start, gather):
+    def _metrics(
+        self, trace: StepTrace, lr, recipe: RecipeValues, grad_norm, load: ExpertLoad, start, gather
+    ):
         losses, aux_loss_sum = self.compute.loss_values()
         local = torch.tensor(
             [
@@ -310,6 +317,8 @@ class PipelineRuntime:
             mtp_loss=mtp_sum / count,
             aux_loss=aux_sum / max(1, self.total_moe_layers) / self.cfg.parallel.dp,
             lr=lr,
+            bias_update_speed=recipe.bias_update_speed,
+            mtp_loss_weight=recipe.mtp_loss_weight,
             grad_norm=grad_norm,
             tokens=tokens,
             step_time_s=step_time,
@@ -337,11 +346,13 @@ class PipelineRuntime:
         micro-batches, through the same executor and stage placement as training, on forward-only
         lists (schedules.forward_only): the same routes, no schedule-specific walk of its own. The
         mean over micro-batches and replicas is the mean over every held-out token (equal sizes).
+        The objective weights MTP by the last trained step's lambda, as the reference loop does.
         Expert loads counted here are discarded so they never move the router biases."""
         if not self.has_val:
             return None
         num_batches = num_batches or self.cfg.run.eval_batches
         par = self.cfg.parallel
+        mtp_loss_weight = recipe_after(self.step, self.cfg).mtp_loss_weight
         total = torch.zeros(3, dtype=torch.float64)  # [lm loss sum, objective sum, micro-batches]
         self.module.eval()
         try:
@@ -353,7 +364,7 @@ class PipelineRuntime:
                         MicroBatch(*inputs_and_labels(t))
                         for t in split_microbatches(batch, self.microbatches)
                     ]
-                self.eval_compute.start(microbatches)
+                self.eval_compute.start(microbatches, mtp_loss_weight)
                 self.eval_executor.run()
                 for loss in self.eval_compute.losses.values():
                     total += torch.tensor([loss["lm_loss"], loss["loss"], 1.0], dtype=torch.float64)

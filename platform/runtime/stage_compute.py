@@ -54,7 +54,8 @@ class ModelCompute:
     """StageCompute over `chunks` (local chunk index -> StageChunk) for one step's micro-batches.
 
     Each micro-batch's loss is multiplied by `loss_scale` before its backward (1/M for M
-    micro-batches, as the reference loop does). Per micro-batch loss values are kept in `losses`
+    micro-batches, as the reference loop does); its MTP term is weighted by the step's
+    `mtp_loss_weight` (`start_step`). Per micro-batch loss values are kept in `losses`
     (last-stage chunks only). `context()` wraps every forward (the precision policy's autocast);
     outputs cross stages as `act_dtype`."""
 
@@ -84,6 +85,7 @@ class ModelCompute:
         self.context = context
         self.act_dtype = act_dtype
         self.microbatches: list[MicroBatch] = []
+        self.mtp_loss_weight: float | None = None  # the step's scheduled lambda; None: the model's
         self.slots: dict[tuple[int, int], _Slot | ChunkRun] = {}
         # Per micro-batch loss values and the balance-loss sum stay 0-d tensors until the step's end
         # (loss_values): a float() per micro-batch would be a host synchronisation on the GPU's
@@ -99,10 +101,13 @@ class ModelCompute:
                     self.params.append(p)
         self.param_grads: dict[int, torch.Tensor] = {}
 
-    def start_step(self, microbatches: list[MicroBatch]) -> None:
+    def start_step(self, microbatches: list[MicroBatch], mtp_loss_weight: float | None = None) -> None:
+        """A new step over `microbatches`, whose losses weight MTP by `mtp_loss_weight` (the step's
+        scheduled lambda, platform/optim/recipe_schedule.py; None: model.mtp_loss_weight)."""
         if self.slots:
             raise RuntimeError(f"{len(self.slots)} micro-batch states left over from the previous step")
         self.microbatches = microbatches
+        self.mtp_loss_weight = mtp_loss_weight
         self.losses = {}
         self.aux_loss_sum = 0.0
 
@@ -131,7 +136,9 @@ class ModelCompute:
         batch = self.microbatches[mb] if stage.spec.first or stage.spec.last else None
         ids, labels = (batch.input_ids, batch.labels) if batch is not None else (None, None)
         run = ChunkRun()
-        out = yield from self.programs[chunk].forward(run, x, ids, labels, self.loss_scale)
+        out = yield from self.programs[chunk].forward(
+            run, x, ids, labels, self.loss_scale, self.mtp_loss_weight
+        )
         self._record_forward(stage, mb, run.loss)
         self.slots[(chunk, mb)] = run
         run.loss = None  # the last phase holds the scaled loss as its root
@@ -170,7 +177,7 @@ class ModelCompute:
         with self.context():
             if stage.spec.first or stage.spec.last:
                 batch = self.microbatches[mb]
-                out = stage.forward(inp, batch.input_ids, batch.labels)
+                out = stage.forward(inp, batch.input_ids, batch.labels, self.mtp_loss_weight)
             else:  # middle stages never see tokens
                 out = stage.forward(inp, None, None)
         self._record_forward(stage, mb, out if stage.spec.last else None)
@@ -267,11 +274,14 @@ class ForwardCompute:
         self.context = context
         self.act_dtype = act_dtype
         self.microbatches: list[MicroBatch] = []
+        self.mtp_loss_weight: float | None = None
         self.losses: dict[int, dict[str, float]] = {}
 
-    def start(self, microbatches: list[MicroBatch]) -> None:
-        """The micro-batches of one held-out batch (empty on ranks that hold no pipeline end)."""
+    def start(self, microbatches: list[MicroBatch], mtp_loss_weight: float | None = None) -> None:
+        """The micro-batches of one held-out batch (empty on ranks that hold no pipeline end), and
+        the lambda of the objective (None: model.mtp_loss_weight)."""
         self.microbatches, self.losses = microbatches, {}
+        self.mtp_loss_weight = mtp_loss_weight
 
     @torch.no_grad()
     def forward(self, chunk: int, mb: int, x: torch.Tensor | None) -> torch.Tensor | None:
@@ -281,7 +291,7 @@ class ForwardCompute:
             if batch is None:  # middle stages never see tokens
                 out = stage.forward(x, None, None)
             else:
-                out = stage.forward(x, batch.input_ids, batch.labels)
+                out = stage.forward(x, batch.input_ids, batch.labels, self.mtp_loss_weight)
         if stage.spec.last:
             self.losses[mb] = {"loss": float(out.loss), "lm_loss": float(out.lm_loss)}
             return None

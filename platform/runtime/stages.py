@@ -121,14 +121,21 @@ class StageChunk:
                     seen.add(id(p))
                     self.params.append(p)
 
-    def forward(self, x: torch.Tensor | None, input_ids: torch.Tensor, labels: torch.Tensor):
+    def forward(
+        self,
+        x: torch.Tensor | None,
+        input_ids: torch.Tensor,
+        labels: torch.Tensor,
+        mtp_loss_weight: float | None = None,
+    ):
         """x [b, s, hidden] from the previous stage (None on the first stage) -> h [b, s, hidden],
-        or on the last stage the model's LossOutput."""
+        or on the last stage the model's LossOutput, its MTP term weighted by `mtp_loss_weight`
+        (the step's scheduled lambda; None: model.mtp_loss_weight)."""
         h = self.model.embed_tokens(input_ids) if self.spec.first else x
         for block in self.blocks:
             h = block(h)
         if self.spec.last:
-            return self.model.head_and_loss(h, input_ids, labels)
+            return self.model.head_and_loss(h, input_ids, labels, mtp_loss_weight)
         return h
 
 
