@@ -1,6 +1,6 @@
 """moeforge-bench: run one benchmark suite, print its table, write its JSON report.
 
-    moeforge-bench kernels [hydra overrides]       # FP8 kernels (conf/bench_kernels.yaml)
+    moeforge-bench kernels [hydra overrides]       # FP8 kernels, activation memory (conf/bench_kernels.yaml)
     moeforge-bench ep [hydra overrides]            # EP dispatch/combine all-to-all (conf/bench_ep.yaml)
     moeforge-bench overlap [hydra overrides]       # DualPipe's overlapped F&B vs torch (conf/bench_overlap.yaml)
 
@@ -20,7 +20,7 @@ from moeforge.platform.cli import compose_values, run_cli
 
 PROG = "moeforge-bench"
 SUITES: dict[str, str] = {
-    "kernels": "moeforge.kernels.bench_kernels:run_job",
+    "kernels": "moeforge.platform.bench.kernels:run_job",
     "data": "moeforge.platform.bench.data:run_job",
     "convergence": "moeforge.platform.bench.convergence:run_job",
     "pipeline": "moeforge.platform.bench.pipeline:run_job",

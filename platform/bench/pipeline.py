@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import importlib.resources
 import json
 import os
 import statistics
@@ -27,9 +26,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-import yaml
 from moeforge.platform.bench.report import write_report
 from moeforge.platform.config._build import build, require
+from moeforge.platform.config.presets import preset_values
 
 
 @dataclass
@@ -175,10 +174,7 @@ def rankings(rows: list[dict], tie_tolerance: float = 0.02) -> dict[str, dict]:
 
 # ---- real tiny model -----------------------------------------------------------------------------
 def _real_config(cfg: PipelineBenchConfig, run_dir: str, schedule: str, pp: int) -> dict:
-    model = yaml.safe_load(
-        importlib.resources.files("moeforge.conf").joinpath(f"model/{cfg.real_model}.yaml").read_text()
-    )
-    model.pop("arch", None)
+    model = preset_values("model", cfg.real_model)
     return {
         "model": model,
         "run": {"dir": run_dir, "steps": cfg.real_steps, "log_every": cfg.real_steps, "eval_every": 0},

@@ -1,0 +1,39 @@
+"""`moeforge-bench kernels`: the FP8 kernel benchmark (kernels/bench_kernels.py) and, beside it, the
+activation memory the FP8 recipe keeps for backward over whole layer stacks
+(platform/bench/activation_memory.py), fp8 against bf16, in one table and one JSON report.
+
+The kernel part needs nothing of the model and also runs without Hydra on a GPU machine
+(`python -m moeforge.kernels.bench_kernels`, what kernels/gpu_check.sh calls); the memory part
+builds models, so it lives here, and its `activation_memory` block in conf/bench_kernels.yaml is
+read here and not by the kernel benchmark.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+from moeforge.kernels.bench_kernels import KernelBenchConfig, format_table, run_benchmark
+from moeforge.platform.bench.activation_memory import ActivationMemoryConfig, format_rows, measure_stacks
+from moeforge.platform.config._build import build
+
+
+def run_job(values: dict) -> str:
+    """Config dict (conf/bench_kernels.yaml) -> run both parts, write the JSON report, return the table."""
+    values = dict(values)
+    memory_cfg = build(ActivationMemoryConfig, values.pop("activation_memory", None) or {}, "activation_memory")
+    kernel_cfg = KernelBenchConfig.from_dict(values)
+    report = run_benchmark(kernel_cfg)
+    text = format_table(report)
+    if memory_cfg.enabled:
+        rows = measure_stacks(memory_cfg, log=lambda _line: None)
+        report["activation_memory"] = {"goal_ratio": memory_cfg.goal_ratio, "rows": rows}
+        text += "\n\n" + format_rows(rows, memory_cfg.goal_ratio)
+    directory = os.path.dirname(kernel_cfg.output)
+    if directory:
+        os.makedirs(directory, exist_ok=True)
+    partial = f"{kernel_cfg.output}.partial"
+    with open(partial, "w") as f:
+        json.dump(report, f, indent=1)
+    os.replace(partial, kernel_cfg.output)  # a half-written report never takes the final name
+    return text + f"\nwrote {kernel_cfg.output}"
