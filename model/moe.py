@@ -22,6 +22,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from moeforge.model.config import ModelConfig
+from moeforge.model.norm import norm_inputs, norm_output
 from torch import nn
 
 
@@ -41,16 +42,20 @@ class MLP(nn.Module):
 class _Fp32Linear(torch.autograd.Function):
     """x.float() @ weight.float().T, keeping x for backward in its own dtype (BF16 in the residual
     stream) rather than the FP32 copy autograd would save: the router computes in FP32, but its
-    input need not be stored that way."""
+    input need not be stored that way. When x is an RMSNorm's output (the router's input is), it
+    keeps nothing of its own: the norm's saved input rebuilds x in backward (model/norm.py)."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(x, weight)
+        from_norm = norm_inputs(x)
+        ctx.save_for_backward(*(from_norm or (x,)), weight)
+        ctx.x_shape, ctx.from_norm = x.shape, from_norm is not None
         return F.linear(x.float(), weight.float())
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        x, weight = ctx.saved_tensors
+        *kept, weight = ctx.saved_tensors
+        x = norm_output(*kept).view(ctx.x_shape) if ctx.from_norm else kept[0]
         grad = grad.float()
         grad_x = (grad @ weight.float()).to(x.dtype) if ctx.needs_input_grad[0] else None
         grad_w = (grad.flatten(0, -2).t() @ x.float().flatten(0, -2)).to(weight.dtype) if ctx.needs_input_grad[1] else None
