@@ -21,8 +21,11 @@ model/accounting.py; tests/test_memory_plan.py holds them to the numel of meta-b
 Bytes per parameter: what moeforge stores (not V3's BF16 weight copy)
 --------------------------------------------------------------------
 - weights, 4 B: FP32 and whole on every rank holding them. The module parameters are the master weights
-  (platform/precision.py keeps them FP32; BF16 and FP8 copies exist only inside a GEMM). V3 keeps BF16
+  (platform/precision.py keeps them FP32; BF16 copies exist only inside a GEMM). V3 keeps BF16
   weights beside its FP32 master copy; moeforge has no BF16 weight copy, so it pays 2 B more here.
+  Not yet counted: under precision fp8 the e4m3 copies of every FP8 GEMM weight (W and W^T, 2 B per
+  such parameter) live from their first use in a step to the optimizer step
+  (kernels/weight_cache.py).
 - gradients, 4 B: FP32 and full size, under ZeRO-1 and ZeRO-2 alike. The executor accumulates every
   parameter's gradient at full size from the schedule's first W until the step, so that is the peak
   (platform/optim/zero_step.py, "What ZeRO-2 saves here"). V3 accumulates FP32 gradients too.
