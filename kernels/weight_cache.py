@@ -79,9 +79,6 @@ class FP8WeightCache:
         for entry in self._entries.values():
             entry.value = None  # type: ignore[assignment]  # the epoch check already refuses it
 
-    def __len__(self) -> int:
-        return sum(1 for e in self._entries.values() if e.value is not None and e.epoch == self.epoch)
-
 
 WEIGHT_CACHE = FP8WeightCache()
 

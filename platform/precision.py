@@ -39,6 +39,7 @@ from moeforge.kernels.fp8_linear import FP8Linear
 from moeforge.kernels.grouped_experts import GroupedSwiGLUExperts, recomputed_swiglu_mlp
 from moeforge.kernels.swappable import SwappableLinear
 from moeforge.platform.config.precision import PrecisionConfig
+from moeforge.platform.instance_override import override_method
 from moeforge.platform.recompute import apply_recompute
 from torch import nn
 
@@ -98,9 +99,8 @@ def _recomputed_swiglu_forward(module: nn.Module, fp8: bool, scale_fmt: str | No
 def _set_recomputed_swiglu(module: nn.Module, on: bool, fp8: bool, scale_fmt: str | None) -> None:
     """Make a dense SwiGLU MLP recompute its SwiGLU output in backward (an instance-level forward;
     its Linears stay, and are swapped like any other), or undo it."""
-    module.__dict__.pop("forward", None)
-    if on:
-        module.forward = functools.partial(_recomputed_swiglu_forward, module, fp8, scale_fmt)
+    replacement = functools.partial(_recomputed_swiglu_forward, module, fp8, scale_fmt) if on else None
+    override_method(module, "forward", replacement)
 
 
 def _forward_in_dtype(forward, dtype: torch.dtype, module: nn.Module, *args, **kwargs):
@@ -111,9 +111,8 @@ def _forward_in_dtype(forward, dtype: torch.dtype, module: nn.Module, *args, **k
 def _set_output_dtype(module: nn.Module, dtype: torch.dtype | None) -> None:
     """Cast `module`'s output to `dtype` while autocast is on (None: undo), as an instance-level
     forward: parameters, names and the class are untouched."""
-    module.__dict__.pop("forward", None)
-    if dtype is not None:
-        module.forward = functools.partial(_forward_in_dtype, type(module).forward, dtype, module)
+    replacement = None if dtype is None else functools.partial(_forward_in_dtype, type(module).forward, dtype, module)
+    override_method(module, "forward", replacement)
 
 
 def _forward_without_autocast(forward, module: nn.Module, *args, **kwargs):
@@ -127,9 +126,8 @@ def _forward_without_autocast(forward, module: nn.Module, *args, **kwargs):
 def _set_fp32_forward(module: nn.Module, on: bool) -> None:
     """Make `module` compute in FP32 under autocast (an instance-level forward: parameters, names and
     the class are untouched), or undo it."""
-    module.__dict__.pop("forward", None)
-    if on:
-        module.forward = functools.partial(_forward_without_autocast, type(module).forward, module)
+    replacement = functools.partial(_forward_without_autocast, type(module).forward, module) if on else None
+    override_method(module, "forward", replacement)
 
 
 def precision_report(model: nn.Module) -> dict[str, list[str]]:

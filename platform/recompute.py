@@ -18,6 +18,7 @@ import functools
 
 import torch
 from moeforge.model.mla import MLA
+from moeforge.platform.instance_override import override_method
 from torch import nn
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
@@ -47,7 +48,6 @@ def apply_recompute(model: nn.Module, recompute_mla_up_proj: bool) -> nn.Module:
     `attend`: parameters, names and the class are untouched). Idempotent; returns the model."""
     for module in model.modules():
         if isinstance(module, MLA):
-            module.__dict__.pop("attend", None)
-            if recompute_mla_up_proj:
-                module.attend = functools.partial(_recomputed_attend, module)
+            replacement = functools.partial(_recomputed_attend, module) if recompute_mla_up_proj else None
+            override_method(module, "attend", replacement)
     return model

@@ -10,18 +10,18 @@ read here and not by the kernel benchmark.
 
 from __future__ import annotations
 
-import json
-import os
-
 from moeforge.kernels.bench_kernels import KernelBenchConfig, format_table, run_benchmark
 from moeforge.platform.bench.activation_memory import ActivationMemoryConfig, format_rows, measure_stacks
+from moeforge.platform.bench.report import write_report
 from moeforge.platform.config._build import build
 
 
 def run_job(values: dict) -> str:
     """Config dict (conf/bench_kernels.yaml) -> run both parts, write the JSON report, return the table."""
     values = dict(values)
-    memory_cfg = build(ActivationMemoryConfig, values.pop("activation_memory", None) or {}, "activation_memory")
+    memory_cfg = build(
+        ActivationMemoryConfig, values.pop("activation_memory", None) or {}, "activation_memory"
+    )
     kernel_cfg = KernelBenchConfig.from_dict(values)
     report = run_benchmark(kernel_cfg)
     text = format_table(report)
@@ -29,11 +29,4 @@ def run_job(values: dict) -> str:
         rows = measure_stacks(memory_cfg, log=lambda _line: None)
         report["activation_memory"] = {"goal_ratio": memory_cfg.goal_ratio, "rows": rows}
         text += "\n\n" + format_rows(rows, memory_cfg.goal_ratio)
-    directory = os.path.dirname(kernel_cfg.output)
-    if directory:
-        os.makedirs(directory, exist_ok=True)
-    partial = f"{kernel_cfg.output}.partial"
-    with open(partial, "w") as f:
-        json.dump(report, f, indent=1)
-    os.replace(partial, kernel_cfg.output)  # a half-written report never takes the final name
-    return text + f"\nwrote {kernel_cfg.output}"
+    return write_report(kernel_cfg.output, report, text)
