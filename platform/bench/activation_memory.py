@@ -126,7 +126,8 @@ class StackShape:
     def __post_init__(self) -> None:
         require(preset_exists("model", self.model), "model", f"no conf/model/{self.model}.yaml")
         require(self.layers is None or self.layers >= 1, "layers", f"must be >= 1 or null, got {self.layers}")
-        require(self.batch >= 1 and self.seq >= 1, "batch", "batch and seq must be >= 1")
+        require(self.batch >= 1, "batch", f"must be >= 1, got {self.batch}")
+        require(self.seq >= 1, "seq", f"must be >= 1, got {self.seq}")
 
     def model_config(self) -> ModelConfig:
         values = {**preset_values("model", self.model), "seq_len": self.seq}
