@@ -313,10 +313,16 @@ def build_config(cls: type[T], values: Mapping[str, Any], where: str = "") -> T:
         raise ConfigError(
             f"{where or cls.__name__}: expected a mapping of {cls.__name__} fields, got {values!r}"
         )
+    # A field whose user-facing key is a Python keyword (`checkpoint.async`) is spelled otherwise in
+    # the dataclass; the class maps the key in KEY_ALIASES ({"async": "async_save"}).
+    aliases = getattr(cls, "KEY_ALIASES", {})
+    values = {aliases.get(key, key): value for key, value in values.items()}
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     unknown = sorted((key for key in values if key not in fields), key=str)
     if unknown:
-        raise ConfigError(f"{_join(where, unknown[0])}: unknown key (known: {', '.join(sorted(fields))})")
+        spelled = {field: key for key, field in aliases.items()}  # name fields as the user writes them
+        known = ", ".join(sorted(spelled.get(name, name) for name in fields))
+        raise ConfigError(f"{_join(where, unknown[0])}: unknown key (known: {known})")
     missing = [
         name
         for name, f in fields.items()

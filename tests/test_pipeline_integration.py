@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import glob
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -84,12 +85,32 @@ def test_eval_checkpoint_resume_on_gloo(tmp_path):
     found = list_checkpoints(str(straight_dir))
     assert [s for s, _ in found] == [2, 4]
     meta = read_meta(found[0][1])
-    assert meta.world == {"pp": 2, "dp": 1, "ep": 1} and meta.samples_consumed == 2 * raw["data"]["global_batch"]
+    assert (
+        meta.world == {"pp": 2, "dp": 1, "ep": 1} and meta.samples_consumed == 2 * raw["data"]["global_batch"]
+    )
     assert sorted(meta.shards) == ["rank0_0", "rank1_0"]
     for shard in meta.shards.values():
         assert shard["parts"] == ["model", "optimizer", "rng"]
+        # ZeRO-1 over the DualPipe pair: each rank holds part of every parameter group's flat
+        # buffer, saved as pieces of per-parameter moments at their place in the whole model
         keys = shard["tensors"]
-        assert "optimizer/group0/fp32" in keys and "optimizer/group0/exp_avg_sq" in keys
+        moments = {k: v for k, v in keys.items() if k.startswith("optimizer/") and k.endswith("/exp_avg_sq")}
+        assert moments, sorted(keys)[:5]
+        for key, info in moments.items():
+            assert info["offset"] + math.prod(info["shape"]) <= math.prod(info["global_shape"]), key
+    # ... which together cover every element of every moment exactly (the two partitions tile it)
+    covered: dict[str, set] = {}
+    for shard in meta.shards.values():
+        for key, info in shard["tensors"].items():
+            if key.endswith("/exp_avg"):
+                run = set(range(info["offset"], info["offset"] + math.prod(info["shape"])))
+                assert not covered.setdefault(key, set()) & run, f"{key}: two ranks hold the same elements"
+                covered[key] |= run
+    for key, elements in covered.items():
+        total = math.prod(
+            next(s["tensors"][key]["global_shape"] for s in meta.shards.values() if key in s["tensors"])
+        )
+        assert elements == set(range(total)), key
     assert straight["checkpoint"].endswith("step_00000004")
 
     # resume from step 2 in a copy of the run.dir: steps 3 and 4 repeat the straight run's exactly

@@ -11,8 +11,14 @@ from moeforge.model.config import ConfigError
 from moeforge.platform.config import TrainConfig
 from moeforge.platform.config.train import _SECTIONS
 
-TINY = {"num_hidden_layers": 2, "first_k_dense_replace": 1, "n_routed_experts": 4, "n_group": 2,
-        "topk_group": 1, "num_experts_per_tok": 2}
+TINY = {
+    "num_hidden_layers": 2,
+    "first_k_dense_replace": 1,
+    "n_routed_experts": 4,
+    "n_group": 2,
+    "topk_group": 1,
+    "num_experts_per_tok": 2,
+}
 
 
 @pytest.mark.parametrize(
@@ -44,9 +50,16 @@ TINY = {"num_hidden_layers": 2, "first_k_dense_replace": 1, "n_routed_experts": 
         ({"model": TINY, "data": {"path": 3}}, "data.path: expected str | None, got 3"),
         ({"model": TINY, "tracking": {"log_timeline": 1}}, "tracking.log_timeline: expected bool, got 1"),
         ({"model": TINY, "checkpoint": {"keep": 1.0}}, "checkpoint.keep: expected int, got 1.0"),
-        ({"model": TINY, "checkpoint": {"nope": 1}}, "checkpoint.nope: unknown key (known: every, keep, "),
         (
-            {"model": TINY, "parallel": {"schedule": "dualpipe", "pp": 2, "microbatches": 3}, "data": {"global_batch": 8}},
+            {"model": TINY, "checkpoint": {"nope": 1}},
+            "checkpoint.nope: unknown key (known: async, async_failure, every, keep, max_failures, resume)",
+        ),
+        (
+            {
+                "model": TINY,
+                "parallel": {"schedule": "dualpipe", "pp": 2, "microbatches": 3},
+                "data": {"global_batch": 8},
+            },
             "data.global_batch (8) must be divisible by parallel.microbatches * parallel.dp (3)",
         ),
     ],

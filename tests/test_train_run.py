@@ -15,6 +15,7 @@ from moeforge.model.config import ConfigError
 from moeforge.platform.checkpoint.store import list_checkpoints, read_meta
 from moeforge.platform.config import TrainConfig
 from moeforge.platform.data.microbatches import default_batch_source
+from moeforge.platform.optim.bad_steps import BadStepError
 from moeforge.platform.reference.loop import ReferenceTrainer
 from test_train_loop import SMALL_MODEL
 
@@ -160,18 +161,22 @@ def test_failure_mid_update_writes_no_checkpoint_and_resume_drops_unsaved_steps(
     assert [r["loss"] for r in metrics(tmp_path)] == straight
 
 
-def test_non_finite_loss_stops_before_the_update(tmp_path):
+def test_non_finite_steps_skip_the_update_and_end_the_run_after_n_in_a_row(tmp_path):
+    """NaN weights make every later step non-finite: each is skipped (no update applied, so the
+    weights stay as they were), and run.max_nonfinite_steps=3 in a row end the run naming them."""
     t = trainer(config(tmp_path, every=1, dropout=0.0))
     t.train_step(t.source.batch(0))
     weights = {k: v.clone() for k, v in t.model.state_dict().items()}
     t.model.embed.weight.data[:] = float("nan")
     weights["embed.weight"] = t.model.embed.weight.detach().clone()
-    with pytest.raises(FloatingPointError, match="step 2"):
+    with pytest.raises(BadStepError, match=r"non-finite at steps 2-4 .*run\.max_nonfinite_steps=3"):
         t.train()
-    assert t.step == 1
+    assert t.step == 4  # the skipped steps consumed their batches
     for key, value in t.model.state_dict().items():  # no NaN gradient was applied
         torch.testing.assert_close(value, weights[key], equal_nan=True)
-    assert summary_json(tmp_path)["error"].startswith("FloatingPointError")
+    assert [r["skipped"] for r in metrics(tmp_path)] == [True, True, True]  # step 1 ran outside train()
+    summary = summary_json(tmp_path)
+    assert summary["error"].startswith("BadStepError") and summary["skipped_steps"] == 3
 
 
 def test_fresh_run_refuses_a_run_dir_holding_checkpoints(tmp_path):

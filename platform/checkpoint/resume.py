@@ -1,26 +1,33 @@
-"""Which checkpoint a run resumes from, and whether it fits: one rule for every training loop.
+"""Which checkpoint a run resumes from, whether it fits, and restoring it: one rule for every loop.
 
 The single-process reference loop and the pipeline runtime (in its driver, before any worker
-starts, and on each rank) ask the same two questions, so a run.dir is judged the same way whatever
-runs it.
+starts, and on each rank) ask the same questions, so a run.dir is judged the same way whatever
+runs it. A checkpoint restores into any layout (platform/checkpoint/reshard.py): the model and
+optimizer by name; the RNG states only into the layout that wrote them (they are per rank).
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 from moeforge.model.config import ConfigError
+from moeforge.platform.checkpoint.reshard import CheckpointReader
 from moeforge.platform.checkpoint.state import CheckpointError
-from moeforge.platform.checkpoint.store import CheckpointMeta, list_checkpoints
+from moeforge.platform.checkpoint.store import CheckpointMeta, list_checkpoints, shard_name
 from moeforge.platform.config.train import TrainConfig
 from moeforge.platform.outputs.storage import Storage
 
 
-def resume_point(cfg: TrainConfig, storage: Storage | None = None) -> int | None:
+def resume_point(cfg: TrainConfig, storage: Storage | None = None, *, restarted: bool = False) -> int | None:
     """The step of the newest complete checkpoint a run resumes from, None for a fresh start.
 
     A fresh run that would checkpoint into a run.dir holding checkpoints is refused: its saves would
-    collide with them and pruning would mix the two runs."""
+    collide with them and pruning would mix the two runs. `restarted`: this is a restart of a run
+    after a lost worker (checkpoint.max_failures), whose driver checked run.dir at the start, so any
+    checkpoint there is this run's own and it resumes from it whatever checkpoint.resume says."""
     ck = cfg.checkpoint
-    if ck.resume:
+    if ck.resume or restarted:
         found = list_checkpoints(cfg.run.dir, storage)
         return found[-1][0] if found else None
     if ck.every:
@@ -33,19 +40,52 @@ def resume_point(cfg: TrainConfig, storage: Storage | None = None) -> int | None
     return None
 
 
+def data_skip(meta: CheckpointMeta) -> int:
+    """Global batches the run skipped before this checkpoint (loss-spike rollbacks): step s trains on
+    batch s + data_skip."""
+    return int(meta.extra.get("data_skip", 0))
+
+
 def check_resumable(cfg: TrainConfig, meta: CheckpointMeta) -> None:
-    """A checkpoint fits this run: same (pp, dp, ep) layout (one shard per rank, no resharding) and
-    its samples_consumed is its step's position at this global batch. Raises CheckpointError."""
-    world = {"pp": cfg.parallel.pp, "dp": cfg.parallel.dp, "ep": cfg.parallel.ep}
-    written = {"ep": 1, **meta.world}  # checkpoints from before expert parallelism: ep = 1
-    if {k: written.get(k) for k in world} != world:
-        raise CheckpointError(
-            f"{meta.path}: written by world {meta.world}, this run is {world} (resharding is not supported)"
-        )
-    expected = meta.step * cfg.data.global_batch
+    """A checkpoint fits this run: its samples_consumed is its data position at this global batch.
+    Any parallel layout fits (resharding). Raises CheckpointError."""
+    expected = (meta.step + data_skip(meta)) * cfg.data.global_batch
     if meta.samples_consumed != expected:
         raise CheckpointError(
             f"{meta.path}: {meta.samples_consumed} samples consumed at step {meta.step}, but "
             f"data.global_batch={cfg.data.global_batch} puts step {meta.step} at sample {expected}; "
             "resume with the global batch the checkpoint was trained with"
         )
+
+
+def layout_of(cfg: TrainConfig) -> dict[str, Any]:
+    """What makes a rank's local state (its RNG streams) meaningful to the same rank only."""
+    par = cfg.parallel
+    return {"pp": par.pp, "dp": par.dp, "ep": par.ep, "schedule": par.schedule}
+
+
+def same_layout(cfg: TrainConfig, meta: CheckpointMeta) -> bool:
+    written = {"ep": 1, **meta.world, "schedule": meta.extra.get("schedule", "single")}
+    return {k: written.get(k) for k in layout_of(cfg)} == layout_of(cfg)
+
+
+def restore_checkpoint(
+    cfg: TrainConfig,
+    path: str,
+    state: Mapping[str, Any],
+    *,
+    shard: tuple[int, int] = (0, 0),
+    storage: Storage | None = None,
+) -> tuple[CheckpointMeta, bool]:
+    """Restore `state` ({"model": ModelState, "optimizer": OptimizerState | ZeroOptimizerState,
+    "rng": RNGState}) from the complete checkpoint at `path`, written by any layout; return its
+    meta and whether the layout was the same (only then are this rank's RNG states restored)."""
+    with CheckpointReader(path, storage) as reader:
+        meta = reader.meta
+        check_resumable(cfg, meta)
+        state["model"].load_from(reader)  # first: ZeRO rebuilds its fp32 master from the weights
+        state["optimizer"].load_from(reader)
+        same = same_layout(cfg, meta)
+        if same and "rng" in state:
+            state["rng"].load_state_dict(reader.read_local(shard_name(shard), "rng"))
+    return meta, same

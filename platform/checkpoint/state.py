@@ -20,6 +20,7 @@ from collections.abc import Iterable, Mapping
 
 import numpy as np
 import torch
+from moeforge.platform.checkpoint.pieces import ShardedTensor
 
 
 class CheckpointError(RuntimeError):
@@ -107,18 +108,56 @@ def optimizer_state_from_tensors(
 
 
 class OptimizerState:
-    """A torch optimizer as a Stateful of flat tensors keyed by parameter name."""
+    """A torch optimizer as a Stateful of flat tensors keyed by parameter name.
+
+    `layout` ({name: (global shape, flat offset)}, platform/checkpoint/reshard.py's `model_layout`)
+    says where each parameter sits in the whole model (an expert-parallel slice); the moments are then
+    saved as pieces of the whole model's tensor, which any layout can read back (`load_from`)."""
 
     def __init__(
-        self, optimizer: torch.optim.Optimizer, named_params: Iterable[tuple[str, torch.nn.Parameter]]
+        self,
+        optimizer: torch.optim.Optimizer,
+        named_params: Iterable[tuple[str, torch.nn.Parameter]],
+        layout: Mapping[str, tuple[tuple[int, ...], int]] | None = None,
     ) -> None:
         self.optimizer = optimizer
         self.named_params = list(named_params)
+        self.layout = layout
 
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        return optimizer_state_to_tensors(self.optimizer, self.named_params)
+    def state_dict(self) -> dict[str, torch.Tensor | ShardedTensor]:
+        tensors = optimizer_state_to_tensors(self.optimizer, self.named_params)
+        if self.layout is None:
+            return tensors
+        out: dict[str, torch.Tensor | ShardedTensor] = {}
+        for key, value in tensors.items():
+            name = key.rpartition("/")[0]
+            out[key] = ShardedTensor(value, *self.layout[name]) if value.ndim > 0 else value
+        return out
 
     def load_state_dict(self, tensors: Mapping[str, torch.Tensor]) -> None:
+        optimizer_state_from_tensors(self.optimizer, self.named_params, tensors)
+
+    def load_from(self, reader) -> None:
+        """This optimizer's state from a `CheckpointReader`, whatever layout wrote it: each
+        parameter's moments are read by name at the parameter's place in the whole model."""
+        params = _optimizer_params_by_name(self.optimizer, self.named_params)
+        tensors: dict[str, torch.Tensor] = {}
+        for name, param in params.items():
+            shape, offset = self.layout[name] if self.layout is not None else (tuple(param.shape), 0)
+            for state_key in reader.state_keys(name):
+                key = f"optimizer/{name}/{state_key}"
+                saved = reader.global_shape(key)
+                if len(saved) == 0:  # `step`: one scalar per parameter
+                    tensors[f"{name}/{state_key}"] = reader.read_whole(key)
+                    continue
+                if tuple(saved) != tuple(shape):
+                    raise CheckpointError(
+                        f"{reader.meta.path}: {key}: checkpoint shape {list(saved)} != parameter shape "
+                        f"{list(shape)}"
+                    )
+                tensors[f"{name}/{state_key}"] = reader.read(key, offset, offset + param.numel()).view(
+                    param.shape
+                )
         optimizer_state_from_tensors(self.optimizer, self.named_params, tensors)
 
 

@@ -3,7 +3,7 @@
 Layout under `run_dir` (a local directory or `s3://bucket/prefix`, through platform.outputs.storage):
 
     checkpoints/step_00000100/
-        rank0_0.safetensors   one file per writing rank (pp rank, dp rank); keys "{part}/{name}":
+        rank0_0.safetensors   one file per writing rank (pp rank, dp rank); keys "{part}/{name}" (full-model names):
                               "model/layers.0.mlp.gate.e_score_correction_bias",
                               "optimizer/embed.weight/exp_avg", "rng/torch_cpu", ...
         rank0_0.json          that shard's manifest: sha256, byte size, parts, tensor dtypes/shapes
@@ -29,9 +29,13 @@ Pipeline ranks (the contract with the pipeline runtime):
     3. rank 0 alone calls `commit_checkpoint(run_dir, step, world={"pp": P, "dp": D}, ...)`, which
        checks every expected shard's manifest and file size, writes meta.json, then COMPLETE, then
        prunes old checkpoints.
-    On resume every rank calls `load_checkpoint(path, state, shard=(pp_rank, dp_rank))`; the
-    checkpoint's world layout must match (no resharding yet). Ranks holding identical replicas may
-    skip step 1 and commit with an explicit `shards=[...]` list; they then load another rank's shard.
+    Ranks holding identical replicas may skip step 1 and commit with an explicit `shards=[...]` list.
+
+Any layout reads any checkpoint: a state-dict value may be a `ShardedTensor` (pieces.py), a rank's
+piece of a whole-model tensor; its manifest entry records `global_shape` and the flat `offset`, and
+platform/checkpoint/reshard.py's `CheckpointReader` assembles what another layout needs from every
+shard. `load_checkpoint(path, state, shard=...)` is the exact read of one shard's own tensors (the
+rank-local parts, e.g. RNG, and same-layout tools).
 """
 
 from __future__ import annotations
@@ -42,12 +46,14 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import tempfile
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
+from moeforge.platform.checkpoint.pieces import ShardedTensor
 from moeforge.platform.checkpoint.state import CheckpointError
 from moeforge.platform.outputs.storage import LocalStorage, Storage, _atomic_local_write, open_storage
 from safetensors import SafetensorError, safe_open
@@ -56,7 +62,9 @@ from safetensors.torch import save_file
 CHECKPOINTS_DIR = "checkpoints"
 META = "meta.json"
 COMPLETE = "COMPLETE"
-FORMAT = "moeforge-checkpoint/1"
+FORMAT = "moeforge-checkpoint/2"
+# /1 recorded no global shape or offset: every tensor is read as a whole one (same-layout resume).
+READABLE_FORMATS = ("moeforge-checkpoint/1", FORMAT)
 _STEP_DIR = re.compile(r"step_(\d+)")
 
 Shard = tuple[int, int]  # (pp rank, dp rank)
@@ -70,10 +78,12 @@ __all__ = [
     "latest_checkpoint",
     "list_checkpoints",
     "load_checkpoint",
+    "locate",
     "prune_checkpoints",
     "read_meta",
     "save_checkpoint",
     "save_shard",
+    "shard_file",
     "shard_name",
 ]
 
@@ -102,8 +112,10 @@ class CheckpointMeta:
     @classmethod
     def from_json(cls, text: str, path: str) -> CheckpointMeta:
         data = json.loads(text)
-        if data.get("format") != FORMAT:
-            raise CheckpointError(f"{path}: format {data.get('format')!r}, this moeforge reads {FORMAT!r}")
+        if data.get("format") not in READABLE_FORMATS:
+            raise CheckpointError(
+                f"{path}: format {data.get('format')!r}, this moeforge reads {', '.join(READABLE_FORMATS)}"
+            )
         known = {f.name for f in dataclasses.fields(cls)} - {"path"}
         return cls(**{k: v for k, v in data.items() if k in known}, path=path)
 
@@ -134,7 +146,7 @@ def _rel(*parts: str) -> str:
     return "/".join(p.strip("/") for p in parts if p and p.strip("/"))
 
 
-def _locate(path: str, storage: Storage | None) -> tuple[Storage, str]:
+def locate(path: str, storage: Storage | None) -> tuple[Storage, str]:
     """The storage to use for `path` and `path` relative to its root. A given `storage` must be
     rooted at `path` or above it (pass the run's storage to avoid reopening S3 on every call)."""
     path = str(path).rstrip("/")
@@ -164,9 +176,13 @@ def _sha256_file(path: str) -> str:
 # --- save ------------------------------------------------------------------------------------------
 
 
-def _flatten(state: Mapping[str, Any]) -> tuple[dict[str, torch.Tensor], list[str]]:
-    """{part: Stateful | {name: Tensor}} -> ({"part/name": CPU tensor}, part names)."""
+def _flatten(
+    state: Mapping[str, Any],
+) -> tuple[dict[str, torch.Tensor], dict[str, tuple[list[int], int]], list[str]]:
+    """{part: Stateful | {name: Tensor | ShardedTensor}} -> ({"part/name": CPU tensor},
+    {"part/name": (global shape, flat offset)}, part names). A plain tensor is a whole one."""
     out: dict[str, torch.Tensor] = {}
+    placement: dict[str, tuple[list[int], int]] = {}
     storages: set[int] = set()
     for part, value in state.items():
         if not part or "/" in part:
@@ -177,7 +193,12 @@ def _flatten(state: Mapping[str, Any]) -> tuple[dict[str, torch.Tensor], list[st
                 f"state[{part!r}]: expected a Stateful or a dict of tensors, got {type(value).__name__}"
             )
         for name, tensor in tensors.items():
-            if not isinstance(tensor, torch.Tensor):
+            if isinstance(tensor, ShardedTensor):
+                placement[f"{part}/{name}"] = (list(tensor.global_shape), tensor.offset)
+                tensor = tensor.local
+            elif isinstance(tensor, torch.Tensor):
+                placement[f"{part}/{name}"] = (list(tensor.shape), 0)
+            else:
                 raise TypeError(f"state {part}/{name}: {type(tensor).__name__} is not a tensor")
             tensor = tensor.detach().cpu().contiguous()
             ptr = tensor.untyped_storage().data_ptr()
@@ -185,7 +206,7 @@ def _flatten(state: Mapping[str, Any]) -> tuple[dict[str, torch.Tensor], list[st
                 tensor = tensor.clone()  # (views of one flat buffer, tied weights): store a copy
             storages.add(tensor.untyped_storage().data_ptr())
             out[f"{part}/{name}"] = tensor
-    return out, list(state)
+    return out, placement, list(state)
 
 
 def _put_safetensors(
@@ -221,11 +242,11 @@ def save_shard(
 
     If the checkpoint of `step` is already complete nothing is rewritten (rewriting would open a
     window with one complete checkpoint fewer); the path is returned either way."""
-    storage, base = _locate(run_dir, storage)
+    storage, base = locate(run_dir, storage)
     folder = _rel(base, _step_dir(step))
     if storage.exists(_rel(folder, COMPLETE)):
         return storage.url(folder)
-    tensors, parts = _flatten(state)
+    tensors, placement, parts = _flatten(state)
     name = shard_name(shard)
     # A manifest left by an earlier, interrupted save of this step must not vouch for the new file.
     storage.delete(_rel(folder, name + ".json"))
@@ -240,8 +261,15 @@ def save_shard(
         "sha256": sha256,
         "bytes": nbytes,
         "parts": parts,
+        # global_shape/offset: which elements of the whole model's tensor this is (pieces.py), so
+        # any layout can read it (reshard.py)
         "tensors": {
-            key: {"dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape)}
+            key: {
+                "dtype": str(t.dtype).removeprefix("torch."),
+                "shape": list(t.shape),
+                "global_shape": placement[key][0],
+                "offset": placement[key][1],
+            }
             for key, t in sorted(tensors.items())
         },
     }
@@ -267,7 +295,7 @@ def commit_checkpoint(
 
     `world` records the layout (must hold "pp" and "dp"); the expected shards are every
     (pp, dp) pair unless `shards` lists them. `lr_step` defaults to `step`; `config` is hashed."""
-    storage, base = _locate(run_dir, storage)
+    storage, base = locate(run_dir, storage)
     folder = _rel(base, _step_dir(step))
     if storage.exists(_rel(folder, COMPLETE)):
         return storage.url(folder)
@@ -329,7 +357,7 @@ def save_checkpoint(
 ) -> str:
     """Single-process checkpoint: `save_shard` as rank (0, 0), then `commit_checkpoint` with world
     pp=1, dp=1. Returns the checkpoint's path."""
-    storage, _ = _locate(run_dir, storage)  # open S3 once for both halves
+    storage, _ = locate(run_dir, storage)  # open S3 once for both halves
     save_shard(run_dir, step, state, storage=storage)
     return commit_checkpoint(
         run_dir,
@@ -357,12 +385,20 @@ def _step_dirs(storage: Storage, base: str) -> dict[int, tuple[str, list[str]]]:
         match = _STEP_DIR.fullmatch(folder)
         if match:
             out.setdefault(int(match.group(1)), (_rel(root, folder), []))[1].append(rel)
+    if isinstance(storage, LocalStorage):
+        # A writer killed while its first file was still a hidden temp (`.tmp-*`, which `list`
+        # skips) leaves a step folder `list` does not show: find those too, so pruning removes them.
+        with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+            for name in os.listdir(storage.url(root)):
+                match = _STEP_DIR.fullmatch(name)
+                if match:
+                    out.setdefault(int(match.group(1)), (_rel(root, name), []))
     return out
 
 
 def list_checkpoints(run_dir: str, storage: Storage | None = None) -> list[tuple[int, str]]:
     """Complete checkpoints as (step, path), oldest first."""
-    storage, base = _locate(run_dir, storage)
+    storage, base = locate(run_dir, storage)
     return [
         (step, storage.url(folder))
         for step, (folder, files) in sorted(_step_dirs(storage, base).items())
@@ -382,7 +418,7 @@ def prune_checkpoints(run_dir: str, keep: int, storage: Storage | None = None) -
     goes first, so a half-deleted folder is never mistaken for a checkpoint. Returns deleted paths."""
     if keep < 1:
         raise ValueError(f"keep must be >= 1, got {keep}")
-    storage, base = _locate(run_dir, storage)
+    storage, base = locate(run_dir, storage)
     dirs = _step_dirs(storage, base)
     complete = sorted(s for s, (folder, files) in dirs.items() if _rel(folder, COMPLETE) in files)
     if not complete:
@@ -396,8 +432,9 @@ def prune_checkpoints(run_dir: str, keep: int, storage: Storage | None = None) -
         for rel in sorted(files, key=lambda r: r != marker):
             storage.delete(rel)
         if isinstance(storage, LocalStorage):
-            with contextlib.suppress(OSError):
-                os.rmdir(storage.url(folder))
+            # ... and a killed writer's hidden temp files: no rank still writes a folder older than
+            # the newest complete checkpoint (at most one checkpoint is ever in flight)
+            shutil.rmtree(storage.url(folder), ignore_errors=True)
         deleted.append(storage.url(folder))
     return deleted
 
@@ -407,7 +444,7 @@ def prune_checkpoints(run_dir: str, keep: int, storage: Storage | None = None) -
 
 def read_meta(path: str, storage: Storage | None = None) -> CheckpointMeta:
     """meta.json of the complete checkpoint at `path`, checked against the COMPLETE marker."""
-    storage, folder = _locate(path, storage)
+    storage, folder = locate(path, storage)
     marker_rel, meta_rel = _rel(folder, COMPLETE), _rel(folder, META)
     try:
         marker = json.loads(storage.read_text(marker_rel))
@@ -440,6 +477,28 @@ def _local_file(storage: Storage, rel: str) -> Iterator[str]:
         except FileNotFoundError:
             raise CheckpointError(f"{storage.url(rel)}: missing (listed in {META})") from None
         yield path
+
+
+@contextlib.contextmanager
+def shard_file(storage: Storage, folder: str, entry: Mapping[str, Any], *, verify: bool = True) -> Iterator[str]:
+    """A local path holding the shard `entry` (a manifest from meta.json) of the checkpoint folder
+    `folder`; with `verify` its size and sha256 are checked against the manifest first, so a flipped
+    byte or a truncated upload fails here naming the file."""
+    file_rel = _rel(folder, entry["file"])
+    where = storage.url(file_rel)
+    with _local_file(storage, file_rel) as local:
+        if verify:
+            size = os.path.getsize(local)
+            if size != entry["bytes"]:
+                raise CheckpointError(
+                    f"{where}: {size} bytes, {META} says {entry['bytes']} (truncated or corrupt)"
+                )
+            digest = _sha256_file(local)
+            if digest != entry["sha256"]:
+                raise CheckpointError(
+                    f"{where}: sha256 {digest[:16]}... != {entry['sha256'][:16]}... in {META} (corrupt)"
+                )
+        yield local
 
 
 def _restore(part: str, target: Any, tensors: dict[str, torch.Tensor], where: str) -> None:
@@ -484,7 +543,7 @@ def load_checkpoint(
     naming its path; a missing key, extra key or shape mismatch fails naming the key. Parts in the
     checkpoint that `state` does not name are not read (e.g. weights only: `{"model": model}`)."""
     meta = read_meta(path, storage)
-    storage, folder = _locate(path, storage)
+    storage, folder = locate(path, storage)
     name = shard_name(shard)
     entry = meta.shards.get(name)
     if entry is None:
@@ -497,18 +556,7 @@ def load_checkpoint(
     missing = [part for part in state if part not in entry["parts"]]
     if missing:
         raise CheckpointError(f"{where}: no '{missing[0]}' state (saved parts: {', '.join(entry['parts'])})")
-    with _local_file(storage, file_rel) as local:
-        if verify:
-            size = os.path.getsize(local)
-            if size != entry["bytes"]:
-                raise CheckpointError(
-                    f"{where}: {size} bytes, {META} says {entry['bytes']} (truncated or corrupt)"
-                )
-            digest = _sha256_file(local)
-            if digest != entry["sha256"]:
-                raise CheckpointError(
-                    f"{where}: sha256 {digest[:16]}... != {entry['sha256'][:16]}... in {META} (corrupt)"
-                )
+    with shard_file(storage, folder, entry, verify=verify) as local:
         try:
             reader = safe_open(local, framework="pt")
         except (SafetensorError, OSError) as err:  # a bad header (only reachable with verify=False)

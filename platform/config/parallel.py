@@ -92,10 +92,17 @@ class ParallelConfig:
         require(self.peak_tflops_per_worker >= 0, "peak_tflops_per_worker", "must be >= 0")
         if self.fault_injection is not None:
             fault = dict(self.fault_injection)
+            process_fault = set(fault) == {"rank", "step", "kind"} and fault["kind"] in (
+                "raise",
+                "hang",
+                "sigkill",
+            )
+            data_fault = set(fault) == {"batch", "kind"} and fault["kind"] in ("nan_grad", "loss_spike")
             require(
-                set(fault) == {"rank", "step", "kind"} and fault["kind"] in ("raise", "hang"),
+                process_fault or data_fault,
                 "fault_injection",
-                f"test-only hook: {{rank, step, kind: raise|hang}}, got {fault}",
+                "test-only hook: {rank, step, kind: raise|hang|sigkill} or {batch, kind: nan_grad|loss_spike}, "
+                f"got {fault}",
             )
             self.fault_injection = fault
         if self.schedule == "single":

@@ -96,6 +96,7 @@ class PlainStep:
             p.grad = flat[offset : offset + n].view_as(p)
             offset += n
 
-    def state(self) -> OptimizerState:
-        """The optimizer state to checkpoint (AdamW moments by parameter name)."""
-        return OptimizerState(self.optimizer, self.named_params)
+    def state(self, layout=None) -> OptimizerState:
+        """The optimizer state to checkpoint (AdamW moments by parameter name, at each parameter's
+        place in the whole model: `layout`)."""
+        return OptimizerState(self.optimizer, self.named_params, layout)

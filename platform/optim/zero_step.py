@@ -75,10 +75,11 @@ expert partitions' norms into the global norm. Where it does not fit, and why:
 Both touch DeepSpeed internals (checked against 0.19); tests/test_ep_parity.py's ZeRO-1 case holds
 the result to the reference, so a DeepSpeed change that breaks them fails there.
 
-Checkpoints: `state()` returns the optimizer as a Stateful of flat tensors (platform/checkpoint/store.py).
+Checkpoints: `state(layout)` returns the optimizer as a Stateful of per-parameter tensors keyed by
+name, the same keys whoever wrote them, so any layout reads them (platform/checkpoint/reshard.py).
 PlainStep: AdamW moments by parameter name (`OptimizerState`). ZeroStep: `ZeroOptimizerState`, this
-rank's partition of DeepSpeed's ZeRO state: the fp32 master partition and the wrapped AdamW's moments
-on it, per parameter group, exact (no pickle; DeepSpeed's own `state_dict()` mixes in Python objects).
+rank's partition of DeepSpeed's ZeRO state cut into per-parameter pieces (no pickle; DeepSpeed's own
+`state_dict()` mixes in Python objects and is tied to one partitioning).
 """
 
 from __future__ import annotations
@@ -86,6 +87,7 @@ from __future__ import annotations
 import math
 
 import torch
+from moeforge.platform.checkpoint.pieces import ShardedTensor
 from moeforge.platform.checkpoint.state import CheckpointError
 from moeforge.platform.config.optim import OptimConfig
 from moeforge.platform.config.precision import PrecisionConfig
@@ -186,6 +188,7 @@ class ZeroStep:
         if zero_stage not in (1, 2):
             raise ValueError(f"parallel.zero_stage: ZeroStep runs stage 1 or 2, got {zero_stage}")
         self.params = [p for p in module.parameters() if p.requires_grad]
+        self.named_params = list(module.named_parameters())
         for p in self.params:
             p.model_parallel = True  # every norm-group rank holds distinct parameters: count them all
         for p in replicated:
@@ -231,61 +234,102 @@ class ZeroStep:
         norm = self.engine.get_global_grad_norm()
         return float(norm) if norm is not None else math.nan
 
-    def state(self) -> ZeroOptimizerState:
-        """The optimizer state to checkpoint (this rank's ZeRO partition)."""
-        return ZeroOptimizerState(self.optimizer)
+    def state(self, layout=None) -> ZeroOptimizerState:
+        """The optimizer state to checkpoint: this rank's ZeRO partition, as pieces of each
+        parameter's AdamW state by name (`layout`: where each parameter sits in the whole model)."""
+        return ZeroOptimizerState(self.optimizer, self.named_params, layout)
 
 
 class ZeroOptimizerState:
-    """This rank's DeepSpeed ZeRO-1/2 optimizer state as flat tensors: per parameter group g, the fp32
-    master partition DeepSpeed keeps (`group{g}/fp32`, padding included) and the wrapped AdamW's state
-    on it (`group{g}/exp_avg`, `group{g}/exp_avg_sq`, `group{g}/step`).
+    """This rank's DeepSpeed ZeRO-1/2 optimizer state as pieces of per-parameter tensors, so any
+    layout (another dp, pp or ep, no ZeRO, the single-process loop) can read it back.
 
-    The partition layout is DeepSpeed's for this rank's parameter list and shard-group size, so a
-    resume needs the same world (which pipeline checkpoints require anyway: one shard per rank)."""
+    DeepSpeed keeps, per parameter group g, one flat buffer of the group's parameters (each
+    parameter's `.data` is a view into it, with alignment padding between them) and gives this rank
+    one contiguous partition of it: the fp32 master partition and the wrapped AdamW's moments on
+    it. The partition cuts each parameter it overlaps into one flat run, saved as
+    `<name>/exp_avg` (a `ShardedTensor` at the parameter's place in the whole model: its `layout`
+    offset plus the run's start inside the parameter), `<name>/exp_avg_sq`, and the scalar
+    `<name>/step`: the keys `OptimizerState` writes for an unsharded AdamW.
 
-    def __init__(self, zero_optimizer) -> None:
+    The fp32 master is not saved: with fp32 parameters (moeforge trains fp32 masters; precision is
+    applied in the compute) DeepSpeed copies the master into the parameters after every step, so
+    the two are equal, and a load rebuilds the master partition from the loaded parameters."""
+
+    def __init__(self, zero_optimizer, named_params, layout=None) -> None:
         self.zero = zero_optimizer
+        self.names = {id(p): n for n, p in named_params}
+        self.params = {n: p for n, p in named_params}
+        self.layout = layout
 
-    def _partitions(self) -> list[torch.Tensor]:
-        return list(self.zero.single_partition_of_fp32_groups)
+    def _runs(self):
+        """Per group: (fp32 partition, its start in the flat buffer, [(name, param offset in the
+        flat buffer, first, stop)]) for every parameter run inside this rank's partition."""
+        import torch.distributed as dist
 
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        out: dict[str, torch.Tensor] = {}
-        for g, part in enumerate(self._partitions()):
-            out[f"group{g}/fp32"] = part.detach().cpu().clone()
-            for key, value in self.zero.optimizer.state.get(part, {}).items():
-                if isinstance(value, (int, float)):
-                    value = torch.tensor(float(value), dtype=torch.float32)
-                out[f"group{g}/{key}"] = value.detach().cpu().clone()
+        zero = self.zero
+        for g, fp32 in enumerate(zero.single_partition_of_fp32_groups):
+            flat = zero.bit16_groups_flat[g]
+            size = flat.element_size()
+            partition = zero.parallel_partitioned_bit16_groups[g][
+                dist.get_rank(group=zero.real_dp_process_group[g])
+            ]
+            start = (partition.data_ptr() - flat.data_ptr()) // size
+            stop = start + partition.numel()
+            runs = []
+            for param in zero.bit16_groups[g]:
+                offset = (param.data_ptr() - flat.data_ptr()) // size
+                first, last = max(offset, start), min(offset + param.numel(), stop)
+                if first < last:
+                    runs.append((self.names[id(param)], offset, first, last))
+            yield fp32, flat, start, runs
+
+    def _place(self, name: str) -> tuple[tuple[int, ...], int]:
+        if self.layout is not None:
+            return self.layout[name]
+        return tuple(self.params[name].shape), 0
+
+    def state_dict(self) -> dict[str, torch.Tensor | ShardedTensor]:
+        out: dict[str, torch.Tensor | ShardedTensor] = {}
+        for fp32, _flat, start, runs in self._runs():
+            state = self.zero.optimizer.state.get(fp32, {})
+            for name, offset, first, last in runs:
+                shape, place = self._place(name)
+                for key, value in state.items():
+                    if isinstance(value, (int, float)):
+                        value = torch.tensor(float(value), dtype=torch.float32)
+                    if value.ndim == 0:
+                        out[f"{name}/{key}"] = value.detach().cpu().clone()
+                    else:
+                        run = value[first - start : last - start].detach().cpu().clone()
+                        out[f"{name}/{key}"] = ShardedTensor(run, shape, place + first - offset)
         return out
 
-    def load_state_dict(self, tensors) -> None:
-        parts = self._partitions()
-        by_group: dict[int, dict[str, torch.Tensor]] = {}
-        for key, value in tensors.items():
-            group, _, name = key.partition("/")
-            if not group.startswith("group") or not group[5:].isdigit() or not name:
-                raise CheckpointError(f"optimizer state {key!r}: expected 'group<g>/<state key>'")
-            g = int(group[5:])
-            if g >= len(parts):
-                raise CheckpointError(
-                    f"optimizer state {key}: this rank has {len(parts)} ZeRO parameter groups"
-                )
-            by_group.setdefault(g, {})[name] = value
-        for g, part in enumerate(parts):
-            saved = dict(by_group.get(g, {}))
-            master = saved.pop("fp32", None)
-            if master is None:
-                raise CheckpointError(f"optimizer state group{g}/fp32: missing")
-            for key, value in [("fp32", master), *saved.items()]:
-                if value.ndim > 0 and value.shape != part.shape:
-                    raise CheckpointError(
-                        f"optimizer state group{g}/{key}: shape {list(value.shape)} != ZeRO partition "
-                        f"{list(part.shape)} (another world size or parameter layout)"
-                    )
+    def load_from(self, reader) -> None:
+        """The partition from a `CheckpointReader`: call after the model's parameters are loaded
+        (the master partition is copied from them)."""
+        for fp32, flat, start, runs in self._runs():
             with torch.no_grad():
-                part.copy_(master.to(part.device))
-            self.zero.optimizer.state[part] = {
-                k: (v.to(part.device, copy=True) if v.ndim > 0 else v.clone()) for k, v in saved.items()
-            }
+                fp32.copy_(flat[start : start + fp32.numel()].to(fp32.dtype))
+            state: dict[str, torch.Tensor] = {}
+            for name, offset, first, last in runs:
+                shape, place = self._place(name)
+                for state_key in reader.state_keys(name):
+                    key = f"optimizer/{name}/{state_key}"
+                    saved = reader.global_shape(key)
+                    if len(saved) == 0:
+                        state[state_key] = reader.read_whole(key).clone()
+                        continue
+                    if tuple(saved) != tuple(shape):
+                        raise CheckpointError(
+                            f"{reader.meta.path}: {key}: checkpoint shape {list(saved)} != parameter "
+                            f"shape {list(shape)}"
+                        )
+                    values = reader.read(key, place + first - offset, place + last - offset)
+                    if state_key not in state:
+                        state[state_key] = torch.zeros(fp32.numel(), dtype=values.dtype)
+                    state[state_key][first - start : last - start] = values
+            if state:
+                self.zero.optimizer.state[fp32] = {
+                    k: (v.to(fp32.device) if v.ndim > 0 else v) for k, v in state.items()
+                }

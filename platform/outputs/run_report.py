@@ -54,6 +54,8 @@ class RunReport:
             cfg.run.steps, cfg.run.log_every, log, flops_per_token, peak_flops, start_step=start_step
         )
         self.losses: list[float] = [r["loss"] for r in kept]  # the whole run's, resumed part included
+        self.skipped_steps = sum(bool(r.get("skipped")) for r in kept)
+        self.rollbacks: list[dict] = []
         last_eval = next((r for r in reversed(kept) if r.get("eval_loss") is not None), {})
         self.eval_loss: float | None = last_eval.get("eval_loss")
         self.eval_ppl: float | None = last_eval.get("eval_ppl")
@@ -81,6 +83,7 @@ class RunReport:
             record.update(evaluation.to_record())
             self.eval_loss, self.eval_ppl = evaluation.lm_loss, evaluation.ppl
         self.losses.append(metrics.loss)
+        self.skipped_steps += metrics.skipped
         self.step = metrics.step
         self.outputs.append_metrics(record)
         if self.progress.update(metrics, suffix=progress_suffix) is not None:
@@ -95,6 +98,22 @@ class RunReport:
         """Make every recorded line visible under run.dir (before a checkpoint: a run resumed from
         it finds every record it covers)."""
         self.outputs.flush()
+
+    def rewind(self, rollback) -> None:
+        """A loss-spike rollback (optim/bad_steps.Rollback) to the checkpoint of `rollback.to_step`:
+        the records past it are dropped (the steps are recomputed on later data), the rollback is
+        kept for summary.json."""
+        self.outputs.flush()
+        kept = self.outputs.start_metrics(rollback.to_step)
+        self.losses = [r["loss"] for r in kept]
+        self.skipped_steps = sum(bool(r.get("skipped")) for r in kept)
+        self.step = rollback.to_step
+        self.rollbacks.append(rollback.to_dict())
+        self.log(
+            f"loss spike at step {rollback.step}: {rollback.loss:.4f} > {self.cfg.run.spike_factor} x median "
+            f"{rollback.median:.4f}; rolled back to step {rollback.to_step}, skipping the batches of steps "
+            f"{rollback.to_step + 1}-{rollback.step}"
+        )
 
     def checkpointed(self, step: int, path: str) -> None:
         self.last_checkpoint = path
@@ -114,6 +133,8 @@ class RunReport:
             losses=list(self.losses),
             resumed_from_step=self.resumed_from_step,
             checkpoint=self.last_checkpoint,
+            skipped_steps=self.skipped_steps,
+            rollbacks=list(self.rollbacks),
             **status,
         )
 

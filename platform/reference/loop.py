@@ -32,6 +32,11 @@ written. The state is consistent unless the error struck inside the update (clip
 bias): an error in the forward/backward leaves weights and optimizer as the previous step left
 them (its RNG state is restored from a snapshot taken when the step began).
 
+Bad steps (platform/optim/bad_steps.py): a non-finite loss or gradient norm skips the update, and
+with run.spike_policy=rollback a loss spike reloads the newest checkpoint and skips the data window
+up to it (`data_skip`: step s trains on batch s + data_skip). checkpoint.async writes checkpoints
+on a background thread (platform/checkpoint/async_writer.py).
+
 Determinism: the RNG is seeded before the model is built and data order is a pure function of
 (data.seed, step), so two runs with the same config produce identical losses, and a run killed and
 resumed produces the losses of an uninterrupted one.
@@ -41,7 +46,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import math
 import signal
 import threading
 import time
@@ -52,18 +56,15 @@ import torch
 from moeforge.model.balance import ExpertLoad, worst_layer_load
 from moeforge.model.config import ConfigError
 from moeforge.model.transformer import build_model
-from moeforge.platform.checkpoint.resume import check_resumable, resume_point
+from moeforge.platform.checkpoint.async_writer import AsyncCheckpointWriter
+from moeforge.platform.checkpoint.reshard import ModelState
+from moeforge.platform.checkpoint.resume import data_skip, restore_checkpoint, resume_point
 from moeforge.platform.checkpoint.state import (
     OptimizerState,
     RNGState,
     rng_state_to_tensors,
 )
-from moeforge.platform.checkpoint.store import (
-    checkpoint_path,
-    config_hash,
-    load_checkpoint,
-    save_checkpoint,
-)
+from moeforge.platform.checkpoint.store import checkpoint_path, config_hash, list_checkpoints, save_checkpoint
 from moeforge.platform.config.cadence import Cadence
 from moeforge.platform.config.train import TrainConfig
 from moeforge.platform.data.microbatches import (
@@ -73,6 +74,13 @@ from moeforge.platform.data.microbatches import (
     split_microbatches,
 )
 from moeforge.platform.optim.adamw import build_adamw, clip_grads_with_norm_, global_grad_norm
+from moeforge.platform.optim.bad_steps import (
+    LOSS_SPIKE_FACTOR,
+    BadStepPolicy,
+    Rollback,
+    injected_data_fault,
+    is_finite_step,
+)
 from moeforge.platform.optim.bias_update import (
     collect_load_counts,
     set_balance_loss_scale,
@@ -89,8 +97,6 @@ from moeforge.platform.precision import apply_precision, compute_context
 class Terminated(BaseException):
     """SIGTERM arrived during training (preemption, `kill`, a scheduler's stop): handled like Ctrl-C,
     so the run records its failure and keeps a consistent checkpoint before it exits."""
-
-
 
 
 def training_device(cfg: TrainConfig) -> torch.device:
@@ -143,7 +149,9 @@ class ReferenceTrainer:
 
         seed_everything(cfg.run.seed)
         self.device = training_device(cfg)
-        model = build_model(cfg.model, seed=cfg.run.seed).to(self.device)  # init on CPU: same weights anywhere
+        model = build_model(cfg.model, seed=cfg.run.seed).to(
+            self.device
+        )  # init on CPU: same weights anywhere
         self.model = apply_precision(model, cfg.precision)
         self.model.train()
         self.device_type = self.device.type
@@ -154,6 +162,16 @@ class ReferenceTrainer:
         self.microbatches = cfg.parallel.microbatches
         set_balance_loss_scale(self.moe_modules, cfg.model.seq_aux_loss_alpha, 1.0 / self.microbatches)
         self.step = 0  # optimizer steps taken
+        self.data_skip = 0  # global batches skipped by loss-spike rollbacks: step s reads batch s + skip
+        self.bad_steps = BadStepPolicy(cfg.run)
+        ck = cfg.checkpoint
+        self.writer = (
+            AsyncCheckpointWriter(
+                cfg.run.dir, storage=self.outputs.storage, failure=ck.async_failure, log=log
+            )
+            if ck.async_save and ck.every
+            else None
+        )
         self.resumed_from: str | None = None  # the checkpoint this run continues
         self.last_checkpoint: str | None = None
         self._saved_step: int | None = None  # step of the newest complete checkpoint of this run
@@ -176,18 +194,29 @@ class ReferenceTrainer:
 
     def checkpoint_state(self, rng: Mapping[str, torch.Tensor] | None = None) -> dict[str, Any]:
         """The parts a checkpoint holds: model (weights and router-bias buffers), AdamW state keyed
-        by parameter name, RNG states (the live ones, or `rng` as captured earlier)."""
+        by parameter name, RNG states (the live ones, or `rng` as captured earlier). Model and
+        optimizer are keyed by full-model name, as every pipeline rank writes them, so this loop
+        reads a pipeline run's checkpoint and a pipeline run reads this loop's
+        (platform/checkpoint/reshard.py)."""
         return {
-            "model": self.model,
+            "model": ModelState(self.model),
             "optimizer": OptimizerState(self.optimizer, self.model.named_parameters()),
             "rng": RNGState() if rng is None else dict(rng),
         }
 
     def resume(self, path: str) -> None:
         """Restore the checkpoint at `path`; the next step trained is the checkpoint's step + 1."""
-        meta = load_checkpoint(path, self.checkpoint_state(), storage=self.outputs.storage)
-        check_resumable(self.cfg, meta)
+        meta, same_layout = restore_checkpoint(
+            self.cfg, path, self.checkpoint_state(), storage=self.outputs.storage
+        )
         self.step = self._saved_step = meta.step
+        self.data_skip = data_skip(meta)
+        if not same_layout:
+            world = " ".join(f"{k}={v}" for k, v in sorted(meta.world.items()))
+            self.log(
+                f"resharded: {path} was written by {meta.extra.get('schedule', 'single')} {world}; "
+                "weights and optimizer restored by name, RNG streams start from run.seed"
+            )
         self.resumed_from = self.last_checkpoint = path
         for m in self.moe_modules:
             m.reset_load()
@@ -195,27 +224,47 @@ class ReferenceTrainer:
         if meta.config_hash not in (None, config_hash(dataclasses.asdict(self.cfg))):
             self.log("note: the config differs from the one that wrote this checkpoint")
 
-    def save_checkpoint(self, rng: Mapping[str, torch.Tensor] | None = None) -> str:
+    def save_checkpoint(self, rng: Mapping[str, torch.Tensor] | None = None, *, wait: bool = False) -> str:
         """Checkpoint the state after `self.step` steps (metrics flushed first, so a resumed run
-        finds every record its checkpoint covers)."""
+        finds every record its checkpoint covers). With checkpoint.async (and not `wait`) the state
+        is snapshot now and written in the background (platform/checkpoint/async_writer.py); the
+        checkpoint is reported once complete. Returns the checkpoint's path."""
         self.outputs.flush()
         run = self.cfg.run
+        commit = {
+            "world": {"pp": 1, "dp": 1},
+            "samples_consumed": (self.step + self.data_skip) * self.cfg.data.global_batch,
+            "lr_step": self.step,
+            "config": dataclasses.asdict(self.cfg),
+            "extra": {"schedule": "single", "model": self.cfg.model.to_dict(), "data_skip": self.data_skip},
+            "keep": self.cfg.checkpoint.keep,
+        }
+        self._saved_step = self.step
+        if self.writer is not None and not wait:
+            self.writer.submit(self.step, self.checkpoint_state(rng), commit=commit)
+            return checkpoint_path(run.dir, self.step)
+        self._drain_checkpoints(wait=True)  # at most one in flight, and in step order
+        del commit["world"]
         path = save_checkpoint(
-            run.dir,
-            self.step,
-            self.checkpoint_state(rng),
-            samples_consumed=self.step * self.cfg.data.global_batch,
-            lr_step=self.step,
-            config=dataclasses.asdict(self.cfg),
-            keep=self.cfg.checkpoint.keep,
-            storage=self.outputs.storage,
+            run.dir, self.step, self.checkpoint_state(rng), storage=self.outputs.storage, **commit
         )
-        self._saved_step, self.last_checkpoint = self.step, path
-        if self.report is not None:
-            self.report.checkpointed(self.step, path)
-        else:
-            self.log(f"checkpoint at step {self.step}: {path}")
+        self._checkpointed(self.step, path)
         return path
+
+    def _checkpointed(self, step: int, path: str) -> None:
+        self.last_checkpoint = path
+        if self.report is not None:
+            self.report.checkpointed(step, path)
+        else:
+            self.log(f"checkpoint at step {step}: {path}")
+
+    def _drain_checkpoints(self, wait: bool = False) -> None:
+        """Report the background checkpoints completed so far (all of them with `wait`); a
+        background failure raises here under checkpoint.async_failure=fail."""
+        if self.writer is None:
+            return
+        for step, path in self.writer.wait() if wait else self.writer.poll():
+            self._checkpointed(step, path)
 
     # --- one step -----------------------------------------------------------------------------
     def forward_backward(self, batch: torch.Tensor, mtp_loss_weight: float | None = None) -> dict[str, float]:
@@ -268,20 +317,33 @@ class ReferenceTrainer:
         return worst_layer_load(counts)
 
     def train_step(self, batch: torch.Tensor) -> StepMetrics:
-        """One optimizer step on one global batch. A non-finite loss raises before the update, so
-        the weights stay those of the last good step."""
+        """One optimizer step on one global batch. A non-finite loss or gradient norm skips the
+        update (platform/optim/bad_steps.py): the weights, moments and router biases stay those of
+        the last good step, and the step is recorded as skipped."""
         start = time.perf_counter()
         if self.cfg.checkpoint.every:  # what a failure checkpoint restores if this step dies mid-way
             self._rng_at_step_start = rng_state_to_tensors()
         recipe = recipe_at(self.step, self.cfg)
         self._phase = "forward_backward"
         losses = self.forward_backward(batch, recipe.mtp_loss_weight)
-        if not math.isfinite(losses["loss"]):
-            raise FloatingPointError(f"loss is {losses['loss']} at step {self.step + 1}")
+        fault = injected_data_fault(self.cfg.parallel, self.step + self.data_skip)
+        if fault == "nan_grad":
+            self.params[0].grad.fill_(float("nan"))
+        elif fault == "loss_spike":
+            losses = {k: v * LOSS_SPIKE_FACTOR for k, v in losses.items()}
         self._phase = "update"
+        # clip first (a non-finite norm leaves the gradients as they are), then decide on the norm
         grad_norm = self.clip()
-        lr = self.optimizer_step()
-        load = self.balance(recipe.bias_update_speed)
+        skipped = not is_finite_step(losses["loss"], grad_norm)
+        if skipped:
+            self.optimizer.zero_grad(set_to_none=True)
+            for m in self.moe_modules:
+                m.reset_load()  # a bad step's loads must not move the router biases either
+            lr = lr_at(self.step, self.cfg.optim, self.cfg.run.steps)
+            load = ExpertLoad(layer=None, max_load=0.0, mean_load=0.0)
+        else:
+            lr = self.optimizer_step()
+            load = self.balance(recipe.bias_update_speed)
         self.step += 1
         self._phase = "idle"
         return StepMetrics(
@@ -295,6 +357,7 @@ class ReferenceTrainer:
             load_imbalance=load.max_over_mean,
             max_expert_load=load.max_load,
             mean_expert_load=load.mean_load,
+            skipped=skipped,
             **losses,
         )
 
@@ -331,14 +394,19 @@ class ReferenceTrainer:
     # --- in-memory state (tests, notebooks); files go through save_checkpoint / resume ---------
     def state_dict(self) -> dict:
         """The checkpoint parts as flat tensor dicts, plus the step count."""
-        state: dict[str, Any] = {part: obj.state_dict() for part, obj in self.checkpoint_state().items()}
+        state: dict[str, Any] = {
+            "model": {k: v.detach().clone() for k, v in self.model.state_dict().items()},
+            "optimizer": OptimizerState(self.optimizer, self.model.named_parameters()).state_dict(),
+            "rng": RNGState().state_dict(),
+        }
         state["step"] = self.step
         return state
 
     def load_state_dict(self, state: dict) -> None:
         """Restore from `state_dict()`; the next `train()` continues at the saved step."""
-        for part, obj in self.checkpoint_state().items():
-            obj.load_state_dict(state[part])
+        self.model.load_state_dict(state["model"], strict=True)
+        OptimizerState(self.optimizer, self.model.named_parameters()).load_state_dict(state["optimizer"])
+        RNGState().load_state_dict(state["rng"])
         self.step = int(state["step"])
         for m in self.moe_modules:
             m.reset_load()
@@ -401,8 +469,9 @@ class ReferenceTrainer:
         """Steps up to run.steps, each evaluated when due, recorded, and checkpointed when due."""
         cadence = Cadence.of(self.cfg)
         while self.step < self.cfg.run.steps:
+            self._drain_checkpoints()
             t0 = time.perf_counter()
-            metrics = self.train_step(self.source.batch(self.step))
+            metrics = self.train_step(self.source.batch(self.step + self.data_skip))
             metrics.step_time_s = time.perf_counter() - t0  # data time included
             self._pending = (metrics, None)
             if cadence.evaluates(self.step):
@@ -411,8 +480,33 @@ class ReferenceTrainer:
             self._pending = None
             if self._terminate:  # SIGTERM during the update: stop now that the step is whole
                 raise Terminated(self._terminate)
+            self.bad_steps.after_step(self.step, metrics.loss, metrics.skipped)
+            spike, median = self.bad_steps.is_spike(metrics.loss)
+            if spike and self._roll_back(metrics.step, metrics.loss, median):
+                continue
             if cadence.checkpoints(self.step):
                 self.save_checkpoint()
+        self._drain_checkpoints(wait=True)  # the last checkpoint is complete before the run is
+
+    def _roll_back(self, step: int, loss: float, median: float) -> bool:
+        """After a loss spike at `step`: reload the newest complete checkpoint and skip the batches
+        from it to the spike. False (and a log line) when there is no checkpoint to go back to."""
+        self._drain_checkpoints(wait=True)  # the newest checkpoint may still be in flight
+        found = list_checkpoints(self.cfg.run.dir, self.outputs.storage)
+        if not found:
+            self.log(
+                f"loss spike at step {step} ({loss:.4f} > {self.cfg.run.spike_factor} x median "
+                f"{median:.4f}), but no checkpoint to roll back to: training on"
+            )
+            return False
+        to_step, path = found[-1]
+        rollback = Rollback(step=step, loss=loss, median=median, to_step=to_step)
+        self.bad_steps.rolled_back(rollback)  # raises past run.max_rollbacks
+        skip = self.data_skip + (step - to_step)
+        self.resume(path)
+        self.data_skip = skip  # the batches of steps to_step+1..step are never trained on
+        self.report.rewind(rollback)
+        return True
 
     def _record_failure(self, err: BaseException) -> None:
         """Keep what can be kept after `err`: the completed step's record, a checkpoint when the
@@ -424,13 +518,21 @@ class ReferenceTrainer:
                 self.report.record(metrics, evaluation)
             except Exception as record_err:  # noqa: BLE001
                 self.log(f"could not record step {metrics.step}'s metrics after the failure: {record_err}")
+        if self.writer is not None:  # the checkpoint in flight completes (or fails) first
+            try:
+                self._drain_checkpoints(wait=True)
+            except Exception as write_err:  # noqa: BLE001 - reported, the original error wins
+                self.log(f"the background checkpoint failed too: {write_err}")
+                self._saved_step = None
         if self.cfg.checkpoint.every and self.step > 0 and self.step != self._saved_step:
             if self._phase == "update":
-                self.log(f"failed mid-update of step {self.step + 1}: no checkpoint written (state inconsistent)")
+                self.log(
+                    f"failed mid-update of step {self.step + 1}: no checkpoint written (state inconsistent)"
+                )
             else:
                 rng = self._rng_at_step_start if self._phase == "forward_backward" else None
                 try:
-                    self.save_checkpoint(rng=rng)
+                    self.save_checkpoint(rng=rng, wait=True)
                 except Exception as save_err:  # noqa: BLE001 - reported, the original error wins
                     self.log(f"could not write a checkpoint after the failure: {save_err}")
         self.report.fail(err)

@@ -11,8 +11,11 @@
   3. refuses a run the cluster cannot host (`cluster_check.check_cluster_fits` on
      `ray.cluster_resources()`), unless `parallel.wait_for_autoscaler`;
   4. runs a Ray Train `TorchTrainer` with pp x dp workers; every worker is the actor owning its
-     pipeline stage(s) (platform/runtime/worker.py) and a failure on any rank ends the run
-     (`FailureConfig(max_failures=0)`) with that rank's error;
+     pipeline stage(s) (platform/runtime/worker.py). A worker that dies (a lost node, SIGKILL, an
+     exception) makes Ray Train restart the whole group, up to checkpoint.max_failures times
+     (`FailureConfig`); the new group resumes from the newest complete checkpoint, recomputing the
+     steps after it (metrics.jsonl drops the records past it). Past the budget the run ends with
+     every failed rank's error;
   5. returns rank 0's summary (also in <run.dir>/summary.json) and prints it. A failed run's
      summary.json says status "failed" with the error naming every failed rank (root cause first),
      over what rank 0 recorded before it stopped.
@@ -101,7 +104,9 @@ def launch_training(cfg: TrainConfig, raw_config: dict | None = None) -> dict:
     storage_path, filesystem = _storage(cfg.run.dir)
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"cfg": cfg},
+        # A restarted worker group resumes its own newest checkpoint: `resume_point` above refused a
+        # fresh run into a run.dir holding checkpoints, so any it finds later were written by this run.
+        train_loop_config={"cfg": cfg, "restarted_resumes": cfg.checkpoint.max_failures > 0},
         scaling_config=ScalingConfig(
             num_workers=par.world_size, use_gpu=par.gpus_per_worker > 0, resources_per_worker=resources
         ),
@@ -109,7 +114,11 @@ def launch_training(cfg: TrainConfig, raw_config: dict | None = None) -> dict:
             name=f"{cfg.run.name}-{datetime.datetime.now():%Y%m%d-%H%M%S}",
             storage_path=storage_path,
             storage_filesystem=filesystem,
-            failure_config=FailureConfig(max_failures=0),
+            # After a worker dies the group restarts (up to max_failures times) and resumes from the
+            # newest COMPLETE checkpoint, found through moeforge's own manifests (any layout, S3 or
+            # local, the same rule the reference loop follows), not through ray.train.Checkpoint:
+            # reporting checkpoints to Ray would copy every shard into Ray's storage a second time.
+            failure_config=FailureConfig(max_failures=cfg.checkpoint.max_failures),
         ),
         torch_config=TorchConfig(backend=_backend(cfg), timeout_s=int(max(60.0, 2 * par.p2p_timeout_s))),
     )

@@ -12,20 +12,22 @@ Around the steps (`run_pipeline_training`, mirroring the reference loop's `train
                 with world {pp, dp} and samples_consumed (platform/checkpoint/store.py's contract).
     resume      checkpoint.resume: every rank loads its own shard of the newest complete checkpoint
                 (rank 0 picks it, the others take its step).
+    resume      (any layout wrote the checkpoint: platform/checkpoint/reshard.py)
     failure     rank 0 records what it has (metrics, summary.json with status "failed" and its
                 error); the driver (platform/runtime/launch.py) then names every failed rank in the summary.
                 No failure checkpoint: that would need every rank alive and at a common step.
+                Within checkpoint.max_failures Ray Train restarts the group, which resumes.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
 from moeforge.platform.config.cadence import Cadence
 from moeforge.platform.config.train import TrainConfig
+from moeforge.platform.optim.bad_steps import BadStepPolicy, Rollback
 from moeforge.platform.outputs.pipeline_report import PipelineReport
 from moeforge.platform.outputs.storage import open_storage
 from moeforge.platform.runtime.rank_state import PipelineRuntime
@@ -64,32 +66,51 @@ def run_pipeline_training(
     log: Callable[[str], None] = print,
     source=None,
     device: torch.device | str = "cpu",
+    restarted_resumes: bool = False,
 ) -> dict | None:
     """The whole run on one rank; rank 0 returns the summary (see platform/runtime/worker.py).
 
     `report` (Ray Train's, a barrier) is called on EVERY rank at the same steps (each log step and
     the last), with rank 0's metrics; other ranks pass an empty dict. Evaluation and checkpoints are
-    collective too: every rank takes part at the same steps."""
+    collective too: every rank takes part at the same steps. `restarted_resumes`: this run may be a
+    restarted worker group (checkpoint.max_failures), which resumes its own newest checkpoint."""
     runtime = PipelineRuntime(cfg, rank, world_size, source=source, device=device)
-    resumed = runtime.resume()
+    resumed = runtime.resume(restarted=restarted_resumes)
     reporter = _rank0_report(cfg, runtime, log, resumed) if rank == 0 else None
     cadence = Cadence.of(cfg)
+    bad_steps = BadStepPolicy(cfg.run)  # every rank sees the same global loss: all decide alike
     try:
         while runtime.step < cfg.run.steps:
+            for done, path in runtime.completed_checkpoints():  # checkpoint.async
+                if reporter is not None:
+                    reporter.checkpointed(done, path)
             step = runtime.step + 1
             metrics = runtime.train_step(gather_timeline=cfg.tracking.log_timeline and cadence.logs(step))
-            if not math.isfinite(metrics.base.loss):
-                raise FloatingPointError(f"{runtime.name}: loss is {metrics.base.loss} at step {step}")
             evaluation = runtime.evaluate() if cadence.evaluates(step) else None
             record = reporter.record_step(metrics, evaluation) if reporter is not None else {}
             if report is not None and cadence.logs(step):
                 report(record)
+            bad_steps.after_step(step, metrics.base.loss, metrics.base.skipped)
+            spike, median = bad_steps.is_spike(metrics.base.loss)
+            if spike:
+                to_step = runtime.roll_back(step)
+                if to_step is None:
+                    log(f"loss spike at step {step}, but no checkpoint to roll back to: training on")
+                else:
+                    rollback = Rollback(step=step, loss=metrics.base.loss, median=median, to_step=to_step)
+                    bad_steps.rolled_back(rollback)
+                    if reporter is not None:
+                        reporter.rewind(rollback)
+                    continue
             if cadence.checkpoints(step):
                 if reporter is not None:
                     reporter.flush()  # a resumed run finds every record its checkpoint covers
                 path = runtime.save_checkpoint()
-                if reporter is not None:
+                if reporter is not None and runtime.writer is None:
                     reporter.checkpointed(step, path)
+        for done, path in runtime.completed_checkpoints(wait=True):
+            if reporter is not None:
+                reporter.checkpointed(done, path)
         runtime.save_params(cfg.run.dir)
         dist.barrier()
     except BaseException as err:

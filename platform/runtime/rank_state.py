@@ -20,6 +20,9 @@ Train's TorchConfig, or by a test that spawns gloo processes). Per optimizer ste
 from __future__ import annotations
 
 import dataclasses
+import math
+import os
+import signal
 import time
 from dataclasses import dataclass, field
 
@@ -27,12 +30,14 @@ import torch
 import torch.distributed as dist
 from moeforge.model.accounting import estimate
 from moeforge.model.balance import ExpertLoad, worst_layer_load
-from moeforge.platform.checkpoint.resume import check_resumable, resume_point
+from moeforge.platform.checkpoint.async_writer import AsyncCheckpointWriter
+from moeforge.platform.checkpoint.reshard import ModelState, model_layout
+from moeforge.platform.checkpoint.resume import data_skip, restore_checkpoint, resume_point
 from moeforge.platform.checkpoint.state import RNGState
 from moeforge.platform.checkpoint.store import (
     checkpoint_path,
     commit_checkpoint,
-    load_checkpoint,
+    list_checkpoints,
     save_shard,
 )
 from moeforge.platform.config.train import TrainConfig
@@ -40,6 +45,7 @@ from moeforge.platform.data.microbatches import default_batch_source, inputs_and
 from moeforge.platform.moe.install import install_dispatch
 from moeforge.platform.moe.placement import expert_placement
 from moeforge.platform.moe.routing_stats import RoutingStats, routing_summary
+from moeforge.platform.optim.bad_steps import LOSS_SPIKE_FACTOR, injected_data_fault
 from moeforge.platform.optim.bias_update import collect_load_counts, set_balance_loss_scale, update_balance
 from moeforge.platform.optim.lr_schedule import lr_at
 from moeforge.platform.optim.plain_step import PlainStep
@@ -203,6 +209,14 @@ class PipelineRuntime:
             self.source = default_batch_source(cfg)
         self.flops_per_token = estimate(cfg.model).run_flops_per_token
         self.step = 0
+        self.data_skip = 0  # global batches skipped by loss-spike rollbacks: step s reads batch s + skip
+        self.resharded, self.resharded_from = False, None
+        ck = cfg.checkpoint
+        self.writer = (
+            AsyncCheckpointWriter(cfg.run.dir, failure=ck.async_failure, log=print)
+            if ck.async_save and ck.every
+            else None
+        )
         # Evaluation needs held-out data on every rank that reads tokens; middle stages follow.
         has_val = 1.0 if not self.holds_data or getattr(self.source, "has_val", False) else 0.0
         self.has_val = bool(self._all_reduce_small(torch.tensor([has_val]), dist.ReduceOp.MIN)[0] > 0)
@@ -210,8 +224,17 @@ class PipelineRuntime:
     # ---- one optimizer step -----------------------------------------------------------------------
     def _maybe_fault(self) -> None:
         fault = self.cfg.parallel.fault_injection
-        if not fault or fault["rank"] != self.rank or fault["step"] != self.step:
+        if not fault or fault.get("rank") != self.rank or fault.get("step") != self.step:
             return
+        if fault["kind"] == "sigkill":
+            # The process dies as a lost node's would: no exception, no cleanup. Once per run.dir
+            # (a marker written first), so the restarted worker group trains through this step.
+            storage = open_storage(self.cfg.run.dir)
+            marker = f"fault_injection.rank{self.rank}.step{self.step}"
+            if storage.exists(marker):
+                return
+            storage.write_text(marker, "fired\n")
+            os.kill(os.getpid(), signal.SIGKILL)
         if fault["kind"] == "raise":
             raise InjectedFault(f"{self.name}: injected fault at step {self.step} (parallel.fault_injection)")
         while True:  # "hang": never send again; the peers' p2p timeout must end the run
@@ -220,7 +243,7 @@ class PipelineRuntime:
     def _microbatches(self) -> list[MicroBatch]:
         if not self.holds_data:  # middle stages never read tokens
             return []
-        batch = self.source.batch(self.step, self.dp_rank, self.cfg.parallel.dp)
+        batch = self.source.batch(self.step + self.data_skip, self.dp_rank, self.cfg.parallel.dp)
         batch = batch.to(self.device)
         return [MicroBatch(*inputs_and_labels(t)) for t in split_microbatches(batch, self.microbatches)]
 
@@ -235,11 +258,36 @@ class PipelineRuntime:
         for p in self.tied:  # sum the first and last stage's embedding gradients
             # No loop variable keeps the gradient alive: the optimizer step consumes `grads`.
             dist.all_reduce(grads.setdefault(id(p), torch.zeros_like(p)), group=self.groups.tie)
+        fault = injected_data_fault(self.cfg.parallel, self.step + self.data_skip)
+        if fault == "nan_grad" and grads:
+            next(iter(grads.values())).fill_(float("nan"))
         lr = lr_at(self.step, self.cfg.optim, self.cfg.run.steps)
-        grad_norm = self.opt.step(grads, lr)
-        load = self._balance(recipe.bias_update_speed)
+        if self._step_is_finite(grads):
+            grad_norm = self.opt.step(grads, lr)
+            load = self._balance(recipe.bias_update_speed)
+            skipped = False
+        else:  # platform/optim/bad_steps.py: no update, on every rank alike
+            grads.clear()
+            for m in self.moe:
+                m.reset_load()
+            grad_norm, load, skipped = math.nan, ExpertLoad(layer=None, max_load=0.0, mean_load=0.0), True
         self.step += 1
-        return self._metrics(trace, lr, recipe, grad_norm, load, start, gather_timeline)
+        metrics = self._metrics(trace, lr, recipe, grad_norm, load, start, gather_timeline)
+        metrics.base.skipped = skipped
+        if fault == "loss_spike":
+            for key in ("loss", "lm_loss", "mtp_loss", "aux_loss"):
+                setattr(metrics.base, key, getattr(metrics.base, key) * LOSS_SPIKE_FACTOR)
+        return metrics
+
+    def _step_is_finite(self, grads: dict[int, torch.Tensor]) -> bool:
+        """Every rank's losses and gradients are finite (one flag, all-reduced: every rank decides
+        alike). Checked before the optimizer step, which DeepSpeed would otherwise apply in fp32/bf16
+        whatever the norm; one pass over this rank's gradients."""
+        losses, _ = self.compute.loss_values()
+        flags = [torch.tensor(math.isfinite(v["loss"])) for v in losses.values()]
+        flags += [torch.isfinite(g).all().cpu() for g in grads.values()]
+        bad = torch.tensor([0.0 if all(bool(f) for f in flags) else 1.0])
+        return float(self._all_reduce_small(bad, dist.ReduceOp.MAX)[0]) == 0.0
 
     def _balance(self, gamma: float) -> ExpertLoad:
         """Sum this step's expert loads over every rank holding each layer, update the router biases
@@ -379,45 +427,103 @@ class PipelineRuntime:
     # ---- checkpoints ------------------------------------------------------------------------------
     def checkpoint_state(self) -> dict:
         """This rank's checkpoint parts: its stage modules (weights and router-bias buffers, full-model
-        names), its optimizer state (platform/optim/zero_step.py) and its RNG states."""
-        return {"model": self.module, "optimizer": self.opt.state(), "rng": RNGState()}
+        names, routed experts as this EP rank's rows of the whole layer), its optimizer state by
+        parameter name (platform/optim/zero_step.py) and its RNG states. Model and optimizer are
+        pieces of the whole model's tensors, so any layout can resume them
+        (platform/checkpoint/reshard.py)."""
+        if self.placement is None:
+            layout = model_layout(self.module)
+        else:
+            layout = model_layout(self.module, self.placement.n_experts, self.placement.first_local_expert)
+        return {
+            "model": ModelState(self.module, layout),
+            "optimizer": self.opt.state(layout),
+            "rng": RNGState(),
+        }
 
     def save_checkpoint(self) -> str:
         """Every rank: write this rank's shard of the checkpoint of `self.step`; barrier; rank 0
-        commits it (meta.json, COMPLETE, pruning). Returns the checkpoint's path."""
+        commits it (meta.json, COMPLETE, pruning). With checkpoint.async every rank snapshots its
+        state and writes it in the background instead, and rank 0's writer commits once every
+        shard's manifest is on storage (no barrier: platform/checkpoint/async_writer.py). Returns
+        the checkpoint's path."""
         cfg = self.cfg
-        path = save_shard(cfg.run.dir, self.step, self.checkpoint_state(), shard=(self.pp_rank, self.dp_rank))
+        commit = {
+            "world": {"pp": self.topo.pp, "dp": self.topo.dp, "ep": self.topo.ep},
+            "samples_consumed": (self.step + self.data_skip) * cfg.data.global_batch,
+            "lr_step": self.step,
+            "config": dataclasses.asdict(cfg),
+            "extra": {
+                "schedule": cfg.parallel.schedule,
+                "zero_stage": cfg.parallel.zero_stage,
+                "model": cfg.model.to_dict(),
+                "data_skip": self.data_skip,
+            },
+            "keep": cfg.checkpoint.keep,
+        }
+        shard = (self.pp_rank, self.dp_rank)
+        if self.writer is not None:
+            self.writer.submit(
+                self.step, self.checkpoint_state(), shard=shard, commit=commit if self.rank == 0 else None
+            )
+            return checkpoint_path(cfg.run.dir, self.step)
+        path = save_shard(cfg.run.dir, self.step, self.checkpoint_state(), shard=shard)
         dist.barrier()  # every shard is written before rank 0 checks them
         if self.rank == 0:
-            path = commit_checkpoint(
-                cfg.run.dir,
-                self.step,
-                world={"pp": self.topo.pp, "dp": self.topo.dp, "ep": self.topo.ep},
-                samples_consumed=self.step * cfg.data.global_batch,
-                lr_step=self.step,
-                config=dataclasses.asdict(cfg),
-                extra={"schedule": cfg.parallel.schedule, "zero_stage": cfg.parallel.zero_stage},
-                keep=cfg.checkpoint.keep,
-            )
+            path = commit_checkpoint(cfg.run.dir, self.step, **commit)
         return path
 
-    def resume(self) -> str | None:
-        """With checkpoint.resume, restore this rank's shard of the newest complete checkpoint (rank 0
-        picks it; every rank takes that step). Returns its path, or None for a fresh start."""
+    def completed_checkpoints(self, wait: bool = False) -> list[tuple[int, str]]:
+        """Background checkpoints completed since the last call (all in flight, with `wait`); a
+        background failure raises here under checkpoint.async_failure=fail. Empty when writes are
+        synchronous."""
+        if self.writer is None:
+            return []
+        return self.writer.wait() if wait else self.writer.poll()
+
+    def resume(self, restarted: bool = False) -> str | None:
+        """With checkpoint.resume (or after a restart, see `resume_point`), restore this rank's part
+        of the newest complete checkpoint, whatever layout wrote it (rank 0 picks it; every rank takes
+        that step). Returns its path, or None for a fresh start."""
         mine = torch.zeros(1, dtype=torch.float64)  # rank 0's choice, summed over the world
         if self.rank == 0:
-            found = resume_point(self.cfg)
+            found = resume_point(self.cfg, restarted=restarted)
             mine[0] = -1 if found is None else found
         step = int(self._all_reduce_small(mine)[0])
         if step < 0:
             return None
         path = checkpoint_path(self.cfg.run.dir, step)
-        meta = load_checkpoint(path, self.checkpoint_state(), shard=(self.pp_rank, self.dp_rank))
-        check_resumable(self.cfg, meta)
-        self.step = meta.step
+        self.load(path)
+        return path
+
+    def roll_back(self, spike_step: int) -> int | None:
+        """After a loss spike at `spike_step` (every rank): reload the newest complete checkpoint
+        (rank 0 picks it) and skip the batches from it to the spike. Returns the checkpoint's step,
+        or None when there is none (nothing is changed)."""
+        self.completed_checkpoints(wait=True)  # every rank: the newest checkpoint may be in flight
+        mine = torch.zeros(1, dtype=torch.float64)
+        if self.rank == 0:
+            found = list_checkpoints(self.cfg.run.dir)
+            mine[0] = found[-1][0] if found else -1
+        step = int(self._all_reduce_small(mine)[0])
+        if step < 0:
+            return None
+        skip = self.data_skip + (spike_step - step)
+        self.load(checkpoint_path(self.cfg.run.dir, step))
+        self.data_skip = skip  # the batches of steps step+1..spike_step are never trained on
+        return step
+
+    def load(self, path: str) -> None:
+        """Restore the checkpoint at `path` into this rank (any layout wrote it); the next step
+        trained is its step + 1, on the batch after its data position."""
+        meta, self.resharded = restore_checkpoint(
+            self.cfg, path, self.checkpoint_state(), shard=(self.pp_rank, self.dp_rank)
+        )
+        self.step, self.data_skip = meta.step, data_skip(meta)
+        self.resharded_from = None if not self.resharded else meta.world
         for m in self.moe:
             m.reset_load()
-        return path
+        self.routing.reset()
 
     # ---- outputs ----------------------------------------------------------------------------------
     def save_params(self, run_dir: str) -> str | None:

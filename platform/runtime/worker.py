@@ -98,4 +98,12 @@ def train_loop_per_worker(config: dict) -> None:
         sys.stdout.write(f"[rank {rank}] {line}\n")
         sys.stdout.flush()
 
-    run_pipeline_training(cfg, rank, world_size, report=report, log=log, device=device)
+    run_pipeline_training(
+        cfg,
+        rank,
+        world_size,
+        report=report,
+        log=log,
+        device=device,
+        restarted_resumes=bool(config.get("restarted_resumes", False)),
+    )
