@@ -6,6 +6,10 @@ which we stack into `RoutedExperts`; MTP modules at layer indices >= num_hidden_
 (`model.layers.61.enorm/hnorm/eh_proj/shared_head.norm` plus the usual block keys; the copies of the
 shared embedding and head stored there are written on save and ignored on load). FP8 e4m3 weights
 with a `weight_scale_inv` of 128x128 block scales (the published checkpoint) are dequantised on load.
+
+Writing is two steps so a caller can transform tensors in between (platform/checkpoint/export.py
+quantises to FP8 there): `hf_state_tensors(model)` gives {checkpoint key: tensor}, and
+`write_hf_directory(tensors, config, path)` writes config.json and the safetensors files.
 """
 
 from __future__ import annotations
@@ -22,7 +26,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 _EXPERT_PARAM = re.compile(r"mlp\.experts\.(gate_proj|up_proj|down_proj)$")
-_FP32_KEYS = ("gate.weight", "gate.e_score_correction_bias")  # the router stays fp32, as published
+# The router stays fp32 (the published checkpoint has gate.weight in bf16, e_score_correction_bias fp32;
+# we keep both fp32 since top-k routing decisions are sensitive to their rounding).
+_FP32_KEYS = ("gate.weight", "gate.e_score_correction_bias")
 # moeforge-only training knobs, written into config.json so they survive a round trip
 _TRAINING_KEYS = ("bias_update_speed", "seq_aux_loss_alpha", "mtp_loss_weight", "seq_len", "moe_layer_freq")
 
@@ -164,7 +170,7 @@ def load_hf_checkpoint(
             tensor = torch.stack([reader.get(k, ref.shape[1:]) for k in keys])
         else:
             tensor = reader.get(keys, ref.shape)
-        state[name] = tensor.to(torch.float32 if name.endswith(_FP32_KEYS) else dtype)
+        state[name] = tensor.to(torch.float32 if keeps_fp32(name) else dtype)
     model.load_state_dict(state, strict=True, assign=True)
     for moe in model.moe_layers():
         moe.reset_load()  # non-persistent buffer, still on meta after assign
@@ -201,21 +207,22 @@ def hf_config_dict(cfg: ModelConfig) -> dict:
     return out
 
 
-def save_hf_checkpoint(
-    model: Transformer,
-    path: str | Path,
-    *,
-    dtype: torch.dtype | None = None,
-    max_shard_bytes: int | None = None,
-) -> None:
-    """Write `model` as a Hugging Face DeepSeek-V3 checkpoint directory (per-expert keys, MTP layers at
-    index >= num_hidden_layers). Sharded with an index when max_shard_bytes is given."""
+def keeps_fp32(name: str) -> bool:
+    """True for the router's weight and bias (a moeforge or a checkpoint name): they stay fp32
+    whatever dtype the rest is written or loaded in."""
+    return name.endswith(_FP32_KEYS)
+
+
+def hf_state_tensors(model: Transformer, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """The model's tensors under the published checkpoint keys, each its own contiguous CPU tensor.
+
+    Stacked routed experts are split per expert; MTP depth d is layer num_hidden_layers + d, with the
+    copies of the shared embedding and head that the published checkpoint stores there. dtype casts
+    every tensor but the router (`keeps_fp32`); None keeps the model's dtypes."""
     cfg = model.cfg
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
     tensors: dict[str, torch.Tensor] = {}
     for name, t in model.state_dict().items():
-        if dtype is not None and not name.endswith(_FP32_KEYS):
+        if dtype is not None and not keeps_fp32(name):
             t = t.to(dtype)
         keys = hf_keys(name, cfg)
         for key, part in zip(keys, t) if isinstance(keys, list) else [(keys, t)]:
@@ -224,15 +231,26 @@ def save_hf_checkpoint(
         tensors[f"model.layers.{layer}.embed_tokens.weight"] = tensors["model.embed_tokens.weight"]
         tensors[f"model.layers.{layer}.shared_head.head.weight"] = tensors["lm_head.weight"]
     # safetensors refuses views into one storage (stacked experts, the MTP copies): give each its own
-    tensors = {k: v.detach().to("cpu").clone().contiguous() for k, v in tensors.items()}
+    return {k: v.detach().to("cpu").clone().contiguous() for k, v in tensors.items()}
 
-    config = hf_config_dict(cfg)
-    if dtype is not None:
-        config["torch_dtype"] = str(dtype).removeprefix("torch.")
+
+def write_hf_directory(
+    tensors: dict[str, torch.Tensor],
+    config: dict,
+    path: str | Path,
+    max_shard_bytes: int | None = None,
+) -> list[str]:
+    """Write config.json and the tensors into `path` (created if needed): one model.safetensors, or,
+    with max_shard_bytes, shards `model-0000i-of-0000n.safetensors` of at most that many bytes each
+    (a single larger tensor gets a shard of its own) plus model.safetensors.index.json.
+
+    Tensors are written in the order given. Returns the safetensors file names written."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
     (path / "config.json").write_text(json.dumps(config, indent=2))
     if max_shard_bytes is None:
         save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
-        return
+        return ["model.safetensors"]
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
     for key, t in tensors.items():
@@ -243,10 +261,28 @@ def save_hf_checkpoint(
         shards[-1][key] = t
         size += nbytes
     weight_map = {}
+    names = []
     for i, shard in enumerate(shards, start=1):
         fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
         save_file(shard, path / fname, metadata={"format": "pt"})
         weight_map.update(dict.fromkeys(shard, fname))
+        names.append(fname)
     total = sum(t.numel() * t.element_size() for t in tensors.values())
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (path / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    return names
+
+
+def save_hf_checkpoint(
+    model: Transformer,
+    path: str | Path,
+    *,
+    dtype: torch.dtype | None = None,
+    max_shard_bytes: int | None = None,
+) -> None:
+    """Write `model` as a Hugging Face DeepSeek-V3 checkpoint directory (per-expert keys, MTP layers at
+    index >= num_hidden_layers). Sharded with an index when max_shard_bytes is given."""
+    config = hf_config_dict(model.cfg)
+    if dtype is not None:
+        config["torch_dtype"] = str(dtype).removeprefix("torch.")
+    write_hf_directory(hf_state_tensors(model, dtype), config, path, max_shard_bytes)
