@@ -3,6 +3,7 @@
     moeforge-bench kernels [hydra overrides]       # FP8 kernels, activation memory (conf/bench_kernels.yaml)
     moeforge-bench ep [hydra overrides]            # EP dispatch/combine all-to-all (conf/bench_ep.yaml)
     moeforge-bench overlap [hydra overrides]       # DualPipe's overlapped F&B vs torch (conf/bench_overlap.yaml)
+    moeforge-bench checkpoint [hydra overrides]    # step-time cost of sync vs async checkpoints (conf/bench_checkpoint.yaml)
 
 Each suite is a Hydra config `conf/bench_<suite>.yaml` (composed with Hydra's compose API from the
 `moeforge.conf` package) and a function `module:function` that takes the composed config as a plain
@@ -26,6 +27,7 @@ SUITES: dict[str, str] = {
     "pipeline": "moeforge.platform.bench.pipeline:run_job",
     "ep": "moeforge.platform.bench.ep:run_job",
     "overlap": "moeforge.platform.bench.overlap:run_job",
+    "checkpoint": "moeforge.platform.bench.checkpoint:run_job",
 }
 
 
