@@ -77,6 +77,12 @@ def run_pipeline_training(
     runtime = PipelineRuntime(cfg, rank, world_size, source=source, device=device)
     resumed = runtime.resume(restarted=restarted_resumes)
     reporter = _rank0_report(cfg, runtime, log, resumed) if rank == 0 else None
+    if reporter is not None and runtime.resharded:
+        world = " ".join(f"{k}={v}" for k, v in sorted(runtime.resharded_from.items()))
+        log(
+            f"resharded: {resumed} was written by {world}; weights and optimizer restored by name, "
+            "RNG streams start from run.seed"
+        )
     cadence = Cadence.of(cfg)
     bad_steps = BadStepPolicy(cfg.run)  # every rank sees the same global loss: all decide alike
     try:

@@ -516,11 +516,14 @@ class PipelineRuntime:
     def load(self, path: str) -> None:
         """Restore the checkpoint at `path` into this rank (any layout wrote it); the next step
         trained is its step + 1, on the batch after its data position."""
-        meta, self.resharded = restore_checkpoint(
+        meta, same_layout = restore_checkpoint(
             self.cfg, path, self.checkpoint_state(), shard=(self.pp_rank, self.dp_rank)
         )
         self.step, self.data_skip = meta.step, data_skip(meta)
-        self.resharded_from = None if not self.resharded else meta.world
+        self.resharded = not same_layout
+        self.resharded_from = (
+            {"schedule": meta.extra.get("schedule", "single"), **meta.world} if self.resharded else None
+        )
         for m in self.moe:
             m.reset_load()
         self.routing.reset()
