@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 from moeforge.model.config import ModelConfig
+from moeforge.model.mla import LatentCache
 from moeforge.model.norm import RMSNorm
 from torch import nn
 
@@ -31,7 +32,16 @@ class MTPModule(nn.Module):
         self.block = Block(cfg, layer_id)
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, h_prev: torch.Tensor, next_emb: torch.Tensor) -> torch.Tensor:
-        """h_prev, next_emb [b, s, hidden] -> this depth's hidden state [b, s, hidden] (before `norm`)."""
+    def forward(
+        self,
+        h_prev: torch.Tensor,
+        next_emb: torch.Tensor,
+        start_pos: int = 0,
+        cache: LatentCache | None = None,
+    ) -> torch.Tensor:
+        """h_prev, next_emb [b, s, hidden] -> this depth's hidden state [b, s, hidden] (before `norm`).
+
+        `start_pos`/`cache` as in Block: with this depth's own LatentCache the block attends, absorbed,
+        over the positions cached earlier (speculative drafting, platform/inference)."""
         x = torch.cat((self.enorm(next_emb), self.hnorm(h_prev)), dim=-1)  # [b, s, 2 * hidden]
-        return self.block(self.eh_proj(x))
+        return self.block(self.eh_proj(x), start_pos, cache)

@@ -164,10 +164,18 @@ class Transformer(nn.Module):
     ) -> torch.Tensor:
         """Prefill or decode: input_ids [b, s] at positions start_pos.. -> logits [b, s, vocab].
         Attention runs in the absorbed form over the cached latents; MTP is not used."""
+        return self.logits(self.hidden_cached(input_ids, cache, start_pos))
+
+    @torch.no_grad()
+    def hidden_cached(
+        self, input_ids: torch.Tensor, cache: list[LatentCache], start_pos: int = 0
+    ) -> torch.Tensor:
+        """As `forward_cached`, but returns the last block output h [b, s, hidden] (before the final
+        norm): `logits(h)` gives the logits, and h is what MTP depth 1 reads when drafting."""
         h = self.embed_tokens(input_ids)
         for block, layer_cache in zip(self.layers, cache):
             h = block(h, start_pos, layer_cache)
-        return self.logits(h)
+        return h
 
     # --- MoE bookkeeping ---------------------------------------------------------------------------------------
     def moe_layers(self) -> list[MoE]:
