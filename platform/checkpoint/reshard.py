@@ -160,8 +160,7 @@ class CheckpointReader:
                 )
             piece = max(covering, key=lambda p: p.stop)
             end = min(stop, piece.stop)
-            flat = self._file(piece.shard).get_tensor(piece.key).reshape(-1)  # [piece elements]
-            chunk = flat[pos - piece.offset : end - piece.offset]
+            chunk = self._piece_run(piece, pos - piece.offset, end - piece.offset)
             if out is None:
                 out = torch.empty(stop - start, dtype=chunk.dtype)
             out[pos - start : end - start] = chunk
@@ -170,6 +169,19 @@ class CheckpointReader:
             first = pieces[0]
             return self._file(first.shard).get_tensor(first.key).reshape(-1)[:0].clone()
         return out
+
+    def _piece_run(self, piece, lo: int, hi: int) -> torch.Tensor:
+        """Elements [lo, hi) of one piece's flattened local tensor, reading from disk only the rows
+        that hold them: a rank that takes a few experts' rows of a stacked weight, or one ZeRO
+        partition's run of a moment, does not read the whole piece."""
+        view = self._file(piece.shard).get_slice(piece.key)
+        shape = view.get_shape()
+        row = math.prod(shape[1:]) if shape else 0
+        if row == 0:  # a scalar or an empty tensor: nothing to save by slicing
+            return self._file(piece.shard).get_tensor(piece.key).reshape(-1)[lo:hi]
+        first, last = lo // row, -(-hi // row)  # rows [first, last) cover elements [lo, hi)
+        rows = view[first:last].reshape(-1)  # [(last - first) * row]
+        return rows[lo - first * row : hi - first * row]
 
     def read_whole(self, key: str) -> torch.Tensor:
         """The whole tensor `key`, in its global shape."""

@@ -8,6 +8,7 @@ optimizer by name; the RNG states only into the layout that wrote them (they are
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
@@ -67,6 +68,27 @@ def layout_of(cfg: TrainConfig) -> dict[str, Any]:
 def same_layout(cfg: TrainConfig, meta: CheckpointMeta) -> bool:
     written = {"ep": 1, **meta.world, "schedule": meta.extra.get("schedule", "single")}
     return {k: written.get(k) for k in layout_of(cfg)} == layout_of(cfg)
+
+
+def checkpoint_commit(
+    cfg: TrainConfig, step: int, data_skip: int, world: Mapping[str, int], schedule: str
+) -> dict[str, Any]:
+    """commit_checkpoint's keyword arguments for the checkpoint after `step` steps, the same for
+    both loops: `world` and `schedule` name the layout that writes it ({"pp": 1, "dp": 1} and
+    "single" for the one-process loop; the pipeline's also records its ZeRO stage); `data_skip` is
+    the batches rollbacks skipped, so samples_consumed is the data position a resume continues
+    from."""
+    extra: dict[str, Any] = {"schedule": schedule, "model": cfg.model.to_dict(), "data_skip": data_skip}
+    if schedule != "single":
+        extra["zero_stage"] = cfg.parallel.zero_stage
+    return {
+        "world": dict(world),
+        "samples_consumed": (step + data_skip) * cfg.data.global_batch,
+        "lr_step": step,
+        "config": dataclasses.asdict(cfg),
+        "extra": extra,
+        "keep": cfg.checkpoint.keep,
+    }
 
 
 def restore_checkpoint(

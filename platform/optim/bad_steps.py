@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 import statistics
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
 
@@ -82,6 +83,33 @@ class BadStepPolicy:
                 return True, median
         self.recent.append(loss)
         return False, math.nan
+
+    def roll_back(
+        self,
+        step: int,
+        loss: float,
+        median: float,
+        restore_newest: Callable[[int], int | None],
+        log: Callable[[str], None],
+    ) -> Rollback | None:
+        """The one rollback flow of both loops, after a spike at `step` judged by `median`.
+
+        `restore_newest(step)` is the loop's own part: wait for any checkpoint in flight, reload the
+        newest complete one and skip the batches from it to the spike; it returns that checkpoint's
+        step, or None (changing nothing) when there is none. Returns the Rollback, recorded (and
+        BadStepError past run.max_rollbacks, raised after the reload so that a failure checkpoint
+        can never hold the spiked state), or None with a log line when there was nothing to go
+        back to."""
+        to_step = restore_newest(step)
+        if to_step is None:
+            log(
+                f"loss spike at step {step} ({loss:.4f} > {self.cfg.spike_factor} x median "
+                f"{median:.4f}), but no checkpoint to roll back to: training on"
+            )
+            return None
+        rollback = Rollback(step=step, loss=loss, median=median, to_step=to_step)
+        self.rolled_back(rollback)
+        return rollback
 
     def rolled_back(self, rollback: Rollback) -> None:
         """Record a rollback; raise BadStepError past run.max_rollbacks."""

@@ -58,7 +58,12 @@ from moeforge.model.config import ConfigError
 from moeforge.model.transformer import build_model
 from moeforge.platform.checkpoint.async_writer import AsyncCheckpointWriter
 from moeforge.platform.checkpoint.reshard import ModelState
-from moeforge.platform.checkpoint.resume import data_skip, restore_checkpoint, resume_point
+from moeforge.platform.checkpoint.resume import (
+    checkpoint_commit,
+    data_skip,
+    restore_checkpoint,
+    resume_point,
+)
 from moeforge.platform.checkpoint.state import (
     OptimizerState,
     RNGState,
@@ -77,7 +82,6 @@ from moeforge.platform.optim.adamw import build_adamw, clip_grads_with_norm_, gl
 from moeforge.platform.optim.bad_steps import (
     LOSS_SPIKE_FACTOR,
     BadStepPolicy,
-    Rollback,
     injected_data_fault,
     is_finite_step,
 )
@@ -231,14 +235,9 @@ class ReferenceTrainer:
         checkpoint is reported once complete. Returns the checkpoint's path."""
         self.outputs.flush()
         run = self.cfg.run
-        commit = {
-            "world": {"pp": 1, "dp": 1},
-            "samples_consumed": (self.step + self.data_skip) * self.cfg.data.global_batch,
-            "lr_step": self.step,
-            "config": dataclasses.asdict(self.cfg),
-            "extra": {"schedule": "single", "model": self.cfg.model.to_dict(), "data_skip": self.data_skip},
-            "keep": self.cfg.checkpoint.keep,
-        }
+        commit = checkpoint_commit(
+            self.cfg, self.step, self.data_skip, world={"pp": 1, "dp": 1}, schedule="single"
+        )
         self._saved_step = self.step
         if self.writer is not None and not wait:
             self.writer.submit(self.step, self.checkpoint_state(rng), commit=commit)
@@ -482,31 +481,30 @@ class ReferenceTrainer:
                 raise Terminated(self._terminate)
             self.bad_steps.after_step(self.step, metrics.loss, metrics.skipped)
             spike, median = self.bad_steps.is_spike(metrics.loss)
-            if spike and self._roll_back(metrics.step, metrics.loss, median):
-                continue
+            if spike:
+                rollback = self.bad_steps.roll_back(
+                    metrics.step, metrics.loss, median, self._restore_newest, self.log
+                )
+                if rollback is not None:
+                    self.report.rewind(rollback)
+                    continue
             if cadence.checkpoints(self.step):
                 self.save_checkpoint()
         self._drain_checkpoints(wait=True)  # the last checkpoint is complete before the run is
 
-    def _roll_back(self, step: int, loss: float, median: float) -> bool:
-        """After a loss spike at `step`: reload the newest complete checkpoint and skip the batches
-        from it to the spike. False (and a log line) when there is no checkpoint to go back to."""
+    def _restore_newest(self, spike_step: int) -> int | None:
+        """Rollback's part of this loop (BadStepPolicy.roll_back): reload the newest complete
+        checkpoint and skip the batches from it to the spike. Returns its step, or None when there is
+        no checkpoint (nothing is changed)."""
         self._drain_checkpoints(wait=True)  # the newest checkpoint may still be in flight
         found = list_checkpoints(self.cfg.run.dir, self.outputs.storage)
         if not found:
-            self.log(
-                f"loss spike at step {step} ({loss:.4f} > {self.cfg.run.spike_factor} x median "
-                f"{median:.4f}), but no checkpoint to roll back to: training on"
-            )
-            return False
+            return None
         to_step, path = found[-1]
-        rollback = Rollback(step=step, loss=loss, median=median, to_step=to_step)
-        self.bad_steps.rolled_back(rollback)  # raises past run.max_rollbacks
-        skip = self.data_skip + (step - to_step)
+        skip = self.data_skip + (spike_step - to_step)
         self.resume(path)
-        self.data_skip = skip  # the batches of steps to_step+1..step are never trained on
-        self.report.rewind(rollback)
-        return True
+        self.data_skip = skip  # the batches of steps to_step+1..spike_step are never trained on
+        return to_step
 
     def _record_failure(self, err: BaseException) -> None:
         """Keep what can be kept after `err`: the completed step's record, a checkpoint when the

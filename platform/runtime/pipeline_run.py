@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 from moeforge.platform.config.cadence import Cadence
 from moeforge.platform.config.train import TrainConfig
-from moeforge.platform.optim.bad_steps import BadStepPolicy, Rollback
+from moeforge.platform.optim.bad_steps import BadStepPolicy
 from moeforge.platform.outputs.pipeline_report import PipelineReport
 from moeforge.platform.outputs.storage import open_storage
 from moeforge.platform.runtime.rank_state import PipelineRuntime
@@ -74,7 +74,7 @@ def run_pipeline_training(
     the last), with rank 0's metrics; other ranks pass an empty dict. Evaluation and checkpoints are
     collective too: every rank takes part at the same steps. `restarted_resumes`: this run may be a
     restarted worker group (checkpoint.max_failures), which resumes its own newest checkpoint."""
-    runtime = PipelineRuntime(cfg, rank, world_size, source=source, device=device)
+    runtime = PipelineRuntime(cfg, rank, world_size, source=source, device=device, log=log)
     resumed = runtime.resume(restarted=restarted_resumes)
     reporter = _rank0_report(cfg, runtime, log, resumed) if rank == 0 else None
     if reporter is not None and runtime.resharded:
@@ -99,12 +99,8 @@ def run_pipeline_training(
             bad_steps.after_step(step, metrics.base.loss, metrics.base.skipped)
             spike, median = bad_steps.is_spike(metrics.base.loss)
             if spike:
-                to_step = runtime.roll_back(step)
-                if to_step is None:
-                    log(f"loss spike at step {step}, but no checkpoint to roll back to: training on")
-                else:
-                    rollback = Rollback(step=step, loss=metrics.base.loss, median=median, to_step=to_step)
-                    bad_steps.rolled_back(rollback)
+                rollback = bad_steps.roll_back(step, metrics.base.loss, median, runtime.roll_back, log)
+                if rollback is not None:
                     if reporter is not None:
                         reporter.rewind(rollback)
                     continue

@@ -19,11 +19,11 @@ Train's TorchConfig, or by a test that spawns gloo processes). Per optimizer ste
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -32,7 +32,12 @@ from moeforge.model.accounting import estimate
 from moeforge.model.balance import ExpertLoad, worst_layer_load
 from moeforge.platform.checkpoint.async_writer import AsyncCheckpointWriter
 from moeforge.platform.checkpoint.reshard import ModelState, model_layout
-from moeforge.platform.checkpoint.resume import data_skip, restore_checkpoint, resume_point
+from moeforge.platform.checkpoint.resume import (
+    checkpoint_commit,
+    data_skip,
+    restore_checkpoint,
+    resume_point,
+)
 from moeforge.platform.checkpoint.state import RNGState
 from moeforge.platform.checkpoint.store import (
     checkpoint_path,
@@ -98,7 +103,13 @@ class PipelineRuntime:
     """Everything one rank holds: its stage chunks, executor, optimizer and data view."""
 
     def __init__(
-        self, cfg: TrainConfig, rank: int, world_size: int, source=None, device: torch.device | str = "cpu"
+        self,
+        cfg: TrainConfig,
+        rank: int,
+        world_size: int,
+        source=None,
+        device: torch.device | str = "cpu",
+        log: Callable[[str], None] = print,
     ) -> None:
         par = cfg.parallel
         self.cfg, self.rank = cfg, rank
@@ -213,7 +224,7 @@ class PipelineRuntime:
         self.resharded, self.resharded_from = False, None
         ck = cfg.checkpoint
         self.writer = (
-            AsyncCheckpointWriter(cfg.run.dir, failure=ck.async_failure, log=print)
+            AsyncCheckpointWriter(cfg.run.dir, failure=ck.async_failure, log=log)  # the run log
             if ck.async_save and ck.every
             else None
         )
@@ -448,19 +459,8 @@ class PipelineRuntime:
         shard's manifest is on storage (no barrier: platform/checkpoint/async_writer.py). Returns
         the checkpoint's path."""
         cfg = self.cfg
-        commit = {
-            "world": {"pp": self.topo.pp, "dp": self.topo.dp, "ep": self.topo.ep},
-            "samples_consumed": (self.step + self.data_skip) * cfg.data.global_batch,
-            "lr_step": self.step,
-            "config": dataclasses.asdict(cfg),
-            "extra": {
-                "schedule": cfg.parallel.schedule,
-                "zero_stage": cfg.parallel.zero_stage,
-                "model": cfg.model.to_dict(),
-                "data_skip": self.data_skip,
-            },
-            "keep": cfg.checkpoint.keep,
-        }
+        world = {"pp": self.topo.pp, "dp": self.topo.dp, "ep": self.topo.ep}
+        commit = checkpoint_commit(cfg, self.step, self.data_skip, world, cfg.parallel.schedule)
         shard = (self.pp_rank, self.dp_rank)
         if self.writer is not None:
             self.writer.submit(
