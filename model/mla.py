@@ -9,6 +9,12 @@ through their own low-rank latent (q_lora_rank). Two equivalent ways to attend:
 * absorbed (inference) path: the cache holds only c_kv and k_rope; kv_b_proj's key half is folded
   into the query and its value half into the output, so per-head keys/values are never materialised.
   This is what makes MLA's KV cache kv_lora_rank + qk_rope_head_dim wide per token.
+
+The cached path takes the chunk's start position either as one int for the whole batch (one RoPE
+offset, one contiguous cache write, one causal mask) or as a LongTensor [b] of per-row starts, so rows
+at different positions (ragged prompts, rows that accepted different numbers of speculative drafts)
+share one forward: row i's tokens sit at positions start[i] .. start[i]+s-1, are written there in its
+cache row, and a query at absolute position p attends that row's cache entries <= p.
 """
 
 from __future__ import annotations
@@ -83,27 +89,35 @@ class MLA(nn.Module):
             q = self.q_b_proj(self.q_a_layernorm(q))
         q = q.unflatten(-1, (self.n_heads, self.qk_dim))  # [b, s, h, qk]
         q_nope, q_rope = q.split([self.nope_dim, self.rope_dim], dim=-1)
-        return q_nope, apply_rotary(q_rope, cos, sin)
+        return q_nope, _rotate(q_rope, cos, sin)
 
     def _latent(
         self, kv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """From kv_a(x) [b, s, r + rope]: (normed latent [b, s, kv_lora_rank], rotated shared key [b, s, rope])."""
         latent, k_rope = kv.split([self.kv_lora_rank, self.rope_dim], dim=-1)
-        k_rope = apply_rotary(k_rope.unsqueeze(2), cos, sin).squeeze(2)  # [b, s, 1, rope] -> [b, s, rope]
+        k_rope = _rotate(k_rope.unsqueeze(2), cos, sin).squeeze(2)  # [b, s, 1, rope] -> [b, s, rope]
         return self.kv_a_layernorm(latent), k_rope
 
     # --- forward -------------------------------------------------------------------------------------
-    def forward(self, x: torch.Tensor, start_pos: int = 0, cache: LatentCache | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, start_pos: int | torch.Tensor = 0, cache: LatentCache | None = None
+    ) -> torch.Tensor:
         """x [b, s, hidden] at positions start_pos..start_pos+s-1 -> [b, s, hidden].
 
-        Without a cache: the training path over positions 0..s-1 (start_pos must be 0).
-        With a cache: writes this chunk's latent into it and attends, absorbed, over all cached
-        positions < start_pos + s (prefill and incremental decoding).
+        Without a cache: the training path over positions 0..s-1 (start_pos must be the int 0).
+        With a cache: writes this chunk's latent into it and attends, absorbed, over the cached
+        positions <= each query's position (prefill and incremental decoding). `start_pos` is one int
+        for the whole batch, or a LongTensor [b] of per-row start positions (see the module docstring).
         """
         b, s, _ = x.shape
-        cos, sin = self.rotary(start_pos, s, x.device)
         q, kv = self._project_input(x)
+        if isinstance(start_pos, torch.Tensor):
+            if cache is None:
+                raise ValueError("MLA: per-row start positions need a LatentCache")
+            out = self._cached_per_row(q, kv, start_pos, cache)
+            return self.o_proj(out.flatten(2))  # [b, s, h * v] -> [b, s, hidden]
+        cos, sin = self.rotary(start_pos, s, x.device)
         if cache is None:
             if start_pos != 0:
                 raise ValueError("MLA: start_pos > 0 needs a LatentCache holding the earlier positions")
@@ -112,14 +126,43 @@ class MLA(nn.Module):
             q_nope, q_rope = self._queries(q, cos, sin)
             latent, k_rope = self._latent(kv, cos, sin)
             end = start_pos + s
-            if end > cache.latent.shape[1]:
-                raise ValueError(f"MLA: position {end} exceeds the cache length {cache.latent.shape[1]}")
+            if start_pos < 0 or end > cache.latent.shape[1]:
+                raise ValueError(
+                    f"MLA: positions {start_pos}..{end - 1} are outside the cache length {cache.latent.shape[1]}"
+                )
             cache.latent[:b, start_pos:end] = latent.to(cache.latent.dtype)
             cache.k_rope[:b, start_pos:end] = k_rope.to(cache.k_rope.dtype)
+            query_pos = torch.arange(start_pos, end, device=x.device)[None]  # [1, s]: the same for every row
             out = self._attend_absorbed(
-                q_nope, q_rope, cache.latent[:b, :end], cache.k_rope[:b, :end], start_pos
+                q_nope, q_rope, cache.latent[:b, :end], cache.k_rope[:b, :end], query_pos
             )
         return self.o_proj(out.flatten(2))  # [b, s, h * v] -> [b, s, hidden]
+
+    def _cached_per_row(
+        self, q: torch.Tensor, kv: torch.Tensor, start_pos: torch.Tensor, cache: LatentCache
+    ) -> torch.Tensor:
+        """The cached path with per-row starts start_pos [b]: returns the attention output [b, s, h, v]."""
+        b, s = q.shape[:2]
+        if start_pos.shape != (b,) or start_pos.dtype != torch.long:
+            raise ValueError(
+                f"MLA: per-row start_pos must be a LongTensor [{b}], got {start_pos.dtype} {tuple(start_pos.shape)}"
+            )
+        max_len = cache.latent.shape[1]
+        positions = start_pos.to(q.device)[:, None] + torch.arange(s, device=q.device)[None]  # [b, s]
+        # one host sync: the table length and the attended cache length are python ints
+        lo, end = int(start_pos.min()), int(positions[:, -1].max()) + 1
+        if lo < 0 or end > max_len:
+            raise ValueError(f"MLA: positions {lo}..{end - 1} are outside the cache length {max_len}")
+        cos, sin = self.rotary(0, end, q.device)  # [end, rope / 2] each: the table for positions 0..end-1
+        cos, sin = cos[positions], sin[positions]  # [b, s, rope / 2]: each row's own positions
+        q_nope, q_rope = self._queries(q, cos, sin)
+        latent, k_rope = self._latent(kv, cos, sin)
+        rows = torch.arange(b, device=q.device)[:, None].expand(b, s)  # [b, s]: the cache row of each token
+        cache.latent.index_put_((rows, positions), latent.to(cache.latent.dtype))
+        cache.k_rope.index_put_((rows, positions), k_rope.to(cache.k_rope.dtype))
+        return self._attend_absorbed(
+            q_nope, q_rope, cache.latent[:b, :end], cache.k_rope[:b, :end], positions
+        )
 
     def attend(self, q: torch.Tensor, kv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """Training path from the input projections q_a(x) (or q(x)) and kv_a(x) to the attention
@@ -152,8 +195,9 @@ class MLA(nn.Module):
         )
         return out.transpose(1, 2)[..., : self.v_dim]  # [b, s, h, v]
 
-    def _attend_absorbed(self, q_nope, q_rope, latent, k_rope, start_pos: int) -> torch.Tensor:
-        """Inference path over cached latent [b, t, r] and k_rope [b, t, rope]; returns [b, s, h, v]."""
+    def _attend_absorbed(self, q_nope, q_rope, latent, k_rope, query_pos: torch.Tensor) -> torch.Tensor:
+        """Inference path over cached latent [b, t, r] and k_rope [b, t, rope]; returns [b, s, h, v].
+        query_pos [b or 1, s]: each query's absolute position; it attends cache entries <= it."""
         w = self.kv_b_proj.weight.unflatten(0, (self.n_heads, self.nope_dim + self.v_dim))  # [h, nope+v, r]
         w_k, w_v = w[:, : self.nope_dim], w[:, self.nope_dim :]  # [h, nope, r], [h, v, r]
         q_latent = torch.einsum("bshd,hdr->bshr", q_nope, w_k)  # query in latent space
@@ -161,10 +205,21 @@ class MLA(nn.Module):
             "bshd,btd->bsht", q_rope, k_rope
         )
         scores = scores.float() * self.softmax_scale
-        s, t = scores.shape[1], scores.shape[3]
-        query_pos = torch.arange(start_pos, start_pos + s, device=scores.device)
-        future = torch.arange(t, device=scores.device)[None, :] > query_pos[:, None]  # [s, t]
-        scores = scores.masked_fill(future[None, :, None, :], float("-inf"))
+        t = scores.shape[3]
+        future = (
+            torch.arange(t, device=scores.device)[None, None, :] > query_pos[:, :, None]
+        )  # [b or 1, s, t]
+        scores = scores.masked_fill(future[:, :, None, :], float("-inf"))  # broadcast over heads
         probs = scores.softmax(dim=-1).to(latent.dtype)  # [b, s, h, t]
         out_latent = torch.einsum("bsht,btr->bshr", probs, latent)
         return torch.einsum("bshr,hvr->bshv", out_latent, w_v)  # [b, s, h, v]
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """apply_rotary for x [b, s, heads, dim] with cos/sin either [s, dim/2] (every row at the same
+    positions) or [b, s, dim/2] (per-row positions)."""
+    if cos.dim() == 2:
+        return apply_rotary(x, cos, sin)
+    flat = x.flatten(0, 1).unsqueeze(0)  # [1, b * s, heads, dim]: one "row" whose positions are all tokens'
+    rotated = apply_rotary(flat, cos.flatten(0, 1), sin.flatten(0, 1))  # cos/sin [b * s, dim/2]
+    return rotated.reshape(x.shape)  # [b, s, heads, dim]

@@ -50,8 +50,11 @@ class Block(nn.Module):
             MoE(cfg, layer_id) if cfg.is_moe_layer(layer_id) else MLP(cfg.hidden_size, cfg.intermediate_size)
         )
 
-    def forward(self, h: torch.Tensor, start_pos: int = 0, cache: LatentCache | None = None) -> torch.Tensor:
-        """h [b, s, hidden] -> [b, s, hidden]; positions start_pos.. (start_pos > 0 needs a cache)."""
+    def forward(
+        self, h: torch.Tensor, start_pos: int | torch.Tensor = 0, cache: LatentCache | None = None
+    ) -> torch.Tensor:
+        """h [b, s, hidden] -> [b, s, hidden]; positions start_pos.. (start_pos > 0, or a LongTensor [b]
+        of per-row starts, needs a cache; see MLA.forward)."""
         h = h + self.self_attn(self.input_layernorm(h), start_pos, cache)
         return h + self.mlp(self.post_attention_layernorm(h))
 
@@ -160,15 +163,19 @@ class Transformer(nn.Module):
 
     @torch.no_grad()
     def forward_cached(
-        self, input_ids: torch.Tensor, cache: list[LatentCache], start_pos: int = 0
+        self, input_ids: torch.Tensor, cache: list[LatentCache], start_pos: int | torch.Tensor = 0
     ) -> torch.Tensor:
         """Prefill or decode: input_ids [b, s] at positions start_pos.. -> logits [b, s, vocab].
+
+        `start_pos` is one int for the whole batch, or a LongTensor [b]: row i then sits at positions
+        start_pos[i] .. start_pos[i]+s-1, is written there in its cache row and attends its own cached
+        positions <= each query's (ragged batches, speculative rows at different lengths).
         Attention runs in the absorbed form over the cached latents; MTP is not used."""
         return self.logits(self.hidden_cached(input_ids, cache, start_pos))
 
     @torch.no_grad()
     def hidden_cached(
-        self, input_ids: torch.Tensor, cache: list[LatentCache], start_pos: int = 0
+        self, input_ids: torch.Tensor, cache: list[LatentCache], start_pos: int | torch.Tensor = 0
     ) -> torch.Tensor:
         """As `forward_cached`, but returns the last block output h [b, s, hidden] (before the final
         norm): `logits(h)` gives the logits, and h is what MTP depth 1 reads when drafting."""
