@@ -14,6 +14,9 @@ routed experts), in the main layers and the MTP layers alike. The published chec
 in BF16/FP32: embeddings, lm_head, norms, the MTP eh_proj and shared_head, the router's gate.weight
 (BF16) and e_score_correction_bias (FP32); so do we (the router in FP32, see model/hf.py).
 
+An exported checkpoint also gets the tokenizer.json its run's data was prepared with, when the run
+names one (platform/data/run_tokenizer.py), so moeforge-generate hf_dir=<out> decodes with it.
+
 A directory is written as `<out>.partial` and renamed to `<out>` when complete, so an interrupted
 export never leaves a directory that looks like a finished one.
 """
@@ -37,7 +40,8 @@ from moeforge.kernels.quant import weight_quant
 from moeforge.model.config import ConfigError
 from moeforge.model.hf import hf_config_dict, hf_state_tensors, keeps_fp32, write_hf_directory
 from moeforge.model.transformer import Transformer
-from moeforge.platform.checkpoint.store import CheckpointError, latest_checkpoint, read_meta
+from moeforge.platform.checkpoint.store import CHECKPOINTS_DIR, CheckpointError, latest_checkpoint, read_meta
+from moeforge.platform.outputs.storage import open_storage
 from omegaconf import OmegaConf
 from safetensors import safe_open
 
@@ -136,11 +140,13 @@ def export_hf(
     fp8: bool = False,
     dtype: torch.dtype | None = None,
     max_shard_bytes: int | None = None,
+    extra_files: Mapping[str, bytes] | None = None,
 ) -> str:
     """Write `model` as a Hugging Face DeepSeek-V3 directory at `out_dir`; return its path.
 
     fp8: the published FP8 format (module docstring). dtype: of every other tensor but the router
     (None: the model's own, usually float32). max_shard_bytes: split into shards with an index.
+    extra_files: name -> bytes written beside the weights (a tokenizer.json).
     `out_dir` must not exist or be empty; it appears only once complete."""
     out = check_out_dir(out_dir)
     if max_shard_bytes is not None and max_shard_bytes <= 0:
@@ -153,6 +159,8 @@ def export_hf(
         config["quantization_config"] = dict(QUANTIZATION_CONFIG)
     with _partial_dir(out) as partial:
         write_hf_directory(tensors, config, partial, max_shard_bytes)
+        for name, data in (extra_files or {}).items():
+            (partial / name).write_bytes(data)
     return str(out)
 
 
@@ -180,14 +188,38 @@ def export_checkpoint(
     max_shard_bytes: int | None = None,
 ) -> str:
     """Export the model of a moeforge training checkpoint (a step directory, or a run directory for
-    its newest complete checkpoint; local or s3://, any pp/dp/ep layout) with export_hf."""
+    its newest complete checkpoint; local or s3://, any pp/dp/ep layout) with export_hf, and the
+    run's tokenizer.json beside it when the run names one."""
     check_out_dir(out_dir)  # before reading a checkpoint that may be hundreds of GB
     path = resolve_checkpoint(str(checkpoint_path))
+    extra_files = _run_tokenizer_file(path)
     # Imported here: the resharding reader is a sibling room's module (platform/checkpoint/reshard.py).
     from moeforge.platform.checkpoint.reshard import load_model_from_checkpoint
 
     model = load_model_from_checkpoint(path)
-    return export_hf(model, out_dir, fp8=fp8, dtype=dtype, max_shard_bytes=max_shard_bytes)
+    return export_hf(
+        model, out_dir, fp8=fp8, dtype=dtype, max_shard_bytes=max_shard_bytes, extra_files=extra_files
+    )
+
+
+def _run_tokenizer_file(checkpoint: str) -> dict[str, bytes]:
+    """{"tokenizer.json": its bytes} for the run of a checkpoint (<run>/checkpoints/step_N) whose data
+    names a tokenizer (platform/data/run_tokenizer.py); {} for a checkpoint outside a run, a run on
+    synthetic or flat-file tokens, or a tokenizer file that is gone."""
+    # Imported here: run_tokenizer reads the run's config.yaml through outputs/run_files.py, whose
+    # plotting imports are not needed by an export without a run.
+    from moeforge.platform.data.run_tokenizer import TOKENIZER_FILE, run_tokenizer
+
+    parent, _, _step = checkpoint.rstrip("/").rpartition("/")
+    run_dir, _, folder = parent.rpartition("/")
+    if folder != CHECKPOINTS_DIR:
+        return {}
+    try:
+        url, s3 = run_tokenizer(run_dir or ".")
+        where, _, name = url.rpartition("/")
+        return {TOKENIZER_FILE: open_storage(where or ".", s3).read_bytes(name)}
+    except (ConfigError, FileNotFoundError):
+        return {}
 
 
 # --- what was written ----------------------------------------------------------------------------------------
