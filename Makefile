@@ -34,7 +34,7 @@ train: setup
 	$(VENV)/bin/moeforge-train $(TRAIN_ARGS)
 
 test: setup lint
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=15 tests
 
 # `make bench BENCH="kernels pipeline"` runs a subset; each suite prints a table and writes JSON.
 BENCH ?= kernels pipeline data
