@@ -4,6 +4,7 @@
     moeforge-bench ep [hydra overrides]            # EP dispatch/combine all-to-all (conf/bench_ep.yaml)
     moeforge-bench overlap [hydra overrides]       # DualPipe's overlapped F&B vs torch (conf/bench_overlap.yaml)
     moeforge-bench checkpoint [hydra overrides]    # step-time cost of sync vs async checkpoints (conf/bench_checkpoint.yaml)
+    moeforge-bench generate [hydra overrides]      # MTP speculative vs plain greedy decoding (conf/bench_generate.yaml)
 
 Each suite is a Hydra config `conf/bench_<suite>.yaml` (composed with Hydra's compose API from the
 `moeforge.conf` package) and a function `module:function` that takes the composed config as a plain
@@ -28,6 +29,7 @@ SUITES: dict[str, str] = {
     "ep": "moeforge.platform.bench.ep:run_job",
     "overlap": "moeforge.platform.bench.overlap:run_job",
     "checkpoint": "moeforge.platform.bench.checkpoint:run_job",
+    "generate": "moeforge.platform.bench.generate:run_job",
 }
 
 
