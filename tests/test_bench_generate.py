@@ -14,7 +14,7 @@ from moeforge.jobs.bench import main
 from moeforge.platform.bench.generate import run
 
 RESULT_KEYS = {
-    "batch", "plain", "speculative", "speedup", "acceptance_rate", "accepted_per_step", "tokens_per_step",
+    "batch", "prompts", "plain", "speculative", "speedup", "acceptance_rate", "accepted_per_step", "tokens_per_step",
     "verify_rows_per_forward", "identical", "mismatches", "distinct_token_fraction", "step_costs",
     "expected_speedup",
 }  # fmt: skip
@@ -56,8 +56,10 @@ def test_generate_suite_trains_decodes_side_by_side_and_caches(ray_cluster, tmp_
     for r in report["results"]:
         assert set(r) == RESULT_KEYS
         assert r["identical"] is True and r["mismatches"] == []  # greedy speculative == plain greedy
+        assert r["prompts"] == 3  # every batch size decodes every prompt, `batch` at a time
         for mode in ("plain", "speculative"):
-            assert r[mode]["stats"]["tokens_generated"] == r["batch"] * 10
+            assert r[mode]["stats"]["tokens_generated"] == 3 * 10
+            assert r[mode]["stats"]["prefill_forwards"] == -(-3 // r["batch"])  # one per call
             assert _finite_positive(r[mode]["tokens_per_s"]) and len(r[mode]["times_s"]) == 1
         assert r["plain"]["stats"]["drafted"] == 0 and r["speculative"]["stats"]["drafted"] > 0
         assert _finite_positive(r["speedup"]) and _finite_positive(r["expected_speedup"])

@@ -9,7 +9,8 @@ model's own MTP modules draft the next tokens, and what limits it?
                 of everything that decides the weights, so a rerun loads it instead of training
     prompts     `prompt_len`-token windows of the corpus's val split (documents moeforge-prepare held
                 out by a seeded hash: never trained on), spread evenly over it
-    decode      per batch size, on the same prompts, in this process: a warm-up, then `repeats` rounds
+    decode      per batch size b, on the same prompts (all of them, b at a time), in this process: a
+                warm-up, then `repeats` rounds
                 timing plain greedy and MTP speculative greedy in turn
                 (`platform.inference.generate.generate`, speculative="none" / "mtp"); medians
     explain     per step at that batch (platform/bench/generate_costs.py): the main model's decode
@@ -31,7 +32,7 @@ import platform as std_platform
 import statistics
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 import torch
@@ -42,7 +43,7 @@ from moeforge.platform.bench.report import write_report
 from moeforge.platform.config._build import build, require
 from moeforge.platform.config.presets import preset_exists, preset_values
 from moeforge.platform.data.shards import MANIFEST, read_manifest
-from moeforge.platform.inference.generate import generate
+from moeforge.platform.inference.generate import GenerationStats, generate
 
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
@@ -169,17 +170,31 @@ class GenerateBenchConfig:
         return os.path.abspath(os.path.join(parent or ".", "generate_cache"))
 
 
-def _timed_pair(model, prompts, cfg: GenerateBenchConfig) -> dict[str, tuple[list[float], Any]]:
-    """A warm-up call of each mode, then `repeats` rounds timing plain and speculative in turn (so
-    drifting load on a shared machine hits both alike); mode -> (seconds per timed call, last result)."""
+def _generate_all(model, prompts: list[list[int]], batch: int, cfg: GenerateBenchConfig, mode: str):
+    """Every prompt, `batch` at a time (so each batch size decodes the same prompts): (tokens per
+    prompt, the calls' GenerationStats summed)."""
+    tokens: list[list[int]] = []
+    total = GenerationStats()
+    for start in range(0, len(prompts), batch):
+        result = generate(model, prompts[start : start + batch], cfg.max_new_tokens, speculative=mode)
+        tokens += result.tokens
+        for f in fields(GenerationStats):  # every field is a count or a time: they add
+            setattr(total, f.name, getattr(total, f.name) + getattr(result.stats, f.name))
+    return tokens, total
+
+
+def _timed_pair(model, prompts, batch: int, cfg: GenerateBenchConfig) -> dict[str, tuple[list[float], Any]]:
+    """A warm-up pass of each mode, then `repeats` rounds timing plain and speculative in turn (so
+    drifting load on a shared machine hits both alike); mode -> (seconds per timed pass over every
+    prompt, the last pass's (tokens, stats))."""
     modes = ("none", "mtp")
-    results = {m: generate(model, prompts, cfg.max_new_tokens, speculative=m) for m in modes}
+    results = {m: _generate_all(model, prompts, batch, cfg, m) for m in modes}
     times: dict[str, list[float]] = {m: [] for m in modes}
     for _ in range(cfg.repeats):
         for m in modes:
             sync(model)
             start = time.perf_counter()
-            results[m] = generate(model, prompts, cfg.max_new_tokens, speculative=m)
+            results[m] = _generate_all(model, prompts, batch, cfg, m)
             sync(model)
             times[m].append(time.perf_counter() - start)
     return {m: (times[m], results[m]) for m in modes}
@@ -190,30 +205,31 @@ def _row_steps(stats) -> int:
     return int(getattr(stats, "row_steps", stats.steps))
 
 
-def measure_batch(model, prompts: list[list[int]], cfg: GenerateBenchConfig) -> dict:
-    """Plain vs speculative greedy on `prompts`, side by side, and the per-step costs behind them."""
-    timed = _timed_pair(model, prompts, cfg)
-    (plain_times, plain), (spec_times, spec) = timed["none"], timed["mtp"]
+def measure_batch(model, prompts: list[list[int]], batch: int, cfg: GenerateBenchConfig) -> dict:
+    """Plain vs speculative greedy on every prompt, `batch` at a time, side by side, and the per-step
+    costs behind them."""
+    timed = _timed_pair(model, prompts, batch, cfg)
+    (plain_times, (plain_tokens, plain_stats)), (spec_times, (spec_tokens, st)) = timed["none"], timed["mtp"]
     plain_s, spec_s = statistics.median(plain_times), statistics.median(spec_times)
-    plain_tps = plain.stats.tokens_generated / plain_s
-    spec_tps = spec.stats.tokens_generated / spec_s
+    plain_tps = plain_stats.tokens_generated / plain_s
+    spec_tps = st.tokens_generated / spec_s
     mismatches = [
         {
             "row": i,
             "first_diff": next((j for j, (a, b) in enumerate(zip(p, s)) if a != b), min(len(p), len(s))),
         }
-        for i, (p, s) in enumerate(zip(plain.tokens, spec.tokens))
+        for i, (p, s) in enumerate(zip(plain_tokens, spec_tokens))
         if p != s
     ]
-    st = spec.stats
     row_steps = _row_steps(st)
     tokens_per_step = st.step_tokens / row_steps if row_steps else 0.0  # per row: 1 + accepted drafts
-    costs = step_costs(model, prompts, cfg.max_new_tokens, cfg.cost_repeats)
+    costs = step_costs(model, prompts[:batch], cfg.max_new_tokens, cfg.cost_repeats)
     expected = tokens_per_step * costs["t_decode_ms"] / (costs["t_verify_ms"] + costs["t_draft_ms"])
     return {
-        "batch": len(prompts),
+        "batch": batch,
+        "prompts": len(prompts),
         "plain": {"times_s": plain_times, "median_s": plain_s, "tokens_per_s": plain_tps,
-                  "stats": plain.stats.as_dict()},
+                  "stats": plain_stats.as_dict()},
         "speculative": {"times_s": spec_times, "median_s": spec_s, "tokens_per_s": spec_tps,
                         "stats": st.as_dict()},
         "speedup": spec_tps / plain_tps,
@@ -223,7 +239,7 @@ def measure_batch(model, prompts: list[list[int]], cfg: GenerateBenchConfig) -> 
         "verify_rows_per_forward": row_steps / st.steps if st.steps else 0.0,
         "identical": not mismatches,
         # a model stuck repeating itself drafts easily: read the acceptance rate next to this
-        "distinct_token_fraction": statistics.fmean(len(set(t)) / len(t) for t in plain.tokens if t),
+        "distinct_token_fraction": statistics.fmean(len(set(t)) / len(t) for t in plain_tokens if t),
         "mismatches": mismatches,
         "step_costs": costs,
         "expected_speedup": expected,
@@ -247,7 +263,7 @@ def run(
     results = []
     for batch in cfg.batch_sizes:
         log(f"[decode] batch {batch}: {cfg.repeats} timed runs per mode after a warm-up")
-        results.append(measure_batch(model, prompts[:batch], cfg))
+        results.append(measure_batch(model, prompts, batch, cfg))
     manifest = read_manifest(data_dir)
     host = torch.cuda.get_device_name() if cfg.use_cuda else f"cpu ({os.cpu_count()} CPUs)"
     return {
