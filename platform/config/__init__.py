@@ -6,6 +6,7 @@ these dataclasses and every error names the field (e.g. `parallel.pp`), before a
 
 from moeforge.model.config import ConfigError
 from moeforge.platform.config.checkpoint import CheckpointConfig
+from moeforge.platform.config.cluster import RayClusterConfig
 from moeforge.platform.config.data import DataConfig
 from moeforge.platform.config.optim import OptimConfig
 from moeforge.platform.config.parallel import ParallelConfig
@@ -21,6 +22,7 @@ __all__ = [
     "OptimConfig",
     "ParallelConfig",
     "PrecisionConfig",
+    "RayClusterConfig",
     "RunConfig",
     "TrackingConfig",
     "TrainConfig",

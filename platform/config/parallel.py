@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from moeforge.platform.config._build import require
@@ -23,8 +23,14 @@ class ParallelConfig:
     backend: str = "auto"  # auto: nccl when the workers have GPUs, else gloo
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 0.0
+    # Further Ray resources every worker needs, e.g. {"moeforge_worker": 1} so that workers land only
+    # on nodes that carry that custom resource (an autoscaler's worker node type). CPU and GPU are
+    # cpus_per_worker and gpus_per_worker.
+    worker_resources: dict[str, float] = field(default_factory=dict)
     p2p_timeout_s: float = 120.0  # a peer that never sends fails the run after this long
-    wait_for_autoscaler: bool = False  # False: fail early when the cluster is too small
+    # False: refuse at once a run larger than the cluster's totals; True: the cluster may still grow
+    # (an autoscaler), so wait for it, at most cluster.wait_s
+    wait_for_autoscaler: bool = False
     layers_per_stage: list[int] | None = None  # explicit uneven split, one count per model stage
     # Expert parallelism: the routed experts of every MoE layer are sharded over `ep` data-parallel
     # replicas of the same stage(s) (platform/moe). Must divide dp and model.n_routed_experts.
@@ -59,6 +65,14 @@ class ParallelConfig:
         )
         require(self.cpus_per_worker >= 0, "cpus_per_worker", "must be >= 0")
         require(self.gpus_per_worker >= 0, "gpus_per_worker", "must be >= 0")
+        self.worker_resources = dict(self.worker_resources)
+        for name, amount in self.worker_resources.items():
+            require(
+                isinstance(name, str) and bool(name) and name not in ("CPU", "GPU"),
+                "worker_resources",
+                f"names a custom Ray resource (CPU and GPU are cpus_per_worker and gpus_per_worker), got {name!r}",
+            )
+            require(amount > 0, f"worker_resources.{name}", f"must be positive, got {amount}")
         require(self.p2p_timeout_s > 0, "p2p_timeout_s", "must be positive")
         if self.layers_per_stage is not None:
             self.layers_per_stage = list(self.layers_per_stage)

@@ -11,6 +11,7 @@ from typing import Any
 from moeforge.model.accounting import ARCH_DEEPSEEK_V3
 from moeforge.model.config import ConfigError, ModelConfig, build_config
 from moeforge.platform.config.checkpoint import CheckpointConfig
+from moeforge.platform.config.cluster import RayClusterConfig
 from moeforge.platform.config.data import DataConfig
 from moeforge.platform.config.optim import OptimConfig
 from moeforge.platform.config.parallel import ParallelConfig
@@ -26,6 +27,7 @@ _SECTIONS = {
     "optim": OptimConfig,
     "tracking": TrackingConfig,
     "checkpoint": CheckpointConfig,
+    "cluster": RayClusterConfig,
 }
 
 
@@ -41,6 +43,7 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    cluster: RayClusterConfig = field(default_factory=RayClusterConfig)
 
     def __post_init__(self) -> None:
         self.check()

@@ -9,9 +9,15 @@
      (tests), the cluster of RAY_ADDRESS / `ray job submit` (refused in one line when it does not
      answer), else a fresh local one (`address="local"`);
   3. refuses a run the cluster cannot host (`cluster_check.check_cluster_fits` on
-     `ray.cluster_resources()`), unless `parallel.wait_for_autoscaler`;
-  4. runs a Ray Train `TorchTrainer` with pp x dp workers; every worker is the actor owning its
-     pipeline stage(s) (platform/runtime/worker.py). A worker that dies (a lost node, SIGKILL, an
+     `ray.cluster_resources()`), unless `parallel.wait_for_autoscaler`; a run that has to wait
+     for room (an autoscaler adding nodes for the pending demand, other jobs finishing) says so
+     and waits at most `cluster.wait_s` (placement.py: `workers_wait_at_most`), then fails naming
+     what it asked for and what the cluster has (a ConfigError, `cluster.wait_s: ...`);
+  4. runs a Ray Train `TorchTrainer` with pp x dp workers (one bundle each, `cluster.placement_strategy`);
+     every worker is the actor owning its pipeline stage(s) (platform/runtime/worker.py). The
+     workers first agree which world rank runs where (platform/runtime/placement.py: EP groups
+     inside nodes first, then pipeline neighbours); rank 0 prints the mapping and saves it as
+     <run.dir>/placement.json. A worker that dies (a lost node, SIGKILL, an
      exception) makes Ray Train restart the whole group, up to checkpoint.max_failures times
      (`FailureConfig`); the new group resumes from the newest complete checkpoint, recomputing the
      steps after it (metrics.jsonl drops the records past it). Past the budget the run ends with
@@ -84,7 +90,14 @@ def launch_training(cfg: TrainConfig, raw_config: dict | None = None) -> dict:
     """Run a pipeline-parallel training job on Ray; return rank 0's summary dict."""
     from moeforge.platform.checkpoint.resume import check_resumable, resume_point
     from moeforge.platform.checkpoint.store import checkpoint_path, read_meta
-    from moeforge.platform.runtime.cluster_check import check_cluster_fits
+    from moeforge.platform.runtime.cluster_check import check_cluster_fits, worker_bundle
+    from moeforge.platform.runtime.placement import (
+        clear_placement,
+        is_start_timeout,
+        note_wait,
+        wait_error,
+        workers_wait_at_most,
+    )
 
     validate_pipeline(cfg)
     resume_step = resume_point(cfg)  # run.dir and its checkpoints: refused now, not on a worker
@@ -92,23 +105,29 @@ def launch_training(cfg: TrainConfig, raw_config: dict | None = None) -> dict:
         check_resumable(cfg, read_meta(checkpoint_path(cfg.run.dir, resume_step)))
     ray = connect_ray()
     check_cluster_fits(cfg.parallel, ray.cluster_resources())
+    note_wait(cfg.parallel, cfg.cluster)
 
     from moeforge.platform.runtime.worker import train_loop_per_worker
     from ray.train import FailureConfig, RunConfig, ScalingConfig, TrainingFailedError
     from ray.train.torch import TorchConfig, TorchTrainer
 
     par = cfg.parallel
-    resources = {"CPU": par.cpus_per_worker}
-    if par.gpus_per_worker > 0:
-        resources["GPU"] = par.gpus_per_worker
+    dist_timeout_s = int(max(60.0, 2 * par.p2p_timeout_s))
     storage_path, filesystem = _storage(cfg.run.dir)
     trainer = TorchTrainer(
         train_loop_per_worker,
         # A restarted worker group resumes its own newest checkpoint: `resume_point` above refused a
         # fresh run into a run.dir holding checkpoints, so any it finds later were written by this run.
-        train_loop_config={"cfg": cfg, "restarted_resumes": cfg.checkpoint.max_failures > 0},
+        train_loop_config={
+            "cfg": cfg,
+            "restarted_resumes": cfg.checkpoint.max_failures > 0,
+            "dist_timeout_s": dist_timeout_s,  # of a process group the placement makes again
+        },
         scaling_config=ScalingConfig(
-            num_workers=par.world_size, use_gpu=par.gpus_per_worker > 0, resources_per_worker=resources
+            num_workers=par.world_size,
+            use_gpu=par.gpus_per_worker > 0,
+            resources_per_worker=worker_bundle(par),
+            placement_strategy=cfg.cluster.placement_strategy,
         ),
         run_config=RunConfig(
             name=f"{cfg.run.name}-{datetime.datetime.now():%Y%m%d-%H%M%S}",
@@ -118,14 +137,22 @@ def launch_training(cfg: TrainConfig, raw_config: dict | None = None) -> dict:
             # newest COMPLETE checkpoint, found through moeforge's own manifests (any layout, S3 or
             # local, the same rule the reference loop follows), not through ray.train.Checkpoint:
             # reporting checkpoints to Ray would copy every shard into Ray's storage a second time.
-            failure_config=FailureConfig(max_failures=cfg.checkpoint.max_failures),
+            # controller_failure_limit=0: a worker group that cannot start within cluster.wait_s
+            # (`workers_wait_at_most`) fails the run; Ray Train's default retries it for ever.
+            failure_config=FailureConfig(
+                max_failures=cfg.checkpoint.max_failures, controller_failure_limit=0
+            ),
         ),
-        torch_config=TorchConfig(backend=_backend(cfg), timeout_s=int(max(60.0, 2 * par.p2p_timeout_s))),
+        torch_config=TorchConfig(backend=_backend(cfg), timeout_s=dist_timeout_s),
     )
+    clear_placement(cfg.run.dir)  # this launch's workers write their own; an older one would mislead
     try:
-        trainer.fit()
+        with workers_wait_at_most(cfg.cluster.wait_s):
+            trainer.fit()
     except TrainingFailedError as err:
-        message = describe_failure(err)
+        if is_start_timeout(err):
+            raise wait_error(cfg.parallel, cfg.cluster) from None
+        message = describe_failure(err, _ranks_of_ray_ranks(cfg.run.dir))
         record_failure(cfg.run.dir, message)
         raise PipelineRunError(message) from None
     summary = read_summary(cfg.run.dir)
@@ -133,12 +160,26 @@ def launch_training(cfg: TrainConfig, raw_config: dict | None = None) -> dict:
     return summary
 
 
-def describe_failure(err: Exception) -> str:
+def _ranks_of_ray_ranks(run_dir: str) -> dict[int, int]:
+    """Ray Train rank -> moeforge world rank, from the run's placement.json (empty: the same)."""
+    from moeforge.platform.runtime.placement import read_placement
+
+    record = read_placement(run_dir)
+    if not record:
+        return {}
+    return {int(row["ray_rank"]): int(row["rank"]) for row in record.get("ranks", [])}
+
+
+def describe_failure(err: Exception, rank_of_ray_rank: dict[int, int] | None = None) -> str:
     """One message naming every failed rank, root causes first: a rank that raised on its own comes
-    before ranks that only timed out or lost their connection waiting for it."""
+    before ranks that only timed out or lost their connection waiting for it. Ray Train keys the
+    failures by its own worker rank; `rank_of_ray_rank` (the realized placement) turns them into
+    the pipeline's world ranks when the placement renumbered the workers."""
     failures = getattr(err, "worker_failures", None)
     if not failures:
         return f"pipeline run failed: {err}"
+    if rank_of_ray_rank:
+        failures = {rank_of_ray_rank.get(rank, rank): exc for rank, exc in failures.items()}
     consequential = ("PeerTimeout", "did not complete", "Connection reset", "Connection closed")
 
     def order(item):

@@ -1,8 +1,11 @@
 """The Ray Train worker loop: each worker is the actor that owns its pipeline stage(s).
 
 Ray Train's TorchConfig has already joined the workers in one torch.distributed group (gloo on CPU,
-NCCL on GPU) when `train_loop_per_worker` starts; the pipeline runtime builds its own groups from
-the topology on top of it.
+NCCL on GPU) when `train_loop_per_worker` starts. The workers then agree which world rank each
+runs as (platform/runtime/placement.py: EP groups inside nodes first, then pipeline neighbours,
+for the nodes Ray put them on; the group is made again when that renumbers Ray Train's ranks),
+rank 0 prints the mapping and saves placement.json, and the pipeline runtime builds its own groups
+from the topology on top of that group.
 """
 
 from __future__ import annotations
@@ -73,13 +76,20 @@ def train_loop_per_worker(config: dict) -> None:
     import ray.train
     import torch
     from moeforge.platform.runtime.pipeline_run import run_pipeline_training
+    from moeforge.platform.runtime.placement import format_placement, place_workers, write_placement
+    from moeforge.platform.runtime.topology import Topology
     from ray.train.torch import get_device
 
     _quiet_ray_train_report_log()
     _quiet_third_party_console()
     cfg = config["cfg"]
     ctx = ray.train.get_context()
-    rank, world_size = ctx.get_world_rank(), ctx.get_world_size()
+    par = cfg.parallel
+    topo = Topology.for_schedule(par.schedule, par.pp, par.dp, par.ep, cfg.model.num_nextn_predict_layers > 0)
+    # This worker's world rank is the placement's, which is Ray Train's own unless the plan
+    # renumbered the workers (then the default process group was made again with it).
+    placement = place_workers(topo, ctx.get_world_rank(), float(config.get("dist_timeout_s", 1800)))
+    rank, world_size = placement.rank_of_ray_rank[ctx.get_world_rank()], ctx.get_world_size()
     threads = max(1, int(cfg.parallel.cpus_per_worker))
     torch.set_num_threads(threads)
     os.environ.setdefault("OMP_NUM_THREADS", str(threads))
@@ -97,6 +107,12 @@ def train_loop_per_worker(config: dict) -> None:
         # Ray prefixes a worker's output with its pid; the pipeline rank is what a reader needs.
         sys.stdout.write(f"[rank {rank}] {line}\n")
         sys.stdout.flush()
+
+    if rank == 0:
+        record = placement.to_dict()
+        for line in format_placement(record).splitlines():
+            log(line)
+        write_placement(cfg.run.dir, record)
 
     run_pipeline_training(
         cfg,
