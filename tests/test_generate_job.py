@@ -16,6 +16,7 @@ import sys
 import pytest
 import torch
 from moeforge.jobs.generate import main
+from moeforge.model.accounting import estimate
 from moeforge.platform.checkpoint.export import export_checkpoint
 from moeforge.platform.checkpoint.reshard import load_model_from_checkpoint
 from moeforge.platform.checkpoint.store import latest_checkpoint
@@ -138,6 +139,8 @@ def test_greedy_from_run_dir_equals_generate_on_the_loaded_model(run, capsys):
     assert len(tokens) == NEW  # no EOS this early: the whole budget
     assert out == run["tok"].decode(tokens) + "\n"
     assert "tokens/s" in err and f"generated {NEW} tokens" in err
+    per_token = estimate(run["model"].cfg).kv_cache_bytes_per_token * 2  # a float32 cache: twice BF16's
+    assert f"latent cache {per_token:,} bytes/token" in err
 
 
 def test_speculative_mtp_gives_the_same_greedy_tokens(run, capsys):

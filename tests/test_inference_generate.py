@@ -263,6 +263,8 @@ def test_cache_bytes_per_token():
     per_token = sum(t.numel() * t.element_size() for c in cache for t in (c.latent, c.k_rope)) / 10
     assert per_token == cfg.num_hidden_layers * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * 2
     assert per_token == estimate(cfg).kv_cache_bytes_per_token  # the estimator's BF16 figure
+    result = generate(model, [[1, 2, 3]], 2)  # what generate reports (and moeforge-generate prints)
+    assert result.cache_bytes_per_token == per_token
 
 
 # --- MTP speculative decoding ------------------------------------------------------------------------------

@@ -25,13 +25,8 @@ import tempfile
 
 import pytest
 from moeforge.model.config import ConfigError
-from moeforge.platform.runtime.placement import (
-    PlacementPlan,
-    WorkerSite,
-    format_placement,
-    match_plan,
-    plan_placement,
-)
+from moeforge.platform.runtime.placement import WorkerSite, format_placement, match_plan
+from moeforge.platform.runtime.placement_plan import PlacementPlan, plan_placement
 from moeforge.platform.runtime.topology import Topology
 
 

@@ -1,5 +1,5 @@
 """How a run meets its Ray cluster: how long it waits for the workers' resources, and how Ray
-packs the workers onto nodes (platform/runtime/placement.py says what happens after)."""
+packs the workers onto nodes (platform/runtime/cluster_wait.py and placement.py say what happens after)."""
 
 from __future__ import annotations
 

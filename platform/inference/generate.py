@@ -89,6 +89,15 @@ class GenerationResult:
 
     tokens: list[list[int]]
     stats: GenerationStats = field(default_factory=GenerationStats)
+    cache_bytes_per_token: int = 0  # the main model's latent cache, all layers, one row's position
+
+
+def cache_bytes_per_token(model: Transformer) -> int:
+    """Bytes the main model's latent cache holds per token of one row, summed over layers:
+    num_hidden_layers x (kv_lora_rank + qk_rope_head_dim) x the cache dtype's size, measured on the
+    tensors `make_cache` allocates (BF16 weights: moeforge-estimate's "KV cache / token")."""
+    cache = model.make_cache(1, 1)  # [1, 1, ...] per layer
+    return sum(t.numel() * t.element_size() for layer in cache for t in (layer.latent, layer.k_rope))
 
 
 @dataclass
@@ -221,7 +230,9 @@ def generate(
     finally:
         model.train(was_training)
     stats.wall_time_s = time.perf_counter() - t0
-    return GenerationResult(tokens=[r.out for r in rows], stats=stats)
+    return GenerationResult(
+        tokens=[r.out for r in rows], stats=stats, cache_bytes_per_token=cache_bytes_per_token(model)
+    )
 
 
 def _start(positions: torch.Tensor) -> int | torch.Tensor:

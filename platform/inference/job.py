@@ -139,7 +139,7 @@ def run_job(
         speculative=speculative,
         on_token=None if streamer is None else (lambda _row, token: streamer.push(token)),
     )
-    lines = [format_stats(result.stats, speculative)]
+    lines = [format_stats(result.stats, speculative, result.cache_bytes_per_token)]
     if target is not None:
         written = write_jsonl(target, completion_records(loaded, records, ids, result))
         lines.append(f"wrote {len(records)} completion(s) to {written}")

@@ -205,14 +205,17 @@ class TextStreamer:
         self.shown = text
 
 
-def format_stats(stats: GenerationStats, speculative: str) -> str:
-    """GenerationStats in one line: tokens, time, throughput and, under MTP, the acceptance."""
+def format_stats(stats: GenerationStats, speculative: str, cache_bytes_per_token: int = 0) -> str:
+    """GenerationStats in one line: tokens, time, throughput, the latent cache's bytes per token
+    (when given) and, under MTP, the acceptance."""
     rate = stats.tokens_generated / stats.wall_time_s if stats.wall_time_s > 0 else 0.0
     line = (
         f"generated {stats.tokens_generated} tokens for {stats.prompts} prompt(s) in {stats.wall_time_s:.2f}s "
         f"({rate:.1f} tokens/s); {stats.prefill_forwards} prefill + {stats.steps} decode forwards, "
         f"{stats.tokens_per_step:.2f} tokens per step"
     )
+    if cache_bytes_per_token:
+        line += f"; latent cache {cache_bytes_per_token:,} bytes/token"
     if speculative == "mtp":
         line += (
             f"; mtp: acceptance rate {stats.acceptance_rate:.1%} ({stats.accepted}/{stats.drafted} drafts), "

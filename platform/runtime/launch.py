@@ -11,7 +11,7 @@
   3. refuses a run the cluster cannot host (`cluster_check.check_cluster_fits` on
      `ray.cluster_resources()`), unless `parallel.wait_for_autoscaler`; a run that has to wait
      for room (an autoscaler adding nodes for the pending demand, other jobs finishing) says so
-     and waits at most `cluster.wait_s` (placement.py: `workers_wait_at_most`), then fails naming
+     and waits at most `cluster.wait_s` (cluster_wait.py: `workers_wait_at_most`), then fails naming
      what it asked for and what the cluster has (a ConfigError, `cluster.wait_s: ...`);
   4. runs a Ray Train `TorchTrainer` with pp x dp workers (one bundle each, `cluster.placement_strategy`);
      every worker is the actor owning its pipeline stage(s) (platform/runtime/worker.py). The
@@ -91,13 +91,13 @@ def launch_training(cfg: TrainConfig, raw_config: dict | None = None) -> dict:
     from moeforge.platform.checkpoint.resume import check_resumable, resume_point
     from moeforge.platform.checkpoint.store import checkpoint_path, read_meta
     from moeforge.platform.runtime.cluster_check import check_cluster_fits, worker_bundle
-    from moeforge.platform.runtime.placement import (
-        clear_placement,
+    from moeforge.platform.runtime.cluster_wait import (
         is_start_timeout,
         note_wait,
         wait_error,
         workers_wait_at_most,
     )
+    from moeforge.platform.runtime.placement import clear_placement
 
     validate_pipeline(cfg)
     resume_step = resume_point(cfg)  # run.dir and its checkpoints: refused now, not on a worker
