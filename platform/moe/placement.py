@@ -108,8 +108,10 @@ def this_node_id() -> str:
 def expert_placement(parallel, n_experts: int, groups, rank: int) -> ExpertPlacement | None:
     """This rank's placement under `parallel` (a ParallelConfig), or None without expert parallelism.
 
-    Collective over the EP group when nodes come from the real placement (parallel.ep_ranks_per_node
-    = 0): every EP rank shares its node id."""
+    Nodes come from the run's realized placement (platform/runtime/placement.py: where Ray put the
+    workers, after the ranks were renumbered to the plan). Outside a Ray Train run (spawn_gloo) there
+    is none, and the EP group shares its node ids in one collective instead;
+    parallel.ep_ranks_per_node pretends nodes instead of either."""
     if parallel.ep == 1:
         return None
     import torch.distributed as dist
@@ -120,6 +122,11 @@ def expert_placement(parallel, n_experts: int, groups, rank: int) -> ExpertPlace
         return ExpertPlacement.with_ranks_per_node(
             n_experts, parallel.ep, ep_rank, parallel.ep_ranks_per_node
         )
+    from moeforge.platform.runtime.placement import current_placement
+
+    realized = current_placement()
+    if realized is not None:
+        return ExpertPlacement.from_node_ids(n_experts, ep_rank, realized.node_ids(ep_ranks))
     node_ids: list[str | None] = [None] * len(ep_ranks)
     dist.all_gather_object(node_ids, this_node_id(), group=groups.ep)
     return ExpertPlacement.from_node_ids(n_experts, ep_rank, node_ids)
