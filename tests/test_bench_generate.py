@@ -16,7 +16,7 @@ from moeforge.platform.bench.generate import run
 RESULT_KEYS = {
     "batch", "prompts", "plain", "speculative", "speedup", "acceptance_rate", "accepted_per_step", "tokens_per_step",
     "verify_rows_per_forward", "identical", "mismatches", "distinct_token_fraction", "step_costs",
-    "expected_speedup",
+    "expected_speedup", "step_ratio",
 }  # fmt: skip
 COST_KEYS = {"batch", "position", "verify_tokens", "repeats", "t_decode_ms", "t_verify_ms", "t_draft_ms"}
 
@@ -72,8 +72,10 @@ def test_generate_suite_trains_decodes_side_by_side_and_caches(ray_cluster, tmp_
         costs = r["step_costs"]
         assert set(costs) == COST_KEYS and costs["batch"] == r["batch"] and costs["verify_tokens"] == 2
         assert all(_finite_positive(costs[k]) for k in ("t_decode_ms", "t_verify_ms", "t_draft_ms"))
+        steps = r["plain"]["stats"]["steps"] / r["speculative"]["stats"]["steps"]
+        assert r["step_ratio"] == pytest.approx(steps) and r["step_ratio"] <= r["tokens_per_step"] + 1e-9
         assert r["expected_speedup"] == pytest.approx(
-            r["tokens_per_step"] * costs["t_decode_ms"] / (costs["t_verify_ms"] + costs["t_draft_ms"])
+            steps * costs["t_decode_ms"] / (costs["t_verify_ms"] + costs["t_draft_ms"])
         )
 
     text = capsys.readouterr().out

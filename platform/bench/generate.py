@@ -16,7 +16,10 @@ model's own MTP modules draft the next tokens, and what limits it?
     explain     per step at that batch (platform/bench/generate_costs.py): the main model's decode
                 forward (1 token), its verify forward (1 + D tokens) and the drafts (D MTP module
                 forwards), so that
-                    expected speedup = tokens per step * t_decode / (t_verify + t_draft)
+                    expected speedup = step ratio * t_decode / (t_verify + t_draft)
+                with step ratio = plain forwards / speculative forwards on the same prompts. At
+                batch 1 that is the tokens per step (1 + accepted drafts); in a batch it is less,
+                because a batch takes as many steps as its slowest row
                 stands next to the measured one
 
 Greedy speculative decoding must return exactly the plain tokens; the report records whether it
@@ -224,7 +227,10 @@ def measure_batch(model, prompts: list[list[int]], batch: int, cfg: GenerateBenc
     row_steps = _row_steps(st)
     tokens_per_step = st.step_tokens / row_steps if row_steps else 0.0  # per row: 1 + accepted drafts
     costs = step_costs(model, prompts[:batch], cfg.max_new_tokens, cfg.cost_repeats)
-    expected = tokens_per_step * costs["t_decode_ms"] / (costs["t_verify_ms"] + costs["t_draft_ms"])
+    # Forwards saved: a batch steps until its slowest row is done, so this is below tokens_per_step
+    # when the rows accept different numbers of drafts.
+    step_ratio = plain_stats.steps / st.steps if st.steps else 0.0
+    expected = step_ratio * costs["t_decode_ms"] / (costs["t_verify_ms"] + costs["t_draft_ms"])
     return {
         "batch": batch,
         "prompts": len(prompts),
@@ -236,6 +242,7 @@ def measure_batch(model, prompts: list[list[int]], batch: int, cfg: GenerateBenc
         "acceptance_rate": st.acceptance_rate,
         "accepted_per_step": st.accepted / row_steps if row_steps else 0.0,
         "tokens_per_step": tokens_per_step,
+        "step_ratio": step_ratio,
         "verify_rows_per_forward": row_steps / st.steps if st.steps else 0.0,
         "identical": not mismatches,
         # a model stuck repeating itself drafts easily: read the acceptance rate next to this
@@ -319,7 +326,8 @@ def format_table(report: dict) -> str:
             f"{100 * r['distinct_token_fraction']:>7.0f}%"
         )
     lines.append(
-        "expected = tokens per step (1 + acc/step) * decode ms / (verify ms + draft ms); ms per step at that batch: "
+        "expected = step ratio (plain forwards / MTP forwards; a batch steps until its slowest row is done) "
+        "* decode ms / (verify ms + draft ms); ms per step at that batch: "
         f"decode = 1 token, verify = 1 + {m['mtp_depth']} tokens, draft = {m['mtp_depth']} MTP module forward(s)"
     )
     for r in report["results"]:
