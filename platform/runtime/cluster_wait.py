@@ -3,8 +3,7 @@
 Which rank runs on which node is platform/runtime/placement_plan.py (the plan) and
 platform/runtime/placement.py (its realization in the workers).
 
-Waiting for the cluster (driver): Ray Train's own worker-group start waits at most `cluster.wait_s`
-for its placement group (`workers_wait_at_most`), whose pending demand is what makes an autoscaler
+Ray Train's own worker-group start waits at most `cluster.wait_s` for its placement group (`workers_wait_at_most`), whose pending demand is what makes an autoscaler
 add nodes, and which then gets those very nodes; past that the run fails with what it asked for
 and what the cluster has (`wait_error`). A probe placement group reserved and released before Ray
 Train's was tried first and dropped: under a short idle timeout the autoscaler removed the nodes
@@ -19,7 +18,6 @@ from collections.abc import Mapping
 
 from moeforge.model.config import ConfigError
 
-# ---- in the driver: waiting for the cluster ---------------------------------------------------------
 # Ray Train's own limit on one worker-group start (its placement group becoming ready); it reads it
 # from the environment and hands it from the driver to its controller (Ray Train v2's
 # ENV_VARS_TO_PROPAGATE). Past it the controller fails the start, and retries it for ever unless

@@ -16,11 +16,9 @@ of the plan. When that numbering differs from Ray Train's, the default torch.dis
 made again with the plan's ranks (on a fresh port of the new rank 0); otherwise nothing changes.
 
 The realized mapping (world rank -> node id and ip, Ray Train's rank, pp, dp and EP coordinates) is
-printed by rank 0 as one table and saved as `placement.json` in run.dir. Expert placement
-(platform/moe/placement.py) gathers every EP rank's Ray node id after this, so its node numbering,
-and with it node-limited routing and the nodes-per-token statistics, follows this mapping;
-`current_placement()` holds it in the worker process for any part that wants it without a
-collective.
+printed by rank 0 as one table and saved as `placement.json` in run.dir. `current_placement()` holds
+it in the worker process: expert placement (platform/moe/placement.py) takes its node ids from it,
+so node-limited routing and the nodes-per-token statistics follow this mapping.
 """
 
 from __future__ import annotations
