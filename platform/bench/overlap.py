@@ -118,15 +118,27 @@ class OverlapBenchConfig:
 
 
 # ---- synthetic: one rank -------------------------------------------------------------------------
+def _p2p_links(pp: int, ep: int) -> list[tuple[int, int]]:
+    """Directed (sender, receiver) pairs of pipeline neighbours, rank = pp_rank * ep + ep_rank."""
+    links = []
+    for e in range(ep):
+        for r in range(pp - 1):
+            a, b = r * ep + e, (r + 1) * ep + e
+            links += [(a, b), (b, a)]
+    return links
+
+
 def _groups(rank: int, pp: int, ep: int):
-    """(pp_rank, ep_rank, this rank's pipeline group, its EP group); every rank creates every group
-    in the same order, as torch.distributed requires."""
+    """(pp_rank, ep_rank, this rank's pipeline group, its EP group, its links); every rank creates
+    every group in the same order, as torch.distributed requires."""
     import torch.distributed as dist
+    from moeforge.platform.runtime.topology import create_links
 
     pp_rank, ep_rank = divmod(rank, ep)
     pipelines = [dist.new_group([q * ep + e for q in range(pp)]) for e in range(ep)]
     ep_groups = [dist.new_group([r * ep + e for e in range(ep)]) for r in range(pp)]
-    return pp_rank, ep_rank, pipelines[ep_rank], ep_groups[pp_rank]
+    links = create_links(_p2p_links(pp, ep), rank)
+    return pp_rank, ep_rank, pipelines[ep_rank], ep_groups[pp_rank], links
 
 
 def _sized_payload(cfg: OverlapBenchConfig, ep_group, ep: int) -> int:
@@ -181,17 +193,18 @@ def _synthetic_rank(rank: int, world_size: int, cfg: OverlapBenchConfig, pp: int
     from moeforge.platform.bench.overlap_phases import SleepPhaseCompute
     from moeforge.platform.bench.overlap_torch import torch_dualpipev_steps
     from moeforge.platform.runtime.executor import PipelineExecutor
-    from moeforge.platform.runtime.p2p import P2P
+    from moeforge.platform.runtime.p2p import P2P, open_links
     from moeforge.platform.schedules import build_schedule
 
     ep, microbatches = cfg.ep, cfg.microbatches_per_rank * pp
-    pp_rank, ep_rank, pp_group, ep_group = _groups(rank, pp, ep)
+    pp_rank, ep_rank, pp_group, ep_group, links = _groups(rank, pp, ep)
     act_shape = (1, cfg.act_numel)
 
     def run_case(name: str, order: str | None, a2a_numel: int, steps: int) -> tuple[list[dict], object]:
         schedule = build_schedule(name, pp, microbatches)
         shape = cfg.shape(schedule.num_stages // pp, a2a_numel)
-        p2p = P2P(rank, cfg.timeout_s, name=f"rank {rank}", timeline_rank=rank)
+        p2p = P2P(rank, cfg.timeout_s, links, name=f"rank {rank}", timeline_rank=rank)
+        open_links(p2p, _p2p_links(pp, ep))
         compute = SleepPhaseCompute(shape, ep_group, ep, act_shape, tracker=p2p, order=order or OVERLAP_ORDERS[0])
         executor = PipelineExecutor(
             schedule,
@@ -205,7 +218,7 @@ def _synthetic_rank(rank: int, world_size: int, cfg: OverlapBenchConfig, pp: int
         out = []
         for _ in range(steps):
             dist.barrier()
-            trace = executor.run(time.perf_counter())
+            trace = executor.run()
             step = torch.tensor([trace.step_s], dtype=torch.float64)
             dist.all_reduce(step, op=dist.ReduceOp.MAX)
             out.append({"step_s": float(step[0]), **_pair_figures(trace.records)})

@@ -117,7 +117,7 @@ class SleepPhaseCompute:
     def backward_weight(self, chunk, mb):
         time.sleep(self.shape.w_s)
 
-    def overlapped_pair(self, f, b, full, on_forward_done, on_phase=None):
+    def overlapped_pair(self, f, b, full, on_forward_done, on_phase=None, now=time.perf_counter):
         programs = self.forward_program(*f), self.backward_program(*b, full)
-        _, grad_in = run_pair(*programs, on_forward_done, self.order, on_phase)
+        _, grad_in = run_pair(*programs, on_forward_done, self.order, on_phase, now)
         return grad_in

@@ -22,7 +22,6 @@ import json
 import os
 import statistics
 import tempfile
-import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -85,23 +84,27 @@ def _synthetic_rank(
     import torch
     import torch.distributed as dist
     from moeforge.platform.runtime.executor import PipelineExecutor, SleepCompute
-    from moeforge.platform.runtime.p2p import P2P
+    from moeforge.platform.runtime.p2p import P2P, open_links
+    from moeforge.platform.runtime.topology import Topology, create_links
     from moeforge.platform.schedules import build_schedule
 
     out = []
     act_shape = (cfg.act_numel,)
+    p2p_links = Topology(world_size, 1).p2p_links()  # every layout links the same neighbours
+    links = create_links(p2p_links, rank)
     for name, microbatches in cases:
         schedule = build_schedule(name, world_size, microbatches)
         scale = schedule.pp / schedule.num_stages / 1e3  # DualPipeV's chunks are half stages
         compute = SleepCompute(cfg.f_ms * scale, cfg.b_ms * scale, cfg.w_ms * scale, act_shape)
-        p2p = P2P(rank, cfg.timeout_s, name=f"rank {rank}", timeline_rank=rank)
+        p2p = P2P(rank, cfg.timeout_s, links, name=f"rank {rank}", timeline_rank=rank)
+        open_links(p2p, p2p_links)
         executor = PipelineExecutor(
             schedule, rank, compute, p2p, world_rank_of=lambda q: q, act_shape=act_shape
         )
         steps = []
         for _ in range(cfg.steps):
             dist.barrier()
-            trace = executor.run(time.perf_counter())
+            trace = executor.run()
             stats = torch.tensor([trace.step_s, trace.busy_s, trace.exposed_comm_s], dtype=torch.float64)
             gathered = [torch.zeros_like(stats) for _ in range(world_size)]
             dist.all_gather(gathered, stats)

@@ -186,31 +186,32 @@ def run_to_end(program: Program):
         return done.value
 
 
-PhaseHook = Callable[[str, float, float], None]  # (program name, start, end) of one phase
+PhaseHook = Callable[[str, object, object], None]  # (program name, start, end) of one phase
 
 
 def interleave(
     programs: list[Program],
     on_done: list[Callable[[object], None] | None] | None = None,
-    on_phase: Callable[[int, float, float], None] | None = None,
+    on_phase: Callable[[int, object, object], None] | None = None,
+    now: Callable[[], object] = time.perf_counter,
 ) -> list[object]:
     """Advance the programs one phase each in turn, in list order, until all end; their results.
     `on_done[i]` sees program i's result as soon as it ends (the executor sends a forward's
     activations then, while the other program still computes); `on_phase(i, start, end)` sees
-    each phase's perf_counter span (the timeline)."""
+    each phase's span as two readings of `now` (the step's clock: the timeline)."""
     on_done = on_done or [None] * len(programs)
     results: list[object] = [None] * len(programs)
     live = dict(enumerate(programs))
     while live:
         for i in list(live):
-            start = time.perf_counter()
+            start = now()
             try:
                 next(live[i])
                 if on_phase is not None:
-                    on_phase(i, start, time.perf_counter())
+                    on_phase(i, start, now())
             except StopIteration as done:
                 if on_phase is not None:
-                    on_phase(i, start, time.perf_counter())
+                    on_phase(i, start, now())
                 results[i] = done.value
                 del live[i]
                 if on_done[i] is not None:
@@ -224,6 +225,7 @@ def run_pair(
     on_forward_done: Callable[[object], None] | None = None,
     order: str = "backward_first",
     on_phase: PhaseHook | None = None,
+    now: Callable[[], object] = time.perf_counter,
 ) -> tuple[object, object]:
     """V3's overlapped F&B pair: the two programs interleaved phase by phase; (forward result,
     backward result). `order` says whose phase runs first (parallel.overlap_order). Backward first
@@ -232,13 +234,13 @@ def run_pair(
     waits on the forward's dispatch behind that short phase (schedules/phase_costs.py predicts
     both). The order must be the same on every rank of an EP group (their collectives pair up in
     launch order): it is a fixed setting, never decided by timing. `on_phase("F" | "B", start,
-    end)` sees every phase's perf_counter span."""
+    end)` sees every phase's span as readings of `now`."""
     if order not in OVERLAP_ORDERS:
         raise ValueError(f"parallel.overlap_order: {order!r} is not one of {OVERLAP_ORDERS}")
     names = ("F", "B") if order == "forward_first" else ("B", "F")
     hook = None if on_phase is None else (lambda i, start, end: on_phase(names[i], start, end))
     if order == "forward_first":
-        f, b = interleave([forward, backward], [on_forward_done, None], hook)
+        f, b = interleave([forward, backward], [on_forward_done, None], hook, now)
     else:
-        b, f = interleave([backward, forward], [None, on_forward_done], hook)
+        b, f = interleave([backward, forward], [None, on_forward_done], hook, now)
     return f, b

@@ -21,15 +21,22 @@ Per action:
                action that needs them; sends are issued when their data exists, never later than
                their place in the list, and in list order.
 
-Timing: every compute action, transfer and blocking wait becomes a TimelineRecord (seconds since
-the step start); `busy_s` sums compute time, `p2p.exposed_s` the time blocked on transfers and
-`p2p.exposed_a2a_s` the time blocked on the all-to-alls of phase programs (parallel.chunk_phases;
-the one-graph path waits inside autograd, untimed, and its all-to-alls count as compute).
+NCCL's rule. Sends and receives are each posted in list order, and each direction between two
+ranks has its own process group (p2p.py), so on every (group, pair) one side posts the list's
+sends in order and the other the matching receives in order, which is what NCCL's one-stream,
+posting-order matching needs; the schedule validator checks that the two lists agree.
+
+Timing: every compute action, transfer and wait becomes a TimelineRecord (seconds since the step
+start, from the step's clock: CUDA events on a GPU). `busy_s` sums compute time, `exposed_comm_s`
+the time waiting on transfers and `exposed_a2a_s` on the all-to-alls of phase programs
+(parallel.chunk_phases; the one-graph path waits inside autograd, untimed, and its all-to-alls
+count as compute).
 """
 
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -54,6 +61,9 @@ class StageCompute(Protocol):
     def backward_weight(self, chunk: int, mb: int) -> None: ...
 
     def backward_full(self, chunk: int, mb: int, grad_out: torch.Tensor | None) -> torch.Tensor | None: ...
+
+
+COMPUTE_RECORD_KINDS = frozenset(k.value for k in Kind if k.is_compute)
 
 
 @dataclass
@@ -113,18 +123,17 @@ class PipelineExecutor:
         self.clock = p2p.clock
 
     # ---- one step ---------------------------------------------------------------------------------
-    def run(self, t0: float | None = None) -> StepTrace:
-        """Run the whole action list once. `t0` (a clock reading taken right after a barrier on all
-        ranks) anchors the timeline; defaults to now."""
-        t0 = self.clock() if t0 is None else t0
-        self.p2p.start_step(t0)
+    def run(self) -> StepTrace:
+        """Run the whole action list once. The timeline starts now (callers run it right after a
+        barrier on all ranks, so the ranks' timelines share their origin)."""
+        self.p2p.start_step()
+        self._records: list[TimelineRecord] = []
         self._recvs: dict[tuple[Kind, int, int], Transfer] = {}
         self._outbox: dict[tuple[str, int, int], torch.Tensor] = {}  # produced data awaiting its SEND
         self._local: dict[tuple[str, int, int], torch.Tensor] = {}  # same-rank hand-offs (DualPipeV turn)
         self._sent: set[int] = set()
         self._recv_cursor = 0
         self._compute_positions = [i for i, a in enumerate(self.actions) if a.kind.is_compute]
-        trace = StepTrace()
         first_compute_done = False
         for i, action in enumerate(self.actions):
             self._post_recvs_ahead(i)
@@ -134,24 +143,33 @@ class PipelineExecutor:
                 if i not in self._sent:
                     self._send(i)
                 continue
-            self._run_compute(i, action, trace)
+            self._run_compute(i, action)
             self.p2p.reap_sends()
             if not first_compute_done:
                 first_compute_done = True
                 if self.fault is not None:
                     self.fault()
         self.p2p.wait_sends()
-        trace.exposed_comm_s = self.p2p.exposed_s
-        trace.exposed_a2a_s = self.p2p.exposed_a2a_s
-        trace.records.extend(self.p2p.records)
-        trace.records.sort(key=lambda r: r.start)
+        return self._trace(self._records + self.p2p.records)
+
+    def _trace(self, marked: list[TimelineRecord]) -> StepTrace:
+        """The step's records in seconds, and the sums made from them (a wait that did not block
+        leaves no record)."""
+        seconds = self.clock.seconds
+        records = [dataclasses.replace(r, start=seconds(r.start), end=seconds(r.end)) for r in marked]
+        records = [r for r in records if r.end > r.start or not r.kind.endswith("WAIT")]
+        records.sort(key=lambda r: r.start)
+        trace = StepTrace(records=records)
+        trace.busy_s = sum(r.end - r.start for r in records if r.kind in COMPUTE_RECORD_KINDS)
+        trace.exposed_comm_s = sum(r.end - r.start for r in records if r.kind == "WAIT")
+        trace.exposed_a2a_s = sum(r.end - r.start for r in records if r.kind == "A2A_WAIT")
         # The step ends with its last recorded action or transfer (not at a clock read after it: a
         # process descheduled there on shared cores would add time in which nothing ran).
-        trace.step_s = max((r.end for r in trace.records), default=self.clock() - t0)
+        trace.step_s = max((r.end for r in records), default=0.0)
         return trace
 
     # ---- compute ----------------------------------------------------------------------------------
-    def _run_compute(self, index: int, a: Action, trace: StepTrace) -> None:
+    def _run_compute(self, index: int, a: Action) -> None:
         if a.kind is Kind.FB and self.overlap:
             x = self._forward_input(a.chunk, a.mb)
             grad_out = self._backward_input(a.b_chunk, a.b_mb)
@@ -161,13 +179,10 @@ class PipelineExecutor:
                 self._deliver_forward(a.chunk, a.mb, out)
                 self._issue_ready_sends(index)  # the activations travel while the backward ends
 
-            def phase_done(half: str, begin: float, end: float) -> None:  # the pair's phases, on the timeline
+            def phase_done(half: str, begin: object, end: object) -> None:  # the pair's phases, on the timeline
                 label = f"{a.chunk}.{a.mb}" if half == "F" else f"{a.b_chunk}.{a.b_mb}"
-                t0 = self.p2p.t0
-                trace.records.append(
-                    TimelineRecord(
-                        self.p2p.timeline_rank, f"{half}{label}", f"PHASE_{half}", begin - t0, end - t0
-                    )
+                self._records.append(
+                    TimelineRecord(self.p2p.timeline_rank, f"{half}{label}", f"PHASE_{half}", begin, end)
                 )
 
             grad_in = self.compute.overlapped_pair(
@@ -176,6 +191,7 @@ class PipelineExecutor:
                 a.b_kind is Kind.BW,
                 forward_done,
                 phase_done,
+                self.clock.now,
             )
             self._deliver_backward(a.b_chunk, a.b_mb, grad_in)
         elif a.kind is Kind.FB:
@@ -199,8 +215,7 @@ class PipelineExecutor:
         else:  # pragma: no cover - Kind is closed
             raise ValueError(f"unknown action {a}")
         end = self._now()
-        trace.busy_s += end - start
-        trace.records.append(TimelineRecord(self.p2p.timeline_rank, str(a), a.kind.value, start, end))
+        self._records.append(TimelineRecord(self.p2p.timeline_rank, str(a), a.kind.value, start, end))
         self._issue_ready_sends(index)
 
     def _forward_input(self, chunk: int, mb: int) -> torch.Tensor | None:
@@ -250,8 +265,8 @@ class PipelineExecutor:
             self._outbox[("B", chunk, mb)] = grad_in
 
     # ---- communication ----------------------------------------------------------------------------
-    def _now(self) -> float:
-        return self.clock() - self.p2p.t0
+    def _now(self) -> object:
+        return self.clock.now()
 
     def _post_recvs_ahead(self, index: int) -> None:
         """Post every RECV up to the `recv_lookahead`-th compute action after `index`, in list order."""

@@ -2,7 +2,8 @@
 
 `launch_training(cfg, raw_config)`:
   1. validates the whole run before any worker starts (`validate_pipeline`): the schedule generator
-     accepts (pp, micro-batches) (built here in the driver, so a ScheduleError surfaces now), the
+     accepts (pp, micro-batches) and its training and evaluation lists pass the validator (NCCL's
+     per-direction order included; built here in the driver, so a ScheduleError surfaces now), the
      layers split into the stages the schedule needs, ZeRO stage vs pp, the topology (DualPipe needs
      an even pp, ep divides dp);
   2. connects to Ray (`ray_connection.connect_ray`): the running session if `ray.is_initialized()`
@@ -38,7 +39,7 @@ from moeforge.platform.config.train import TrainConfig
 from moeforge.platform.runtime.ray_connection import connect_ray
 from moeforge.platform.runtime.stages import split_layers
 from moeforge.platform.runtime.topology import Topology
-from moeforge.platform.schedules import Schedule, ScheduleError, build_schedule
+from moeforge.platform.schedules import Schedule, ScheduleError, build_schedule, forward_only, validate
 
 
 class PipelineRunError(RuntimeError):
@@ -55,6 +56,8 @@ def validate_pipeline(cfg: TrainConfig) -> Schedule:
     Topology.for_schedule(par.schedule, par.pp, par.dp, par.ep, cfg.model.num_nextn_predict_layers > 0)
     try:
         schedule = build_schedule(par.schedule, par.pp, par.microbatches)
+        validate(schedule)
+        validate(forward_only(schedule))
     except ScheduleError as err:
         msg = str(err)
         raise ConfigError(msg if msg.startswith("parallel.") else f"parallel.{msg}") from None

@@ -30,6 +30,7 @@ from moeforge.platform.config.train import TrainConfig
 from moeforge.platform.optim.bad_steps import BadStepPolicy
 from moeforge.platform.outputs.pipeline_report import PipelineReport
 from moeforge.platform.outputs.storage import open_storage
+from moeforge.platform.runtime.comm_record import record_comm_from_env
 from moeforge.platform.runtime.rank_state import PipelineRuntime
 
 
@@ -74,6 +75,7 @@ def run_pipeline_training(
     the last), with rank 0's metrics; other ranks pass an empty dict. Evaluation and checkpoints are
     collective too: every rank takes part at the same steps. `restarted_resumes`: this run may be a
     restarted worker group (checkpoint.max_failures), which resumes its own newest checkpoint."""
+    record_comm_from_env()
     runtime = PipelineRuntime(cfg, rank, world_size, source=source, device=device, log=log)
     resumed = runtime.resume(restarted=restarted_resumes)
     reporter = _rank0_report(cfg, runtime, log, resumed) if rank == 0 else None

@@ -61,9 +61,10 @@ from moeforge.platform.outputs.storage import open_storage
 from moeforge.platform.outputs.timeline import TimelineRecord
 from moeforge.platform.precision import apply_precision, compute_context
 from moeforge.platform.runtime.executor import PipelineExecutor, StepTrace
-from moeforge.platform.runtime.p2p import P2P
+from moeforge.platform.runtime.p2p import P2P, open_links
 from moeforge.platform.runtime.stage_compute import ForwardCompute, MicroBatch, ModelCompute
 from moeforge.platform.runtime.stages import StageChunk, build_rank, split_layers
+from moeforge.platform.runtime.step_clock import clock_for
 from moeforge.platform.runtime.topology import Topology, create_process_groups
 from moeforge.platform.schedules import build_schedule, forward_only
 
@@ -154,7 +155,17 @@ class PipelineRuntime:
         self.total_moe_layers = len(self.model.moe_layers())
         set_balance_loss_scale(self.moe, cfg.model.seq_aux_loss_alpha, 1.0 / self.microbatches)
 
-        self.p2p = P2P(rank, par.p2p_timeout_s, name=self.name, timeline_rank=rank, device=self.device)
+        self.p2p = P2P(
+            rank,
+            par.p2p_timeout_s,
+            self.groups.links,
+            name=self.name,
+            timeline_rank=rank,
+            device=self.device,
+            clock=clock_for(self.device),
+            host_waits=dist.get_backend() != "nccl",
+        )
+        open_links(self.p2p, self.topo.p2p_links())
         # Stages exchange the residual stream in its own dtype (BF16 under bf16/fp8): what the
         # single-process model passes between the same blocks, at half the bytes of FP32.
         act_dtype = getattr(torch, cfg.precision.compute_dtype)
@@ -263,8 +274,7 @@ class PipelineRuntime:
         recipe = recipe_at(self.step, self.cfg)
         self.compute.start_step(self._microbatches(), recipe.mtp_loss_weight)
         dist.barrier()  # a common start for every rank's timeline
-        t0 = time.perf_counter()
-        trace = self.executor.run(t0)
+        trace = self.executor.run()
         grads = self.compute.take_grads()
         for p in self.tied:  # sum the first and last stage's embedding gradients
             # No loop variable keeps the gradient alive: the optimizer step consumes `grads`.
@@ -293,11 +303,12 @@ class PipelineRuntime:
     def _step_is_finite(self, grads: dict[int, torch.Tensor]) -> bool:
         """Every rank's losses and gradients are finite (one flag, all-reduced: every rank decides
         alike). Checked before the optimizer step, which DeepSpeed would otherwise apply in fp32/bf16
-        whatever the norm; one pass over this rank's gradients."""
-        losses, _ = self.compute.loss_values()
-        flags = [torch.tensor(math.isfinite(v["loss"])) for v in losses.values()]
-        flags += [torch.isfinite(g).all().cpu() for g in grads.values()]
-        bad = torch.tensor([0.0 if all(bool(f) for f in flags) else 1.0])
+        whatever the norm; one pass over this rank's gradients on the device, and one host read of
+        the all-reduced flag (the host decides whether to step)."""
+        checks = [torch.isfinite(g).all().reshape(1).to(self.device) for g in grads.values()]
+        checks += [torch.isfinite(v["loss"]).reshape(1).to(self.device) for v in self.compute.losses.values()]
+        finite = torch.cat(checks).all() if checks else torch.tensor(True, device=self.device)
+        bad = (~finite).to(torch.float64).reshape(1)
         return float(self._all_reduce_small(bad, dist.ReduceOp.MAX)[0]) == 0.0
 
     def _balance(self, gamma: float) -> ExpertLoad:

@@ -17,6 +17,7 @@ the ranks of a dp group are at different actions. The optimizer step sees them o
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -112,10 +113,16 @@ class ModelCompute:
         self.aux_loss_sum = 0.0
 
     def loss_values(self) -> tuple[dict[int, dict[str, float]], float]:
-        """The step's per micro-batch losses and balance-loss sum as floats: one synchronisation,
-        after the schedule."""
-        losses = {mb: {k: float(v) for k, v in vals.items()} for mb, vals in self.losses.items()}
-        return losses, float(self.aux_loss_sum)
+        """The step's per micro-batch losses and balance-loss sum as floats: one host read of one
+        stacked tensor, after the schedule."""
+        keys = [(mb, k) for mb, vals in sorted(self.losses.items()) for k in vals]
+        values = [torch.as_tensor(self.losses[mb][k]).float().reshape(()) for mb, k in keys]
+        aux = torch.as_tensor(self.aux_loss_sum).float().reshape(())
+        read = torch.stack([*(v.to(aux.device) for v in values), aux]).tolist()
+        losses: dict[int, dict[str, float]] = {}
+        for (mb, k), value in zip(keys, read, strict=False):
+            losses.setdefault(mb, {})[k] = value
+        return losses, read[-1]
 
     def take_grads(self) -> dict[int, torch.Tensor]:
         """The step's accumulated weight gradients, keyed by id(param) (including what deferred W
@@ -160,12 +167,13 @@ class ModelCompute:
         full: bool,
         on_forward_done: Callable[[torch.Tensor | None], None],
         on_phase: PhaseHook | None = None,
+        now: Callable[[], object] = time.perf_counter,
     ) -> torch.Tensor | None:
         """An F&B pair with its phases interleaved (parallel.overlap); returns the backward's input
         gradient. `on_forward_done` receives the forward's output as soon as it exists; `on_phase`
-        each phase's span (chunk_program.run_pair)."""
+        each phase's span as marks of `now` (chunk_program.run_pair)."""
         programs = self.forward_program(*f), self.backward_program(*b, full)
-        _, grad_in = run_pair(*programs, on_forward_done, self.overlap_order, on_phase)
+        _, grad_in = run_pair(*programs, on_forward_done, self.overlap_order, on_phase, now)
         return grad_in
 
     # ---- StageCompute -----------------------------------------------------------------------------

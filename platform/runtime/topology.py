@@ -6,8 +6,8 @@ point-to-point traffic local) and the dp replicas of a stage are `pp` apart.
 
 Groups, all derived from (schedule layout, pp, dp) alone so every rank computes the same lists:
 
-- pipeline group: the pp ranks of one dp replica (point-to-point goes over the default group with
-  global ranks; the group is listed for completeness and for collectives along the pipeline).
+- pipeline group: the pp ranks of one dp replica (listed for completeness and for collectives
+  along the pipeline; activations and gradients travel over the links below).
 - dp group: the dp ranks holding the same pp position.
 - shard group: every rank holding this rank's parameters. For DualPipe rank r holds stages r and
   pp-1-r and so does rank pp-1-r: the two ranks have identical parameter sets, so the shard group is
@@ -26,11 +26,22 @@ Groups, all derived from (schedule layout, pp, dp) alone so every rank computes 
 - expert shard group: every rank holding this rank's routed experts (the expert-data-parallel
   group): the shard group's members with the same EP rank, size shard/ep. Expert gradients are
   reduced, and ZeRO partitions their optimizer state, over it. With ep = 1 it is the shard group.
+- ep counts group: the EP group's members again, as a second process group that carries only the
+  MoE layers' token counts. Under NCCL all collectives of one group share one stream, so a count
+  exchange on the EP group would queue behind the other micro-batch's bulk all-to-all in an
+  overlapped F&B pair.
+- links: one two-rank group per DIRECTION between pipeline neighbours of a dp replica, carrying
+  only that direction's sends. NCCL runs the ungrouped point-to-point ops of one (group, pair) in
+  posting order on one stream, and a posted receive blocks that stream until its data arrives: on
+  one group, two neighbours that each post a receive ahead (as the executor does, so transfers
+  overlap compute) wait for each other forever. With a group per direction each stream holds
+  sends on one side and receives on the other, and the executor posts both in action-list order,
+  which the schedule validator checks agree (platform/schedules/validate.py).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from moeforge.model.config import ConfigError
 
@@ -42,6 +53,9 @@ LAYOUT_OF_SCHEDULE = {
     "dualpipe": "bidirectional",
     "dualpipev": "v",
 }
+
+
+GROUP_KINDS = ("pipeline", "dp", "shard", "norm", "tie", "ep", "ep_counts", "expert_shard")
 
 
 @dataclass(frozen=True)
@@ -141,6 +155,9 @@ class Topology:
         dp_ranks = self.dp_group(rank)
         return dp_ranks[first : first + self.ep]
 
+    def ep_counts_group(self, rank: int) -> list[int]:
+        return self.ep_group(rank)
+
     def ep_rank(self, rank: int) -> int:
         """Position in the EP group: which block of experts this rank holds."""
         return self.coords(rank)[1] % self.ep
@@ -150,11 +167,22 @@ class Topology:
         mine = self.ep_rank(rank)
         return [q for q in self.shard_group(rank) if self.ep_rank(q) == mine]
 
+    def p2p_links(self) -> list[tuple[int, int]]:
+        """Every directed (sender, receiver) pair of pipeline neighbours, in one fixed order. Every
+        layout moves data between adjacent pipeline ranks only (DualPipe's second direction and the
+        return leg of DualPipeV included; the V's turn is local)."""
+        links = []
+        for d in range(self.dp):
+            for r in range(self.pp - 1):
+                a, b = self.rank_of(r, d), self.rank_of(r + 1, d)
+                links += [(a, b), (b, a)]
+        return links
+
     def all_groups(self) -> dict[str, list[list[int]]]:
         """Every distinct group of every kind, in a fixed order (all ranks must create process groups
         in the same order)."""
         out: dict[str, list[list[int]]] = {}
-        for kind in ("pipeline", "dp", "shard", "norm", "tie", "ep", "expert_shard"):
+        for kind in GROUP_KINDS:
             seen: list[list[int]] = []
             for rank in range(self.world_size):
                 g = getattr(self, f"{kind}_group")(rank)
@@ -166,7 +194,8 @@ class Topology:
 
 @dataclass
 class ProcessGroups:
-    """This rank's torch.distributed groups (None where a group has a single member or none)."""
+    """This rank's torch.distributed groups (None where a group has a single member or none), and
+    its links: (sender, receiver) -> the group carrying that direction's transfers."""
 
     pipeline: object
     dp: object
@@ -174,8 +203,10 @@ class ProcessGroups:
     norm: object
     tie: object
     ep: object
+    ep_counts: object
     expert_shard: object
     ranks: dict[str, list[int] | None]
+    links: dict[tuple[int, int], object] = field(default_factory=dict)
 
 
 def create_process_groups(topo: Topology, rank: int) -> ProcessGroups:
@@ -194,4 +225,17 @@ def create_process_groups(topo: Topology, rank: int) -> ProcessGroups:
             handle = dist.new_group(members)
             if members == own:
                 mine[kind] = handle
-    return ProcessGroups(ranks=ranks, **mine)
+    return ProcessGroups(ranks=ranks, links=create_links(topo.p2p_links(), rank), **mine)
+
+
+def create_links(p2p_links: list[tuple[int, int]], rank: int) -> dict[tuple[int, int], object]:
+    """One process group per directed (sender, receiver) pair of `p2p_links` (collective over the
+    world: every rank passes the same list); returns this rank's, by (sender, receiver)."""
+    import torch.distributed as dist
+
+    links = {}
+    for sender, receiver in p2p_links:
+        handle = dist.new_group(sorted((sender, receiver)))
+        if rank in (sender, receiver):
+            links[(sender, receiver)] = handle
+    return links

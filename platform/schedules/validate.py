@@ -9,14 +9,21 @@
    half) has none;
 3. every cross-rank input has exactly one SEND on the producer and one RECV on the consumer (and no
    transfer is superfluous);
-4. the lists run to completion under BLOCKING point-to-point semantics: a SEND and its RECV complete
+4. NCCL's matching: for every direction between two ranks, the producer's SENDs and the consumer's
+   RECVs name the same transfers in the same list order. The executor gives each direction its own
+   process group and posts sends and receives in list order (platform/runtime/p2p.py), and NCCL,
+   which has no tags, pairs the k-th send of a (group, pair) with the k-th receive: lists that
+   disagree would deliver one micro-batch's tensor (of the same shape) as another's, or hang;
+5. the lists run to completion under BLOCKING point-to-point semantics: a SEND and its RECV complete
    together, each waiting for the other (rendezvous), so every rank must reach a matching pair in a
    compatible order. Compute actions need their local inputs (F before its B, B before its W, the same
    rank's previous stage for the V turn) and their remote inputs already received by an earlier RECV;
    a SEND needs its data already computed. Together these make every micro-batch pass every stage
-   forward, then backward, in stage order. Runtimes that post receives ahead or send asynchronously
-   are strictly more permissive, so they cannot deadlock either;
-5. the number of live activations on each rank (from the start of an F to the end of its
+   forward, then backward, in stage order. With tag matching (gloo), posting receives ahead or
+   sending asynchronously only relaxes this, so such a runtime cannot deadlock either. Under NCCL
+   that holds only with (4) and a stream per direction: two ranks that each post a receive ahead
+   on ONE (group, pair) stream wait for each other forever, whatever the lists say;
+6. the number of live activations on each rank (from the start of an F to the end of its
    input-gradient backward) never exceeds `schedule.claimed_peak_activations[rank]`.
 """
 
@@ -44,6 +51,7 @@ def validate(schedule: Schedule) -> None:
     for rank in range(schedule.pp):
         _check_work_counts(schedule, rank)
     _check_transfers(schedule)
+    _check_direction_order(schedule)
     _run_blocking(schedule)
     for rank in range(schedule.pp):
         _check_activations(schedule, rank)
@@ -110,6 +118,27 @@ def _check_transfers(schedule: Schedule) -> None:
             raise ScheduleError(
                 f"rank {rank}: {action} transfers data no stage needs (wrong peer, chunk or kind?)"
             )
+
+
+def _check_direction_order(schedule: Schedule) -> None:
+    """(4): per (sender, receiver), the sender's SENDs and the receiver's RECVs in the same order."""
+    sends: dict[tuple[int, int], list[Action]] = {}
+    recvs: dict[tuple[int, int], list[Action]] = {}
+    for rank, acts in enumerate(schedule.actions):
+        for action in acts:
+            if action.kind in (Kind.SEND_F, Kind.SEND_B):
+                sends.setdefault((rank, action.peer), []).append(action)
+            elif action.kind in (Kind.RECV_F, Kind.RECV_B):
+                recvs.setdefault((action.peer, rank), []).append(action)
+    for (sender, receiver), sent in sorted(sends.items()):
+        received = recvs.get((sender, receiver), [])
+        for k, (s, r) in enumerate(zip(sent, received, strict=True)):  # counts: _check_transfers
+            if _matching(s, sender) != r:
+                raise ScheduleError(
+                    f"rank {sender} -> rank {receiver}: transfer #{k} is {s} on rank {sender} but {r} on "
+                    f"rank {receiver}; NCCL pairs the transfers of one direction in posting order, so "
+                    "both lists must name them in the same order"
+                )
 
 
 def _matching(action: Action, rank: int) -> Action:
