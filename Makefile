@@ -1,12 +1,21 @@
 # Two commands on a fresh Linux machine with Python 3.11: `make train` and `make test`.
-PYTHON ?= python3.11
+# Setup's interpreter and torch come from platform/runtime/torch_install.py, run by the system
+# python before the venv exists (`python3 platform/runtime/torch_install.py plan` prints the plan):
+# without an NVIDIA driver, python3.11 and `pip install torch==$(TORCH_VERSION)`; with one, Python
+# 3.11 or 3.12, keeping a CUDA torch the interpreter has (a venv with --system-site-packages) or
+# installing the CUDA build the driver runs. PYTHON=... names the interpreter, TORCH_CUDA=cuXYZ the
+# CUDA build. DeepSpeed's accelerator is chosen in each worker from its device, not here.
+PYTHON ?=
+SYSTEM_PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
-TORCH_CPU_VERSION ?= 2.13.0
+TORCH_VERSION ?= 2.13.0
+TORCH_CUDA ?=
+SETUP  := $(strip $(SYSTEM_PYTHON) platform/runtime/torch_install.py --torch-version $(TORCH_VERSION) \
+	$(if $(PYTHON),--python $(PYTHON)) $(if $(TORCH_CUDA),--cuda $(TORCH_CUDA)))
 STAMP  := $(VENV)/.moeforge-installed
 
-export DS_ACCELERATOR ?= cpu
 export DS_BUILD_OPS ?= 0
 export WANDB_MODE ?= offline
 export RAY_DEDUP_LOGS ?= 0
@@ -16,13 +25,13 @@ export RAY_DEDUP_LOGS ?= 0
 setup: $(STAMP)
 
 $(VENV)/bin/python:
-	$(PYTHON) -m venv $(VENV)
+	$(SETUP) venv $(VENV)
 	$(PIP) install -q --upgrade pip setuptools wheel
 
-# Install torch first: the CPU wheel when this environment has no torch, so the bare `torch`
-# requirement below never pulls a CUDA build; a user's existing (CUDA) torch is kept.
+# Install torch first, unless the venv already imports one (its own, or the interpreter's CUDA torch
+# it was made to see), so that the unpinned `torch` requirement below never pulls a build of its own.
 $(STAMP): $(VENV)/bin/python pyproject.toml
-	@$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q "torch==$(TORCH_CPU_VERSION)"
+	@$(SETUP) torch $(VENV)
 	$(PIP) install -q -e ".[dev]"
 	touch $(STAMP)
 

@@ -52,8 +52,8 @@ def _one_line(proc: subprocess.CompletedProcess, prefix: str) -> str:
     return lines[0]
 
 
-def _run(script: str, args: list[str], cwd) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+def _run(script: str, args: list[str], cwd, **extra_env: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **extra_env}
     env.pop("HYDRA_FULL_ERROR", None)  # set, it asks for the full traceback
     env.pop("RAY_ADDRESS", None)
     command = [os.path.join(BIN, script), *args]
@@ -68,6 +68,33 @@ def test_train_refuses_a_bad_override_before_any_work(tmp_path, override, expect
     assert expected in line
     assert not run_dir.exists()
     assert os.listdir(tmp_path) == []  # nor anything else (Hydra outputs, a Ray session dir)
+
+
+def test_train_refuses_a_gpu_fraction_that_nccl_would_share(tmp_path):
+    """Two pipeline ranks on half a GPU each would meet on one GPU, which NCCL refuses: refused
+    before launch, as one line naming the field."""
+    run_dir = tmp_path / "run"
+    args = ["experiment=tiny_cpu_dualpipe", f"run.dir={run_dir}", "parallel.gpus_per_worker=0.5"]
+    line = _one_line(_run("moeforge-train", args, tmp_path), "moeforge-train: config error: ")
+    assert (
+        "parallel.gpus_per_worker: must be a whole number of GPUs with NCCL (backend=auto), got 0.5" in line
+    )
+    assert not run_dir.exists()
+    assert os.listdir(tmp_path) == []
+
+
+def test_train_refuses_a_ds_accelerator_the_workers_would_refuse(tmp_path):
+    """ZeRO's DeepSpeed accelerator follows each worker's device; an environment that says
+    otherwise is refused once the cluster is known, before any worker starts (after Ray's own
+    start-up lines), not by every worker."""
+    run_dir = tmp_path / "run"
+    args = ["experiment=tiny_cpu_dualpipe", f"run.dir={run_dir}"]
+    proc = _run("moeforge-train", args, tmp_path, DS_ACCELERATOR="cuda")
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 2 and "Traceback" not in output, output[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("moeforge-train: config error: DS_ACCELERATOR=cuda contradicts this worker's device cpu")
+    assert not run_dir.exists()
 
 
 @pytest.mark.parametrize("override, expected", ESTIMATE_CASES)

@@ -15,7 +15,9 @@ import re
 import pytest
 from moeforge.model.config import ConfigError
 from moeforge.platform.config import TrainConfig
+from moeforge.platform.runtime.comm_record import RECORD_ENV
 from moeforge.platform.runtime.launch import PipelineRunError, launch_training
+from moeforge.platform.runtime.nccl_rules import load_records, summarize, violations
 from pipeline_cases import (
     assert_matches_reference,
     assert_timeline_runs_schedule,
@@ -35,9 +37,18 @@ from pipeline_cases import (
         ("dualpipe", 4, 1, 1, 8, 0),  # each stage on two ranks, both model ends on rank 0; plain pair all-reduce
     ],
 )
-def test_ray_pipeline_matches_reference(ray_cluster, tmp_path, schedule, pp, dp, ep, microbatches, zero_stage):
+def test_ray_pipeline_matches_reference(
+    ray_cluster, tmp_path, monkeypatch, schedule, pp, dp, ep, microbatches, zero_stage
+):
     raw = pipeline_config(tmp_path / "run", schedule, pp, dp, microbatches, zero_stage=zero_stage, ep=ep)
+    # Ray Train's workers record what they post (the placement's collectives and DeepSpeed's
+    # included), held to NCCL's rules as the gloo cases of test_nccl_order.py are.
+    monkeypatch.setenv(RECORD_ENV, str(tmp_path / "comm"))
     summary = launch_training(TrainConfig.from_dict(raw), raw)
+    per_rank = load_records(str(tmp_path / "comm"))
+    assert sorted(per_rank) == list(range(pp * dp)) and summarize(per_rank).p2p_ops > 0
+    found = violations(per_rank)
+    assert not found, "\n".join(found[:8])
     record = pipeline_record(tmp_path / "run")
     assert summary["losses"] == record.losses
     label = f"Ray {schedule} pp={pp} dp={dp} ep={ep} ZeRO-{zero_stage}"

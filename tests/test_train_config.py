@@ -62,6 +62,14 @@ TINY = {
             },
             "data.global_batch (8) must be divisible by parallel.microbatches * parallel.dp (3)",
         ),
+        (
+            {"model": TINY, "parallel": {"zero_bucket_elements": 3}},
+            "parallel.zero_bucket_elements: must be a positive even number of elements, got 3",
+        ),
+        (
+            {"model": TINY, "parallel": {"schedule": "1f1b", "pp": 2, "gpus_per_worker": 0.5}},
+            "parallel.gpus_per_worker: must be a whole number of GPUs with NCCL (backend=auto), got 0.5",
+        ),
     ],
 )
 def test_bad_values_name_the_field(values, message):
@@ -69,6 +77,24 @@ def test_bad_values_name_the_field(values, message):
         TrainConfig.from_dict(values)
     assert message in str(err.value)
     assert "\n" not in str(err.value)
+
+
+def test_a_gpu_fraction_is_refused_only_where_nccl_would_share_a_gpu():
+    """NCCL refuses two ranks on one GPU; gloo, and the one-process loop, have no such rule."""
+    for parallel in (
+        {"schedule": "1f1b", "pp": 2, "gpus_per_worker": 0.5, "backend": "gloo"},
+        {"schedule": "single", "gpus_per_worker": 0.5},
+        {"schedule": "1f1b", "pp": 2, "gpus_per_worker": 2.0, "backend": "nccl"},
+    ):
+        cfg = TrainConfig.from_dict({"model": TINY, "parallel": parallel})
+        assert cfg.parallel.gpus_per_worker == parallel["gpus_per_worker"]
+    with pytest.raises(ConfigError, match="parallel.gpus_per_worker: must be a whole number"):
+        TrainConfig.from_dict(
+            {
+                "model": TINY,
+                "parallel": {"schedule": "1f1b", "pp": 2, "gpus_per_worker": 1.5, "backend": "nccl"},
+            }
+        )
 
 
 def test_every_section_round_trips_through_the_builder():

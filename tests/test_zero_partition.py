@@ -31,7 +31,8 @@ def _storage_bytes(tensors, counted: dict[int, int]) -> None:
 def deepspeed_gradient_bytes(zero, params) -> int:
     """Bytes of gradient storage DeepSpeed's ZeRO-1/2 optimizer (stage_1_and_2.py) holds now, each
     storage counted once: its IPG buckets (only the filled part: the bucket is allocated at
-    reduce_bucket_size, 5e8 elements, which the CPU never touches beyond what is copied in), the
+    reduce_bucket_size, parallel.zero_bucket_elements, which the CPU never touches beyond what is
+    copied in), the
     parameters' .grad, `grads_in_partition`, `averaged_gradients` and the fp32 partitions' .grad."""
     counted: dict[int, int] = {}
     for bucket in zero.ipg_buckets.values():

@@ -8,6 +8,9 @@ from typing import Any
 from moeforge.platform.config._build import require
 
 SCHEDULES = ("single", "1f1b", "zb1p", "dualpipe", "dualpipev")
+# ZeRO's reduce and all-gather bucket, in elements: 5e7 (200 MB of fp32), Megatron-DeepSpeed's
+# practice; DeepSpeed's own 5e8 commits 2 GB per bucket on a GPU (platform/optim/zero_step.py).
+ZERO_BUCKET_ELEMENTS = 50_000_000
 OVERLAP_ORDERS = ("backward_first", "forward_first")  # whose phase opens an overlapped F&B pair
 
 
@@ -20,6 +23,9 @@ class ParallelConfig:
     dp: int = 1
     microbatches: int = 1
     zero_stage: int = 1
+    # Elements in each of ZeRO's reduce and all-gather buckets (DeepSpeed's reduce_bucket_size and
+    # allgather_bucket_size); even, as DeepSpeed aligns all-gather shards to 2 elements.
+    zero_bucket_elements: int = ZERO_BUCKET_ELEMENTS
     backend: str = "auto"  # auto: nccl when the workers have GPUs, else gloo
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 0.0
@@ -64,7 +70,20 @@ class ParallelConfig:
             f"must be auto|gloo|nccl, got {self.backend!r}",
         )
         require(self.cpus_per_worker >= 0, "cpus_per_worker", "must be >= 0")
+        require(
+            self.zero_bucket_elements > 0 and self.zero_bucket_elements % 2 == 0,
+            "zero_bucket_elements",
+            f"must be a positive even number of elements, got {self.zero_bucket_elements}",
+        )
         require(self.gpus_per_worker >= 0, "gpus_per_worker", "must be >= 0")
+        if self.schedule != "single" and self.backend in ("auto", "nccl"):
+            # Ray would place two ranks on one GPU, which NCCL refuses ("Duplicate GPU detected").
+            require(
+                float(self.gpus_per_worker).is_integer(),
+                "gpus_per_worker",
+                f"must be a whole number of GPUs with NCCL (backend={self.backend}), got "
+                f"{self.gpus_per_worker}: a fraction puts two ranks on one GPU, which NCCL refuses",
+            )
         self.worker_resources = dict(self.worker_resources)
         for name, amount in self.worker_resources.items():
             require(

@@ -31,7 +31,7 @@ What ZeRO-2 saves here: nothing over ZeRO-1. Measured by tests/test_zero_partiti
 tiny model, shard group of 2, 9.50 MB of fp32 gradients per rank), DeepSpeed 0.19's stage_1_and_2.py
 read alongside:
 - The stages differ only in WHEN DeepSpeed reduces. ZeRO-2 reduces an IPG bucket as soon as it fills
-  (reduce_bucket_size, 5e8 elements by default) during the backward and drops other ranks' parts;
+  (reduce_bucket_size: parallel.zero_bucket_elements) during the backward and drops other ranks' parts;
   ZeRO-1 reduces at the gradient-accumulation boundary. With gradient_accumulation_steps=1 every
   backward is a boundary, so both reduce at the end of the one surrogate backward and keep for
   step() only `averaged_gradients`: views into `grads_in_partition`, the parameters overlapping this
@@ -52,8 +52,18 @@ ZeRO-2 alike, and at its peak the full gradient under both; what partitioning re
 fp32 master and the AdamW moments (1/shard under both stages). ZeRO-2 could lower the peak only if
 the executor handed each parameter's gradient over as soon as its last W is done (a reduction per
 finished parameter group, in schedule order on every rank of the group), which it does not. Also
-note that DeepSpeed allocates each IPG bucket at reduce_bucket_size (2 GB of fp32) under both
-stages: the CPU commits only the pages written, a GPU would commit all of it.
+note that DeepSpeed allocates each IPG bucket at reduce_bucket_size under both stages: the CPU
+commits only the pages written, a GPU commits all of it.
+
+Device and buckets. The engine is built on the device the rank's module is already on, and DeepSpeed
+is told not to move it (`dont_change_device`; DeepSpeed 0.19 takes it only as an argument of its
+engine, which `deepspeed.initialize` neither accepts nor passes on, so `_build_engine` builds the
+engine as `initialize` does for a plain module). ZeRO still allocates its flat buffers on the
+accelerator's current device and the engine takes its device from LOCAL_RANK, so both must be the
+module's device (platform/runtime/accelerator.py `bind_device`); `ZeroStep` refuses to start when
+they are not. The reduce and all-gather buckets are `parallel.zero_bucket_elements` (5e7 by default,
+Megatron-DeepSpeed's practice) instead of DeepSpeed's 5e8: a 5e8-element fp32 IPG bucket is 2 GB of
+GPU memory per bucket, committed whether the gradients fill it or not.
 
 Expert parallelism: DeepSpeed's own MoE mechanism, fed our groups. DeepSpeed expresses MoE state
 as (a) expert parameters marked `allreduce = False` with a `group_name`, (b) optimizer parameter
@@ -90,6 +100,7 @@ import torch
 from moeforge.platform.checkpoint.pieces import ShardedTensor
 from moeforge.platform.checkpoint.state import CheckpointError
 from moeforge.platform.config.optim import OptimConfig
+from moeforge.platform.config.parallel import ZERO_BUCKET_ELEMENTS
 from moeforge.platform.config.precision import PrecisionConfig
 from moeforge.platform.optim.adamw import build_adamw
 from moeforge.platform.optim.lr_schedule import set_lr
@@ -122,14 +133,20 @@ class _GroupsMPU:
         return len(self.g.ranks["norm"])
 
 
-def deepspeed_config(zero_stage: int, grad_clip: float) -> dict:
+def deepspeed_config(zero_stage: int, grad_clip: float, bucket_elements: int = ZERO_BUCKET_ELEMENTS) -> dict:
     """DeepSpeed config for one pipeline rank. gradient_accumulation_steps is 1: the executor has
-    already accumulated the step's micro-batches; clipping is explicit (DeepSpeed's default clips)."""
+    already accumulated the step's micro-batches; clipping is explicit (DeepSpeed's default clips);
+    the reduce and all-gather buckets hold `bucket_elements` elements each (DeepSpeed's default,
+    5e8, commits 2 GB of fp32 per bucket on a GPU)."""
     return {
         "train_micro_batch_size_per_gpu": 1,
         "gradient_accumulation_steps": 1,
         "gradient_clipping": float(grad_clip),
-        "zero_optimization": {"stage": zero_stage},
+        "zero_optimization": {
+            "stage": zero_stage,
+            "reduce_bucket_size": int(bucket_elements),
+            "allgather_bucket_size": int(bucket_elements),
+        },
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
@@ -167,8 +184,53 @@ def _with_moe_marker(module: nn.Module, groups: ProcessGroups) -> nn.Module:
     return wrapper
 
 
+def _same_device(a: torch.device, b: torch.device) -> bool:
+    return a.type == b.type and (a.type == "cpu" or a.index == b.index)
+
+
+def _check_one_device(device: torch.device) -> None:
+    """Refuse to build an engine whose device (LOCAL_RANK) or ZeRO buffers (the current device)
+    would not be `device`, the module's: DeepSpeed would copy the parameters over silently."""
+    from moeforge.platform.runtime.accelerator import deepspeed_devices
+
+    engine, buffers = deepspeed_devices()
+    if not (_same_device(engine, device) and _same_device(buffers, device)):
+        raise RuntimeError(
+            f"DeepSpeed would put this rank's engine on {engine} (LOCAL_RANK) and ZeRO's buffers on "
+            f"{buffers} (the current device), but its module is on {device}: bind the worker's device "
+            "first (moeforge.platform.runtime.accelerator.bind_device)"
+        )
+
+
+def _build_engine(model: nn.Module, optimizer, config: dict, mpu):
+    """`deepspeed.initialize(model=, optimizer=, config=, mpu=, dist_init_required=False)` for a
+    plain module, with `dont_change_device=True`, which DeepSpeed 0.19 takes only as an argument of
+    its engine. What `initialize` does besides building the engine does not apply here: a pipeline
+    module, the hybrid engine, AutoTP, Muon's parameter flags, a zero.Init context, a mesh."""
+    from deepspeed import comm as ds_comm
+    from deepspeed.accelerator import get_accelerator
+    from deepspeed.runtime.config import DeepSpeedConfig
+    from deepspeed.runtime.engine import DeepSpeedEngine
+
+    ds_comm.init_distributed(
+        dist_backend=get_accelerator().communication_backend_name(), dist_init_required=False
+    )
+    engine = DeepSpeedEngine(
+        args=None,
+        model=model,
+        optimizer=optimizer,
+        mpu=mpu,
+        dist_init_required=False,
+        config=config,
+        config_class=DeepSpeedConfig(config, mpu),
+        dont_change_device=True,
+    )
+    return engine, engine.optimizer
+
+
 class ZeroStep:
-    """DeepSpeed ZeRO-1/2 over the rank's parameters (see module docstring)."""
+    """DeepSpeed ZeRO-1/2 over the rank's parameters (see module docstring), on the device the
+    module is on; `bucket_elements` sizes ZeRO's reduce and all-gather buckets."""
 
     def __init__(
         self,
@@ -181,13 +243,15 @@ class ZeroStep:
         param_copies: int,
         replicated: list[nn.Parameter],
         expert_params: list[nn.Parameter] = (),
+        bucket_elements: int = ZERO_BUCKET_ELEMENTS,
     ) -> None:
-        import deepspeed
         from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
 
         if zero_stage not in (1, 2):
             raise ValueError(f"parallel.zero_stage: ZeroStep runs stage 1 or 2, got {zero_stage}")
         self.params = [p for p in module.parameters() if p.requires_grad]
+        self.device = self.params[0].device
+        _check_one_device(self.device)
         self.named_params = list(module.named_parameters())
         for p in self.params:
             p.model_parallel = True  # every norm-group rank holds distinct parameters: count them all
@@ -204,12 +268,11 @@ class ZeroStep:
             split = split_params_into_different_moe_groups_for_optimizer
             engine_module = _with_moe_marker(module, groups)
         optimizer = build_adamw(module.named_parameters(), optim_cfg, precision_cfg, split_groups=split)
-        self.engine, self.optimizer, _, _ = deepspeed.initialize(
-            model=engine_module,
-            optimizer=optimizer,
-            config=deepspeed_config(zero_stage, optim_cfg.grad_clip),
-            mpu=_GroupsMPU(groups, rank),
-            dist_init_required=False,
+        self.engine, self.optimizer = _build_engine(
+            engine_module,
+            optimizer,
+            deepspeed_config(zero_stage, optim_cfg.grad_clip, bucket_elements),
+            _GroupsMPU(groups, rank),
         )
 
     def step(self, grads: dict[int, torch.Tensor], lr: float) -> float:
@@ -217,7 +280,7 @@ class ZeroStep:
         gradient then lives only in the surrogate's graph, which the backward frees parameter by
         parameter as DeepSpeed takes the gradients over, so none of ours is left when DeepSpeed's
         optimizer step runs (see the module docstring: what ZeRO-2 does and does not save)."""
-        surrogate, g = torch.zeros(()), None
+        surrogate, g = torch.zeros((), device=self.device), None
         for p in self.params:
             g = grads.pop(id(p), None)
             if g is None:

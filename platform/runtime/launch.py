@@ -36,6 +36,8 @@ import os
 
 from moeforge.model.config import ConfigError
 from moeforge.platform.config.train import TrainConfig
+from moeforge.platform.runtime.accelerator import ACCELERATOR_ENV, AcceleratorError, use_accelerator_for
+from moeforge.platform.runtime.comm_record import RECORD_ENV
 from moeforge.platform.runtime.ray_connection import connect_ray
 from moeforge.platform.runtime.stages import split_layers
 from moeforge.platform.runtime.topology import Topology
@@ -67,6 +69,20 @@ def validate_pipeline(cfg: TrainConfig) -> Schedule:
             "parallel.zero_stage: ZeRO-3 shards parameters, which pipeline stages (pp > 1) cannot use"
         )
     return schedule
+
+
+def check_deepspeed_env(cfg: TrainConfig) -> None:
+    """Refuse, before any worker starts, a DS_ACCELERATOR that the workers' device would refuse
+    (platform/runtime/accelerator.py): ZeRO runs on DeepSpeed, whose accelerator must follow it.
+    The workers of a local cluster inherit this process's environment, and so do those of a
+    cluster this job was submitted to (the head's environment, which its driver runs in)."""
+    if cfg.parallel.zero_stage == 0 or ACCELERATOR_ENV not in os.environ:
+        return
+    device = "cuda" if cfg.parallel.gpus_per_worker > 0 else "cpu"
+    try:
+        use_accelerator_for(device, dict(os.environ))  # a copy: the driver's environment stays
+    except AcceleratorError as err:
+        raise ConfigError(str(err)) from None
 
 
 def _backend(cfg: TrainConfig) -> str:
@@ -108,6 +124,7 @@ def launch_training(cfg: TrainConfig, raw_config: dict | None = None) -> dict:
         check_resumable(cfg, read_meta(checkpoint_path(cfg.run.dir, resume_step)))
     ray = connect_ray()
     check_cluster_fits(cfg.parallel, ray.cluster_resources())
+    check_deepspeed_env(cfg)  # the workers inherit this environment (a local cluster, or the head's)
     note_wait(cfg.parallel, cfg.cluster)
 
     from moeforge.platform.runtime.worker import train_loop_per_worker
@@ -125,6 +142,7 @@ def launch_training(cfg: TrainConfig, raw_config: dict | None = None) -> dict:
             "cfg": cfg,
             "restarted_resumes": cfg.checkpoint.max_failures > 0,
             "dist_timeout_s": dist_timeout_s,  # of a process group the placement makes again
+            "record_comm": os.environ.get(RECORD_ENV, ""),  # comm_record.py: workers record too
         },
         scaling_config=ScalingConfig(
             num_workers=par.world_size,

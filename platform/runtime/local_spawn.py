@@ -8,6 +8,12 @@ a fresh interpreter per rank re-imports all of it (seconds of CPU per rank, paid
 while a fork of the server starts in milliseconds. The server only imports, never computes, so
 no thread pool exists to be broken by the fork. Each rank takes the caller's environment and
 working directory as they are at the call, as a spawned process would, not the server's.
+
+The ranks are gloo ranks, so they train on the CPU and DeepSpeed's accelerator is "cpu". DeepSpeed
+fixes its accelerator when it is imported, which the server does once for every rank: the server is
+started with DS_ACCELERATOR=cpu, whatever the caller's environment says, and each rank then checks
+its accelerator as a Ray worker does (platform/runtime/accelerator.py): a caller's DS_ACCELERATOR
+other than "cpu" is refused there.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch.multiprocessing as mp
+from moeforge.platform.runtime.accelerator import ACCELERATOR_ENV, use_accelerator_for
 
 
 def _free_port() -> int:
@@ -52,6 +59,7 @@ def _entry(rank, world_size, port, timeout_s, fn, args, queue, env, cwd) -> None
     )
     os.environ.setdefault("LOCAL_RANK", "0")
     try:
+        use_accelerator_for(torch.device("cpu"))
         dist.init_process_group(
             "gloo", rank=rank, world_size=world_size, timeout=datetime.timedelta(seconds=timeout_s)
         )
@@ -65,6 +73,23 @@ def _entry(rank, world_size, port, timeout_s, fn, args, queue, env, cwd) -> None
             dist.destroy_process_group()
 
 
+def _start_server() -> None:
+    """Start this process's forkserver, if it is not running, with DS_ACCELERATOR=cpu: it imports
+    deepspeed, which fixes the accelerator of every rank forked from it. The caller's environment is
+    restored at once (the ranks take it from the call, not from the server)."""
+    from multiprocessing import forkserver
+
+    saved = os.environ.get(ACCELERATOR_ENV)
+    os.environ[ACCELERATOR_ENV] = "cpu"
+    try:
+        forkserver.ensure_running()
+    finally:
+        if saved is None:
+            del os.environ[ACCELERATOR_ENV]
+        else:
+            os.environ[ACCELERATOR_ENV] = saved
+
+
 def spawn_gloo(
     fn: Callable[..., Any], world_size: int, args: tuple = (), timeout_s: float = 300.0
 ) -> dict[int, Any]:
@@ -72,6 +97,7 @@ def spawn_gloo(
     return {rank: result}. A failure on any rank raises RuntimeError with that rank's traceback."""
     ctx = mp.get_context("forkserver")
     ctx.set_forkserver_preload(_PRELOAD)  # takes effect when the server starts (the first call)
+    _start_server()
     queue = ctx.SimpleQueue()
     port = _free_port()
     env, cwd = dict(os.environ), os.getcwd()

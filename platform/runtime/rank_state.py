@@ -224,6 +224,7 @@ class PipelineRuntime:
                 self.schedule.param_copies,
                 replicated,
                 expert_params,
+                bucket_elements=par.zero_bucket_elements,
             )
 
         self.source = source

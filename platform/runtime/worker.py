@@ -6,6 +6,11 @@ runs as (platform/runtime/placement.py: EP groups inside nodes first, then pipel
 for the nodes Ray put them on; the group is made again when that renumbers Ray Train's ranks),
 rank 0 prints the mapping and saves placement.json, and the pipeline runtime builds its own groups
 from the topology on top of that group.
+
+Before any of that, the worker fixes its device for moeforge and DeepSpeed alike
+(platform/runtime/accelerator.py): DeepSpeed's accelerator from the device, chosen before deepspeed
+is first imported in this process, and on CUDA the current device and LOCAL_RANK set to the GPU Ray
+Train assigned.
 """
 
 from __future__ import annotations
@@ -72,19 +77,44 @@ def _init_deepspeed_comm() -> None:
         )
 
 
+def _bind_worker_device(parallel_cfg):
+    """This worker's training device, made DeepSpeed's too: Ray Train's GPU when the run asks for
+    GPUs (parallel.gpus_per_worker), else the CPU. With ZeRO (DeepSpeed), DS_ACCELERATOR is set from
+    it; call this before anything imports deepspeed. Returns the device."""
+    import torch
+    from moeforge.platform.runtime.accelerator import bind_device, use_accelerator_for
+
+    if parallel_cfg.gpus_per_worker > 0:
+        from ray.train.torch import get_device
+
+        device = get_device()
+    else:
+        device = torch.device("cpu")
+    device = bind_device(device)
+    if parallel_cfg.zero_stage > 0:  # ZeRO runs on DeepSpeed
+        use_accelerator_for(device)
+    return device
+
+
 def train_loop_per_worker(config: dict) -> None:
     import ray.train
     import torch
     from moeforge.platform.runtime.pipeline_run import run_pipeline_training
     from moeforge.platform.runtime.placement import format_placement, place_workers, write_placement
     from moeforge.platform.runtime.topology import Topology
-    from ray.train.torch import get_device
 
     _quiet_ray_train_report_log()
     _quiet_third_party_console()
     cfg = config["cfg"]
     ctx = ray.train.get_context()
     par = cfg.parallel
+    # First: the placement's collectives run on the current CUDA device, and nothing may import
+    # deepspeed before its accelerator is chosen.
+    device = _bind_worker_device(par)
+    if config.get("record_comm"):  # before DeepSpeed's comm backend keeps references to torch's calls
+        from moeforge.platform.runtime.comm_record import start_recording
+
+        start_recording(config["record_comm"])
     topo = Topology.for_schedule(par.schedule, par.pp, par.dp, par.ep, cfg.model.num_nextn_predict_layers > 0)
     # This worker's world rank is the placement's, which is Ray Train's own unless the plan
     # renumbered the workers (then the default process group was made again with it).
@@ -93,7 +123,6 @@ def train_loop_per_worker(config: dict) -> None:
     threads = max(1, int(cfg.parallel.cpus_per_worker))
     torch.set_num_threads(threads)
     os.environ.setdefault("OMP_NUM_THREADS", str(threads))
-    device = get_device() if cfg.parallel.gpus_per_worker > 0 else torch.device("cpu")
     if cfg.parallel.zero_stage > 0:  # ZeRO runs on DeepSpeed
         _init_deepspeed_comm()
 
