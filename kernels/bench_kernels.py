@@ -8,7 +8,7 @@ fp8_gemm_nt where `deep_gemm` is importable, in TFLOP/s (2*M*N*K per GEMM). The 
 _scaled_mm and DeepGEMM compute the same product as fp8_gemm, which is checked before they are
 timed. On CUDA the shapes named in `config_sweep` also time fp8_gemm with each of
 triton_gemm.GPU_CONFIGS in turn (warp-specialized or not, tile shapes), next to the autotuner's
-pick. Grouped expert GEMMs: fp8_grouped_gemm (one launch) against a BF16 loop over experts and
+pick (whose candidates include the warp-specialized configs only with MOEFORGE_WARP_SPECIALIZE=1). Grouped expert GEMMs: fp8_grouped_gemm (one launch) against a BF16 loop over experts and
 torch._grouped_mm where available. Quantization kernels: GB/s (bytes read +
 written, counted in `quant_bytes`) against a device-to-device copy of the same activation.
 
@@ -34,6 +34,7 @@ from moeforge.kernels.backend import current_backend, use_triton
 from moeforge.kernels.fp8_format import BLOCK, round_up
 from moeforge.kernels.gemm import fp8_gemm, fp8_grouped_gemm
 from moeforge.kernels.quant import act_quant, act_quant_transpose, weight_quant
+from moeforge.kernels.settings import reserved_sms, warp_specialize_autotuning
 
 V3_GEMMS = [  # [name, N, K]: weight [N, K] of DeepSeek-V3's projections
     ["mla_q_a", 1536, 7168],
@@ -286,7 +287,7 @@ def _grouped_rows(b: _Bench, name: str, n: int, k: int, experts: int) -> list[di
 
     impls: dict[str, Callable[[], object]] = {
         "bf16_matmul_loop": bf16_loop,
-        "fp8_grouped_gemm": lambda: fp8_grouped_gemm(xq, xs, wq, ws, sizes),
+        "fp8_grouped_gemm": lambda: fp8_grouped_gemm(xq, xs, wq, ws, counts),  # device counts, as the router gives
     }
     if b.device == "cuda" and hasattr(torch, "_grouped_mm"):
         offsets = torch.cumsum(counts, 0).to(torch.int32)
@@ -396,6 +397,8 @@ def run_benchmark(cfg: KernelBenchConfig) -> dict:
         "backend": "triton" if use_triton(torch.empty(1, device=b.device)) else "torch",
         "backend_setting": current_backend(),
         "cpu_shrink": b.shrink,
+        "warp_specialize_autotuning": warp_specialize_autotuning(),
+        "reserved_sms": reserved_sms(),
     }
     try:
         import triton

@@ -83,21 +83,44 @@ def check_same_device(op: str, **tensors: torch.Tensor) -> None:
 def group_sizes_list(
     op: str, group_sizes, total: int, groups: int | None = None, padded_to: int | None = None
 ) -> list[int]:
-    """Validate rows per group (a tensor or a list) and return them as a host list (one sync: the
-    MoE dispatch needs the counts on the host anyway). With `padded_to`, each group occupies its
-    size rounded up to that multiple, and those segments must add up to `total`."""
+    """Validate rows per group (a tensor or a list) and return them as a host list (a tensor is
+    read back: one sync, for the torch twins, which split on host sizes). With `padded_to`, each
+    group occupies its size rounded up to that multiple; the segments of a list must add up to
+    `total` exactly (act_quant_transpose's exact layout), those of a tensor must fit in it (its
+    capacity layout)."""
     if isinstance(group_sizes, torch.Tensor):
-        if group_sizes.dim() != 1 or group_sizes.dtype not in (torch.int32, torch.int64):
-            fail(op, "group_sizes", f"expected a 1-D int32/int64 tensor, got {group_sizes.dtype} {list(group_sizes.shape)}")
+        _check_sizes_tensor(op, group_sizes, groups)
         sizes = group_sizes.tolist()
+        exact = padded_to is None
     else:
         sizes = list(group_sizes)
+        exact = True
     if any(not isinstance(n, int) or n < 0 for n in sizes):
         fail(op, "group_sizes", f"entries must be integers >= 0, got {sizes}")
     if groups is not None and len(sizes) != groups:
         fail(op, "group_sizes", f"expected {groups} entries (one per group), got {len(sizes)}")
     counted = sum(-(-n // padded_to) * padded_to for n in sizes) if padded_to else sum(sizes)
-    if counted != total:
+    if counted != total if exact else counted > total:
         what = f"segments padded to {padded_to}" if padded_to else "entries"
         fail(op, "group_sizes", f"{what} add up to {counted}, but the input has {total} rows")
     return sizes
+
+
+def group_sizes_arg(
+    op: str, group_sizes, total: int, groups: int | None = None, padded_to: int | None = None, *, host: bool
+) -> list[int] | torch.Tensor:
+    """Rows per group for a kernel: a checked host list (`group_sizes_list`), or, when `host` is
+    False (the Triton path) and they come as a device tensor, the tensor itself with only its
+    dtype, shape and device checked: its values stay on the device (reading them back would make
+    the host wait for the GPU); the Triton kernels clamp them instead (group_tables.py)."""
+    if host or not isinstance(group_sizes, torch.Tensor):
+        return group_sizes_list(op, group_sizes, total, groups, padded_to)
+    _check_sizes_tensor(op, group_sizes, groups)
+    return group_sizes
+
+
+def _check_sizes_tensor(op: str, group_sizes: torch.Tensor, groups: int | None) -> None:
+    if group_sizes.dim() != 1 or group_sizes.dtype not in (torch.int32, torch.int64):
+        fail(op, "group_sizes", f"expected a 1-D int32/int64 tensor, got {group_sizes.dtype} {list(group_sizes.shape)}")
+    if groups is not None and group_sizes.shape[0] != groups:
+        fail(op, "group_sizes", f"expected {groups} entries (one per group), got {group_sizes.shape[0]}")

@@ -62,3 +62,11 @@ def round_scale_ue8m0(scale: torch.Tensor) -> torch.Tensor:
 def to_fp8(y: torch.Tensor) -> torch.Tensor:
     """FP32 -> e4m3 with round-to-nearest-even, saturating at +-FP8_MAX (torch would give NaN)."""
     return y.clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+
+
+def token_capacity(tokens: int, groups: int, block: int = BLOCK) -> int:
+    """Token columns that always hold `tokens` tokens cut into `groups` groups when every group is
+    padded to its own multiple of `block` (act_quant_transpose's grouped layout), whatever the group
+    sizes: sum round_up(n_g) <= tokens + groups * (block - 1), rounded down to a block multiple
+    (the sum is one). Lets a caller size that layout without reading sizes held on the device."""
+    return (tokens + max(groups, 1) * (block - 1)) // block * block

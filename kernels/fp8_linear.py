@@ -23,8 +23,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from moeforge.kernels.compute_dtype import autocast_off, compute_dtype
-from moeforge.kernels.fp8_format import BLOCK, GRAD_SCALE_FLOOR, round_up
+from moeforge.kernels.fp8_format import BLOCK, GRAD_SCALE_FLOOR, round_up, token_capacity
 from moeforge.kernels.gemm import fp8_gemm
+from moeforge.kernels.group_tables import GroupSizes, sizes_key
 from moeforge.kernels.quant import act_quant, act_quant_transpose, weight_quant
 from moeforge.kernels.shared_quant import shared_quantization
 from moeforge.kernels.swappable import SwappableLinear
@@ -69,17 +70,28 @@ def quantize_input(x: torch.Tensor, k: int, scale_fmt: str | None) -> tuple[torc
     return shared_quantization(x, ("act_quant", k, scale_fmt), quantize)
 
 
+def wgrad_capacity(group_sizes: GroupSizes | None, rows: int) -> int | None:
+    """The token width of a grouped weight-gradient operand: None (exact) for host sizes, the
+    data-independent fp8_format.token_capacity for sizes held on the device (no host read)."""
+    if group_sizes is None or isinstance(group_sizes, list):
+        return None
+    return token_capacity(rows, len(group_sizes))
+
+
 def quantize_input_for_wgrad(
-    x: torch.Tensor, k: int, scale_fmt: str | None, group_sizes: list[int] | None = None
+    x: torch.Tensor, k: int, scale_fmt: str | None, group_sizes: GroupSizes | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """x [..., K] -> X^T in e4m3 [K, T_pad] with tiles along the tokens (per group when
-    `group_sizes` is given), the weight-gradient operand; shared like `quantize_input`. K is not
-    padded: it is this GEMM's free dimension, and padded rows would be zeros held until backward."""
+    `group_sizes` is given; T_pad = wgrad_capacity for sizes in a tensor), the weight-gradient
+    operand; shared like `quantize_input`. K is not padded: it is this GEMM's free dimension, and
+    padded rows would be zeros held until backward."""
 
     def quantize() -> tuple[torch.Tensor, torch.Tensor]:
-        return act_quant_transpose(x.reshape(-1, k), group_sizes=group_sizes, scale_fmt=scale_fmt)
+        rows = x.reshape(-1, k)  # [T, K]
+        return act_quant_transpose(rows, group_sizes=group_sizes, scale_fmt=scale_fmt,
+                                   capacity=wgrad_capacity(group_sizes, rows.shape[0]))
 
-    key = ("act_quant_transpose", k, scale_fmt, None if group_sizes is None else tuple(group_sizes))
+    key = ("act_quant_transpose", k, scale_fmt, sizes_key(group_sizes))
     return shared_quantization(x, key, quantize)
 
 

@@ -7,6 +7,10 @@
 Operands are e4m3 and contiguous with K last; K must be a multiple of 128 (pad with zeros). a has
 1x128 tile scales [M, K/128]; b has 128x128 block scales [ceil(N/128), K/128] (a weight) or 1x128
 tile scales [N, K/128] (an activation or gradient, as in weight-gradient GEMMs). M and N are free.
+
+group_sizes: a host list, or a 1-D int tensor (the router's counts, on the device). The Triton path
+keeps a tensor on the device: its values are not checked there (a check would be a host read) but
+clamped so they cannot address memory outside the operands; the torch twin reads them back.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from moeforge.kernels.checks import (
     check_same_device,
     check_scales,
     fail,
-    group_sizes_list,
+    group_sizes_arg,
 )
 from moeforge.kernels.fp8_format import BLOCK, ceil_div
 
@@ -80,8 +84,9 @@ def fp8_grouped_gemm(
         fail(op, "b", f"K mismatch: a is [{t}, {k}] but b is {list(b.shape)} (b is [G, N, K])")
     check_scales(op, "b_s", b_s, {"128x128 blocks": (g, ceil_div(n, BLOCK), k // BLOCK)})
     check_same_device(op, a=a, a_s=a_s, b=b, b_s=b_s)
-    sizes = group_sizes_list(op, group_sizes, t, groups=g)
-    if use_triton(a, b):
+    triton_path = use_triton(a, b)
+    sizes = group_sizes_arg(op, group_sizes, t, groups=g, host=not triton_path)
+    if triton_path:
         from moeforge.kernels.triton_gemm import fp8_grouped_gemm_triton
 
         return fp8_grouped_gemm_triton(a, a_s, b, b_s, sizes, out_dtype)
@@ -98,7 +103,8 @@ def fp8_wgrad_grouped_gemm(
 ) -> torch.Tensor:
     """Expert weight gradients in one launch: a [N, T_pad] (output gradients^T) and b [C, T_pad]
     (inputs^T), both from act_quant_transpose(..., group_sizes) with 1x128 scales along tokens.
-    out[g] = a_g @ b_g^T over expert g's token segment -> [G, N, C]."""
+    out[g] = a_g @ b_g^T over expert g's token segment -> [G, N, C]. The segments start at token 0;
+    with a tensor of sizes (act_quant_transpose's capacity layout) columns after them are ignored."""
     op = "fp8_wgrad_grouped_gemm"
     _check_out_dtype(op, out_dtype)
     n, t_pad = _check_a(op, a, a_s)
@@ -108,8 +114,9 @@ def fp8_wgrad_grouped_gemm(
         fail(op, "b", f"token mismatch: a is [{n}, {t_pad}] but b is {list(b.shape)} (b is [C, T_pad])")
     check_scales(op, "b_s", b_s, {"1x128 tiles": (c, t_pad // BLOCK)})
     check_same_device(op, a=a, a_s=a_s, b=b, b_s=b_s)
-    sizes = group_sizes_list(op, group_sizes, t_pad, padded_to=BLOCK)
-    if use_triton(a, b):
+    triton_path = use_triton(a, b)
+    sizes = group_sizes_arg(op, group_sizes, t_pad, padded_to=BLOCK, host=not triton_path)
+    if triton_path:
         from moeforge.kernels.triton_gemm import fp8_wgrad_grouped_gemm_triton
 
         return fp8_wgrad_grouped_gemm_triton(a, a_s, b, b_s, sizes, out_dtype)

@@ -14,6 +14,11 @@ one saved FP8 copy (shared_quant.py). With `recompute_swiglu` (V3) the SwiGLU ou
 backward: only its inputs are, in FP8 with 1x128 tiles (power-of-two scales with
 `swiglu_scale_fmt="ue8m0"`), and backward recomputes the output from them for the down projection's
 weight gradient and for the SwiGLU's own gradient.
+
+Group sizes ("sizes" below) are a host list, or, on the Triton path of the FP8 GEMMs, the
+tokens-per-expert tensor itself, which stays on the device: the grouped kernels build their tables
+from it there, and the weight-gradient operands take a token width that does not depend on it
+(fp8_linear.wgrad_capacity), so a forward and backward reads nothing back to the host.
 """
 
 from __future__ import annotations
@@ -22,10 +27,18 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+from moeforge.kernels.backend import use_triton
 from moeforge.kernels.compute_dtype import autocast_off, compute_dtype
 from moeforge.kernels.fp8_format import BLOCK, GRAD_SCALE_FLOOR, round_up
-from moeforge.kernels.fp8_linear import pad_last, quantize_input, quantize_input_for_wgrad, quantize_weight
+from moeforge.kernels.fp8_linear import (
+    pad_last,
+    quantize_input,
+    quantize_input_for_wgrad,
+    quantize_weight,
+    wgrad_capacity,
+)
 from moeforge.kernels.gemm import fp8_grouped_gemm, fp8_wgrad_grouped_gemm
+from moeforge.kernels.group_tables import GroupSizes, sizes_key
 from moeforge.kernels.quant import act_quant, act_quant_transpose
 from moeforge.kernels.shared_quant import shared_quantization
 from moeforge.kernels.wgrad_store import deferred_or_now
@@ -41,21 +54,22 @@ def _quantized_stack(weight: torch.Tensor, transposed: bool) -> tuple[torch.Tens
     return (q, s) if weight.dim() == 3 else (q.unsqueeze(0), s.unsqueeze(0))  # [E, ...]
 
 
-def _fp8_forward(x: torch.Tensor, weight: torch.Tensor, sizes: list[int], out_dtype, scale_fmt=None) -> torch.Tensor:
+def _fp8_forward(x: torch.Tensor, weight: torch.Tensor, sizes: GroupSizes, out_dtype, scale_fmt=None) -> torch.Tensor:
     return fp8_grouped_gemm(*quantize_input(x, weight.shape[-1], scale_fmt), *_quantized_stack(weight, False), sizes,
                             out_dtype=out_dtype)  # [T, N]
 
 
-def _fp8_dgrad(grad_out: torch.Tensor, weight: torch.Tensor, sizes: list[int], out_dtype) -> torch.Tensor:
+def _fp8_dgrad(grad_out: torch.Tensor, weight: torch.Tensor, sizes: GroupSizes, out_dtype) -> torch.Tensor:
     n, k = weight.shape[-2:]
     g_q, g_s = act_quant(pad_last(grad_out, round_up(n, BLOCK)), scale_floor=GRAD_SCALE_FLOOR)  # [T, Np]
     w_t, w_t_scales = _quantized_stack(weight, True)  # [E, Kp, Np]
     return fp8_grouped_gemm(g_q, g_s, w_t, w_t_scales, sizes, out_dtype=out_dtype)[:, :k].contiguous()
 
 
-def _fp8_wgrad(grad_out, x_t: torch.Tensor, x_t_scales: torch.Tensor, sizes: list[int], shape) -> WeightGradient:
-    # [N, padded tokens], quantized now; the GEMM itself may be deferred to a W step
-    g_t, g_t_scales = act_quant_transpose(grad_out, group_sizes=sizes, scale_floor=GRAD_SCALE_FLOOR)
+def _fp8_wgrad(grad_out, x_t: torch.Tensor, x_t_scales: torch.Tensor, sizes: GroupSizes, shape) -> WeightGradient:
+    # [N, padded tokens] (as wide as x_t), quantized now; the GEMM itself may be deferred to a W step
+    g_t, g_t_scales = act_quant_transpose(grad_out, group_sizes=sizes, scale_floor=GRAD_SCALE_FLOOR,
+                                          capacity=wgrad_capacity(sizes, grad_out.shape[0]))
     return lambda: fp8_wgrad_grouped_gemm(g_t, g_t_scales, x_t, x_t_scales, sizes).reshape(shape)  # [E, N, K]
 
 
@@ -81,7 +95,7 @@ def _plain_wgrad(grad_out: torch.Tensor, x: torch.Tensor, sizes: list[int], weig
 
 
 def rows_to_token_tiles(
-    x_q: torch.Tensor, x_s: torch.Tensor, k: int, sizes: list[int], scale_fmt: str | None
+    x_q: torch.Tensor, x_s: torch.Tensor, k: int, sizes: GroupSizes, scale_fmt: str | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The forward's row-tiled e4m3 copy [T, Kp] -> X^T [K, padded tokens] with tiles along each
     group's tokens, for the weight gradient. With power-of-two scales on both sides the conversion
@@ -90,9 +104,10 @@ def rows_to_token_tiles(
 
     def convert() -> tuple[torch.Tensor, torch.Tensor]:
         x = x_q.float() * x_s.repeat_interleave(BLOCK, dim=-1)  # [T, Kp] fp32
-        return act_quant_transpose(x[:, :k], group_sizes=sizes, scale_fmt=scale_fmt)
+        return act_quant_transpose(x[:, :k], group_sizes=sizes, scale_fmt=scale_fmt,
+                                   capacity=wgrad_capacity(sizes, x.shape[0]))
 
-    return shared_quantization(x_q, ("token_tiles", k, tuple(sizes), scale_fmt), convert)
+    return shared_quantization(x_q, ("token_tiles", k, sizes_key(sizes), scale_fmt), convert)
 
 
 class _FP8GroupedLinearFunction(torch.autograd.Function):
@@ -106,7 +121,7 @@ class _FP8GroupedLinearFunction(torch.autograd.Function):
     plain scales the conversion would round a second time, so it quantizes x^T directly instead."""
 
     @staticmethod
-    def forward(ctx, x, weight, sizes: list[int], keep_for_wgrad: bool, scale_fmt: str | None):
+    def forward(ctx, x, weight, sizes: GroupSizes, keep_for_wgrad: bool, scale_fmt: str | None):
         out_dtype = compute_dtype(x)
         k = weight.shape[-1]
         with autocast_off(x):
@@ -163,10 +178,10 @@ class _GroupedLinearFunction(torch.autograd.Function):
 
 
 def grouped_linear(
-    x: torch.Tensor, weight: torch.Tensor, sizes: list[int], fp8: bool, scale_fmt: str | None = None
+    x: torch.Tensor, weight: torch.Tensor, sizes: GroupSizes, fp8: bool, scale_fmt: str | None = None
 ) -> torch.Tensor:
     """Rows of x [T, K] in contiguous groups of `sizes`; group g times weight[g]^T ([E, N, K]) -> [T, N].
-    `scale_fmt` ("ue8m0" or None) is the scale format of x's FP8 tiles."""
+    `scale_fmt` ("ue8m0" or None) is the scale format of x's FP8 tiles. A tensor of sizes needs fp8."""
     fn = _FP8GroupedLinearFunction if fp8 else _GroupedLinearFunction
     return fn.apply(x, weight, sizes, torch.is_grad_enabled() and weight.requires_grad, scale_fmt)
 
@@ -233,7 +248,7 @@ class _SwiGLUDownFunction(torch.autograd.Function):
             if ctx.fp8:
                 dh = _fp8_dgrad(g, down_weight, sizes, dtype)
                 if ctx.keep_for_wgrad:
-                    h_t = act_quant_transpose(h, group_sizes=sizes)
+                    h_t = act_quant_transpose(h, group_sizes=sizes, capacity=wgrad_capacity(sizes, h.shape[0]))
                     wgrad = _fp8_wgrad(g, *h_t, sizes, down_weight.shape)
             else:
                 dh = _plain_dgrad(g, down_weight, sizes)
@@ -255,7 +270,7 @@ def swiglu_down(
     up: torch.Tensor,
     row_weights: torch.Tensor | None,
     down_weight: torch.Tensor,
-    sizes: list[int],
+    sizes: GroupSizes,
     fp8: bool,
     scale_fmt: str | None = None,
 ) -> torch.Tensor:
@@ -276,6 +291,50 @@ def recomputed_swiglu_mlp(
     rows = gate.flatten(0, -2)  # [T, I]
     y = swiglu_down(rows, up.flatten(0, -2), None, down_proj.weight, [rows.shape[0]], fp8, scale_fmt)  # [T, D]
     return y.view(*x.shape[:-1], y.shape[-1])
+
+
+def expert_sizes(tokens_per_expert: torch.Tensor, x_sorted: torch.Tensor, n_experts: int, fp8: bool) -> GroupSizes:
+    """The group sizes the experts' kernels take: on the Triton path of the FP8 GEMMs the counts
+    tensor itself (left on the device, unchecked: checking would read it back, and the kernels clamp
+    it), else a checked host list (one sync, as the per-expert loop of torch.split needs anyway)."""
+    if tokens_per_expert.dim() != 1 or tokens_per_expert.shape[0] != n_experts:
+        raise ValueError(f"tokens_per_expert: expected {n_experts} counts, got shape {list(tokens_per_expert.shape)}")
+    if fp8 and use_triton(x_sorted):
+        return tokens_per_expert
+    sizes = tokens_per_expert.tolist()
+    if sum(sizes) != x_sorted.shape[0]:
+        raise ValueError(
+            f"tokens_per_expert: expected {n_experts} counts summing to the {x_sorted.shape[0]} rows "
+            f"of x_sorted, got {sizes}"
+        )
+    return sizes
+
+
+def swiglu_experts(
+    x_sorted: torch.Tensor,
+    tokens_per_expert: torch.Tensor,
+    row_weights: torch.Tensor | None,
+    gate_proj: torch.Tensor,
+    up_proj: torch.Tensor,
+    down_proj: torch.Tensor,
+    *,
+    fp8: bool,
+    recompute_swiglu: bool = False,
+    input_scale_fmt: str | None = None,
+    swiglu_scale_fmt: str | None = None,
+) -> torch.Tensor:
+    """GroupedSwiGLUExperts' computation on given stacked weights ([E, I, D], [E, I, D], [E, D, I]):
+    x_sorted [T, D] grouped by expert, tokens_per_expert [E], row_weights [T] or None -> [T, D].
+    The module calls it on its parameters; warm_up.py on detached copies of them."""
+    sizes = expert_sizes(tokens_per_expert, x_sorted, gate_proj.shape[0], fp8)
+    gate = grouped_linear(x_sorted, gate_proj, sizes, fp8, input_scale_fmt)  # [T, inter]
+    up = grouped_linear(x_sorted, up_proj, sizes, fp8, input_scale_fmt)
+    if recompute_swiglu:
+        return swiglu_down(gate, up, row_weights, down_proj, sizes, fp8, swiglu_scale_fmt)
+    h = F.silu(gate) * up  # [T, inter]
+    if row_weights is not None:
+        h = h * row_weights.unsqueeze(-1).to(h.dtype)
+    return grouped_linear(h, down_proj, sizes, fp8)  # [T, dim]
 
 
 class GroupedSwiGLUExperts(nn.Module):
@@ -308,20 +367,11 @@ class GroupedSwiGLUExperts(nn.Module):
     ) -> torch.Tensor:
         """x_sorted [T, dim] grouped by expert in expert order; tokens_per_expert [E]; row_weights
         [T] (each row's gating weight; None: 1) -> [T, dim]."""
-        sizes = tokens_per_expert.tolist()  # one host sync, as the per-expert loop also needs
-        if len(sizes) != self.n_experts or sum(sizes) != x_sorted.shape[0]:
-            raise ValueError(
-                f"tokens_per_expert: expected {self.n_experts} counts summing to the {x_sorted.shape[0]} rows "
-                f"of x_sorted, got {sizes}"
-            )
-        gate = grouped_linear(x_sorted, self.gate_proj, sizes, self.fp8, self.input_scale_fmt)  # [T, inter]
-        up = grouped_linear(x_sorted, self.up_proj, sizes, self.fp8, self.input_scale_fmt)
-        if self.recompute_swiglu:
-            return swiglu_down(gate, up, row_weights, self.down_proj, sizes, self.fp8, self.swiglu_scale_fmt)
-        h = F.silu(gate) * up  # [T, inter]
-        if row_weights is not None:
-            h = h * row_weights.unsqueeze(-1).to(h.dtype)
-        return grouped_linear(h, self.down_proj, sizes, self.fp8)  # [T, dim]
+        return swiglu_experts(
+            x_sorted, tokens_per_expert, row_weights, self.gate_proj, self.up_proj, self.down_proj, fp8=self.fp8,
+            recompute_swiglu=self.recompute_swiglu, input_scale_fmt=self.input_scale_fmt,
+            swiglu_scale_fmt=self.swiglu_scale_fmt,
+        )
 
     def extra_repr(self) -> str:
         e, i, d = self.gate_proj.shape

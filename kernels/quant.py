@@ -2,8 +2,8 @@
 
     act_quant(x, block_size=128, scale_fmt=None, *, scale_floor=SCALE_FLOOR)
                                                       -> (x_fp8 [..., K], scales [..., K/128])
-    act_quant_transpose(x, block_size=128, group_sizes=None, scale_fmt=None, *, scale_floor=SCALE_FLOOR)
-                                                      -> (xt_fp8 [C, T_pad], scales [C, T_pad/128])
+    act_quant_transpose(x, block_size=128, group_sizes=None, scale_fmt=None, *, scale_floor=SCALE_FLOOR,
+                        capacity=None)                -> (xt_fp8 [C, T_pad], scales [C, T_pad/128])
     weight_quant(w, block_size=128)                   -> (w_fp8 [..., N, K], scales [..., ceil(N/128), K/128])
     weight_dequant(w_fp8, scales, block_size=128, dtype=torch.float32) -> w [..., N, K]
 
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import struct
 
 import torch
 from moeforge.kernels import quant_torch
@@ -31,9 +32,9 @@ from moeforge.kernels.checks import (
     check_high_precision,
     check_scales,
     fail,
-    group_sizes_list,
+    group_sizes_arg,
 )
-from moeforge.kernels.fp8_format import GRAD_SCALE_FLOOR, SCALE_FLOOR, ceil_div
+from moeforge.kernels.fp8_format import GRAD_SCALE_FLOOR, SCALE_FLOOR, ceil_div, token_capacity
 
 SCALE_FORMATS = (None, "ue8m0")
 _FP32_MAX = torch.finfo(torch.float32).max
@@ -66,13 +67,19 @@ def act_quant_transpose(
     scale_fmt: str | None = None,
     *,
     scale_floor: float = SCALE_FLOOR,
+    capacity: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Fused quantize-and-transpose for weight-gradient GEMMs: x [T, C] -> x^T in e4m3 [C, T_pad]
     with 1 x block_size tiles along the tokens, and scales [C, T_pad / block_size].
 
     T is padded with zero tokens up to a multiple of block_size. With `group_sizes` (tokens per
     expert, summing to T) each group gets its own padded segment, so no tile mixes two experts.
-    `scale_fmt` and `scale_floor` are act_quant's (the scale of each token tile)."""
+    `scale_fmt` and `scale_floor` are act_quant's (the scale of each token tile).
+
+    `capacity` (a multiple of block_size, >= fp8_format.token_capacity(T, groups)): the output has
+    exactly that many token columns, the groups' segments first and zero tokens after them, so its
+    shape does not depend on the group sizes. That is what lets the Triton path take the sizes as a
+    device tensor without reading them back; without a capacity the exact width is a host value."""
     op = "act_quant_transpose"
     check_high_precision(op, "x", x)
     check_block_size(op, block_size)
@@ -80,12 +87,21 @@ def act_quant_transpose(
     floor = _scale_floor_fp32(op, scale_floor)
     if x.dim() != 2:
         fail(op, "x", f"expected 2 dimensions [tokens, channels], got shape {list(x.shape)}")
-    sizes = _group_sizes_list(op, group_sizes, x.shape[0])
-    if use_triton(x):
+    triton_path = use_triton(x)
+    sizes = None
+    if group_sizes is not None:
+        sizes = group_sizes_arg(op, group_sizes, x.shape[0], host=not triton_path or capacity is None)
+    if capacity is not None:
+        groups = 1 if sizes is None else len(sizes)
+        least = token_capacity(x.shape[0], groups, block_size)
+        if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity % block_size or capacity < least:
+            fail(op, "capacity", f"must be a multiple of {block_size} and >= {least} "
+                 f"(token_capacity of {x.shape[0]} rows in {groups} groups), got {capacity!r}")
+    if triton_path:
         from moeforge.kernels.triton_quant import act_quant_transpose_triton
 
-        return act_quant_transpose_triton(x, block_size, sizes, scale_fmt, scale_floor=floor)
-    return quant_torch.act_quant_transpose_torch(x, block_size, sizes, scale_fmt, scale_floor=floor)
+        return act_quant_transpose_triton(x, block_size, sizes, scale_fmt, scale_floor=floor, capacity=capacity)
+    return quant_torch.act_quant_transpose_torch(x, block_size, sizes, scale_fmt, scale_floor=floor, capacity=capacity)
 
 
 def _check_scale_fmt(op: str, scale_fmt) -> None:
@@ -101,7 +117,9 @@ def _scale_floor_fp32(op: str, scale_floor) -> float:
     floor = float(scale_floor)
     if not (math.isfinite(floor) and floor <= _FP32_MAX):
         fail(op, "scale_floor", f"must be a finite FP32 number, got {scale_floor!r}")
-    floor = torch.tensor(floor, dtype=torch.float32).item()  # both backends see this exact value
+    # Both backends see this exact value: rounded to FP32 as torch rounds (to nearest even), in
+    # Python (a host tensor's .item() would do, but this needs no tensor at all).
+    floor = struct.unpack("f", struct.pack("f", floor))[0]
     if floor < GRAD_SCALE_FLOOR:
         fail(
             op,
@@ -110,12 +128,6 @@ def _scale_floor_fp32(op: str, scale_floor) -> float:
             f"number), got {scale_floor!r}",
         )
     return floor
-
-
-def _group_sizes_list(op: str, group_sizes, total: int) -> list[int] | None:
-    if group_sizes is None:
-        return None
-    return group_sizes_list(op, group_sizes, total)
 
 
 def weight_quant(w: torch.Tensor, block_size: int = 128) -> tuple[torch.Tensor, torch.Tensor]:

@@ -41,20 +41,26 @@ def padded_group_rows(x: torch.Tensor, group_sizes: list[int], block_size: int) 
 def act_quant_transpose_torch(
     x: torch.Tensor,
     block_size: int = 128,
-    group_sizes: list[int] | None = None,
+    group_sizes: list[int] | torch.Tensor | None = None,
     scale_fmt: str | None = None,
     *,
     scale_floor: float = SCALE_FLOOR,
+    capacity: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantize x^T with 1 x block_size tiles along the rows (tokens) of x [T, C].
 
     -> (e4m3 [C, T_pad], scales fp32 [C, T_pad / block_size]). T_pad rounds T up to the block size;
     with `group_sizes` (rows per group, summing to T) every group is padded separately, so the
-    weight-gradient GEMM of each expert reads only its own tokens. Padding is zeros. `scale_fmt` and
+    weight-gradient GEMM of each expert reads only its own tokens. Padding is zeros. `capacity`:
+    T_pad itself, the columns past the groups' segments holding zero tokens. `scale_fmt` and
     `scale_floor` mean what they mean for act_quant_torch."""
     if group_sizes is None:
         group_sizes = [x.shape[0]]
+    elif isinstance(group_sizes, torch.Tensor):
+        group_sizes = group_sizes.tolist()  # torch.split needs host sizes
     padded = padded_group_rows(x, group_sizes, block_size)  # [T_pad, C]
+    if capacity is not None:
+        padded = F.pad(padded, (0, 0, 0, capacity - padded.shape[0]))  # [capacity, C], zero tokens
     return act_quant_torch(padded.t(), block_size, scale_fmt, scale_floor=scale_floor)
 
 

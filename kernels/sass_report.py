@@ -46,11 +46,13 @@ _OPS = ("QGMMA", "HGMMA", "HMMA", "LDL", "STL", "LDGSTS", "UTMALDG", "UTMASTG", 
 _GEMM_SIG = {"a_ptr": "*fp8e4nv", "a_s_ptr": "*fp32", "b_ptr": "*fp8e4nv", "b_s_ptr": "*fp32", "c_ptr": "*bf16"}
 _GEMM_META = {"BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr", "GROUP_M": "constexpr",
               "WARP_SPECIALIZE": "constexpr"}
-KERNELS = {  # name -> (jit function, signature, fixed constexprs); pointers and ints are taken as 16-aligned
+# name -> (jit function, signature, fixed constexprs). Pointers and ints are taken as 16-aligned, as a
+# launch specializes them, except the kernels' do_not_specialize arguments (row and token counts).
+KERNELS = {
     "fp8_gemm": (
         triton_gemm._fp8_gemm_kernel,
-        {**_GEMM_SIG, "M": "i32", "N": "i32", "K": "i32", "B_ROW_SCALES": "constexpr", "C_TMA": "constexpr",
-         **_GEMM_META},
+        {**_GEMM_SIG, "M": "i32", "N": "i32", "K": "i32", "M_BUCKET": "i32", "B_ROW_SCALES": "constexpr",
+         "C_TMA": "constexpr", **_GEMM_META},
         {"B_ROW_SCALES": False, "C_TMA": True, "BLOCK_K": 128},
     ),
     "fp8_grouped_gemm": (
@@ -62,7 +64,7 @@ KERNELS = {  # name -> (jit function, signature, fixed constexprs); pointers and
     "fp8_wgrad_grouped_gemm": (
         triton_gemm._fp8_wgrad_grouped_kernel,
         {**_GEMM_SIG, "c_ptr": "*fp32", "kb_prefix_ptr": "*i32", "G": "i32", "N": "i32", "C": "i32",
-         "T_PAD": "i32", **_GEMM_META},
+         "KB_ALL": "i32", **_GEMM_META},
         {"BLOCK_K": 128},
     ),
     "act_quant": (
@@ -74,7 +76,7 @@ KERNELS = {  # name -> (jit function, signature, fixed constexprs); pointers and
     "act_quant_transpose": (
         triton_quant._act_quant_t_kernel,
         {"x_ptr": "*bf16", "q_ptr": "*fp8e4nv", "s_ptr": "*fp32", "sizes_ptr": "*i32", "G": "i32", "C": "i32",
-         "T_PAD": "i32", "floor": "fp32", "UE8M0": "constexpr", "G_POW2": "constexpr", "BLOCK": "constexpr",
+         "TILES": "i32", "floor": "fp32", "UE8M0": "constexpr", "G_POW2": "constexpr", "BLOCK": "constexpr",
          "COLS": "constexpr"},
         {"UE8M0": False, "G_POW2": 32, "BLOCK": 128},
     ),
@@ -129,7 +131,12 @@ def compile_report(name: str, config: triton.Config) -> dict:
     and PTX feature counts (plus the PTX itself, under "ptx")."""
     fn, signature, constexprs = KERNELS[name]
     constexprs = {**constexprs, **config.kwargs}
-    aligned = {(i,): [["tt.divisibility", 16]] for i, kind in enumerate(signature.values()) if kind[0] in "*i"}
+    free = set(fn.do_not_specialize)  # names (or indices) the launches leave unspecialized
+    aligned = {
+        (i,): [["tt.divisibility", 16]]
+        for i, (arg, kind) in enumerate(signature.items())
+        if kind[0] in "*i" and arg not in free and i not in free
+    }
     source = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=aligned)
     backend = triton.compiler.make_backend(HOPPER)
     options = backend.parse_options({"num_warps": config.num_warps, "num_stages": config.num_stages})

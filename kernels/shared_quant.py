@@ -14,8 +14,9 @@ version counter, and for the same operation and arguments.
 
 from __future__ import annotations
 
+import contextlib
 import weakref
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Iterator
 
 import torch
 
@@ -50,3 +51,18 @@ def clear_shared_quantization() -> None:
     global _source
     _source = None
     _results.clear()
+
+
+@contextlib.contextmanager
+def isolated() -> Iterator[None]:
+    """Run the block against an empty memo, then put the memo and its counters back as they were
+    (the kernel warm-up quantizes stand-in inputs without disturbing the real ones)."""
+    global _source, _version, _results
+    saved = (_source, _version, _results, dict(stats))
+    _source, _version, _results = None, -1, {}
+    try:
+        yield
+    finally:
+        _source, _version, _results = saved[0], saved[1], saved[2]
+        stats.clear()
+        stats.update(saved[3])

@@ -9,20 +9,22 @@ limited-precision internal accumulation to one block (tolerance.py models it).
 - `fp8_gemm`: a [M, K] (1x128 scales) @ b [N, K]^T (128x128 block or 1x128 tile scales).
 - `fp8_grouped_gemm`: M-grouped, one launch for all experts: rows of a come in contiguous groups,
   group g uses b[g]. Tiles never straddle groups; the kernel finds a tile's group by a binary
-  search in a small prefix table built on the host from the group sizes (a list there already,
-  so no device sync).
+  search in a small prefix table built on the device from the group sizes (group_tables.py: no
+  host read of device counts, no pageable copy), and the grid is sized from an upper bound on the
+  tiles that needs only the row and group counts.
 - `fp8_wgrad_grouped_gemm`: K-grouped weight gradients: for each group, a_g @ b_g^T over that
-  group's own 128-aligned token segment (from act_quant_transpose with group_sizes).
+  group's own 128-aligned token segment (from act_quant_transpose with group_sizes; token columns
+  past the last segment, as in its capacity layout, are not read).
 
 How the kernels are built for Hopper (sm_90), and what sass_report.py checks they emit:
 - Operands through tensor descriptors made in the kernel (`tl.make_tensor_descriptor`): on sm_90
   every A/B tile is one TMA bulk copy (SASS UTMALDG, PTX cp.async.bulk.tensor) completing on an
   mbarrier (SYNCS), out-of-range rows and columns zero-filled by the copy engine. fp8_gemm also
   stores C through a descriptor (UTMASTG) where N's row pitch is 16-byte aligned. Device-side
-  descriptors need a small global scratch per program, hence `_ensure_allocator`.
-- Persistent: the grid is min(number of SMs, tiles) (or `num_programs`) and each program walks
-  tiles program_id, program_id + grid, ... in GROUP_M swizzle order, so the tiles in flight at
-  any moment share their A rows and B columns in L2.
+  descriptors need a small global scratch per program (triton_launch.ensure_allocator).
+- Persistent: the grid is min(SMs not reserved for communication (settings.py), tiles) (or
+  `num_programs`) and each program walks tiles program_id, program_id + grid, ... in GROUP_M
+  swizzle order, so the tiles in flight at any moment share their A rows and B columns in L2.
 - Warp specialization (configs with WARP_SPECIALIZE): Triton's Hopper pass splits the tile loop
   into a producer warp group issuing the TMA copies (registers released with setmaxnreg.dec) and
   two consumer warp groups, one per 64-row half of the 128-row tile (setmaxnreg.inc), each running
@@ -31,7 +33,10 @@ How the kernels are built for Hopper (sm_90), and what sass_report.py checks the
   consumers sharing one tensor core (one promotes while the other's wgmma runs) and from the
   producer running num_stages blocks ahead, also across tile boundaries, not from a deeper async
   wgmma queue (Triton keeps none for a product that is consumed in the same iteration).
-  Triton applies it on Hopper only with num_warps=4 (so 12 warps in all).
+  Triton applies it on Hopper only with num_warps=4 (so 12 warps in all). These configs have not
+  run on a GPU yet: autotuning leaves them out unless MOEFORGE_WARP_SPECIALIZE=1 (settings.py).
+- Launches go through triton_launch.TritonKernel: autotuned on sizes the model fixes (N, K and
+  fp8_gemm's row_bucket(M)), never on the routed row counts, which are do_not_specialize arguments.
 - The scales stay ordinary loads, issued before the block's wgmma: a_s is [M, K/128] (one 4-byte
   value per row and block, and a TMA box needs 16 contiguous bytes) and the 128x128 block scale of
   b is one scalar per tile and block. Together they are 1/32 of A's bytes and hit in L1/L2.
@@ -50,8 +55,10 @@ import functools
 import torch
 import triton
 import triton.language as tl
-from moeforge.kernels.backend import interpreting
 from moeforge.kernels.fp8_format import BLOCK, ceil_div
+from moeforge.kernels.group_tables import GroupSizes, grouped_gemm_table, segment_block_prefix
+from moeforge.kernels.settings import persistent_programs, warp_specialize_autotuning
+from moeforge.kernels.triton_launch import TritonKernel, row_bucket
 from moeforge.kernels.triton_quant import _to_output
 
 
@@ -93,12 +100,13 @@ def _scaled_mma(
     return acc
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M", "M_BUCKET"])
 def _fp8_gemm_kernel(
-    a_ptr, a_s_ptr, b_ptr, b_s_ptr, c_ptr, M, N, K,
+    a_ptr, a_s_ptr, b_ptr, b_s_ptr, c_ptr, M, N, K, M_BUCKET,
     B_ROW_SCALES: tl.constexpr, C_TMA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
 ):
+    # M_BUCKET: row_bucket(M), read only by the autotuner (its key), never here.
     kb_total = K // BLOCK_K
     a_desc = tl.make_tensor_descriptor(a_ptr, shape=[M, K], strides=[K, 1], block_shape=[BLOCK_M, BLOCK_K])
     b_desc = tl.make_tensor_descriptor(b_ptr, shape=[N, K], strides=[K, 1], block_shape=[BLOCK_N, BLOCK_K])
@@ -133,10 +141,6 @@ def _fp8_gemm_kernel(
             tl.store(c_ptrs, out, mask=(rows[:, None] < M) & (cols[None, :] < N))
 
 
-# BLOCK_M values the grouped kernel's tile table has a row for (launch configs and interpreter).
-TABLE_BLOCK_M = (16, 32, 64, 128, 256)
-
-
 @triton.jit
 def _table_row(BLOCK_M: tl.constexpr):
     """Row of the grouped GEMM's table that holds the row-tile prefix for this BLOCK_M."""
@@ -167,17 +171,19 @@ def _last_at_or_below(prefix_ptr, G, value, LOG2_G: tl.constexpr):
     return lo
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T"])
 def _fp8_grouped_gemm_kernel(
     a_ptr, a_s_ptr, b_ptr, b_s_ptr, c_ptr, table_ptr, T, G, N, K,
     LOG2_G: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
 ):
-    # table [1 + len(TABLE_BLOCK_M), G + 1] int32: row 0 the groups' first rows (exclusive prefix of
-    # the group sizes, then T); row r the exclusive prefix of the groups' row-tile counts for one
-    # BLOCK_M (_table_row). Tile order: expert by expert; inside an expert, GROUP_M swizzle over its
-    # row tiles x N tiles, so an expert's activation rows are read for every N column while they
-    # are in L2 (and its weights while they are), before its next rows.
+    # table [1 + len(TABLE_BLOCK_M), G + 1] int32, built on the device (group_tables.py): row 0 the
+    # groups' first rows (exclusive prefix of the group sizes, ending at <= T); row r the exclusive
+    # prefix of the groups' row-tile counts for one BLOCK_M (_table_row). The grid is sized from an
+    # upper bound on the tiles; programs past the real tile count find no work.
+    # Tile order: expert by expert; inside an expert, GROUP_M swizzle over its row tiles x N tiles,
+    # so an expert's activation rows are read for every N column while they are in L2 (and its
+    # weights while they are), before its next rows.
     kb_total = K // BLOCK_K
     a_desc = tl.make_tensor_descriptor(a_ptr, shape=[T, K], strides=[K, 1], block_shape=[BLOCK_M, BLOCK_K])
     # b [G, N, K] as [G*N, K]: the last column tile of an expert may read the next expert's first
@@ -213,18 +219,20 @@ def _fp8_grouped_gemm_kernel(
         tl.store(c_ptrs, _to_output(acc, c_ptr), mask=row_ok[:, None] & (cols[None, :] < N))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["KB_ALL"])
 def _fp8_wgrad_grouped_kernel(
-    a_ptr, a_s_ptr, b_ptr, b_s_ptr, c_ptr, kb_prefix_ptr, G, N, C, T_PAD,
+    a_ptr, a_s_ptr, b_ptr, b_s_ptr, c_ptr, kb_prefix_ptr, G, N, C, KB_ALL,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
 ):
-    # kb_prefix [G + 1] int32: where each group's 128-aligned token segment starts, in K blocks.
+    # kb_prefix [G + 1] int32: where each group's 128-aligned token segment starts, in K blocks;
+    # KB_ALL: the K blocks of a row (token columns past the last segment are never read).
     # Tile order: group by group (a group's token segment of a and b is read by all of its tiles),
     # GROUP_M swizzle inside a group.
-    kb_all = T_PAD // BLOCK_K
-    a_desc = tl.make_tensor_descriptor(a_ptr, shape=[N, T_PAD], strides=[T_PAD, 1], block_shape=[BLOCK_M, BLOCK_K])
-    b_desc = tl.make_tensor_descriptor(b_ptr, shape=[C, T_PAD], strides=[T_PAD, 1], block_shape=[BLOCK_N, BLOCK_K])
+    kb_all = KB_ALL
+    t_pad = KB_ALL * BLOCK_K  # a known multiple of 128: a 16-byte aligned descriptor stride
+    a_desc = tl.make_tensor_descriptor(a_ptr, shape=[N, t_pad], strides=[t_pad, 1], block_shape=[BLOCK_M, BLOCK_K])
+    b_desc = tl.make_tensor_descriptor(b_ptr, shape=[C, t_pad], strides=[t_pad, 1], block_shape=[BLOCK_N, BLOCK_K])
     num_m = tl.cdiv(N, BLOCK_M)
     num_n = tl.cdiv(C, BLOCK_N)
     per_group = num_m * num_n
@@ -258,9 +266,9 @@ def _config(bm: int, bn: int, warps: int, stages: int, ws: bool) -> triton.Confi
                          num_warps=warps, num_stages=stages)
 
 
-# GPU: autotuned over these (all spill-free for sm_90, see sass_report.py). The per-block promotion
-# keeps two FP32 tiles live (the running sum and the block's product), so a warp group holds at most
-# 64 x 128 of them: 128 x 256 tiles spill on 8 warps, and on a warp-specialized consumer too.
+# GPU launch configs (all spill-free for sm_90, see sass_report.py). The per-block promotion keeps two
+# FP32 tiles live (the running sum and the block's product), so a warp group holds at most 64 x 128
+# of them: 128 x 256 tiles spill on 8 warps, and on a warp-specialized consumer too.
 GPU_CONFIGS = [
     _config(128, 128, 4, 4, True),  # producer + 2 consumer warp groups (12 warps), 4 TMA stages
     _config(128, 128, 4, 5, True),  # the same, 5 stages (~180 KB of shared memory)
@@ -272,78 +280,42 @@ WS_CONFIG = GPU_CONFIGS[0]
 PLAIN_CONFIG = GPU_CONFIGS[2]
 
 
+def autotune_configs() -> list[triton.Config]:
+    """The configs the autotuner chooses from: GPU_CONFIGS, without the warp-specialized ones unless
+    MOEFORGE_WARP_SPECIALIZE=1 (settings.py). An explicit `config=` may still name any of them."""
+    allow_ws = warp_specialize_autotuning()
+    return [c for c in GPU_CONFIGS if allow_ws or not c.kwargs["WARP_SPECIALIZE"]]
+
+
 @functools.cache
 def _num_sms(device: int) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def _programs(device: torch.device, tiles: int, num_programs: int | None) -> int:
+    """The persistent grid: one program per SM not reserved for communication (settings.py); 3
+    under the interpreter; `num_programs` when given."""
+    if num_programs is None and device.type != "cuda":
+        num_programs = INTERPRET_PROGRAMS
+    sm_count = 0
     if num_programs is None:
-        num_programs = INTERPRET_PROGRAMS if device.type != "cuda" else _num_sms(device.index or 0)
-    return max(1, min(num_programs, tiles))
+        sm_count = _num_sms(device.index if device.index is not None else torch.cuda.current_device())
+    return persistent_programs(sm_count, tiles, num_programs)
 
 
-def _scratch(size: int, alignment: int, stream) -> torch.Tensor:
-    return torch.empty(size, dtype=torch.int8, device="cuda")
+def _gemm_kernel(name: str, fn, key: tuple[str, ...]) -> TritonKernel:
+    return TritonKernel(name, fn, key, configs=autotune_configs, interpret_meta=_INTERPRET_CONFIG, descriptors=True)
 
 
-def _ensure_allocator() -> None:
-    """Device-side tensor descriptors live in a per-program global scratch that Triton allocates
-    through `triton.set_allocator`. The allocator is a context variable (autograd's backward
-    threads start without it), so it is checked before each launch; one set by the user is kept."""
-    try:
-        from triton.runtime import _allocation
-
-        if not isinstance(_allocation._allocator.get(), _allocation.NullAllocator):
-            return
-    except (ImportError, AttributeError):  # another Triton layout: set ours
-        pass
-    triton.set_allocator(_scratch)
-
-
-class _Launcher:
-    """One kernel: fixed meta under the interpreter, autotuned over GPU_CONFIGS on a GPU (re-tuned
-    whenever the `key` arguments change), or one given triton.Config (the GPU check runs each)."""
-
-    def __init__(self, kernel, key: list[str]) -> None:
-        self.kernel = kernel
-        self.key = key
-
-    @functools.cached_property
-    def tuned(self):
-        return triton.autotune(configs=GPU_CONFIGS, key=self.key)(self.kernel)
-
-    def __call__(self, grid, *args, config: triton.Config | None = None, **consts) -> None:
-        if interpreting():
-            self.kernel[grid](*args, **consts, **_INTERPRET_CONFIG)
-            return
-        _ensure_allocator()
-        if config is None:
-            self.tuned[grid](*args, **consts)
-        else:
-            self.kernel[grid](*args, **consts, **config.kwargs, num_warps=config.num_warps,
-                              num_stages=config.num_stages)
-
-
-_gemm = _Launcher(_fp8_gemm_kernel, ["M", "N", "K", "B_ROW_SCALES", "C_TMA"])
-_grouped = _Launcher(_fp8_grouped_gemm_kernel, ["N", "K"])
-_wgrad = _Launcher(_fp8_wgrad_grouped_kernel, ["N", "C"])
+# Autotuning keys: sizes the model fixes, never the data-dependent row / token counts (M's class only).
+_gemm = _gemm_kernel("fp8_gemm", _fp8_gemm_kernel, ("M_BUCKET", "N", "K", "B_ROW_SCALES", "C_TMA"))
+_grouped = _gemm_kernel("fp8_grouped_gemm", _fp8_grouped_gemm_kernel, ("N", "K"))
+_wgrad = _gemm_kernel("fp8_wgrad_grouped_gemm", _fp8_wgrad_grouped_kernel, ("N", "C"))
+LAUNCHERS = (_gemm, _grouped, _wgrad)
 
 
 def _log2_groups(groups: int) -> int:
     return max(groups - 1, 1).bit_length()  # 2**result >= groups
-
-
-def _exclusive_prefix(counts: torch.Tensor) -> torch.Tensor:
-    return torch.cat([counts.new_zeros(1), torch.cumsum(counts, 0)])
-
-
-def grouped_table(group_sizes: list[int]) -> torch.Tensor:
-    """The grouped GEMM's tile table (CPU, int32 [1 + len(TABLE_BLOCK_M), G + 1]): the groups'
-    first rows, then for each BLOCK_M the exclusive prefix of the groups' row-tile counts."""
-    sizes = torch.tensor(group_sizes, dtype=torch.int64)
-    rows = [_exclusive_prefix(sizes)] + [_exclusive_prefix((sizes + bm - 1) // bm) for bm in TABLE_BLOCK_M]
-    return torch.stack(rows).to(torch.int32)
 
 
 def _check_scale_offsets(*scales: torch.Tensor) -> None:
@@ -358,15 +330,6 @@ def _aligned(t: torch.Tensor) -> torch.Tensor:
     return t if t.data_ptr() % 16 == 0 else t.clone()
 
 
-def _meta(config: triton.Config | None, name: str):
-    """A meta value for sizing the grid: the given config's, or the autotuner's candidate's."""
-    if interpreting():
-        return lambda meta: _INTERPRET_CONFIG[name]
-    if config is not None:
-        return lambda meta: config.kwargs[name]
-    return lambda meta: meta[name]
-
-
 def fp8_gemm_triton(
     a: torch.Tensor,
     a_s: torch.Tensor,
@@ -378,7 +341,8 @@ def fp8_gemm_triton(
     config: triton.Config | None = None,
 ) -> torch.Tensor:
     """Triton twin of fp8_gemm_torch. num_programs: the persistent grid (default: one program per
-    SM; 3 under the interpreter); config: one of GPU_CONFIGS instead of the autotuner's choice."""
+    SM not reserved for communication; 3 under the interpreter); config: one of GPU_CONFIGS instead
+    of the autotuner's choice."""
     m, k = a.shape
     n = b.shape[0]
     c = torch.empty(m, n, dtype=out_dtype, device=a.device)
@@ -386,14 +350,21 @@ def fp8_gemm_triton(
         _check_scale_offsets(a_s, b_s)
         row_scales = b_s.shape[0] == n and n != ceil_div(n, BLOCK)
         c_tma = (n * c.element_size()) % 16 == 0 and c.data_ptr() % 16 == 0
-        bm, bn = _meta(config, "BLOCK_M"), _meta(config, "BLOCK_N")
 
         def grid(meta):
-            return (_programs(a.device, triton.cdiv(m, bm(meta)) * triton.cdiv(n, bn(meta)), num_programs),)
+            tiles = triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"])
+            return (_programs(a.device, tiles, num_programs),)
 
-        _gemm(grid, _aligned(a), a_s, _aligned(b), b_s, c, m, n, k, config=config, B_ROW_SCALES=row_scales,
-              C_TMA=c_tma, BLOCK_K=BLOCK)
+        _gemm(grid, _aligned(a), a_s, _aligned(b), b_s, c, m, n, k, row_bucket(m), config=config,
+              B_ROW_SCALES=row_scales, C_TMA=c_tma, BLOCK_K=BLOCK)
     return c
+
+
+def grouped_row_tiles_bound(rows: int, groups: int, block_m: int) -> int:
+    """At most how many block_m-row tiles `rows` rows cut into `groups` groups give (every group is
+    tiled on its own): sum ceil(n_g / block_m) <= (rows + groups * (block_m - 1)) / block_m, and never
+    more than the rows. Sizes the grouped GEMM's grid without reading the group sizes."""
+    return min(rows, (rows + groups * (block_m - 1)) // block_m)
 
 
 def fp8_grouped_gemm_triton(
@@ -401,26 +372,26 @@ def fp8_grouped_gemm_triton(
     a_s: torch.Tensor,
     b: torch.Tensor,
     b_s: torch.Tensor,
-    group_sizes: list[int],
+    group_sizes: GroupSizes,
     out_dtype: torch.dtype = torch.bfloat16,
     *,
     num_programs: int | None = None,
     config: triton.Config | None = None,
 ) -> torch.Tensor:
-    """Triton twin of fp8_grouped_gemm_torch (one persistent launch for all groups)."""
+    """Triton twin of fp8_grouped_gemm_torch (one persistent launch for all groups). group_sizes: a
+    host list or a device tensor; neither is read on the host (group_tables.py)."""
     t, k = a.shape
     g, n, _ = b.shape
     c = torch.empty(t, n, dtype=out_dtype, device=a.device)
     if t and n:
         _check_scale_offsets(a_s, b_s)
-        table = grouped_table(group_sizes)
-        bm, bn = _meta(config, "BLOCK_M"), _meta(config, "BLOCK_N")
+        table = grouped_gemm_table(group_sizes, t, a.device)  # int32 [6, G + 1]
 
         def grid(meta):
-            row_tiles = int(table[1 + TABLE_BLOCK_M.index(bm(meta)), -1])
-            return (_programs(a.device, row_tiles * triton.cdiv(n, bn(meta)), num_programs),)
+            tiles = grouped_row_tiles_bound(t, g, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"])
+            return (_programs(a.device, tiles, num_programs),)
 
-        _grouped(grid, _aligned(a), a_s, _aligned(b), b_s, c, table.to(a.device), t, g, n, k, config=config,
+        _grouped(grid, _aligned(a), a_s, _aligned(b), b_s, c, table, t, g, n, k, config=config,
                  LOG2_G=_log2_groups(g), BLOCK_K=BLOCK)
     return c
 
@@ -430,13 +401,14 @@ def fp8_wgrad_grouped_gemm_triton(
     a_s: torch.Tensor,
     b: torch.Tensor,
     b_s: torch.Tensor,
-    group_sizes: list[int],
+    group_sizes: GroupSizes,
     out_dtype: torch.dtype = torch.float32,
     *,
     num_programs: int | None = None,
     config: triton.Config | None = None,
 ) -> torch.Tensor:
-    """Triton twin of fp8_wgrad_grouped_gemm_torch (one persistent launch for all groups)."""
+    """Triton twin of fp8_wgrad_grouped_gemm_torch (one persistent launch for all groups). The
+    groups' segments start at token column 0; columns past the last one are not read."""
     n, t_pad = a.shape
     c_dim = b.shape[0]
     g = len(group_sizes)
@@ -445,13 +417,12 @@ def fp8_wgrad_grouped_gemm_triton(
         out.zero_()
     elif g and n and c_dim:
         _check_scale_offsets(a_s, b_s)
-        blocks = (torch.tensor(group_sizes, dtype=torch.int64) + BLOCK - 1) // BLOCK
-        kb_prefix = _exclusive_prefix(blocks).to(device=a.device, dtype=torch.int32)
-        bm, bn = _meta(config, "BLOCK_M"), _meta(config, "BLOCK_N")
+        kb_prefix = segment_block_prefix(group_sizes, BLOCK, t_pad // BLOCK, a.device)  # int32 [G + 1]
 
         def grid(meta):
-            return (_programs(a.device, g * triton.cdiv(n, bm(meta)) * triton.cdiv(c_dim, bn(meta)), num_programs),)
+            tiles = g * triton.cdiv(n, meta["BLOCK_M"]) * triton.cdiv(c_dim, meta["BLOCK_N"])
+            return (_programs(a.device, tiles, num_programs),)
 
-        _wgrad(grid, _aligned(a), a_s, _aligned(b), b_s, out, kb_prefix, g, n, c_dim, t_pad, config=config,
+        _wgrad(grid, _aligned(a), a_s, _aligned(b), b_s, out, kb_prefix, g, n, c_dim, t_pad // BLOCK, config=config,
                BLOCK_K=BLOCK)
     return out

@@ -21,7 +21,8 @@ import torch
 import triton
 import triton.language as tl
 from moeforge.kernels.fp8_format import FP8_MAX, SCALE_FLOOR, ceil_div, round_up
-from moeforge.kernels.triton_launch import launcher
+from moeforge.kernels.group_tables import GroupSizes, group_counts
+from moeforge.kernels.triton_launch import TritonKernel
 
 # Compiled kernels may only read module globals that are tl.constexpr (the interpreter is laxer).
 _FP8_MAX = tl.constexpr(FP8_MAX)
@@ -75,7 +76,7 @@ def _to_output(acc, c_ptr):
     return acc.to(c_ptr.dtype.element_ty)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M"])
 def _act_quant_kernel(
     x_ptr, q_ptr, s_ptr, M, K, floor, UE8M0: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr
 ):
@@ -93,7 +94,9 @@ def _act_quant_kernel(
 
 
 ACT_QUANT_CONFIGS = [triton.Config({"ROWS": rows}, num_warps=warps) for rows in (16, 32, 64) for warps in (4, 8)]
-_act_quant, _act_quant_kw = launcher(_act_quant_kernel, ACT_QUANT_CONFIGS, ["M", "K"], {"ROWS": 16})
+# Keyed on the row width only: the row count is data (rows routed to an expert).
+_act_quant = TritonKernel("act_quant", _act_quant_kernel, ("K",), configs=lambda: ACT_QUANT_CONFIGS,
+                          interpret_meta={"ROWS": 16})
 
 
 def act_quant_triton(
@@ -110,9 +113,7 @@ def act_quant_triton(
         def grid(meta):
             return (triton.cdiv(m, meta["ROWS"]), k // block_size)
 
-        _act_quant[grid](
-            x, q, s, m, k, float(scale_floor), UE8M0=scale_fmt == "ue8m0", BLOCK=block_size, **_act_quant_kw
-        )
+        _act_quant(grid, x, q, s, m, k, float(scale_floor), UE8M0=scale_fmt == "ue8m0", BLOCK=block_size)
     return q, s
 
 
@@ -120,8 +121,8 @@ def act_quant_triton(
 def _group_of_tile(sizes_ptr, G, tile, TILE: tl.constexpr, G_POW2: tl.constexpr):
     """Which group owns the `tile`-th TILE-row tile when every group's rows are cut into their own
     tiles (group g has ceil(n_g / TILE) of them), in group order. Returns (group, first tile of the
-    group, first row of the group, row count of the group, total tiles). Vector ops over <= G_POW2
-    groups: no host-side tile table, so the caller needs no device sync."""
+    group, first row of the group, row count of the group, total tiles); a tile past the last
+    group's gets row count 0. Vector ops over <= G_POW2 groups: no tile table to build."""
     g_ids = tl.arange(0, G_POW2)
     sizes = tl.load(sizes_ptr + g_ids, mask=g_ids < G, other=0).to(tl.int32)
     tiles = (sizes + TILE - 1) // TILE
@@ -135,7 +136,7 @@ def _group_of_tile(sizes_ptr, G, tile, TILE: tl.constexpr, G_POW2: tl.constexpr)
     return group, first_tile, row_start, rows, total
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["TILES"])
 def _act_quant_t_kernel(
     x_ptr,
     q_ptr,
@@ -143,66 +144,75 @@ def _act_quant_t_kernel(
     sizes_ptr,
     G,
     C,
-    T_PAD,
+    TILES,
     floor,
     UE8M0: tl.constexpr,
     G_POW2: tl.constexpr,
     BLOCK: tl.constexpr,
     COLS: tl.constexpr,
 ):
-    # One program: one BLOCK-token tile of one group x COLS channels; writes q^T [C, T_PAD].
-    # floor: fp32 amax floor; UE8M0: power-of-two scales, as in _act_quant_kernel.
+    # One program: one BLOCK-token tile of one group x COLS channels; writes q^T [C, TILES * BLOCK].
+    # floor: fp32 amax floor; UE8M0: power-of-two scales, as in _act_quant_kernel. Tiles past the
+    # groups' own (a capacity layout, act_quant_transpose(capacity=...)) hold zero tokens.
     tile = tl.program_id(0)
     pid_c = tl.program_id(1)
-    _, first_tile, row_start, n_rows, total = _group_of_tile(sizes_ptr, G, tile, BLOCK, G_POW2)
-    if tile < total:
-        local = (tile - first_tile) * BLOCK + tl.arange(0, BLOCK)  # token index inside the group
-        tok_ok = local < n_rows
-        src_rows = (row_start + local).to(tl.int64)
-        cols = pid_c * COLS + tl.arange(0, COLS)
-        col_ok = cols < C
-        x = tl.load(
-            x_ptr + src_rows[:, None] * C + cols[None, :], mask=tok_ok[:, None] & col_ok[None, :], other=0.0
-        ).to(tl.float32)  # [BLOCK tokens, COLS channels]; padding tokens read as 0
-        scale = _tile_scale(tl.max(tl.abs(x), axis=0), floor, UE8M0)  # [COLS]: one per channel
-        q = _quantize(x, scale[None, :])
-        out_cols = tile * BLOCK + tl.arange(0, BLOCK)  # padded token position
-        tl.store(
-            q_ptr + cols.to(tl.int64)[None, :] * T_PAD + out_cols[:, None], q, mask=col_ok[None, :]
-        )
-        tl.store(s_ptr + cols.to(tl.int64) * (T_PAD // BLOCK) + tile, scale, mask=col_ok)
+    t_pad = TILES * BLOCK  # a known multiple of BLOCK: the row pitch of q
+    # A tile past every group's tiles belongs to no group: n_rows is 0 there, all its tokens zero.
+    _, first_tile, row_start, n_rows, _ = _group_of_tile(sizes_ptr, G, tile, BLOCK, G_POW2)
+    local = (tile - first_tile) * BLOCK + tl.arange(0, BLOCK)  # token index inside the group
+    tok_ok = local < n_rows
+    src_rows = (row_start + local).to(tl.int64)
+    cols = pid_c * COLS + tl.arange(0, COLS)
+    col_ok = cols < C
+    x = tl.load(
+        x_ptr + src_rows[:, None] * C + cols[None, :], mask=tok_ok[:, None] & col_ok[None, :], other=0.0
+    ).to(tl.float32)  # [BLOCK tokens, COLS channels]; padding tokens read as 0
+    scale = _tile_scale(tl.max(tl.abs(x), axis=0), floor, UE8M0)  # [COLS]: one per channel
+    q = _quantize(x, scale[None, :])
+    out_cols = tile * BLOCK + tl.arange(0, BLOCK)  # padded token position
+    tl.store(q_ptr + cols.to(tl.int64)[None, :] * t_pad + out_cols[:, None], q, mask=col_ok[None, :])
+    tl.store(s_ptr + cols.to(tl.int64) * TILES + tile, scale, mask=col_ok)
 
 
 ACT_QUANT_T_CONFIGS = [triton.Config({"COLS": cols}, num_warps=warps) for cols in (32, 64, 128) for warps in (4, 8)]
-_act_quant_t, _act_quant_t_kw = launcher(_act_quant_t_kernel, ACT_QUANT_T_CONFIGS, ["C", "T_PAD"], {"COLS": 64})
+# Keyed on the channels only: the padded token count is data (tokens routed to each expert).
+_act_quant_t = TritonKernel("act_quant_transpose", _act_quant_t_kernel, ("C",), configs=lambda: ACT_QUANT_T_CONFIGS,
+                            interpret_meta={"COLS": 64})
 
 
 def act_quant_transpose_triton(
     x: torch.Tensor,
     block_size: int = 128,
-    group_sizes: list[int] | None = None,
+    group_sizes: GroupSizes | None = None,
     scale_fmt: str | None = None,
     *,
     scale_floor: float = SCALE_FLOOR,
+    capacity: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Triton twin of act_quant_transpose_torch: x [T, C] -> (e4m3 [C, T_pad], scales [C, T_pad/B])."""
+    """Triton twin of act_quant_transpose_torch: x [T, C] -> (e4m3 [C, T_pad], scales [C, T_pad/B]),
+    T_pad = `capacity` when given. Group sizes in a device tensor need a capacity (the exact width
+    would be a host read); they are clamped to T rows (group_tables.py)."""
     x = x.contiguous()
     t, c = x.shape
     if group_sizes is None:
         group_sizes = [t]
-    t_pad = sum(round_up(n, block_size) for n in group_sizes)
-    q = torch.empty(c, t_pad, dtype=torch.float8_e4m3fn, device=x.device)
-    s = torch.empty(c, t_pad // block_size, dtype=torch.float32, device=x.device)
-    if t_pad and c:
-        sizes = torch.tensor(group_sizes, dtype=torch.int32, device=x.device)
-        g_pow2 = triton.next_power_of_2(max(len(group_sizes), 2))
+    if capacity is None:
+        # The exact width is the output's shape: a host value. Reached with a tensor only from
+        # callers that chose the exact layout (the twin semantics of the public entry point).
+        host_sizes = group_sizes if isinstance(group_sizes, list) else group_sizes.tolist()
+        capacity = sum(round_up(n, block_size) for n in host_sizes)
+    q = torch.empty(c, capacity, dtype=torch.float8_e4m3fn, device=x.device)
+    s = torch.empty(c, capacity // block_size, dtype=torch.float32, device=x.device)
+    if capacity and c:
+        sizes = group_counts(group_sizes, t, x.device)  # int32 [G], no host read
+        g_pow2 = triton.next_power_of_2(max(sizes.shape[0], 2))
 
         def grid(meta):
-            return (t_pad // block_size, triton.cdiv(c, meta["COLS"]))
+            return (capacity // block_size, triton.cdiv(c, meta["COLS"]))
 
-        _act_quant_t[grid](
-            x, q, s, sizes, len(group_sizes), c, t_pad, float(scale_floor), UE8M0=scale_fmt == "ue8m0",
-            G_POW2=g_pow2, BLOCK=block_size, **_act_quant_t_kw,
+        _act_quant_t(
+            grid, x, q, s, sizes, sizes.shape[0], c, capacity // block_size, float(scale_floor),
+            UE8M0=scale_fmt == "ue8m0", G_POW2=g_pow2, BLOCK=block_size,
         )
     return q, s
 
@@ -231,6 +241,9 @@ def _weight_quant_kernel(w_ptr, q_ptr, s_ptr, N, K, BLOCK: tl.constexpr):
     tl.store(s_ptr + scale_offset, scale)
 
 
+_weight_quant = TritonKernel("weight_quant", _weight_quant_kernel, ("N", "K"))  # Triton's default launch
+
+
 def weight_quant_triton(w: torch.Tensor, block_size: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton twin of weight_quant_torch: w [..., N, K] -> (e4m3, scales [..., ceil(N/B), K/B])."""
     w = w.contiguous()
@@ -240,7 +253,7 @@ def weight_quant_triton(w: torch.Tensor, block_size: int = 128) -> tuple[torch.T
     q = torch.empty(w.shape, dtype=torch.float8_e4m3fn, device=w.device)
     s = torch.empty(*lead, nb, kb, dtype=torch.float32, device=w.device)
     if g and nb and kb:
-        _weight_quant_kernel[(g, nb, kb)](w, q, s, n, k, BLOCK=block_size)
+        _weight_quant((g, nb, kb), w, q, s, n, k, BLOCK=block_size)
     return q, s
 
 
@@ -252,6 +265,9 @@ def _weight_dequant_kernel(q_ptr, s_ptr, out_ptr, N, K, BLOCK: tl.constexpr):
     tl.store(out_ptr + offsets, _to_output(q * scale, out_ptr), mask=row_ok)
 
 
+_weight_dequant = TritonKernel("weight_dequant", _weight_dequant_kernel, ("N", "K"))
+
+
 def weight_dequant_triton(
     w_fp8: torch.Tensor, scales: torch.Tensor, block_size: int = 128, dtype: torch.dtype = torch.float32
 ) -> torch.Tensor:
@@ -260,5 +276,5 @@ def weight_dequant_triton(
     g = w_fp8.numel() // (n * k) if n * k else 0
     out = torch.empty(w_fp8.shape, dtype=dtype, device=w_fp8.device)
     if g:
-        _weight_dequant_kernel[(g, ceil_div(n, block_size), k // block_size)](w_fp8, scales, out, n, k, BLOCK=block_size)
+        _weight_dequant((g, ceil_div(n, block_size), k // block_size), w_fp8, scales, out, n, k, BLOCK=block_size)
     return out

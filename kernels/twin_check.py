@@ -10,7 +10,8 @@ tolerance.gemm_tolerance (derived there from an accumulation-error model), with 
 between GEMMs counted for the FP8 modules. Every row says which tolerance it was held to. The tests
 run the tiny size through the interpreter in a subprocess (the variable must be set before triton is
 imported); kernels/gpu_check.sh runs the gpu size on an H200, where the fp8 GEMMs are also run with
-every GPU launch config in turn (not only the autotuner's choice) and with an odd persistent grid.
+every GPU launch config in turn (not only the autotuner's choice; the warp-specialized ones too,
+which autotuning leaves out unless MOEFORGE_WARP_SPECIALIZE=1) and with an odd persistent grid.
 On CUDA the caching allocator is poisoned with NaN first, so an output element a kernel forgets to
 write shows up as a mismatch.
 """
@@ -268,8 +269,12 @@ def main(argv: list[str] | None = None) -> int:
 
     results = run_checks(args.size, device, compiled=True if args.compiled_checks else None)
     dispatch = use_triton(torch.empty(1, device=device))  # what the public entry points will run
+    from moeforge.kernels import settings
+
     text = json.dumps(
-        {"size": args.size, "device": device, "public_api_uses_triton": dispatch, "results": results}, indent=1
+        {"size": args.size, "device": device, "public_api_uses_triton": dispatch,
+         "warp_specialize_autotuning": settings.warp_specialize_autotuning(), "reserved_sms": settings.reserved_sms(),
+         "results": results}, indent=1
     )
     if args.json:
         with open(args.json, "w") as f:

@@ -19,8 +19,9 @@ Memory: 1 byte per parameter per layout (forward W and transposed W^T), plus 4/1
 
 from __future__ import annotations
 
+import contextlib
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -44,6 +45,7 @@ class FP8WeightCache:
         self.epoch = 0
         self.quantizations = 0  # how many times a weight was actually quantized (tests read it)
         self.enabled = True
+        self._bypassed = False
 
     def get(
         self,
@@ -52,6 +54,8 @@ class FP8WeightCache:
         quantize: Callable[[torch.Tensor, bool], QuantizedWeight],
     ) -> QuantizedWeight:
         """The cached quantize(weight, transposed), recomputed when the entry is stale or missing."""
+        if self._bypassed:
+            return quantize(weight, transposed)
         if not self.enabled:
             self.quantizations += 1
             return quantize(weight, transposed)
@@ -72,6 +76,16 @@ class FP8WeightCache:
             weakref.finalize(weight, self._entries.pop, key, None)
         self._entries[key] = _Entry(weakref.ref(weight), weight._version, self.epoch, value)
         return value
+
+    @contextlib.contextmanager
+    def bypassed(self) -> Iterator[None]:
+        """Quantize every weight afresh inside the block, leaving entries and counters untouched
+        (the kernel warm-up runs the GEMMs on stand-in weights)."""
+        saved, self._bypassed = self._bypassed, True
+        try:
+            yield
+        finally:
+            self._bypassed = saved
 
     def invalidate(self) -> None:
         """Mark every entry stale (call after each optimizer step) and free the copies."""

@@ -38,6 +38,7 @@ from moeforge.kernels.deferrable_linear import DeferrableLinear
 from moeforge.kernels.fp8_linear import FP8Linear
 from moeforge.kernels.grouped_experts import GroupedSwiGLUExperts, recomputed_swiglu_mlp
 from moeforge.kernels.swappable import SwappableLinear
+from moeforge.kernels.warm_up import WarmUpReport, warm_up_kernels
 from moeforge.platform.config.precision import PrecisionConfig
 from moeforge.platform.instance_override import override_method
 from moeforge.platform.recompute import apply_recompute
@@ -151,3 +152,19 @@ def compute_context(cfg: PrecisionConfig, device_type: str = "cpu") -> contextli
     if cfg.compute_dtype == "bfloat16":
         return torch.autocast(device_type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+def warm_up_fp8_kernels(
+    module: nn.Module, cfg: PrecisionConfig, tokens_per_microbatch: int, fp8_dispatch: bool = False
+) -> WarmUpReport:
+    """Compile and tune, before the first step, every Triton kernel `module`'s swapped GEMMs will
+    launch, with this policy's settings (kernels/warm_up.py); nothing is launched on the torch twins.
+    `fp8_dispatch`: the MoE layers send their tokens as FP8 (expert parallelism under fp8)."""
+    return warm_up_kernels(
+        [module],
+        tokens_per_microbatch,
+        compute_dtype=getattr(torch, cfg.compute_dtype),
+        recompute_swiglu=cfg.recompute_swiglu,
+        swiglu_scale_fmt="ue8m0" if cfg.power_of_two_scales else None,
+        fp8_dispatch=fp8_dispatch,
+    )

@@ -54,6 +54,9 @@ class ParallelConfig:
     # short closing phase's transfer (measured by moeforge-bench overlap); forward_first the other.
     overlap_order: str = "backward_first"
     recv_lookahead: int = 2  # receives are posted this many compute actions ahead of need
+    # SMs the persistent FP8 GEMMs leave to communication kernels (NCCL's all-to-alls and transfers
+    # of an overlapped pair run beside them); DeepSeek-V3 left 20 of 132. 0: every SM computes.
+    comm_sms: int = 0
     peak_tflops_per_worker: float = 0.0  # for MFU; 0: reported as 0 (unknown hardware)
     # TEST-ONLY: make one rank fail mid-step, e.g. {"rank": 1, "step": 1, "kind": "raise" | "hang"}.
     fault_injection: dict[str, Any] | None = None
@@ -122,6 +125,7 @@ class ParallelConfig:
         )
         require(self.gpu_memory_gb >= 0, "gpu_memory_gb", f"must be >= 0, got {self.gpu_memory_gb}")
         require(self.recv_lookahead >= 1, "recv_lookahead", f"must be >= 1, got {self.recv_lookahead}")
+        require(self.comm_sms >= 0, "comm_sms", f"must be >= 0, got {self.comm_sms}")
         require(self.peak_tflops_per_worker >= 0, "peak_tflops_per_worker", "must be >= 0")
         if self.fault_injection is not None:
             fault = dict(self.fault_injection)

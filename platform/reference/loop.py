@@ -53,6 +53,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
+from moeforge.kernels.settings import set_reserved_sms
 from moeforge.model.balance import ExpertLoad, worst_layer_load
 from moeforge.model.config import ConfigError
 from moeforge.model.transformer import build_model
@@ -95,7 +96,7 @@ from moeforge.platform.optim.recipe_schedule import recipe_after, recipe_at
 from moeforge.platform.outputs.metrics import EvalResult, StepMetrics, TrainSummary
 from moeforge.platform.outputs.run_files import RunOutputs
 from moeforge.platform.outputs.run_report import RunReport
-from moeforge.platform.precision import apply_precision, compute_context
+from moeforge.platform.precision import apply_precision, compute_context, warm_up_fp8_kernels
 
 
 class Terminated(BaseException):
@@ -157,6 +158,7 @@ class ReferenceTrainer:
             self.device
         )  # init on CPU: same weights anywhere
         self.model = apply_precision(model, cfg.precision)
+        set_reserved_sms(cfg.parallel.comm_sms)  # persistent FP8 GEMMs leave these SMs free
         self.model.train()
         self.device_type = self.device.type
         self.moe_modules = list(self.model.moe_layers())
@@ -422,6 +424,10 @@ class ReferenceTrainer:
             f"{self.cfg.data.global_batch} seq x {self.cfg.model.seq_len} tok, "
             f"{self.microbatches} micro-batch(es), precision {self.cfg.precision.name}, run.dir={run.dir}"
         )
+        tokens = self.cfg.data.global_batch // self.microbatches * self.cfg.model.seq_len
+        warmed = warm_up_fp8_kernels(self.model, self.cfg.precision, tokens)
+        if warmed.launches:  # compile and tuning time, kept out of step 1's tokens/s
+            self.log(warmed.summary())
         peak = self.cfg.parallel.peak_tflops_per_worker * 1e12 or None
         self.report = RunReport(
             self.cfg,

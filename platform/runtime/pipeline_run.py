@@ -13,6 +13,8 @@ Around the steps (`run_pipeline_training`, mirroring the reference loop's `train
     resume      checkpoint.resume: every rank loads its own shard of the newest complete checkpoint
                 (rank 0 picks it, the others take its step).
     resume      (any layout wrote the checkpoint: platform/checkpoint/reshard.py)
+    warm-up     before the first step every rank compiles and tunes its Triton kernels on the
+                step's shapes, then a barrier (rank 0 logs how long the slowest rank took)
     failure     rank 0 records what it has (metrics, summary.json with status "failed" and its
                 error); the driver (platform/runtime/launch.py) then names every failed rank in the summary.
                 No failure checkpoint: that would need every rank alive and at a common step.
@@ -78,6 +80,9 @@ def run_pipeline_training(
     record_comm_from_env()
     runtime = PipelineRuntime(cfg, rank, world_size, source=source, device=device, log=log)
     resumed = runtime.resume(restarted=restarted_resumes)
+    warmed = runtime.warm_up_kernels()
+    if warmed is not None:
+        log(warmed)
     reporter = _rank0_report(cfg, runtime, log, resumed) if rank == 0 else None
     if reporter is not None and runtime.resharded:
         world = " ".join(f"{k}={v}" for k, v in sorted(runtime.resharded_from.items()))
