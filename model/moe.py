@@ -130,7 +130,7 @@ class RoutedExperts(nn.Module):
         """x_sorted [N, dim] grouped by expert in expert order; tokens_per_expert [E]; row_weights [N]
         (the gating weight of each row, scaling its SwiGLU output; None: 1) -> [N, dim]."""
         outputs = []
-        sizes = tokens_per_expert.tolist()
+        sizes = tokens_per_expert.tolist()  # the reference loop's one host read: torch.split takes host sizes
         weight_parts = torch.split(row_weights, sizes) if row_weights is not None else [None] * len(sizes)
         for e, (xe, we) in enumerate(zip(torch.split(x_sorted, sizes), weight_parts, strict=True)):
             if xe.shape[0] == 0:
@@ -156,9 +156,18 @@ class LocalDispatch:
         pair_expert = expert_ids.flatten()  # [N*k]
         order = pair_expert.argsort(stable=True)
         pair_token = order // top_k
-        tokens_per_expert = torch.bincount(pair_expert, minlength=experts.n_experts)
+        tokens_per_expert = count_per_index(pair_expert, experts.n_experts)
         y_sorted = experts(flat[pair_token], tokens_per_expert, weights.flatten()[order])  # [N*k, hidden]
         return sum_rows_by_index(y_sorted.to(flat.dtype), pair_token, flat.shape[0])
+
+
+def count_per_index(index: torch.Tensor, n: int) -> torch.Tensor:
+    """[n] int64: how many entries of `index` (int64, any shape, values in [0, n)) equal each value.
+
+    bincount's answer, without its host read: on a GPU bincount reads the input's max back to size
+    its output, and the MoE layer's host must run ahead of the device."""
+    counts = torch.zeros(n, dtype=torch.long, device=index.device)
+    return counts.scatter_add_(0, index.flatten(), torch.ones_like(index.flatten()))
 
 
 class _SumRowsByIndex(torch.autograd.Function):
@@ -251,9 +260,7 @@ class MoE(nn.Module):
         out = out.view(b, s, dim)  # [b, s, hidden]
 
         if self.training:
-            with torch.no_grad():  # every expert's load, wherever it lives: the router is replicated
-                tokens_per_expert = torch.bincount(expert_ids.flatten(), minlength=self.n_experts)
-                self.load_counts += tokens_per_expert.to(self.load_counts.dtype)
+            self.record_load(expert_ids)
             if self.aux_alpha > 0:
                 aux = self.aux_alpha * sequence_balance_loss(
                     affinities.view(b, s, -1), expert_ids.view(b, s, -1), self.n_experts, self.top_k
@@ -262,6 +269,12 @@ class MoE(nn.Module):
                 if torch.is_grad_enabled() and aux.requires_grad:
                     out = AddAuxiliaryLoss.apply(out, aux)
         return out
+
+    @torch.no_grad()
+    def record_load(self, expert_ids: torch.Tensor) -> None:
+        """Add one call's routing (expert_ids [N, k]) to `load_counts`, on the device: every expert's
+        load, wherever it lives (the router is replicated). Read once per step, by the bias update."""
+        self.load_counts += count_per_index(expert_ids, self.n_experts).to(self.load_counts.dtype)
 
     @torch.no_grad()
     def update_bias(self, counts: torch.Tensor, gamma: float) -> None:

@@ -65,6 +65,12 @@ def test_training_posts_in_an_order_nccl_accepts(tmp_path, monkeypatch, case):
     assert summary.collectives
     found = violations(per_rank)
     assert not found, "\n".join(found[:8])
+    if extra.get("ep"):
+        # the MoE token counts travel on a group of their own, never behind a bulk all-to-all
+        a2a = [e for entries in per_rank.values() for e in entries if e["op"] == "all_to_all_single"]
+        counts = {e["group"] for e in a2a if "exchange_counts" in e["site"]}
+        bulk = {e["group"] for e in a2a if "exchange_counts" not in e["site"]}
+        assert counts and bulk and not counts & bulk
 
 
 # ---- the rule checker on hand-made recordings --------------------------------------------------------

@@ -4,7 +4,8 @@ Every call is collective over `group`: each EP rank must make the same calls in 
 (dp replicas of a stage run the same schedule action list, so their MoE layers do). Splits are in
 rows, per destination rank in group order. Works on gloo (CPU) and NCCL (GPU) alike.
 
-    exchange_counts     how many rows each rank will send me (one small all-to-all)
+    exchange_counts     how many rows each rank will send me (one small all-to-all; its own group
+                        may be given, so that it does not queue behind bulk all-to-alls)
     all_to_all_rows     rows of any dtype; backward sends the gradient back the reverse way
     launch_all_to_all   one asynchronous all-to-all (outside autograd), awaited where its result is
                         consumed: the phase programs of DualPipe's overlap (phased.py, the overlap bench)
@@ -26,7 +27,8 @@ from moeforge.kernels.token_compress import compress_tokens, decompress_tokens
 
 
 def exchange_counts(send_counts: torch.Tensor, group) -> torch.Tensor:
-    """send_counts [ep] (rows for each rank) -> recv_counts [ep] (rows each rank sends me)."""
+    """send_counts [ep, ...] (what I send each rank: row r goes to rank r) -> recv_counts [ep, ...]
+    (row r: what rank r sends me). Stays on the device; reading it is the caller's choice."""
     recv = torch.empty_like(send_counts)
     dist.all_to_all_single(recv, send_counts.contiguous(), group=group)
     return recv

@@ -6,8 +6,9 @@ Per layer call, on every EP rank at once (collective over the group):
                       rank) pairs, ordered by rank then token. A token whose k experts share a rank
                       is sent to it ONCE (as V3 sends a token to a node once), with the routing of
                       all its experts there.
-    2. counts         pairs per destination exchanged first: splits are uneven (dropless routing,
-                      no capacity factor, no token ever dropped)
+    2. counts         pairs (and their (token, expert) slots) per destination exchanged first,
+                      over `counts_group`: splits are uneven (dropless routing, no capacity factor,
+                      no token ever dropped); read to the host once, as all_to_all_single takes them
     3. dispatch       the pairs' hidden vectors: FP8 e4m3 + 1x128 scales under precision=fp8,
                       otherwise the compute dtype; beside them, per pair, its k gate weights and
                       local expert ids (weight 0 / id -1 for experts on other ranks), in fp32
@@ -16,9 +17,13 @@ Per layer call, on every EP rank at once (collective over the group):
                       per pair: one partial output per received pair
     5. combine        partial outputs back to their senders in the compute dtype, summed per token
 
-Backward runs the reverse all-to-alls inside autograd (platform/moe/all_to_all.py); gradients
-travel in the compute dtype. The gate weights travel with autograd too, so the router receives the
-same gradient as on one device.
+Backward runs the reverse all-to-alls inside autograd (platform/moe/all_to_all.py) on the forward's
+host splits; gradients travel in the compute dtype. The gate weights travel with autograd too, so
+the router receives the same gradient as on one device.
+
+Host reads: the splits of step 2, once per layer call, and nothing else forward or backward. The
+pairs and the experts' row order are built on the device with shapes fixed by the input or by
+those splits (a stable partition instead of nonzero, scatter-adds instead of bincount).
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ from dataclasses import dataclass
 
 import torch
 from moeforge.kernels.compute_dtype import compute_dtype
-from moeforge.model.moe import sum_rows_by_index
+from moeforge.model.moe import count_per_index, sum_rows_by_index
 from moeforge.platform.moe.all_to_all import all_to_all_rows, dispatch_rows_fp8, exchange_counts
 from moeforge.platform.moe.placement import ExpertPlacement
 from moeforge.platform.moe.routing_stats import RoutingStats
@@ -42,16 +47,63 @@ class DispatchPlan:
     pair_rank: torch.Tensor  # [P] destination of each pair
     pair_token: torch.Tensor  # [P] token of each pair
     send_counts: torch.Tensor  # [ep] pairs per destination
+    slot_counts: torch.Tensor  # [ep] (token, expert) pairs per destination: rows its experts compute
 
 
-def plan_dispatch(expert_ids: torch.Tensor, placement: ExpertPlacement) -> DispatchPlan:
-    """Step 1 of the dispatch (also what `moeforge-bench ep` sends): expert_ids [N, k] -> the pairs."""
-    n_tokens = expert_ids.shape[0]
+@dataclass(frozen=True)
+class Splits:
+    """The host side of one layer call's dispatch, read in one go after the count exchange."""
+
+    send: list[int]  # pairs to each EP rank (rows of the dispatch, of the combine's reverse)
+    recv: list[int]  # pairs from each EP rank
+    recv_slots: int  # (pair, local expert) rows this rank's experts compute
+
+
+def destination_counts(
+    expert_ids: torch.Tensor, placement: ExpertPlacement
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """expert_ids [N, k] -> (send_mask [N, ep] bool, counts [ep, 2] int64: per destination its
+    pairs and its (token, expert) slots), on the device."""
     dest = placement.rank_of_expert(expert_ids)  # [N, k]
-    send_mask = torch.zeros(n_tokens, placement.ep, dtype=torch.bool, device=expert_ids.device)
-    send_mask.scatter_(1, dest, True)
-    pair_rank, pair_token = send_mask.t().nonzero(as_tuple=True)  # [P], [P]
-    return DispatchPlan(send_mask, pair_rank, pair_token, send_mask.sum(dim=0))
+    experts_on = torch.zeros(expert_ids.shape[0], placement.ep, dtype=torch.long, device=expert_ids.device)
+    experts_on.scatter_add_(1, dest, torch.ones_like(dest))  # [N, ep]: token n's experts on rank r
+    send_mask = experts_on > 0
+    return send_mask, torch.stack([send_mask.sum(dim=0), experts_on.sum(dim=0)], dim=1)  # [ep, 2]
+
+
+def true_positions(mask: torch.Tensor, count: int) -> torch.Tensor:
+    """Indices of the True entries of a 1-D bool mask, ascending, [count] (count = mask.sum(), known
+    on the host): nonzero's answer without its host read. A stable partition: each True entry goes
+    to the number of Trues before it, each False one after all the Trues, in order."""
+    index = torch.arange(mask.numel(), device=mask.device)
+    if mask.numel() == 0:
+        return index
+    upto = mask.cumsum(0)  # [n] Trues in [0, i]
+    slot = torch.where(mask, upto - 1, upto[-1] + index - upto)  # a permutation of [0, n)
+    return torch.empty_like(index).scatter_(0, slot, index)[:count]
+
+
+def rank_major_pairs(send_mask: torch.Tensor, n_pairs: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """send_mask [N, ep] -> (pair_rank [P], pair_token [P]) of its True entries ordered by rank, then
+    token (send_mask.t().nonzero()'s order); P = n_pairs, the number of True entries."""
+    n_tokens = send_mask.shape[0]
+    index = true_positions(send_mask.t().reshape(-1), n_pairs)  # [P] into the [ep * N] rank-major mask
+    if n_tokens == 0:
+        return index, index
+    return index // n_tokens, index % n_tokens
+
+
+def plan_dispatch(
+    expert_ids: torch.Tensor, placement: ExpertPlacement, n_pairs: int | None = None
+) -> DispatchPlan:
+    """Step 1 of the dispatch (also what `moeforge-bench ep` sends): expert_ids [N, k] -> the pairs.
+    `n_pairs` is their number when the host knows it (the dispatch reads it with the splits); None
+    reads it from the device here (benches and tests)."""
+    send_mask, counts = destination_counts(expert_ids, placement)
+    if n_pairs is None:
+        n_pairs = int(counts[:, 0].sum())
+    pair_rank, pair_token = rank_major_pairs(send_mask, n_pairs)
+    return DispatchPlan(send_mask, pair_rank, pair_token, counts[:, 0], counts[:, 1])
 
 
 def pair_routing(
@@ -67,30 +119,41 @@ def pair_routing(
 
 
 def run_local_experts(
-    rows: torch.Tensor, routing: torch.Tensor, experts: nn.Module, experts_per_rank: int
+    rows: torch.Tensor, routing: torch.Tensor, experts: nn.Module, experts_per_rank: int, n_slots: int
 ) -> torch.Tensor:
     """Step 4: received rows [R, hidden] and their routing [R, 2k] -> the gated sum of this rank's
     experts per received pair [R, hidden], the (pair, slot) rows sorted by local expert for one
-    grouped-GEMM call."""
+    grouped-GEMM call. `n_slots`: the (pair, slot) rows with a local expert (Splits.recv_slots)."""
     top_k = routing.shape[1] // 2
-    w_recv, ids_recv = routing[:, :top_k], routing[:, top_k:].detach().long()
-    slot_pair, slot = (ids_recv >= 0).nonzero(as_tuple=True)  # [S]
-    slot_expert = ids_recv[slot_pair, slot]
-    order = slot_expert.argsort(stable=True)
-    slot_pair, slot, slot_expert = slot_pair[order], slot[order], slot_expert[order]
-    tokens_per_expert = torch.bincount(slot_expert, minlength=experts_per_rank)
+    w_recv, ids_recv = routing[:, :top_k], routing[:, top_k:].detach().long()  # [R, k] each
+    key = torch.where(ids_recv >= 0, ids_recv, experts_per_rank).flatten()  # [R*k]: other ranks' last
+    # by local expert, (pair, slot) order within one; the other ranks' slots sort last and are cut
+    order = key.argsort(stable=True)[:n_slots]  # [S]
+    slot_pair, slot = order // top_k, order % top_k
+    tokens_per_expert = count_per_index(key, experts_per_rank + 1)[:experts_per_rank]
     y = experts(rows[slot_pair], tokens_per_expert, w_recv[slot_pair, slot])  # [S, hidden], gated
     return sum_rows_by_index(y, slot_pair, rows.shape[0])  # [R, hidden]
 
 
 class AllToAllDispatch:
-    """Callable installed as `MoE.dispatch` on an EP rank (see module docstring)."""
+    """Callable installed as `MoE.dispatch` on an EP rank (see module docstring).
+
+    `group` carries the tokens; `counts_group` (default: `group`) only the count exchange. Under
+    NCCL all collectives of one group share one stream, so an overlapped pair's count exchange would
+    queue behind the other micro-batch's bulk all-to-all: a second group over the same ranks gives
+    it a stream of its own."""
 
     def __init__(
-        self, placement: ExpertPlacement, group, fp8: bool, stats: RoutingStats | None = None
+        self,
+        placement: ExpertPlacement,
+        group,
+        fp8: bool,
+        stats: RoutingStats | None = None,
+        counts_group=None,
     ) -> None:
         self.placement = placement
         self.group = group
+        self.counts_group = group if counts_group is None else counts_group
         self.fp8 = fp8
         self.stats = stats if stats is not None else RoutingStats()
 
@@ -99,7 +162,7 @@ class AllToAllDispatch:
     ) -> torch.Tensor:
         """flat [N, hidden], weights [N, k] fp32, expert_ids [N, k] (global ids) -> [N, hidden]."""
         # 1-2. unique (token, rank) pairs, rank-major, and the counts exchanged
-        plan, send_splits, recv_splits = self.route(expert_ids)
+        plan, splits = self.route(expert_ids)
         pair_token = plan.pair_token
 
         # 3. dispatch: hidden rows, and per pair the routing of its experts on the destination
@@ -109,46 +172,59 @@ class AllToAllDispatch:
         if self.fp8:
             wire = []
             x_recv = dispatch_rows_fp8(
-                rows, send_splits, recv_splits, self.group, dtype, wire.append
+                rows, splits.send, splits.recv, self.group, dtype, wire.append
             )  # [R, hidden]
             sent = wire[0]
         else:
             sent = rows.to(dtype)
-            x_recv = all_to_all_rows(sent, send_splits, recv_splits, self.group)
-        routing_recv = all_to_all_rows(routing, send_splits, recv_splits, self.group)  # [R, 2k]
+            x_recv = all_to_all_rows(sent, splits.send, splits.recv, self.group)
+        routing_recv = all_to_all_rows(routing, splits.send, splits.recv, self.group)  # [R, 2k]
 
         # 4. local experts over the received (pair, slot) rows
-        partial = run_local_experts(x_recv, routing_recv, experts, self.placement.experts_per_rank)
+        partial = run_local_experts(
+            x_recv, routing_recv, experts, self.placement.experts_per_rank, splits.recv_slots
+        )
 
         # 5. combine back to the senders, sum per token
         partial = partial.to(dtype)
-        back = all_to_all_rows(partial, recv_splits, send_splits, self.group)  # [P, hidden]
+        back = all_to_all_rows(partial, splits.recv, splits.send, self.group)  # [P, hidden]
         self.stats.add_bytes(sent, partial)
         return sum_rows_by_index(back.to(flat.dtype), pair_token, flat.shape[0])
 
-    def route(self, expert_ids: torch.Tensor) -> tuple[DispatchPlan, list[int], list[int]]:
-        """Steps 1-2: the pairs, recorded in the statistics, and the splits (host lists, as
-        all_to_all_single takes them: the one host synchronisation of a layer's dispatch).
+    def route(self, expert_ids: torch.Tensor) -> tuple[DispatchPlan, Splits]:
+        """Steps 1-2: the pairs, recorded in the statistics, and the splits.
 
-        Why it stays: the receiving rank must know how many rows arrive to allocate the buffer
-        and pass the splits, and torch's all-to-all takes them on the host. Removing it needs a
-        dispatch kernel that writes into a worst-case buffer and reads the counts on the device
-        (what DeepEP does). On a GPU it drains the compute stream up to the router: the one
-        per-layer host synchronisation left in an overlapped pair (not yet removed)."""
-        plan = plan_dispatch(expert_ids, self.placement)
-        self._record(plan.send_mask)
-        recv_counts = exchange_counts(plan.send_counts, self.group)
-        send_splits, recv_splits = plan.send_counts.tolist(), recv_counts.tolist()
-        self.stats.add_received(sum(recv_splits))
-        return plan, send_splits, recv_splits
+        The splits are the one host synchronisation of a layer call, forward and backward: the
+        receiving rank must know how many rows arrive to allocate the buffer, and torch's
+        all-to-all takes the splits on the host. Removing it needs a dispatch kernel that writes into
+        a worst-case buffer and reads the counts on the device (what DeepEP does). Everything else
+        (the pairs, the experts' row order, the statistics) is built on the device, sized from
+        these splits."""
+        send_mask, send_counts = destination_counts(expert_ids, self.placement)  # [N, ep], [ep, 2]
+        recv_counts = exchange_counts(send_counts, self.counts_group)  # [ep, 2]
+        ep = self.placement.ep
+        # host values for all_to_all_single: sent and received counts in one read
+        counts = torch.cat([send_counts, recv_counts]).tolist()  # [2 * ep] x [pairs, slots]
+        splits = Splits(
+            send=[c[0] for c in counts[:ep]],
+            recv=[c[0] for c in counts[ep:]],
+            recv_slots=sum(c[1] for c in counts[ep:]),
+        )
+        pair_rank, pair_token = rank_major_pairs(send_mask, sum(splits.send))
+        plan = DispatchPlan(send_mask, pair_rank, pair_token, send_counts[:, 0], send_counts[:, 1])
+        self.stats.add(*spread_per_token(send_mask, self.placement))
+        self.stats.add_received(sum(splits.recv))
+        return plan, splits
 
-    def _record(self, send_mask: torch.Tensor) -> None:
-        with torch.no_grad():
-            ranks = send_mask.sum(dim=1)  # [N]
-            node_of_rank = self.placement.node_of_rank_tensor(send_mask.device)
-            nodes_hit = torch.zeros(
-                send_mask.shape[0], self.placement.num_nodes, dtype=torch.bool, device=send_mask.device
-            )
-            token, rank = send_mask.nonzero(as_tuple=True)
-            nodes_hit[token, node_of_rank[rank]] = True
-            self.stats.add(ranks, nodes_hit.sum(dim=1))
+
+@torch.no_grad()
+def spread_per_token(
+    send_mask: torch.Tensor, placement: ExpertPlacement
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """send_mask [N, ep] -> (distinct EP ranks [N], distinct nodes [N]) each token is sent to, on
+    the device (what RoutingStats adds up)."""
+    node_of_rank = placement.node_of_rank_tensor(send_mask.device)  # [ep], built once per device
+    ranks_on_node = torch.zeros(
+        send_mask.shape[0], placement.num_nodes, dtype=torch.long, device=send_mask.device
+    ).index_add_(1, node_of_rank, send_mask.long())  # [N, nodes]
+    return send_mask.sum(dim=1), (ranks_on_node > 0).sum(dim=1)

@@ -31,13 +31,20 @@ def shard_experts(moe_layers: Sequence[MoE], placement: ExpertPlacement) -> None
 
 
 def install_dispatch(
-    moe_layers: Sequence[MoE], placement: ExpertPlacement, group, fp8: bool, stats: RoutingStats
+    moe_layers: Sequence[MoE],
+    placement: ExpertPlacement,
+    group,
+    fp8: bool,
+    stats: RoutingStats,
+    counts_group=None,
 ) -> None:
-    """Route every layer's tokens over `group` (the EP group) with one shared statistics counter."""
+    """Route every layer's tokens over `group` (the EP group) with one shared statistics counter.
+    `counts_group` (default: `group`), a second group over the same ranks, carries only the count
+    exchanges (AllToAllDispatch says why)."""
     for moe in moe_layers:
         if moe.experts.n_experts != placement.experts_per_rank:
             raise ValueError(
                 f"MoE layer {moe.layer_id}: holds {moe.experts.n_experts} experts, this EP rank should "
                 f"hold {placement.experts_per_rank} (shard_experts first)"
             )
-        moe.dispatch = AllToAllDispatch(placement, group, fp8, stats)
+        moe.dispatch = AllToAllDispatch(placement, group, fp8, stats, counts_group=counts_group)

@@ -6,7 +6,8 @@ with the collectives launched asynchronously between them, so that a caller can 
 else (the other micro-batch of an overlapped pair) while a transfer is in flight:
 
     forward   route     gate, (token, rank) pairs, counts exchanged (blocking: the splits are host
-                        lists), token rows packed and their all-to-all LAUNCHED
+                        lists, the layer call's one host read), token rows packed and their
+                        all-to-all LAUNCHED
               experts   wait for the rows; local experts; gated partial sums; combine LAUNCHED
               combine   wait; sum per token, + shared experts
     backward  combine   gradient of the combine phase; its reverse all-to-all LAUNCHED
@@ -30,7 +31,7 @@ from moeforge.kernels.compute_dtype import compute_dtype
 from moeforge.kernels.token_compress import compress_tokens, decompress_tokens
 from moeforge.model.moe import MoE, sequence_balance_loss, sum_rows_by_index
 from moeforge.platform.moe.all_to_all import CollectiveTracker, InFlight, launch_all_to_all
-from moeforge.platform.moe.dispatch import AllToAllDispatch, pair_routing, run_local_experts
+from moeforge.platform.moe.dispatch import AllToAllDispatch, Splits, pair_routing, run_local_experts
 from torch import nn
 
 
@@ -57,8 +58,7 @@ class MoEPhaseState:
     x: torch.Tensor | None = None  # layer input leaf [N, hidden]
     shape: tuple[int, ...] = ()  # the layer input's shape ([b, s, hidden] or [N, hidden])
     aux: torch.Tensor | None = None  # alpha * sequence balance loss, when the layer trains with one
-    send_splits: list[int] = field(default_factory=list)
-    recv_splits: list[int] = field(default_factory=list)
+    splits: Splits | None = None  # the forward's host splits, reused by the backward
     pair_token: torch.Tensor | None = None
     # route phase: outputs and the transfers it launched
     rows_out: torch.Tensor | None = None  # [P, hidden] compute dtype (what the dispatch sends, before FP8)
@@ -105,16 +105,14 @@ class PhasedMoE:
         st = MoEPhaseState(x=boundary_leaf(x.reshape(-1, x.shape[-1])), shape=tuple(x.shape))  # [N, hidden]
         weights, expert_ids, affinities = moe.gate(st.x)
         if moe.training:
-            with torch.no_grad():
-                counts = torch.bincount(expert_ids.flatten(), minlength=moe.n_experts)
-                moe.load_counts += counts.to(moe.load_counts.dtype)
+            moe.record_load(expert_ids)
             if moe.aux_alpha > 0 and len(st.shape) == 3:
                 b, s = st.shape[:2]
                 st.aux = moe.aux_alpha * sequence_balance_loss(
                     affinities.view(b, s, -1), expert_ids.view(b, s, -1), moe.n_experts, moe.top_k
                 )
                 moe.last_aux_loss = st.aux.detach()
-        plan, st.send_splits, st.recv_splits = d.route(expert_ids)
+        plan, st.splits = d.route(expert_ids)
         st.pair_token = plan.pair_token
         st.routing_out = pair_routing(plan, weights, expert_ids, d.placement)  # [P, 2k]
         st.rows_out = st.x[plan.pair_token].to(compute_dtype(st.x))  # [P, hidden]
@@ -123,9 +121,9 @@ class PhasedMoE:
             payload = torch.cat(
                 compress_tokens(st.x[plan.pair_token].detach()), dim=-1
             )  # [P, D + D/128] uint8
-        st.rows_flight = self._launch(payload, st.send_splits, st.recv_splits, "dispatch")
+        st.rows_flight = self._launch(payload, st.splits.send, st.splits.recv, "dispatch")
         st.routing_flight = self._launch(
-            st.routing_out.detach(), st.send_splits, st.recv_splits, "dispatch routing"
+            st.routing_out.detach(), st.splits.send, st.splits.recv, "dispatch routing"
         )
         d.stats.add_bytes(payload, payload[:0])
         return st
@@ -138,9 +136,11 @@ class PhasedMoE:
             received = decompress_tokens(received[:, :hidden], received[:, hidden:], st.rows_out.dtype)
         st.rows_in, st.routing_in = boundary_leaf(received), boundary_leaf(st.routing_flight.wait())
         st.rows_flight = st.routing_flight = None
-        partial = run_local_experts(st.rows_in, st.routing_in, self.moe.experts, d.placement.experts_per_rank)
+        partial = run_local_experts(
+            st.rows_in, st.routing_in, self.moe.experts, d.placement.experts_per_rank, st.splits.recv_slots
+        )
         st.partial_out = partial.to(st.rows_out.dtype)  # [R, hidden]
-        st.combine_flight = self._launch(st.partial_out.detach(), st.recv_splits, st.send_splits, "combine")
+        st.combine_flight = self._launch(st.partial_out.detach(), st.splits.recv, st.splits.send, "combine")
         d.stats.add_bytes(st.partial_out[:0], st.partial_out)
 
     def forward_combine(self, st: MoEPhaseState) -> torch.Tensor:
@@ -171,7 +171,7 @@ class PhasedMoE:
         self._keep(st, shared, grads[2:])
         st.x_grad_shared = grads[1]
         grad_back = grads[0] if grads[0] is not None else torch.zeros_like(st.back_in)
-        st.grad_flight = self._launch(grad_back, st.send_splits, st.recv_splits, "combine grad")
+        st.grad_flight = self._launch(grad_back, st.splits.send, st.splits.recv, "combine grad")
         st.out = None
 
     def backward_experts(self, st: MoEPhaseState) -> None:
@@ -183,10 +183,10 @@ class PhasedMoE:
         grad_rows = grads[0] if grads[0] is not None else torch.zeros_like(st.rows_in)
         grad_routing = grads[1] if grads[1] is not None else torch.zeros_like(st.routing_in)
         st.grad_flight = self._launch(
-            grad_rows.to(st.rows_out.dtype), st.recv_splits, st.send_splits, "dispatch grad"
+            grad_rows.to(st.rows_out.dtype), st.splits.recv, st.splits.send, "dispatch grad"
         )
         st.grad_routing_flight = self._launch(
-            grad_routing, st.recv_splits, st.send_splits, "dispatch routing grad"
+            grad_routing, st.splits.recv, st.splits.send, "dispatch routing grad"
         )
         st.partial_out = None
 

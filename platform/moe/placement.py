@@ -13,7 +13,7 @@ most 4 of 8 nodes).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from moeforge.model.config import ConfigError
@@ -27,6 +27,10 @@ class ExpertPlacement:
     ep: int
     ep_rank: int = 0
     node_of_rank: tuple[int, ...] = ()  # node index of each EP rank; () = all on one node
+    # node_of_rank_tensor's tables, one per device (not part of the placement's value)
+    _node_tables: dict[torch.device, torch.Tensor] = field(
+        default_factory=dict, init=False, repr=False, compare=False, hash=False
+    )
 
     def __post_init__(self) -> None:
         if self.ep < 1 or self.n_experts % self.ep:
@@ -79,7 +83,14 @@ class ExpertPlacement:
         return max(self.nodes) + 1
 
     def node_of_rank_tensor(self, device: torch.device | str = "cpu") -> torch.Tensor:
-        return torch.tensor(self.nodes, dtype=torch.long, device=device)
+        """`nodes` as an int64 [ep] tensor on `device`: built on the first call per device, then the
+        same tensor (the placement is fixed for a run; a copy per layer call would be a host-to-device
+        copy on the dispatch's path). Read it, never write it."""
+        device = torch.device(device)
+        table = self._node_tables.get(device)
+        if table is None:
+            table = self._node_tables[device] = torch.tensor(self.nodes, dtype=torch.long, device=device)
+        return table
 
     def node_limited(self, n_group: int) -> bool:
         """True when the router's expert groups are exactly the nodes' expert sets, so topk_group

@@ -3,37 +3,39 @@
 DeepSeek-V3 bounds the nodes (at most 4) because inter-node bandwidth is the scarce resource; these
 counters show what the router did. Each MoE layer's dispatch adds to one `RoutingStats` per rank;
 the runtime reduces them over the world once per step (platform/runtime/rank_state.py).
+
+The per-token figures stay on the layer's device (sums and maxima added to without a host read: a
+dispatch must not wait for its device); the sizes the host knows anyway (tokens, bytes handed to the
+all-to-alls, rows received) are host integers. `as_tensor()` joins both, once per step.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
 
-@dataclass
 class RoutingStats:
     """Sums over the (token, layer) dispatches since the last reset."""
 
-    tokens: int = 0
-    rank_sum: int = 0
-    rank_max: int = 0
-    node_sum: int = 0
-    node_max: int = 0
-    dispatch_bytes: int = 0  # token payload handed to the dispatch all-to-all (self-sends included)
-    combine_bytes: int = 0  # partial outputs handed to the combine all-to-all
-    recv_rows: int = 0  # (token, rank) pairs this rank received: its experts' share of the work
+    def __init__(self) -> None:
+        self.tokens = 0
+        self.dispatch_bytes = 0  # token payload handed to the dispatch all-to-all (self-sends included)
+        self.combine_bytes = 0  # partial outputs handed to the combine all-to-all
+        self.recv_rows = 0  # (token, rank) pairs this rank received: its experts' share of the work
+        # [rank_sum, node_sum, rank_max, node_max] int64 on the device of the first dispatch added
+        self._spread: torch.Tensor | None = None
 
     def add(self, ranks_per_token: torch.Tensor, nodes_per_token: torch.Tensor) -> None:
         """ranks_per_token, nodes_per_token [N]: one dispatch's distinct destinations per token."""
         if ranks_per_token.numel() == 0:
             return
         self.tokens += ranks_per_token.numel()
-        self.rank_sum += int(ranks_per_token.sum())
-        self.rank_max = max(self.rank_max, int(ranks_per_token.max()))
-        self.node_sum += int(nodes_per_token.sum())
-        self.node_max = max(self.node_max, int(nodes_per_token.max()))
+        with torch.no_grad():
+            per_token = torch.stack([ranks_per_token, nodes_per_token]).long()  # [2, N]
+            if self._spread is None:
+                self._spread = torch.zeros(4, dtype=torch.long, device=per_token.device)
+            self._spread[:2] += per_token.sum(dim=1)
+            self._spread[2:] = torch.maximum(self._spread[2:], per_token.amax(dim=1))
 
     def add_received(self, rows: int) -> None:
         self.recv_rows += rows
@@ -44,15 +46,36 @@ class RoutingStats:
         self.combine_bytes += combine.numel() * combine.element_size()
 
     def reset(self) -> None:
-        self.tokens = self.rank_sum = self.rank_max = self.node_sum = self.node_max = 0
-        self.dispatch_bytes = self.combine_bytes = self.recv_rows = 0
+        self.tokens = self.dispatch_bytes = self.combine_bytes = self.recv_rows = 0
+        if self._spread is not None:
+            self._spread.zero_()
 
     def as_tensor(self) -> torch.Tensor:
         """[tokens, rank_sum, node_sum, rank_max, node_max, dispatch_bytes, combine_bytes, recv_rows,
-        dispatched (1 if this rank routed any token)] float64, for reduction over ranks."""
-        values = [self.tokens, self.rank_sum, self.node_sum, self.rank_max, self.node_max]
-        values += [self.dispatch_bytes, self.combine_bytes, self.recv_rows, 1 if self.tokens else 0]
-        return torch.tensor(values, dtype=torch.float64)
+        dispatched (1 if this rank routed any token)] float64, on the dispatches' device (the CPU
+        before any), for reduction over ranks. A new tensor: `reset()` leaves it as it is."""
+        host = [self.tokens, self.dispatch_bytes, self.combine_bytes, self.recv_rows, 1 if self.tokens else 0]
+        device = self._spread.device if self._spread is not None else torch.device("cpu")
+        host_values = torch.tensor(host, dtype=torch.float64, device=device)
+        spread = self._spread if self._spread is not None else torch.zeros(4, dtype=torch.long)
+        return torch.cat([host_values[:1], spread.double(), host_values[1:]])
+
+    # Host reads of the device sums, for tests and reports (not the hot path)
+    @property
+    def rank_sum(self) -> int:
+        return int(self.as_tensor()[1])
+
+    @property
+    def node_sum(self) -> int:
+        return int(self.as_tensor()[2])
+
+    @property
+    def rank_max(self) -> int:
+        return int(self.as_tensor()[3])
+
+    @property
+    def node_max(self) -> int:
+        return int(self.as_tensor()[4])
 
 
 def routing_summary(summed: torch.Tensor, maxed: torch.Tensor) -> dict[str, float]:

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
+from moeforge.kernels.settings import set_reserved_sms
 from moeforge.model.accounting import estimate
 from moeforge.model.balance import ExpertLoad, worst_layer_load
 from moeforge.platform.checkpoint.async_writer import AsyncCheckpointWriter
@@ -59,7 +60,7 @@ from moeforge.platform.optim.zero_step import ZeroStep
 from moeforge.platform.outputs.metrics import EvalResult, StepMetrics
 from moeforge.platform.outputs.storage import open_storage
 from moeforge.platform.outputs.timeline import TimelineRecord
-from moeforge.platform.precision import apply_precision, compute_context
+from moeforge.platform.precision import apply_precision, compute_context, warm_up_fp8_kernels
 from moeforge.platform.runtime.executor import PipelineExecutor, StepTrace
 from moeforge.platform.runtime.p2p import P2P, open_links
 from moeforge.platform.runtime.stage_compute import ForwardCompute, MicroBatch, ModelCompute
@@ -138,6 +139,7 @@ class PipelineRuntime:
         # The precision policy swaps this rank's GEMM modules in place (shared with self.model), as the
         # reference loop does for the whole model; its deferrable layers give the cheap B/W split.
         apply_precision(self.module, cfg.precision)
+        set_reserved_sms(par.comm_sms)  # persistent FP8 GEMMs leave these SMs to NCCL
         self.routing = RoutingStats()
         expert_params: list[torch.nn.Parameter] = []
         if self.placement is not None:
@@ -147,6 +149,7 @@ class PipelineRuntime:
                 self.groups.ep,
                 cfg.precision.fp8_linear,
                 self.routing,
+                counts_group=self.groups.ep_counts,  # its own stream under NCCL (topology.py)
             )
             expert_params = [p for m in self.module.moe_layers() for p in m.experts.parameters()]
         self.chunks = {c: StageChunk(self.model, specs[s], self.module) for c, s in enumerate(stages)}
@@ -243,6 +246,22 @@ class PipelineRuntime:
         # Evaluation needs held-out data on every rank that reads tokens; middle stages follow.
         has_val = 1.0 if not self.holds_data or getattr(self.source, "has_val", False) else 0.0
         self.has_val = bool(self._all_reduce_small(torch.tensor([has_val]), dist.ReduceOp.MIN)[0] > 0)
+
+    def warm_up_kernels(self) -> str | None:
+        """Every rank: compile and tune this rank's Triton kernels on the step's shapes, then a
+        barrier, so that compilation never counts against a peer's p2p or collective timeout.
+        Returns rank 0's log line (the slowest rank's time), or None where nothing was compiled."""
+        cfg = self.cfg
+        tokens = cfg.data.global_batch // (cfg.parallel.dp * self.microbatches) * cfg.model.seq_len
+        fp8_dispatch = self.placement is not None and cfg.precision.fp8_linear
+        report = warm_up_fp8_kernels(self.module, cfg.precision, tokens, fp8_dispatch)
+        dist.barrier()
+        slowest, launches = self._all_reduce_small(
+            torch.tensor([report.seconds, float(report.launches)], dtype=torch.float64), dist.ReduceOp.MAX
+        ).tolist()
+        if launches == 0 or self.rank != 0:
+            return None
+        return f"{report.summary()}; slowest rank {slowest:.1f} s"
 
     # ---- one optimizer step -----------------------------------------------------------------------
     def _maybe_fault(self) -> None:
