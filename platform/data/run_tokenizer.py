@@ -15,7 +15,6 @@ from moeforge.model.config import ConfigError
 from moeforge.platform.data.shards import MANIFEST, ShardError, read_manifest
 from moeforge.platform.outputs.run_files import CONFIG
 from moeforge.platform.outputs.storage import S3Options, is_s3, open_storage
-from omegaconf import OmegaConf
 
 TOKENIZER_FILE = "tokenizer.json"
 
@@ -24,6 +23,8 @@ def run_tokenizer(run_dir: str) -> tuple[str, S3Options | None]:
     """The tokenizer.json a training run's data was prepared with, and the S3 options to read it:
     run_dir/config.yaml's data.path, a prepared token directory, names it in its manifest.json.
     Raises ConfigError naming run.dir (and asking for tokenizer=) when the run names none."""
+    from omegaconf import OmegaConf  # not at import: kernels/gpu_check.sh runs without omegaconf
+
     storage = open_storage(run_dir)
     try:
         data = OmegaConf.to_container(OmegaConf.create(storage.read_text(CONFIG))).get("data") or {}

@@ -47,7 +47,6 @@ from moeforge.platform.data.run_tokenizer import TOKENIZER_FILE, run_tokenizer
 from moeforge.platform.data.tokenizer import eos_id as find_eos_id
 from moeforge.platform.data.tokenizer import load_tokenizer
 from moeforge.platform.outputs.storage import S3Options, is_s3, join
-from omegaconf import OmegaConf
 from tokenizers import Tokenizer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -55,6 +54,8 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 def _stdlib_tokenizer() -> str:
     """The stdlib corpus' tokenizer.json: conf/data/stdlib.yaml's token directory."""
+    from omegaconf import OmegaConf  # not at import: kernels/gpu_check.sh runs without omegaconf
+
     text = importlib.resources.files("moeforge.conf").joinpath("data/stdlib.yaml").read_text()
     return join(str(OmegaConf.create(text)["path"]), TOKENIZER_FILE)
 

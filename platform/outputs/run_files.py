@@ -19,7 +19,6 @@ from typing import Any
 
 from moeforge.platform.outputs.loss_plot import loss_curve_png
 from moeforge.platform.outputs.storage import LocalStorage, open_storage, redact
-from omegaconf import OmegaConf
 
 CONFIG, METRICS, SUMMARY, LOSS_PNG = "config.yaml", "metrics.jsonl", "summary.json", "loss.png"
 
@@ -74,6 +73,8 @@ class RunOutputs:
         return records
 
     def write_config(self, config: Mapping[str, Any]) -> None:
+        from omegaconf import OmegaConf  # not at import: kernels/gpu_check.sh runs without omegaconf
+
         self.storage.write_text(CONFIG, OmegaConf.to_yaml(OmegaConf.create(_plain(redact(dict(config))))))
 
     def append_metrics(self, record: Mapping[str, Any]) -> None:
