@@ -116,9 +116,9 @@ class ModelCompute:
         """The step's per micro-batch losses and balance-loss sum as floats: one host read of one
         stacked tensor, after the schedule."""
         keys = [(mb, k) for mb, vals in sorted(self.losses.items()) for k in vals]
-        values = [torch.as_tensor(self.losses[mb][k]).float().reshape(()) for mb, k in keys]
-        aux = torch.as_tensor(self.aux_loss_sum).float().reshape(())
-        read = torch.stack([*(v.to(aux.device) for v in values), aux]).tolist()
+        values = [torch.as_tensor(self.losses[mb][k]) for mb, k in keys] + [torch.as_tensor(self.aux_loss_sum)]
+        device = next((v.device for v in values if v.device.type != "cpu"), torch.device("cpu"))
+        read = torch.stack([v.float().reshape(()).to(device) for v in values]).tolist()
         losses: dict[int, dict[str, float]] = {}
         for (mb, k), value in zip(keys, read, strict=False):
             losses.setdefault(mb, {})[k] = value
