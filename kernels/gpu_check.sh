@@ -4,8 +4,8 @@
 #     bash kernels/gpu_wheels.sh                       # once, on a machine with the package index
 #     OUT=/tmp/gpu_check bash kernels/gpu_check.sh     # on the GPU machine, with .whl/ beside
 # (.whl/ travels with the working tree). Every step runs under its own `timeout`, and
-# every step runs even when an earlier one failed or ran out of time. The limits add up to 495 s
-# (8 min 15 s; 8 min 53 s if every step also needed the 3 s between TERM and KILL, with the 5 s
+# every step runs even when an earlier one failed or ran out of time. The limits add up to 497 s
+# (8 min 17 s; 8 min 58 s if every step also needed the 3 s between TERM and KILL, with the 5 s
 # that deciding on the wheels may take):
 #   step        limit  what
 #   nvidia-smi     5   the card, driver, clocks                              -> log.txt
@@ -15,22 +15,25 @@
 #                      and python3 lacks DeepSpeed, pydantic or hjson)
 #   sass          40   what this Triton compiles the GEMMs to for sm_90: registers, shared memory,
 #                      QGMMA, TMA, mbarriers, setmaxnreg, spills             -> sass.txt
-#   twin          90   compiled Triton kernels vs their torch twins, V3-sized: first each launch config
+#   twin          82   compiled Triton kernels vs their torch twins, V3-sized: first each launch config
 #                      of the three FP8 GEMMs named explicitly, warp-specialized ones first (bf16 and
 #                      fp32 outputs, no-TMA-store pitch, odd persistent grids, empty groups); then
 #                      kernels/twin_check.py's suite with MOEFORGE_WARP_SPECIALIZE=1 (the autotuner
 #                      may pick the warp-specialized configs too)        -> twin_check.json
-#   bench         70   kernels/bench_kernels.py shape by shape: fp8_gemm TFLOP/s vs BF16 matmul,
+#   bench         60   kernels/bench_kernels.py shape by shape: fp8_gemm TFLOP/s vs BF16 matmul,
 #                      torch._scaled_mm tensor-/row-/block-wise, DeepGEMM where importable, each
 #                      launch config on mlp_up; grouped experts; FP8Linear vs BF16 Linear; quantization
 #                      GB/s vs copy                                          -> kernels.json
 #   train_bf16    70   the small model (1.92B) in the one-process loop, bf16, 30 steps of 8 x 1,024
 #                      tokens (seq_len 1,024 instead of 4,096; 2 micro-batches): tokens/s, MFU against
 #                      989 TFLOP/s (dense BF16 of an H100/H200 SXM), peak memory, losses
-#   train_fp8    110   the same with the fp8 recipe (Triton kernels); fp8 / bf16 loss at the last
+#   train_fp8    105   the same with the fp8 recipe (Triton kernels); fp8 / bf16 loss at the last
 #                      step both runs completed
 #   zero          35   ZeRO-1 (DeepSpeed) in a one-process NCCL group on CUDA, tiny model, against
 #                      the reference's AdamW update on the same gradients; the module stays on CUDA
+#   pipeline      25   one pipeline rank's whole run (1F1B pp=1, ZeRO-1, fp8, tiny) in a one-process
+#                      NCCL group: the kernel warm-up before step 1, NCCL's waits, the step timeline
+#                      from CUDA events
 #   generate      35   moeforge-generate's job on CUDA, tiny model briefly trained: greedy speculative
 #                      (mtp) equals greedy plain token for token; tokens/s of both
 #   report         5   a table of the results, printed last
@@ -96,11 +99,12 @@ fi
 
 step sass 40 bash -c 'set -o pipefail; env -u TRITON_INTERPRET "$0" -m moeforge.kernels.sass_report fp8_gemm \
   fp8_grouped_gemm fp8_wgrad_grouped_gemm 2>&1 | tee "$1"' "$PY" "$OUT/sass.txt"
-step twin 90 env MOEFORGE_WARP_SPECIALIZE=1 "${GC[@]}" twin --twin-json "$OUT/twin_check.json"
-step bench 70 "${GC[@]}" bench --bench-json "$OUT/kernels.json" --rep-ms 50
+step twin 82 env MOEFORGE_WARP_SPECIALIZE=1 "${GC[@]}" twin --twin-json "$OUT/twin_check.json"
+step bench 60 "${GC[@]}" bench --bench-json "$OUT/kernels.json" --rep-ms 50
 step train_bf16 70 "${GC[@]}" train_bf16 --budget-s 60
-step train_fp8 110 "${GC[@]}" train_fp8 --budget-s 100
+step train_fp8 105 "${GC[@]}" train_fp8 --budget-s 95
 step zero 35 "${GC[@]}" zero
+step pipeline 25 "${GC[@]}" pipeline
 step generate 35 "${GC[@]}" generate
 step report 5 "${GC[@]}" report
 echo "gpu_check: exit $status; results in $RESULTS"

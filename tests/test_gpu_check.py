@@ -23,6 +23,7 @@ import torch
 from moeforge.platform.bench import (
     gpu_check,
     gpu_check_generate,
+    gpu_check_pipeline,
     gpu_check_results,
     gpu_check_train,
     gpu_check_zero,
@@ -45,7 +46,7 @@ class _Refuse(importlib.abc.MetaPathFinder):
 sys.meta_path.insert(0, _Refuse())
 """
 
-CPU_STEPS = ["env", "bench", "train_bf16", "train_fp8", "zero", "generate", "report"]
+CPU_STEPS = ["env", "bench", "train_bf16", "train_fp8", "zero", "pipeline", "generate", "report"]
 
 
 def _python(code: str, env: dict | None = None) -> subprocess.Popen:
@@ -176,6 +177,13 @@ def test_zero_lines(runs):
         assert s["param_diff_over_bound"] <= 1 and s["grad_norm_rel_diff"] <= gpu_check_zero.GRAD_NORM_RTOL
         assert s["max_param_moved"] > 100 * s["max_param_diff"]  # the bound is far below one update
     assert loss["passed"] and loss["final_loss"] < loss["first_loss"]
+
+
+def test_pipeline_line(runs):
+    (run,) = _step(_lines(runs["cpu"][2]), "pipeline")
+    assert run["passed"] and run["backend"] == "gloo" and run["clock"] == "HostClock"
+    assert run["steps"] == gpu_check_pipeline.PIPELINE["tiny"]["steps"] and run["compute_records"] > 0
+    assert all(run["checks"].values()) and 0 <= run["bubble_fraction"] < 1
 
 
 def test_generate_lines(runs):
@@ -328,7 +336,7 @@ def test_the_step_limits_add_up_to_under_nine_minutes():
     text = SCRIPT.read_text()
     limits = {m[0]: int(m[1]) for m in re.findall(r"^\s*(?:run_)?step ([\w-]+) (\d+) ", text, re.MULTILINE)}
     assert set(limits) == {"nvidia-smi", "env", "wheels", "sass", "twin", "bench", "train_bf16", "train_fp8",
-                           "zero", "generate", "report"}  # fmt: skip
+                           "zero", "pipeline", "generate", "report"}  # fmt: skip
     assert "timeout -k 3 " in text
     assert sum(limits.values()) + 3 * len(limits) < 9 * 60
     assert f"limits add up to {sum(limits.values())} s" in text  # the header says so

@@ -38,6 +38,9 @@ own, under its own `timeout`, and every step even when an earlier one failed. Ev
 - zero (gpu_check_zero): moeforge's ZeRO-1 step (platform/optim/zero_step.py, DeepSpeed) in a
   one-process group (NCCL on CUDA, gloo on CPU; FileStore), on the tiny model, against the reference
   loop's own update (clip, AdamW) given the same gradients; see `zero_step_check` for the bounds.
+- pipeline (gpu_check_pipeline): one pipeline rank's whole run (run_pipeline_training, 1F1B pp=1,
+  ZeRO-1, fp8) in a one-process group: NCCL's waits, the kernel warm-up before step 1, and the step
+  timeline from CUDA events, checked to be a timeline.
 - generate (gpu_check_generate): moeforge-generate's job (platform/inference/job.py `run_job`,
   without Hydra) on a briefly trained tiny model with MTP, greedy plain against greedy speculative
   (speculative=mtp) token for token, and tokens/s of both decoding modes.
@@ -59,6 +62,7 @@ from typing import Any
 
 from moeforge.platform.bench.gpu_check_generate import generate_step
 from moeforge.platform.bench.gpu_check_kernels import bench_step, twin_step
+from moeforge.platform.bench.gpu_check_pipeline import pipeline_step
 from moeforge.platform.bench.gpu_check_results import Results, choose_device, env_step
 from moeforge.platform.bench.gpu_check_train import TRAIN, train_step
 from moeforge.platform.bench.gpu_check_zero import zero_step_check
@@ -184,6 +188,7 @@ STEPS: dict[str, Callable[..., bool]] = {
     "train_bf16": lambda res, device, size, **kw: train_step(res, device, size, "bf16", **kw),
     "train_fp8": lambda res, device, size, **kw: train_step(res, device, size, "fp8", **kw),
     "zero": zero_step_check,
+    "pipeline": pipeline_step,
     "generate": generate_step,
     "report": report_step,
 }

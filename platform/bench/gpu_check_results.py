@@ -137,3 +137,20 @@ def env_step(res: Results, device, size: str, **_: Any) -> bool:
     info["warp_specialize_autotuning"] = settings.warp_specialize_autotuning()
     res.write("env", "environment", **info)
     return True
+
+
+@contextlib.contextmanager
+def one_rank_group(device, directory: str):
+    """A one-process torch.distributed group for `device` (NCCL on CUDA, gloo otherwise, a FileStore
+    in `directory`) and the environment DeepSpeed reads (RANK, WORLD_SIZE, LOCAL_RANK; a launcher's
+    values are kept); yields the backend's name and destroys the group afterwards."""
+    import torch.distributed as dist
+
+    for key, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"), ("MASTER_ADDR", "127.0.0.1")):
+        os.environ.setdefault(key, value)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    dist.init_process_group(backend, store=dist.FileStore(os.path.join(directory, "store"), 1), rank=0, world_size=1)
+    try:
+        yield backend
+    finally:
+        dist.destroy_process_group()

@@ -11,7 +11,7 @@ import os
 import tempfile
 from typing import Any
 
-from moeforge.platform.bench.gpu_check_results import Results
+from moeforge.platform.bench.gpu_check_results import Results, one_rank_group
 from moeforge.platform.bench.gpu_check_train import SEED, train_config
 
 # The ZeRO check: tiny model, fp32, one fixed batch.
@@ -59,8 +59,6 @@ def zero_step_check(res: Results, device, size: str, **_: Any) -> bool:
     z = ZERO[size]
     use_accelerator_for(device)  # before deepspeed is imported
     device = bind_device(device)
-    for key, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"), ("MASTER_ADDR", "127.0.0.1")):
-        os.environ.setdefault(key, value)
     from moeforge.platform.optim.zero_step import ZeroStep
     from moeforge.platform.runtime.topology import Topology, create_process_groups
 
@@ -77,11 +75,7 @@ def zero_step_check(res: Results, device, size: str, **_: Any) -> bool:
             lr=ZERO_LR,
             warmup_steps=0,
         )
-        backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(
-            backend, store=dist.FileStore(os.path.join(tmp, "store"), 1), rank=0, world_size=1
-        )
-        try:
+        with one_rank_group(device, tmp) as backend:
             groups = create_process_groups(Topology.for_schedule("single", 1, 1), 0)
             model = build_model(cfg.model, seed=SEED).to(device)
             reference = build_model(cfg.model, seed=SEED).to(device)
@@ -166,5 +160,3 @@ def zero_step_check(res: Results, device, size: str, **_: Any) -> bool:
             falls = final < losses[0]
             res.write("zero", "loss", first_loss=losses[0], final_loss=final, passed=falls)
             return ok and falls
-        finally:
-            dist.destroy_process_group()

@@ -17,6 +17,7 @@ import tempfile
 from collections.abc import Mapping
 from typing import Any
 
+import yaml
 from moeforge.platform.outputs.loss_plot import loss_curve_png
 from moeforge.platform.outputs.storage import LocalStorage, open_storage, redact
 
@@ -73,9 +74,10 @@ class RunOutputs:
         return records
 
     def write_config(self, config: Mapping[str, Any]) -> None:
-        from omegaconf import OmegaConf  # not at import: kernels/gpu_check.sh runs without omegaconf
-
-        self.storage.write_text(CONFIG, OmegaConf.to_yaml(OmegaConf.create(_plain(redact(dict(config))))))
+        """config.yaml: the run's whole config in plain YAML, secrets redacted (PyYAML, which the
+        GPU image has too; Hydra's omegaconf reads it back)."""
+        text = yaml.safe_dump(_plain(redact(dict(config))), sort_keys=False, default_flow_style=False)
+        self.storage.write_text(CONFIG, text)
 
     def append_metrics(self, record: Mapping[str, Any]) -> None:
         with open(self.metrics_path, "a") as f:
