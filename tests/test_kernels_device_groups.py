@@ -6,17 +6,13 @@ interpreter, the capacity layout's twin semantics and argument checks."""
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 from moeforge.kernels.checks import KernelArgumentError
 from moeforge.kernels.fp8_format import token_capacity
 from moeforge.kernels.quant import act_quant_transpose
 from moeforge.kernels.quant_torch import act_quant_transpose_torch
+from triton_interpreter import run_interpreted
 
 SCRIPT = r"""
 import json
@@ -85,11 +81,7 @@ CHECKS = [
 
 @pytest.fixture(scope="module")
 def interpreted() -> list[dict]:
-    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, env=env, timeout=300,
-                          check=False)
-    assert proc.returncode == 0, f"device-group check crashed:\n{proc.stderr[-3000:]}"
-    return json.loads(proc.stdout)
+    return run_interpreted(["-c", SCRIPT], "device-group check")
 
 
 def test_every_case_was_checked(interpreted):

@@ -13,14 +13,10 @@ TRITON_INTERPRET must be set before triton is imported, hence the subprocess.
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-
 import pytest
 from moeforge.kernels.launch_audit import ROW_SWEEP
 from moeforge.kernels.triton_launch import ROW_BUCKETS
+from triton_interpreter import run_interpreted
 
 AUTOTUNED = ("act_quant", "act_quant_transpose", "fp8_gemm", "fp8_grouped_gemm", "fp8_wgrad_grouped_gemm")
 DATA_DEPENDENT = ("M", "T", "TILES", "KB_ALL")  # row / token counts: never in a key
@@ -28,13 +24,7 @@ DATA_DEPENDENT = ("M", "T", "TILES", "KB_ALL")  # row / token counts: never in a
 
 @pytest.fixture(scope="module")
 def audit() -> dict:
-    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
-    proc = subprocess.run(
-        [sys.executable, "-m", "moeforge.kernels.launch_audit"], capture_output=True, text=True, env=env,
-        timeout=600, check=False,
-    )
-    assert proc.returncode == 0, f"launch_audit crashed:\n{proc.stderr[-3000:]}"
-    return json.loads(proc.stdout)
+    return run_interpreted(["-m", "moeforge.kernels.launch_audit"], "launch_audit", timeout=600)
 
 
 def test_the_sweep_has_fifty_distinct_row_counts():

@@ -15,12 +15,8 @@ The quantizers' `scale_floor` (GRAD_SCALE_FLOOR, on gradient-sized inputs) and a
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-
 import pytest
+from triton_interpreter import run_interpreted
 
 # Triton vs torch twin for the scale arguments, run under the interpreter: one JSON row per case.
 SCALE_ARG_SCRIPT = r"""
@@ -108,13 +104,9 @@ EXPECTED_CHECKS = [
 
 @pytest.fixture(scope="module")
 def interpreted() -> dict:
-    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
-    proc = subprocess.run(
-        [sys.executable, "-m", "moeforge.kernels.twin_check", "--size", "tiny", "--device", "cpu"],
-        capture_output=True, text=True, env=env, timeout=300, check=False,
+    return run_interpreted(
+        ["-m", "moeforge.kernels.twin_check", "--size", "tiny", "--device", "cpu"], "twin_check", ok_codes=(0, 1)
     )
-    assert proc.returncode in (0, 1), f"twin_check crashed:\n{proc.stderr[-3000:]}"
-    return json.loads(proc.stdout)
 
 
 def test_public_api_dispatches_to_triton_under_the_interpreter(interpreted):
@@ -133,12 +125,7 @@ def test_triton_kernel_matches_torch_twin(interpreted, check):
 
 @pytest.fixture(scope="module")
 def interpreted_scale_args() -> list[dict]:
-    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
-    proc = subprocess.run(
-        [sys.executable, "-c", SCALE_ARG_SCRIPT], capture_output=True, text=True, env=env, timeout=300, check=False
-    )
-    assert proc.returncode == 0, f"scale-argument check crashed:\n{proc.stderr[-3000:]}"
-    return json.loads(proc.stdout)
+    return run_interpreted(["-c", SCALE_ARG_SCRIPT], "scale-argument check")
 
 
 def test_every_scale_argument_case_was_checked(interpreted_scale_args):

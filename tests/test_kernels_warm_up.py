@@ -5,15 +5,11 @@ memo, the global RNG. On the torch twins it returns at once, launching nothing."
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-
 import pytest
 from moeforge.kernels.fp8_linear import FP8Linear
 from moeforge.kernels.warm_up import warm_up_kernels
 from moeforge.kernels.wgrad_store import WeightGradStore
+from triton_interpreter import run_interpreted
 
 SCRIPT = r"""
 import json
@@ -82,11 +78,7 @@ KERNELS = {"act_quant", "act_quant_transpose", "weight_quant", "fp8_gemm", "fp8_
 
 @pytest.fixture(scope="module")
 def interpreted() -> dict:
-    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, env=env, timeout=300,
-                          check=False)
-    assert proc.returncode == 0, f"warm-up script crashed:\n{proc.stderr[-3000:]}"
-    return json.loads(proc.stdout)
+    return run_interpreted(["-c", SCRIPT], "warm-up script")
 
 
 @pytest.mark.parametrize("label", ["fp32", "bf16"])
