@@ -4,7 +4,8 @@ With parallel.chunk_phases every stage chunk runs as a program of phases split a
 all-to-alls; parallel.overlap interleaves the forward and backward programs of each F&B pair phase
 by phase, so one micro-batch's all-to-all travels while the other computes. The two micro-batches
 are independent, so overlap on and off must agree bit for bit (losses, gradient norms, every
-parameter), and both must match the single-process loop as every pipeline case does."""
+step-1 gradient and parameter), and both must match the single-process loop as every pipeline case
+does."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from moeforge.platform.runtime.local_spawn import spawn_gloo
 from moeforge.platform.runtime.pipeline_run import train_from_dict
 from pipeline_cases import (
     assert_matches_reference,
+    dump_grads,
     pipeline_config,
     pipeline_record,
     read_metrics,
@@ -50,7 +52,8 @@ def test_pair_runs_phases_alternately_in_the_configured_order(order, expected):
 
 # both orders of the pair, one per schedule
 @pytest.mark.parametrize("schedule, order", [("dualpipe", "forward_first"), ("dualpipev", "backward_first")])
-def test_overlap_on_and_off_are_bit_identical_and_match_reference(tmp_path, schedule, order):
+def test_overlap_on_and_off_are_bit_identical_and_match_reference(tmp_path, monkeypatch, schedule, order):
+    dump_grads(monkeypatch)
     records = {}
     for overlap in (False, True):
         raw = pipeline_config(
@@ -76,9 +79,11 @@ def test_overlap_on_and_off_are_bit_identical_and_match_reference(tmp_path, sche
     off, on = records[False], records[True]
     assert on.losses == off.losses
     assert on.grad_norms == off.grad_norms
-    assert on.params.keys() == off.params.keys()
+    assert on.params.keys() == off.params.keys() and on.grads.keys() == off.grads.keys()
     for name, value in off.params.items():
         assert torch.equal(on.params[name], value), name
+    for name, value in off.grads.items():
+        assert torch.equal(on.grads[name], value), f"step-1 gradient of {name}"
     assert_matches_reference(on, reference_run(raw, tmp_path / "reference"), label=f"{schedule} overlap ep=2")
 
 

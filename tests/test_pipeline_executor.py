@@ -1,21 +1,29 @@
 """The pipeline executor on plain gloo process groups (spawned processes, no Ray): per-step losses,
-pre-clip gradient norms and final parameters equal the single-process reference loop; each rank ran
-the simulator's action list; a hung peer ends the run naming the rank.
+pre-clip gradient norms, every parameter's step-1 gradient and final parameters equal the
+single-process reference loop; each rank ran the simulator's action list; a hung peer ends the run
+naming the rank. The comparison itself is shown to catch scale errors on all gradients and on one
+small tensor.
 
 The Ray Train path (launch_training) is covered by tests/test_pipeline_ray.py."""
 
 from __future__ import annotations
 
+import re
+
 import pytest
+import torch
 from moeforge.platform.reference.loop import ReferenceTrainer
 from moeforge.platform.runtime.local_spawn import spawn_gloo
 from moeforge.platform.runtime.pipeline_run import train_from_dict
 from moeforge.platform.runtime.topology import Topology
 from pipeline_cases import (
+    GRAD_NORM_RTOL,
     PARAM_RTOL,
+    assert_grad_norms_match,
     assert_losses_match,
     assert_matches_reference,
     assert_timeline_runs_schedule,
+    dump_grads,
     max_relative_difference,
     pipeline_config,
     pipeline_record,
@@ -50,10 +58,13 @@ def references(tmp_path_factory):
 
 
 @pytest.mark.parametrize("schedule, pp, dp, microbatches, zero, shard", CASES)
-def test_pipeline_matches_reference(tmp_path, references, schedule, pp, dp, microbatches, zero, shard):
+def test_pipeline_matches_reference(
+    tmp_path, monkeypatch, references, schedule, pp, dp, microbatches, zero, shard
+):
     # the groups create_process_groups builds (and ZeroStep hands DeepSpeed) have `shard` ranks each
     groups = Topology.for_schedule(schedule, pp, dp).all_groups()["shard"]
     assert {len(g) for g in groups} == {shard}, groups
+    dump_grads(monkeypatch)
     run_dir = tmp_path / "run"
     raw = pipeline_config(run_dir, schedule, pp, dp, microbatches, zero)
     summary = spawn_gloo(train_from_dict, pp * dp, (raw, True))[0]
@@ -69,16 +80,20 @@ def test_pipeline_matches_reference(tmp_path, references, schedule, pp, dp, micr
 
 
 class _ScaledGradients(ReferenceTrainer):
-    """The reference loop with every gradient multiplied by `factor` before the clip (and its norm):
-    the error a wrong 1/M, 1/dp or DualPipe-pair factor in a pipeline would make."""
+    """The reference loop with gradients multiplied by `factor` after every step's backward, before
+    anything reads them (the step-1 dump, the norm, the clip): all of them (`names` None), the
+    error a wrong 1/M, 1/dp or DualPipe-pair factor in a pipeline would make, or the named tensors
+    only, the error of a wrong factor on one tensor's path (a balance-loss scale, a norm's)."""
 
     factor = 1.0
+    names: tuple[str, ...] | None = None
 
-    def clip(self) -> float:
-        for p in self.params:
-            if p.grad is not None:
+    def forward_backward(self, batch, mtp_loss_weight=None):
+        losses = super().forward_backward(batch, mtp_loss_weight)
+        for name, p in self.model.named_parameters():
+            if p.grad is not None and (self.names is None or name in self.names):
                 p.grad.mul_(self.factor)
-        return super().clip()
+        return losses
 
 
 @pytest.mark.parametrize("factor", [2.0, 0.5])
@@ -106,6 +121,33 @@ def test_comparison_catches_gradient_scale_error(tmp_path, references, factor):
     # ... the shared comparison does, through the gradient norm, before it looks at parameters
     with pytest.raises(AssertionError, match="grad_norm"):
         assert_matches_reference(scaled, ref, label=f"gradients x{factor:g}")
+
+
+ROUTER_GATE, NORM = "layers.1.mlp.gate.weight", "layers.1.input_layernorm.weight"
+
+
+@pytest.mark.parametrize("name", [ROUTER_GATE, NORM])
+@pytest.mark.parametrize("factor", [2.0, 0.5])
+def test_comparison_catches_a_scale_error_on_one_small_tensor(tmp_path, references, name, factor):
+    """One small tensor's gradient scaled by `factor`: its share of the squared gradient norm is
+    ~2e-7 (the router gate of layer 1, 8x128) or ~3e-7 (the input norm of layer 1, 128), so the
+    norm moves by 4e-7 at most, far inside its 1e-4 tolerance, and the losses match; the shared
+    comparison fails on that tensor's step-1 gradient, by name."""
+    scaled_loop = type("ScaledOneTensor", (_ScaledGradients,), {"factor": factor, "names": (name,)})
+    scaled = reference_run(pipeline_config("unused", "single", 1, 1, 4, 0), tmp_path, scaled_loop)
+    ref = references(4)
+    assert torch.equal(scaled.grads[name], factor * ref.grads[name])  # the injected error, as dumped
+    # the global figures do not see it ...
+    assert_losses_match(scaled.losses, ref.losses)
+    assert_grad_norms_match(scaled.grad_norms, ref.grad_norms)
+    norm_moved = max(abs(a / b - 1) for a, b in zip(scaled.grad_norms, ref.grad_norms))
+    worst, worst_name = max_relative_difference(scaled.params, ref.params)
+    print(f"{name} x{factor:g}: grad norm moved {norm_moved:.1e} (tolerance {GRAD_NORM_RTOL:.0e}), "
+          f"parameters {worst:.1e} ({worst_name})")
+    # ... the per-tensor gradients do, and the failure names the tensor
+    expected = re.escape(f"step-1 gradient of {name} differs by {abs(factor - 1):.2e} (relative)")
+    with pytest.raises(AssertionError, match=expected):
+        assert_matches_reference(scaled, ref, label=f"{name} x{factor:g}")
 
 
 def test_hung_peer_fails_with_rank_named(tmp_path):

@@ -22,7 +22,13 @@ import pytest
 from moeforge.platform.checkpoint.store import list_checkpoints, read_meta
 from moeforge.platform.runtime.local_spawn import spawn_gloo
 from moeforge.platform.runtime.pipeline_run import train_from_dict
-from pipeline_cases import assert_matches_reference, pipeline_config, pipeline_record, reference_run
+from pipeline_cases import (
+    assert_matches_reference,
+    dump_grads,
+    pipeline_config,
+    pipeline_record,
+    reference_run,
+)
 from test_tracking import read_wandb_records
 
 STEPS, EVERY = 4, 2
@@ -63,7 +69,8 @@ def _assert_resumed_run_repeats(straight: dict, resumed: dict, straight_dir, res
     assert [r["grad_norm"] for r in records] == [r["grad_norm"] for r in _metrics(straight_dir)]
 
 
-def test_eval_checkpoint_resume_on_gloo(tmp_path):
+def test_eval_checkpoint_resume_on_gloo(tmp_path, monkeypatch):
+    dump_grads(monkeypatch)
     straight_dir = tmp_path / "straight"
     raw = _config(straight_dir)
     straight = spawn_gloo(train_from_dict, 2, (raw, True))[0]

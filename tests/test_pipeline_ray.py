@@ -21,6 +21,7 @@ from moeforge.platform.runtime.nccl_rules import load_records, summarize, violat
 from pipeline_cases import (
     assert_matches_reference,
     assert_timeline_runs_schedule,
+    dump_grads,
     pipeline_config,
     pipeline_record,
     reference_run,
@@ -44,6 +45,7 @@ def test_ray_pipeline_matches_reference(
     # Ray Train's workers record what they post (the placement's collectives and DeepSpeed's
     # included), held to NCCL's rules as the gloo cases of test_nccl_order.py are.
     monkeypatch.setenv(RECORD_ENV, str(tmp_path / "comm"))
+    dump_grads(monkeypatch)  # the workers write their step-1 gradients for the comparison
     summary = launch_training(TrainConfig.from_dict(raw), raw)
     per_rank = load_records(str(tmp_path / "comm"))
     assert sorted(per_rank) == list(range(pp * dp)) and summarize(per_rank).p2p_ops > 0

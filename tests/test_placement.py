@@ -285,8 +285,16 @@ def run_in_own_process(script: str, spec: dict, tmp_path, timeout_s: float, env:
     return result
 
 
-def test_multi_node_run_follows_the_plan(tmp_path):
-    from pipeline_cases import assert_matches_reference, pipeline_record, read_metrics, reference_run
+def test_multi_node_run_follows_the_plan(tmp_path, monkeypatch):
+    from pipeline_cases import (
+        assert_matches_reference,
+        dump_grads,
+        pipeline_record,
+        read_metrics,
+        reference_run,
+    )
+
+    dump_grads(monkeypatch)  # the run's workers (a process of its own) write their step-1 gradients
 
     run_dir = tmp_path / "run"
     result = run_in_own_process(__file__, {"run_dir": str(run_dir)}, tmp_path, timeout_s=240)

@@ -188,14 +188,15 @@ def test_phase_programs_weight_mtp_by_the_steps_lambda():
         assert loss["loss"] == pytest.approx(loss["lm_loss"] + expected * loss["mtp_loss"], rel=1e-6)
 
 
-def test_pipeline_applies_the_reference_schedule(tmp_path):
+def test_pipeline_applies_the_reference_schedule(tmp_path, monkeypatch):
     """DualPipe pp=2 on two gloo processes, lambda and gamma changing after step 1, evaluated at the
     end: the recorded values, losses, gradient norms, parameters (router biases included) and the
     evaluation's objective all equal the reference loop's."""
     from moeforge.platform.runtime.local_spawn import spawn_gloo
     from moeforge.platform.runtime.pipeline_run import train_from_dict
-    from pipeline_cases import assert_matches_reference, pipeline_record
+    from pipeline_cases import assert_matches_reference, dump_grads, pipeline_record
 
+    dump_grads(monkeypatch)
     raw = pipeline_config(tmp_path / "run", "dualpipe", 2, 1, 4, 0)
     per_step = raw["data"]["global_batch"] * raw["model"]["seq_len"]
     raw["model"]["bias_update_speed"] = 0.01

@@ -29,6 +29,7 @@ from moeforge.platform.runtime.local_spawn import spawn_gloo
 from moeforge.platform.runtime.pipeline_run import train_from_dict
 from pipeline_cases import (
     assert_matches_reference,
+    dump_grads,
     pipeline_config,
     pipeline_record,
     reference_run,
@@ -86,7 +87,8 @@ def straight(tmp_path_factory):
     return reference_run(raw, root / "reference")
 
 
-def test_ep2_dp2_zero_pipeline_into_single_process_loop(tmp_path, straight):
+def test_ep2_dp2_zero_pipeline_into_single_process_loop(tmp_path, monkeypatch, straight):
+    dump_grads(monkeypatch)  # the first step's run writes them; the resumed one carries them on
     src = tmp_path / "pipeline"
     spawn_gloo(train_from_dict, 4, (_pipeline_raw(src, EP_LAYOUT, steps=1), True))
     meta = read_meta(list_checkpoints(str(src))[-1][1])
@@ -106,16 +108,18 @@ def test_ep2_dp2_zero_pipeline_into_single_process_loop(tmp_path, straight):
     raw = _single_raw(_pipeline_raw(dst, EP_LAYOUT, steps=2), dst, steps=2)
     trainer = ReferenceTrainer(TrainConfig.from_dict(raw), log=logs.append)
     assert trainer.step == 1 and any(line.startswith("resharded:") for line in logs), logs
-    torch.set_num_threads(1)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the reference run (pipeline_cases.reference_run)
     try:
         trainer.train()
     finally:
-        torch.set_num_threads(2)
+        torch.set_num_threads(threads)
     record = run_record(dst, {k: v.detach().clone() for k, v in trainer.model.state_dict().items()})
     assert_matches_reference(record, straight, label="ep=2 dp=2 ZeRO-1 DualPipe -> single")
 
 
-def test_single_process_loop_into_ep2_dp2_zero_pipeline(tmp_path, straight):
+def test_single_process_loop_into_ep2_dp2_zero_pipeline(tmp_path, monkeypatch, straight):
+    dump_grads(monkeypatch)
     src = tmp_path / "single"
     pipeline_raw = _pipeline_raw(tmp_path / "pipeline", EP_LAYOUT, steps=2)
     _run_single(_single_raw(pipeline_raw, src, steps=1))
@@ -126,7 +130,8 @@ def test_single_process_loop_into_ep2_dp2_zero_pipeline(tmp_path, straight):
     assert_matches_reference(pipeline_record(dst), straight, label="single -> ep=2 dp=2 ZeRO-1 DualPipe")
 
 
-def test_dualpipe_pp2_into_1f1b_pp4(tmp_path, straight):
+def test_dualpipe_pp2_into_1f1b_pp4(tmp_path, monkeypatch, straight):
+    dump_grads(monkeypatch)
     src = tmp_path / "dualpipe"
     spawn_gloo(train_from_dict, 2, (_pipeline_raw(src, ("dualpipe", 2, 1, 1, 4, 0), steps=1), True))
     dst = tmp_path / "1f1b"

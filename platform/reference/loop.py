@@ -93,6 +93,7 @@ from moeforge.platform.optim.bias_update import (
 )
 from moeforge.platform.optim.lr_schedule import lr_at, set_lr
 from moeforge.platform.optim.recipe_schedule import recipe_after, recipe_at
+from moeforge.platform.outputs.grad_dump import dump_reference_grads
 from moeforge.platform.outputs.metrics import EvalResult, StepMetrics, TrainSummary
 from moeforge.platform.outputs.run_files import RunOutputs
 from moeforge.platform.outputs.run_report import RunReport
@@ -333,6 +334,8 @@ class ReferenceTrainer:
         elif fault == "loss_spike":
             losses = {k: v * LOSS_SPIKE_FACTOR for k, v in losses.items()}
         self._phase = "update"
+        if self.step == 0:  # writes only under MOEFORGE_DUMP_GRADS (a test and debugging aid)
+            dump_reference_grads(self.cfg.run.dir, self.model)
         # clip first (a non-finite norm leaves the gradients as they are), then decide on the norm
         grad_norm = self.clip()
         skipped = not is_finite_step(losses["loss"], grad_norm)

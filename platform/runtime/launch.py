@@ -36,6 +36,7 @@ import os
 
 from moeforge.model.config import ConfigError
 from moeforge.platform.config.train import TrainConfig
+from moeforge.platform.outputs.grad_dump import GRAD_DUMP_ENV
 from moeforge.platform.runtime.accelerator import ACCELERATOR_ENV, AcceleratorError, use_accelerator_for
 from moeforge.platform.runtime.comm_record import RECORD_ENV
 from moeforge.platform.runtime.ray_connection import connect_ray
@@ -143,6 +144,7 @@ def launch_training(cfg: TrainConfig, raw_config: dict | None = None) -> dict:
             "restarted_resumes": cfg.checkpoint.max_failures > 0,
             "dist_timeout_s": dist_timeout_s,  # of a process group the placement makes again
             "record_comm": os.environ.get(RECORD_ENV, ""),  # comm_record.py: workers record too
+            "dump_grads": os.environ.get(GRAD_DUMP_ENV, ""),  # outputs/grad_dump.py: workers dump too
         },
         scaling_config=ScalingConfig(
             num_workers=par.world_size,

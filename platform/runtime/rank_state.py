@@ -57,6 +57,7 @@ from moeforge.platform.optim.lr_schedule import lr_at
 from moeforge.platform.optim.plain_step import PlainStep
 from moeforge.platform.optim.recipe_schedule import RecipeValues, recipe_after, recipe_at
 from moeforge.platform.optim.zero_step import ZeroStep
+from moeforge.platform.outputs.grad_dump import dump_pipeline_grads
 from moeforge.platform.outputs.metrics import EvalResult, StepMetrics
 from moeforge.platform.outputs.storage import open_storage
 from moeforge.platform.outputs.timeline import TimelineRecord
@@ -302,6 +303,8 @@ class PipelineRuntime:
         fault = injected_data_fault(self.cfg.parallel, self.step + self.data_skip)
         if fault == "nan_grad" and grads:
             next(iter(grads.values())).fill_(float("nan"))
+        if self.step == 0:  # writes only under MOEFORGE_DUMP_GRADS (a test and debugging aid)
+            dump_pipeline_grads(self, grads)
         lr = lr_at(self.step, self.cfg.optim, self.cfg.run.steps)
         if self._step_is_finite(grads):
             grad_norm = self.opt.step(grads, lr)
@@ -387,8 +390,8 @@ class PipelineRuntime:
         if round(count) != self.microbatches * self.cfg.parallel.dp:
             raise RuntimeError(f"{self.name}: {count} micro-batch losses, expected M * dp")
         per_rank = torch.zeros(self.topo.world_size, 4, dtype=torch.float64)
-        per_rank[self.rank] = torch.tensor(
-            [trace.busy_s, trace.step_s, trace.exposed_comm_s, trace.exposed_a2a_s]
+        per_rank[self.rank] = torch.tensor(  # float64 throughout: the figures match the timeline exactly
+            [trace.busy_s, trace.step_s, trace.exposed_comm_s, trace.exposed_a2a_s], dtype=torch.float64
         )
         per_rank = self._all_reduce_small(per_rank)
         busy, span, exposed = per_rank[:, 0], per_rank[:, 1], per_rank[:, 2]

@@ -115,6 +115,10 @@ def train_loop_per_worker(config: dict) -> None:
         from moeforge.platform.runtime.comm_record import start_recording
 
         start_recording(config["record_comm"])
+    if config.get("dump_grads"):  # the driver's MOEFORGE_DUMP_GRADS (platform/outputs/grad_dump.py)
+        from moeforge.platform.outputs.grad_dump import GRAD_DUMP_ENV
+
+        os.environ[GRAD_DUMP_ENV] = config["dump_grads"]
     topo = Topology.for_schedule(par.schedule, par.pp, par.dp, par.ep, cfg.model.num_nextn_predict_layers > 0)
     # This worker's world rank is the placement's, which is Ray Train's own unless the plan
     # renumbered the workers (then the default process group was made again with it).
