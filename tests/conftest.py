@@ -58,3 +58,19 @@ def s3_server():
             os.environ.pop(k, None)
         else:
             os.environ[k] = v
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op torch thread for a module's tests, the previous count restored after them.
+
+    Modules whose figures were measured on one thread (as each pipeline worker runs) use it through
+    `pytestmark = pytest.mark.usefixtures("one_thread")`. Module scope, so the module's own
+    module-scoped fixtures compute on one thread too; a count set at import time instead would hold
+    for every later module of the session."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

@@ -35,6 +35,7 @@ import pytest
 from moeforge.model.config import ConfigError
 from moeforge.platform.config import ParallelConfig, TrainConfig
 from moeforge.platform.runtime.cluster_check import check_cluster_fits, describe_shortfall, worker_bundle
+from moeforge.platform.runtime.cluster_wait import START_TIMEOUT_ENV
 from moeforge.platform.runtime.launch import launch_training
 from pipeline_cases import pipeline_config, tiny_model
 from test_placement import run_in_own_process
@@ -100,22 +101,31 @@ def _missing_resource_config(run_dir, **parallel) -> dict:
     return raw
 
 
-def test_a_run_whose_resources_never_arrive_fails_after_wait_s(ray_cluster, tmp_path):
+def test_a_run_whose_resources_never_arrive_fails_after_wait_s(ray_cluster, tmp_path, capsys):
+    """The run says it waits, asks Ray for exactly its workers' reservation once, and when Ray
+    Train's start gives up at cluster.wait_s (the only path to the `cluster.wait_s:` error) fails
+    with what it asked for; the reservation is released and the driver's environment restored."""
     raw = _missing_resource_config(tmp_path / "run", wait_for_autoscaler=True)
-    start = time.monotonic()
+    groups_before = set(ray_cluster.util.placement_group_table())
+    start_timeout_before = os.environ.get(START_TIMEOUT_ENV)
     with pytest.raises(ConfigError) as err:
         launch_training(TrainConfig.from_dict(raw), raw)
-    waited = time.monotonic() - start
     message = str(err.value)
     print(message)
     assert message.startswith("cluster.wait_s: the cluster could not host the run's 2 workers within 2s: ")
     assert "the run needs 2 CPUs (pp=2 x dp=1 = 2 workers x 1 CPU, parallel.cpus_per_worker)" in message
     assert "2 no_such_node (pp=2 x dp=1 = 2 workers x 1 no_such_node, parallel.worker_resources" in message
     assert "the cluster has 0 (0 free)" in message and "\n" not in message
-    assert 2 <= waited < 30, waited
+    assert "waiting up to 2s (cluster.wait_s) for the cluster to host 2 workers" in capsys.readouterr().out
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
-    # the reservation it waited on is gone again
-    assert all(pg["state"] == "REMOVED" for pg in ray_cluster.util.placement_group_table().values())
+    # one start, not retried: one reservation of the run's 2 worker bundles, released again
+    table = ray_cluster.util.placement_group_table()
+    (group,) = [g for pg_id, g in table.items() if pg_id not in groups_before]
+    bundles = sorted(tuple(sorted(b.items())) for b in group["bundles"].values())
+    assert bundles == [(("CPU", 1.0), ("no_such_node", 1.0))] * 2, group
+    assert group["state"] == "REMOVED", group
+    assert all(pg["state"] == "REMOVED" for pg in table.values())
+    assert os.environ.get(START_TIMEOUT_ENV) == start_timeout_before  # the start's limit was scoped
 
 
 def test_without_wait_for_autoscaler_a_missing_resource_is_refused_at_once(ray_cluster, tmp_path):

@@ -26,7 +26,7 @@ from moeforge.platform.optim.adamw import build_adamw
 from moeforge.platform.precision import apply_precision, compute_context
 from torch import nn
 
-torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def precision(name: str, **overrides) -> PrecisionConfig:

@@ -27,7 +27,9 @@ from moeforge.platform.checkpoint.store import save_checkpoint, save_shard
 from safetensors import safe_open
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-torch.set_num_threads(1)
+import accelerate  # noqa: F401  transformers' FP8 loader needs it (a dev dependency, like transformers)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 E4M3_REL = 2.0**-4  # half an ulp of a 3-bit mantissa: the relative rounding error of a normal e4m3
 E4M3_SUBNORMAL_ABS = 2.0**-10  # half the e4m3 subnormal spacing (2^-9), in units of the block scale
@@ -226,8 +228,8 @@ def test_fp8_logits_close_to_the_original(tmp_path):
 
 
 def test_transformers_reads_the_fp8_export(tmp_path):
-    """transformers' FP8 loader on CPU needs `accelerate` (not a moeforge dependency; skipped without
-    it) and, with no GPU, dequantises on load (`dequantize=True`). Measured with accelerate 1.15 and
+    """transformers' FP8 loader on CPU needs `accelerate` (a dev dependency, imported at the top) and,
+    with no GPU, dequantises on load (`dequantize=True`). Measured with accelerate 1.15 and
     transformers 5.24: weights equal to moeforge's read-back, logits within 2.6e-6 (seeds 3-5).
 
     Its CPU dequantiser derives the block size from the scale grid (rows // scale_rows), so it
@@ -235,7 +237,6 @@ def test_transformers_reads_the_fp8_export(tmp_path):
     (kv_a_proj_with_mqa [576, 7168] has 5 row blocks): a [192, 64] q_b_proj is read with 96-row
     blocks. moeforge reads ragged blocks exactly (the test above); this comparison uses a config whose
     FP8 weights are whole blocks or a single block each."""
-    pytest.importorskip("accelerate", reason="transformers' FP8 loader needs accelerate")
     from transformers import DeepseekV3ForCausalLM
 
     cfg = tiny_cfg(num_attention_heads=2, num_key_value_heads=2, qk_nope_head_dim=48, v_head_dim=16)

@@ -22,7 +22,7 @@ from moeforge.platform.inference.speculative import (
     accept_sampled_batch,
 )
 
-torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 PROMPT_LENGTHS = (3, 7, 7, 12)  # ragged, with one repeated length
 RAGGED_8 = (1, 3, 4, 7, 7, 9, 12, 15)  # a batch of 8: every row at its own position but one pair

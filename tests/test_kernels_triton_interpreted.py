@@ -16,7 +16,8 @@ The quantizers' `scale_floor` (GRAD_SCALE_FLOOR, on gradient-sized inputs) and a
 from __future__ import annotations
 
 import pytest
-from triton_interpreter import run_interpreted
+from moeforge.kernels.twin_check import GEMM_TOL
+from triton_interpreter import QUANTIZER_CHECKS, run_interpreted, twin_row_problems
 
 # Triton vs torch twin for the scale arguments, run under the interpreter: one JSON row per case.
 SCALE_ARG_SCRIPT = r"""
@@ -119,8 +120,15 @@ def test_every_kernel_was_checked(interpreted):
 
 @pytest.mark.parametrize("check", EXPECTED_CHECKS)
 def test_triton_kernel_matches_torch_twin(interpreted, check):
+    """The verdict recomputed from the row's figures: identical bytes for a quantizer; FP32 outputs
+    within twin_check.GEMM_TOL (the bound the row says it was held to); BF16 outputs at most one
+    bf16 step off, in at most 1% of the elements."""
     row = next(r for r in interpreted["results"] if r["check"] == check)
-    assert row["passed"], row
+    tol = None
+    if not check.startswith(QUANTIZER_CHECKS) and row.get("dtype") != "bfloat16":
+        assert row.get("tol") == GEMM_TOL, row
+        tol = GEMM_TOL
+    assert twin_row_problems(row, tol) == [], row
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ from moeforge.model.mla import MLA, LatentCache
 from moeforge.model.moe import MoE, sequence_balance_loss
 from moeforge.model.transformer import build_model
 
-torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_cfg(**over) -> ModelConfig:

@@ -21,10 +21,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-transformers = pytest.importorskip("transformers")
-from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+from transformers import DeepseekV3Config, DeepseekV3ForCausalLM  # the reference (a dev dependency)
 
-torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 BASE = {
     "vocab_size": 64,

@@ -21,3 +21,33 @@ def run_interpreted(args: list[str], what: str, ok_codes: tuple[int, ...] = (0,)
     )
     assert proc.returncode in ok_codes, f"{what} crashed:\n{proc.stderr[-3000:]}"
     return json.loads(proc.stdout)
+
+
+QUANTIZER_CHECKS = ("act_quant", "weight_quant")  # twin_check rows whose bytes must be identical
+BF16_ONE_STEP_FRACTION = 0.01  # interpreter: BF16 outputs may sit one step apart in this fraction
+
+
+def twin_row_problems(row: dict, tol: float | None = None) -> list[str]:
+    """Why one kernel-vs-twin row (kernels/twin_check.py) fails, recomputed from its raw figures and
+    never read from its own `passed` (empty: it passes).
+
+    A quantizer row (named after QUANTIZER_CHECKS) needs no mismatched e4m3 byte and equal scales.
+    Any other row is an output compared in value: finite, and its relative error within `tol`; with
+    `tol` None (the interpreter's exact FP32 dot), a BF16 output may be one bf16 step off in at most
+    1% of its elements and nowhere further."""
+    if "error" in row:
+        return [f"crashed: {row['error']}"]
+    if row["check"].startswith(QUANTIZER_CHECKS):
+        problems = [f"{row['mismatched_bytes']} e4m3 bytes differ"] if row["mismatched_bytes"] != 0 else []
+        return problems + ([] if row["scales_equal"] is True else ["scales differ"])
+    problems = [] if row["finite"] is True else ["non-finite output"]
+    if tol is None:
+        if row["dtype"] != "bfloat16":
+            raise ValueError(f"{row['check']}: a {row['dtype']} output needs a tolerance")
+        if row["beyond_one_step"] != 0:
+            problems.append(f"{row['beyond_one_step']} elements more than one bf16 step away")
+        if not row["differing_fraction"] <= BF16_ONE_STEP_FRACTION:
+            problems.append(f"{row['differing_fraction']:.2%} of the elements differ")
+    elif not row["rel_err"] <= tol:
+        problems.append(f"relative error {row['rel_err']:.3e} > {tol:.3e}")
+    return problems

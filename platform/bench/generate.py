@@ -23,7 +23,9 @@ model's own MTP modules draft the next tokens, and what limits it?
                 stands next to the measured one
 
 Greedy speculative decoding must return exactly the plain tokens; the report records whether it
-did (`identical`), and the first differing position of each row that did not, rather than asserting.
+did (`identical`), and the first differing position of each row that did not, rather than asserting,
+next to both modes' tokens per prompt (`plain.tokens`, `speculative.tokens`), from which a reader or
+a test recomputes the verdict.
 DeepSeek-V3 reports 85-90% acceptance of the second token and 1.8x tokens/s with one MTP module.
 Timings are measured, never asserted. Prints a table, writes JSON (platform/bench/report.py).
 """
@@ -235,9 +237,9 @@ def measure_batch(model, prompts: list[list[int]], batch: int, cfg: GenerateBenc
         "batch": batch,
         "prompts": len(prompts),
         "plain": {"times_s": plain_times, "median_s": plain_s, "tokens_per_s": plain_tps,
-                  "stats": plain_stats.as_dict()},
+                  "stats": plain_stats.as_dict(), "tokens": plain_tokens},
         "speculative": {"times_s": spec_times, "median_s": spec_s, "tokens_per_s": spec_tps,
-                        "stats": st.as_dict()},
+                        "stats": st.as_dict(), "tokens": spec_tokens},
         "speedup": spec_tps / plain_tps,
         "acceptance_rate": st.acceptance_rate,
         "accepted_per_step": st.accepted / row_steps if row_steps else 0.0,

@@ -5,7 +5,8 @@ processes joined by gloo, every F / B / W sleeping a configured time instead of 
 passing a small tensor along, so the point-to-point traffic is real). The measured step time sits
 next to the simulator's makespan for the same lists and costs (goal: measured <= 1.10 x simulated,
 and the same ranking of schedules). An overlapped F&B costs f + b here (one CPU thread computes
-the two halves back to back), and the simulator is given the same.
+the two halves back to back), and the simulator is given the same. Each row also lists, per rank,
+the compute actions, sends and receives its last measured step ran (`ran`, `sent`, `received`).
 
 Real part: the tiny model trained for a few steps by the pipeline runtime (spawned gloo processes,
 no Ray start-up in the timing) next to the single-process reference loop, tokens/s of the steady
@@ -83,7 +84,7 @@ def _synthetic_rank(
     """Run every (schedule, M) case on this rank's executor; rank 0 returns the measured times."""
     import torch
     import torch.distributed as dist
-    from moeforge.platform.runtime.executor import PipelineExecutor, SleepCompute
+    from moeforge.platform.runtime.executor import COMPUTE_RECORD_KINDS, PipelineExecutor, SleepCompute
     from moeforge.platform.runtime.p2p import P2P, open_links
     from moeforge.platform.runtime.topology import Topology, create_links
     from moeforge.platform.schedules import build_schedule
@@ -116,7 +117,16 @@ def _synthetic_rank(
                     "exposed_comm_s": float(table[:, 2].max()),
                 }
             )
-        out.append({"schedule": name, "pp": world_size, "microbatches": microbatches, "steps": steps})
+        # What the last step ran on each rank, in the order it started: compute actions, and the
+        # transfers completed (the executor records a SEND or RECV once its transfer is done).
+        kinds = {"ran": COMPUTE_RECORD_KINDS, "sent": {"SEND"}, "received": {"RECV"}}
+        mine = {key: [r.label for r in trace.records if r.kind in kind] for key, kind in kinds.items()}
+        everyone = [None] * world_size
+        dist.all_gather_object(everyone, mine)
+        per_rank = {key: [theirs[key] for theirs in everyone] for key in kinds}  # key -> [rank] -> labels
+        out.append(
+            {"schedule": name, "pp": world_size, "microbatches": microbatches, "steps": steps, **per_rank}
+        )
     return out
 
 
@@ -145,6 +155,10 @@ def run_synthetic(cfg: PipelineBenchConfig) -> list[dict]:
                     "measured_bubble": statistics.median(s["bubble"] for s in steady),
                     "exposed_comm_s": statistics.median(s["exposed_comm_s"] for s in steady),
                     "ratio": step_s / sim.makespan,
+                    # per rank, the last measured step's compute actions, sends and receives
+                    "ran": case["ran"],
+                    "sent": case["sent"],
+                    "received": case["received"],
                 }
             )
     return rows
