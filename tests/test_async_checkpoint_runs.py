@@ -1,9 +1,13 @@
 """checkpoint.async in the two training loops: the checkpoints written in the background are the
 ones a synchronous run writes (a resume from them repeats the straight run bit for bit), the last one
-is complete before the run ends, and the run reports each once it is complete.
+is complete before the run ends, and the run reports each once it is complete. A background write
+that the storage refuses does what checkpoint.async_failure says, in both loops: "continue" reports
+each failure and trains on (and a loss spike then has no checkpoint to roll back to: reported,
+trained through), "fail" ends the run at its next step.
 
 The writer itself (snapshot at submit, one in flight, failure policies, S3) is tested in
-tests/test_checkpoint_async.py.
+tests/test_checkpoint_async.py; a pipeline run writing asynchronously to S3 and restarted after a
+lost worker in tests/test_recovery.py.
 """
 
 from __future__ import annotations
@@ -11,13 +15,15 @@ from __future__ import annotations
 import json
 import shutil
 
+import pytest
 import torch
+from moeforge.platform.checkpoint.state import CheckpointError
 from moeforge.platform.checkpoint.store import list_checkpoints, read_meta
 from moeforge.platform.config import TrainConfig
 from moeforge.platform.reference.loop import ReferenceTrainer
 from moeforge.platform.runtime.local_spawn import spawn_gloo
-from moeforge.platform.runtime.pipeline_run import train_from_dict
-from pipeline_cases import pipeline_config
+from moeforge.platform.runtime.pipeline_run import run_pipeline_training, train_from_dict
+from pipeline_cases import assert_losses_match, pipeline_config
 
 STEPS, EVERY = 4, 2
 
@@ -76,3 +82,113 @@ def test_pipeline_async_checkpoints_commit_every_shard_and_resume_bitwise(tmp_pa
     assert resumed["resumed_from_step"] == EVERY
     assert resumed["losses"] == straight["losses"]
     assert _grad_norms(tmp_path / "resumed") == _grad_norms(tmp_path / "straight")
+
+
+# --- background writes the storage refuses ------------------------------------------------------------------
+REFUSED = "NotADirectoryError"
+NO_ROLLBACK = "no checkpoint to roll back to: training on"
+
+
+def _refusing_run_dir(run_dir):
+    """A run.dir whose storage refuses every checkpoint write: a regular file where the checkpoints
+    folder goes, so each write under it fails (NotADirectoryError). The run's other records go
+    through; file permissions would not do, since the tests may run as root."""
+    run_dir.mkdir(parents=True)
+    (run_dir / "checkpoints").write_text("not a folder\n")
+    return run_dir
+
+
+def _refused_raw(run_dir, policy: str, pipeline: bool = True, spike: bool = False) -> dict:
+    """4 steps of DualPipe pp=2 (plain step) or its reference loop, checkpoint.async after every
+    step under checkpoint.async_failure=`policy`; with `spike`, losses x10 on batch 2 (step 3) and
+    run.spike_policy=rollback over a window of 2."""
+    raw = pipeline_config(run_dir, "dualpipe", 2, 1, 4, zero_stage=0)
+    raw["run"].update(steps=4)
+    raw["tracking"] = {"log_timeline": False}
+    raw["checkpoint"] = {"every": 1, "keep": 2, "resume": True, "async": True, "async_failure": policy}
+    if spike:
+        raw["run"].update(spike_policy="rollback", spike_window=2, spike_factor=3.0)
+        raw["parallel"]["fault_injection"] = {"kind": "loss_spike", "batch": 2}
+    if not pipeline:
+        fault = raw["parallel"].get("fault_injection")
+        raw["parallel"] = {"schedule": "single", "microbatches": 4, "fault_injection": fault}
+    return raw
+
+
+def _train_logged(rank: int, world_size: int, raw: dict) -> tuple[dict | None, list[str]]:
+    """One pipeline rank's run (spawn_gloo entry), with the lines it logged."""
+    lines: list[str] = []
+    summary = run_pipeline_training(TrainConfig.from_dict(raw), rank, world_size, log=lines.append)
+    return summary, lines
+
+
+def _reference_logged(raw: dict) -> tuple[ReferenceTrainer, list[str]]:
+    lines: list[str] = []
+    trainer = ReferenceTrainer(TrainConfig.from_dict(raw), log=lines.append)
+    return trainer, lines
+
+
+def _records(run_dir) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+def test_refused_writes_under_continue_train_on_and_a_spike_has_nothing_to_roll_back_to(tmp_path):
+    """Both loops, checkpoint.async_failure=continue, every checkpoint write refused: each failure is
+    reported once, in step order, and training goes on; the loss spike of step 3 finds no complete
+    checkpoint, so it is reported and trained through (no rollback, its record kept). The pipeline's
+    losses are the reference loop's."""
+    pipe_dir = _refusing_run_dir(tmp_path / "pipeline")
+    summary, pipe_lines = spawn_gloo(_train_logged, 2, (_refused_raw(pipe_dir, "continue", spike=True),))[0]
+    ref_dir = _refusing_run_dir(tmp_path / "reference")
+    trainer, ref_lines = _reference_logged(_refused_raw(ref_dir, "continue", pipeline=False, spike=True))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each pipeline worker runs: the same summation order
+    try:
+        reference = trainer.train()
+    finally:
+        torch.set_num_threads(threads)
+
+    for lines, run_dir in ((pipe_lines, pipe_dir), (ref_lines, ref_dir)):
+        failed = [line for line in lines if line.startswith("async checkpoint of step ")]
+        assert [int(line.split()[4]) for line in failed] == [1, 2, 3, 4], failed
+        assert all(REFUSED in line and "training continues" in line for line in failed), failed
+        spikes = [line for line in lines if NO_ROLLBACK in line]
+        assert len(spikes) == 1 and spikes[0].startswith("loss spike at step 3 ("), spikes
+        records = _records(run_dir)
+        assert [r["step"] for r in records] == [1, 2, 3, 4]
+        assert records[2]["loss"] > 3 * max(records[0]["loss"], records[1]["loss"])  # the spike, kept
+        assert list_checkpoints(str(run_dir)) == []
+    assert summary["status"] == "completed" and summary["rollbacks"] == [] and summary["checkpoint"] is None
+    assert reference.rollbacks == [] and trainer.writer.failures == 4
+    assert_losses_match(summary["losses"], reference.losses)
+
+
+def test_reference_loop_refused_write_under_fail_ends_the_run_at_its_next_step(tmp_path):
+    """checkpoint.async_failure=fail: the refused write of step 1 ends the run at step 2 at the
+    latest with a CheckpointError naming step 1; summary.json records it. The state is consistent
+    there (the failure comes between steps), so the run tries to keep its last completed step in a
+    synchronous checkpoint, which the same storage refuses: reported, the original error stands."""
+    run_dir = _refusing_run_dir(tmp_path / "run")
+    trainer, lines = _reference_logged(_refused_raw(run_dir, "fail", pipeline=False))
+    with pytest.raises(CheckpointError, match=rf"^async checkpoint of step 1 failed: {REFUSED}"):
+        trainer.train()
+    assert [r["step"] for r in _records(run_dir)] in ([1], [1, 2])
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "failed"
+    assert summary["error"].startswith(f"CheckpointError: async checkpoint of step 1 failed: {REFUSED}")
+    kept = [line for line in lines if line.startswith("could not write a checkpoint after the failure: ")]
+    assert len(kept) == 1 and "Not a directory" in kept[0], lines
+    assert list_checkpoints(str(run_dir)) == []
+
+
+def test_pipeline_refused_write_under_fail_ends_the_run_at_its_next_step(tmp_path):
+    """checkpoint.async_failure=fail in a pipeline run: a rank's refused write of step 1 ends the
+    run at step 2 at the latest (every rank writes, so whichever reports first names it), nothing is
+    committed."""
+    run_dir = _refusing_run_dir(tmp_path / "run")
+    raw = _refused_raw(run_dir, "fail")
+    raw["run"]["steps"] = 3
+    with pytest.raises(RuntimeError, match=rf"CheckpointError: async checkpoint of step 1 failed: {REFUSED}"):
+        spawn_gloo(train_from_dict, 2, (raw, True))
+    assert [r["step"] for r in _records(run_dir)] in ([1], [1, 2])
+    assert list_checkpoints(str(run_dir)) == []

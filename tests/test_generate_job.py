@@ -12,6 +12,7 @@ import pathlib
 import shutil
 import subprocess
 import sys
+import uuid
 
 import pytest
 import torch
@@ -32,7 +33,7 @@ from safetensors.torch import load_file, save_file
 from test_train_loop import SMALL_MODEL  # the loop tests' small model (2 layers, MTP depth 1)
 from tokenizers import Tokenizer
 
-torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 VOCAB = 512  # byte-level BPE needs > 256 ids; the model's vocab_size is the tokenizer's
 STEPS = 3
@@ -69,6 +70,19 @@ def _prepared_tokens(out: pathlib.Path, texts: list[str], vocab: int) -> Tokeniz
     return tok
 
 
+def _train_config(run_dir, tokens_dir) -> TrainConfig:
+    """The module's training run: reference loop, 3 steps, a checkpoint every step, 2 kept."""
+    return TrainConfig.from_dict(
+        {
+            "model": {**SMALL_MODEL, "vocab_size": VOCAB},
+            "run": {"dir": str(run_dir), "steps": STEPS, "log_every": 1, "eval_every": 0},
+            "data": {"source": "tokens", "path": str(tokens_dir), "global_batch": 4, "seed": 7},
+            "optim": {"lr": 3e-3, "min_lr": 3e-4, "warmup_steps": 1},
+            "checkpoint": {"every": 1, "keep": 2},
+        }
+    )
+
+
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     """One training run (reference loop, 3 steps, a checkpoint every step, 2 kept) on prepared
@@ -78,16 +92,7 @@ def run(tmp_path_factory):
     tok = _prepared_tokens(root / "tokens", _corpus(), VOCAB)
     assert tok.get_vocab_size() == VOCAB
     run_dir = root / "run"
-    cfg = TrainConfig.from_dict(
-        {
-            "model": {**SMALL_MODEL, "vocab_size": VOCAB},
-            "run": {"dir": str(run_dir), "steps": STEPS, "log_every": 1, "eval_every": 0},
-            "data": {"source": "tokens", "path": str(root / "tokens"), "global_batch": 4, "seed": 7},
-            "optim": {"lr": 3e-3, "min_lr": 3e-4, "warmup_steps": 1},
-            "checkpoint": {"every": 1, "keep": 2},
-        }
-    )
-    ReferenceTrainer(cfg, log=lambda _line: None).train()
+    ReferenceTrainer(_train_config(run_dir, root / "tokens"), log=lambda _line: None).train()
     newest = latest_checkpoint(str(run_dir))
     assert newest.endswith(f"step_{STEPS:08d}")
     crashed = run_dir / "checkpoints" / "step_00000009"
@@ -197,6 +202,69 @@ def test_hf_export_gives_the_same_text_with_its_or_the_stdlib_tokenizer(run, tmp
     assert status == 0, err
     assert out == expected
     assert "using the stdlib tokenizer data/tokens/stdlib/tokenizer.json" in err
+
+
+@pytest.fixture(scope="module")
+def s3_run(run, s3_server):
+    """The module's training run again with run.dir on S3 (moto's server), written by the loop
+    itself: the same config, data and seed on one thread, so its checkpoints hold the local run's
+    tensors. Plus an incomplete newer checkpoint on S3 (a crashed save) that readers must pass over.
+    Its tokens stay local: only run.dir is remote."""
+    import boto3
+
+    bucket = f"generate-{uuid.uuid4().hex[:8]}"
+    s3 = boto3.client("s3", endpoint_url=s3_server)
+    s3.create_bucket(Bucket=bucket)
+    run_dir = f"s3://{bucket}/run"
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("AWS_ENDPOINT_URL", s3_server)  # boto3's standard way to name an S3-compatible store
+        ReferenceTrainer(_train_config(run_dir, run["root"] / "tokens"), log=lambda _line: None).train()
+    s3.put_object(Bucket=bucket, Key="run/checkpoints/step_00000009/meta.json", Body=b"{")
+    return run_dir
+
+
+def convert_cli(capsys, *argv: str) -> tuple[int, str, str]:
+    from moeforge.jobs.convert import main as convert_main
+
+    capsys.readouterr()
+    status = convert_main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return status, out, err
+
+
+def test_generate_and_convert_read_a_run_from_s3(run, s3_run, s3_server, tmp_path, capsys, monkeypatch):
+    """moeforge-generate run.dir=s3://... and moeforge-convert checkpoint=s3://... (a run directory:
+    its newest complete checkpoint) read the run on S3 -- checkpoint, manifests, config.yaml and
+    through it the tokenizer -- and give what the same run read locally gives: the same text, and
+    an export with the same tensors, config and tokenizer. A run.dir on S3 without a complete
+    checkpoint fails in one line naming it."""
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server)
+    # MTP drafts verified by the main model: every module of the checkpoint read from S3 is used
+    argv = (f"prompt={PROMPT}", f"max_new_tokens={NEW}", "speculative=mtp")
+    status, out, err = generate_cli(capsys, f"run.dir={s3_run}", *argv)
+    assert status == 0, err
+    (tokens,) = direct(run, [PROMPT])  # the local run's newest checkpoint
+    assert out == run["tok"].decode(tokens) + "\n" and "mtp: acceptance rate" in err
+
+    out_dir = tmp_path / "hf"
+    status, stdout, err = convert_cli(capsys, f"checkpoint={s3_run}", f"out={out_dir}")
+    assert status == 0, err
+    assert str(out_dir) in stdout and "fp8: no" in stdout
+    assert sorted(p.name for p in out_dir.iterdir()) == sorted(p.name for p in run["hf"].iterdir())
+    for name in ("config.json", "tokenizer.json"):  # the tokenizer found through config.yaml on S3
+        assert (out_dir / name).read_bytes() == (run["hf"] / name).read_bytes(), name
+    ours, theirs = load_file(out_dir / "model.safetensors"), load_file(run["hf"] / "model.safetensors")
+    assert ours.keys() == theirs.keys()  # step 3's weights (step 2's differ), not the crashed step 9
+    for key, value in theirs.items():
+        assert torch.equal(ours[key], value), key
+
+    empty = s3_run.rsplit("/", 1)[0] + "/no-run"
+    status, out, err = generate_cli(capsys, f"run.dir={empty}", "prompt=x")
+    assert status == 2 and out == ""
+    assert err == (
+        f"{ERROR}run.dir: {empty}: no complete checkpoint under {empty}/checkpoints "
+        "(train with checkpoint.every=N to write one)\n"
+    )
 
 
 def test_streamed_pieces_are_whole_characters():

@@ -7,11 +7,13 @@ import os
 import subprocess
 import sys
 
+from tests.conftest import free_port
+
 TRAIN = os.path.join(os.path.dirname(sys.executable), "moeforge-train")
 
 
-def run_train(args: list[str], cwd) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "2"}
+def run_train(args: list[str], cwd, **env: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "2", **env}
     return subprocess.run(
         [TRAIN, *args], check=False, cwd=cwd, env=env, capture_output=True, text=True, timeout=300
     )
@@ -61,3 +63,59 @@ def test_missing_data_path_fails_before_any_work(tmp_path):
         "(prepare token shards with moeforge-prepare)"
     )
     assert not (tmp_path / "run").exists()
+
+
+def test_unreachable_s3_run_dir_is_a_storage_error_before_any_work(tmp_path):
+    """run.dir on an S3 endpoint that does not answer: one line naming the bucket and the endpoint,
+    exit 2, before any work -- the pipeline launcher opens run.dir before it starts Ray, so no Ray
+    session directory appears (RAY_TMPDIR points into the empty working directory)."""
+    dead = f"http://127.0.0.1:{free_port()}"
+    proc = run_train(
+        ["experiment=tiny_cpu_dualpipe", "run.dir=s3://moeforge-runs/exp1"],
+        cwd=tmp_path,
+        AWS_ENDPOINT_URL=dead,
+        AWS_ACCESS_KEY_ID="testing-key-id",  # throwaway: the check gets past "no credentials"
+        AWS_SECRET_ACCESS_KEY="testing-secret",
+        AWS_DEFAULT_REGION="us-east-1",
+        RAY_TMPDIR=str(tmp_path / "ray"),
+        RAY_ADDRESS="",
+    )
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert proc.stdout == "" and "Traceback" not in proc.stderr
+    assert proc.stderr.strip() == (
+        f"moeforge-train: storage error: s3://moeforge-runs (endpoint {dead}): cannot reach the endpoint "
+        "(EndpointConnectionError)"
+    )
+    assert os.listdir(tmp_path) == []  # no Ray session, no run records, no Hydra outputs
+
+
+def test_a_run_that_fails_on_a_worker_exits_1_naming_the_rank(ray_cluster, tmp_path):
+    """A pipeline run whose rank 1 raises in step 1 (the test-only fault hook): the last line is
+    `moeforge-train: run failed: ...` naming the rank that raised first (its root cause before the
+    ranks that only lost their peer), exit status 1 (not 2: the input was good), and summary.json
+    says status "failed" with the same message. The script joins the session's Ray cluster
+    (RAY_ADDRESS), as a driver on a running cluster does."""
+    run_dir = tmp_path / "run"
+    args = [
+        "experiment=tiny_cpu_dualpipe",
+        f"run.dir={run_dir}",
+        "run.steps=2",
+        "model.seq_len=32",
+        "parallel.zero_stage=0",
+        "+tracking.log_timeline=false",
+        "+parallel.p2p_timeout_s=5",
+        "+parallel.fault_injection={rank: 1, step: 1, kind: raise}",
+    ]
+    address = ray_cluster.get_runtime_context().gcs_address
+    proc = run_train(args, cwd=tmp_path, RAY_ADDRESS=address)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    failed = [line for line in proc.stderr.splitlines() if line.startswith("moeforge-train: ")]
+    assert len(failed) == 1, proc.stderr[-3000:]
+    message = failed[0].removeprefix("moeforge-train: run failed: ")
+    assert message.startswith(
+        "pipeline run failed on rank 1: InjectedFault: rank 1 (pp 1, dp 0): injected fault at step 1"
+    ), failed[0]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "failed" and summary["error"] == message
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1]  # what completed before the fault is kept

@@ -241,7 +241,6 @@ class ReferenceTrainer:
         commit = checkpoint_commit(
             self.cfg, self.step, self.data_skip, world={"pp": 1, "dp": 1}, schedule="single"
         )
-        self._saved_step = self.step
         if self.writer is not None and not wait:
             self.writer.submit(self.step, self.checkpoint_state(rng), commit=commit)
             return checkpoint_path(run.dir, self.step)
@@ -254,6 +253,9 @@ class ReferenceTrainer:
         return path
 
     def _checkpointed(self, step: int, path: str) -> None:
+        # Only a complete checkpoint counts as saved: one still in flight may fail, and then a
+        # failure must still save the step (_record_failure).
+        self._saved_step = step
         self.last_checkpoint = path
         if self.report is not None:
             self.report.checkpointed(step, path)
