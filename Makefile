@@ -43,7 +43,7 @@ train: setup
 	$(VENV)/bin/moeforge-train $(TRAIN_ARGS)
 
 test: setup lint
-	$(PY) -m pytest -q --durations=15 tests
+	$(PY) -m pytest -q -n 3 --dist loadgroup --durations=25 tests
 
 # `make bench BENCH="kernels pipeline"` runs a subset; each suite prints a table and writes JSON.
 BENCH ?= kernels pipeline data

@@ -1,4 +1,5 @@
-"""Shared fixtures: one local Ray cluster and one S3 (moto) server for the whole session.
+"""Shared fixtures: one local Ray cluster and one S3 (moto) server for the whole session, and the
+grouping that lets `make test` run the suite in several pytest-xdist workers.
 
 Real components only: Ray, DeepSpeed on CPU, gloo, moto's S3 server on 127.0.0.1, W&B offline.
 """
@@ -19,6 +20,28 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+# Modules whose tests start Ray clusters of their own: a head on Ray's fixed port 6379 (the fake
+# autoscaler's nodes join no other), `ray job submit` against it, several raylets, a cluster record
+# in a RAY_TMPDIR. They and every test that uses the session's `ray_cluster` run in one xdist
+# worker, one after another, as they would without xdist.
+OWN_RAY_MODULES = {"test_autoscaling", "test_job_submit", "test_placement", "test_ray_connection", "test_namespace"}
+RAY_GROUP = "ray"
+
+
+def pytest_collection_modifyitems(config, items):
+    """Under `pytest -n N --dist loadgroup`: Ray tests share one group (one Ray cluster, one port
+    6379); every other module is a group of its own, so its module-scoped fixtures (a trained run,
+    a reference) are built once, in one worker. The Ray tests come first: theirs is the longest
+    group, so it starts at once while the other workers share the rest."""
+    in_ray_group = set()
+    for item in items:
+        module = item.module.__name__.rsplit(".", 1)[-1]
+        if "ray_cluster" in item.fixturenames or module in OWN_RAY_MODULES:
+            in_ray_group.add(item.nodeid)
+        item.add_marker(pytest.mark.xdist_group(RAY_GROUP if item.nodeid in in_ray_group else module))
+    items.sort(key=lambda item: item.nodeid not in in_ray_group)  # stable: the order within each part stays
 
 
 def free_port() -> int:
