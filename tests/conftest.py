@@ -30,6 +30,7 @@ OWN_RAY_MODULES = {"test_autoscaling", "test_job_submit", "test_placement", "tes
 RAY_GROUP = "ray"
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist's own hook reads the xdist_group marks
 def pytest_collection_modifyitems(config, items):
     """Under `pytest -n N --dist loadgroup`: Ray tests share one group (one Ray cluster, one port
     6379); every other module is a group of its own, so its module-scoped fixtures (a trained run,

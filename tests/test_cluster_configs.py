@@ -12,8 +12,10 @@
 * Hydra's composition of conf/train.yaml and conf/estimate.yaml is untouched by the folder, though
   Hydra sees it as a config group named `cluster` (estimate.yaml has a `cluster:` section of its own).
 
-Set KUBERAY_CRD_DIR to a KubeRay checkout's ray-operator/config/crd/bases to also validate the
-manifests against the operator's CRD schemas (skipped otherwise: the CRDs are not vendored here).
+The KubeRay manifests are also validated against CRD schemas with unknown fields made errors:
+moeforge's own subset of KubeRay's v1 API in tests/data/kuberay/ (the fields the manifests use, as
+KubeRay's CRDs declare them), or, with KUBERAY_CRD_DIR set to a KubeRay checkout's
+ray-operator/config/crd/bases, the operator's full CRDs.
 """
 
 from __future__ import annotations
@@ -543,10 +545,19 @@ def test_mismatched_gpu_requests_and_a_too_small_job_cluster_are_caught():
     assert problems and "the run needs 2048 GPUs" in problems[0]
 
 
+# moeforge's subset of the KubeRay v1 CRDs: the fields its manifests use, with KubeRay's types.
+KUBERAY_CRD_SUBSET = os.path.join(os.path.dirname(__file__), "data", "kuberay")
+
+
+def kuberay_crd_dir() -> str:
+    """Where the CRDs come from: KUBERAY_CRD_DIR (the operator's full CRDs) when set, else the subset."""
+    return os.environ.get("KUBERAY_CRD_DIR") or KUBERAY_CRD_SUBSET
+
+
 @functools.cache
-def crd_schema(kind: str) -> dict:
-    """The v1 openAPIV3Schema of KubeRay's CRD for `kind`, with unknown fields made errors (the API
-    server would silently drop them, so a misspelt field would otherwise pass)."""
+def crd_schema(kind: str, crd_dir: str) -> dict:
+    """The v1 openAPIV3Schema of the CRD for `kind` in `crd_dir`, with unknown fields made errors (the
+    API server would silently drop them, so a misspelt field would otherwise pass)."""
 
     def strict(node):
         if isinstance(node, dict):
@@ -561,7 +572,7 @@ def crd_schema(kind: str) -> dict:
                 strict(value)
 
     plural = {"RayCluster": "rayclusters", "RayJob": "rayjobs"}[kind]
-    with open(os.path.join(os.environ["KUBERAY_CRD_DIR"], f"ray.io_{plural}.yaml")) as f:
+    with open(os.path.join(crd_dir, f"ray.io_{plural}.yaml")) as f:
         crd = yaml.safe_load(f)
     (version,) = [v for v in crd["spec"]["versions"] if v["name"] == "v1"]
     schema = version["schema"]["openAPIV3Schema"]
@@ -569,12 +580,65 @@ def crd_schema(kind: str) -> dict:
     return schema
 
 
-@pytest.mark.skipif(not os.environ.get("KUBERAY_CRD_DIR"), reason="KUBERAY_CRD_DIR unset")
+def crd_errors(doc: dict, crd_dir: str) -> list[str]:
+    validator = jsonschema.Draft7Validator(crd_schema(doc["kind"], crd_dir))
+    return [f"{list(e.absolute_path)}: {e.message}" for e in validator.iter_errors(doc)]
+
+
 @pytest.mark.parametrize("name", KUBERAY_FILES)
 def test_kuberay_manifest_matches_the_operators_crd(name):
     for doc in load_kuberay(name):
-        validator = jsonschema.Draft7Validator(crd_schema(doc["kind"]))
-        assert [f"{list(e.absolute_path)}: {e.message}" for e in validator.iter_errors(doc)] == []
+        assert crd_errors(doc, kuberay_crd_dir()) == []
+
+
+def rename(mapping: dict, old: str, new: str) -> None:
+    mapping[new] = mapping.pop(old)
+
+
+def worker_container(doc: dict) -> dict:
+    return kuberay_cluster_spec(doc)["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]
+
+
+UNEXPECTED = "Additional properties are not allowed ({!r} was unexpected)"
+
+
+@pytest.mark.parametrize(
+    "name, change, path, message",
+    [
+        (
+            "raycluster.yaml",
+            lambda doc: rename(doc["spec"], "workerGroupSpecs", "workerGroupSpec"),
+            ["spec"],
+            UNEXPECTED.format("workerGroupSpec"),
+        ),
+        (
+            "rayjob-v3-671b-2048gpu.yaml",
+            lambda doc: rename(kuberay_cluster_spec(doc)["headGroupSpec"], "rayStartParams", "rayStartParam"),
+            ["spec", "rayClusterSpec", "headGroupSpec"],
+            UNEXPECTED.format("rayStartParam"),
+        ),
+        (
+            "rayjob-tiny-cpu-dualpipe.yaml",
+            lambda doc: rename(worker_container(doc), "envFrom", "envfrom"),
+            ["spec", "rayClusterSpec", "workerGroupSpecs", 0, "template", "spec", "containers", 0],
+            UNEXPECTED.format("envfrom"),
+        ),
+        (
+            "rayjob-v3-671b-2048gpu.yaml",
+            lambda doc: kuberay_cluster_spec(doc)["workerGroupSpecs"][0].update(replicas="256"),
+            ["spec", "rayClusterSpec", "workerGroupSpecs", 0, "replicas"],
+            "'256' is not of type 'integer'",
+        ),
+    ],
+    ids=["misspelt-workerGroupSpecs", "misspelt-rayStartParams", "misspelt-envFrom", "string-replicas"],
+)
+def test_the_crd_check_catches_a_misspelt_field_and_a_wrong_type(name, change, path, message):
+    """A field the subset does not know (a misspelt one) and a value of the wrong type are errors
+    with the subset, and with the operator's CRDs when KUBERAY_CRD_DIR is set."""
+    (doc,) = load_kuberay(name)
+    change(doc)
+    for crd_dir in dict.fromkeys([KUBERAY_CRD_SUBSET, kuberay_crd_dir()]):
+        assert crd_errors(doc, crd_dir) == [f"{path}: {message}"], crd_dir
 
 
 # ------------------------------------------------------------------------------------------------

@@ -39,6 +39,7 @@ CASES = [
     ("1f1b", 4, 1, 4, 2, 1),  # 4 stages, tied embedding across ranks 0 and 3 (MTP), ZeRO-2 norm over pp
     ("dualpipe", 2, 2, 4, 2, 4),  # ZeRO-2 over the DualPipe pair x 2 replicas; the pair sums, dp averages
     ("zb1p", 2, 2, 4, 1, 2),  # ZeRO-1 over 2 replicas; tied embedding and DeepSpeed's norm over pp
+    ("dualpipe", 4, 1, 8, 0, 2),  # each stage on two ranks, both model ends on rank 0; plain pair all-reduce
 ]
 
 

@@ -3,14 +3,14 @@ recorded failure.
 
 In-process gloo runs (spawn_gloo, no Ray) check the numbers: the pipeline's eval loss equals the
 reference loop's at the same steps, and a run resumed from its step-2 checkpoint (weights, DeepSpeed
-ZeRO optimizer partition, RNG) reproduces the straight run's step-3/4 losses exactly. One pair of Ray
-Train launches checks the same through `launch_training`, with W&B (offline) on rank 0.
+ZeRO optimizer partition, RNG) reproduces the straight run's step-3/4 losses exactly. Through Ray
+Train: W&B on rank 0 and evaluation are tests/test_pipeline_ray.py's, a resume after a lost worker
+tests/test_recovery.py's.
 """
 
 from __future__ import annotations
 
 import copy
-import glob
 import json
 import math
 import os
@@ -29,7 +29,6 @@ from pipeline_cases import (
     pipeline_record,
     reference_run,
 )
-from test_tracking import read_wandb_records
 
 STEPS, EVERY = 4, 2
 
@@ -167,40 +166,3 @@ def test_damaged_checkpoint_is_one_line_exit_2(tmp_path):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("moeforge-train: checkpoint error: "), proc.stderr[-2000:]
     assert "meta.json" in lines[0] and "corrupt" in lines[0]
-
-
-def test_ray_pipeline_tracks_evaluates_checkpoints_and_resumes(ray_cluster, tmp_path):
-    """Two Ray Train launches: 4 steps with W&B (offline), eval and checkpoints; then a resume from
-    the step-2 checkpoint that repeats steps 3 and 4."""
-    from moeforge.platform.config import TrainConfig
-    from moeforge.platform.runtime.launch import launch_training
-
-    straight_dir = tmp_path / "straight"
-    raw = _config(straight_dir)
-    raw["tracking"] = {"backend": "wandb", "mode": "offline", "log_timeline": True}
-    straight = launch_training(TrainConfig.from_dict(raw), raw)
-    assert straight["status"] == "completed" and straight["eval_loss"] is not None
-    assert [s for s, _ in list_checkpoints(str(straight_dir))] == [2, 4]
-    # W&B ran on rank 0 only: one offline run with every step's metrics, the timeline image, the summary
-    (wandb_file,) = glob.glob(str(straight_dir / "wandb" / "offline-run-*" / "run-*.wandb"))
-    records = read_wandb_records(wandb_file)
-    history = [r.history for r in records if r.WhichOneof("record_type") == "history"]
-    assert sorted({h.step.num for h in history}) == list(range(1, STEPS + 1))
-    keys = {item.key or "/".join(item.nested_key) for h in history for item in h.item}
-    expected = {"loss", "mtp_loss", "aux_loss", "grad_norm", "lr", "tokens_per_s", "mfu", "eval_loss"}
-    expected |= {"bubble_fraction", "exposed_comm_s", "max_expert_load", "mean_expert_load", "timeline/_type"}
-    assert expected <= keys, expected - keys
-    summary_keys = {
-        i.key for r in records if r.WhichOneof("record_type") == "summary" for i in r.summary.update
-    }
-    assert {"final_loss", "tokens_per_s", "bubble_fraction", "eval_loss"} <= summary_keys, summary_keys
-    assert glob.glob(
-        str(straight_dir / "wandb" / "offline-run-*" / "files" / "media" / "images" / "timeline*.png")
-    )
-
-    resumed_dir = tmp_path / "resumed"
-    _keep_only_first_checkpoint(straight_dir, resumed_dir)
-    shutil.rmtree(resumed_dir / "wandb")
-    raw_resumed = _config(resumed_dir)
-    resumed = launch_training(TrainConfig.from_dict(raw_resumed), raw_resumed)
-    _assert_resumed_run_repeats(straight, resumed, straight_dir, resumed_dir)
