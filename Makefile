@@ -43,7 +43,7 @@ train: setup
 	$(VENV)/bin/moeforge-train $(TRAIN_ARGS)
 
 test: setup lint
-	$(PY) -m pytest -q -n 3 --dist loadgroup --durations=25 tests
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2 --dist loadgroup --durations=40 tests
 
 # `make bench BENCH="kernels pipeline"` runs a subset; each suite prints a table and writes JSON.
 BENCH ?= kernels pipeline data
