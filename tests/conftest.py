@@ -22,27 +22,32 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-# Modules whose tests start Ray clusters of their own: a head on Ray's fixed port 6379 (the fake
-# autoscaler's nodes join no other), `ray job submit` against it, several raylets, a cluster record
-# in a RAY_TMPDIR. They and every test that uses the session's `ray_cluster` run in one xdist
-# worker, one after another, as they would without xdist.
-OWN_RAY_MODULES = {"test_autoscaling", "test_job_submit", "test_placement", "test_ray_connection", "test_namespace"}
+# Modules whose tests start Ray clusters of their own, each on free ports with its own temp dir
+# (the fake autoscaler's head alone binds Ray's fixed port 6379, which its nodes need): they may run
+# beside the session's cluster. They are long, so they are scheduled early.
+OWN_RAY_MODULES = ("test_job_submit", "test_placement", "test_autoscaling", "test_ray_connection")
 RAY_GROUP = "ray"
 
 
 @pytest.hookimpl(tryfirst=True)  # before pytest-xdist's own hook reads the xdist_group marks
 def pytest_collection_modifyitems(config, items):
-    """Under `pytest -n N --dist loadgroup`: Ray tests share one group (one Ray cluster, one port
-    6379); every other module is a group of its own, so its module-scoped fixtures (a trained run,
-    a reference) are built once, in one worker. The Ray tests come first: theirs is the longest
-    group, so it starts at once while the other workers share the rest."""
-    in_ray_group = set()
+    """Under `pytest -n N --dist loadgroup`: every test that uses the session's `ray_cluster` is in
+    one group, so one worker starts that cluster and runs them one after another; every other
+    module is a group of its own, so its module-scoped fixtures (a trained run, a reference) are
+    built once, in one worker. Long groups come first (the Ray group, then the modules with Ray
+    clusters of their own), so the workers do not wait on one of them at the end. Without xdist the
+    marks change nothing."""
+
+    def group(item) -> str:
+        return RAY_GROUP if "ray_cluster" in item.fixturenames else item.module.__name__.rsplit(".", 1)[-1]
+
+    def rank(item) -> int:
+        name = group(item)
+        return 0 if name == RAY_GROUP else 1 if name in OWN_RAY_MODULES else 2
+
     for item in items:
-        module = item.module.__name__.rsplit(".", 1)[-1]
-        if "ray_cluster" in item.fixturenames or module in OWN_RAY_MODULES:
-            in_ray_group.add(item.nodeid)
-        item.add_marker(pytest.mark.xdist_group(RAY_GROUP if item.nodeid in in_ray_group else module))
-    items.sort(key=lambda item: item.nodeid not in in_ray_group)  # stable: the order within each part stays
+        item.add_marker(pytest.mark.xdist_group(group(item)))
+    items.sort(key=rank)  # stable: the order within each part stays
 
 
 def free_port() -> int:
