@@ -42,6 +42,8 @@ train: setup
 	$(VENV)/bin/moeforge-prepare
 	$(VENV)/bin/moeforge-train $(TRAIN_ARGS)
 
+# Two pytest-xdist workers, grouped by tests/conftest.py (the session's Ray cluster in one of them);
+# one OpenMP thread each, so the two workers do not oversubscribe a 2-core machine.
 test: setup lint
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2 --dist loadgroup --durations=40 tests
 
