@@ -27,6 +27,19 @@ def _group_size(ranks: list[int] | None) -> int:
     return len(ranks) if ranks else 1
 
 
+def reduce_gradients(grads: list[torch.Tensor], groups: ProcessGroups, param_copies: int, kind: str) -> torch.Tensor:
+    """The gradients as one flat tensor (a copy), scaled by param_copies / shard size and summed over
+    group `kind` ("shard" or "expert_shard"): a DualPipe pair sums, dp replicas average. Collective
+    over that group."""
+    shard = _group_size(groups.ranks["shard"])
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    if shard > 1:
+        flat.mul_(param_copies / shard)
+    if _group_size(groups.ranks[kind]) > 1:
+        dist.all_reduce(flat, group=getattr(groups, kind))
+    return flat
+
+
 class PlainStep:
     """No ZeRO: flat all-reduce of gradients over the shard group, clip, torch AdamW."""
 
@@ -84,12 +97,9 @@ class PlainStep:
         The scale is copies / shard size for both kinds: an expert's gradient on an EP rank already
         sums the tokens of every replica of its EP group (the all-to-all brought them), each loss
         scaled by that replica's 1/M, so it too needs the 1/dp of the replicas' mean."""
-        shard = _group_size(self.groups.ranks["shard"])
-        flat = torch.cat([grads.pop(id(p), torch.zeros_like(p)).reshape(-1) for p in params])
-        if shard > 1:
-            flat.mul_(self.copies / shard)
-        if _group_size(self.groups.ranks[kind]) > 1:
-            dist.all_reduce(flat, group=getattr(self.groups, kind))
+        flat = reduce_gradients(
+            [grads.pop(id(p), torch.zeros_like(p)) for p in params], self.groups, self.copies, kind
+        )
         offset = 0
         for p in params:
             n = p.numel()

@@ -7,11 +7,10 @@ clipping, by full-model name, as safetensors:
 
     reference loop    single.safetensors: the whole model's accumulated gradients
     pipeline rank r   rank<r>.safetensors: its parameters' gradients reduced as its optimizer step
-                      reduces them (PlainStep._reduce's arithmetic: x param_copies / shard, summed
-                      over the shard group, routed experts over the expert shard group, so a
-                      DualPipe pair sums and dp replicas average; ZeroStep hands DeepSpeed the same
-                      scaled gradients to average), the tied embedding's already summed; routed
-                      experts as this EP rank's rows of the whole layer
+                      reduces them (plain_step.reduce_gradients: a DualPipe pair sums, dp
+                      replicas average; ZeroStep hands DeepSpeed the same scaled gradients to
+                      average), the tied embedding's already summed; routed experts as this EP
+                      rank's rows of the whole layer
 
 `load_grads(directory)` merges one run's files into whole tensors. Why per tensor: a scale error on
 one small tensor (a router gate, a norm weight) barely moves the global norm, and AdamW divides a
@@ -26,7 +25,7 @@ import os
 import struct
 
 import torch
-import torch.distributed as dist
+from moeforge.platform.optim.plain_step import reduce_gradients
 from moeforge.platform.outputs.storage import Storage, is_s3, open_storage
 from torch import nn
 
@@ -67,13 +66,9 @@ def dump_reference_grads(run_dir: str, model: nn.Module) -> None:
     _write(target, "single.safetensors", pieces)
 
 
-def _group_size(ranks: list[int] | None) -> int:
-    return len(ranks) if ranks else 1
-
-
 def dump_pipeline_grads(runtime, grads: dict[int, torch.Tensor]) -> None:
     """One pipeline rank (`PipelineRuntime`), before its optimizer step: `grads` (id(param) ->
-    gradient, left untouched) reduced as PlainStep reduces them. Collective over the shard and
+    gradient, left untouched) reduced by the optimizer step's own reduce_gradients. Collective over the shard and
     expert shard groups: every rank calls it at the same point of the step."""
     target = _target(runtime.cfg.run.dir)
     if target is None:
@@ -88,7 +83,6 @@ def dump_pipeline_grads(runtime, grads: dict[int, torch.Tensor]) -> None:
         layout = model_layout(module, placement.n_experts, placement.first_local_expert)
     else:
         layout = model_layout(module)
-    shard = _group_size(groups.ranks["shard"])
     reduced: dict[int, torch.Tensor] = {}
     for kind, members in (
         ("shard", [p for p in params if id(p) not in expert_ids]),
@@ -96,11 +90,9 @@ def dump_pipeline_grads(runtime, grads: dict[int, torch.Tensor]) -> None:
     ):
         if not members:
             continue
-        flat = torch.cat([grads.get(id(p), torch.zeros_like(p)).reshape(-1) for p in members])  # a copy
-        if shard > 1:
-            flat.mul_(runtime.schedule.param_copies / shard)
-        if _group_size(groups.ranks[kind]) > 1:
-            dist.all_reduce(flat, group=getattr(groups, kind))
+        flat = reduce_gradients(  # a copy: `grads` stays as the step will use it
+            [grads.get(id(p), torch.zeros_like(p)) for p in members], groups, runtime.schedule.param_copies, kind
+        )
         for p, g in zip(members, flat.split([p.numel() for p in members]), strict=True):
             reduced[id(p)] = g.view_as(p)
     pieces = {name: (reduced[id(p)], *layout[name]) for name, p in module.named_parameters() if id(p) in reduced}
