@@ -42,10 +42,11 @@ train: setup
 	$(VENV)/bin/moeforge-prepare
 	$(VENV)/bin/moeforge-train $(TRAIN_ARGS)
 
-# Two pytest-xdist workers, grouped by tests/conftest.py (the session's Ray cluster in one of them);
-# one OpenMP thread each, so the two workers do not oversubscribe a 2-core machine.
+# Two pytest-xdist workers, grouped and ordered by tests/conftest.py (the session's Ray cluster in one
+# of them, the long groups first: --no-loadscope-reorder keeps that order instead of xdist's
+# largest-group-first); one OpenMP thread each, so the two workers do not oversubscribe a 2-core machine.
 test: setup lint
-	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2 --dist loadgroup --durations=40 tests
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2 --dist loadgroup --no-loadscope-reorder --durations=40 tests
 
 # `make bench BENCH="kernels pipeline"` runs a subset; each suite prints a table and writes JSON.
 BENCH ?= kernels pipeline data

@@ -35,8 +35,8 @@ def pytest_collection_modifyitems(config, items):
     one group, so one worker starts that cluster and runs them one after another; every other
     module is a group of its own, so its module-scoped fixtures (a trained run, a reference) are
     built once, in one worker. Long groups come first (the Ray group, then the modules with Ray
-    clusters of their own), so the workers do not wait on one of them at the end. Without xdist the
-    marks change nothing."""
+    clusters of their own), so the workers do not wait on one of them at the end; `make test` passes
+    --no-loadscope-reorder, which keeps this order. Without xdist the marks change nothing."""
 
     def group(item) -> str:
         return RAY_GROUP if "ray_cluster" in item.fixturenames else item.module.__name__.rsplit(".", 1)[-1]

@@ -1,7 +1,7 @@
 """Expert-parallel training runs against the single-process reference loop (same seeds and data).
 
-Gloo processes (platform/runtime/local_spawn.spawn_gloo); the Ray Train cases (DualPipe pp=2 x dp=2
-x ep=2, with and without ZeRO-1) are in test_pipeline_ray.py. Each rank builds only its slice of
+Gloo processes (platform/runtime/local_spawn.spawn_gloo); the Ray Train case (DualPipe pp=2 x dp=2
+x ep=2 with ZeRO-1) is in test_pipeline_ray.py. Each rank builds only its slice of
 the experts and its MoE layers dispatch and combine over real all-to-alls; the comparison is the
 one every pipeline case goes through (pipeline_cases.assert_matches_reference: losses <= 1e-5,
 pre-clip gradient norms <= 1e-4, every step-1 gradient, the routed experts' assembled from the EP
@@ -18,7 +18,9 @@ import yaml
 from moeforge.kernels.token_compress import compress_tokens, decompress_tokens
 from moeforge.platform.config import TrainConfig
 from moeforge.platform.reference.loop import ReferenceTrainer
+from moeforge.platform.runtime.comm_record import RECORD_ENV
 from moeforge.platform.runtime.local_spawn import spawn_gloo
+from moeforge.platform.runtime.nccl_rules import load_records, violations
 from moeforge.platform.runtime.pipeline_run import run_pipeline_training, train_from_dict
 from pipeline_cases import (
     assert_matches_reference,
@@ -35,23 +37,32 @@ TOPK_GROUP = 1  # tiny: 8 experts in 2 groups, 1 group kept per token
 
 
 @pytest.mark.parametrize(
-    "dp, ep, ranks_per_node, zero_stage",
+    "schedule, pp, dp, ep, microbatches, ranks_per_node, zero_stage",
     [
-        (2, 2, 1, 0),  # one stage, two EP ranks on two (pretend) nodes, plain all-reduce step
-        (4, 4, 2, 1),  # four EP ranks, two per node; ZeRO-1 through DeepSpeed's MoE parameter groups
+        ("1f1b", 1, 2, 2, 2, 1, 0),  # one stage, two EP ranks on two (pretend) nodes, plain all-reduce step
+        ("1f1b", 1, 4, 4, 2, 2, 1),  # four EP ranks, two per node; ZeRO-1 through DeepSpeed's MoE groups
+        # DualPipe pairs x dp replicas x EP on one node with the plain step: the expert all-reduce
+        # over 2 ranks (the ZeRO-1 form of this layout is test_pipeline_ray.py's Ray Train case)
+        ("dualpipe", 2, 2, 2, 4, 0, 0),
     ],
 )
-def test_expert_parallel_run_matches_reference(tmp_path, monkeypatch, dp, ep, ranks_per_node, zero_stage):
+def test_expert_parallel_run_matches_reference(
+    tmp_path, monkeypatch, schedule, pp, dp, ep, microbatches, ranks_per_node, zero_stage
+):
     dump_grads(monkeypatch)
+    monkeypatch.setenv(RECORD_ENV, str(tmp_path / "comm"))  # what the ranks post, held to NCCL's rules
     raw = pipeline_config(
-        tmp_path / "run", "1f1b", 1, dp, 2, zero_stage, ep=ep, ep_ranks_per_node=ranks_per_node
+        tmp_path / "run", schedule, pp, dp, microbatches, zero_stage, ep=ep, ep_ranks_per_node=ranks_per_node
     )
-    summary = spawn_gloo(train_from_dict, dp, (raw, True))[0]
+    summary = spawn_gloo(train_from_dict, pp * dp, (raw, True))[0]
+    per_rank = load_records(str(tmp_path / "comm"))
+    assert sorted(per_rank) == list(range(pp * dp))
+    found = violations(per_rank)
+    assert not found, "\n".join(found[:8])
     record = pipeline_record(tmp_path / "run")
     assert summary["losses"] == record.losses
-    assert_matches_reference(
-        record, reference_run(raw, tmp_path / "reference"), label=f"dp={dp} ep={ep} ZeRO-{zero_stage}"
-    )
+    label = f"{schedule} pp={pp} dp={dp} ep={ep} ZeRO-{zero_stage}"
+    assert_matches_reference(record, reference_run(raw, tmp_path / "reference"), label=label)
     for step in read_metrics(tmp_path / "run"):
         # node-limited routing: the router's 2 expert groups are the 2 nodes' experts, so a token
         # reaches at most topk_group nodes; it reaches at least one rank, at most k = 2

@@ -1,10 +1,11 @@
 """moeforge-train's pipeline path end to end: Ray Train workers own the stages (launch_training).
 
-Two TorchTrainer launches (each costs seconds of Ray Train start-up): DualPipe pp=2 x dp=2 x ep=2
-(four workers; experts sharded over the two replicas of each stage, tokens dispatched by all-to-all)
-with ZeRO-1 (dense shard groups of 4 ranks, expert shard groups of 2; tracked with W&B offline and
-evaluated) and without ZeRO, against the single-process reference loop
-(pipeline_cases.assert_matches_reference), what the workers post held to NCCL's rules. Config
+One TorchTrainer launch (each costs tens of seconds of Ray Train start-up here): DualPipe pp=2 x
+dp=2 x ep=2 (four workers; experts sharded over the two replicas of each stage, tokens dispatched by
+all-to-all) with ZeRO-1 (dense shard groups of 4 ranks, expert shard groups of 2; tracked with W&B
+offline and evaluated), against the single-process reference loop
+(pipeline_cases.assert_matches_reference), what the workers post held to NCCL's rules. The same
+layout with the plain step runs on gloo processes in tests/test_ep_parity.py. Config
 errors are refused before any launch. The same schedules on gloo processes, a peer that never
 sends among them, are tests/test_pipeline_executor.py's; a rank raising through moeforge-train is
 tests/test_train_job.py's; a worker killed and restarted by Ray Train, tests/test_recovery.py's."""
@@ -37,17 +38,15 @@ from test_tracking import read_wandb_records
         # DualPipe pairs x dp replicas x EP: ZeRO-1 over the 4 ranks holding the same dense
         # parameters, and over the 2 holding the same experts (DeepSpeed's MoE parameter groups)
         ("dualpipe", 2, 2, 2, 4, 1),
-        ("dualpipe", 2, 2, 2, 4, 0),  # the same with the plain step: expert all-reduce over 2 ranks
     ],
 )
 def test_ray_pipeline_matches_reference(
     ray_cluster, tmp_path, monkeypatch, schedule, pp, dp, ep, microbatches, zero_stage
 ):
     raw = pipeline_config(tmp_path / "run", schedule, pp, dp, microbatches, zero_stage=zero_stage, ep=ep)
-    tracked = zero_stage == 1  # one of the runs also tracks with W&B (offline) and evaluates
-    if tracked:
-        raw["tracking"] = {"backend": "wandb", "mode": "offline", "log_timeline": True}
-        raw["run"].update(eval_every=2, eval_batches=1)
+    # the run also tracks with W&B (offline) and evaluates
+    raw["tracking"] = {"backend": "wandb", "mode": "offline", "log_timeline": True}
+    raw["run"].update(eval_every=2, eval_batches=1)
     # Ray Train's workers record what they post (the placement's collectives and DeepSpeed's
     # included), held to NCCL's rules as the gloo cases of test_nccl_order.py are.
     monkeypatch.setenv(RECORD_ENV, str(tmp_path / "comm"))
@@ -62,8 +61,7 @@ def test_ray_pipeline_matches_reference(
     label = f"Ray {schedule} pp={pp} dp={dp} ep={ep} ZeRO-{zero_stage}"
     untracked = {**raw, "tracking": {"log_timeline": False}}
     assert_matches_reference(record, reference_run(untracked, tmp_path / "reference"), label=label)
-    if tracked:
-        _assert_wandb_ran_on_rank_0(tmp_path / "run", steps=len(record.losses))
+    _assert_wandb_ran_on_rank_0(tmp_path / "run", steps=len(record.losses))
     # rank 0 recorded the run: per-step metrics with the pipeline fields, the measured timeline
     lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 2
@@ -83,9 +81,9 @@ def test_ray_pipeline_matches_reference(
     ):
         assert key in step, key
     assert step["max_expert_load"] >= step["mean_expert_load"] > 0
-    if ep > 1:  # the token routing of the step; Ray placed every worker on this one node
-        assert step["ep_nodes_per_token_max"] == 1
-        assert 1 <= step["ep_ranks_per_token_mean"] <= step["ep_ranks_per_token_max"] <= 2
+    # the token routing of the step; Ray placed every worker on this one node
+    assert step["ep_nodes_per_token_max"] == 1
+    assert 1 <= step["ep_ranks_per_token_mean"] <= step["ep_ranks_per_token_max"] <= 2
     assert (tmp_path / "run" / "timeline.png").stat().st_size > 0
     # the gathered timeline holds every world rank's compute actions, forwards and backwards
     trace = json.loads((tmp_path / "run" / "timeline.json").read_text())["traceEvents"]
