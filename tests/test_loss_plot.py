@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 from moeforge.platform.outputs.loss_plot import loss_curve_png
@@ -46,3 +49,19 @@ def test_legend_names_the_objective_and_the_eval_lm_loss():
     labels = fig.axes[0].get_legend_handles_labels()[1]
     plt.close(fig)
     assert labels == ["train objective (LM + λ·MTP)", "train LM loss", "train MTP loss", "eval LM loss"]
+
+
+def test_building_the_font_cache_logs_nothing(tmp_path):
+    """A fresh interpreter with an empty matplotlib cache and INFO logging (as Ray workers have):
+    matplotlib builds its font cache and would log "generated new fontManager"; the shared pyplot
+    drops that line, and the cache was really built (else the test would show nothing)."""
+    script = (
+        "import logging; logging.basicConfig(level=logging.INFO)\n"
+        "from moeforge.platform.outputs import loss_plot\n"
+        "loss_plot.loss_curve_figure({'run': [{'step': 1, 'loss': 2.0}, {'step': 2, 'loss': 1.5}]})\n"
+    )
+    env = {**os.environ, "MPLCONFIGDIR": str(tmp_path)}
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert list(tmp_path.glob("fontlist-*.json")), "matplotlib built no font cache"
+    assert "fontManager" not in proc.stdout + proc.stderr, proc.stderr[-3000:]

@@ -175,6 +175,7 @@ def test_a_local_cluster_starts_even_with_a_stale_record(monkeypatch, ray_tmpdir
     assert kwargs["address"] == "local" and kwargs["num_cpus"] == 3 and kwargs["include_dashboard"] is False
     hook = kwargs["runtime_env"]["worker_process_setup_hook"]
     assert hook == "moeforge.platform.runtime.ray_connection.quiet_local_workers"
+    assert kwargs["runtime_env"]["env_vars"] == {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
 
 
 def test_worker_hook_drops_only_the_placement_group_cleaners_failed_query(caplog):
@@ -249,8 +250,8 @@ def test_an_unreachable_ray_address_fails_fast_in_one_line(tmp_path, ray_tmpdir,
 
 def test_local_cluster_workers_run_the_quiet_hook(ray_tmpdir):
     """The worker_process_setup_hook really runs in the local cluster's workers (where Ray Train's
-    PlacementGroupCleaner would otherwise log a failed State API query every second), and
-    ray.shutdown at exit leaves no process behind."""
+    PlacementGroupCleaner would otherwise log a failed State API query every second), they see Ray
+    Train's preemption watcher turned off, and ray.shutdown at exit leaves no process behind."""
     _stale_record(ray_tmpdir)
     script = textwrap.dedent(
         """
@@ -264,11 +265,18 @@ def test_local_cluster_workers_run_the_quiet_hook(ray_tmpdir):
             name = "ray.train.v2._internal.execution.controller.placement_group_cleaner"
             return [type(f).__name__ for f in logging.getLogger(name).filters]
 
+        @ray.remote(num_cpus=0)
+        def watcher():
+            import os
+            return os.environ.get("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER")
+
         print("filters", ray.get(filters.remote()))
+        print("preemption watcher", ray.get(watcher.remote()))
         """
     )
     proc = subprocess.run([sys.executable, "-c", script], env=_env(ray_tmpdir), cwd=ray_tmpdir,
                           capture_output=True, text=True, timeout=180, check=False)  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "filters ['_DropMessage']" in proc.stdout, proc.stdout
+    assert "preemption watcher 0" in proc.stdout, proc.stdout
     _assert_no_cluster_left(ray_tmpdir)

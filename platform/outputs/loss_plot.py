@@ -10,10 +10,7 @@ import io
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import matplotlib
-
-matplotlib.use("Agg")  # headless: runs on workers and CI without a display
-import matplotlib.pyplot as plt
+from moeforge.platform.outputs.pyplot import plt
 
 # metric key -> legend label; drawn when present in the records. `loss` is the training objective
 # (LM + mtp_loss_weight * MTP); `eval_loss` is held-out LM cross-entropy, comparable with `lm_loss`.

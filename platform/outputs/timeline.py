@@ -73,11 +73,8 @@ def plot_timeline(
     compute phases) are outlined inside their pair's box, forward half or backward half; MoE
     all-to-all spans (A2A) get two lanes of the strip of their own, forward and backward, so the
     transfers of both micro-batches of a pair show while the other computes."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     from matplotlib.patches import Patch, Rectangle
+    from moeforge.platform.outputs.pyplot import plt
 
     if not records:
         raise ValueError("plot_timeline: no records to plot")

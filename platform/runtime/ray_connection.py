@@ -14,7 +14,8 @@ Which cluster:
 
 A local cluster started here belongs to this process: Ray shuts it down when the process exits
 (`ray.init` registers `ray.shutdown` with atexit), and callers that finish earlier may call
-`ray.shutdown()` themselves. It runs without the dashboard, and its worker processes first run
+`ray.shutdown()` themselves. It runs without the dashboard and without Ray Train's preemption
+watcher (no node of a local cluster is ever drained), and its worker processes first run
 `quiet_local_workers`, which drops the one recurring Ray log line that a cluster without the
 dashboard provokes. `drop_log_message` is the scoped filter that uses, shared with the training
 worker (platform/runtime/worker.py), which quiets DeepSpeed and torch the same way.
@@ -30,6 +31,13 @@ from types import ModuleType
 from moeforge.model.config import ConfigError
 
 RAY_ADDRESS = "RAY_ADDRESS"
+# Ray Train's controller starts a PreemptionWatcher per worker group, which polls for nodes being
+# drained (spot instances reclaimed, autoscaler scale-down) and charges the failures they cause to
+# a separate retry budget. A local cluster is this one machine, ending with this process: no node of
+# it is ever drained. The watcher is created with the workers' actor handles as arguments and
+# max_restarts=-1, which makes Ray's core worker log an error-level line about restartable actors
+# in every run; on a local cluster it is not started at all. Clusters joined through RAY_ADDRESS keep it.
+PREEMPTION_WATCHER_ENV = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
 PROBE_TIMEOUT_S = 5.0  # per TCP connect; a firewalled host fails within this, a closed port at once
 RAY_CLIENT_PORT = 10001  # Ray Client's default port (`ray://host` without one)
 _FIX = "start one with `ray start --head` or unset RAY_ADDRESS to run on a local cluster"
@@ -61,7 +69,10 @@ def connect_ray(
             address="local",
             num_cpus=num_cpus,
             include_dashboard=False,
-            runtime_env={"worker_process_setup_hook": f"{__name__}.quiet_local_workers"},
+            runtime_env={
+                "worker_process_setup_hook": f"{__name__}.quiet_local_workers",
+                "env_vars": {PREEMPTION_WATCHER_ENV: "0"},
+            },
             **common,
         )
         return ray
