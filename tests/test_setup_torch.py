@@ -57,7 +57,7 @@ def test_this_machine_gets_the_cpu_plan():
     ).stdout
     assert "no NVIDIA driver" in out
     assert "venv:    python3.11 -m venv .venv\n" in out
-    assert "torch:   .venv/bin/python -m pip install -q torch==2.13.0  (when .venv has no torch)" in out
+    assert "torch:   .venv/bin/python -m pip install -q --no-compile torch==2.13.0  (when .venv has no torch)" in out
 
 
 def test_gpu_machine_keeps_the_cuda_torch_an_interpreter_has():
@@ -146,7 +146,7 @@ def test_the_real_probes_on_a_driver_whose_interpreter_has_a_cpu_torch(tmp_path)
         "machine: NVIDIA driver for CUDA 13.0: GPU setup",
         f"python:  {sys.executable} (Python {sys.version_info[0]}.{sys.version_info[1]})",
         f"venv:    {sys.executable} -m venv .venv",
-        f"torch:   .venv/bin/python -m pip install -q {cu130}  (when .venv has no torch)",
+        f"torch:   .venv/bin/python -m pip install -q --no-compile {cu130}  (when .venv has no torch)",
     ]
 
 
