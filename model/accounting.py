@@ -23,7 +23,7 @@ into DeepSeek-V3", tables on KV cache and training cost per token at sequence le
   causal-halved convention reproduces DeepSeek-V3 (250), DeepSeek-V2 (155) and LLaMA-3.1-405B
   (2,448 GFLOPs) within 1%; counting the full s x s matrix would overshoot V3 by 12%, and no
   convention reproduces the published 394 GFLOPs for Qwen2.5-72B: 6 x its non-embedding
-  parameters alone is already 421 GFLOPs (see the README table).
+  parameters alone is already 421 GFLOPs (docs/estimating.md has the table).
   The MTP module's FLOPs (one more block, its projection and the shared head) are reported
   separately and added in the training-cost estimate, because moeforge trains with it.
 * KV cache per token, BF16 (2 bytes): MLA caches the compressed latent and the shared RoPE key,

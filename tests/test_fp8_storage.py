@@ -1,4 +1,4 @@
-"""What the FP8 recipe stores and recomputes (issue 12): FP8 weights quantized once per optimizer
+"""What the FP8 recipe stores and recomputes: FP8 weights quantized once per optimizer
 step and never reused stale, one quantization of an input that two projections read, the SwiGLU
 output and the MLA up-projections recomputed in backward with unchanged gradients, the lossless
 row-to-token tile conversion under power-of-two scales, the BF16 residual stream, and the

@@ -154,7 +154,7 @@ def _job_info(url: str, submission_id: str, token_path: str | None) -> dict:
         return json.loads(response.read())
 
 
-# Recurring third-party lines a run's console must not show (issue 9): Ray Train's placement-group
+# Recurring third-party lines a run's console must not show: Ray Train's placement-group
 # cleaner failing to query the State API every second, torch's all_gather_into_tensor deprecation
 # at every log step (DeepSpeed's call), DeepSpeed's comm-op build line and untested-optimizer
 # warning on every worker.

@@ -1,4 +1,4 @@
-"""Every Triton kernel compiles for Hopper (sm_90) on this GPU-less machine, and the compiled GEMMs
+"""Every Triton kernel compiles for Hopper (sm_90) on a machine without a GPU, and the compiled GEMMs
 use what makes them Hopper kernels: the e4m3 tensor-core instruction (QGMMA), TMA bulk copies
 completing on mbarriers, a persistent tile loop, and (in the warp-specialized configs) a producer
 warp group that hands its registers to two consumer warp groups, all without local-memory spills.

@@ -2,11 +2,9 @@
 closed forms and the figures of "Insights into DeepSeek-V3: Scaling Challenges and Reflections on
 Hardware for AI Architectures" (DeepSeek, ISCA 2025, arXiv 2505.09343).
 
-Where the paper's figures were read. The paper's own page (arxiv.org/html/2505.09343v1) is stored in
-the reference corpus, but only its opening could be read; the numbers below were taken from two
-readings of it that quote it: a section-by-section summary (bzhng-development/summary-of-some-paper-
-in-cuda, docs/llm-systems/InsightsintoDeepSeek-V3-...md) for the decode example, and a page that
-reproduces the topology table's MPFT, FT3 and DF columns (eeumee.net, "MPFT: Multi-Plane Fat-Tree for
+Where the paper's figures come from: two public readings that quote it, a section-by-section
+summary (GitHub bzhng-development/summary-of-some-paper-in-cuda) for the decode example, and a page
+that reproduces the topology table's MPFT, FT3 and DF columns (eeumee.net, "MPFT: Multi-Plane Fat-Tree for
 Massive Scale and Cost Efficiency"). Figures not found in either are not asserted as published:
 the table's FT2 and Slim Fly columns, its link counts, and any unit price.
 

@@ -31,7 +31,7 @@ Projection (not a measurement): the measured wire bytes per token times `project
 DeepEP's published normal-kernel link rates (github.com/deepseek-ai/DeepEP README, Performance:
 H800, V3 pretraining setting of 4096 tokens, hidden 7168, top-8, FP8 dispatch, BF16 combine;
 intra-node NVLink 153 GB/s dispatch / 158 GB/s combine at EP8, inter-node RDMA 43-58 GB/s at
-EP16-64; that V1 table now lives in docs/legacy.md). Prints a table, writes JSON.
+EP16-64; that V1 table now lives in DeepEP's own docs/legacy.md). Prints a table, writes JSON.
 """
 
 from __future__ import annotations

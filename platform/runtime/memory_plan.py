@@ -78,15 +78,13 @@ schedule validator counts (`peak_live_activations`, `claimed_peak_activations`);
 bytes live at once, each live (chunk, micro-batch) weighted by its chunk's bytes, so a rank with unequal
 chunks (stage 0 and the last stage) is not charged its largest chunk for every live micro-batch.
 
-Not counted: DeepSpeed's IPG bucket (reduce_bucket_size, 5e8 FP32 values = 2 GB, allocated in full on a
-GPU), dispatch/combine and point-to-point buffers, the transient second gradient copy of a DualPipe pair's
+Not counted: DeepSpeed's IPG bucket (reduce_bucket_size = parallel.zero_bucket_elements FP32 values,
+allocated in full on a GPU), dispatch/combine and point-to-point buffers, the transient second gradient copy of a DualPipe pair's
 step, kernel workspaces (attention, GEMMs, the loss), the CUDA context and allocator fragmentation, and
 expert load imbalance (a rank receiving more than its average share of routed tokens).
 
-moeforge today vs the recipe: moeforge's FP8 Linear and grouped experts do cache FP8 inputs, but nothing
-is recomputed: autograd also keeps the norm outputs, q/k/v, a BF16 attention output beside the FP8
-o_proj input, the routed experts' outputs (for the gate) and the loss's FP32 log-probabilities. A run
-today holds more activation memory than this plan, which is the recipe's target.
+The plan counts what the recipe stores (precision's storage and recompute settings). A run's measured
+activation bytes against a BF16 run are `moeforge-bench kernels`' activation-memory rows.
 """
 
 from __future__ import annotations
