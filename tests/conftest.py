@@ -24,26 +24,28 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # Modules whose tests start Ray clusters of their own, each on free ports with its own temp dir
 # (the fake autoscaler's head alone binds Ray's fixed port 6379, which its nodes need): they may run
-# beside the session's cluster. They are long, so they are scheduled early.
+# beside the session's cluster.
 OWN_RAY_MODULES = ("test_job_submit", "test_placement", "test_autoscaling", "test_ray_connection")
 RAY_GROUP = "ray"
 
 
 @pytest.hookimpl(tryfirst=True)  # before pytest-xdist's own hook reads the xdist_group marks
 def pytest_collection_modifyitems(config, items):
-    """Under `pytest -n N --dist loadgroup`: every test that uses the session's `ray_cluster` is in
-    one group, so one worker starts that cluster and runs them one after another; every other
-    module is a group of its own, so its module-scoped fixtures (a trained run, a reference) are
-    built once, in one worker. Long groups come first (the Ray group, then the modules with Ray
-    clusters of their own), so the workers do not wait on one of them at the end; `make test` passes
-    --no-loadscope-reorder, which keeps this order. Without xdist the marks change nothing."""
+    """Under `pytest -n N --dist loadgroup`: every test that runs Ray (the session's `ray_cluster`,
+    or a cluster of its own) is in one group, run one after another by one worker while the other
+    workers take the rest. Ray's tests spend much of their time waiting on actors starting, nodes
+    joining and health checks: beside a computing worker the cores stay busy, while two Ray tests at
+    once slow each other down (docs/testing.md). Every other module is a group of its own, so its module-scoped fixtures (a
+    trained run, a reference) are built once, in one worker. The Ray group is the longest and comes
+    first; `make test` passes --no-loadscope-reorder, which keeps this order. Without xdist the
+    marks change nothing."""
 
     def group(item) -> str:
-        return RAY_GROUP if "ray_cluster" in item.fixturenames else item.module.__name__.rsplit(".", 1)[-1]
+        module = item.module.__name__.rsplit(".", 1)[-1]
+        return RAY_GROUP if "ray_cluster" in item.fixturenames or module in OWN_RAY_MODULES else module
 
     def rank(item) -> int:
-        name = group(item)
-        return 0 if name == RAY_GROUP else 1 if name in OWN_RAY_MODULES else 2
+        return 0 if group(item) == RAY_GROUP else 1
 
     for item in items:
         item.add_marker(pytest.mark.xdist_group(group(item)))
