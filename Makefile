@@ -1,6 +1,6 @@
 # Two commands on a fresh Linux machine with Python 3.11: `make train` and `make test`.
-# Setup's interpreter and torch come from platform/runtime/torch_install.py, run by the system
-# python before the venv exists (`python3 platform/runtime/torch_install.py plan` prints the plan):
+# Setup's interpreter and torch come from platform/launch/torch_install.py, run by the system
+# python before the venv exists (`python3 platform/launch/torch_install.py plan` prints the plan):
 # without an NVIDIA driver, python3.11 and `pip install torch==$(TORCH_VERSION)`; with one, Python
 # 3.11 or 3.12, keeping a CUDA torch the interpreter has (a venv with --system-site-packages) or
 # installing the CUDA build the driver runs. PYTHON=... names the interpreter, TORCH_CUDA=cuXYZ the
@@ -12,7 +12,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 TORCH_VERSION ?= 2.13.0
 TORCH_CUDA ?=
-SETUP  := $(strip $(SYSTEM_PYTHON) platform/runtime/torch_install.py --torch-version $(TORCH_VERSION) \
+SETUP  := $(strip $(SYSTEM_PYTHON) platform/launch/torch_install.py --torch-version $(TORCH_VERSION) \
 	$(if $(PYTHON),--python $(PYTHON)) $(if $(TORCH_CUDA),--cuda $(TORCH_CUDA)))
 STAMP  := $(VENV)/.moeforge-installed
 

@@ -11,16 +11,16 @@ per-rank memory plan of a parallel layout.
 Configs come from the `moeforge.conf` package (conf/estimate.yaml and conf/model/*.yaml), composed
 with Hydra's compose API rather than `@hydra.main` so that a bad override, an unknown model or an
 invalid value ends in one line on stderr and exit status 2, with no traceback, and so that an
-estimate writes no output directory. The arithmetic lives in moeforge.model.accounting.
+estimate writes no output directory. The arithmetic lives in moeforge.platform.plan.accounting.
 
 Any override of a training section (experiment, parallel, precision, data, optim, run, ...) asks for a
 layout: the overrides other than format / tokens / cluster then compose conf/train.yaml, exactly as
 moeforge-train would, into a validated TrainConfig, and its per-rank memory plan
-(moeforge.platform.runtime.memory_plan) is printed after the estimate (JSON: `per_rank`, the most
+(moeforge.platform.plan.memory_plan) is printed after the estimate (JSON: `per_rank`, the most
 loaded rank, and `memory_plan`, the layout and every pipeline rank).
 
 `network=<name>` (conf/network/*.yaml; none by default) adds the network plan of
-moeforge.platform.runtime.network_plan after the other sections (JSON: `network`): EP all-to-all bytes
+moeforge.platform.plan.network_plan after the other sections (JSON: `network`): EP all-to-all bytes
 and time per MoE layer, whether DualPipe's overlap hides them at cluster.peak_tflops x cluster.mfu,
 the decode-speed bound, and the sizes of the fabrics the paper compares. With a training layout its
 parallel.ep and tokens per micro-batch replace the network file's `ep` and `microbatch_tokens`.
@@ -34,17 +34,17 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from moeforge.model.accounting import (
+from moeforge.model.config import ConfigError, build_config
+from moeforge.platform.cli import compose_values, run_cli
+from moeforge.platform.plan.accounting import (
     ClusterConfig,
     estimate,
     format_table,
     model_config_from_dict,
     training_cost,
 )
-from moeforge.model.config import ConfigError, build_config
-from moeforge.platform.cli import compose_values, run_cli
-from moeforge.platform.runtime.network_config import NetworkConfig, network_config_from_dict
-from moeforge.platform.runtime.network_plan import NetworkPlan, format_network, plan_network
+from moeforge.platform.plan.network_config import NetworkConfig, network_config_from_dict
+from moeforge.platform.plan.network_plan import NetworkPlan, format_network, plan_network
 from omegaconf import OmegaConf
 
 CONFIG_NAME = "estimate"
@@ -143,7 +143,7 @@ def _run_with_plan(argv: Sequence[str]) -> str:
     est = estimate(config.model, name=choices.get("model", ""))
     cost = None if values.get("tokens") is None else training_cost(est, values["tokens"], cluster)
     # Imported once the config is valid: the stage split pulls in torch (seconds).
-    from moeforge.platform.runtime.memory_plan import format_plan, plan_memory
+    from moeforge.platform.plan.memory_plan import format_plan, plan_memory
 
     plan = plan_memory(config)
     layout = {"ep": config.parallel.ep, "microbatch_tokens": plan.tokens_per_microbatch}

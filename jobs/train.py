@@ -1,7 +1,7 @@
 """moeforge-train: compose the Hydra config, validate it, run training.
 
 `parallel=single` runs the one-process reference loop here; any pipeline schedule goes to
-platform.runtime.launch (Ray). A bad config (unknown key, wrong type, missing option) prints one line naming
+platform.launch.ray_train (Ray). A bad config (unknown key, wrong type, missing option) prints one line naming
 the field and exits 2, before any work. `-m` sweeps give each member its own run.dir.
 """
 
@@ -87,14 +87,14 @@ def _train(cfg: DictConfig) -> None:
 
     try:
         if config.parallel.schedule == "single":
-            from moeforge.platform.reference.loop import ReferenceTrainer
-            from moeforge.platform.runtime.cluster_check import check_single_process_fits, machine_resources
+            from moeforge.platform.launch.cluster_check import check_single_process_fits, machine_resources
+            from moeforge.platform.train.single import ReferenceTrainer
 
             check_single_process_fits(config.model, config.parallel, machine_resources())
 
             ReferenceTrainer(config).train()
         else:
-            from moeforge.platform.runtime.launch import PipelineRunError, launch_training
+            from moeforge.platform.launch.ray_train import PipelineRunError, launch_training
 
             try:
                 launch_training(config, raw)

@@ -1,32 +1,13 @@
-"""Auxiliary-loss-free load balancing across MoE layers: the bias update and the load statistic.
+"""The expert-load statistic of MoE layers: the worst layer's max/mean load over some tokens.
 
-After each optimizer step the trainer (or the pipeline runtime, after all-reducing counts over
-ranks) calls `update_router_biases`; it does not reset the counters (`MoE.reset_load` does).
+The router-bias update that the loads drive is moeforge.platform.optim.bias_update.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-from moeforge.model.moe import MoE
-
-
-def update_router_biases(
-    moe_modules: Sequence[MoE], gamma: float, counts_list: Sequence[torch.Tensor] | None = None
-) -> None:
-    """bias += gamma * sign(mean_load - load) per layer, from `counts_list` (one [E] tensor per
-    module, in the same order) or, when None, from each module's own `load_counts`."""
-    if counts_list is not None and len(counts_list) != len(moe_modules):
-        raise ValueError(f"counts_list has {len(counts_list)} entries for {len(moe_modules)} MoE layers")
-    for i, moe in enumerate(moe_modules):
-        counts = moe.load_counts if counts_list is None else counts_list[i]
-        if counts.shape != (moe.n_experts,):
-            raise ValueError(
-                f"counts for MoE layer {moe.layer_id}: shape {tuple(counts.shape)}, want ({moe.n_experts},)"
-            )
-        moe.update_bias(counts, gamma)
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,8 @@
 """DeepSeekMoE: shared experts plus fine-grained routed experts with group-limited top-k routing.
 
 Routing (noaux_tc, DeepSeek-V3): affinities s = sigmoid(x W^T); selection uses s + bias, where the
-per-expert bias is the auxiliary-loss-free balancing state (moved by `update_bias`, never by
-gradients). Experts are split into n_group groups; a group's score is the sum of its two best biased
+per-expert bias is the auxiliary-loss-free balancing state (moved after each optimizer step by
+moeforge.platform.optim.bias_update.update_router_biases, never by gradients). Experts are split into n_group groups; a group's score is the sum of its two best biased
 affinities; only the topk_group best groups stay eligible; the top-k experts among them are chosen.
 Gating weights come from the *unbiased* affinities, normalised over the chosen k (norm_topk_prob) and
 multiplied by routed_scaling_factor. V2 variants: softmax affinities, group score = max affinity
@@ -275,12 +275,6 @@ class MoE(nn.Module):
         """Add one call's routing (expert_ids [N, k]) to `load_counts`, on the device: every expert's
         load, wherever it lives (the router is replicated). Read once per step, by the bias update."""
         self.load_counts += count_per_index(expert_ids, self.n_experts).to(self.load_counts.dtype)
-
-    @torch.no_grad()
-    def update_bias(self, counts: torch.Tensor, gamma: float) -> None:
-        """Aux-loss-free balancing: bias += gamma * sign(mean load - load) (overloaded experts go down)."""
-        counts = counts.to(self.gate.e_score_correction_bias.device, torch.float32)
-        self.gate.e_score_correction_bias += gamma * torch.sign(counts.mean() - counts)
 
     def _apply(self, fn, recurse=True):
         # Token counts must stay exact (fp32) under a model-wide dtype cast.

@@ -14,8 +14,8 @@ import torch
 import yaml
 from moeforge.platform.config import TrainConfig
 from moeforge.platform.outputs.grad_dump import GRAD_DUMP_ENV, load_grads
-from moeforge.platform.reference.loop import ReferenceTrainer
-from moeforge.platform.runtime.pipeline_run import load_pipeline_params
+from moeforge.platform.train.pipeline import load_pipeline_params
+from moeforge.platform.train.single import ReferenceTrainer
 
 # Tolerances of the comparison (relative, every step). Measured on the cases of the executor, Ray and
 # integration tests: losses <= 1.1e-8, grad norms <= 9.4e-8 (DeepSpeed and PlainStep add the squares

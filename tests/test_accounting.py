@@ -22,7 +22,8 @@ import pytest
 import yaml
 from moeforge.jobs.estimate import main
 from moeforge.model import transformer
-from moeforge.model.accounting import (
+from moeforge.model.config import ConfigError, ModelConfig, build_config
+from moeforge.platform.plan.accounting import (
     ClusterConfig,
     DenseGQAConfig,
     Estimate,
@@ -30,7 +31,6 @@ from moeforge.model.accounting import (
     model_config_from_dict,
     training_cost,
 )
-from moeforge.model.config import ConfigError, ModelConfig, build_config
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL_DIR = REPO / "conf" / "model"

@@ -20,9 +20,9 @@ import torch
 from moeforge.platform.checkpoint.state import CheckpointError
 from moeforge.platform.checkpoint.store import list_checkpoints, read_meta
 from moeforge.platform.config import TrainConfig
-from moeforge.platform.reference.loop import ReferenceTrainer
-from moeforge.platform.runtime.local_spawn import spawn_gloo
-from moeforge.platform.runtime.pipeline_run import run_pipeline_training, train_from_dict
+from moeforge.platform.launch.local_spawn import spawn_gloo
+from moeforge.platform.train.pipeline import run_pipeline_training, train_from_dict
+from moeforge.platform.train.single import ReferenceTrainer
 from pipeline_cases import assert_losses_match, pipeline_config
 
 STEPS, EVERY = 4, 2

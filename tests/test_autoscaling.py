@@ -34,9 +34,9 @@ import time
 import pytest
 from moeforge.model.config import ConfigError
 from moeforge.platform.config import ParallelConfig, TrainConfig
-from moeforge.platform.runtime.cluster_check import check_cluster_fits, describe_shortfall, worker_bundle
-from moeforge.platform.runtime.cluster_wait import START_TIMEOUT_ENV
-from moeforge.platform.runtime.launch import launch_training
+from moeforge.platform.launch.cluster_check import check_cluster_fits, describe_shortfall, worker_bundle
+from moeforge.platform.launch.cluster_wait import START_TIMEOUT_ENV
+from moeforge.platform.launch.ray_train import launch_training
 from pipeline_cases import pipeline_config, tiny_model
 from test_placement import run_in_own_process
 
@@ -270,7 +270,7 @@ def _drive(spec_path: str) -> None:
     """Subprocess joined to the autoscaling cluster (RAY_ADDRESS): the node table before, a pp=2 run
     that needs the worker-only resource, the node table after it and once the idle nodes are gone."""
     import ray
-    from moeforge.platform.runtime.ray_connection import connect_ray
+    from moeforge.platform.launch.ray_connection import connect_ray
 
     def worker_nodes(alive: bool | None = None) -> list[str]:
         """Every node but the head's (the driver joined the head: no other node existed then)."""

@@ -17,10 +17,10 @@ import pytest
 import torch
 from moeforge.platform.checkpoint.store import list_checkpoints, read_meta
 from moeforge.platform.config import TrainConfig
+from moeforge.platform.launch.local_spawn import spawn_gloo
 from moeforge.platform.optim.bad_steps import BadStepError
-from moeforge.platform.reference.loop import ReferenceTrainer
-from moeforge.platform.runtime.local_spawn import spawn_gloo
-from moeforge.platform.runtime.pipeline_run import load_pipeline_params, train_from_dict
+from moeforge.platform.train.pipeline import load_pipeline_params, train_from_dict
+from moeforge.platform.train.single import ReferenceTrainer
 from pipeline_cases import assert_losses_match, pipeline_config, reference_run
 
 

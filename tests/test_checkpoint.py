@@ -11,7 +11,6 @@ import pytest
 import torch
 import yaml
 from botocore.exceptions import ConnectionClosedError
-from moeforge.model.balance import update_router_biases
 from moeforge.model.config import ModelConfig
 from moeforge.model.transformer import build_model
 from moeforge.platform.checkpoint.state import (
@@ -32,6 +31,7 @@ from moeforge.platform.checkpoint.store import (
     save_checkpoint,
     save_shard,
 )
+from moeforge.platform.optim.bias_update import update_router_biases
 from moeforge.platform.outputs.storage import S3Options, open_storage
 
 from tests.conftest import REPO_ROOT
@@ -75,9 +75,7 @@ class TinyRun:
             out.loss.backward()
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
-            update_router_biases(self.moe, gamma=0.01)
-            for m in self.moe:
-                m.reset_load()
+            update_router_biases(self.moe, gamma=0.01)  # also resets the load counters
             self.step += 1
             losses.append(out.loss.item())
         return losses

@@ -40,7 +40,7 @@ import yaml
 from moeforge.model.config import ConfigError
 from moeforge.platform.cli import compose_values
 from moeforge.platform.config import TrainConfig
-from moeforge.platform.runtime.cluster_check import check_cluster_fits
+from moeforge.platform.launch.cluster_check import check_cluster_fits
 
 CONF = importlib.resources.files("moeforge.conf")
 RAY_DIR = CONF / "clusters" / "ray"

@@ -1,5 +1,5 @@
 """The CUDA path, checked on the CPU: DeepSpeed's accelerator follows the device a process trains on
-(platform/runtime/accelerator.py), chosen before deepspeed is imported and never contradicted; the
+(platform/launch/accelerator.py), chosen before deepspeed is imported and never contradicted; the
 ZeRO engine stays on its module's device and sizes its buckets from parallel.zero_bucket_elements
 (platform/optim/zero_step.py); and the initial weights are drawn on CPU generators, so they do not
 depend on the device (model/init.py).
@@ -26,9 +26,9 @@ from moeforge.model.moe import RoutedExperts
 from moeforge.model.norm import RMSNorm
 from moeforge.model.transformer import build_model
 from moeforge.platform.config.parallel import ZERO_BUCKET_ELEMENTS, ParallelConfig
+from moeforge.platform.launch.accelerator import AcceleratorError, accelerator_for, use_accelerator_for
+from moeforge.platform.launch.local_spawn import spawn_gloo
 from moeforge.platform.optim.zero_step import deepspeed_config
-from moeforge.platform.runtime.accelerator import AcceleratorError, accelerator_for, use_accelerator_for
-from moeforge.platform.runtime.local_spawn import spawn_gloo
 from pipeline_cases import pipeline_config, tiny_model
 from torch import nn
 
@@ -64,7 +64,7 @@ def test_the_accelerator_is_set_from_the_device_and_a_contradiction_is_refused()
 
 def test_a_worker_refuses_a_contradicting_ds_accelerator(monkeypatch):
     """The Ray worker's own first step, in this process: a CPU worker with DS_ACCELERATOR=cuda."""
-    from moeforge.platform.runtime.worker import _bind_worker_device
+    from moeforge.platform.launch.worker import _bind_worker_device
 
     monkeypatch.setenv("DS_ACCELERATOR", "cuda")
     with pytest.raises(AcceleratorError, match="DS_ACCELERATOR=cuda contradicts this worker's device cpu"):
@@ -75,8 +75,8 @@ def test_a_worker_refuses_a_contradicting_ds_accelerator(monkeypatch):
 _WORKER_PROCESS = """
 import os, sys, torch
 from moeforge.platform.config.parallel import ParallelConfig
-from moeforge.platform.runtime import worker
-from moeforge.platform.runtime.accelerator import AcceleratorError, use_accelerator_for
+from moeforge.platform.launch import worker
+from moeforge.platform.launch.accelerator import AcceleratorError, use_accelerator_for
 assert "deepspeed" not in sys.modules, "importing the worker imported deepspeed"
 device = worker._bind_worker_device(ParallelConfig(schedule="dualpipe", pp=2, microbatches=4))
 chosen = os.environ["DS_ACCELERATOR"]
@@ -133,9 +133,9 @@ def _zero_rank(rank: int, world_size: int, raw: dict) -> dict:
     from moeforge.platform.config import TrainConfig
     from moeforge.platform.config.optim import OptimConfig
     from moeforge.platform.config.precision import PrecisionConfig
+    from moeforge.platform.engine.rank_engine import RankEngine
+    from moeforge.platform.engine.topology import Topology, create_process_groups
     from moeforge.platform.optim.zero_step import ZeroStep, _check_one_device
-    from moeforge.platform.runtime.rank_state import PipelineRuntime
-    from moeforge.platform.runtime.topology import Topology, create_process_groups
 
     out = {"env": os.environ.get("DS_ACCELERATOR"), "accelerator": get_accelerator().device_name()}
     groups = create_process_groups(Topology.for_schedule("dualpipe", 2, 1), rank)
@@ -156,7 +156,7 @@ def _zero_rank(rank: int, world_size: int, raw: dict) -> dict:
         _check_one_device(torch.device("cuda", 1))
     except RuntimeError as err:
         out["mismatch"] = str(err)
-    metrics = PipelineRuntime(TrainConfig.from_dict(raw), rank, world_size).train_step()
+    metrics = RankEngine(TrainConfig.from_dict(raw), rank, world_size).train_step()
     out["loss"], out["pipeline_grad_norm"] = metrics.base.loss, metrics.base.grad_norm
     return out
 

@@ -1,6 +1,6 @@
 """Expert-parallel training runs against the single-process reference loop (same seeds and data).
 
-Gloo processes (platform/runtime/local_spawn.spawn_gloo); the Ray Train case (DualPipe pp=2 x dp=2
+Gloo processes (platform/launch/local_spawn.spawn_gloo); the Ray Train case (DualPipe pp=2 x dp=2
 x ep=2 with ZeRO-1) is in test_pipeline_ray.py. Each rank builds only its slice of
 the experts and its MoE layers dispatch and combine over real all-to-alls; the comparison is the
 one every pipeline case goes through (pipeline_cases.assert_matches_reference: losses <= 1e-5,
@@ -17,11 +17,11 @@ import torch
 import yaml
 from moeforge.kernels.token_compress import compress_tokens, decompress_tokens
 from moeforge.platform.config import TrainConfig
-from moeforge.platform.reference.loop import ReferenceTrainer
-from moeforge.platform.runtime.comm_record import RECORD_ENV
-from moeforge.platform.runtime.local_spawn import spawn_gloo
-from moeforge.platform.runtime.nccl_rules import load_records, violations
-from moeforge.platform.runtime.pipeline_run import run_pipeline_training, train_from_dict
+from moeforge.platform.engine.comm_record import RECORD_ENV
+from moeforge.platform.engine.nccl_rules import load_records, violations
+from moeforge.platform.launch.local_spawn import spawn_gloo
+from moeforge.platform.train.pipeline import run_pipeline_training, train_from_dict
+from moeforge.platform.train.single import ReferenceTrainer
 from pipeline_cases import (
     assert_matches_reference,
     dump_grads,

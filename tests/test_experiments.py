@@ -20,7 +20,7 @@ import yaml
 from hydra import compose, initialize_config_module
 from moeforge.model.config import ConfigError
 from moeforge.platform.config import ParallelConfig, TrainConfig
-from moeforge.platform.runtime.cluster_check import (
+from moeforge.platform.launch.cluster_check import (
     check_cluster_fits,
     check_single_process_fits,
     machine_resources,
@@ -92,7 +92,7 @@ def test_v3_pretrains_with_plain_rope_and_extends_with_yarn():
     """Pre-training at 4K without YaRN; the two extension phases (report, section 4.3) with YaRN
     s = 40, alpha = 1, beta = 32 over the original 4K and sqrt(t) = 0.1 ln s + 1, from the same
     model preset, which stays the published config (tests/test_accounting.py)."""
-    from moeforge.platform.runtime.launch import validate_pipeline
+    from moeforge.platform.launch.ray_train import validate_pipeline
 
     pre, ext32, ext128 = (preset(n) for n in ("v3_671b_2048gpu", "v3_671b_extend_32k", "v3_671b_extend_128k"))
     assert pre.model.rope_scaling is None and pre.model.seq_len == pre.model.max_position_embeddings == 4096
@@ -204,7 +204,7 @@ def test_small_1gpu_fp8_is_refused_without_a_gpu(tmp_path):
 
 
 def test_v3_launch_is_refused_before_any_worker_starts(tmp_path):
-    """Through platform.runtime.launch: it connects to Ray (a fresh local cluster here), then refuses."""
+    """Through platform.launch.ray_train: it connects to Ray (a fresh local cluster here), then refuses."""
     proc = run_train(["experiment=v3_671b_2048gpu", f"run.dir={tmp_path / 'run'}"], cwd=tmp_path)
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "Traceback" not in proc.stdout + proc.stderr

@@ -19,12 +19,12 @@ from moeforge.model.config import ConfigError, ModelConfig
 from moeforge.model.init import init_weights
 from moeforge.model.moe import MoE
 from moeforge.platform.config import TrainConfig
+from moeforge.platform.engine.topology import Topology
+from moeforge.platform.launch.local_spawn import spawn_gloo
 from moeforge.platform.moe.dispatch import plan_dispatch
+from moeforge.platform.moe.expert_placement import ExpertPlacement
 from moeforge.platform.moe.install import install_dispatch, shard_experts
-from moeforge.platform.moe.placement import ExpertPlacement
 from moeforge.platform.moe.routing_stats import RoutingStats
-from moeforge.platform.runtime.local_spawn import spawn_gloo
-from moeforge.platform.runtime.topology import Topology
 from pipeline_cases import pipeline_config, tiny_model
 
 HIDDEN = 128  # one FP8 tile per row: the payload is 128 + 1 bytes

@@ -17,7 +17,6 @@ import uuid
 import pytest
 import torch
 from moeforge.jobs.generate import main
-from moeforge.model.accounting import estimate
 from moeforge.platform.checkpoint.export import export_checkpoint
 from moeforge.platform.checkpoint.reshard import load_model_from_checkpoint
 from moeforge.platform.checkpoint.store import latest_checkpoint
@@ -28,7 +27,8 @@ from moeforge.platform.data.writer import SplitWriter
 from moeforge.platform.inference.generate import generate
 from moeforge.platform.inference.requests import TextStreamer
 from moeforge.platform.outputs.storage import open_storage
-from moeforge.platform.reference.loop import ReferenceTrainer
+from moeforge.platform.plan.accounting import estimate
+from moeforge.platform.train.single import ReferenceTrainer
 from safetensors.torch import load_file, save_file
 from test_train_loop import SMALL_MODEL  # the loop tests' small model (2 layers, MTP depth 1)
 from tokenizers import Tokenizer

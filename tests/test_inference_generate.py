@@ -8,7 +8,6 @@ import copy
 
 import pytest
 import torch
-from moeforge.model.accounting import estimate
 from moeforge.model.config import ModelConfig
 from moeforge.model.mla import MLA, LatentCache
 from moeforge.model.transformer import build_model
@@ -21,6 +20,7 @@ from moeforge.platform.inference.speculative import (
     accept_sampled,
     accept_sampled_batch,
 )
+from moeforge.platform.plan.accounting import estimate
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -1,4 +1,4 @@
-"""The per-rank memory plan (platform/runtime/memory_plan.py) and moeforge-estimate's layout section.
+"""The per-rank memory plan (platform/plan/memory_plan.py) and moeforge-estimate's layout section.
 
 Parameter placement is held to what a rank really builds: `stages.build_rank` on the meta device (which
 allocates nothing, so the 671B model costs only its module objects), summed over the RankModule's
@@ -14,16 +14,16 @@ from pathlib import Path
 import pytest
 import yaml
 from moeforge.jobs.estimate import main
-from moeforge.model.accounting import model_config_from_dict
 from moeforge.model.config import ModelConfig
 from moeforge.platform.config import DataConfig, ParallelConfig, PrecisionConfig, TrainConfig
-from moeforge.platform.moe.placement import ExpertPlacement
-from moeforge.platform.runtime.memory_plan import (
+from moeforge.platform.engine.stages import build_rank, split_layers
+from moeforge.platform.engine.topology import Topology
+from moeforge.platform.moe.expert_placement import ExpertPlacement
+from moeforge.platform.plan.accounting import model_config_from_dict
+from moeforge.platform.plan.memory_plan import (
     block_activation_bytes,
     plan_memory,
 )
-from moeforge.platform.runtime.stages import build_rank, split_layers
-from moeforge.platform.runtime.topology import Topology
 from moeforge.platform.schedules import build_schedule
 from moeforge.platform.schedules.validate import peak_live_activations
 

@@ -7,11 +7,12 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from moeforge.model.balance import update_router_biases, worst_layer_load
+from moeforge.model.balance import worst_layer_load
 from moeforge.model.config import ModelConfig
 from moeforge.model.mla import MLA, LatentCache
 from moeforge.model.moe import MoE, sequence_balance_loss
 from moeforge.model.transformer import build_model
+from moeforge.platform.optim.bias_update import update_router_biases
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

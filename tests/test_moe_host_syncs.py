@@ -38,13 +38,13 @@ import torch
 import torch.distributed as dist
 from moeforge.model.moe import MoE
 from moeforge.platform.config.precision import PrecisionConfig
+from moeforge.platform.launch.local_spawn import spawn_gloo
 from moeforge.platform.moe.dispatch import destination_counts, plan_dispatch, spread_per_token
+from moeforge.platform.moe.expert_placement import ExpertPlacement
 from moeforge.platform.moe.install import install_dispatch
 from moeforge.platform.moe.phased import PhasedMoE
-from moeforge.platform.moe.placement import ExpertPlacement
 from moeforge.platform.moe.routing_stats import RoutingStats
 from moeforge.platform.precision import apply_precision
-from moeforge.platform.runtime.local_spawn import spawn_gloo
 from test_expert_parallel import HIDDEN, _layer, _moe_config, expert_parallel_copy
 
 _MODEL = Path(sys.modules[MoE.__module__].__file__).resolve().parent

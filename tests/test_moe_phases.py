@@ -10,8 +10,8 @@ all-to-alls launched asynchronously between them, on real gloo collectives.
 from __future__ import annotations
 
 import torch
+from moeforge.platform.launch.local_spawn import spawn_gloo
 from moeforge.platform.moe.phased import PhasedMoE
-from moeforge.platform.runtime.local_spawn import spawn_gloo
 from test_expert_parallel import HIDDEN, _layer, _moe_config, expert_parallel_copy
 
 

@@ -4,8 +4,8 @@ gloo matches transfers by (source, tag), so a CPU run completes whatever order i
 NCCL runs the ungrouped point-to-point ops of one (group, pair) in posting order on one stream, and
 needs every member of a group to issue its collectives in the same order. Each case here trains one
 step and evaluates once (the forward-only lists) with every rank recording its torch.distributed
-calls (MOEFORGE_RECORD_COMM, platform/runtime/comm_record.py), then checks the recording with
-platform/runtime/nccl_rules.py: every schedule at pp 2 and 4, several receive lookaheads, ZeRO's
+calls (MOEFORGE_RECORD_COMM, platform/engine/comm_record.py), then checks the recording with
+platform/engine/nccl_rules.py: every schedule at pp 2 and 4, several receive lookaheads, ZeRO's
 collectives, expert parallelism with and without the overlapped F&B pair. The rule checker itself
 is tested on hand-made recordings that break each rule.
 """
@@ -15,10 +15,10 @@ from __future__ import annotations
 import json
 
 import pytest
-from moeforge.platform.runtime.comm_record import RECORD_ENV
-from moeforge.platform.runtime.local_spawn import spawn_gloo
-from moeforge.platform.runtime.nccl_rules import load_records, summarize, violations
-from moeforge.platform.runtime.pipeline_run import train_from_dict
+from moeforge.platform.engine.comm_record import RECORD_ENV
+from moeforge.platform.engine.nccl_rules import load_records, summarize, violations
+from moeforge.platform.launch.local_spawn import spawn_gloo
+from moeforge.platform.train.pipeline import train_from_dict
 from pipeline_cases import pipeline_config
 
 # (schedule, pp, dp, micro-batches, ZeRO stage, receive lookahead, extra parallel settings)
@@ -139,7 +139,7 @@ def test_rules_keep_groups_apart_and_check_collective_order():
 
 
 def test_checker_command(tmp_path, capsys):
-    from moeforge.platform.runtime.nccl_rules import main
+    from moeforge.platform.engine.nccl_rules import main
 
     assert main([str(tmp_path / "missing")]) == 2
     (tmp_path / "comm.1.jsonl").write_text(

@@ -1,4 +1,4 @@
-"""The network plan (platform/runtime/network_plan.py) and moeforge-estimate's network section, against
+"""The network plan (platform/plan/network_plan.py) and moeforge-estimate's network section, against
 closed forms and the figures of "Insights into DeepSeek-V3: Scaling Challenges and Reflections on
 Hardware for AI Architectures" (DeepSeek, ISCA 2025, arXiv 2505.09343).
 
@@ -28,10 +28,10 @@ from pathlib import Path
 import pytest
 import yaml
 from moeforge.jobs.estimate import main
-from moeforge.model.accounting import ClusterConfig, estimate, format_table, model_config_from_dict
 from moeforge.model.config import ConfigError, ModelConfig, build_config
-from moeforge.platform.runtime.network_config import NetworkConfig
-from moeforge.platform.runtime.network_fabrics import (
+from moeforge.platform.plan.accounting import ClusterConfig, estimate, format_table, model_config_from_dict
+from moeforge.platform.plan.network_config import NetworkConfig
+from moeforge.platform.plan.network_fabrics import (
     dragonfly,
     fabrics,
     fat_tree_2,
@@ -39,8 +39,8 @@ from moeforge.platform.runtime.network_fabrics import (
     multi_plane_fat_tree_2,
     slim_fly,
 )
-from moeforge.platform.runtime.network_plan import plan_network
-from moeforge.platform.runtime.network_traffic import (
+from moeforge.platform.plan.network_plan import plan_network
+from moeforge.platform.plan.network_traffic import (
     DecodeBound,
     bytes_per_value,
     decode_bound_for,

@@ -1,4 +1,4 @@
-"""DualPipe's overlapped F&B pair on phase programs (platform/runtime/chunk_program.py).
+"""DualPipe's overlapped F&B pair on phase programs (platform/engine/chunk_program.py).
 
 With parallel.chunk_phases every stage chunk runs as a program of phases split at its MoE
 all-to-alls; parallel.overlap interleaves the forward and backward programs of each F&B pair phase
@@ -15,9 +15,9 @@ import pytest
 import torch
 from moeforge.model.config import ConfigError
 from moeforge.platform.config import TrainConfig
-from moeforge.platform.runtime.chunk_program import run_pair
-from moeforge.platform.runtime.local_spawn import spawn_gloo
-from moeforge.platform.runtime.pipeline_run import train_from_dict
+from moeforge.platform.engine.chunk_program import run_pair
+from moeforge.platform.launch.local_spawn import spawn_gloo
+from moeforge.platform.train.pipeline import train_from_dict
 from pipeline_cases import (
     assert_matches_reference,
     dump_grads,

@@ -13,11 +13,11 @@ import time
 
 import pytest
 import torch
-from moeforge.platform.runtime.executor import PipelineExecutor, SleepCompute
-from moeforge.platform.runtime.local_spawn import spawn_gloo
-from moeforge.platform.runtime.p2p import P2P, PeerTimeout, open_links
-from moeforge.platform.runtime.step_clock import HostClock, clock_for
-from moeforge.platform.runtime.topology import Topology, create_links
+from moeforge.platform.engine.executor import PipelineExecutor, SleepCompute
+from moeforge.platform.engine.p2p import P2P, PeerTimeout, open_links
+from moeforge.platform.engine.step_clock import HostClock, clock_for
+from moeforge.platform.engine.topology import Topology, create_links
+from moeforge.platform.launch.local_spawn import spawn_gloo
 from moeforge.platform.schedules import build_schedule
 
 

@@ -11,8 +11,8 @@ import copy
 import json
 import math
 
-from moeforge.platform.runtime.local_spawn import spawn_gloo
-from moeforge.platform.runtime.pipeline_run import train_from_dict
+from moeforge.platform.launch.local_spawn import spawn_gloo
+from moeforge.platform.train.pipeline import train_from_dict
 from pipeline_cases import pipeline_config, reference_run
 
 

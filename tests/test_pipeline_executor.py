@@ -12,10 +12,10 @@ import re
 
 import pytest
 import torch
-from moeforge.platform.reference.loop import ReferenceTrainer
-from moeforge.platform.runtime.local_spawn import spawn_gloo
-from moeforge.platform.runtime.pipeline_run import train_from_dict
-from moeforge.platform.runtime.topology import Topology
+from moeforge.platform.engine.topology import Topology
+from moeforge.platform.launch.local_spawn import spawn_gloo
+from moeforge.platform.train.pipeline import train_from_dict
+from moeforge.platform.train.single import ReferenceTrainer
 from pipeline_cases import (
     GRAD_NORM_RTOL,
     PARAM_RTOL,

@@ -20,8 +20,8 @@ import sys
 
 import pytest
 from moeforge.platform.checkpoint.store import list_checkpoints, read_meta
-from moeforge.platform.runtime.local_spawn import spawn_gloo
-from moeforge.platform.runtime.pipeline_run import train_from_dict
+from moeforge.platform.launch.local_spawn import spawn_gloo
+from moeforge.platform.train.pipeline import train_from_dict
 from pipeline_cases import (
     assert_matches_reference,
     dump_grads,

@@ -18,9 +18,9 @@ import json
 import pytest
 from moeforge.model.config import ConfigError
 from moeforge.platform.config import TrainConfig
-from moeforge.platform.runtime.comm_record import RECORD_ENV
-from moeforge.platform.runtime.launch import launch_training
-from moeforge.platform.runtime.nccl_rules import load_records, summarize, violations
+from moeforge.platform.engine.comm_record import RECORD_ENV
+from moeforge.platform.engine.nccl_rules import load_records, summarize, violations
+from moeforge.platform.launch.ray_train import launch_training
 from pipeline_cases import (
     assert_matches_reference,
     assert_timeline_runs_schedule,

@@ -1,4 +1,4 @@
-"""Which world rank runs on which node (platform/runtime/placement.py).
+"""Which world rank runs on which node (platform/launch/rank_placement.py).
 
 The plan on its own (pure): EP groups on as few nodes as the slots allow, checked against every
 possible assignment of small layouts, then pipeline neighbours together. Then on a Ray cluster of
@@ -25,9 +25,9 @@ import tempfile
 
 import pytest
 from moeforge.model.config import ConfigError
-from moeforge.platform.runtime.placement import WorkerSite, format_placement, match_plan
-from moeforge.platform.runtime.placement_plan import PlacementPlan, plan_placement
-from moeforge.platform.runtime.topology import Topology
+from moeforge.platform.engine.topology import Topology
+from moeforge.platform.launch.rank_placement import WorkerSite, format_placement, match_plan
+from moeforge.platform.launch.rank_placement_plan import PlacementPlan, plan_placement
 
 
 def _every_plan(topo: Topology, slots: dict[str, int]):
@@ -169,7 +169,7 @@ def test_uneven_nodes_are_matched_slot_for_slot():
 
 def test_failures_name_the_placements_ranks():
     """Ray Train keys a failed worker by its own rank; the driver names the pipeline's rank."""
-    from moeforge.platform.runtime.launch import describe_failure
+    from moeforge.platform.launch.ray_train import describe_failure
 
     failed = Exception("training failed")
     failed.worker_failures = {2: RuntimeError("injected"), 1: TimeoutError("PeerTimeout: waiting")}
@@ -206,7 +206,7 @@ def _drive(spec_path: str) -> None:
     slots), a DualPipe pp=2 dp=2 ep=2 run on it; writes the summary and the nodes to spec['out']."""
     import ray
     from moeforge.platform.config import TrainConfig
-    from moeforge.platform.runtime.launch import launch_training
+    from moeforge.platform.launch.ray_train import launch_training
     from pipeline_cases import pipeline_config
     from ray.cluster_utils import Cluster
 

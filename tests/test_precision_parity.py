@@ -8,8 +8,8 @@ from __future__ import annotations
 import importlib.resources
 
 import yaml
-from moeforge.platform.runtime.local_spawn import spawn_gloo
-from moeforge.platform.runtime.pipeline_run import train_from_dict
+from moeforge.platform.launch.local_spawn import spawn_gloo
+from moeforge.platform.train.pipeline import train_from_dict
 from pipeline_cases import (
     Tolerances,
     assert_matches_reference,

@@ -1,4 +1,4 @@
-"""platform.runtime.ray_connection: which cluster a job joins, and how a dead one is refused.
+"""platform.launch.ray_connection: which cluster a job joins, and how a dead one is refused.
 
 The jobs run as a user runs them (console scripts in subprocesses), each with its own short
 RAY_TMPDIR (Ray's socket paths must fit 107 bytes), so a stale `ray_current_cluster` record planted
@@ -21,8 +21,8 @@ import time
 
 import pytest
 from moeforge.model.config import ConfigError
-from moeforge.platform.runtime import ray_connection
-from moeforge.platform.runtime.ray_connection import (
+from moeforge.platform.launch import ray_connection
+from moeforge.platform.launch.ray_connection import (
     RayConnectionError,
     check_ray_address,
     connect_ray,
@@ -174,7 +174,7 @@ def test_a_local_cluster_starts_even_with_a_stale_record(monkeypatch, ray_tmpdir
     [kwargs] = calls
     assert kwargs["address"] == "local" and kwargs["num_cpus"] == 3 and kwargs["include_dashboard"] is False
     hook = kwargs["runtime_env"]["worker_process_setup_hook"]
-    assert hook == "moeforge.platform.runtime.ray_connection.quiet_local_workers"
+    assert hook == "moeforge.platform.launch.ray_connection.quiet_local_workers"
     assert kwargs["runtime_env"]["env_vars"] == {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
 
 
@@ -221,7 +221,7 @@ def test_prepare_runs_on_a_fresh_local_cluster_despite_a_stale_record(tmp_path, 
     "job, args",
     [
         (PREPARE, ["vocab_size=300"]),  # inputs added below
-        (TRAIN, ["experiment=tiny_cpu_dualpipe"]),  # a pipeline run: through platform.runtime.launch
+        (TRAIN, ["experiment=tiny_cpu_dualpipe"]),  # a pipeline run: through platform.launch.ray_train
     ],
     ids=["moeforge-prepare", "moeforge-train"],
 )
@@ -256,7 +256,7 @@ def test_local_cluster_workers_run_the_quiet_hook(ray_tmpdir):
     script = textwrap.dedent(
         """
         import logging, ray
-        from moeforge.platform.runtime.ray_connection import connect_ray
+        from moeforge.platform.launch.ray_connection import connect_ray
 
         connect_ray(num_cpus=1, logging_level=logging.WARNING)
 

@@ -123,7 +123,7 @@ def test_reference_loop_applies_the_scheduled_lambda_and_gamma(tmp_path):
     """4 steps with both boundaries after step 2: the recorded lambda switches 0.3 -> 0.1 and the
     back-propagated loss is lm_loss + lambda * mtp_loss with it; gamma 0.05 -> 0 and the router
     biases stop moving."""
-    from moeforge.platform.reference.loop import ReferenceTrainer
+    from moeforge.platform.train.single import ReferenceTrainer
 
     schedules = {
         "mtp_loss_weight_schedule": [[2 * TOKENS_PER_STEP, 0.1]],
@@ -168,8 +168,8 @@ def test_phase_programs_weight_mtp_by_the_steps_lambda():
     """The pipeline's per-chunk compute with phase programs (parallel.chunk_phases): the lambda given
     to start_step is the one in the recorded loss (the gloo test below runs the one-graph path)."""
     from moeforge.model.config import ModelConfig
-    from moeforge.platform.runtime.stage_compute import MicroBatch, ModelCompute
-    from moeforge.platform.runtime.stages import StageChunk, build_rank, split_layers
+    from moeforge.platform.engine.stage_compute import MicroBatch, ModelCompute
+    from moeforge.platform.engine.stages import StageChunk, build_rank, split_layers
 
     cfg = ModelConfig.from_dict(tiny_model(seq_len=16))
     (spec,) = split_layers(cfg.num_hidden_layers, 1)
@@ -192,8 +192,8 @@ def test_pipeline_applies_the_reference_schedule(tmp_path, monkeypatch):
     """DualPipe pp=2 on two gloo processes, lambda and gamma changing after step 1, evaluated at the
     end: the recorded values, losses, gradient norms, parameters (router biases included) and the
     evaluation's objective all equal the reference loop's."""
-    from moeforge.platform.runtime.local_spawn import spawn_gloo
-    from moeforge.platform.runtime.pipeline_run import train_from_dict
+    from moeforge.platform.launch.local_spawn import spawn_gloo
+    from moeforge.platform.train.pipeline import train_from_dict
     from pipeline_cases import assert_matches_reference, dump_grads, pipeline_record
 
     dump_grads(monkeypatch)

@@ -27,9 +27,9 @@ import uuid
 import boto3
 from moeforge.platform.checkpoint.store import list_checkpoints
 from moeforge.platform.config import TrainConfig
-from moeforge.platform.runtime.launch import launch_training
-from moeforge.platform.runtime.local_spawn import spawn_gloo
-from moeforge.platform.runtime.pipeline_run import train_from_dict
+from moeforge.platform.launch.local_spawn import spawn_gloo
+from moeforge.platform.launch.ray_train import launch_training
+from moeforge.platform.train.pipeline import train_from_dict
 from pipeline_cases import pipeline_config
 
 STEPS = 4

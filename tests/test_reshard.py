@@ -24,9 +24,9 @@ from moeforge.platform.checkpoint.reshard import CheckpointReader, load_model_fr
 from moeforge.platform.checkpoint.state import CheckpointError
 from moeforge.platform.checkpoint.store import list_checkpoints, read_meta
 from moeforge.platform.config import TrainConfig
-from moeforge.platform.reference.loop import ReferenceTrainer
-from moeforge.platform.runtime.local_spawn import spawn_gloo
-from moeforge.platform.runtime.pipeline_run import train_from_dict
+from moeforge.platform.launch.local_spawn import spawn_gloo
+from moeforge.platform.train.pipeline import train_from_dict
+from moeforge.platform.train.single import ReferenceTrainer
 from pipeline_cases import (
     assert_matches_reference,
     dump_grads,

@@ -1,4 +1,4 @@
-"""`make setup`'s plan (platform/runtime/torch_install.py): on a machine without an NVIDIA driver it
+"""`make setup`'s plan (platform/launch/torch_install.py): on a machine without an NVIDIA driver it
 is what setup always did (python3.11, a plain venv, `pip install torch==2.13.0`); with a driver it
 keeps an interpreter's CUDA torch (a venv with --system-site-packages) or installs the CUDA build the
 driver runs; a Python it cannot use is refused with one line and exit status 2.
@@ -14,11 +14,11 @@ import subprocess
 import sys
 
 import pytest
-from moeforge.platform.runtime import torch_install
-from moeforge.platform.runtime.torch_install import Probes, SetupError, TorchBuild, main, make_plan
+from moeforge.platform.launch import torch_install
+from moeforge.platform.launch.torch_install import Probes, SetupError, TorchBuild, main, make_plan
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPT = os.path.join(REPO, "platform", "runtime", "torch_install.py")
+SCRIPT = os.path.join(REPO, "platform", "launch", "torch_install.py")
 INDEX = "https://download.pytorch.org/whl"
 # What the environment could set for make (a user's settings, or the make running this suite)
 MAKE_SETTINGS = ("PYTHON", "SYSTEM_PYTHON", "TORCH_VERSION", "TORCH_CUDA", "MAKEFLAGS", "MFLAGS", "MAKELEVEL")
@@ -236,10 +236,10 @@ def test_the_makefile_runs_the_plan_and_no_longer_sets_the_accelerator():
     lines = proc.stdout.splitlines()
     assert (
         lines[0]
-        == "python3 platform/runtime/torch_install.py --torch-version 2.13.0 venv /nonexistent/moeforge-venv"
+        == "python3 platform/launch/torch_install.py --torch-version 2.13.0 venv /nonexistent/moeforge-venv"
     )
     assert (
-        "python3 platform/runtime/torch_install.py --torch-version 2.13.0 torch /nonexistent/moeforge-venv"
+        "python3 platform/launch/torch_install.py --torch-version 2.13.0 torch /nonexistent/moeforge-venv"
         in lines
     )
     with open(os.path.join(REPO, "Makefile")) as f:

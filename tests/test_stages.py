@@ -9,8 +9,8 @@ import torch
 import yaml
 from moeforge.model.config import ConfigError, ModelConfig
 from moeforge.model.transformer import build_model
-from moeforge.platform.runtime.stages import StageChunk, build_rank, split_layers
-from moeforge.platform.runtime.topology import Topology
+from moeforge.platform.engine.stages import StageChunk, build_rank, split_layers
+from moeforge.platform.engine.topology import Topology
 
 
 def tiny_cfg(**changes) -> ModelConfig:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 from moeforge.model.config import ConfigError
-from moeforge.platform.runtime.topology import Topology
+from moeforge.platform.engine.topology import Topology
 
 
 def test_coords_roundtrip_and_stage_placement():

@@ -121,7 +121,7 @@ def small_config(tmp_path, steps=3, microbatches=1, gamma=0.001, **run) -> Train
 
 
 def run_losses(cfg: TrainConfig) -> list[float]:
-    from moeforge.platform.reference.loop import ReferenceTrainer
+    from moeforge.platform.train.single import ReferenceTrainer
 
     return ReferenceTrainer(cfg, log=lambda line: None).train().losses
 
@@ -142,7 +142,7 @@ def test_microbatching_does_not_change_the_math(tmp_path, microbatches):
 
 
 def test_loss_falls_and_metrics_are_written(tmp_path):
-    from moeforge.platform.reference.loop import ReferenceTrainer
+    from moeforge.platform.train.single import ReferenceTrainer
 
     cfg = small_config(tmp_path, steps=30, eval_every=30)
     lines: list[str] = []
@@ -177,7 +177,7 @@ def _yaml(path):
 
 @pytest.mark.parametrize("gamma", [0.0, 0.05])
 def test_router_bias_update(tmp_path, gamma):
-    from moeforge.platform.reference.loop import ReferenceTrainer
+    from moeforge.platform.train.single import ReferenceTrainer
 
     trainer = ReferenceTrainer(small_config(tmp_path, gamma=gamma), log=lambda line: None)
     gates = [m.gate.e_score_correction_bias for m in trainer.moe_modules]
@@ -205,7 +205,7 @@ def test_router_bias_update(tmp_path, gamma):
 
 def test_run_records_go_to_an_s3_run_dir(s3_server, monkeypatch):
     import boto3
-    from moeforge.platform.reference.loop import ReferenceTrainer
+    from moeforge.platform.train.single import ReferenceTrainer
 
     monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server)  # how a user points boto3 at an S3-compatible store
     s3 = boto3.client("s3", endpoint_url=s3_server)
@@ -222,7 +222,7 @@ def test_run_records_go_to_an_s3_run_dir(s3_server, monkeypatch):
 
 
 def test_resume_from_state_dict_continues_the_same_run(tmp_path):
-    from moeforge.platform.reference.loop import ReferenceTrainer
+    from moeforge.platform.train.single import ReferenceTrainer
 
     straight = run_losses(small_config(tmp_path / "straight", steps=4))
     first = ReferenceTrainer(small_config(tmp_path / "a", steps=4), log=lambda line: None)

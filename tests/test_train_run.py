@@ -16,7 +16,7 @@ from moeforge.platform.checkpoint.store import list_checkpoints, read_meta
 from moeforge.platform.config import TrainConfig
 from moeforge.platform.data.microbatches import default_batch_source
 from moeforge.platform.optim.bad_steps import BadStepError
-from moeforge.platform.reference.loop import ReferenceTrainer
+from moeforge.platform.train.single import ReferenceTrainer
 from test_train_loop import SMALL_MODEL
 
 
@@ -90,7 +90,7 @@ def _die_in_forward(t: ReferenceTrainer) -> type[BaseException]:
 
 
 def _sigterm_in_forward(t: ReferenceTrainer) -> type[BaseException]:
-    from moeforge.platform.reference.loop import Terminated
+    from moeforge.platform.train.single import Terminated
 
     def terminate(module, args):
         if t.step == 3:  # a scheduler stopping the run: the signal lands mid-step
@@ -101,7 +101,7 @@ def _sigterm_in_forward(t: ReferenceTrainer) -> type[BaseException]:
 
 
 def _sigterm_in_update(t: ReferenceTrainer) -> type[BaseException]:
-    from moeforge.platform.reference.loop import Terminated
+    from moeforge.platform.train.single import Terminated
 
     def terminate(optimizer, args, kwargs):
         if t.step == 2:  # inside step 3's update: held until step 3 is complete and recorded

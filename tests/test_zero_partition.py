@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 import weakref
 
-from moeforge.platform.runtime.local_spawn import spawn_gloo
+from moeforge.platform.launch.local_spawn import spawn_gloo
 from pipeline_cases import pipeline_config
 
 
@@ -96,9 +96,9 @@ def _measured_step(runtime) -> dict:
 def _probe(rank: int, world_size: int, raws: list[dict]) -> list[dict]:
     """One measured step of each config on this rank (spawned process)."""
     from moeforge.platform.config import TrainConfig
-    from moeforge.platform.runtime.rank_state import PipelineRuntime
+    from moeforge.platform.engine.rank_engine import RankEngine
 
-    return [_measured_step(PipelineRuntime(TrainConfig.from_dict(raw), rank, world_size)) for raw in raws]
+    return [_measured_step(RankEngine(TrainConfig.from_dict(raw), rank, world_size)) for raw in raws]
 
 
 def test_zero2_partitions_no_more_gradient_than_zero1_here(tmp_path):

@@ -194,7 +194,7 @@ def _read_metrics(run_dir: str) -> list[dict]:
 
 def _train(cfg: CheckpointBenchConfig, mode: str, train_cfg: TrainConfig, log: Callable[[str], None]) -> dict:
     """Train one mode; return its per-step times, save timings and checkpoint facts."""
-    from moeforge.platform.reference.loop import ReferenceTrainer
+    from moeforge.platform.train.single import ReferenceTrainer
 
     run_dir = train_cfg.run.dir
     trainer = ReferenceTrainer(train_cfg, log=lambda line: log(f"[{mode}] {line}"))
@@ -323,7 +323,7 @@ def run(
                     f"run_dir: {train_cfg.run.dir} holds checkpoints of an earlier run; use another run_dir"
                 )
         if cfg.prime_steps:  # the first run in a process pays one-off costs; no mode should
-            from moeforge.platform.reference.loop import ReferenceTrainer
+            from moeforge.platform.train.single import ReferenceTrainer
 
             prime = train_config(cfg, "prime", f"{root}/prime", steps=cfg.prime_steps)
             ReferenceTrainer(prime, log=lambda line: log(f"[prime, untimed] {line}")).train()

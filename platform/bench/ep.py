@@ -1,12 +1,12 @@
 """Expert-parallel all-to-all (`moeforge-bench ep`): bytes and time of the MoE dispatch and combine.
 
-A real all-to-all over gloo between `ep` local processes (platform/runtime/local_spawn.spawn_gloo),
+A real all-to-all over gloo between `ep` local processes (platform/launch/local_spawn.spawn_gloo),
 through the training path's own code, not a re-implementation:
 
     routing     per rank, `tokens_per_rank` tokens, each with top-k distinct expert ids drawn
                 uniformly at random (seeded per rank), not the model's router: with uniform routing
                 a token reaches a rank with probability 1 - C(E - E/ep, k) / C(E, k)
-    plan        platform/moe/dispatch.plan_dispatch on platform/moe/placement.ExpertPlacement: the
+    plan        platform/moe/dispatch.plan_dispatch on platform/moe/expert_placement.ExpertPlacement: the
                 unique (token, rank) pairs, each token sent to a rank once however many of its
                 experts live there; counts exchanged once (exchange_counts), not timed
     payloads    (platform/moe/all_to_all.py, the calls AllToAllDispatch makes)
@@ -168,7 +168,7 @@ def _ep_rank(rank: int, world_size: int, cfg: EPBenchConfig) -> dict:
         fp8_row_bytes,
     )
     from moeforge.platform.moe.dispatch import plan_dispatch
-    from moeforge.platform.moe.placement import ExpertPlacement
+    from moeforge.platform.moe.expert_placement import ExpertPlacement
 
     generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + rank)
     placement = ExpertPlacement(cfg.n_experts, world_size, rank)
@@ -271,8 +271,8 @@ def summarize(ep: int, ranks: list[dict], cfg: EPBenchConfig) -> list[dict]:
 
 def run(cfg: Mapping[str, Any] | EPBenchConfig | None = None, log: Callable[[str], None] = print) -> dict:
     """Run every ep, log the table, write JSON to cfg.output; return the report."""
+    from moeforge.platform.launch.local_spawn import spawn_gloo
     from moeforge.platform.moe.all_to_all import fp8_row_bytes
-    from moeforge.platform.runtime.local_spawn import spawn_gloo
 
     if not isinstance(cfg, EPBenchConfig):
         cfg = build(EPBenchConfig, dict(cfg or {}), "bench.ep")

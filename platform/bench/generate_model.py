@@ -97,7 +97,7 @@ def trained_model(cfg: GenerateBenchConfig, data_dir: str, log: Callable[[str], 
     latest = latest_checkpoint(run_dir) if os.path.isdir(run_dir) else None
     cached = latest is not None and read_meta(latest).step == cfg.train_steps
     if not cached:
-        from moeforge.platform.reference.loop import ReferenceTrainer
+        from moeforge.platform.train.single import ReferenceTrainer
 
         shutil.rmtree(run_dir, ignore_errors=True)  # an interrupted run: start it afresh
         ReferenceTrainer(train_cfg, log=lambda line: log(f"[train] {line}")).train()

@@ -26,7 +26,7 @@ own, under its own `timeout`, and every step even when an earlier one failed. Ev
   against BF16 matmul, torch._scaled_mm and DeepGEMM, each launch config on mlp_up, grouped experts,
   whole layers, quantization against copy), one line per timed row, then its summary; its report to
   --bench-json.
-- train_bf16, train_fp8 (gpu_check_train): the one-process training loop (platform/reference/loop.py's
+- train_bf16, train_fp8 (gpu_check_train): the one-process training loop (platform/train/single.py's
   ReferenceTrainer, device from its `training_device`) on the `small` model for 30 steps, driven
   step by step so that timing starts after the warm-up steps (CUDA context, cuBLAS, Triton
   autotuning): one line per step with the figures so far (tokens/s, MFU, peak memory from

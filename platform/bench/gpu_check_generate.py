@@ -66,7 +66,7 @@ def generate_step(res: Results, device, size: str, **_: Any) -> bool:
     from moeforge.platform.inference.job import run_job
     from moeforge.platform.inference.load import load_for_generation
     from moeforge.platform.inference.requests import encode_prompts
-    from moeforge.platform.reference.loop import ReferenceTrainer
+    from moeforge.platform.train.single import ReferenceTrainer
 
     g = GENERATE[size]
     with tempfile.TemporaryDirectory(prefix="moeforge-gpu-check-") as tmp:

@@ -2,8 +2,8 @@
 
 A single GPU cannot run two NCCL ranks, but one rank (1F1B, pp = dp = 1) in a one-process group
 runs everything of the pipeline path except transfers: the NCCL backend's waits (the host runs on),
-the kernel warm-up and its barrier before step 1, ZeRO-1 through PipelineRuntime, and the step
-timeline read from CUDA events (platform/runtime/step_clock.py) instead of the host clock.
+the kernel warm-up and its barrier before step 1, ZeRO-1 through RankEngine, and the step
+timeline read from CUDA events (platform/engine/step_clock.py) instead of the host clock.
 """
 
 from __future__ import annotations
@@ -30,8 +30,8 @@ def pipeline_step(res: Results, device, size: str, **_: Any) -> bool:
     positive duration inside the step's span; the recorded bubble lies in [0, 1)."""
     from moeforge.platform.config.presets import preset_values
     from moeforge.platform.config.train import TrainConfig
-    from moeforge.platform.runtime.accelerator import bind_device, use_accelerator_for
-    from moeforge.platform.runtime.step_clock import clock_for
+    from moeforge.platform.engine.step_clock import clock_for
+    from moeforge.platform.launch.accelerator import bind_device, use_accelerator_for
 
     p = PIPELINE[size]
     use_accelerator_for(device)  # before deepspeed is imported
@@ -49,7 +49,7 @@ def pipeline_step(res: Results, device, size: str, **_: Any) -> bool:
             "tracking": {"log_timeline": True},
         })  # fmt: skip
         with one_rank_group(device, tmp) as backend:
-            from moeforge.platform.runtime.pipeline_run import run_pipeline_training
+            from moeforge.platform.train.pipeline import run_pipeline_training
 
             log: list[str] = []
             summary = run_pipeline_training(cfg, 0, 1, log=log.append, device=device)

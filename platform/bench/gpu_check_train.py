@@ -85,9 +85,9 @@ def train_step(
     figures so far (a step killed by its timeout loses only what it had not finished), then the
     summary. With `budget_s`, no step starts that would likely end past it (the summary says so)."""
     import torch
-    from moeforge.model.accounting import estimate
+    from moeforge.platform.plan.accounting import estimate
     from moeforge.platform.precision import warm_up_fp8_kernels
-    from moeforge.platform.reference.loop import ReferenceTrainer
+    from moeforge.platform.train.single import ReferenceTrainer
 
     name = f"train_{precision}"
     s = TRAIN[size]

@@ -52,15 +52,15 @@ def zero_step_check(res: Results, device, size: str, **_: Any) -> bool:
     from moeforge.model.transformer import build_model
     from moeforge.platform.data.batches import BatchSource
     from moeforge.platform.data.microbatches import inputs_and_labels
+    from moeforge.platform.launch.accelerator import bind_device, use_accelerator_for
     from moeforge.platform.optim.adamw import build_adamw, clip_grads_with_norm_, global_grad_norm
     from moeforge.platform.optim.lr_schedule import set_lr
-    from moeforge.platform.runtime.accelerator import bind_device, use_accelerator_for
 
     z = ZERO[size]
     use_accelerator_for(device)  # before deepspeed is imported
     device = bind_device(device)
+    from moeforge.platform.engine.topology import Topology, create_process_groups
     from moeforge.platform.optim.zero_step import ZeroStep
-    from moeforge.platform.runtime.topology import Topology, create_process_groups
 
     with tempfile.TemporaryDirectory(prefix="moeforge-gpu-check-") as tmp:
         cfg = train_config(

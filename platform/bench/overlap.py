@@ -132,7 +132,7 @@ def _groups(rank: int, pp: int, ep: int):
     """(pp_rank, ep_rank, this rank's pipeline group, its EP group, its links); every rank creates
     every group in the same order, as torch.distributed requires."""
     import torch.distributed as dist
-    from moeforge.platform.runtime.topology import create_links
+    from moeforge.platform.engine.topology import create_links
 
     pp_rank, ep_rank = divmod(rank, ep)
     pipelines = [dist.new_group([q * ep + e for q in range(pp)]) for e in range(ep)]
@@ -192,8 +192,8 @@ def _synthetic_rank(rank: int, world_size: int, cfg: OverlapBenchConfig, pp: int
     import torch.distributed as dist
     from moeforge.platform.bench.overlap_phases import SleepPhaseCompute
     from moeforge.platform.bench.overlap_torch import torch_dualpipev_steps
-    from moeforge.platform.runtime.executor import PipelineExecutor
-    from moeforge.platform.runtime.p2p import P2P, open_links
+    from moeforge.platform.engine.executor import PipelineExecutor
+    from moeforge.platform.engine.p2p import P2P, open_links
     from moeforge.platform.schedules import build_schedule
 
     ep, microbatches = cfg.ep, cfg.microbatches_per_rank * pp
@@ -293,7 +293,7 @@ def _case_row(name: str, pp: int, order: str | None, per_rank: list[dict], a2a_s
 def run_synthetic(cfg: OverlapBenchConfig) -> tuple[list[dict], list[dict]]:
     """(moeforge rows, torch rows); with cfg.timelines, rank 0's last step of each case as a PNG
     beside the JSON report."""
-    from moeforge.platform.runtime.local_spawn import spawn_gloo
+    from moeforge.platform.launch.local_spawn import spawn_gloo
 
     rows, peers = [], []
     for pp in cfg.pps:
@@ -340,8 +340,8 @@ def _plot_case(schedule: str, order: str | None, pp: int, per_rank: list[dict], 
 # ---- real tiny model -------------------------------------------------------------------------------
 def run_real(cfg: OverlapBenchConfig) -> list[dict]:
     from moeforge.platform.bench.pipeline import PipelineBenchConfig, _real_config
-    from moeforge.platform.runtime.local_spawn import spawn_gloo
-    from moeforge.platform.runtime.pipeline_run import train_from_dict
+    from moeforge.platform.launch.local_spawn import spawn_gloo
+    from moeforge.platform.train.pipeline import train_from_dict
 
     base = PipelineBenchConfig(
         real_model=cfg.real_model,

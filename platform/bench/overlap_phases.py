@@ -23,8 +23,8 @@ import time
 from dataclasses import dataclass
 
 import torch
+from moeforge.platform.engine.chunk_program import Program, run_pair, run_to_end
 from moeforge.platform.moe.all_to_all import CollectiveTracker, launch_all_to_all
-from moeforge.platform.runtime.chunk_program import Program, run_pair, run_to_end
 from moeforge.platform.schedules.phase_costs import ProgramCosts
 
 

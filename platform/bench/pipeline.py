@@ -84,9 +84,9 @@ def _synthetic_rank(
     """Run every (schedule, M) case on this rank's executor; rank 0 returns the measured times."""
     import torch
     import torch.distributed as dist
-    from moeforge.platform.runtime.executor import COMPUTE_RECORD_KINDS, PipelineExecutor, SleepCompute
-    from moeforge.platform.runtime.p2p import P2P, open_links
-    from moeforge.platform.runtime.topology import Topology, create_links
+    from moeforge.platform.engine.executor import COMPUTE_RECORD_KINDS, PipelineExecutor, SleepCompute
+    from moeforge.platform.engine.p2p import P2P, open_links
+    from moeforge.platform.engine.topology import Topology, create_links
     from moeforge.platform.schedules import build_schedule
 
     out = []
@@ -131,7 +131,7 @@ def _synthetic_rank(
 
 
 def run_synthetic(cfg: PipelineBenchConfig) -> list[dict]:
-    from moeforge.platform.runtime.local_spawn import spawn_gloo
+    from moeforge.platform.launch.local_spawn import spawn_gloo
     from moeforge.platform.schedules import Costs, build_schedule, simulate
 
     costs = Costs(f=cfg.f_ms / 1e3, b=cfg.b_ms / 1e3, w=cfg.w_ms / 1e3, fb=(cfg.f_ms + cfg.b_ms) / 1e3)
@@ -211,9 +211,9 @@ def _steady_tokens_per_s(run_dir: str) -> float:
 def run_real(cfg: PipelineBenchConfig) -> list[dict]:
     import torch
     from moeforge.platform.config import TrainConfig
-    from moeforge.platform.reference.loop import ReferenceTrainer
-    from moeforge.platform.runtime.local_spawn import spawn_gloo
-    from moeforge.platform.runtime.pipeline_run import train_from_dict
+    from moeforge.platform.launch.local_spawn import spawn_gloo
+    from moeforge.platform.train.pipeline import train_from_dict
+    from moeforge.platform.train.single import ReferenceTrainer
 
     rows = []
     with tempfile.TemporaryDirectory(prefix="moeforge-bench-") as tmp:

@@ -1,5 +1,5 @@
 """How a run meets its Ray cluster: how long it waits for the workers' resources, and how Ray
-packs the workers onto nodes (platform/runtime/cluster_wait.py and placement.py say what happens after)."""
+packs the workers onto nodes (platform/launch/cluster_wait.py and rank_placement.py say what happens after)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ PLACEMENT_STRATEGIES = ("PACK", "STRICT_PACK", "SPREAD", "STRICT_SPREAD")
 @dataclass
 class RayClusterConfig:
     """The `cluster` section of a training run (not moeforge-estimate's cluster, the hardware a cost
-    estimate assumes: model.accounting.ClusterConfig).
+    estimate assumes: platform.plan.accounting.ClusterConfig).
 
     `wait_s`: how long a run waits for the cluster to host all its workers (an autoscaler adding
     nodes, or other jobs releasing them) before it fails with what it asked for and what the cluster

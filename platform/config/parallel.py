@@ -45,12 +45,12 @@ class ParallelConfig:
     # placed the workers (node ids); a test sets it to pretend several nodes on one machine.
     ep_ranks_per_node: int = 0
     gpu_memory_gb: float = 0.0  # per worker, for the memory plan (moeforge-estimate); 0: unknown
-    # Run stage chunks as phase programs split at the MoE all-to-alls (runtime/chunk_program.py)
+    # Run stage chunks as phase programs split at the MoE all-to-alls (engine/chunk_program.py)
     # instead of one autograd graph each; `overlap` then interleaves the two halves of every F&B
     # pair phase by phase (DualPipe's overlap). Same math either way: on and off are bit-identical.
     chunk_phases: bool = False
     overlap: bool = False
-    # Whose phase opens an overlapped pair (runtime/chunk_program.run_pair): backward_first hides a
+    # Whose phase opens an overlapped pair (engine/chunk_program.run_pair): backward_first hides a
     # short closing phase's transfer (measured by moeforge-bench overlap); forward_first the other.
     overlap_order: str = "backward_first"
     recv_lookahead: int = 2  # receives are posted this many compute actions ahead of need

@@ -8,7 +8,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from moeforge.model.accounting import ARCH_DEEPSEEK_V3
 from moeforge.model.config import ConfigError, ModelConfig, build_config
 from moeforge.platform.config.checkpoint import CheckpointConfig
 from moeforge.platform.config.cluster import RayClusterConfig
@@ -18,6 +17,7 @@ from moeforge.platform.config.parallel import ParallelConfig
 from moeforge.platform.config.precision import PrecisionConfig
 from moeforge.platform.config.run import RunConfig
 from moeforge.platform.config.tracking import TrackingConfig
+from moeforge.platform.plan.accounting import ARCH_DEEPSEEK_V3
 
 _SECTIONS = {
     "run": RunConfig,

@@ -34,8 +34,8 @@ from moeforge.platform.data.tokenizer import (
     train_bpe,
 )
 from moeforge.platform.data.writer import PROGRESS, SPLITS, Progress, SplitWriter
+from moeforge.platform.launch.ray_connection import check_ray_address, connect_ray
 from moeforge.platform.outputs.storage import MiB, S3Options, Storage, open_storage
-from moeforge.platform.runtime.ray_connection import check_ray_address, connect_ray
 
 TOKENIZER_FILE = "tokenizer.json"
 

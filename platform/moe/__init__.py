@@ -1,7 +1,7 @@
 """Expert parallelism: routed experts sharded over the ranks of an EP group, tokens dispatched to
 them and combined back with all-to-alls.
 
-    placement.py     which rank and node holds which expert (one place, from the topology)
+    expert_placement.py which rank and node holds which expert (one place, from the topology)
     all_to_all.py    the collectives, inside autograd: count exchange, token all-to-all (FP8 or
                      the compute dtype), their reverses in backward
     dispatch.py      AllToAllDispatch: the MoE layer's routed part over an EP group, each (token,

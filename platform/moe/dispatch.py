@@ -34,7 +34,7 @@ import torch
 from moeforge.kernels.compute_dtype import compute_dtype
 from moeforge.model.moe import count_per_index, sum_rows_by_index
 from moeforge.platform.moe.all_to_all import all_to_all_rows, dispatch_rows_fp8, exchange_counts
-from moeforge.platform.moe.placement import ExpertPlacement
+from moeforge.platform.moe.expert_placement import ExpertPlacement
 from moeforge.platform.moe.routing_stats import RoutingStats
 from torch import nn
 

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 from moeforge.model.moe import MoE, RoutedExperts
 from moeforge.platform.moe.dispatch import AllToAllDispatch
-from moeforge.platform.moe.placement import ExpertPlacement
+from moeforge.platform.moe.expert_placement import ExpertPlacement
 from moeforge.platform.moe.routing_stats import RoutingStats
 
 

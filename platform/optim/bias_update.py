@@ -1,39 +1,46 @@
-"""Auxiliary-loss-free balancing at the optimizer step: collect expert loads, update router biases.
+"""Auxiliary-loss-free balancing at the optimizer step (DeepSeek-V3's router-bias update).
 
 After every optimizer step each MoE layer's `e_score_correction_bias` moves by
-`gamma * sign(mean_load - load)` using the tokens routed to each expert during that step (all of its
-micro-batches). The pipeline runtime calls the same two functions, with the counts all-reduced over
-the data-parallel (and expert-parallel) group in between, so every replica applies the same update.
+`gamma * sign(mean_load - load)`, from the tokens routed to each expert during that step (all of its
+micro-batches). Both training loops call `update_router_biases`; a pipeline rank passes an
+all-reduce over the ranks holding the same layers, so every copy of a layer applies the same update.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
-from moeforge.model.balance import update_router_biases
 
 
-def collect_load_counts(moe_modules: Sequence[torch.nn.Module]) -> torch.Tensor:
-    """Tokens routed per expert since the last reset, stacked: [n_moe_layers, n_routed_experts] fp32.
-
-    Empty ([0, 0]) for a model (or pipeline stage) without MoE layers."""
-    if not moe_modules:
-        return torch.zeros(0, 0)
-    return torch.stack([m.load_counts.detach().float().clone() for m in moe_modules])
-
-
-def update_balance(moe_modules: Sequence[torch.nn.Module], gamma: float, counts: torch.Tensor) -> None:
-    """Apply the bias update from `counts` ([layers, experts], summed over the whole step and, in a
-    distributed run, over ranks) and reset every layer's load counter for the next step.
+def update_router_biases(
+    moe_modules: Sequence[torch.nn.Module],
+    gamma: float,
+    reduce_counts: Callable[[torch.Tensor], None] | None = None,
+) -> torch.Tensor:
+    """Move every layer's router bias by gamma * sign(mean load - load) (overloaded experts go down)
+    and reset the layers' load counters; return the step's counts [layers, experts] fp32 (empty
+    [0, 0] without MoE layers), summed in place by `reduce_counts` first when given.
 
     gamma = 0 leaves the biases frozen (the counters are still reset)."""
     if not moe_modules:
-        return
-    # The rule itself (bias += gamma * sign(mean - load), shapes checked) lives with the model.
-    update_router_biases(moe_modules, gamma, list(counts))
+        return torch.zeros(0, 0)
     for moe in moe_modules:
-        moe.reset_load()
+        if moe.load_counts.shape != (moe.n_experts,):
+            raise ValueError(
+                f"load counts of MoE layer {moe.layer_id}: shape {tuple(moe.load_counts.shape)}, "
+                f"want ({moe.n_experts},)"
+            )
+    counts = torch.stack([m.load_counts.detach().float().clone() for m in moe_modules])  # [layers, experts]
+    if reduce_counts is not None:
+        reduce_counts(counts)
+    with torch.no_grad():
+        for moe, layer_counts in zip(moe_modules, counts, strict=True):
+            bias = moe.gate.e_score_correction_bias
+            layer_counts = layer_counts.to(bias.device, torch.float32)
+            bias += gamma * torch.sign(layer_counts.mean() - layer_counts)
+            moe.reset_load()
+    return counts
 
 
 def set_balance_loss_scale(moe_modules: Sequence[torch.nn.Module], alpha: float, scale: float) -> None:

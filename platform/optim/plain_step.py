@@ -17,9 +17,9 @@ import torch.distributed as dist
 from moeforge.platform.checkpoint.state import OptimizerState
 from moeforge.platform.config.optim import OptimConfig
 from moeforge.platform.config.precision import PrecisionConfig
+from moeforge.platform.engine.topology import ProcessGroups
 from moeforge.platform.optim.adamw import build_adamw, clip_grads_with_norm_, grad_sq_sum
 from moeforge.platform.optim.lr_schedule import set_lr
-from moeforge.platform.runtime.topology import ProcessGroups
 from torch import nn
 
 

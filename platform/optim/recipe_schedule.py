@@ -10,7 +10,7 @@ holds.
 Like `lr_at`, `recipe_at` is a pure function of (step, config): the reference loop and every rank
 of a pipeline run call it with the same arguments and agree without shared state, and a resumed run
 needs nothing from the checkpoint to continue the schedule. The model never sees a step: the loops
-pass lambda to `Transformer.head_and_loss` / `forward` and gamma to `bias_update.update_balance`.
+pass lambda to `Transformer.head_and_loss` / `forward` and gamma to `bias_update.update_router_biases`.
 """
 
 from __future__ import annotations

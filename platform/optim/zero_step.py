@@ -60,7 +60,7 @@ is told not to move it (`dont_change_device`; DeepSpeed 0.19 takes it only as an
 engine, which `deepspeed.initialize` neither accepts nor passes on, so `_build_engine` builds the
 engine as `initialize` does for a plain module). ZeRO still allocates its flat buffers on the
 accelerator's current device and the engine takes its device from LOCAL_RANK, so both must be the
-module's device (platform/runtime/accelerator.py `bind_device`); `ZeroStep` refuses to start when
+module's device (platform/launch/accelerator.py `bind_device`); `ZeroStep` refuses to start when
 they are not. The reduce and all-gather buckets are `parallel.zero_bucket_elements` (5e7 by default,
 Megatron-DeepSpeed's practice) instead of DeepSpeed's 5e8: a 5e8-element fp32 IPG bucket is 2 GB of
 GPU memory per bucket, committed whether the gradients fill it or not.
@@ -102,9 +102,9 @@ from moeforge.platform.checkpoint.state import CheckpointError
 from moeforge.platform.config.optim import OptimConfig
 from moeforge.platform.config.parallel import ZERO_BUCKET_ELEMENTS
 from moeforge.platform.config.precision import PrecisionConfig
+from moeforge.platform.engine.topology import ProcessGroups
 from moeforge.platform.optim.adamw import build_adamw
 from moeforge.platform.optim.lr_schedule import set_lr
-from moeforge.platform.runtime.topology import ProcessGroups
 from torch import nn
 
 
@@ -191,14 +191,14 @@ def _same_device(a: torch.device, b: torch.device) -> bool:
 def _check_one_device(device: torch.device) -> None:
     """Refuse to build an engine whose device (LOCAL_RANK) or ZeRO buffers (the current device)
     would not be `device`, the module's: DeepSpeed would copy the parameters over silently."""
-    from moeforge.platform.runtime.accelerator import deepspeed_devices
+    from moeforge.platform.launch.accelerator import deepspeed_devices
 
     engine, buffers = deepspeed_devices()
     if not (_same_device(engine, device) and _same_device(buffers, device)):
         raise RuntimeError(
             f"DeepSpeed would put this rank's engine on {engine} (LOCAL_RANK) and ZeRO's buffers on "
             f"{buffers} (the current device), but its module is on {device}: bind the worker's device "
-            "first (moeforge.platform.runtime.accelerator.bind_device)"
+            "first (moeforge.platform.launch.accelerator.bind_device)"
         )
 
 

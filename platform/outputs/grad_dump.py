@@ -67,7 +67,7 @@ def dump_reference_grads(run_dir: str, model: nn.Module) -> None:
 
 
 def dump_pipeline_grads(runtime, grads: dict[int, torch.Tensor]) -> None:
-    """One pipeline rank (`PipelineRuntime`), before its optimizer step: `grads` (id(param) ->
+    """One pipeline rank (`RankEngine`), before its optimizer step: `grads` (id(param) ->
     gradient, left untouched) reduced by the optimizer step's own reduce_gradients. Collective over the shard and
     expert shard groups: every rank calls it at the same point of the step."""
     target = _target(runtime.cfg.run.dir)

@@ -134,7 +134,7 @@ def make_tracker(tracking_cfg: TrackingConfig, run_cfg_dict: Mapping[str, Any], 
 class ConsoleProgress:
     """One progress line every `every` steps (and at the last), throughput averaged over the steps
     since the previous line; MFU = achieved FLOP/s / peak FLOP/s when both FLOP figures are given
-    (`flops_per_token`: training FLOPs per token, e.g. model.accounting; `peak_flops`: all devices).
+    (`flops_per_token`: training FLOPs per token, e.g. platform.plan.accounting; `peak_flops`: all devices).
     `start_step`: the step a resumed run starts from, so the ETA rate counts only this run's steps."""
 
     def __init__(

@@ -1,7 +1,7 @@
 """The cost of DualPipe's overlapped F&B pair from its phases: what parallel.overlap can gain.
 
 A chunk's forward and backward are programs of compute phases with a transfer (an MoE all-to-all)
-after each phase but the last (platform/runtime/chunk_program.py). The overlapped pair runs the
+after each phase but the last (platform/engine/chunk_program.py). The overlapped pair runs the
 two programs phase by phase in turn, as `chunk_program.run_pair` does: with parallel.overlap_order
 backward_first (the default), backward phase 0, forward phase 0, backward phase 1, ...; with
 forward_first the other way round. A phase starts when the compute is free and its own

@@ -1,6 +1,6 @@
 """One pipeline rank's training state and its optimizer step.
 
-`PipelineRuntime(cfg, rank, world_size)` (platform/runtime/pipeline_run.py drives it) is built after torch.distributed is initialised (by Ray
+`RankEngine(cfg, rank, world_size)` (platform/train/pipeline.py drives it) is built after torch.distributed is initialised (by Ray
 Train's TorchConfig, or by a test that spawns gloo processes). Per optimizer step (`train_step`):
 
     data        this dp replica's rows of the global batch, split into M micro-batches in order
@@ -29,7 +29,6 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 from moeforge.kernels.settings import set_reserved_sms
-from moeforge.model.accounting import estimate
 from moeforge.model.balance import ExpertLoad, worst_layer_load
 from moeforge.platform.checkpoint.async_writer import AsyncCheckpointWriter
 from moeforge.platform.checkpoint.reshard import ModelState, model_layout
@@ -48,11 +47,17 @@ from moeforge.platform.checkpoint.store import (
 )
 from moeforge.platform.config.train import TrainConfig
 from moeforge.platform.data.microbatches import default_batch_source, inputs_and_labels, split_microbatches
+from moeforge.platform.engine.executor import PipelineExecutor, StepTrace
+from moeforge.platform.engine.p2p import P2P, open_links
+from moeforge.platform.engine.stage_compute import ForwardCompute, MicroBatch, ModelCompute
+from moeforge.platform.engine.stages import StageChunk, build_rank, split_layers
+from moeforge.platform.engine.step_clock import clock_for
+from moeforge.platform.engine.topology import Topology, create_process_groups
+from moeforge.platform.moe.expert_placement import expert_placement
 from moeforge.platform.moe.install import install_dispatch
-from moeforge.platform.moe.placement import expert_placement
 from moeforge.platform.moe.routing_stats import RoutingStats, routing_summary
 from moeforge.platform.optim.bad_steps import LOSS_SPIKE_FACTOR, injected_data_fault
-from moeforge.platform.optim.bias_update import collect_load_counts, set_balance_loss_scale, update_balance
+from moeforge.platform.optim.bias_update import set_balance_loss_scale, update_router_biases
 from moeforge.platform.optim.lr_schedule import lr_at
 from moeforge.platform.optim.plain_step import PlainStep
 from moeforge.platform.optim.recipe_schedule import RecipeValues, recipe_after, recipe_at
@@ -61,13 +66,8 @@ from moeforge.platform.outputs.grad_dump import dump_pipeline_grads
 from moeforge.platform.outputs.metrics import EvalResult, StepMetrics
 from moeforge.platform.outputs.storage import open_storage
 from moeforge.platform.outputs.timeline import TimelineRecord
+from moeforge.platform.plan.accounting import estimate
 from moeforge.platform.precision import apply_precision, compute_context, warm_up_fp8_kernels
-from moeforge.platform.runtime.executor import PipelineExecutor, StepTrace
-from moeforge.platform.runtime.p2p import P2P, open_links
-from moeforge.platform.runtime.stage_compute import ForwardCompute, MicroBatch, ModelCompute
-from moeforge.platform.runtime.stages import StageChunk, build_rank, split_layers
-from moeforge.platform.runtime.step_clock import clock_for
-from moeforge.platform.runtime.topology import Topology, create_process_groups
 from moeforge.platform.schedules import build_schedule, forward_only
 
 
@@ -102,7 +102,7 @@ class PipelineStepMetrics:
         return {**self.base.to_dict(), **self.pipeline_fields()}
 
 
-class PipelineRuntime:
+class RankEngine:
     """Everything one rank holds: its stage chunks, executor, optimizer and data view."""
 
     def __init__(
@@ -338,10 +338,11 @@ class PipelineRuntime:
         """Sum this step's expert loads over every rank holding each layer, update the router biases
         on every copy alike by `gamma`; return the worst layer's load over the whole model (every
         rank)."""
-        counts = collect_load_counts(self.moe)  # [layers here, experts]
-        if counts.numel() and len(self.groups.ranks["shard"]) > 1:
-            dist.all_reduce(counts, group=self.groups.shard)
-        update_balance(self.moe, gamma, counts)
+        def sum_over_copies(counts: torch.Tensor) -> None:  # [layers here, experts]
+            if len(self.groups.ranks["shard"]) > 1:
+                dist.all_reduce(counts, group=self.groups.shard)
+
+        counts = update_router_biases(self.moe, gamma, sum_over_copies)
         # Each rank holds some layers: gather every rank's worst and keep the worst of those, so max
         # and mean come from the same layer.
         mine = worst_layer_load(counts)

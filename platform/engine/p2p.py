@@ -36,8 +36,8 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
+from moeforge.platform.engine.step_clock import HostClock, StepClock
 from moeforge.platform.outputs.timeline import TimelineRecord
-from moeforge.platform.runtime.step_clock import HostClock, StepClock
 
 
 class PeerTimeout(RuntimeError):

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from moeforge.model.config import ConfigError, build_config
-from moeforge.platform.runtime.network_fabrics import dragonfly_h, slim_fly_shape
+from moeforge.platform.plan.network_fabrics import dragonfly_h, slim_fly_shape
 
 GBIT_BYTES = 1e9 / 8  # bytes per second in one Gb/s (decimal, as link rates are quoted)
 GB = 1e9  # decimal gigabyte, as bandwidths are quoted ("50 GB/s", "900 GB/s")

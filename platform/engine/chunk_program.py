@@ -33,10 +33,10 @@ import torch
 from moeforge.kernels.wgrad_store import WeightGradStore
 from moeforge.model.moe import MoE
 from moeforge.platform.config.parallel import OVERLAP_ORDERS
+from moeforge.platform.engine.stages import StageChunk
 from moeforge.platform.moe.all_to_all import CollectiveTracker
 from moeforge.platform.moe.dispatch import AllToAllDispatch
 from moeforge.platform.moe.phased import MoEPhaseState, PhasedMoE, boundary_leaf, phase_grads
-from moeforge.platform.runtime.stages import StageChunk
 from torch import nn
 
 Program = Generator[None, None, object]  # yields at each launched transfer; returns its result

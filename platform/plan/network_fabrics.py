@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 from moeforge.model.config import ConfigError
 
 if TYPE_CHECKING:  # network_config imports this module to validate Slim Fly and Dragonfly shapes
-    from moeforge.platform.runtime.network_config import NetworkConfig
+    from moeforge.platform.plan.network_config import NetworkConfig
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ A local cluster started here belongs to this process: Ray shuts it down when the
 watcher (no node of a local cluster is ever drained), and its worker processes first run
 `quiet_local_workers`, which drops the one recurring Ray log line that a cluster without the
 dashboard provokes. `drop_log_message` is the scoped filter that uses, shared with the training
-worker (platform/runtime/worker.py), which quiets DeepSpeed and torch the same way.
+worker (platform/launch/worker.py), which quiets DeepSpeed and torch the same way.
 """
 
 from __future__ import annotations

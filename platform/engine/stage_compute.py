@@ -23,8 +23,7 @@ from dataclasses import dataclass
 
 import torch
 from moeforge.kernels.wgrad_store import WeightGradStore
-from moeforge.platform.moe.all_to_all import CollectiveTracker
-from moeforge.platform.runtime.chunk_program import (
+from moeforge.platform.engine.chunk_program import (
     ChunkProgram,
     ChunkRun,
     PhaseHook,
@@ -32,7 +31,8 @@ from moeforge.platform.runtime.chunk_program import (
     run_pair,
     run_to_end,
 )
-from moeforge.platform.runtime.stages import StageChunk
+from moeforge.platform.engine.stages import StageChunk
+from moeforge.platform.moe.all_to_all import CollectiveTracker
 
 
 @dataclass

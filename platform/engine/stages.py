@@ -21,8 +21,8 @@ from moeforge.model.config import ConfigError, ModelConfig
 from moeforge.model.init import init_weights
 from moeforge.model.moe import MoE
 from moeforge.model.transformer import Transformer, build_model
+from moeforge.platform.moe.expert_placement import ExpertPlacement
 from moeforge.platform.moe.install import shard_experts
-from moeforge.platform.moe.placement import ExpertPlacement
 from torch import nn
 
 

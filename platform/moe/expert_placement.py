@@ -119,7 +119,7 @@ def this_node_id() -> str:
 def expert_placement(parallel, n_experts: int, groups, rank: int) -> ExpertPlacement | None:
     """This rank's placement under `parallel` (a ParallelConfig), or None without expert parallelism.
 
-    Nodes come from the run's realized placement (platform/runtime/placement.py: where Ray put the
+    Nodes come from the run's realized placement (platform/launch/rank_placement.py: where Ray put the
     workers, after the ranks were renumbered to the plan). Outside a Ray Train run (spawn_gloo) there
     is none, and the EP group shares its node ids in one collective instead;
     parallel.ep_ranks_per_node pretends nodes instead of either."""
@@ -133,7 +133,7 @@ def expert_placement(parallel, n_experts: int, groups, rank: int) -> ExpertPlace
         return ExpertPlacement.with_ranks_per_node(
             n_experts, parallel.ep, ep_rank, parallel.ep_ranks_per_node
         )
-    from moeforge.platform.runtime.placement import current_placement
+    from moeforge.platform.launch.rank_placement import current_placement
 
     realized = current_placement()
     if realized is not None:

@@ -5,7 +5,7 @@ Two checks, both pure arithmetic on numbers handed in, so they cost nothing and 
 * `check_cluster_fits(parallel, resources)`: a pipeline run needs pp x dp workers, each with
   `parallel.gpus_per_worker` GPUs, `parallel.cpus_per_worker` CPUs and the custom resources of
   `parallel.worker_resources` (`worker_bundle`). `resources` is what the cluster has in total, as
-  `ray.cluster_resources()` reports it. Called by platform.runtime.launch right after it connects
+  `ray.cluster_resources()` reports it. Called by platform.launch.ray_train right after it connects
   to Ray; a 2,048-GPU DeepSeek-V3 run on a small cluster fails there with both numbers
   instead of waiting forever for workers that can never be placed.
 * `check_single_process_fits(model, parallel, machine)`: the one-process reference loop holds the
@@ -14,7 +14,7 @@ Two checks, both pure arithmetic on numbers handed in, so they cost nothing and 
   come on top, so passing this check is necessary, not sufficient.
 
 `describe_shortfall` says the same for a run that waited `cluster.wait_s` in vain
-(platform/runtime/cluster_wait.py: `wait_error`). `machine_resources()` measures this machine in
+(platform/launch/cluster_wait.py: `wait_error`). `machine_resources()` measures this machine in
 the same vocabulary (CPU, GPU, memory, gpu_memory).
 """
 
@@ -24,9 +24,9 @@ import math
 import os
 from collections.abc import Mapping
 
-from moeforge.model.accounting import TRAIN_STATE_BYTES_PER_PARAM, estimate
 from moeforge.model.config import ConfigError, ModelConfig
 from moeforge.platform.config.parallel import ParallelConfig
+from moeforge.platform.plan.accounting import TRAIN_STATE_BYTES_PER_PARAM, estimate
 
 GB = 1e9
 _EPS = 1e-9  # fractional resources (0.5 GPU per worker) add up with float rounding

@@ -4,9 +4,9 @@ CUDA torch the machine already has, and which torch to install when it has none.
 The Makefile runs this file with the system python before the venv exists, so it uses the standard
 library only (no moeforge imports, nothing newer than Python 3.8):
 
-    python3 platform/runtime/torch_install.py plan         # print the plan; change nothing
-    python3 platform/runtime/torch_install.py venv .venv   # create the venv the plan says
-    python3 platform/runtime/torch_install.py torch .venv  # install torch into it, unless it has one
+    python3 platform/launch/torch_install.py plan         # print the plan; change nothing
+    python3 platform/launch/torch_install.py venv .venv   # create the venv the plan says
+    python3 platform/launch/torch_install.py torch .venv  # install torch into it, unless it has one
 
 The plan:
 - No NVIDIA driver (nvidia-smi missing or failing): Python 3.11, a plain venv, and

@@ -15,8 +15,8 @@
      and waits at most `cluster.wait_s` (cluster_wait.py: `workers_wait_at_most`), then fails naming
      what it asked for and what the cluster has (a ConfigError, `cluster.wait_s: ...`);
   4. runs a Ray Train `TorchTrainer` with pp x dp workers (one bundle each, `cluster.placement_strategy`);
-     every worker is the actor owning its pipeline stage(s) (platform/runtime/worker.py). The
-     workers first agree which world rank runs where (platform/runtime/placement.py: EP groups
+     every worker is the actor owning its pipeline stage(s) (platform/launch/worker.py). The
+     workers first agree which world rank runs where (platform/launch/rank_placement.py: EP groups
      inside nodes first, then pipeline neighbours); rank 0 prints the mapping and saves it as
      <run.dir>/placement.json. A worker that dies (a lost node, SIGKILL, an
      exception) makes Ray Train restart the whole group, up to checkpoint.max_failures times
@@ -36,12 +36,12 @@ import os
 
 from moeforge.model.config import ConfigError
 from moeforge.platform.config.train import TrainConfig
+from moeforge.platform.engine.comm_record import RECORD_ENV
+from moeforge.platform.engine.stages import split_layers
+from moeforge.platform.engine.topology import Topology
+from moeforge.platform.launch.accelerator import ACCELERATOR_ENV, AcceleratorError, use_accelerator_for
+from moeforge.platform.launch.ray_connection import connect_ray
 from moeforge.platform.outputs.grad_dump import GRAD_DUMP_ENV
-from moeforge.platform.runtime.accelerator import ACCELERATOR_ENV, AcceleratorError, use_accelerator_for
-from moeforge.platform.runtime.comm_record import RECORD_ENV
-from moeforge.platform.runtime.ray_connection import connect_ray
-from moeforge.platform.runtime.stages import split_layers
-from moeforge.platform.runtime.topology import Topology
 from moeforge.platform.schedules import Schedule, ScheduleError, build_schedule, forward_only, validate
 
 
@@ -74,7 +74,7 @@ def validate_pipeline(cfg: TrainConfig) -> Schedule:
 
 def check_deepspeed_env(cfg: TrainConfig) -> None:
     """Refuse, before any worker starts, a DS_ACCELERATOR that the workers' device would refuse
-    (platform/runtime/accelerator.py): ZeRO runs on DeepSpeed, whose accelerator must follow it.
+    (platform/launch/accelerator.py): ZeRO runs on DeepSpeed, whose accelerator must follow it.
     The workers of a local cluster inherit this process's environment, and so do those of a
     cluster this job was submitted to (the head's environment, which its driver runs in)."""
     if cfg.parallel.zero_stage == 0 or ACCELERATOR_ENV not in os.environ:
@@ -110,14 +110,14 @@ def launch_training(cfg: TrainConfig, raw_config: dict | None = None) -> dict:
     """Run a pipeline-parallel training job on Ray; return rank 0's summary dict."""
     from moeforge.platform.checkpoint.resume import check_resumable, resume_point
     from moeforge.platform.checkpoint.store import checkpoint_path, read_meta
-    from moeforge.platform.runtime.cluster_check import check_cluster_fits, worker_bundle
-    from moeforge.platform.runtime.cluster_wait import (
+    from moeforge.platform.launch.cluster_check import check_cluster_fits, worker_bundle
+    from moeforge.platform.launch.cluster_wait import (
         is_start_timeout,
         note_wait,
         wait_error,
         workers_wait_at_most,
     )
-    from moeforge.platform.runtime.placement import clear_placement
+    from moeforge.platform.launch.rank_placement import clear_placement
 
     validate_pipeline(cfg)
     resume_step = resume_point(cfg)  # run.dir and its checkpoints: refused now, not on a worker
@@ -128,7 +128,7 @@ def launch_training(cfg: TrainConfig, raw_config: dict | None = None) -> dict:
     check_deepspeed_env(cfg)  # the workers inherit this environment (a local cluster, or the head's)
     note_wait(cfg.parallel, cfg.cluster)
 
-    from moeforge.platform.runtime.worker import train_loop_per_worker
+    from moeforge.platform.launch.worker import train_loop_per_worker
     from ray.train import FailureConfig, RunConfig, ScalingConfig, TrainingFailedError
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -185,7 +185,7 @@ def launch_training(cfg: TrainConfig, raw_config: dict | None = None) -> dict:
 
 def _ranks_of_ray_ranks(run_dir: str) -> dict[int, int]:
     """Ray Train rank -> moeforge world rank, from the run's placement.json (empty: the same)."""
-    from moeforge.platform.runtime.placement import read_placement
+    from moeforge.platform.launch.rank_placement import read_placement
 
     record = read_placement(run_dir)
     if not record:

@@ -5,7 +5,7 @@ CPU run completes whatever order the ranks post their transfers in. NCCL does no
 ungrouped point-to-point ops of one (process group, pair of ranks) in posting order on one stream,
 and every member of a group must issue its collectives in the same order. A gloo run can therefore
 pass while the same code would hang on GPUs. Recording what each rank really posts, and holding
-the record to NCCL's rules (`moeforge.platform.runtime.nccl_rules`), makes a CPU pass mean
+the record to NCCL's rules (`moeforge.platform.engine.nccl_rules`), makes a CPU pass mean
 something for a GPU run.
 
 `start_recording(directory)` wraps the point-to-point and collective functions of

@@ -16,7 +16,7 @@ Stages come from `stages.split_layers` (even, or `parallel.layers_per_stage`) an
 the MTP modules on the last stage, plus an embedding copy there when the first stage is elsewhere (MTP
 embeds the shifted tokens). With expert parallelism each MoE block keeps n_routed_experts / ep routed
 experts; attention, norms, router and shared experts are whole on every rank. Counts come from
-model/accounting.py; tests/test_memory_plan.py holds them to the numel of meta-built ranks.
+platform/plan/accounting.py; tests/test_memory_plan.py holds them to the numel of meta-built ranks.
 
 Bytes per parameter: what moeforge stores (not V3's BF16 weight copy)
 --------------------------------------------------------------------
@@ -93,12 +93,12 @@ import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
-from moeforge.model.accounting import block_params, mtp_module_params, routed_expert_params
 from moeforge.model.config import ConfigError, ModelConfig
 from moeforge.platform.config.precision import PrecisionConfig
 from moeforge.platform.config.train import TrainConfig
-from moeforge.platform.runtime.stages import StageSpec, split_layers
-from moeforge.platform.runtime.topology import Topology
+from moeforge.platform.engine.stages import StageSpec, split_layers
+from moeforge.platform.engine.topology import Topology
+from moeforge.platform.plan.accounting import block_params, mtp_module_params, routed_expert_params
 from moeforge.platform.schedules import ScheduleError, build_schedule
 from moeforge.platform.schedules.dataflow import compute_parts
 

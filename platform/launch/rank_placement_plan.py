@@ -1,9 +1,9 @@
 """The placement plan: which world rank runs on which node (pure: no Ray, no torch.distributed).
 
 Realizing it on Ray (the workers' node reports, renumbering, the process group, placement.json) is
-platform/runtime/placement.py; waiting for the cluster's nodes is platform/runtime/cluster_wait.py.
+platform/launch/rank_placement.py; waiting for the cluster's nodes is platform/launch/cluster_wait.py.
 
-The plan (`plan_placement`, pure) takes the run's layout (platform/runtime/topology.py: world rank ->
+The plan (`plan_placement`, pure) takes the run's layout (platform/engine/topology.py: world rank ->
 pp, dp and EP coordinates) and the nodes with the number of workers each can host, and puts
 
 1. the ranks of one EP group on as few nodes as the slots allow: the MoE all-to-all is the heaviest
@@ -30,7 +30,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from moeforge.model.config import ConfigError
-from moeforge.platform.runtime.topology import Topology
+from moeforge.platform.engine.topology import Topology
 
 
 # ---- the plan -------------------------------------------------------------------------------------

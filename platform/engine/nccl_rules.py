@@ -15,7 +15,7 @@ NCCL, as PyTorch's ProcessGroupNCCL drives it:
 
 `violations(per_rank)` lists every break of these rules (the first per pair or group), each
 naming the group, the ranks, the position and both call sites. `python -m
-moeforge.platform.runtime.nccl_rules DIR` checks a recorded directory (exit 1 on a violation).
+moeforge.platform.engine.nccl_rules DIR` checks a recorded directory (exit 1 on a violation).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import sys
 from collections import defaultdict
 from dataclasses import dataclass, field
 
-from moeforge.platform.runtime.comm_record import COLLECTIVES, POINT_TO_POINT
+from moeforge.platform.engine.comm_record import COLLECTIVES, POINT_TO_POINT
 
 
 @dataclass
@@ -180,7 +180,7 @@ def summarize(per_rank: dict[int, list[dict]]) -> Summary:
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 1:
-        print("usage: python -m moeforge.platform.runtime.nccl_rules DIR (a comm_record directory)")
+        print("usage: python -m moeforge.platform.engine.nccl_rules DIR (a comm_record directory)")
         return 2
     try:
         per_rank = load_records(args[0])

@@ -6,7 +6,7 @@ network section (table and JSON). Pure arithmetic, no torch.
     plan = plan_network(model_cfg, cluster, net, name="h800_ib")    # moeforge-estimate network=...
     format_network(plan), plan.to_dict()
 
-The pieces, one job each (flat in platform/runtime/):
+The pieces, one job each (in the plan room):
     network_config.py    NetworkConfig: the network, EP precision and workload, validated
     network_traffic.py   EP bytes per token (node-limited routing), the DualPipe overlap check,
                          the decode bound; each formula with its source
@@ -28,11 +28,11 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from moeforge.model.accounting import ClusterConfig
 from moeforge.model.config import ModelConfig
-from moeforge.platform.runtime.network_config import GB, NetworkConfig
-from moeforge.platform.runtime.network_fabrics import Fabric, fabrics
-from moeforge.platform.runtime.network_traffic import (
+from moeforge.platform.plan.accounting import ClusterConfig
+from moeforge.platform.plan.network_config import GB, NetworkConfig
+from moeforge.platform.plan.network_fabrics import Fabric, fabrics
+from moeforge.platform.plan.network_traffic import (
     DecodeBound,
     EPTraffic,
     OverlapCheck,

@@ -40,7 +40,7 @@ tokens per GPU:
     compute  = T x (training FLOPs of one MoE block per token) / (peak_tflops x mfu)
     hidden   when comm <= compute
 
-The block's FLOPs come from model/accounting.py's `estimate` (its convention: 6 N_matmul + causal
+The block's FLOPs come from platform/plan/accounting.py's `estimate` (its convention: 6 N_matmul + causal
 attention, at the model's seq_len).
 
 The decode bound (the paper's section 2.3.2)
@@ -65,9 +65,9 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from moeforge.model.accounting import ClusterConfig, estimate
 from moeforge.model.config import ConfigError, ModelConfig
-from moeforge.platform.runtime.network_config import DTYPE_BYTES, NetworkConfig
+from moeforge.platform.plan.accounting import ClusterConfig, estimate
+from moeforge.platform.plan.network_config import DTYPE_BYTES, NetworkConfig
 
 FP8_TILE = 128  # V3 quantizes activations per 1 x 128 tile ...
 FP8_SCALE_BYTES = 4  # ... with one FP32 scale each
@@ -153,7 +153,7 @@ def ep_traffic(cfg: ModelConfig, net: NetworkConfig) -> EPTraffic:
 
 
 def moe_block_train_flops(cfg: ModelConfig) -> float:
-    """Training FLOPs per token of one MoE block (forward + backward), by model/accounting.py's count:
+    """Training FLOPs per token of one MoE block (forward + backward), by platform/plan/accounting.py's count:
     the estimate of the model cut right after an MoE block minus the estimate cut right before it
     (everything else -- embedding, head, the other blocks -- cancels)."""
     first = next(i for i in range(cfg.num_hidden_layers) if cfg.is_moe_layer(i))

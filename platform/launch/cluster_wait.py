@@ -1,7 +1,7 @@
 """Waiting for the cluster (driver): at most `cluster.wait_s` for the run's workers, then a clear error.
 
-Which rank runs on which node is platform/runtime/placement_plan.py (the plan) and
-platform/runtime/placement.py (its realization in the workers).
+Which rank runs on which node is platform/launch/rank_placement_plan.py (the plan) and
+platform/launch/rank_placement.py (its realization in the workers).
 
 Ray Train's own worker-group start waits at most `cluster.wait_s` for its placement group (`workers_wait_at_most`), whose pending demand is what makes an autoscaler
 add nodes, and which then gets those very nodes; past that the run fails with what it asked for
@@ -45,7 +45,7 @@ def note_wait(parallel, cluster, log=print) -> bool:
     """Say so (one line) when the cluster has too little free right now for the run's workers, so a
     launch that waits for an autoscaler or for other jobs is not silent. Returns whether it said so."""
     import ray
-    from moeforge.platform.runtime.cluster_check import worker_bundle
+    from moeforge.platform.launch.cluster_check import worker_bundle
 
     free = ray.available_resources()
     bundle = {k: v for k, v in worker_bundle(parallel).items() if v > 0}
@@ -69,7 +69,7 @@ def wait_error(parallel, cluster) -> ConfigError:
     """The error of a run whose workers found no room within `cluster.wait_s`: what it asked for and
     what the cluster has now (totals and free), in cluster_check's words."""
     import ray
-    from moeforge.platform.runtime.cluster_check import describe_shortfall
+    from moeforge.platform.launch.cluster_check import describe_shortfall
 
     return ConfigError(
         f"cluster.wait_s: the cluster could not host the run's {parallel.world_size} workers within "

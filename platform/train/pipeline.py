@@ -16,7 +16,7 @@ Around the steps (`run_pipeline_training`, mirroring the reference loop's `train
     warm-up     before the first step every rank compiles and tunes its Triton kernels on the
                 step's shapes, then a barrier (rank 0 logs how long the slowest rank took)
     failure     rank 0 records what it has (metrics, summary.json with status "failed" and its
-                error); the driver (platform/runtime/launch.py) then names every failed rank in the summary.
+                error); the driver (platform/launch/ray_train.py) then names every failed rank in the summary.
                 No failure checkpoint: that would need every rank alive and at a common step.
                 Within checkpoint.max_failures Ray Train restarts the group, which resumes.
 """
@@ -29,11 +29,11 @@ import torch
 import torch.distributed as dist
 from moeforge.platform.config.cadence import Cadence
 from moeforge.platform.config.train import TrainConfig
+from moeforge.platform.engine.comm_record import record_comm_from_env
+from moeforge.platform.engine.rank_engine import RankEngine
 from moeforge.platform.optim.bad_steps import BadStepPolicy
 from moeforge.platform.outputs.pipeline_report import PipelineReport
 from moeforge.platform.outputs.storage import open_storage
-from moeforge.platform.runtime.comm_record import record_comm_from_env
-from moeforge.platform.runtime.rank_state import PipelineRuntime
 
 
 def load_pipeline_params(run_dir: str) -> dict[str, torch.Tensor]:
@@ -71,14 +71,14 @@ def run_pipeline_training(
     device: torch.device | str = "cpu",
     restarted_resumes: bool = False,
 ) -> dict | None:
-    """The whole run on one rank; rank 0 returns the summary (see platform/runtime/worker.py).
+    """The whole run on one rank; rank 0 returns the summary (see platform/launch/worker.py).
 
     `report` (Ray Train's, a barrier) is called on EVERY rank at the same steps (each log step and
     the last), with rank 0's metrics; other ranks pass an empty dict. Evaluation and checkpoints are
     collective too: every rank takes part at the same steps. `restarted_resumes`: this run may be a
     restarted worker group (checkpoint.max_failures), which resumes its own newest checkpoint."""
     record_comm_from_env()
-    runtime = PipelineRuntime(cfg, rank, world_size, source=source, device=device, log=log)
+    runtime = RankEngine(cfg, rank, world_size, source=source, device=device, log=log)
     resumed = runtime.resume(restarted=restarted_resumes)
     warmed = runtime.warm_up_kernels()
     if warmed is not None:
@@ -129,7 +129,7 @@ def run_pipeline_training(
     return reporter.finish_pipeline() if reporter is not None else None
 
 
-def _rank0_report(cfg: TrainConfig, runtime: PipelineRuntime, log, resumed: str | None) -> PipelineReport:
+def _rank0_report(cfg: TrainConfig, runtime: RankEngine, log, resumed: str | None) -> PipelineReport:
     peak = cfg.parallel.peak_tflops_per_worker * 1e12 * runtime.topo.world_size
     return PipelineReport(
         cfg,

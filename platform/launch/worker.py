@@ -2,13 +2,13 @@
 
 Ray Train's TorchConfig has already joined the workers in one torch.distributed group (gloo on CPU,
 NCCL on GPU) when `train_loop_per_worker` starts. The workers then agree which world rank each
-runs as (platform/runtime/placement.py: EP groups inside nodes first, then pipeline neighbours,
+runs as (platform/launch/rank_placement.py: EP groups inside nodes first, then pipeline neighbours,
 for the nodes Ray put them on; the group is made again when that renumbers Ray Train's ranks),
 rank 0 prints the mapping and saves placement.json, and the pipeline runtime builds its own groups
 from the topology on top of that group.
 
 Before any of that, the worker fixes its device for moeforge and DeepSpeed alike
-(platform/runtime/accelerator.py): DeepSpeed's accelerator from the device, chosen before deepspeed
+(platform/launch/accelerator.py): DeepSpeed's accelerator from the device, chosen before deepspeed
 is first imported in this process, and on CUDA the current device and LOCAL_RANK set to the GPU Ray
 Train assigned.
 """
@@ -22,7 +22,7 @@ import os
 import sys
 import warnings
 
-from moeforge.platform.runtime.ray_connection import drop_log_message
+from moeforge.platform.launch.ray_connection import drop_log_message
 
 
 def _quiet_ray_train_report_log() -> None:
@@ -82,7 +82,7 @@ def _bind_worker_device(parallel_cfg):
     GPUs (parallel.gpus_per_worker), else the CPU. With ZeRO (DeepSpeed), DS_ACCELERATOR is set from
     it; call this before anything imports deepspeed. Returns the device."""
     import torch
-    from moeforge.platform.runtime.accelerator import bind_device, use_accelerator_for
+    from moeforge.platform.launch.accelerator import bind_device, use_accelerator_for
 
     if parallel_cfg.gpus_per_worker > 0:
         from ray.train.torch import get_device
@@ -99,9 +99,9 @@ def _bind_worker_device(parallel_cfg):
 def train_loop_per_worker(config: dict) -> None:
     import ray.train
     import torch
-    from moeforge.platform.runtime.pipeline_run import run_pipeline_training
-    from moeforge.platform.runtime.placement import format_placement, place_workers, write_placement
-    from moeforge.platform.runtime.topology import Topology
+    from moeforge.platform.engine.topology import Topology
+    from moeforge.platform.launch.rank_placement import format_placement, place_workers, write_placement
+    from moeforge.platform.train.pipeline import run_pipeline_training
 
     _quiet_ray_train_report_log()
     _quiet_third_party_console()
@@ -112,7 +112,7 @@ def train_loop_per_worker(config: dict) -> None:
     # deepspeed before its accelerator is chosen.
     device = _bind_worker_device(par)
     if config.get("record_comm"):  # before DeepSpeed's comm backend keeps references to torch's calls
-        from moeforge.platform.runtime.comm_record import start_recording
+        from moeforge.platform.engine.comm_record import start_recording
 
         start_recording(config["record_comm"])
     if config.get("dump_grads"):  # the driver's MOEFORGE_DUMP_GRADS (platform/outputs/grad_dump.py)

@@ -1,9 +1,10 @@
 """Run a function on N local processes joined in a gloo process group (no Ray).
 
 Used by the pipeline benchmark and by tests that exercise the executor without paying Ray Train's
-start-up; `moeforge-train` itself always goes through Ray (platform/runtime/launch.py).
+start-up; `moeforge-train` itself always goes through Ray (platform/launch/ray_train.py).
 
-The processes come from a forkserver that has imported torch, DeepSpeed and the training code once:
+The processes come from a forkserver that has imported torch, DeepSpeed and the training code once,
+and done DeepSpeed's first-use communication work (`deepspeed_comm_preload`):
 a fresh interpreter per rank re-imports all of it (seconds of CPU per rank, paid by every call),
 while a fork of the server starts in milliseconds. The server only imports, never computes, so
 no thread pool exists to be broken by the fork. Each rank takes the caller's environment and
@@ -12,7 +13,7 @@ working directory as they are at the call, as a spawned process would, not the s
 The ranks are gloo ranks, so they train on the CPU and DeepSpeed's accelerator is "cpu". DeepSpeed
 fixes its accelerator when it is imported, which the server does once for every rank: the server is
 started with DS_ACCELERATOR=cpu, whatever the caller's environment says, and each rank then checks
-its accelerator as a Ray worker does (platform/runtime/accelerator.py): a caller's DS_ACCELERATOR
+its accelerator as a Ray worker does (platform/launch/accelerator.py): a caller's DS_ACCELERATOR
 other than "cpu" is refused there.
 """
 
@@ -26,7 +27,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch.multiprocessing as mp
-from moeforge.platform.runtime.accelerator import ACCELERATOR_ENV, use_accelerator_for
+from moeforge.platform.launch.accelerator import ACCELERATOR_ENV, use_accelerator_for
 
 
 def _free_port() -> int:
@@ -40,9 +41,10 @@ _PRELOAD = [
     "torch",
     "torch.distributed",
     "deepspeed",
-    "moeforge.platform.runtime.local_spawn",
-    "moeforge.platform.runtime.pipeline_run",
-    "moeforge.platform.reference.loop",
+    "moeforge.platform.launch.deepspeed_comm_preload",
+    "moeforge.platform.launch.local_spawn",
+    "moeforge.platform.train.pipeline",
+    "moeforge.platform.train.single",
 ]
 
 

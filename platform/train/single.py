@@ -86,11 +86,7 @@ from moeforge.platform.optim.bad_steps import (
     injected_data_fault,
     is_finite_step,
 )
-from moeforge.platform.optim.bias_update import (
-    collect_load_counts,
-    set_balance_loss_scale,
-    update_balance,
-)
+from moeforge.platform.optim.bias_update import set_balance_loss_scale, update_router_biases
 from moeforge.platform.optim.lr_schedule import lr_at, set_lr
 from moeforge.platform.optim.recipe_schedule import recipe_after, recipe_at
 from moeforge.platform.outputs.grad_dump import dump_reference_grads
@@ -123,7 +119,7 @@ def flops_per_token(cfg: TrainConfig) -> float | None:
     """Training FLOPs per token (main model + MTP) for MFU, when a peak FLOP/s is configured."""
     if not cfg.parallel.peak_tflops_per_worker:
         return None
-    from moeforge.model.accounting import estimate
+    from moeforge.platform.plan.accounting import estimate
 
     return estimate(cfg.model).run_flops_per_token
 
@@ -316,9 +312,7 @@ class ReferenceTrainer:
     def balance(self, gamma: float) -> ExpertLoad:
         """Router-bias update by `gamma` (the step's scheduled bias update speed) from this step's
         expert loads; return the worst layer's load."""
-        counts = collect_load_counts(self.moe_modules)  # [moe_layers, experts]
-        update_balance(self.moe_modules, gamma, counts)
-        return worst_layer_load(counts)
+        return worst_layer_load(update_router_biases(self.moe_modules, gamma))  # [moe_layers, experts]
 
     def train_step(self, batch: torch.Tensor) -> StepMetrics:
         """One optimizer step on one global batch. A non-finite loss or gradient norm skips the
