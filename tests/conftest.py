@@ -33,9 +33,8 @@ RAY_GROUP = "ray"
 def pytest_collection_modifyitems(config, items):
     """Under `pytest -n N --dist loadgroup`: every test that runs Ray (the session's `ray_cluster`,
     or a cluster of its own) is in one group, run one after another by one worker while the other
-    workers take the rest. Ray's tests spend much of their time waiting on actors starting, nodes
-    joining and health checks: beside a computing worker the cores stay busy, while two Ray tests at
-    once slow each other down (docs/testing.md). Every other module is a group of its own, so its module-scoped fixtures (a
+    workers take the rest, so that two Ray clusters never start their workers at once
+    (docs/testing.md). Every other module is a group of its own, so its module-scoped fixtures (a
     trained run, a reference) are built once, in one worker. The Ray group is the longest and comes
     first; `make test` passes --no-loadscope-reorder, which keeps this order. Without xdist the
     marks change nothing."""
