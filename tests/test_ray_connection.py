@@ -21,15 +21,15 @@ import time
 
 import pytest
 from moeforge.model.config import ConfigError
-from moeforge.platform.launch import ray_connection
 from moeforge.platform.launch.ray_connection import (
     RayConnectionError,
     check_ray_address,
     connect_ray,
-    drop_log_message,
     quiet_local_workers,
     reachable_address,
 )
+from moeforge.platform.outputs import log_filters
+from moeforge.platform.outputs.log_filters import drop_log_message
 
 from tests.conftest import free_port
 
@@ -182,7 +182,7 @@ def test_worker_hook_drops_only_the_placement_group_cleaners_failed_query(caplog
     logger = logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner")
     quiet_local_workers()
     quiet_local_workers()  # once per process, however often Ray runs it
-    assert sum(isinstance(f, ray_connection._DropMessage) for f in logger.filters) == 1
+    assert sum(isinstance(f, log_filters._DropMessage) for f in logger.filters) == 1
     with caplog.at_level(logging.WARNING):
         logger.warning("Failed to query Ray Train Controller actor state. State API may be temporarily unavailable.")
         logger.warning("Failed to clean up placement group: boom")

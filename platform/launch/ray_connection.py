@@ -17,8 +17,7 @@ A local cluster started here belongs to this process: Ray shuts it down when the
 `ray.shutdown()` themselves. It runs without the dashboard and without Ray Train's preemption
 watcher (no node of a local cluster is ever drained), and its worker processes first run
 `quiet_local_workers`, which drops the one recurring Ray log line that a cluster without the
-dashboard provokes. `drop_log_message` is the scoped filter that uses, shared with the training
-worker (platform/launch/worker.py), which quiets DeepSpeed and torch the same way.
+dashboard provokes, with `moeforge.platform.outputs.log_filters.drop_log_message`.
 """
 
 from __future__ import annotations
@@ -29,6 +28,7 @@ import socket
 from types import ModuleType
 
 from moeforge.model.config import ConfigError
+from moeforge.platform.outputs.log_filters import drop_log_message
 
 RAY_ADDRESS = "RAY_ADDRESS"
 # Ray Train's controller starts a PreemptionWatcher per worker group, which polls for nodes being
@@ -87,33 +87,6 @@ def connect_ray(
             f"RAY_ADDRESS={address}: could not join the Ray cluster at {target}: {reason[:300]}"
         ) from None
     return ray
-
-
-class _DropMessage(logging.Filter):
-    """Drops a logger's records whose message starts with `prefix` (and, given `source`, whose file
-    path contains it); the rest pass."""
-
-    def __init__(self, prefix: str, source: str | None = None) -> None:
-        super().__init__()
-        self.prefix, self.source = prefix, source
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if self.source is not None and self.source not in record.pathname.replace(os.sep, "/"):
-            return True
-        return not record.getMessage().startswith(self.prefix)
-
-
-def drop_log_message(logger_name: str, prefix: str, source: str | None = None) -> None:
-    """Drop the records of logger `logger_name` ("" is the root logger) whose message starts with
-    `prefix` and, given `source`, that come from a file whose path contains `source` (e.g.
-    "deepspeed/comm/"). Once per process and message; the logger's other records pass as before.
-
-    A logger's filter sees the records logged on that logger itself, before any handler."""
-    logger = logging.getLogger(logger_name)
-    if not any(
-        isinstance(f, _DropMessage) and (f.prefix, f.source) == (prefix, source) for f in logger.filters
-    ):
-        logger.addFilter(_DropMessage(prefix, source))
 
 
 def quiet_local_workers() -> None:

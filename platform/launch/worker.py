@@ -22,7 +22,7 @@ import os
 import sys
 import warnings
 
-from moeforge.platform.launch.ray_connection import drop_log_message
+from moeforge.platform.outputs.log_filters import drop_log_message
 
 
 def _quiet_ray_train_report_log() -> None:

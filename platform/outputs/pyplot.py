@@ -7,7 +7,7 @@ directory is not writable). Import `plt` from here, never matplotlib.pyplot dire
 from __future__ import annotations
 
 import matplotlib
-from moeforge.platform.launch.ray_connection import drop_log_message
+from moeforge.platform.outputs.log_filters import drop_log_message
 
 matplotlib.use("Agg")
 # set before pyplot imports the font manager, which is when the cache is built and the line logged
