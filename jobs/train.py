@@ -88,11 +88,11 @@ def _train(cfg: DictConfig) -> None:
     try:
         if config.parallel.schedule == "single":
             from moeforge.platform.launch.cluster_check import check_single_process_fits, machine_resources
-            from moeforge.platform.train.single import ReferenceTrainer
+            from moeforge.platform.train.trainer import Trainer
 
             check_single_process_fits(config.model, config.parallel, machine_resources())
 
-            ReferenceTrainer(config).train()
+            Trainer.single(config).train()
         else:
             from moeforge.platform.launch.ray_train import PipelineRunError, launch_training
 

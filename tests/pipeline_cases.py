@@ -13,9 +13,11 @@ from dataclasses import dataclass
 import torch
 import yaml
 from moeforge.platform.config import TrainConfig
+from moeforge.platform.data.microbatches import default_batch_source
 from moeforge.platform.outputs.grad_dump import GRAD_DUMP_ENV, load_grads
 from moeforge.platform.train.pipeline import load_pipeline_params
-from moeforge.platform.train.single import ReferenceTrainer
+from moeforge.platform.train.single import SingleProcessEngine
+from moeforge.platform.train.trainer import Trainer
 
 # Tolerances of the comparison (relative, every step). Measured on the cases of the executor, Ray and
 # integration tests: losses <= 1.1e-8, grad norms <= 9.4e-8 (DeepSpeed and PlainStep add the squares
@@ -108,10 +110,10 @@ def pipeline_record(run_dir) -> RunRecord:
     return run_record(run_dir, load_pipeline_params(str(run_dir)))
 
 
-def reference_run(raw: dict, run_dir, trainer_cls: type[ReferenceTrainer] = ReferenceTrainer) -> RunRecord:
+def reference_run(raw: dict, run_dir, engine_cls: type[SingleProcessEngine] = SingleProcessEngine) -> RunRecord:
     """The single-process reference loop on the same data and global batch, with M * dp micro-batches
-    (the same micro-batch rows the pipeline's dp replicas see). `trainer_cls` lets a test inject an
-    error into the reference loop (a subclass)."""
+    (the same micro-batch rows the pipeline's dp replicas see). `engine_cls` lets a test inject an
+    error into the one-process step (a subclass)."""
     ref_raw = copy.deepcopy(raw)
     par = raw["parallel"]
     ref_raw["parallel"] = {"schedule": "single", "microbatches": par["microbatches"] * par.get("dp", 1)}
@@ -123,15 +125,16 @@ def reference_run(raw: dict, run_dir, trainer_cls: type[ReferenceTrainer] = Refe
     dumping = os.environ.get(GRAD_DUMP_ENV)
     os.environ[GRAD_DUMP_ENV] = GRADS  # the reference always records its step-1 gradients
     try:
-        trainer = trainer_cls(TrainConfig.from_dict(ref_raw), log=lambda _line: None)
-        trainer.train()
+        cfg = TrainConfig.from_dict(ref_raw)
+        engine = engine_cls(cfg, default_batch_source(cfg), log=lambda _line: None)
+        Trainer(cfg, engine, log=lambda _line: None).train()
     finally:
         torch.set_num_threads(threads)
         if dumping is None:
             os.environ.pop(GRAD_DUMP_ENV)
         else:
             os.environ[GRAD_DUMP_ENV] = dumping
-    return run_record(run_dir, {k: v.detach().clone() for k, v in trainer.model.state_dict().items()})
+    return run_record(run_dir, {k: v.detach().clone() for k, v in engine.model.state_dict().items()})
 
 
 def relative_difference(value: torch.Tensor, ref: torch.Tensor) -> float:

@@ -22,7 +22,7 @@ from moeforge.platform.checkpoint.store import list_checkpoints, read_meta
 from moeforge.platform.config import TrainConfig
 from moeforge.platform.launch.local_spawn import spawn_gloo
 from moeforge.platform.train.pipeline import run_pipeline_training, train_from_dict
-from moeforge.platform.train.single import ReferenceTrainer
+from moeforge.platform.train.trainer import Trainer
 from pipeline_cases import assert_losses_match, pipeline_config
 
 STEPS, EVERY = 4, 2
@@ -53,22 +53,22 @@ def _grad_norms(run_dir) -> list[float]:
 def test_reference_loop_async_checkpoints_resume_bitwise(tmp_path):
     lines: list[str] = []
     cfg = TrainConfig.from_dict(_raw(tmp_path / "straight", "single", 1))
-    straight = ReferenceTrainer(cfg, log=lines.append).train()
+    straight = Trainer.single(cfg, log=lines.append).train()
     assert [s for s, _ in list_checkpoints(str(tmp_path / "straight"))] == [2, 4]
     assert straight.checkpoint.endswith("step_00000004")  # complete before train() returned
     assert sum("checkpoint at step" in line for line in lines) == 2  # each reported once, when complete
 
     _only_first_checkpoint(tmp_path / "straight", tmp_path / "resumed")
-    resumed = ReferenceTrainer(
+    resumed = Trainer.single(
         TrainConfig.from_dict(_raw(tmp_path / "resumed", "single", 1)), log=lambda _l: None
     )
     assert resumed.step == EVERY
     assert resumed.train().losses == straight.losses
     # the same bytes a synchronous run writes: both runs' step-4 weights are identical
-    sync = ReferenceTrainer(TrainConfig.from_dict(_raw(tmp_path / "sync", "single", 1, **{"async": False})))
+    sync = Trainer.single(TrainConfig.from_dict(_raw(tmp_path / "sync", "single", 1, **{"async": False})))
     sync.train()
-    for name, value in sync.model.state_dict().items():
-        assert torch.equal(resumed.model.state_dict()[name], value), name
+    for name, value in sync.engine.model.state_dict().items():
+        assert torch.equal(resumed.engine.model.state_dict()[name], value), name
 
 
 def test_pipeline_async_checkpoints_commit_every_shard_and_resume_bitwise(tmp_path):
@@ -122,9 +122,9 @@ def _train_logged(rank: int, world_size: int, raw: dict) -> tuple[dict | None, l
     return summary, lines
 
 
-def _reference_logged(raw: dict) -> tuple[ReferenceTrainer, list[str]]:
+def _reference_logged(raw: dict) -> tuple[Trainer, list[str]]:
     lines: list[str] = []
-    trainer = ReferenceTrainer(TrainConfig.from_dict(raw), log=lines.append)
+    trainer = Trainer.single(TrainConfig.from_dict(raw), log=lines.append)
     return trainer, lines
 
 
@@ -159,7 +159,7 @@ def test_refused_writes_under_continue_train_on_and_a_spike_has_nothing_to_roll_
         assert records[2]["loss"] > 3 * max(records[0]["loss"], records[1]["loss"])  # the spike, kept
         assert list_checkpoints(str(run_dir)) == []
     assert summary["status"] == "completed" and summary["rollbacks"] == [] and summary["checkpoint"] is None
-    assert reference.rollbacks == [] and trainer.writer.failures == 4
+    assert reference.rollbacks == [] and trainer.engine.writer.failures == 4
     assert_losses_match(summary["losses"], reference.losses)
 
 

@@ -20,7 +20,7 @@ from moeforge.platform.config import TrainConfig
 from moeforge.platform.launch.local_spawn import spawn_gloo
 from moeforge.platform.optim.bad_steps import BadStepError
 from moeforge.platform.train.pipeline import load_pipeline_params, train_from_dict
-from moeforge.platform.train.single import ReferenceTrainer
+from moeforge.platform.train.trainer import Trainer
 from pipeline_cases import assert_losses_match, pipeline_config, reference_run
 
 
@@ -37,7 +37,7 @@ def _raw(run_dir, steps: int, fault: dict, **run) -> dict:
     return raw
 
 
-def _reference(raw: dict, run_dir) -> ReferenceTrainer:
+def _reference(raw: dict, run_dir) -> Trainer:
     ref = copy.deepcopy(raw)
     ref["parallel"] = {
         "schedule": "single",
@@ -45,11 +45,11 @@ def _reference(raw: dict, run_dir) -> ReferenceTrainer:
         "fault_injection": raw["parallel"]["fault_injection"],
     }
     ref["run"]["dir"] = str(run_dir)
-    trainer = ReferenceTrainer(TrainConfig.from_dict(ref), log=lambda _line: None)
+    trainer = Trainer.single(TrainConfig.from_dict(ref), log=lambda _line: None)
     return trainer
 
 
-def _train_one_thread(trainer: ReferenceTrainer):
+def _train_one_thread(trainer: Trainer):
     """train() with one intra-op thread, as each pipeline worker runs (pipeline_cases.reference_run)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -63,12 +63,12 @@ def test_a_nan_gradient_skips_that_update_only(tmp_path):
     """Reference loop: batch 2's gradient is NaN, so step 3 changes no weight, moment or router
     bias; the run trains on and completes."""
     trainer = _reference(_raw(tmp_path / "unused", 5, {"kind": "nan_grad", "batch": 2}), tmp_path / "ref")
-    for step in range(2):
-        assert not trainer.train_step(trainer.source.batch(step)).skipped
-    before = trainer.state_dict()
-    metrics = trainer.train_step(trainer.source.batch(2))
+    for _ in range(2):
+        assert not trainer.engine.train_step().skipped
+    before = trainer.engine.state_dict()
+    metrics = trainer.engine.train_step()
     assert metrics.skipped and math.isnan(metrics.grad_norm) and trainer.step == 3
-    after = trainer.state_dict()
+    after = trainer.engine.state_dict()
     for part in ("model", "optimizer"):
         for key, value in before[part].items():
             assert torch.equal(after[part][key], value), f"{part}/{key} moved in a skipped step"
@@ -88,7 +88,7 @@ def test_pipeline_skips_a_nan_step_as_the_reference_does(tmp_path):
     assert ref_summary.skipped_steps == 1
     assert_losses_match([r["loss"] for r in records], ref_summary.losses)
     params = load_pipeline_params(str(tmp_path / "pipeline"))
-    for name, value in reference.model.state_dict().items():
+    for name, value in reference.engine.model.state_dict().items():
         torch.testing.assert_close(params[name], value, rtol=1e-5, atol=1e-7)
 
 

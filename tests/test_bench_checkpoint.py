@@ -58,7 +58,7 @@ def test_checkpoint_suite_runs_every_mode_and_reports(tmp_path, capsys):
         assert r["checkpoint_bytes"] == sum(e["bytes"] for e in meta.shards.values()) > 0
     assert metas["sync"].shards["rank0_0"]["tensors"] == metas["async"].shards["rank0_0"]["tensors"]
     assert runs["sync"]["writer_history"] == []
-    # the async run really wrote through ReferenceTrainer's AsyncCheckpointWriter, in the background
+    # the async run really wrote through the one-process engine's AsyncCheckpointWriter, in the background
     assert runs["async"]["async_writer_used"] is True
     history = runs["async"]["writer_history"]
     assert [(h["step"], h["status"], h["commits"]) for h in history] == [(2, "done", True), (4, "done", True)]

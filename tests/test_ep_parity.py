@@ -21,7 +21,8 @@ from moeforge.platform.engine.comm_record import RECORD_ENV
 from moeforge.platform.engine.nccl_rules import load_records, violations
 from moeforge.platform.launch.local_spawn import spawn_gloo
 from moeforge.platform.train.pipeline import run_pipeline_training, train_from_dict
-from moeforge.platform.train.single import ReferenceTrainer
+from moeforge.platform.train.single import SingleProcessEngine
+from moeforge.platform.train.trainer import Trainer
 from pipeline_cases import (
     assert_matches_reference,
     dump_grads,
@@ -92,7 +93,7 @@ class _DispatchRounding(torch.autograd.Function):
         return grad
 
 
-class FP8DispatchedReference(ReferenceTrainer):
+class FP8DispatchedReference(SingleProcessEngine):
     """The one-process loop whose routed experts receive their input rows as the FP8 dispatch
     delivers them: every row rounded to e4m3 with its 1x128 power-of-two tile scales."""
 
@@ -173,12 +174,12 @@ def test_skewed_routing_keeps_parity(tmp_path, monkeypatch):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as each gloo worker
     try:
-        trainer = ReferenceTrainer(cfg, log=lambda _line: None, source=_skewed_source(cfg))
+        trainer = Trainer.single(cfg, log=lambda _line: None, source=_skewed_source(cfg))
         trainer.train()
     finally:
         torch.set_num_threads(threads)
     reference = run_record(
-        tmp_path / "reference", {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
+        tmp_path / "reference", {k: v.detach().clone() for k, v in trainer.engine.model.state_dict().items()}
     )
     assert_matches_reference(record, reference, label="skewed routing dp=2 ep=2")
     shares = [step["ep_recv_max_over_mean"] for step in read_metrics(tmp_path / "run")]

@@ -28,7 +28,7 @@ from moeforge.platform.inference.generate import generate
 from moeforge.platform.inference.requests import TextStreamer
 from moeforge.platform.outputs.storage import open_storage
 from moeforge.platform.plan.accounting import estimate
-from moeforge.platform.train.single import ReferenceTrainer
+from moeforge.platform.train.trainer import Trainer
 from safetensors.torch import load_file, save_file
 from test_train_loop import SMALL_MODEL  # the loop tests' small model (2 layers, MTP depth 1)
 from tokenizers import Tokenizer
@@ -92,7 +92,7 @@ def run(tmp_path_factory):
     tok = _prepared_tokens(root / "tokens", _corpus(), VOCAB)
     assert tok.get_vocab_size() == VOCAB
     run_dir = root / "run"
-    ReferenceTrainer(_train_config(run_dir, root / "tokens"), log=lambda _line: None).train()
+    Trainer.single(_train_config(run_dir, root / "tokens"), log=lambda _line: None).train()
     newest = latest_checkpoint(str(run_dir))
     assert newest.endswith(f"step_{STEPS:08d}")
     crashed = run_dir / "checkpoints" / "step_00000009"
@@ -218,7 +218,7 @@ def s3_run(run, s3_server):
     run_dir = f"s3://{bucket}/run"
     with pytest.MonkeyPatch.context() as env:
         env.setenv("AWS_ENDPOINT_URL", s3_server)  # boto3's standard way to name an S3-compatible store
-        ReferenceTrainer(_train_config(run_dir, run["root"] / "tokens"), log=lambda _line: None).train()
+        Trainer.single(_train_config(run_dir, run["root"] / "tokens"), log=lambda _line: None).train()
     s3.put_object(Bucket=bucket, Key="run/checkpoints/step_00000009/meta.json", Body=b"{")
     return run_dir
 

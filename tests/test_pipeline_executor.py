@@ -15,7 +15,7 @@ import torch
 from moeforge.platform.engine.topology import Topology
 from moeforge.platform.launch.local_spawn import spawn_gloo
 from moeforge.platform.train.pipeline import train_from_dict
-from moeforge.platform.train.single import ReferenceTrainer
+from moeforge.platform.train.single import SingleProcessEngine
 from pipeline_cases import (
     GRAD_NORM_RTOL,
     PARAM_RTOL,
@@ -80,8 +80,8 @@ def test_pipeline_matches_reference(
     assert_timeline_runs_schedule(run_dir, schedule, pp, dp, microbatches)
 
 
-class _ScaledGradients(ReferenceTrainer):
-    """The reference loop with gradients multiplied by `factor` after every step's backward, before
+class _ScaledGradients(SingleProcessEngine):
+    """The one-process step with gradients multiplied by `factor` after every step's backward, before
     anything reads them (the step-1 dump, the norm, the clip): all of them (`names` None), the
     error a wrong 1/M, 1/dp or DualPipe-pair factor in a pipeline would make, or the named tensors
     only, the error of a wrong factor on one tensor's path (a balance-loss scale, a norm's)."""

@@ -127,6 +127,28 @@ def test_eval_checkpoint_resume_on_gloo(tmp_path, monkeypatch):
     assert resumed["eval_loss"] == straight["eval_loss"]
 
 
+def test_sigterm_on_one_rank_stops_every_rank_after_the_step_and_resumes_exactly(tmp_path):
+    """SIGTERM lands on rank 1 in the middle of step 3: every rank finishes step 3, stops, and the
+    ranks write a checkpoint of step 3 together (not a multiple of checkpoint.every=2). The run
+    resumed from it repeats the uninterrupted run's losses exactly."""
+    straight = spawn_gloo(train_from_dict, 2, (_config(tmp_path / "straight"), True))[0]
+    stopped_dir = tmp_path / "stopped"
+    raw = _config(stopped_dir)
+    raw["parallel"]["fault_injection"] = {"rank": 1, "step": 2, "kind": "sigterm"}
+    with pytest.raises(RuntimeError, match="Terminated"):
+        spawn_gloo(train_from_dict, 2, (raw, True), timeout_s=60)
+    summary = json.loads((stopped_dir / "summary.json").read_text())
+    assert summary["status"] == "failed" and summary["error"].startswith("Terminated")
+    assert summary["steps"] == 3 and summary["losses"] == straight["losses"][:3]
+    assert [s for s, _ in list_checkpoints(str(stopped_dir))] == [2, 3]
+    assert sorted(read_meta(list_checkpoints(str(stopped_dir))[-1][1]).shards) == ["rank0_0", "rank1_0"]
+
+    resumed = spawn_gloo(train_from_dict, 2, (_config(stopped_dir), True))[0]
+    assert resumed["resumed_from_step"] == 3 and resumed["status"] == "completed"
+    assert resumed["losses"] == straight["losses"]
+    assert [r["step"] for r in _metrics(stopped_dir)] == list(range(1, STEPS + 1))
+
+
 def test_failed_run_records_rank0_error(tmp_path):
     """Rank 0 raises in its second step: summary.json says failed, with the error and the step done."""
     raw = pipeline_config(

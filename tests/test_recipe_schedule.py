@@ -123,22 +123,22 @@ def test_reference_loop_applies_the_scheduled_lambda_and_gamma(tmp_path):
     """4 steps with both boundaries after step 2: the recorded lambda switches 0.3 -> 0.1 and the
     back-propagated loss is lm_loss + lambda * mtp_loss with it; gamma 0.05 -> 0 and the router
     biases stop moving."""
-    from moeforge.platform.train.single import ReferenceTrainer
+    from moeforge.platform.train.trainer import Trainer
 
     schedules = {
         "mtp_loss_weight_schedule": [[2 * TOKENS_PER_STEP, 0.1]],
         "bias_update_speed_schedule": [[2 * TOKENS_PER_STEP, 0.0]],
     }
     cfg = tiny_config(tmp_path / "steps", **schedules)
-    trainer = ReferenceTrainer(cfg, log=lambda _line: None)
+    engine = Trainer.single(cfg, log=lambda _line: None).engine
 
     def biases() -> torch.Tensor:  # [moe layers, experts]
-        return torch.stack([m.gate.e_score_correction_bias.clone() for m in trainer.moe_modules])
+        return torch.stack([m.gate.e_score_correction_bias.clone() for m in engine.moe_modules])
 
     before = biases()
     steps = []
-    for step in range(4):
-        m = trainer.train_step(trainer.source.batch(step))
+    for _ in range(4):
+        m = engine.train_step()
         after = biases()
         steps.append((m, float((after - before).abs().max())))
         before = after
@@ -155,7 +155,7 @@ def test_reference_loop_applies_the_scheduled_lambda_and_gamma(tmp_path):
     # train() records both values in metrics.jsonl, the same run step for step, and its config.yaml
     # reads back as the same schedules
     run_cfg = tiny_config(tmp_path / "run", **schedules)
-    summary = ReferenceTrainer(run_cfg, log=lambda _line: None).train()
+    summary = Trainer.single(run_cfg, log=lambda _line: None).train()
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["mtp_loss_weight"] for r in records] == [0.3, 0.3, 0.1, 0.1]
     assert [r["bias_update_speed"] for r in records] == [0.05, 0.05, 0.0, 0.0]

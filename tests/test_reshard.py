@@ -26,7 +26,7 @@ from moeforge.platform.checkpoint.store import list_checkpoints, read_meta
 from moeforge.platform.config import TrainConfig
 from moeforge.platform.launch.local_spawn import spawn_gloo
 from moeforge.platform.train.pipeline import train_from_dict
-from moeforge.platform.train.single import ReferenceTrainer
+from moeforge.platform.train.trainer import Trainer
 from pipeline_cases import (
     assert_matches_reference,
     dump_grads,
@@ -67,11 +67,11 @@ def _continue_in(src, dst) -> None:
             os.remove(path)
 
 
-def _run_single(raw: dict) -> ReferenceTrainer:
+def _run_single(raw: dict) -> Trainer:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as each pipeline worker (see pipeline_cases.reference_run)
     try:
-        trainer = ReferenceTrainer(TrainConfig.from_dict(raw), log=lambda _line: None)
+        trainer = Trainer.single(TrainConfig.from_dict(raw), log=lambda _line: None)
         trainer.train()
     finally:
         torch.set_num_threads(threads)
@@ -106,7 +106,7 @@ def test_ep2_dp2_zero_pipeline_into_single_process_loop(tmp_path, monkeypatch, s
     _continue_in(src, dst)
     logs: list[str] = []
     raw = _single_raw(_pipeline_raw(dst, EP_LAYOUT, steps=2), dst, steps=2)
-    trainer = ReferenceTrainer(TrainConfig.from_dict(raw), log=logs.append)
+    trainer = Trainer.single(TrainConfig.from_dict(raw), log=logs.append)
     assert trainer.step == 1 and any(line.startswith("resharded:") for line in logs), logs
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as the reference run (pipeline_cases.reference_run)
@@ -114,7 +114,7 @@ def test_ep2_dp2_zero_pipeline_into_single_process_loop(tmp_path, monkeypatch, s
         trainer.train()
     finally:
         torch.set_num_threads(threads)
-    record = run_record(dst, {k: v.detach().clone() for k, v in trainer.model.state_dict().items()})
+    record = run_record(dst, {k: v.detach().clone() for k, v in trainer.engine.model.state_dict().items()})
     assert_matches_reference(record, straight, label="ep=2 dp=2 ZeRO-1 DualPipe -> single")
 
 
@@ -169,4 +169,4 @@ def test_reader_names_a_gap_and_a_shape_mismatch(tmp_path):
     with pytest.raises(
         CheckpointError, match=r"model/embed\.weight: checkpoint shape \[4096, 128\] != model shape"
     ):
-        ReferenceTrainer(TrainConfig.from_dict(bigger), log=lambda _line: None)
+        Trainer.single(TrainConfig.from_dict(bigger), log=lambda _line: None)

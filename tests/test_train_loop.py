@@ -121,9 +121,9 @@ def small_config(tmp_path, steps=3, microbatches=1, gamma=0.001, **run) -> Train
 
 
 def run_losses(cfg: TrainConfig) -> list[float]:
-    from moeforge.platform.train.single import ReferenceTrainer
+    from moeforge.platform.train.trainer import Trainer
 
-    return ReferenceTrainer(cfg, log=lambda line: None).train().losses
+    return Trainer.single(cfg, log=lambda line: None).train().losses
 
 
 def test_same_seed_gives_identical_losses(tmp_path):
@@ -142,11 +142,11 @@ def test_microbatching_does_not_change_the_math(tmp_path, microbatches):
 
 
 def test_loss_falls_and_metrics_are_written(tmp_path):
-    from moeforge.platform.train.single import ReferenceTrainer
+    from moeforge.platform.train.trainer import Trainer
 
     cfg = small_config(tmp_path, steps=30, eval_every=30)
     lines: list[str] = []
-    summary = ReferenceTrainer(cfg, log=lines.append).train()
+    summary = Trainer.single(cfg, log=lines.append).train()
     first = sum(summary.losses[:3]) / 3
     last = sum(summary.losses[-3:]) / 3
     assert last < first - 1.0, (first, last)  # synthetic tokens: ~1.1 nats of entropy vs ln(256)=5.5
@@ -177,23 +177,23 @@ def _yaml(path):
 
 @pytest.mark.parametrize("gamma", [0.0, 0.05])
 def test_router_bias_update(tmp_path, gamma):
-    from moeforge.platform.train.single import ReferenceTrainer
+    from moeforge.platform.train.trainer import Trainer
 
-    trainer = ReferenceTrainer(small_config(tmp_path, gamma=gamma), log=lambda line: None)
-    gates = [m.gate.e_score_correction_bias for m in trainer.moe_modules]
+    engine = Trainer.single(small_config(tmp_path, gamma=gamma), log=lambda line: None).engine
+    gates = [m.gate.e_score_correction_bias for m in engine.moe_modules]
     assert gates, "the small model has MoE layers"
     before = [b.clone() for b in gates]
-    batch = trainer.source.batch(0)
+    batch = engine.source.batch(0)
     # The loads this step will see: one forward of the same batch with the same (pre-step) weights.
     with torch.no_grad():
-        trainer.model(batch[:, :-1], labels=batch[:, 1:])  # labels: the MTP block routes too
-    counts = [m.load_counts.clone() for m in trainer.moe_modules]
-    for m in trainer.moe_modules:
+        engine.model(batch[:, :-1], labels=batch[:, 1:])  # labels: the MTP block routes too
+    counts = [m.load_counts.clone() for m in engine.moe_modules]
+    for m in engine.moe_modules:
         m.reset_load()
     assert sum(float(c.sum()) for c in counts) > 0
 
-    trainer.train_step(batch)
-    for moe in trainer.moe_modules:
+    engine.train_step(batch=batch)
+    for moe in engine.moe_modules:
         assert float(moe.load_counts.sum()) == 0.0  # counters reset for the next step
     for b0, b1, c in zip(before, gates, counts):
         if gamma == 0:
@@ -205,13 +205,13 @@ def test_router_bias_update(tmp_path, gamma):
 
 def test_run_records_go_to_an_s3_run_dir(s3_server, monkeypatch):
     import boto3
-    from moeforge.platform.train.single import ReferenceTrainer
+    from moeforge.platform.train.trainer import Trainer
 
     monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server)  # how a user points boto3 at an S3-compatible store
     s3 = boto3.client("s3", endpoint_url=s3_server)
     s3.create_bucket(Bucket="train-loop-runs")
     cfg = small_config("s3://train-loop-runs/exp1", steps=2)
-    summary = ReferenceTrainer(cfg, log=lambda line: None).train()
+    summary = Trainer.single(cfg, log=lambda line: None).train()
 
     def read(key: str) -> str:
         return s3.get_object(Bucket="train-loop-runs", Key=f"exp1/{key}")["Body"].read().decode()
@@ -222,13 +222,13 @@ def test_run_records_go_to_an_s3_run_dir(s3_server, monkeypatch):
 
 
 def test_resume_from_state_dict_continues_the_same_run(tmp_path):
-    from moeforge.platform.train.single import ReferenceTrainer
+    from moeforge.platform.train.trainer import Trainer
 
     straight = run_losses(small_config(tmp_path / "straight", steps=4))
-    first = ReferenceTrainer(small_config(tmp_path / "a", steps=4), log=lambda line: None)
-    for step in range(2):
-        first.train_step(first.source.batch(step))
-    state = first.state_dict()
-    resumed = ReferenceTrainer(small_config(tmp_path / "b", steps=4, seed=5), log=lambda line: None)
-    resumed.load_state_dict(state)  # a different init seed: everything must come from the state
+    first = Trainer.single(small_config(tmp_path / "a", steps=4), log=lambda line: None)
+    for _ in range(2):
+        first.engine.train_step()
+    state = first.engine.state_dict()
+    resumed = Trainer.single(small_config(tmp_path / "b", steps=4, seed=5), log=lambda line: None)
+    resumed.engine.load_state_dict(state)  # a different init seed: everything must come from the state
     assert resumed.train().losses == straight[2:]

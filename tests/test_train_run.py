@@ -1,4 +1,4 @@
-"""ReferenceTrainer as a complete run: checkpoints and exact resume (also after a crash), failure
+"""The one-process run (Trainer.single) as a complete run: checkpoints and exact resume (also after a crash), failure
 records, tracking, and the bf16 / fp8 precision policies."""
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from moeforge.platform.checkpoint.store import list_checkpoints, read_meta
 from moeforge.platform.config import TrainConfig
 from moeforge.platform.data.microbatches import default_batch_source
 from moeforge.platform.optim.bad_steps import BadStepError
-from moeforge.platform.train.single import ReferenceTrainer
+from moeforge.platform.train.trainer import Terminated, Trainer
 from test_train_loop import SMALL_MODEL
 
 
@@ -36,8 +36,8 @@ def config(run_dir, steps=6, every=2, resume=True, dropout=0.1, precision=None, 
     )
 
 
-def trainer(cfg: TrainConfig, source=None) -> ReferenceTrainer:
-    return ReferenceTrainer(cfg, source=source, log=lambda line: None)
+def trainer(cfg: TrainConfig, source=None) -> Trainer:
+    return Trainer.single(cfg, source=source, log=lambda line: None)
 
 
 def metrics(run_dir) -> list[dict]:
@@ -75,39 +75,35 @@ def straight(tmp_path_factory) -> list[float]:
     return losses
 
 
-def _die_in_data(t: ReferenceTrainer) -> type[BaseException]:
-    t.source = DyingSource(t.cfg, dies_at=3)  # 3 steps done, between steps
+def _die_in_data(t: Trainer) -> type[BaseException]:
+    t.engine.source = DyingSource(t.cfg, dies_at=3)  # 3 steps done, between steps
     return RuntimeError
 
 
-def _die_in_forward(t: ReferenceTrainer) -> type[BaseException]:
+def _die_in_forward(t: Trainer) -> type[BaseException]:
     def interrupt(module, args):
         if t.step == 3:  # inside step 4's forward, after dropout has drawn from the RNG in earlier layers
             raise KeyboardInterrupt
 
-    t.model.layers[-1].register_forward_pre_hook(interrupt)
+    t.engine.model.layers[-1].register_forward_pre_hook(interrupt)
     return KeyboardInterrupt
 
 
-def _sigterm_in_forward(t: ReferenceTrainer) -> type[BaseException]:
-    from moeforge.platform.train.single import Terminated
-
+def _sigterm_in_forward(t: Trainer) -> type[BaseException]:
     def terminate(module, args):
         if t.step == 3:  # a scheduler stopping the run: the signal lands mid-step
             os.kill(os.getpid(), signal.SIGTERM)
 
-    t.model.layers[0].register_forward_pre_hook(terminate)
+    t.engine.model.layers[0].register_forward_pre_hook(terminate)
     return Terminated
 
 
-def _sigterm_in_update(t: ReferenceTrainer) -> type[BaseException]:
-    from moeforge.platform.train.single import Terminated
-
+def _sigterm_in_update(t: Trainer) -> type[BaseException]:
     def terminate(optimizer, args, kwargs):
         if t.step == 2:  # inside step 3's update: held until step 3 is complete and recorded
             os.kill(os.getpid(), signal.SIGTERM)
 
-    t.optimizer.register_step_pre_hook(terminate)
+    t.engine.optimizer.register_step_pre_hook(terminate)
     return Terminated
 
 
@@ -147,7 +143,7 @@ def test_failure_mid_update_writes_no_checkpoint_and_resume_drops_unsaved_steps(
         if killed.step == 3:
             raise RuntimeError("optimizer died in step 4")
 
-    killed.optimizer.register_step_pre_hook(fail)
+    killed.engine.optimizer.register_step_pre_hook(fail)
     with pytest.raises(RuntimeError, match="optimizer died"):
         killed.train()
     assert [step for step, _ in list_checkpoints(str(tmp_path))] == [2]  # not the half-updated state
@@ -165,14 +161,14 @@ def test_non_finite_steps_skip_the_update_and_end_the_run_after_n_in_a_row(tmp_p
     """NaN weights make every later step non-finite: each is skipped (no update applied, so the
     weights stay as they were), and run.max_nonfinite_steps=3 in a row end the run naming them."""
     t = trainer(config(tmp_path, every=1, dropout=0.0))
-    t.train_step(t.source.batch(0))
-    weights = {k: v.clone() for k, v in t.model.state_dict().items()}
-    t.model.embed.weight.data[:] = float("nan")
-    weights["embed.weight"] = t.model.embed.weight.detach().clone()
+    t.engine.train_step()
+    weights = {k: v.clone() for k, v in t.engine.model.state_dict().items()}
+    t.engine.model.embed.weight.data[:] = float("nan")
+    weights["embed.weight"] = t.engine.model.embed.weight.detach().clone()
     with pytest.raises(BadStepError, match=r"non-finite at steps 2-4 .*run\.max_nonfinite_steps=3"):
         t.train()
     assert t.step == 4  # the skipped steps consumed their batches
-    for key, value in t.model.state_dict().items():  # no NaN gradient was applied
+    for key, value in t.engine.model.state_dict().items():  # no NaN gradient was applied
         torch.testing.assert_close(value, weights[key], equal_nan=True)
     assert [r["skipped"] for r in metrics(tmp_path)] == [True, True, True]  # step 1 ran outside train()
     summary = summary_json(tmp_path)
@@ -248,12 +244,12 @@ def test_low_precision_trains_with_falling_loss(tmp_path, name):
 
     cfg = config(tmp_path, steps=12, every=0, dropout=0.0, precision=PRECISIONS[name])
     t = trainer(cfg)
-    report = precision_report(t.model)
+    report = precision_report(t.engine.model)
     if name == "fp8":
         assert len(report["fp8"]) >= 10 and report["fp8_experts"] and not report["deferrable"]
-        assert isinstance(t.optimizer, AdamWLowPrecisionMoments) and t.optimizer.moments_dtype == torch.bfloat16
+        assert isinstance(t.engine.optimizer, AdamWLowPrecisionMoments) and t.engine.optimizer.moments_dtype == torch.bfloat16
     else:
-        assert not report["fp8"] and report["deferrable"] and type(t.optimizer) is torch.optim.AdamW
+        assert not report["fp8"] and report["deferrable"] and type(t.engine.optimizer) is torch.optim.AdamW
     summary = t.train()
     records = metrics(tmp_path)
     assert all(math.isfinite(r["grad_norm"]) and r["grad_norm"] > 0 for r in records)

@@ -2,7 +2,7 @@
 synchronously or asynchronously?
 
 Trains the same model, init and data once per mode with the single-process loop
-(`ReferenceTrainer.train()`), checkpointing every `every` steps into its own run.dir:
+(`Trainer.single(cfg).train()`), checkpointing every `every` steps into its own run.dir:
 
     none    checkpoint.every=0: the baseline step time
     sync    checkpoint.async=false: the step waits while the state is serialized, hashed, written
@@ -194,30 +194,31 @@ def _read_metrics(run_dir: str) -> list[dict]:
 
 def _train(cfg: CheckpointBenchConfig, mode: str, train_cfg: TrainConfig, log: Callable[[str], None]) -> dict:
     """Train one mode; return its per-step times, save timings and checkpoint facts."""
-    from moeforge.platform.train.single import ReferenceTrainer
+    from moeforge.platform.train.trainer import Trainer
 
     run_dir = train_cfg.run.dir
-    trainer = ReferenceTrainer(train_cfg, log=lambda line: log(f"[{mode}] {line}"))
+    trainer = Trainer.single(train_cfg, log=lambda line: log(f"[{mode}] {line}"))
+    engine = trainer.engine
     blocked: dict[int, float] = {}  # step -> seconds save_checkpoint held the training thread
     writers: list[AsyncCheckpointWriter] = []
-    inner = trainer.save_checkpoint
+    inner = engine.save_checkpoint
 
     def timed_save(*args: Any, **kwargs: Any) -> str:
-        # A timing wrapper around the loop's own save (the loop calls self.save_checkpoint()).
+        # A timing wrapper around the engine's own save (the Trainer calls engine.save_checkpoint()).
         started = time.perf_counter()
         try:
             return inner(*args, **kwargs)
         finally:
-            blocked[trainer.step] = time.perf_counter() - started
-            for value in vars(trainer).values():  # the loop's writer, whatever it names it
+            blocked[engine.step] = time.perf_counter() - started
+            for value in vars(engine).values():  # the loop's writer, whatever it names it
                 if isinstance(value, AsyncCheckpointWriter) and all(value is not w for w in writers):
                     writers.append(value)
 
-    trainer.save_checkpoint = timed_save
+    engine.save_checkpoint = timed_save
     started = time.perf_counter()
     summary = trainer.train()
     train_s = time.perf_counter() - started
-    for value in vars(trainer).values():  # a writer made after the last save, or kept to the end
+    for value in vars(engine).values():  # a writer made after the last save, or kept to the end
         if isinstance(value, AsyncCheckpointWriter) and all(value is not w for w in writers):
             writers.append(value)
 
@@ -323,10 +324,10 @@ def run(
                     f"run_dir: {train_cfg.run.dir} holds checkpoints of an earlier run; use another run_dir"
                 )
         if cfg.prime_steps:  # the first run in a process pays one-off costs; no mode should
-            from moeforge.platform.train.single import ReferenceTrainer
+            from moeforge.platform.train.trainer import Trainer
 
             prime = train_config(cfg, "prime", f"{root}/prime", steps=cfg.prime_steps)
-            ReferenceTrainer(prime, log=lambda line: log(f"[prime, untimed] {line}")).train()
+            Trainer.single(prime, log=lambda line: log(f"[prime, untimed] {line}")).train()
         runs = [_train(cfg, mode, configs[mode], log) for mode in cfg.modes]
     baseline = next((r for r in runs if r["mode"] == "none"), None)
     train_cfg = configs[cfg.modes[0]]

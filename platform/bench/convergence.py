@@ -103,9 +103,9 @@ def train_config(cfg: ConvergenceBenchConfig, precision: str, run_dir: str, seed
 def _train(
     cfg: ConvergenceBenchConfig, precision: str, seed: int, train_cfg: TrainConfig, log: Callable[[str], None]
 ) -> dict:
-    from moeforge.platform.train.single import ReferenceTrainer
+    from moeforge.platform.train.trainer import Trainer
 
-    trainer = ReferenceTrainer(train_cfg, log=lambda line: log(f"[seed {seed} {precision}] {line}"))
+    trainer = Trainer.single(train_cfg, log=lambda line: log(f"[seed {seed} {precision}] {line}"))
     summary = trainer.train()
     losses = summary.losses
     return {

@@ -5,7 +5,7 @@ model's own MTP modules draft the next tokens, and what limits it?
                 moeforge-prepare), or, when none is given, the first `prepare_max_files` stdlib files
                 prepared once by moeforge-prepare's `prepare()` into cache_dir (generate_model.py)
     train       the model (tiny by default, MTP depth >= 1) for `train_steps` steps with the reference
-                loop (ReferenceTrainer.train()); its final checkpoint is kept in cache_dir under a key
+                run (Trainer.single(cfg).train()); its final checkpoint is kept in cache_dir under a key
                 of everything that decides the weights, so a rerun loads it instead of training
     prompts     `prompt_len`-token windows of the corpus's val split (documents moeforge-prepare held
                 out by a seeded hash: never trained on), spread evenly over it

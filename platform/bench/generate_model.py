@@ -2,7 +2,7 @@
 
 corpus_dir        the prepared token directory: `data_path`, or the first `prepare_max_files`
                   stdlib files prepared once into cache_dir by moeforge-prepare's `prepare()`
-trained_model     the model trained with the reference loop (ReferenceTrainer.train()), one
+trained_model     the model trained with the one-process run (Trainer.single(cfg).train()), one
                   checkpoint at the end; its run.dir in cache_dir is named by a hash of everything
                   that decides the weights, so a rerun with the same config loads the checkpoint
 held_out_prompts  windows of the val split: documents moeforge-prepare held out, never trained on
@@ -97,10 +97,10 @@ def trained_model(cfg: GenerateBenchConfig, data_dir: str, log: Callable[[str], 
     latest = latest_checkpoint(run_dir) if os.path.isdir(run_dir) else None
     cached = latest is not None and read_meta(latest).step == cfg.train_steps
     if not cached:
-        from moeforge.platform.train.single import ReferenceTrainer
+        from moeforge.platform.train.trainer import Trainer
 
         shutil.rmtree(run_dir, ignore_errors=True)  # an interrupted run: start it afresh
-        ReferenceTrainer(train_cfg, log=lambda line: log(f"[train] {line}")).train()
+        Trainer.single(train_cfg, log=lambda line: log(f"[train] {line}")).train()
         latest = latest_checkpoint(run_dir)
     else:
         log(f"[train] reusing the cached checkpoint {latest} (same config; delete {run_dir} to retrain)")

@@ -26,8 +26,8 @@ own, under its own `timeout`, and every step even when an earlier one failed. Ev
   against BF16 matmul, torch._scaled_mm and DeepGEMM, each launch config on mlp_up, grouped experts,
   whole layers, quantization against copy), one line per timed row, then its summary; its report to
   --bench-json.
-- train_bf16, train_fp8 (gpu_check_train): the one-process training loop (platform/train/single.py's
-  ReferenceTrainer, device from its `training_device`) on the `small` model for 30 steps, driven
+- train_bf16, train_fp8 (gpu_check_train): the one-process step engine (`Trainer.single(cfg).engine`,
+  on the device of its `training_device`) on the `small` model for 30 steps, driven
   step by step so that timing starts after the warm-up steps (CUDA context, cuBLAS, Triton
   autotuning): one line per step with the figures so far (tokens/s, MFU, peak memory from
   torch.cuda.max_memory_allocated, the losses; train_fp8 also its loss over train_bf16's, read

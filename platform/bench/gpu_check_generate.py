@@ -66,7 +66,7 @@ def generate_step(res: Results, device, size: str, **_: Any) -> bool:
     from moeforge.platform.inference.job import run_job
     from moeforge.platform.inference.load import load_for_generation
     from moeforge.platform.inference.requests import encode_prompts
-    from moeforge.platform.train.single import ReferenceTrainer
+    from moeforge.platform.train.trainer import Trainer
 
     g = GENERATE[size]
     with tempfile.TemporaryDirectory(prefix="moeforge-gpu-check-") as tmp:
@@ -84,10 +84,10 @@ def generate_step(res: Results, device, size: str, **_: Any) -> bool:
             lr=3e-3,
             warmup_steps=0,
         )
-        trainer = ReferenceTrainer(cfg, log=lambda _line: None)
-        losses = [trainer.train_step(trainer.source.batch(trainer.step)).loss for _ in range(cfg.run.steps)]
-        trainer.save_checkpoint(wait=True)
-        del trainer
+        engine = Trainer.single(cfg, log=lambda _line: None).engine
+        losses = [engine.train_step().loss for _ in range(cfg.run.steps)]
+        engine.save_checkpoint(wait=True)
+        del engine
         res.write(
             "generate",
             "trained",

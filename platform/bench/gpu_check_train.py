@@ -1,7 +1,7 @@
 """The train_bf16 and train_fp8 steps of gpu_check: the one-process loop timed step by step.
 
 train_config builds the TrainConfig from the shipped presets without Hydra (the zero and generate
-steps build theirs with it too). The loop is driven here, not through ReferenceTrainer.train, so that
+steps build theirs with it too). The loop is driven here, not through Trainer.train, so that
 timing starts after the warm-up steps and every step's figures reach the file before the next starts.
 """
 
@@ -87,7 +87,7 @@ def train_step(
     import torch
     from moeforge.platform.plan.accounting import estimate
     from moeforge.platform.precision import warm_up_fp8_kernels
-    from moeforge.platform.train.single import ReferenceTrainer
+    from moeforge.platform.train.trainer import Trainer
 
     name = f"train_{precision}"
     s = TRAIN[size]
@@ -96,9 +96,9 @@ def train_step(
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         built = time.perf_counter()
-        trainer = ReferenceTrainer(cfg, log=lambda _line: None)
+        engine = Trainer.single(cfg, log=lambda _line: None).engine
         build_s = time.perf_counter() - built
-        run_device = trainer.device
+        run_device = engine.device
         shape = {
             "model": s["model"],
             "precision": precision,
@@ -106,11 +106,11 @@ def train_step(
             "global_batch": cfg.data.global_batch,
             "microbatches": cfg.parallel.microbatches,
         }
-        params = sum(p.numel() for p in trainer.params)
+        params = sum(p.numel() for p in engine.params)
         res.write(name, "built", device=str(run_device), params=params, build_s=round(build_s, 2), **shape)
-        # As ReferenceTrainer.train does before step 1: compile and tune the FP8 kernels (none for bf16).
+        # As Trainer.train does before step 1: compile and tune the FP8 kernels (none for bf16).
         tokens = cfg.data.global_batch // cfg.parallel.microbatches * cfg.model.seq_len
-        warmed = warm_up_fp8_kernels(trainer.model, cfg.precision, tokens)
+        warmed = warm_up_fp8_kernels(engine.model, cfg.precision, tokens)
         res.write(name, "warm_up", backend=warmed.backend, launches=warmed.launches, shapes=len(warmed.shapes),
                   seconds=round(warmed.seconds, 2))  # fmt: skip
         tokens_per_step = cfg.data.global_batch * cfg.model.seq_len
@@ -146,7 +146,7 @@ def train_step(
                 break
             sync(run_device)
             start = time.perf_counter()
-            metrics = trainer.train_step(trainer.source.batch(trainer.step + trainer.data_skip))
+            metrics = engine.train_step()
             sync(run_device)
             times.append(time.perf_counter() - start)
             losses.append(metrics.loss)
@@ -183,7 +183,7 @@ def train_step(
             "passed": finite and len(times) == cfg.run.steps,
         }
         res.write(name, "summary", **summary)
-        del trainer
+        del engine
         if device.type == "cuda":
             torch.cuda.empty_cache()
         return summary["passed"]

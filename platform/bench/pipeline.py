@@ -213,7 +213,7 @@ def run_real(cfg: PipelineBenchConfig) -> list[dict]:
     from moeforge.platform.config import TrainConfig
     from moeforge.platform.launch.local_spawn import spawn_gloo
     from moeforge.platform.train.pipeline import train_from_dict
-    from moeforge.platform.train.single import ReferenceTrainer
+    from moeforge.platform.train.trainer import Trainer
 
     rows = []
     with tempfile.TemporaryDirectory(prefix="moeforge-bench-") as tmp:
@@ -222,7 +222,7 @@ def run_real(cfg: PipelineBenchConfig) -> list[dict]:
         threads = torch.get_num_threads()
         torch.set_num_threads(1)  # one core, like each pipeline worker
         try:
-            ReferenceTrainer(TrainConfig.from_dict(single_raw), log=lambda _line: None).train()
+            Trainer.single(TrainConfig.from_dict(single_raw), log=lambda _line: None).train()
         finally:
             torch.set_num_threads(threads)
         single = _steady_tokens_per_s(single_raw["run"]["dir"])

@@ -58,7 +58,7 @@ class ParallelConfig:
     # of an overlapped pair run beside them); DeepSeek-V3 left 20 of 132. 0: every SM computes.
     comm_sms: int = 0
     peak_tflops_per_worker: float = 0.0  # for MFU; 0: reported as 0 (unknown hardware)
-    # TEST-ONLY: make one rank fail mid-step, e.g. {"rank": 1, "step": 1, "kind": "raise" | "hang"}.
+    # TEST-ONLY: make one rank fail mid-step, e.g. {"rank": 1, "step": 1, "kind": "raise" | "hang" | "sigterm"}.
     fault_injection: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
@@ -133,12 +133,13 @@ class ParallelConfig:
                 "raise",
                 "hang",
                 "sigkill",
+                "sigterm",
             )
             data_fault = set(fault) == {"batch", "kind"} and fault["kind"] in ("nan_grad", "loss_spike")
             require(
                 process_fault or data_fault,
                 "fault_injection",
-                "test-only hook: {rank, step, kind: raise|hang|sigkill} or {batch, kind: nan_grad|loss_spike}, "
+                "test-only hook: {rank, step, kind: raise|hang|sigkill|sigterm} or {batch, kind: nan_grad|loss_spike}, "
                 f"got {fault}",
             )
             self.fault_injection = fault

@@ -15,6 +15,11 @@ Train's TorchConfig, or by a test that spawns gloo processes). Per optimizer ste
                 (platform/optim/bias_update.py)
     metrics     losses, grad norm, LR, tokens/s, MFU, expert load, bubble, exposed comm (all ranks
                 contribute; rank 0 formats and records them)
+
+Around the steps, for the Trainer: `evaluate` (each dp replica evaluates its rows of every held-out
+batch through the same executor and stage placement, on forward-only lists), `save_checkpoint`
+(every rank writes its shard; rank 0 commits with world {pp, dp, ep}), `load` (any layout wrote the
+checkpoint), and the collective choices `agree_on` and `any_rank`.
 """
 
 from __future__ import annotations
@@ -32,19 +37,9 @@ from moeforge.kernels.settings import set_reserved_sms
 from moeforge.model.balance import ExpertLoad, worst_layer_load
 from moeforge.platform.checkpoint.async_writer import AsyncCheckpointWriter
 from moeforge.platform.checkpoint.reshard import ModelState, model_layout
-from moeforge.platform.checkpoint.resume import (
-    checkpoint_commit,
-    data_skip,
-    restore_checkpoint,
-    resume_point,
-)
+from moeforge.platform.checkpoint.resume import checkpoint_commit, data_skip, restore_checkpoint
 from moeforge.platform.checkpoint.state import RNGState
-from moeforge.platform.checkpoint.store import (
-    checkpoint_path,
-    commit_checkpoint,
-    list_checkpoints,
-    save_shard,
-)
+from moeforge.platform.checkpoint.store import CheckpointMeta, checkpoint_path, commit_checkpoint, save_shard
 from moeforge.platform.config.train import TrainConfig
 from moeforge.platform.data.microbatches import default_batch_source, inputs_and_labels, split_microbatches
 from moeforge.platform.engine.executor import PipelineExecutor, StepTrace
@@ -64,7 +59,8 @@ from moeforge.platform.optim.recipe_schedule import RecipeValues, recipe_after, 
 from moeforge.platform.optim.zero_step import ZeroStep
 from moeforge.platform.outputs.grad_dump import dump_pipeline_grads
 from moeforge.platform.outputs.metrics import EvalResult, StepMetrics
-from moeforge.platform.outputs.storage import open_storage
+from moeforge.platform.outputs.pipeline_report import PipelineReport
+from moeforge.platform.outputs.storage import Storage, open_storage
 from moeforge.platform.outputs.timeline import TimelineRecord
 from moeforge.platform.plan.accounting import estimate
 from moeforge.platform.precision import apply_precision, compute_context, warm_up_fp8_kernels
@@ -103,7 +99,10 @@ class PipelineStepMetrics:
 
 
 class RankEngine:
-    """Everything one rank holds: its stage chunks, executor, optimizer and data view."""
+    """Everything one rank holds: its stage chunks, executor, optimizer and data view (the Trainer's
+    StepEngine for a pipeline rank: platform/train/trainer.py runs the loop around it)."""
+
+    distributed = True
 
     def __init__(
         self,
@@ -125,6 +124,7 @@ class RankEngine:
                 f"world size {world_size} != parallel.pp * parallel.dp = {self.topo.world_size}"
             )
         self.pp_rank, self.dp_rank = self.topo.coords(rank)
+        self.reports = rank == 0  # rank 0 keeps the run's record
         self.name = f"rank {rank} (pp {self.pp_rank}, dp {self.dp_rank})"
         self.groups = create_process_groups(self.topo, rank)
         self.schedule = build_schedule(par.schedule, par.pp, par.microbatches)
@@ -237,7 +237,6 @@ class RankEngine:
         self.flops_per_token = estimate(cfg.model).run_flops_per_token
         self.step = 0
         self.data_skip = 0  # global batches skipped by loss-spike rollbacks: step s reads batch s + skip
-        self.resharded, self.resharded_from = False, None
         ck = cfg.checkpoint
         self.writer = (
             AsyncCheckpointWriter(cfg.run.dir, failure=ck.async_failure, log=log)  # the run log
@@ -248,7 +247,7 @@ class RankEngine:
         has_val = 1.0 if not self.holds_data or getattr(self.source, "has_val", False) else 0.0
         self.has_val = bool(self._all_reduce_small(torch.tensor([has_val]), dist.ReduceOp.MIN)[0] > 0)
 
-    def warm_up_kernels(self) -> str | None:
+    def warm_up(self) -> str | None:
         """Every rank: compile and tune this rank's Triton kernels on the step's shapes, then a
         barrier, so that compilation never counts against a peer's p2p or collective timeout.
         Returns rank 0's log line (the slowest rank's time), or None where nothing was compiled."""
@@ -278,6 +277,9 @@ class RankEngine:
                 return
             storage.write_text(marker, "fired\n")
             os.kill(os.getpid(), signal.SIGKILL)
+        if fault["kind"] == "sigterm":  # a scheduler's stop, mid-step: the Trainer stops every rank after it
+            os.kill(os.getpid(), signal.SIGTERM)
+            return
         if fault["kind"] == "raise":
             raise InjectedFault(f"{self.name}: injected fault at step {self.step} (parallel.fault_injection)")
         while True:  # "hang": never send again; the peers' p2p timeout must end the run
@@ -290,7 +292,7 @@ class RankEngine:
         batch = batch.to(self.device)
         return [MicroBatch(*inputs_and_labels(t)) for t in split_microbatches(batch, self.microbatches)]
 
-    def train_step(self, gather_timeline: bool = False) -> PipelineStepMetrics:
+    def train_step(self, timeline: bool = False) -> PipelineStepMetrics:
         start = time.perf_counter()
         recipe = recipe_at(self.step, self.cfg)
         self.compute.start_step(self._microbatches(), recipe.mtp_loss_weight)
@@ -316,7 +318,7 @@ class RankEngine:
                 m.reset_load()
             grad_norm, load, skipped = math.nan, ExpertLoad(layer=None, max_load=0.0, mean_load=0.0), True
         self.step += 1
-        metrics = self._metrics(trace, lr, recipe, grad_norm, load, start, gather_timeline)
+        metrics = self._metrics(trace, lr, recipe, grad_norm, load, start, timeline)
         metrics.base.skipped = skipped
         if fault == "loss_spike":
             for key in ("loss", "lm_loss", "mtp_loss", "aux_loss"):
@@ -487,17 +489,17 @@ class RankEngine:
             "rng": RNGState(),
         }
 
-    def save_checkpoint(self) -> str:
+    def save_checkpoint(self, wait: bool = False) -> str:
         """Every rank: write this rank's shard of the checkpoint of `self.step`; barrier; rank 0
         commits it (meta.json, COMPLETE, pruning). With checkpoint.async every rank snapshots its
         state and writes it in the background instead, and rank 0's writer commits once every
-        shard's manifest is on storage (no barrier: platform/checkpoint/async_writer.py). Returns
-        the checkpoint's path."""
+        shard's manifest is on storage (no barrier: platform/checkpoint/async_writer.py); with `wait`
+        every rank writes at once. Returns the checkpoint's path."""
         cfg = self.cfg
         world = {"pp": self.topo.pp, "dp": self.topo.dp, "ep": self.topo.ep}
         commit = checkpoint_commit(cfg, self.step, self.data_skip, world, cfg.parallel.schedule)
         shard = (self.pp_rank, self.dp_rank)
-        if self.writer is not None:
+        if self.writer is not None and not wait:
             self.writer.submit(
                 self.step, self.checkpoint_state(), shard=shard, commit=commit if self.rank == 0 else None
             )
@@ -516,52 +518,59 @@ class RankEngine:
             return []
         return self.writer.wait() if wait else self.writer.poll()
 
-    def resume(self, restarted: bool = False) -> str | None:
-        """With checkpoint.resume (or after a restart, see `resume_point`), restore this rank's part
-        of the newest complete checkpoint, whatever layout wrote it (rank 0 picks it; every rank takes
-        that step). Returns its path, or None for a fresh start."""
-        mine = torch.zeros(1, dtype=torch.float64)  # rank 0's choice, summed over the world
-        if self.rank == 0:
-            found = resume_point(self.cfg, restarted=restarted)
-            mine[0] = -1 if found is None else found
-        step = int(self._all_reduce_small(mine)[0])
-        if step < 0:
-            return None
-        path = checkpoint_path(self.cfg.run.dir, step)
-        self.load(path)
-        return path
-
-    def roll_back(self, spike_step: int) -> int | None:
-        """After a loss spike at `spike_step` (every rank): reload the newest complete checkpoint
-        (rank 0 picks it) and skip the batches from it to the spike. Returns the checkpoint's step,
-        or None when there is none (nothing is changed)."""
-        self.completed_checkpoints(wait=True)  # every rank: the newest checkpoint may be in flight
-        mine = torch.zeros(1, dtype=torch.float64)
-        if self.rank == 0:
-            found = list_checkpoints(self.cfg.run.dir)
-            mine[0] = found[-1][0] if found else -1
-        step = int(self._all_reduce_small(mine)[0])
-        if step < 0:
-            return None
-        skip = self.data_skip + (spike_step - step)
-        self.load(checkpoint_path(self.cfg.run.dir, step))
-        self.data_skip = skip  # the batches of steps step+1..spike_step are never trained on
-        return step
-
-    def load(self, path: str) -> None:
+    def load(self, path: str, storage: Storage | None = None) -> tuple[CheckpointMeta, bool]:
         """Restore the checkpoint at `path` into this rank (any layout wrote it); the next step
         trained is its step + 1, on the batch after its data position."""
         meta, same_layout = restore_checkpoint(
-            self.cfg, path, self.checkpoint_state(), shard=(self.pp_rank, self.dp_rank)
+            self.cfg, path, self.checkpoint_state(), shard=(self.pp_rank, self.dp_rank), storage=storage
         )
         self.step, self.data_skip = meta.step, data_skip(meta)
-        self.resharded = not same_layout
-        self.resharded_from = (
-            {"schedule": meta.extra.get("schedule", "single"), **meta.world} if self.resharded else None
-        )
         for m in self.moe:
             m.reset_load()
         self.routing.reset()
+        return meta, same_layout
+
+    # ---- the Trainer's questions ------------------------------------------------------------------
+    def agree_on(self, pick: Callable[[], int | None]) -> int | None:
+        """Rank 0's `pick()` (a step, or None), taken by every rank."""
+        mine = torch.zeros(1, dtype=torch.float64)  # rank 0's choice, summed over the world
+        if self.rank == 0:
+            found = pick()
+            mine[0] = -1 if found is None else found
+        step = int(self._all_reduce_small(mine)[0])
+        return None if step < 0 else step
+
+    def any_rank(self, flag: bool) -> bool:
+        """Whether `flag` holds on any rank (every rank calls it at the same point)."""
+        return bool(self._all_reduce_small(torch.tensor([float(flag)]), dist.ReduceOp.MAX)[0] > 0)
+
+    def interruptible(self) -> bool:
+        """Never mid-step: the peers would wait on this rank's transfers. A SIGTERM is agreed at the
+        step boundary instead."""
+        return False
+
+    def failure_checkpoint_blocker(self, agreed_stop: bool) -> str | None:
+        if agreed_stop:
+            return None
+        return "a pipeline checkpoint needs every rank alive at the same step; the newest periodic one stands"
+
+    def open_report(self, log, resumed_from: str | None, outputs=None) -> PipelineReport:
+        peak = self.cfg.parallel.peak_tflops_per_worker * 1e12 * self.topo.world_size
+        return PipelineReport(
+            self.cfg,
+            rank_params=sum(p.numel() for p in self.module.parameters()),
+            log=log,
+            start_step=self.step,
+            resumed_from=resumed_from,
+            flops_per_token=self.flops_per_token,
+            peak_flops=peak or None,
+        )
+
+    def finish(self) -> None:
+        """Every rank, after the last step: the run's parameters written (`save_params`), then a
+        barrier so no rank leaves while a peer still writes."""
+        self.save_params(self.cfg.run.dir)
+        dist.barrier()
 
     # ---- outputs ----------------------------------------------------------------------------------
     def save_params(self, run_dir: str) -> str | None:

@@ -22,12 +22,17 @@ from __future__ import annotations
 import datetime
 import os
 import socket
+import time
 import traceback
 from collections.abc import Callable
 from typing import Any
 
 import torch.multiprocessing as mp
 from moeforge.platform.launch.accelerator import ACCELERATOR_ENV, use_accelerator_for
+
+# After one rank fails, the others have this long to end on their own (rank 0 records the failure;
+# ranks stopped together by SIGTERM write their checkpoint) before they are killed.
+FAILURE_GRACE_S = 10.0
 
 
 def _free_port() -> int:
@@ -96,7 +101,8 @@ def spawn_gloo(
     fn: Callable[..., Any], world_size: int, args: tuple = (), timeout_s: float = 300.0
 ) -> dict[int, Any]:
     """Call `fn(rank, world_size, *args)` on `world_size` spawned processes sharing a gloo group;
-    return {rank: result}. A failure on any rank raises RuntimeError with that rank's traceback."""
+    return {rank: result}. A failure on any rank raises RuntimeError with that rank's traceback,
+    once the other ranks have ended or FAILURE_GRACE_S has passed."""
     ctx = mp.get_context("forkserver")
     ctx.set_forkserver_preload(_PRELOAD)  # takes effect when the server starts (the first call)
     _start_server()
@@ -119,11 +125,14 @@ def spawn_gloo(
             results[rank] = payload
         else:
             errors.append(f"rank {rank}: {payload}")
-            break  # the first failure decides; the others are stopped below
+            break  # the first failure decides; the others get a grace period, then are killed
+    deadline = time.monotonic() + (FAILURE_GRACE_S if errors else 30.0)
     for p in procs:
-        if errors:
-            p.terminate()
-        p.join(timeout=30)
+        p.join(timeout=max(0.0, deadline - time.monotonic()))
+    for p in procs:
+        if p.is_alive():  # SIGKILL: a rank in training treats SIGTERM as "stop after this step"
+            p.kill()
+            p.join(timeout=30)
     if errors:
         raise RuntimeError("\n".join(errors))
     return results

@@ -101,7 +101,7 @@ def train_loop_per_worker(config: dict) -> None:
     import torch
     from moeforge.platform.engine.topology import Topology
     from moeforge.platform.launch.rank_placement import format_placement, place_workers, write_placement
-    from moeforge.platform.train.pipeline import run_pipeline_training
+    from moeforge.platform.train.trainer import Trainer
 
     _quiet_ray_train_report_log()
     _quiet_third_party_console()
@@ -147,12 +147,5 @@ def train_loop_per_worker(config: dict) -> None:
             log(line)
         write_placement(cfg.run.dir, record)
 
-    run_pipeline_training(
-        cfg,
-        rank,
-        world_size,
-        report=report,
-        log=log,
-        device=device,
-        restarted_resumes=bool(config.get("restarted_resumes", False)),
-    )
+    restarted = bool(config.get("restarted_resumes", False))
+    Trainer.pipeline_rank(cfg, rank, world_size, log=log, report_to=report, restarted=restarted, device=device).train()

@@ -35,6 +35,11 @@ class StepMetrics:
     def tokens_per_s(self) -> float:
         return self.tokens / self.step_time_s if self.step_time_s > 0 else 0.0
 
+    @property
+    def base(self) -> StepMetrics:
+        """The figures every step engine reports (a pipeline step's metrics wrap them in `base`)."""
+        return self
+
     def to_dict(self) -> dict:
         out = dataclasses.asdict(self)
         out["tokens_per_s"] = self.tokens_per_s

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from moeforge.platform.config.train import TrainConfig
@@ -50,7 +50,7 @@ class PipelineReport(RunReport):
         self.timeline_trace: str | None = None
         self.last_grad_norm: float | None = None
 
-    def record_step(self, m, evaluation: EvalResult | None = None) -> dict[str, Any]:
+    def record_step(self, m, evaluation: EvalResult | None = None) -> dict[str, Any]:  # type: ignore[override]
         """Record one step's PipelineStepMetrics (and its evaluation); return its scalars."""
         pipeline = m.pipeline_fields()
         self.history.append(pipeline)
@@ -104,13 +104,11 @@ class PipelineReport(RunReport):
             )
         return fields
 
-    def finish_pipeline(self) -> dict[str, Any]:
-        fields = self.pipeline_summary()
-        fields["params_dir"] = self.storage.url("params")
-        suffix = ""
+    def finish(self, extra: Mapping[str, Any] | None = None, suffix: str = "") -> dict[str, Any]:
+        fields = {**self.pipeline_summary(), "params_dir": self.storage.url("params"), **(extra or {})}
         if "bubble_fraction" in fields:
             suffix += f" | bubble {fields['bubble_fraction']:.0%}"
-        return self.finish(fields, suffix=suffix + f" | timeline {self.timeline_png}")
+        return super().finish(fields, suffix=suffix + f" | timeline {self.timeline_png}")
 
-    def fail_pipeline(self, err: BaseException) -> dict[str, Any]:
-        return self.fail(err, self.pipeline_summary())
+    def fail(self, err: BaseException, extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        return super().fail(err, {**self.pipeline_summary(), **(extra or {})})

@@ -1,6 +1,6 @@
 """The record of a training run, kept by the process that reports it: the same for every loop.
 
-The reference loop and rank 0 of a pipeline run both keep their run's record here, so they write
+The one-process run and rank 0 of a pipeline run both keep their run's record here, so they write
 the same files, print the same lines and end a failed run the same way:
 
     start    config.yaml (secrets redacted); metrics.jsonl kept up to the step the run starts from
@@ -10,8 +10,7 @@ the same files, print the same lines and end a failed run the same way:
     finish   summary.json and loss.png, the tracker's summary, the closing line
     fail     the same with status "failed" and the error; never raises over the run's own error
 
-What differs stays with the loop: the reference's failure checkpoint and SIGTERM handling, and the
-pipeline's timeline and bubble figures (platform/outputs/pipeline_report.py adds those).
+A pipeline run adds its timeline and bubble figures (platform/outputs/pipeline_report.py).
 """
 
 from __future__ import annotations
@@ -93,6 +92,10 @@ class RunReport:
         scalars = {k: v for k, v in record.items() if not isinstance(v, (list, dict))}
         self.tracker.log(metrics.step, scalars)
         return scalars
+
+    def record_step(self, metrics: StepMetrics, evaluation: EvalResult | None = None) -> dict[str, Any]:
+        """Record one step of the step engine's metrics (a pipeline report adds its own figures)."""
+        return self.record(metrics, evaluation)
 
     def flush(self) -> None:
         """Make every recorded line visible under run.dir (before a checkpoint: a run resumed from

@@ -1,41 +1,24 @@
-"""The single-process reference training loop (`parallel.schedule=single`): a complete training run.
+"""The one-process step engine (`parallel.schedule=single`): the numerical reference.
 
-It is the numerical reference for the pipeline runtime: the global batch of each step is split into
-`parallel.microbatches` equal micro-batches, in order, each micro-batch's loss is scaled by 1/M and
-back-propagated, then one optimizer step runs. A pipeline run with the same seed, config and
-micro-batch count computes the same gradients, so the two can be compared loss for loss.
+The global batch of each step is split into `parallel.microbatches` equal micro-batches, in order,
+each micro-batch's loss is scaled by 1/M and back-propagated, then one optimizer step runs. A pipeline
+run with the same seed, config and micro-batch count computes the same gradients, so the two compare
+loss for loss. The Trainer (platform/train/trainer.py) runs the loop around it; `Trainer.single(cfg)`
+builds the pair.
 
 One optimizer step (`train_step`), torchtitan style:
-    recipe             the step's MTP loss weight and bias update speed (`recipe_at(step)`,
-                       platform/optim/recipe_schedule.py, as every pipeline rank computes them)
+    recipe             the step's MTP loss weight and bias update speed (`recipe_at(step)`, as every
+                       pipeline rank computes them)
     forward_backward   M micro-batches, gradients accumulate (LM + lambda * MTP loss; the sequence-wise
-                       balance loss rides along inside the MoE layers' autograd graph, its alpha
-                       scaled by 1/M like the other losses: bias_update.set_balance_loss_scale);
-                       the forward runs under the precision policy's autocast context
-    clip               global grad norm, then scale (platform.optim.adamw)
+                       balance loss rides inside the MoE layers' autograd graph, its alpha scaled by
+                       1/M like the other losses); the forward runs under the precision policy's autocast
+    clip               global grad norm, then scale
     optimizer_step     LR from lr_at(step), AdamW step (BF16 moments when configured), zero grads
-    balance            router-bias update from the step's expert loads (platform.optim.bias_update)
+    balance            router-bias update from the step's expert loads
 
-Around the steps (`train`): the run's record (platform/outputs/run_report.py, shared with the
-pipeline run: config.yaml, metrics.jsonl, progress lines, the tracker, summary.json), evaluation
-and checkpoints (platform/checkpoint/store.py) when the cadence (platform/config/cadence.py) says.
-With `checkpoint.resume` a run continues from the newest complete checkpoint in run.dir: weights
-and router biases, AdamW state by parameter name, RNG states, step; the data position is the step
-(batches are a pure function of (data.seed, step)), checked against the checkpoint's
-samples_consumed.
-
-Nothing is lost on failure: if a step or anything around it raises (KeyboardInterrupt included, and
-SIGTERM, which `train` turns into a `Terminated` exception),
-the metrics so far are flushed, summary.json records status "failed" with the error, and, when
-checkpointing is on and the state is consistent, a checkpoint of the last completed step is
-written. The state is consistent unless the error struck inside the update (clip, AdamW, router
-bias): an error in the forward/backward leaves weights and optimizer as the previous step left
-them (its RNG state is restored from a snapshot taken when the step began).
-
-Bad steps (platform/optim/bad_steps.py): a non-finite loss or gradient norm skips the update, and
-with run.spike_policy=rollback a loss spike reloads the newest checkpoint and skips the data window
-up to it (`data_skip`: step s trains on batch s + data_skip). checkpoint.async writes checkpoints
-on a background thread (platform/checkpoint/async_writer.py).
+What a failure may save: an error in the forward/backward leaves weights and optimizer as the
+previous step left them (the RNG is restored from a snapshot taken when the step began); an error
+inside the update (clip, AdamW, router bias) leaves them inconsistent, and nothing is saved.
 
 Determinism: the RNG is seeded before the model is built and data order is a pure function of
 (data.seed, step), so two runs with the same config produce identical losses, and a run killed and
@@ -44,12 +27,8 @@ resumed produces the losses of an uninterrupted one.
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
-import signal
-import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -59,60 +38,36 @@ from moeforge.model.config import ConfigError
 from moeforge.model.transformer import build_model
 from moeforge.platform.checkpoint.async_writer import AsyncCheckpointWriter
 from moeforge.platform.checkpoint.reshard import ModelState
-from moeforge.platform.checkpoint.resume import (
-    checkpoint_commit,
-    data_skip,
-    restore_checkpoint,
-    resume_point,
-)
-from moeforge.platform.checkpoint.state import (
-    OptimizerState,
-    RNGState,
-    rng_state_to_tensors,
-)
-from moeforge.platform.checkpoint.store import checkpoint_path, config_hash, list_checkpoints, save_checkpoint
-from moeforge.platform.config.cadence import Cadence
+from moeforge.platform.checkpoint.resume import checkpoint_commit, data_skip, restore_checkpoint
+from moeforge.platform.checkpoint.state import OptimizerState, RNGState, rng_state_to_tensors
+from moeforge.platform.checkpoint.store import CheckpointMeta, checkpoint_path, save_checkpoint
 from moeforge.platform.config.train import TrainConfig
-from moeforge.platform.data.microbatches import (
-    BatchSourceLike,
-    default_batch_source,
-    inputs_and_labels,
-    split_microbatches,
-)
+from moeforge.platform.data.microbatches import BatchSourceLike, inputs_and_labels, split_microbatches
 from moeforge.platform.optim.adamw import build_adamw, clip_grads_with_norm_, global_grad_norm
-from moeforge.platform.optim.bad_steps import (
-    LOSS_SPIKE_FACTOR,
-    BadStepPolicy,
-    injected_data_fault,
-    is_finite_step,
-)
+from moeforge.platform.optim.bad_steps import LOSS_SPIKE_FACTOR, injected_data_fault, is_finite_step
 from moeforge.platform.optim.bias_update import set_balance_loss_scale, update_router_biases
 from moeforge.platform.optim.lr_schedule import lr_at, set_lr
 from moeforge.platform.optim.recipe_schedule import recipe_after, recipe_at
 from moeforge.platform.outputs.grad_dump import dump_reference_grads
-from moeforge.platform.outputs.metrics import EvalResult, StepMetrics, TrainSummary
+from moeforge.platform.outputs.metrics import EvalResult, StepMetrics
 from moeforge.platform.outputs.run_files import RunOutputs
 from moeforge.platform.outputs.run_report import RunReport
+from moeforge.platform.outputs.storage import Storage
 from moeforge.platform.precision import apply_precision, compute_context, warm_up_fp8_kernels
 
 
-class Terminated(BaseException):
-    """SIGTERM arrived during training (preemption, `kill`, a scheduler's stop): handled like Ctrl-C,
-    so the run records its failure and keeps a consistent checkpoint before it exits."""
+def check_single(cfg: TrainConfig) -> None:
+    if cfg.parallel.schedule != "single":
+        raise ConfigError(f"parallel.schedule: the one-process engine runs 'single', got {cfg.parallel.schedule!r}")
 
 
 def training_device(cfg: TrainConfig) -> torch.device:
-    """The one-process loop's device: the GPU when the run asks for one (parallel.gpus_per_worker)."""
+    """The one-process device: the GPU when the run asks for one (parallel.gpus_per_worker)."""
     if cfg.parallel.gpus_per_worker > 0:
         if not torch.cuda.is_available():
             raise ConfigError("parallel.gpus_per_worker: the run asks for a GPU but torch sees none")
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
-
-
-def seed_everything(seed: int) -> None:
-    """Seed torch's global RNG (model init, anything stochastic in the loop)."""
-    torch.manual_seed(seed)
 
 
 def flops_per_token(cfg: TrainConfig) -> float | None:
@@ -124,36 +79,27 @@ def flops_per_token(cfg: TrainConfig) -> float | None:
     return estimate(cfg.model).run_flops_per_token
 
 
-class ReferenceTrainer:
-    """One process, one model, the whole global batch per step.
+class SingleProcessEngine:
+    """One process, one model, the whole global batch per step (the Trainer's StepEngine).
 
-    `source` defaults to the configured data (platform.data.BatchSource); tests inject small
-    sources. `log` receives each console line (print by default). Construction resumes from the
-    newest complete checkpoint in run.dir when `checkpoint.resume` is set and one exists."""
+    `source` gives the batches (platform.data.BatchSource by default; tests pass small ones);
+    `storage` is run.dir's, when the caller has opened it."""
+
+    reports = True
+    distributed = False
 
     def __init__(
         self,
         cfg: TrainConfig,
-        source: BatchSourceLike | None = None,
+        source: BatchSourceLike,
         log: Callable[[str], None] = print,
+        storage: Storage | None = None,
     ) -> None:
-        if cfg.parallel.schedule != "single":
-            raise ConfigError(
-                f"parallel.schedule: the reference loop runs 'single', got {cfg.parallel.schedule!r}"
-            )
-        self.cfg = cfg
-        self.log = log
-        # Inputs that can be wrong (data path, run.dir, its checkpoints) are checked before the
-        # model is built.
-        self.source = source if source is not None else default_batch_source(cfg)
-        self.outputs = RunOutputs(cfg.run.dir, fresh=False)  # metrics kept or dropped once resumed
-        resume_path = self._checkpoint_to_resume()
-
-        seed_everything(cfg.run.seed)
+        check_single(cfg)
+        self.cfg, self.source, self.log = cfg, source, log
+        torch.manual_seed(cfg.run.seed)  # model init and anything stochastic in the loop
         self.device = training_device(cfg)
-        model = build_model(cfg.model, seed=cfg.run.seed).to(
-            self.device
-        )  # init on CPU: same weights anywhere
+        model = build_model(cfg.model, seed=cfg.run.seed).to(self.device)  # init on CPU: same weights anywhere
         self.model = apply_precision(model, cfg.precision)
         set_reserved_sms(cfg.parallel.comm_sms)  # persistent FP8 GEMMs leave these SMs free
         self.model.train()
@@ -161,110 +107,104 @@ class ReferenceTrainer:
         self.moe_modules = list(self.model.moe_layers())
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = build_adamw(self.model.named_parameters(), cfg.optim, cfg.precision)
-
         self.microbatches = cfg.parallel.microbatches
         set_balance_loss_scale(self.moe_modules, cfg.model.seq_aux_loss_alpha, 1.0 / self.microbatches)
         self.step = 0  # optimizer steps taken
         self.data_skip = 0  # global batches skipped by loss-spike rollbacks: step s reads batch s + skip
-        self.bad_steps = BadStepPolicy(cfg.run)
         ck = cfg.checkpoint
+        self.storage = storage  # run.dir's (opened from the path when None)
         self.writer = (
-            AsyncCheckpointWriter(
-                cfg.run.dir, storage=self.outputs.storage, failure=ck.async_failure, log=log
-            )
+            AsyncCheckpointWriter(cfg.run.dir, storage=storage, failure=ck.async_failure, log=log)
             if ck.async_save and ck.every
             else None
         )
-        self.resumed_from: str | None = None  # the checkpoint this run continues
-        self.last_checkpoint: str | None = None
-        self._saved_step: int | None = None  # step of the newest complete checkpoint of this run
-        # What a failure may save: "idle" and "forward_backward" leave weights and optimizer at the
-        # last completed step; "update" (clip, AdamW, router bias) does not.
+        # "idle" and "forward_backward" leave weights and optimizer at the last completed step;
+        # "update" (clip, AdamW, router bias) does not.
         self._phase = "idle"
         self._rng_at_step_start: dict[str, torch.Tensor] | None = None
-        self._pending: tuple[StepMetrics, EvalResult | None] | None = None  # a step not yet recorded
-        self.report: RunReport | None = None  # the run's record, while `train` runs
-        self._terminate: str | None = None  # a SIGTERM held back until the current update is done
-        if resume_path is not None:
-            self.resume(resume_path)
+
+    # --- the Trainer's questions --------------------------------------------------------------
+    def agree_on(self, pick: Callable[[], int | None]) -> int | None:
+        return pick()
+
+    def any_rank(self, flag: bool) -> bool:
+        return flag
+
+    def interruptible(self) -> bool:
+        """SIGTERM may stop this process at once, except inside an update."""
+        return self._phase != "update"
+
+    def failure_checkpoint_blocker(self, agreed_stop: bool) -> str | None:
+        if self._phase == "update":
+            return f"failed mid-update of step {self.step + 1}: state inconsistent"
+        return None
+
+    def warm_up(self) -> str | None:
+        tokens = self.cfg.data.global_batch // self.microbatches * self.cfg.model.seq_len
+        warmed = warm_up_fp8_kernels(self.model, self.cfg.precision, tokens)
+        return warmed.summary() if warmed.launches else None
+
+    def open_report(self, log, resumed_from: str | None, outputs: RunOutputs | None) -> RunReport:
+        cfg, run = self.cfg, self.cfg.run
+        n_params = sum(p.numel() for p in self.params)
+        header = (
+            f"moeforge single process: {n_params / 1e6:.2f}M params, {run.steps} steps x "
+            f"{cfg.data.global_batch} seq x {cfg.model.seq_len} tok, "
+            f"{self.microbatches} micro-batch(es), precision {cfg.precision.name}, run.dir={run.dir}"
+        )
+        peak = cfg.parallel.peak_tflops_per_worker * 1e12 or None
+        return RunReport(
+            cfg,
+            header,
+            log,
+            start_step=self.step,
+            resumed_from=resumed_from,
+            flops_per_token=flops_per_token(cfg),
+            peak_flops=peak,
+            outputs=outputs,
+        )
+
+    def finish(self) -> None:
+        pass
 
     # --- checkpoints --------------------------------------------------------------------------
-    def _checkpoint_to_resume(self) -> str | None:
-        """The newest complete checkpoint in run.dir to resume from, or None for a fresh run (a
-        fresh run into a run.dir holding checkpoints is refused: platform/checkpoint/resume.py)."""
-        step = resume_point(self.cfg, self.outputs.storage)
-        return None if step is None else checkpoint_path(self.cfg.run.dir, step)
-
-    def checkpoint_state(self, rng: Mapping[str, torch.Tensor] | None = None) -> dict[str, Any]:
+    def checkpoint_state(self, rng: dict[str, torch.Tensor] | None = None) -> dict[str, Any]:
         """The parts a checkpoint holds: model (weights and router-bias buffers), AdamW state keyed
         by parameter name, RNG states (the live ones, or `rng` as captured earlier). Model and
-        optimizer are keyed by full-model name, as every pipeline rank writes them, so this loop
-        reads a pipeline run's checkpoint and a pipeline run reads this loop's
-        (platform/checkpoint/reshard.py)."""
+        optimizer are keyed by full-model name, as every pipeline rank writes them, so either reads
+        the other's checkpoints (platform/checkpoint/reshard.py)."""
         return {
             "model": ModelState(self.model),
             "optimizer": OptimizerState(self.optimizer, self.model.named_parameters()),
             "rng": RNGState() if rng is None else dict(rng),
         }
 
-    def resume(self, path: str) -> None:
+    def load(self, path: str, storage: Storage | None = None) -> tuple[CheckpointMeta, bool]:
         """Restore the checkpoint at `path`; the next step trained is the checkpoint's step + 1."""
-        meta, same_layout = restore_checkpoint(
-            self.cfg, path, self.checkpoint_state(), storage=self.outputs.storage
-        )
-        self.step = self._saved_step = meta.step
-        self.data_skip = data_skip(meta)
-        if not same_layout:
-            world = " ".join(f"{k}={v}" for k, v in sorted(meta.world.items()))
-            self.log(
-                f"resharded: {path} was written by {meta.extra.get('schedule', 'single')} {world}; "
-                "weights and optimizer restored by name, RNG streams start from run.seed"
-            )
-        self.resumed_from = self.last_checkpoint = path
+        meta, same_layout = restore_checkpoint(self.cfg, path, self.checkpoint_state(), storage=storage)
+        self.step, self.data_skip = meta.step, data_skip(meta)
         for m in self.moe_modules:
             m.reset_load()
-        # "resumed from ..." is the run report's line (train); a changed config is said now.
-        if meta.config_hash not in (None, config_hash(dataclasses.asdict(self.cfg))):
-            self.log("note: the config differs from the one that wrote this checkpoint")
+        return meta, same_layout
 
-    def save_checkpoint(self, rng: Mapping[str, torch.Tensor] | None = None, *, wait: bool = False) -> str:
-        """Checkpoint the state after `self.step` steps (metrics flushed first, so a resumed run
-        finds every record its checkpoint covers). With checkpoint.async (and not `wait`) the state
-        is snapshot now and written in the background (platform/checkpoint/async_writer.py); the
-        checkpoint is reported once complete. Returns the checkpoint's path."""
-        self.outputs.flush()
-        run = self.cfg.run
-        commit = checkpoint_commit(
-            self.cfg, self.step, self.data_skip, world={"pp": 1, "dp": 1}, schedule="single"
-        )
+    def save_checkpoint(self, wait: bool = False) -> str:
+        """Checkpoint the state after `self.step` steps. With checkpoint.async (and not `wait`) the
+        state is snapshot now and written in the background (reported through
+        `completed_checkpoints`, which the caller drains before a `wait` save). After a failure inside
+        a step's forward/backward the RNG saved is the step's start. Returns the checkpoint's path."""
+        commit = checkpoint_commit(self.cfg, self.step, self.data_skip, world={"pp": 1, "dp": 1}, schedule="single")
+        rng = self._rng_at_step_start if wait and self._phase == "forward_backward" else None
         if self.writer is not None and not wait:
-            self.writer.submit(self.step, self.checkpoint_state(rng), commit=commit)
-            return checkpoint_path(run.dir, self.step)
-        self._drain_checkpoints(wait=True)  # at most one in flight, and in step order
+            self.writer.submit(self.step, self.checkpoint_state(), commit=commit)
+            return checkpoint_path(self.cfg.run.dir, self.step)
         del commit["world"]
-        path = save_checkpoint(
-            run.dir, self.step, self.checkpoint_state(rng), storage=self.outputs.storage, **commit
-        )
-        self._checkpointed(self.step, path)
-        return path
+        return save_checkpoint(self.cfg.run.dir, self.step, self.checkpoint_state(rng), storage=self.storage, **commit)
 
-    def _checkpointed(self, step: int, path: str) -> None:
-        # Only a complete checkpoint counts as saved: one still in flight may fail, and then a
-        # failure must still save the step (_record_failure).
-        self._saved_step = step
-        self.last_checkpoint = path
-        if self.report is not None:
-            self.report.checkpointed(step, path)
-        else:
-            self.log(f"checkpoint at step {step}: {path}")
-
-    def _drain_checkpoints(self, wait: bool = False) -> None:
-        """Report the background checkpoints completed so far (all of them with `wait`); a
-        background failure raises here under checkpoint.async_failure=fail."""
+    def completed_checkpoints(self, wait: bool = False) -> list[tuple[int, str]]:
+        """Background checkpoints completed since the last call (all in flight, with `wait`)."""
         if self.writer is None:
-            return
-        for step, path in self.writer.wait() if wait else self.writer.poll():
-            self._checkpointed(step, path)
+            return []
+        return self.writer.wait() if wait else self.writer.poll()
 
     # --- one step -----------------------------------------------------------------------------
     def forward_backward(self, batch: torch.Tensor, mtp_loss_weight: float | None = None) -> dict[str, float]:
@@ -314,11 +254,14 @@ class ReferenceTrainer:
         expert loads; return the worst layer's load."""
         return worst_layer_load(update_router_biases(self.moe_modules, gamma))  # [moe_layers, experts]
 
-    def train_step(self, batch: torch.Tensor) -> StepMetrics:
-        """One optimizer step on one global batch. A non-finite loss or gradient norm skips the
-        update (platform/optim/bad_steps.py): the weights, moments and router biases stay those of
-        the last good step, and the step is recorded as skipped."""
-        start = time.perf_counter()
+    def train_step(self, timeline: bool = False, batch: torch.Tensor | None = None) -> StepMetrics:
+        """One optimizer step on the step's global batch (or `batch`). A non-finite loss or gradient
+        norm skips the update (platform/optim/bad_steps.py): the weights, moments and router biases
+        stay those of the last good step, and the step is recorded as skipped. `timeline` is the
+        pipeline's; one process has none."""
+        start = time.perf_counter()  # data time included
+        if batch is None:
+            batch = self.source.batch(self.step + self.data_skip)
         if self.cfg.checkpoint.every:  # what a failure checkpoint restores if this step dies mid-way
             self._rng_at_step_start = rng_state_to_tensors()
         recipe = recipe_at(self.step, self.cfg)
@@ -411,131 +354,3 @@ class ReferenceTrainer:
         for m in self.moe_modules:
             m.reset_load()
 
-    # --- the run ------------------------------------------------------------------------------
-    def train(self) -> TrainSummary:
-        """Train up to cfg.run.steps; log, record metrics, track, evaluate, checkpoint; return the
-        summary. On an exception: record what completed, save what is consistent, record the
-        failure, re-raise."""
-        run = self.cfg.run
-        n_params = sum(p.numel() for p in self.params)
-        header = (
-            f"moeforge reference loop: {n_params / 1e6:.2f}M params, {run.steps} steps x "
-            f"{self.cfg.data.global_batch} seq x {self.cfg.model.seq_len} tok, "
-            f"{self.microbatches} micro-batch(es), precision {self.cfg.precision.name}, run.dir={run.dir}"
-        )
-        tokens = self.cfg.data.global_batch // self.microbatches * self.cfg.model.seq_len
-        warmed = warm_up_fp8_kernels(self.model, self.cfg.precision, tokens)
-        if warmed.launches:  # compile and tuning time, kept out of step 1's tokens/s
-            self.log(warmed.summary())
-        peak = self.cfg.parallel.peak_tflops_per_worker * 1e12 or None
-        self.report = RunReport(
-            self.cfg,
-            header,
-            self.log,
-            start_step=self.step,
-            resumed_from=self.resumed_from,
-            flops_per_token=flops_per_token(self.cfg),
-            peak_flops=peak,
-            outputs=self.outputs,
-        )
-        try:
-            with self._sigterm_raises_terminated():
-                self._run_steps()
-        except BaseException as err:
-            self._record_failure(err)
-            raise
-        finally:
-            report, self.report = self.report, None
-        report.finish()
-        return report.summary()
-
-    @contextlib.contextmanager
-    def _sigterm_raises_terminated(self):
-        """Turn SIGTERM into `Terminated` while the block runs. A signal that lands inside an update
-        is held until the step is complete and recorded, so what is saved is consistent. Main
-        thread only (Python delivers signals there); elsewhere this does nothing."""
-        if threading.current_thread() is not threading.main_thread():
-            yield
-            return
-
-        def handler(signum, frame):
-            self._terminate = f"received {signal.Signals(signum).name}"
-            if self._phase != "update":
-                raise Terminated(self._terminate)
-
-        previous = signal.signal(signal.SIGTERM, handler)
-        try:
-            yield
-        finally:
-            signal.signal(signal.SIGTERM, previous)
-
-    def _run_steps(self) -> None:
-        """Steps up to run.steps, each evaluated when due, recorded, and checkpointed when due."""
-        cadence = Cadence.of(self.cfg)
-        while self.step < self.cfg.run.steps:
-            self._drain_checkpoints()
-            t0 = time.perf_counter()
-            metrics = self.train_step(self.source.batch(self.step + self.data_skip))
-            metrics.step_time_s = time.perf_counter() - t0  # data time included
-            self._pending = (metrics, None)
-            if cadence.evaluates(self.step):
-                self._pending = (metrics, self.evaluate())
-            self.report.record(*self._pending)
-            self._pending = None
-            if self._terminate:  # SIGTERM during the update: stop now that the step is whole
-                raise Terminated(self._terminate)
-            self.bad_steps.after_step(self.step, metrics.loss, metrics.skipped)
-            spike, median = self.bad_steps.is_spike(metrics.loss)
-            if spike:
-                rollback = self.bad_steps.roll_back(
-                    metrics.step, metrics.loss, median, self._restore_newest, self.log
-                )
-                if rollback is not None:
-                    self.report.rewind(rollback)
-                    continue
-            if cadence.checkpoints(self.step):
-                self.save_checkpoint()
-        self._drain_checkpoints(wait=True)  # the last checkpoint is complete before the run is
-
-    def _restore_newest(self, spike_step: int) -> int | None:
-        """Rollback's part of this loop (BadStepPolicy.roll_back): reload the newest complete
-        checkpoint and skip the batches from it to the spike. Returns its step, or None when there is
-        no checkpoint (nothing is changed)."""
-        self._drain_checkpoints(wait=True)  # the newest checkpoint may still be in flight
-        found = list_checkpoints(self.cfg.run.dir, self.outputs.storage)
-        if not found:
-            return None
-        to_step, path = found[-1]
-        skip = self.data_skip + (spike_step - to_step)
-        self.resume(path)
-        self.data_skip = skip  # the batches of steps to_step+1..spike_step are never trained on
-        return to_step
-
-    def _record_failure(self, err: BaseException) -> None:
-        """Keep what can be kept after `err`: the completed step's record, a checkpoint when the
-        state is consistent, then the failed run's record (RunReport.fail). Every part is tried even
-        if an earlier one fails, and none of them may replace `err` (the caller re-raises it)."""
-        if self._pending is not None:  # the step completed; its record must not be lost
-            (metrics, evaluation), self._pending = self._pending, None
-            try:
-                self.report.record(metrics, evaluation)
-            except Exception as record_err:  # noqa: BLE001
-                self.log(f"could not record step {metrics.step}'s metrics after the failure: {record_err}")
-        if self.writer is not None:  # the checkpoint in flight completes (or fails) first
-            try:
-                self._drain_checkpoints(wait=True)
-            except Exception as write_err:  # noqa: BLE001 - reported, the original error wins
-                self.log(f"the background checkpoint failed too: {write_err}")
-                self._saved_step = None
-        if self.cfg.checkpoint.every and self.step > 0 and self.step != self._saved_step:
-            if self._phase == "update":
-                self.log(
-                    f"failed mid-update of step {self.step + 1}: no checkpoint written (state inconsistent)"
-                )
-            else:
-                rng = self._rng_at_step_start if self._phase == "forward_backward" else None
-                try:
-                    self.save_checkpoint(rng=rng, wait=True)
-                except Exception as save_err:  # noqa: BLE001 - reported, the original error wins
-                    self.log(f"could not write a checkpoint after the failure: {save_err}")
-        self.report.fail(err)

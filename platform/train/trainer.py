@@ -1,0 +1,307 @@
+"""The one training loop: everything around the optimizer steps, for one process and for a pipeline.
+
+`Trainer(cfg, engine)` owns the outer loop; a step engine owns the model and its optimizer step.
+Two engines implement the same small interface (`StepEngine` below):
+
+    SingleProcessEngine   one process, the whole model and global batch (`parallel.schedule=single`),
+                          the numerical reference every parallel layout is tested against
+    RankEngine            one pipeline rank: its stages, the executor, ZeRO, expert parallelism
+
+The loop, the same for both (`train`):
+    resume      at construction, from the newest complete checkpoint when checkpoint.resume is set (or
+                after a restart); any layout wrote it (platform/checkpoint/reshard.py)
+    warm-up     Triton kernels compiled and tuned on the step's shapes before step 1
+    step        `engine.train_step`; evaluation when the cadence says; the step recorded
+                (platform/outputs/run_report.py); Ray Train's `report` at log steps
+    bad steps   non-finite steps are skipped inside the engine; a loss spike rolls back to the newest
+                checkpoint and skips the data window up to it (platform/optim/bad_steps.py)
+    checkpoint  when the cadence says; with checkpoint.async written in the background and reported
+                once complete
+    signals     SIGTERM becomes `Terminated`. A process that can stop mid-step (the one-process engine,
+                outside its update) stops at once; pipeline ranks agree at each step boundary, so
+                every rank stops after the same step
+    failure     the completed step's record is kept, a checkpoint of the last completed step is
+                written when the state is consistent (the engine says when it is), summary.json
+                records status "failed" with the error, and the error is re-raised
+
+Collective choices (which checkpoint to resume or roll back to, whether any rank was asked to stop)
+go through the engine's `agree_on` and `any_rank`, so on a pipeline every rank takes the same branch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import signal
+import threading
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from moeforge.platform.checkpoint.resume import resume_point
+from moeforge.platform.checkpoint.store import CheckpointMeta, checkpoint_path, config_hash, list_checkpoints
+from moeforge.platform.config.cadence import Cadence
+from moeforge.platform.config.train import TrainConfig
+from moeforge.platform.optim.bad_steps import BadStepPolicy
+from moeforge.platform.outputs.metrics import EvalResult, TrainSummary
+from moeforge.platform.outputs.run_files import RunOutputs
+from moeforge.platform.outputs.run_report import RunReport
+from moeforge.platform.outputs.storage import Storage, open_storage
+
+
+class Terminated(BaseException):
+    """SIGTERM arrived during training (preemption, `kill`, a scheduler's stop): handled like Ctrl-C,
+    so the run records its failure and keeps a consistent checkpoint before it exits."""
+
+
+class StepEngine(Protocol):
+    """What the Trainer asks of a step engine. `step` counts optimizer steps taken; step s trains on
+    global batch s + `data_skip` (batches skipped by rollbacks). `reports`: this process keeps the
+    run's record (the one process, or pipeline rank 0); `distributed`: its choices are collective."""
+
+    cfg: TrainConfig
+    step: int
+    data_skip: int
+    reports: bool
+    distributed: bool
+
+    def open_report(
+        self, log: Callable[[str], None], resumed_from: str | None, outputs: RunOutputs | None
+    ) -> RunReport: ...
+    def agree_on(self, pick: Callable[[], int | None]) -> int | None: ...
+    def any_rank(self, flag: bool) -> bool: ...
+    def load(self, path: str, storage: Storage) -> tuple[CheckpointMeta, bool]: ...
+    def warm_up(self) -> str | None: ...
+    def train_step(self, timeline: bool = False) -> Any: ...
+    def evaluate(self) -> EvalResult | None: ...
+    def save_checkpoint(self, wait: bool = False) -> str: ...
+    def completed_checkpoints(self, wait: bool = False) -> list[tuple[int, str]]: ...
+    def interruptible(self) -> bool: ...
+    def failure_checkpoint_blocker(self, agreed_stop: bool) -> str | None: ...
+    def finish(self) -> None: ...
+
+
+class Trainer:
+    """The outer loop over a step engine (see the module docstring). `report_to`: Ray Train's report,
+    called on every rank at each log step with rank 0's record (other ranks pass {}). `restarted`: a
+    restarted worker group resumes its own newest checkpoint whatever checkpoint.resume says.
+    `outputs`: run.dir, when the caller opened it before building the engine."""
+
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        engine: StepEngine,
+        log: Callable[[str], None] = print,
+        report_to: Callable[[dict], None] | None = None,
+        restarted: bool = False,
+        outputs: RunOutputs | None = None,
+    ) -> None:
+        self.cfg, self.engine, self.log, self.report_to = cfg, engine, log, report_to
+        self.outputs = outputs
+        self.storage = outputs.storage if outputs is not None else open_storage(cfg.run.dir)
+        self.cadence = Cadence.of(cfg)
+        self.bad_steps = BadStepPolicy(cfg.run)  # every rank sees the same global loss: all decide alike
+        self.report: RunReport | None = None  # the run's record, while `train` runs (reporting process)
+        self.summary_record: dict[str, Any] | None = None  # summary.json as written, once finished
+        self.resumed_from: str | None = None
+        self.saved_step: int | None = None  # the newest complete checkpoint of this run
+        self._pending: tuple[Any, EvalResult | None] | None = None  # a step not yet recorded
+        self._terminate: str | None = None  # why SIGTERM asked to stop
+        self._agreed_stop = False  # every rank stopped at the same step boundary
+        found = engine.agree_on(lambda: resume_point(cfg, self.storage, restarted=restarted))
+        if found is not None:
+            self._restore(checkpoint_path(cfg.run.dir, found))
+            self.resumed_from = checkpoint_path(cfg.run.dir, found)
+
+    @classmethod
+    def single(cls, cfg: TrainConfig, source=None, log: Callable[[str], None] = print) -> Trainer:
+        """The one-process run (`parallel.schedule=single`). Inputs that can be wrong (the data, run.dir
+        and its checkpoints) are checked before the model is built."""
+        from moeforge.platform.data.microbatches import default_batch_source
+        from moeforge.platform.train.single import SingleProcessEngine, check_single
+
+        check_single(cfg)
+        source = source if source is not None else default_batch_source(cfg)
+        outputs = RunOutputs(cfg.run.dir, fresh=False)  # metrics kept or dropped once resumed
+        resume_point(cfg, outputs.storage)  # a fresh run into a run.dir with checkpoints fails here
+        return cls(cfg, SingleProcessEngine(cfg, source, log, outputs.storage), log, outputs=outputs)
+
+    @classmethod
+    def pipeline_rank(
+        cls,
+        cfg: TrainConfig,
+        rank: int,
+        world_size: int,
+        *,
+        log: Callable[[str], None] = print,
+        report_to: Callable[[dict], None] | None = None,
+        restarted: bool = False,
+        source=None,
+        device="cpu",
+    ) -> Trainer:
+        """One rank of a pipeline run (what each Ray Train worker runs), after torch.distributed is
+        initialised: its RankEngine, resumed where the run resumes. Every rank must construct it."""
+        from moeforge.platform.engine.comm_record import record_comm_from_env
+        from moeforge.platform.engine.rank_engine import RankEngine
+
+        record_comm_from_env()
+        engine = RankEngine(cfg, rank, world_size, source=source, device=device, log=log)
+        return cls(cfg, engine, log, report_to=report_to, restarted=restarted)
+
+    @property
+    def step(self) -> int:
+        """Optimizer steps taken so far (the resumed checkpoint's step right after construction)."""
+        return self.engine.step
+
+    # --- checkpoints --------------------------------------------------------------------------
+    def _restore(self, path: str) -> None:
+        meta, same_layout = self.engine.load(path, self.storage)
+        if not self.engine.reports:
+            return
+        if not same_layout:
+            world = " ".join(f"{k}={v}" for k, v in sorted(meta.world.items()))
+            self.log(
+                f"resharded: {path} was written by {meta.extra.get('schedule', 'single')} {world}; "
+                "weights and optimizer restored by name, RNG streams start from run.seed"
+            )
+        if meta.config_hash not in (None, config_hash(dataclasses.asdict(self.cfg))):
+            self.log("note: the config differs from the one that wrote this checkpoint")
+
+    def _checkpoint(self) -> None:
+        if self.report is not None:
+            self.report.flush()  # a run resumed from it finds every record its checkpoint covers
+        path = self.engine.save_checkpoint()
+        if getattr(self.engine, "writer", None) is None:
+            self._checkpointed(self.engine.step, path)
+
+    def _checkpointed(self, step: int, path: str) -> None:
+        # Only a complete checkpoint counts as saved: one still in flight may fail, and then a
+        # failure must still save the step.
+        self.saved_step = step
+        if self.report is not None:
+            self.report.checkpointed(step, path)
+
+    def _drain(self, wait: bool = False) -> None:
+        """Report the background checkpoints completed so far (all of them with `wait`); a
+        background failure raises here under checkpoint.async_failure=fail."""
+        for step, path in self.engine.completed_checkpoints(wait=wait):
+            self._checkpointed(step, path)
+
+    def _roll_back_to_newest(self, spike_step: int) -> int | None:
+        """Rollback's part of the loop (BadStepPolicy.roll_back): reload the newest complete
+        checkpoint and skip the batches from it to the spike. Returns its step, or None when there is
+        none (nothing is changed)."""
+        self._drain(wait=True)  # the newest checkpoint may still be in flight
+        to_step = self.engine.agree_on(
+            lambda: (found[-1][0] if (found := list_checkpoints(self.cfg.run.dir, self.storage)) else None)
+        )
+        if to_step is None:
+            return None
+        skip = self.engine.data_skip + (spike_step - to_step)
+        self._restore(checkpoint_path(self.cfg.run.dir, to_step))
+        self.engine.data_skip = skip  # the batches of steps to_step+1..spike_step are never trained on
+        return to_step
+
+    # --- the run ------------------------------------------------------------------------------
+    def train(self) -> TrainSummary | None:
+        """Train up to run.steps; return the summary on the reporting process (None elsewhere).
+        On an exception: record what completed, save what is consistent, record the failure,
+        re-raise."""
+        engine = self.engine
+        warmed = engine.warm_up()  # compile and tuning time, kept out of step 1's tokens/s
+        if warmed is not None and engine.reports:
+            self.log(warmed)
+        if engine.reports:
+            self.report = engine.open_report(self.log, self.resumed_from, self.outputs)
+        try:
+            with self._sigterm_raises_terminated():
+                self._run_steps()
+                engine.finish()
+        except BaseException as err:
+            self._record_failure(err)
+            raise
+        finally:
+            report, self.report = self.report, None
+        if report is None:
+            return None
+        self.summary_record = report.finish()
+        return report.summary()
+
+    def _run_steps(self) -> None:
+        """Steps up to run.steps, each evaluated when due, recorded, and checkpointed when due."""
+        engine, cadence = self.engine, self.cadence
+        while engine.step < self.cfg.run.steps:
+            self._drain()
+            step = engine.step + 1
+            metrics = engine.train_step(timeline=self.cfg.tracking.log_timeline and cadence.logs(step))
+            base = metrics.base
+            self._pending = (metrics, None)
+            if cadence.evaluates(step):
+                self._pending = (metrics, engine.evaluate())
+            record = self.report.record_step(*self._pending) if self.report is not None else {}
+            self._pending = None
+            if self.report_to is not None and cadence.logs(step):
+                self.report_to(record)
+            if engine.any_rank(self._terminate is not None):  # stop now that the step is whole
+                self._agreed_stop = True
+                raise Terminated(self._terminate or "another rank received SIGTERM")
+            self.bad_steps.after_step(step, base.loss, base.skipped)
+            spike, median = self.bad_steps.is_spike(base.loss)
+            if spike:
+                rollback = self.bad_steps.roll_back(step, base.loss, median, self._roll_back_to_newest, self.log)
+                if rollback is not None:
+                    if self.report is not None:
+                        self.report.rewind(rollback)
+                    continue
+            if cadence.checkpoints(step):
+                self._checkpoint()
+        self._drain(wait=True)  # the last checkpoint is complete before the run is
+
+    @contextlib.contextmanager
+    def _sigterm_raises_terminated(self):
+        """Turn SIGTERM into `Terminated` while the block runs: at once where the engine can stop
+        mid-step, otherwise at the next step boundary (every rank alike). Main thread only (Python
+        delivers signals there); elsewhere this does nothing."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def handler(signum, frame):
+            self._terminate = f"received {signal.Signals(signum).name}"
+            if self.engine.interruptible():
+                raise Terminated(self._terminate)
+
+        previous = signal.signal(signal.SIGTERM, handler)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+
+    def _record_failure(self, err: BaseException) -> None:
+        """Keep what can be kept after `err`: the completed step's record, a checkpoint when the
+        state is consistent, then the failed run's record. Every part is tried even if an earlier one
+        fails, and none of them may replace `err` (the caller re-raises it)."""
+        engine, report = self.engine, self.report
+        if self._pending is not None and report is not None:  # the step completed; keep its record
+            (metrics, evaluation), self._pending = self._pending, None
+            try:
+                report.record_step(metrics, evaluation)
+            except Exception as record_err:  # noqa: BLE001
+                self.log(f"could not record step {metrics.base.step}'s metrics after the failure: {record_err}")
+        blocker = engine.failure_checkpoint_blocker(self._agreed_stop)
+        # A pipeline rank waits for its background writer only when every rank is alive to finish it.
+        if getattr(engine, "writer", None) is not None and (blocker is None or not engine.distributed):
+            try:  # the checkpoint in flight completes (or fails) first
+                self._drain(wait=True)
+            except Exception as write_err:  # noqa: BLE001 - reported, the original error wins
+                self.log(f"the background checkpoint failed too: {write_err}")
+                self.saved_step = None
+        unsaved = engine.step > 0 and engine.step != self.saved_step
+        if self.cfg.checkpoint.every and blocker is None and engine.any_rank(unsaved):
+            try:
+                self._checkpointed(engine.step, engine.save_checkpoint(wait=True))
+            except Exception as save_err:  # noqa: BLE001 - reported, the original error wins
+                self.log(f"could not write a checkpoint after the failure: {save_err}")
+        elif self.cfg.checkpoint.every and unsaved and report is not None:
+            self.log(f"failed after step {engine.step}: no checkpoint written ({blocker})")
+        if report is not None:
+            report.fail(err)
