@@ -55,8 +55,27 @@ class Block(nn.Module):
     ) -> torch.Tensor:
         """h [b, s, hidden] -> [b, s, hidden]; positions start_pos.. (start_pos > 0, or a LongTensor [b]
         of per-row starts, needs a cache; see MLA.forward)."""
-        h = h + self.self_attn(self.input_layernorm(h), start_pos, cache)
-        return h + self.mlp(self.post_attention_layernorm(h))
+        h1, x = self.attention_phase(h, start_pos, cache)
+        return self.residual(h1, self.mlp(x))
+
+    # --- the block's phases: what an overlapped pipeline runs between its MoE transfers ---------
+    def attention_phase(
+        self, h: torch.Tensor, start_pos: int | torch.Tensor = 0, cache: LatentCache | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """h [b, s, hidden] -> (h1, x): the residual stream after attention, h + attn(norm(h)), and
+        the FFN's input, norm(h1). The FFN (`self.mlp`, an MoE's route | experts | combine when
+        its experts are spread) then runs on x."""
+        h1 = h + self.self_attn(self.input_layernorm(h), start_pos, cache)
+        return h1, self.post_attention_layernorm(h1)
+
+    def attention_phase_modules(self) -> list[nn.Module]:
+        """The modules `attention_phase` runs (their parameters are that phase's)."""
+        return [self.input_layernorm, self.self_attn, self.post_attention_layernorm]
+
+    @staticmethod
+    def residual(h1: torch.Tensor, ffn_out: torch.Tensor) -> torch.Tensor:
+        """The block's output: the residual stream after attention plus the FFN's output."""
+        return h1 + ffn_out
 
 
 def _shift_left(x: torch.Tensor, k: int, fill: int) -> torch.Tensor:

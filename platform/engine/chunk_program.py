@@ -5,10 +5,10 @@ where it is issued. Here the same modules run as generator programs that yield r
 all-to-all is launched, so that a caller can run another program (the other micro-batch of a
 DualPipe F&B pair) while the transfer travels:
 
-    forward    [embedding]; per block: attention phase (h1 = h + attn(norm(h)), x = norm(h1)),
-               then for an expert-parallel MoE block PhasedMoE's route | experts | combine phases
-               (a yield after each launch) and the residual, otherwise the block's MLP as one
-               phase; [final norm, head, loss and the MTP chain as one phase]
+    forward    [embedding]; per block: the model's own phases (`Block.attention_phase`, then for an
+               expert-parallel MoE block PhasedMoE's route | experts | combine phases, a yield
+               after each launch, and `Block.residual`), otherwise the whole block as one phase;
+               [final norm, head, loss and the MTP chain as one phase]
     backward   the same phases in reverse, each an autograd graph between detached boundaries
 
 `run_pair(forward, backward)` advances the two programs alternately, one phase each (`interleave`):
@@ -107,10 +107,8 @@ class ChunkProgram:
                 h = out.detach()
                 continue
             with self.context():
-                h1 = h_in + block.self_attn(block.input_layernorm(h_in))
-                x_norm = block.post_attention_layernorm(h1)
-            attn_params = _trainable(block.input_layernorm) + _trainable(block.self_attn)
-            attn_params += _trainable(block.post_attention_layernorm)
+                h1, x_norm = block.attention_phase(h_in)
+            attn_params = [p for m in block.attention_phase_modules() for p in _trainable(m)]
             run.phases.append(_Phase([h_in], attn_params, [h1, x_norm]))
             with self.context():
                 st = phased.forward_route(x_norm.detach())
@@ -121,7 +119,7 @@ class ChunkProgram:
             with self.context():
                 moe_out = phased.forward_combine(st)
             run.phases.append(_Phase([], [], [], moe=st, phased=phased))
-            h = h1.detach() + moe_out  # the residual; its backward is the identity
+            h = block.residual(h1.detach(), moe_out)  # its backward is the identity
         if not spec.last:
             return h
         h_in = boundary_leaf(h)

@@ -2,6 +2,10 @@
 
 Per layer call, on every EP rank at once (collective over the group):
 
+The layer call is four seams (`route`, the dispatch, `experts`, the combine), with the local work
+around the transfers in `pack` and `unpack`; the plain call runs them in a row, PhasedMoE
+(platform/moe/phased.py) interleaves them with another micro-batch's compute.
+
     1. destinations   each token's top-k experts -> the EP ranks holding them; the unique (token,
                       rank) pairs, ordered by rank then token. A token whose k experts share a rank
                       is sent to it ONCE (as V3 sends a token to a node once), with the routing of
@@ -160,39 +164,28 @@ class AllToAllDispatch:
     def __call__(
         self, flat: torch.Tensor, weights: torch.Tensor, expert_ids: torch.Tensor, experts: nn.Module
     ) -> torch.Tensor:
-        """flat [N, hidden], weights [N, k] fp32, expert_ids [N, k] (global ids) -> [N, hidden]."""
-        # 1-2. unique (token, rank) pairs, rank-major, and the counts exchanged
-        plan, splits = self.route(expert_ids)
-        pair_token = plan.pair_token
-
-        # 3. dispatch: hidden rows, and per pair the routing of its experts on the destination
-        routing = pair_routing(plan, weights, expert_ids, self.placement)  # [P, 2k]
+        """flat [N, hidden], weights [N, k] fp32, expert_ids [N, k] (global ids) -> [N, hidden]: the
+        seams in a row, each transfer waited on where it is issued (PhasedMoE interleaves them)."""
+        plan, splits = self.route(expert_ids)  # route, and the dispatch's count exchange
+        rows, routing = self.pack(plan, flat, weights, expert_ids)  # [P, hidden], [P, 2k]
         dtype = compute_dtype(flat)
-        rows = flat[pair_token]  # [P, hidden]
-        if self.fp8:
+        if self.fp8:  # dispatch: the rows, then their routing
             wire = []
-            x_recv = dispatch_rows_fp8(
-                rows, splits.send, splits.recv, self.group, dtype, wire.append
-            )  # [R, hidden]
+            x_recv = dispatch_rows_fp8(rows, splits.send, splits.recv, self.group, dtype, wire.append)
             sent = wire[0]
         else:
             sent = rows.to(dtype)
-            x_recv = all_to_all_rows(sent, splits.send, splits.recv, self.group)
+            x_recv = all_to_all_rows(sent, splits.send, splits.recv, self.group)  # [R, hidden]
         routing_recv = all_to_all_rows(routing, splits.send, splits.recv, self.group)  # [R, 2k]
-
-        # 4. local experts over the received (pair, slot) rows
-        partial = run_local_experts(
-            x_recv, routing_recv, experts, self.placement.experts_per_rank, splits.recv_slots
-        )
-
-        # 5. combine back to the senders, sum per token
-        partial = partial.to(dtype)
-        back = all_to_all_rows(partial, splits.recv, splits.send, self.group)  # [P, hidden]
+        partial = self.experts(x_recv, routing_recv, experts, splits).to(dtype)  # [R, hidden]
+        back = all_to_all_rows(partial, splits.recv, splits.send, self.group)  # combine: [P, hidden]
         self.stats.add_bytes(sent, partial)
-        return sum_rows_by_index(back.to(flat.dtype), pair_token, flat.shape[0])
+        return self.unpack(back, plan, flat)
 
+    # --- the seams: route | dispatch | experts | combine. Only the dispatch (the count exchange
+    # in `route`, then the rows) and the combine communicate; pack, experts and unpack are local.
     def route(self, expert_ids: torch.Tensor) -> tuple[DispatchPlan, Splits]:
-        """Steps 1-2: the pairs, recorded in the statistics, and the splits.
+        """The pairs, recorded in the statistics, and the splits (the dispatch's count exchange).
 
         The splits are the one host synchronisation of a layer call, forward and backward: the
         receiving rank must know how many rows arrive to allocate the buffer, and torch's
@@ -215,6 +208,24 @@ class AllToAllDispatch:
         self.stats.add(*spread_per_token(send_mask, self.placement))
         self.stats.add_received(sum(splits.recv))
         return plan, splits
+
+    def pack(
+        self, plan: DispatchPlan, flat: torch.Tensor, weights: torch.Tensor, expert_ids: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """What the dispatch sends, rank-major: the pairs' rows [P, hidden] (in flat's dtype; the
+        caller casts or quantizes them for the wire) and their routing [P, 2k] fp32."""
+        return flat[plan.pair_token], pair_routing(plan, weights, expert_ids, self.placement)
+
+    def experts(
+        self, rows: torch.Tensor, routing: torch.Tensor, experts: nn.Module, splits: Splits
+    ) -> torch.Tensor:
+        """Received rows [R, hidden] and routing [R, 2k] -> this rank's gated partial sums [R, hidden]."""
+        return run_local_experts(rows, routing, experts, self.placement.experts_per_rank, splits.recv_slots)
+
+    @staticmethod
+    def unpack(back: torch.Tensor, plan: DispatchPlan, flat: torch.Tensor) -> torch.Tensor:
+        """The combined rows [P, hidden], summed per token -> [N, hidden] in flat's dtype."""
+        return sum_rows_by_index(back.to(flat.dtype), plan.pair_token, flat.shape[0])
 
 
 @torch.no_grad()

@@ -1,8 +1,8 @@
 """One expert-parallel MoE layer as phases split at its two all-to-alls, for DualPipe's overlap.
 
-`AllToAllDispatch` (dispatch.py) runs a layer's routed part in one call, waiting on each
-all-to-all where it is issued. `PhasedMoE` runs the same arithmetic as a program of compute phases
-with the collectives launched asynchronously between them, so that a caller can compute something
+`AllToAllDispatch` (dispatch.py) runs a layer's routed part in one call, its seams in a row, waiting
+on each all-to-all where it is issued. `PhasedMoE` calls the same seams (`route`, `pack`, `experts`,
+`unpack`) as a program of compute phases with the collectives launched asynchronously between them, so that a caller can compute something
 else (the other micro-batch of an overlapped pair) while a transfer is in flight:
 
     forward   route     gate, (token, rank) pairs, counts exchanged (blocking: the splits are host
@@ -29,9 +29,9 @@ from dataclasses import dataclass, field
 import torch
 from moeforge.kernels.compute_dtype import compute_dtype
 from moeforge.kernels.token_compress import compress_tokens, decompress_tokens
-from moeforge.model.moe import MoE, sequence_balance_loss, sum_rows_by_index
+from moeforge.model.moe import MoE, sequence_balance_loss
 from moeforge.platform.moe.all_to_all import CollectiveTracker, InFlight, launch_all_to_all
-from moeforge.platform.moe.dispatch import AllToAllDispatch, Splits, pair_routing, run_local_experts
+from moeforge.platform.moe.dispatch import AllToAllDispatch, DispatchPlan, Splits
 from torch import nn
 
 
@@ -59,7 +59,7 @@ class MoEPhaseState:
     shape: tuple[int, ...] = ()  # the layer input's shape ([b, s, hidden] or [N, hidden])
     aux: torch.Tensor | None = None  # alpha * sequence balance loss, when the layer trains with one
     splits: Splits | None = None  # the forward's host splits, reused by the backward
-    pair_token: torch.Tensor | None = None
+    plan: DispatchPlan | None = None  # the pairs (token, destination) of the forward
     # route phase: outputs and the transfers it launched
     rows_out: torch.Tensor | None = None  # [P, hidden] compute dtype (what the dispatch sends, before FP8)
     routing_out: torch.Tensor | None = None  # [P, 2k] gate weights and local ids
@@ -112,15 +112,12 @@ class PhasedMoE:
                     affinities.view(b, s, -1), expert_ids.view(b, s, -1), moe.n_experts, moe.top_k
                 )
                 moe.last_aux_loss = st.aux.detach()
-        plan, st.splits = d.route(expert_ids)
-        st.pair_token = plan.pair_token
-        st.routing_out = pair_routing(plan, weights, expert_ids, d.placement)  # [P, 2k]
-        st.rows_out = st.x[plan.pair_token].to(compute_dtype(st.x))  # [P, hidden]
+        st.plan, st.splits = d.route(expert_ids)
+        rows, st.routing_out = d.pack(st.plan, st.x, weights, expert_ids)  # [P, hidden], [P, 2k]
+        st.rows_out = rows.to(compute_dtype(st.x))  # [P, hidden]
         payload = st.rows_out.detach()
         if d.fp8:
-            payload = torch.cat(
-                compress_tokens(st.x[plan.pair_token].detach()), dim=-1
-            )  # [P, D + D/128] uint8
+            payload = torch.cat(compress_tokens(rows.detach()), dim=-1)  # [P, D + D/128] uint8
         st.rows_flight = self._launch(payload, st.splits.send, st.splits.recv, "dispatch")
         st.routing_flight = self._launch(
             st.routing_out.detach(), st.splits.send, st.splits.recv, "dispatch routing"
@@ -136,9 +133,7 @@ class PhasedMoE:
             received = decompress_tokens(received[:, :hidden], received[:, hidden:], st.rows_out.dtype)
         st.rows_in, st.routing_in = boundary_leaf(received), boundary_leaf(st.routing_flight.wait())
         st.rows_flight = st.routing_flight = None
-        partial = run_local_experts(
-            st.rows_in, st.routing_in, self.moe.experts, d.placement.experts_per_rank, st.splits.recv_slots
-        )
+        partial = d.experts(st.rows_in, st.routing_in, self.moe.experts, st.splits)
         st.partial_out = partial.to(st.rows_out.dtype)  # [R, hidden]
         st.combine_flight = self._launch(st.partial_out.detach(), st.splits.recv, st.splits.send, "combine")
         d.stats.add_bytes(st.partial_out[:0], st.partial_out)
@@ -148,7 +143,7 @@ class PhasedMoE:
         the input's shape (detached: the phase's graph stays in `st`)."""
         st.back_in = boundary_leaf(st.combine_flight.wait())
         st.combine_flight = None
-        out = sum_rows_by_index(st.back_in.to(st.x.dtype), st.pair_token, st.x.shape[0])
+        out = self.dispatch.unpack(st.back_in, st.plan, st.x)
         if self.moe.shared_experts is not None:
             out = out + self.moe.shared_experts(st.x)
         st.out = out
