@@ -12,10 +12,11 @@ from dataclasses import dataclass
 
 import torch
 import yaml
+from moeforge.platform.checkpoint.reshard import read_model_state
+from moeforge.platform.checkpoint.store import list_checkpoints
 from moeforge.platform.config import TrainConfig
 from moeforge.platform.data.microbatches import default_batch_source
 from moeforge.platform.outputs.grad_dump import GRAD_DUMP_ENV, load_grads
-from moeforge.platform.train.pipeline import load_pipeline_params
 from moeforge.platform.train.single import SingleProcessEngine
 from moeforge.platform.train.trainer import Trainer
 
@@ -65,6 +66,8 @@ def pipeline_config(
         "data": {"global_batch": 8},
         "optim": {"lr": 1e-4, "min_lr": 0.0, "eps": 1e-6, "warmup_steps": 1},
         "tracking": {"log_timeline": True},
+        # the last step only: its checkpoint holds the run's final parameters (`final_params`)
+        "checkpoint": {"every": 1000, "keep": 1},
     }
 
 
@@ -105,9 +108,18 @@ def run_record(run_dir, params: dict[str, torch.Tensor]) -> RunRecord:
     return RunRecord([r["loss"] for r in records], [r["grad_norm"] for r in records], params, grads)
 
 
+def final_params(run_dir) -> dict[str, torch.Tensor]:
+    """The whole model's parameters and buffers by full-model name, from the run's newest checkpoint
+    (every rank's shard of it, whatever the layout)."""
+    found = list_checkpoints(str(run_dir))
+    assert found, f"{run_dir}: no checkpoint to read the final parameters from"
+    tensors, _ = read_model_state(found[-1][1])
+    return tensors
+
+
 def pipeline_record(run_dir) -> RunRecord:
-    """A pipeline run's record: rank 0's metrics.jsonl and the merged per-stage parameters."""
-    return run_record(run_dir, load_pipeline_params(str(run_dir)))
+    """A pipeline run's record: rank 0's metrics.jsonl and the parameters of its newest checkpoint."""
+    return run_record(run_dir, final_params(run_dir))
 
 
 def reference_run(raw: dict, run_dir, engine_cls: type[SingleProcessEngine] = SingleProcessEngine) -> RunRecord:

@@ -19,9 +19,9 @@ from moeforge.platform.checkpoint.store import list_checkpoints, read_meta
 from moeforge.platform.config import TrainConfig
 from moeforge.platform.launch.local_spawn import spawn_gloo
 from moeforge.platform.optim.bad_steps import BadStepError
-from moeforge.platform.train.pipeline import load_pipeline_params, train_from_dict
+from moeforge.platform.train.pipeline import train_from_dict
 from moeforge.platform.train.trainer import Trainer
-from pipeline_cases import assert_losses_match, pipeline_config, reference_run
+from pipeline_cases import assert_losses_match, final_params, pipeline_config, reference_run
 
 
 def _records(run_dir) -> list[dict]:
@@ -87,7 +87,7 @@ def test_pipeline_skips_a_nan_step_as_the_reference_does(tmp_path):
     ref_summary = _train_one_thread(reference)
     assert ref_summary.skipped_steps == 1
     assert_losses_match([r["loss"] for r in records], ref_summary.losses)
-    params = load_pipeline_params(str(tmp_path / "pipeline"))
+    params = final_params(tmp_path / "pipeline")
     for name, value in reference.engine.model.state_dict().items():
         torch.testing.assert_close(params[name], value, rtol=1e-5, atol=1e-7)
 

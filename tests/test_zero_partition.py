@@ -52,11 +52,11 @@ def deepspeed_gradient_bytes(zero, params) -> int:
 def _measured_step(runtime) -> dict:
     """One training step of `runtime` with its ZeroStep's gradient holdings measured (wrappers on
     this instance only: ZeroStep.step, DeepSpeed's reduction epilogue and engine.step)."""
-    opt = runtime.opt
+    opt = runtime.parts.opt
     zero, params = opt.optimizer, opt.params
     probe: dict = {
         "zero_stage": runtime.cfg.parallel.zero_stage,
-        "shard": len(runtime.groups.ranks["shard"]),
+        "shard": len(runtime.parts.groups.ranks["shard"]),
         "partition_count": list(zero.partition_count),  # per parameter group
         "full_bytes": sum(p.numel() * p.element_size() for p in params),
         # what this rank's partition covers: its elements, and every parameter overlapping it

@@ -1,10 +1,12 @@
-"""One pipeline rank's training state and its optimizer step.
+"""One pipeline rank's step engine: its optimizer step, evaluation, and the Trainer's questions.
 
-`RankEngine(cfg, rank, world_size)` (platform/train/pipeline.py drives it) is built after torch.distributed is initialised (by Ray
-Train's TorchConfig, or by a test that spawns gloo processes). Per optimizer step (`train_step`):
+`RankEngine(cfg, rank, world_size)` is built after torch.distributed is initialised (by Ray Train's
+TorchConfig, or by a test that spawns gloo processes); what the rank holds is built by
+platform/engine/rank_build.py, its checkpoints written by platform/engine/rank_checkpoint.py, and the
+Trainer (platform/train/trainer.py) runs the loop around it. Per optimizer step (`train_step`):
 
     data        this dp replica's rows of the global batch, split into M micro-batches in order
-                (the reference loop's split: `data.microbatches.split_microbatches`)
+                (the one-process step's split: `data.microbatches.split_microbatches`)
     recipe      the step's MTP loss weight and bias update speed (`recipe_at(step)`,
                 platform/optim/recipe_schedule.py), the same on every rank
     executor    the schedule's action list for this rank (F / B / W / BW / F&B, async p2p)
@@ -33,38 +35,27 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
-from moeforge.kernels.settings import set_reserved_sms
 from moeforge.model.balance import ExpertLoad, worst_layer_load
-from moeforge.platform.checkpoint.async_writer import AsyncCheckpointWriter
-from moeforge.platform.checkpoint.reshard import ModelState, model_layout
-from moeforge.platform.checkpoint.resume import checkpoint_commit, data_skip, restore_checkpoint
-from moeforge.platform.checkpoint.state import RNGState
-from moeforge.platform.checkpoint.store import CheckpointMeta, checkpoint_path, commit_checkpoint, save_shard
+from moeforge.platform.checkpoint.resume import data_skip
+from moeforge.platform.checkpoint.store import CheckpointMeta
 from moeforge.platform.config.train import TrainConfig
 from moeforge.platform.data.microbatches import default_batch_source, inputs_and_labels, split_microbatches
-from moeforge.platform.engine.executor import PipelineExecutor, StepTrace
-from moeforge.platform.engine.p2p import P2P, open_links
-from moeforge.platform.engine.stage_compute import ForwardCompute, MicroBatch, ModelCompute
-from moeforge.platform.engine.stages import StageChunk, build_rank, split_layers
-from moeforge.platform.engine.step_clock import clock_for
-from moeforge.platform.engine.topology import Topology, create_process_groups
-from moeforge.platform.moe.expert_placement import expert_placement
-from moeforge.platform.moe.install import install_dispatch
-from moeforge.platform.moe.routing_stats import RoutingStats, routing_summary
+from moeforge.platform.engine.executor import StepTrace
+from moeforge.platform.engine.rank_build import assemble_rank
+from moeforge.platform.engine.rank_checkpoint import RankCheckpoints
+from moeforge.platform.engine.stage_compute import MicroBatch
+from moeforge.platform.moe.routing_stats import routing_summary
 from moeforge.platform.optim.bad_steps import LOSS_SPIKE_FACTOR, injected_data_fault
 from moeforge.platform.optim.bias_update import set_balance_loss_scale, update_router_biases
 from moeforge.platform.optim.lr_schedule import lr_at
-from moeforge.platform.optim.plain_step import PlainStep
 from moeforge.platform.optim.recipe_schedule import RecipeValues, recipe_after, recipe_at
-from moeforge.platform.optim.zero_step import ZeroStep
 from moeforge.platform.outputs.grad_dump import dump_pipeline_grads
 from moeforge.platform.outputs.metrics import EvalResult, StepMetrics
 from moeforge.platform.outputs.pipeline_report import PipelineReport
 from moeforge.platform.outputs.storage import Storage, open_storage
 from moeforge.platform.outputs.timeline import TimelineRecord
 from moeforge.platform.plan.accounting import estimate
-from moeforge.platform.precision import apply_precision, compute_context, warm_up_fp8_kernels
-from moeforge.platform.schedules import build_schedule, forward_only
+from moeforge.platform.precision import warm_up_fp8_kernels
 
 
 class InjectedFault(RuntimeError):
@@ -99,8 +90,8 @@ class PipelineStepMetrics:
 
 
 class RankEngine:
-    """Everything one rank holds: its stage chunks, executor, optimizer and data view (the Trainer's
-    StepEngine for a pipeline rank: platform/train/trainer.py runs the loop around it)."""
+    """One rank's step (the Trainer's StepEngine for a pipeline rank): its built parts (`parts`), its
+    checkpoints (`checkpoints`), its data view, and where the run stands (`step`, `data_skip`)."""
 
     distributed = True
 
@@ -113,138 +104,22 @@ class RankEngine:
         device: torch.device | str = "cpu",
         log: Callable[[str], None] = print,
     ) -> None:
-        par = cfg.parallel
         self.cfg, self.rank = cfg, rank
         self.device = torch.device(device)
-        self.topo = Topology.for_schedule(
-            par.schedule, par.pp, par.dp, par.ep, tied_embedding=cfg.model.num_nextn_predict_layers > 0
-        )
-        if world_size != self.topo.world_size:
-            raise RuntimeError(
-                f"world size {world_size} != parallel.pp * parallel.dp = {self.topo.world_size}"
-            )
-        self.pp_rank, self.dp_rank = self.topo.coords(rank)
         self.reports = rank == 0  # rank 0 keeps the run's record
-        self.name = f"rank {rank} (pp {self.pp_rank}, dp {self.dp_rank})"
-        self.groups = create_process_groups(self.topo, rank)
-        self.schedule = build_schedule(par.schedule, par.pp, par.microbatches)
-        self.microbatches = par.microbatches
-
-        specs = split_layers(cfg.model.num_hidden_layers, self.topo.num_stages, par.layers_per_stage)
-        stages = [self.schedule.stage_of(self.pp_rank, c) for c in range(self.schedule.chunks_per_rank)]
-        # Expert parallelism: this rank's slice of every MoE layer's experts (platform/moe).
-        self.placement = expert_placement(par, cfg.model.n_routed_experts, self.groups, rank)
-        self.model, self.module = build_rank(
-            cfg.model, [specs[s] for s in stages], cfg.run.seed, self.device, experts=self.placement
-        )
-        # The precision policy swaps this rank's GEMM modules in place (shared with self.model), as the
-        # reference loop does for the whole model; its deferrable layers give the cheap B/W split.
-        apply_precision(self.module, cfg.precision)
-        set_reserved_sms(par.comm_sms)  # persistent FP8 GEMMs leave these SMs to NCCL
-        self.routing = RoutingStats()
-        expert_params: list[torch.nn.Parameter] = []
-        if self.placement is not None:
-            install_dispatch(
-                self.module.moe_layers(),
-                self.placement,
-                self.groups.ep,
-                cfg.precision.fp8_linear,
-                self.routing,
-                counts_group=self.groups.ep_counts,  # its own stream under NCCL (topology.py)
-            )
-            expert_params = [p for m in self.module.moe_layers() for p in m.experts.parameters()]
-        self.chunks = {c: StageChunk(self.model, specs[s], self.module) for c, s in enumerate(stages)}
-        self.holds_data = any(specs[s].first or specs[s].last for s in stages)
-        self.moe = self.module.moe_layers()
-        self.total_moe_layers = len(self.model.moe_layers())
-        set_balance_loss_scale(self.moe, cfg.model.seq_aux_loss_alpha, 1.0 / self.microbatches)
-
-        self.p2p = P2P(
-            rank,
-            par.p2p_timeout_s,
-            self.groups.links,
-            name=self.name,
-            timeline_rank=rank,
-            device=self.device,
-            clock=clock_for(self.device),
-            host_waits=dist.get_backend() != "nccl",
-        )
-        open_links(self.p2p, self.topo.p2p_links())
-        # Stages exchange the residual stream in its own dtype (BF16 under bf16/fp8): what the
-        # single-process model passes between the same blocks, at half the bytes of FP32.
-        act_dtype = getattr(torch, cfg.precision.compute_dtype)
-        self.compute = ModelCompute(
-            self.chunks,
-            act_dtype=act_dtype,
-            loss_scale=1.0 / self.microbatches,
-            context=lambda: compute_context(cfg.precision, self.device.type),
-            phases=par.chunk_phases,
-            tracker=self.p2p,
-            overlap_order=par.overlap_order,
-        )
-        rows = cfg.data.global_batch // (par.dp * par.microbatches)
-
-        def executor(schedule, compute, fault=None, overlap=False) -> PipelineExecutor:
-            return PipelineExecutor(
-                schedule,
-                self.pp_rank,
-                compute,
-                self.p2p,
-                world_rank_of=lambda q: self.topo.rank_of(q, self.dp_rank),
-                act_shape=(rows, cfg.model.seq_len, cfg.model.hidden_size),
-                act_dtype=act_dtype,
-                recv_lookahead=par.recv_lookahead,
-                fault=fault,
-                overlap=overlap,
-            )
-
-        self.executor = executor(self.schedule, self.compute, fault=self._maybe_fault, overlap=par.overlap)
-        # Evaluation: the same executor and transfers over forward-only lists of the same placement.
-        self.eval_compute = ForwardCompute(self.chunks, context=self.compute.context, act_dtype=act_dtype)
-        self.eval_executor = executor(forward_only(self.schedule), self.eval_compute)
-
-        # The last stage's copy of the embedding (1F1B/ZB1P with MTP) is tied to the first stage's.
-        tie = self.groups.ranks["tie"]
-        self.tied = [self.module.embed.weight] if tie else []
-        replicated = self.tied if tie and self.pp_rank == par.pp - 1 else []
-        if par.zero_stage == 0:
-            self.opt = PlainStep(
-                self.module,
-                cfg.optim,
-                cfg.precision,
-                self.groups,
-                self.schedule.param_copies,
-                replicated,
-                expert_params,
-            )
-        else:
-            self.opt = ZeroStep(
-                self.module,
-                cfg.optim,
-                cfg.precision,
-                self.groups,
-                rank,
-                par.zero_stage,
-                self.schedule.param_copies,
-                replicated,
-                expert_params,
-                bucket_elements=par.zero_bucket_elements,
-            )
-
+        self.microbatches = cfg.parallel.microbatches
+        self.parts = assemble_rank(cfg, rank, world_size, self.device, fault=self._maybe_fault)
+        set_balance_loss_scale(self.parts.moe, cfg.model.seq_aux_loss_alpha, 1.0 / self.microbatches)
+        self.checkpoints = RankCheckpoints(cfg, self.parts, log)
+        self.writer = self.checkpoints.writer
         self.source = source
-        if self.source is None and self.holds_data:
+        if self.source is None and self.parts.holds_data:
             self.source = default_batch_source(cfg)
         self.flops_per_token = estimate(cfg.model).run_flops_per_token
         self.step = 0
         self.data_skip = 0  # global batches skipped by loss-spike rollbacks: step s reads batch s + skip
-        ck = cfg.checkpoint
-        self.writer = (
-            AsyncCheckpointWriter(cfg.run.dir, failure=ck.async_failure, log=log)  # the run log
-            if ck.async_save and ck.every
-            else None
-        )
         # Evaluation needs held-out data on every rank that reads tokens; middle stages follow.
-        has_val = 1.0 if not self.holds_data or getattr(self.source, "has_val", False) else 0.0
+        has_val = 1.0 if not self.parts.holds_data or getattr(self.source, "has_val", False) else 0.0
         self.has_val = bool(self._all_reduce_small(torch.tensor([has_val]), dist.ReduceOp.MIN)[0] > 0)
 
     def warm_up(self) -> str | None:
@@ -253,8 +128,8 @@ class RankEngine:
         Returns rank 0's log line (the slowest rank's time), or None where nothing was compiled."""
         cfg = self.cfg
         tokens = cfg.data.global_batch // (cfg.parallel.dp * self.microbatches) * cfg.model.seq_len
-        fp8_dispatch = self.placement is not None and cfg.precision.fp8_linear
-        report = warm_up_fp8_kernels(self.module, cfg.precision, tokens, fp8_dispatch)
+        fp8_dispatch = self.parts.placement is not None and cfg.precision.fp8_linear
+        report = warm_up_fp8_kernels(self.parts.rank_module, cfg.precision, tokens, fp8_dispatch)
         dist.barrier()
         slowest, launches = self._all_reduce_small(
             torch.tensor([report.seconds, float(report.launches)], dtype=torch.float64), dist.ReduceOp.MAX
@@ -281,27 +156,27 @@ class RankEngine:
             os.kill(os.getpid(), signal.SIGTERM)
             return
         if fault["kind"] == "raise":
-            raise InjectedFault(f"{self.name}: injected fault at step {self.step} (parallel.fault_injection)")
+            raise InjectedFault(f"{self.parts.name}: injected fault at step {self.step} (parallel.fault_injection)")
         while True:  # "hang": never send again; the peers' p2p timeout must end the run
             time.sleep(1.0)
 
     def _microbatches(self) -> list[MicroBatch]:
-        if not self.holds_data:  # middle stages never read tokens
+        if not self.parts.holds_data:  # middle stages never read tokens
             return []
-        batch = self.source.batch(self.step + self.data_skip, self.dp_rank, self.cfg.parallel.dp)
+        batch = self.source.batch(self.step + self.data_skip, self.parts.dp_rank, self.cfg.parallel.dp)
         batch = batch.to(self.device)
         return [MicroBatch(*inputs_and_labels(t)) for t in split_microbatches(batch, self.microbatches)]
 
     def train_step(self, timeline: bool = False) -> PipelineStepMetrics:
         start = time.perf_counter()
         recipe = recipe_at(self.step, self.cfg)
-        self.compute.start_step(self._microbatches(), recipe.mtp_loss_weight)
+        self.parts.compute.start_step(self._microbatches(), recipe.mtp_loss_weight)
         dist.barrier()  # a common start for every rank's timeline
-        trace = self.executor.run()
-        grads = self.compute.take_grads()
-        for p in self.tied:  # sum the first and last stage's embedding gradients
+        trace = self.parts.executor.run()
+        grads = self.parts.compute.take_grads()
+        for p in self.parts.tied:  # sum the first and last stage's embedding gradients
             # No loop variable keeps the gradient alive: the optimizer step consumes `grads`.
-            dist.all_reduce(grads.setdefault(id(p), torch.zeros_like(p)), group=self.groups.tie)
+            dist.all_reduce(grads.setdefault(id(p), torch.zeros_like(p)), group=self.parts.groups.tie)
         fault = injected_data_fault(self.cfg.parallel, self.step + self.data_skip)
         if fault == "nan_grad" and grads:
             next(iter(grads.values())).fill_(float("nan"))
@@ -309,12 +184,12 @@ class RankEngine:
             dump_pipeline_grads(self, grads)
         lr = lr_at(self.step, self.cfg.optim, self.cfg.run.steps)
         if self._step_is_finite(grads):
-            grad_norm = self.opt.step(grads, lr)
+            grad_norm = self.parts.opt.step(grads, lr)
             load = self._balance(recipe.bias_update_speed)
             skipped = False
         else:  # platform/optim/bad_steps.py: no update, on every rank alike
             grads.clear()
-            for m in self.moe:
+            for m in self.parts.moe:
                 m.reset_load()
             grad_norm, load, skipped = math.nan, ExpertLoad(layer=None, max_load=0.0, mean_load=0.0), True
         self.step += 1
@@ -331,7 +206,7 @@ class RankEngine:
         whatever the norm; one pass over this rank's gradients on the device, and one host read of
         the all-reduced flag (the host decides whether to step)."""
         checks = [torch.isfinite(g).all().reshape(1).to(self.device) for g in grads.values()]
-        checks += [torch.isfinite(v["loss"]).reshape(1).to(self.device) for v in self.compute.losses.values()]
+        checks += [torch.isfinite(v["loss"]).reshape(1).to(self.device) for v in self.parts.compute.losses.values()]
         finite = torch.cat(checks).all() if checks else torch.tensor(True, device=self.device)
         bad = (~finite).to(torch.float64).reshape(1)
         return float(self._all_reduce_small(bad, dist.ReduceOp.MAX)[0]) == 0.0
@@ -341,14 +216,14 @@ class RankEngine:
         on every copy alike by `gamma`; return the worst layer's load over the whole model (every
         rank)."""
         def sum_over_copies(counts: torch.Tensor) -> None:  # [layers here, experts]
-            if len(self.groups.ranks["shard"]) > 1:
-                dist.all_reduce(counts, group=self.groups.shard)
+            if len(self.parts.groups.ranks["shard"]) > 1:
+                dist.all_reduce(counts, group=self.parts.groups.shard)
 
-        counts = update_router_biases(self.moe, gamma, sum_over_copies)
+        counts = update_router_biases(self.parts.moe, gamma, sum_over_copies)
         # Each rank holds some layers: gather every rank's worst and keep the worst of those, so max
         # and mean come from the same layer.
         mine = worst_layer_load(counts)
-        table = torch.zeros(self.topo.world_size, 3, dtype=torch.float64)  # [rank, (ratio, max, mean)]
+        table = torch.zeros(self.parts.topo.world_size, 3, dtype=torch.float64)  # [rank, (ratio, max, mean)]
         if mine.layer is not None:
             table[self.rank] = torch.tensor([mine.max_over_mean, mine.max_load, mine.mean_load])
         table = self._all_reduce_small(table)
@@ -359,10 +234,10 @@ class RankEngine:
 
     def _routing_summary(self) -> dict[str, float]:
         """This step's token routing over the EP groups (every rank's layers), then reset."""
-        if self.placement is None:
+        if self.parts.placement is None:
             return {}
-        local = self.routing.as_tensor()
-        self.routing.reset()
+        local = self.parts.routing.as_tensor()
+        self.parts.routing.reset()
         # clones: on the CPU the all-reduce works in place on the tensor it is given
         summed = self._all_reduce_small(local.clone())
         return routing_summary(summed, self._all_reduce_small(local.clone(), dist.ReduceOp.MAX))
@@ -377,7 +252,7 @@ class RankEngine:
     def _metrics(
         self, trace: StepTrace, lr, recipe: RecipeValues, grad_norm, load: ExpertLoad, start, gather
     ):
-        losses, aux_loss_sum = self.compute.loss_values()
+        losses, aux_loss_sum = self.parts.compute.loss_values()
         local = torch.tensor(
             [
                 sum(v["loss"] for v in losses.values()),
@@ -391,8 +266,8 @@ class RankEngine:
         local = self._all_reduce_small(local)
         loss_sum, lm_sum, mtp_sum, count, aux_sum = local.tolist()
         if round(count) != self.microbatches * self.cfg.parallel.dp:
-            raise RuntimeError(f"{self.name}: {count} micro-batch losses, expected M * dp")
-        per_rank = torch.zeros(self.topo.world_size, 4, dtype=torch.float64)
+            raise RuntimeError(f"{self.parts.name}: {count} micro-batch losses, expected M * dp")
+        per_rank = torch.zeros(self.parts.topo.world_size, 4, dtype=torch.float64)
         per_rank[self.rank] = torch.tensor(  # float64 throughout: the figures match the timeline exactly
             [trace.busy_s, trace.step_s, trace.exposed_comm_s, trace.exposed_a2a_s], dtype=torch.float64
         )
@@ -400,10 +275,10 @@ class RankEngine:
         busy, span, exposed = per_rank[:, 0], per_rank[:, 1], per_rank[:, 2]
         step_time = time.perf_counter() - start
         tokens = self.cfg.data.global_batch * self.cfg.model.seq_len
-        peak = self.cfg.parallel.peak_tflops_per_worker * 1e12 * self.topo.world_size
+        peak = self.cfg.parallel.peak_tflops_per_worker * 1e12 * self.parts.topo.world_size
         records: list[TimelineRecord] = []
         if gather:
-            everyone = [None] * self.topo.world_size
+            everyone = [None] * self.parts.topo.world_size
             dist.all_gather_object(everyone, trace.records)
             records = [r for rank_records in everyone for r in rank_records]
         base = StepMetrics(
@@ -411,7 +286,7 @@ class RankEngine:
             loss=loss_sum / count,
             lm_loss=lm_sum / count,
             mtp_loss=mtp_sum / count,
-            aux_loss=aux_sum / max(1, self.total_moe_layers) / self.cfg.parallel.dp,
+            aux_loss=aux_sum / max(1, self.parts.total_moe_layers) / self.cfg.parallel.dp,
             lr=lr,
             bias_update_speed=recipe.bias_update_speed,
             mtp_loss_weight=recipe.mtp_loss_weight,
@@ -450,84 +325,44 @@ class RankEngine:
         par = self.cfg.parallel
         mtp_loss_weight = recipe_after(self.step, self.cfg).mtp_loss_weight
         total = torch.zeros(3, dtype=torch.float64)  # [lm loss sum, objective sum, micro-batches]
-        self.module.eval()
+        self.parts.rank_module.eval()
         try:
             for i in range(num_batches):
                 microbatches = []
-                if self.holds_data:
-                    batch = self.source.val_batch(i, self.dp_rank, par.dp).to(self.device)
+                if self.parts.holds_data:
+                    batch = self.source.val_batch(i, self.parts.dp_rank, par.dp).to(self.device)
                     microbatches = [
                         MicroBatch(*inputs_and_labels(t))
                         for t in split_microbatches(batch, self.microbatches)
                     ]
-                self.eval_compute.start(microbatches, mtp_loss_weight)
-                self.eval_executor.run()
-                for loss in self.eval_compute.losses.values():
+                self.parts.eval_compute.start(microbatches, mtp_loss_weight)
+                self.parts.eval_executor.run()
+                for loss in self.parts.eval_compute.losses.values():
                     total += torch.tensor([loss["lm_loss"], loss["loss"], 1.0], dtype=torch.float64)
         finally:
-            for m in self.moe:
+            for m in self.parts.moe:
                 m.reset_load()
-            self.routing.reset()  # evaluation's dispatches are not the step's routing
-            self.module.train()
+            self.parts.routing.reset()  # evaluation's dispatches are not the step's routing
+            self.parts.rank_module.train()
         lm_sum, objective_sum, count = self._all_reduce_small(total).tolist()
         return EvalResult(lm_loss=lm_sum / count, objective=objective_sum / count)
 
-    # ---- checkpoints ------------------------------------------------------------------------------
-    def checkpoint_state(self) -> dict:
-        """This rank's checkpoint parts: its stage modules (weights and router-bias buffers, full-model
-        names, routed experts as this EP rank's rows of the whole layer), its optimizer state by
-        parameter name (platform/optim/zero_step.py) and its RNG states. Model and optimizer are
-        pieces of the whole model's tensors, so any layout can resume them
-        (platform/checkpoint/reshard.py)."""
-        if self.placement is None:
-            layout = model_layout(self.module)
-        else:
-            layout = model_layout(self.module, self.placement.n_experts, self.placement.first_local_expert)
-        return {
-            "model": ModelState(self.module, layout),
-            "optimizer": self.opt.state(layout),
-            "rng": RNGState(),
-        }
-
+    # ---- checkpoints (platform/engine/rank_checkpoint.py) ----------------------------------------
     def save_checkpoint(self, wait: bool = False) -> str:
-        """Every rank: write this rank's shard of the checkpoint of `self.step`; barrier; rank 0
-        commits it (meta.json, COMPLETE, pruning). With checkpoint.async every rank snapshots its
-        state and writes it in the background instead, and rank 0's writer commits once every
-        shard's manifest is on storage (no barrier: platform/checkpoint/async_writer.py); with `wait`
-        every rank writes at once. Returns the checkpoint's path."""
-        cfg = self.cfg
-        world = {"pp": self.topo.pp, "dp": self.topo.dp, "ep": self.topo.ep}
-        commit = checkpoint_commit(cfg, self.step, self.data_skip, world, cfg.parallel.schedule)
-        shard = (self.pp_rank, self.dp_rank)
-        if self.writer is not None and not wait:
-            self.writer.submit(
-                self.step, self.checkpoint_state(), shard=shard, commit=commit if self.rank == 0 else None
-            )
-            return checkpoint_path(cfg.run.dir, self.step)
-        path = save_shard(cfg.run.dir, self.step, self.checkpoint_state(), shard=shard)
-        dist.barrier()  # every shard is written before rank 0 checks them
-        if self.rank == 0:
-            path = commit_checkpoint(cfg.run.dir, self.step, **commit)
-        return path
+        """Every rank: this rank's shard of the checkpoint of `self.step` (RankCheckpoints.save)."""
+        return self.checkpoints.save(self.step, self.data_skip, wait)
 
     def completed_checkpoints(self, wait: bool = False) -> list[tuple[int, str]]:
-        """Background checkpoints completed since the last call (all in flight, with `wait`); a
-        background failure raises here under checkpoint.async_failure=fail. Empty when writes are
-        synchronous."""
-        if self.writer is None:
-            return []
-        return self.writer.wait() if wait else self.writer.poll()
+        return self.checkpoints.completed(wait)
 
     def load(self, path: str, storage: Storage | None = None) -> tuple[CheckpointMeta, bool]:
         """Restore the checkpoint at `path` into this rank (any layout wrote it); the next step
         trained is its step + 1, on the batch after its data position."""
-        meta, same_layout = restore_checkpoint(
-            self.cfg, path, self.checkpoint_state(), shard=(self.pp_rank, self.dp_rank), storage=storage
-        )
+        meta, same_layout = self.checkpoints.load(path, storage)
         self.step, self.data_skip = meta.step, data_skip(meta)
-        for m in self.moe:
+        for m in self.parts.moe:
             m.reset_load()
-        self.routing.reset()
+        self.parts.routing.reset()
         return meta, same_layout
 
     # ---- the Trainer's questions ------------------------------------------------------------------
@@ -555,10 +390,10 @@ class RankEngine:
         return "a pipeline checkpoint needs every rank alive at the same step; the newest periodic one stands"
 
     def open_report(self, log, resumed_from: str | None, outputs=None) -> PipelineReport:
-        peak = self.cfg.parallel.peak_tflops_per_worker * 1e12 * self.topo.world_size
+        peak = self.cfg.parallel.peak_tflops_per_worker * 1e12 * self.parts.topo.world_size
         return PipelineReport(
             self.cfg,
-            rank_params=sum(p.numel() for p in self.module.parameters()),
+            rank_params=sum(p.numel() for p in self.parts.rank_module.parameters()),
             log=log,
             start_step=self.step,
             resumed_from=resumed_from,
@@ -567,34 +402,5 @@ class RankEngine:
         )
 
     def finish(self) -> None:
-        """Every rank, after the last step: the run's parameters written (`save_params`), then a
-        barrier so no rank leaves while a peer still writes."""
-        self.save_params(self.cfg.run.dir)
+        """Every rank, after the last step: a barrier, so no rank leaves while a peer still writes."""
         dist.barrier()
-
-    # ---- outputs ----------------------------------------------------------------------------------
-    def save_params(self, run_dir: str) -> str | None:
-        """Write this rank's parameters and buffers (full-model names) as safetensors under
-        run_dir/params/ (dp replica 0: pp<rank>.safetensors; with expert parallelism, replicas 0..ep-1
-        also write their slice of the routed experts to pp<rank>.ep<e>.safetensors under the full
-        names); `load_pipeline_params` merges them."""
-        ep_rank = self.placement.ep_rank if self.placement is not None else 0
-        if self.dp_rank != ep_rank:  # the first EP group of the stage writes
-            return None
-        from safetensors.torch import save
-
-        expert_names = set()
-        if self.placement is not None:
-            expert_ids = {id(p) for m in self.moe for p in m.experts.parameters()}
-            expert_names = {n for n, p in self.module.named_parameters() if id(p) in expert_ids}
-        state = {k: v.detach().contiguous().clone() for k, v in self.module.state_dict().items()}
-        storage = open_storage(run_dir)
-        url = None
-        if self.dp_rank == 0:
-            rel = f"params/pp{self.pp_rank}.safetensors"
-            storage.write_bytes(rel, save({k: v for k, v in state.items() if k not in expert_names}))
-            url = storage.url(rel)
-        if expert_names:
-            rel = f"params/pp{self.pp_rank}.ep{ep_rank}.safetensors"
-            storage.write_bytes(rel, save({k: state[k] for k in sorted(expert_names)}))
-        return url

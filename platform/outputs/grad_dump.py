@@ -75,7 +75,8 @@ def dump_pipeline_grads(runtime, grads: dict[int, torch.Tensor]) -> None:
         return
     from moeforge.platform.checkpoint.reshard import model_layout
 
-    module, groups, placement = runtime.module, runtime.groups, runtime.placement
+    parts = runtime.parts
+    module, groups, placement = parts.rank_module, parts.groups, parts.placement
     params = [p for p in module.parameters() if p.requires_grad]
     expert_ids = set()
     if placement is not None:
@@ -91,7 +92,7 @@ def dump_pipeline_grads(runtime, grads: dict[int, torch.Tensor]) -> None:
         if not members:
             continue
         flat = reduce_gradients(  # a copy: `grads` stays as the step will use it
-            [grads.get(id(p), torch.zeros_like(p)) for p in members], groups, runtime.schedule.param_copies, kind
+            [grads.get(id(p), torch.zeros_like(p)) for p in members], groups, parts.schedule.param_copies, kind
         )
         for p, g in zip(members, flat.split([p.numel() for p in members]), strict=True):
             reduced[id(p)] = g.view_as(p)

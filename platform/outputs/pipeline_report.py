@@ -105,7 +105,7 @@ class PipelineReport(RunReport):
         return fields
 
     def finish(self, extra: Mapping[str, Any] | None = None, suffix: str = "") -> dict[str, Any]:
-        fields = {**self.pipeline_summary(), "params_dir": self.storage.url("params"), **(extra or {})}
+        fields = {**self.pipeline_summary(), **(extra or {})}
         if "bubble_fraction" in fields:
             suffix += f" | bubble {fields['bubble_fraction']:.0%}"
         return super().finish(fields, suffix=suffix + f" | timeline {self.timeline_png}")

@@ -1,7 +1,6 @@
 """A pipeline rank's whole run as one call, for spawned gloo processes, tests and benchmarks
 (`run_pipeline_training`, `train_from_dict`); Ray Train workers call `Trainer.pipeline_rank`
-themselves (platform/launch/worker.py). Also the reader of the parameters a run writes
-(`load_pipeline_params`).
+themselves (platform/launch/worker.py).
 
 A pipeline run's failure: rank 0 records what it has; the Ray driver (platform/launch/ray_train.py)
 then names every failed rank in the summary. A failure checkpoint is written only when every rank
@@ -16,33 +15,7 @@ from collections.abc import Callable
 
 import torch
 from moeforge.platform.config.train import TrainConfig
-from moeforge.platform.outputs.storage import open_storage
 from moeforge.platform.train.trainer import Trainer
-
-
-def load_pipeline_params(run_dir: str) -> dict[str, torch.Tensor]:
-    """Merge the per-stage safetensors files written by `save_params` into one full-model dict;
-    expert slices (pp<r>.ep<e>.safetensors) are concatenated along the expert dimension in EP order."""
-    from safetensors.torch import load
-
-    storage = open_storage(run_dir)
-    merged: dict[str, torch.Tensor] = {}
-    slices: dict[str, dict[int, torch.Tensor]] = {}  # name -> EP rank -> slice
-    for name in sorted(storage.list("params")):
-        if not name.endswith(".safetensors"):
-            continue
-        rel = name if name.startswith("params/") else f"params/{name}"
-        stem = rel.rsplit("/", 1)[-1].removesuffix(".safetensors")
-        tensors = load(storage.read_bytes(rel))
-        if ".ep" in stem:
-            ep_rank = int(stem.rsplit(".ep", 1)[1])
-            for key, value in tensors.items():  # a DualPipe pair writes the same slices twice
-                slices.setdefault(key, {})[ep_rank] = value
-        else:
-            merged.update(tensors)
-    for key, parts in slices.items():
-        merged[key] = torch.cat([parts[e] for e in sorted(parts)])
-    return merged
 
 
 def run_pipeline_training(
