@@ -17,13 +17,15 @@ from __future__ import annotations
 import json
 import math
 import re
+import struct
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from moeforge.model.config import ModelConfig
 from moeforge.model.transformer import Transformer
-from safetensors import safe_open
 from safetensors.torch import save_file
+from torch import nn
 
 _EXPERT_PARAM = re.compile(r"mlp\.experts\.(gate_proj|up_proj|down_proj)$")
 # The router stays fp32 (the published checkpoint has gate.weight in bf16, e_score_correction_bias fp32;
@@ -43,14 +45,26 @@ def dequantize_fp8_blockwise(
 ) -> torch.Tensor:
     """fp32 weight = fp8 weight [M, N] * scale_inv [ceil(M/bm), ceil(N/bn)] broadcast over its block
     (the last row/column blocks may be ragged)."""
+    out = torch.empty(weight.shape, dtype=torch.float32)
+    dequantize_fp8_into(out, weight, scale_inv, block)
+    return out
+
+
+def dequantize_fp8_into(
+    out: torch.Tensor, weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int] = (128, 128)
+) -> None:
+    """`dequantize_fp8_blockwise` written into `out` (any float dtype) one block row at a time, so no
+    full-size fp32 copy or scale matrix is ever held."""
     rows, cols = weight.shape
     bm, bn = block
     if tuple(scale_inv.shape) != (math.ceil(rows / bm), math.ceil(cols / bn)):
         raise ValueError(
             f"scale_inv shape {tuple(scale_inv.shape)} does not tile a {rows}x{cols} weight in {bm}x{bn} blocks"
         )
-    scale = scale_inv.float().repeat_interleave(bm, dim=0)[:rows].repeat_interleave(bn, dim=1)[:, :cols]
-    return weight.float() * scale
+    for r in range(scale_inv.shape[0]):
+        lo, hi = r * bm, min(rows, (r + 1) * bm)
+        scale = scale_inv[r].float().repeat_interleave(bn)[:cols]  # [N]
+        out[lo:hi] = weight[lo:hi].float() * scale
 
 
 # --- key mapping ---------------------------------------------------------------------------------------------
@@ -80,56 +94,153 @@ def _mtp_layer_ids(cfg: ModelConfig, depth: int) -> list[int]:
 
 
 # --- reading -------------------------------------------------------------------------------------------------
-class _Reader:
-    """Tensor access across one or more safetensors files, dequantising FP8 weights on the way."""
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
 
-    def __init__(self, path: Path, block: tuple[int, int]) -> None:
-        self.block = block
-        index = path / "model.safetensors.index.json"
+
+@dataclass(frozen=True)
+class _Entry:
+    file: Path
+    dtype: str
+    shape: tuple[int, ...]
+    start: int  # absolute byte offsets in the file
+    end: int
+
+
+def _safetensors_entries(file: Path) -> dict[str, _Entry]:
+    """The tensors of one safetensors file, from its header only."""
+    try:
+        with open(file, "rb") as f:
+            (header_len,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(header_len))
+    except (struct.error, ValueError) as err:  # too short, or not a JSON header
+        raise CheckpointError(f"{file}: not a safetensors file ({err})") from None
+    base = 8 + header_len
+    return {
+        k: _Entry(file, v["dtype"], tuple(v["shape"]), base + v["data_offsets"][0], base + v["data_offsets"][1])
+        for k, v in header.items()
+        if k != "__metadata__"
+    }
+
+
+class HFCheckpoint:
+    """Tensor access to a Hugging Face safetensors directory (one file, or shards with an index),
+    dequantising FP8 weights on the way.
+
+    Each tensor is read with one positioned read into memory of its own, never through a mapping of
+    the whole file: a reader's memory grows by what it keeps, plus the one tensor in flight. `used`
+    collects the keys read (for the caller's unexpected-key check)."""
+
+    def __init__(self, path: str | Path, block: tuple[int, int] = (128, 128)) -> None:
+        self.path, self.block = Path(path), block
+        index = self.path / "model.safetensors.index.json"
+        self.entries: dict[str, _Entry] = {}
         if index.exists():
             weight_map = json.loads(index.read_text())["weight_map"]
-            self.where = {k: path / f for k, f in weight_map.items()}
-            for f in set(self.where.values()):
-                if not f.exists():
-                    raise CheckpointError(f"{index}: shard {f.name} is missing")
+            for f in sorted(set(weight_map.values())):
+                if not (self.path / f).exists():
+                    raise CheckpointError(f"{index}: shard {f} is missing")
+            headers = {f: _safetensors_entries(self.path / f) for f in set(weight_map.values())}
+            for k, f in weight_map.items():
+                if k not in headers[f]:
+                    raise CheckpointError(f"{k}: cannot be read from {f}: the index names it, the file lacks it")
+                self.entries[k] = headers[f][k]
         else:
-            files = sorted(path.glob("*.safetensors"))
+            files = sorted(self.path.glob("*.safetensors"))
             if not files:
-                raise CheckpointError(f"{path}: no *.safetensors files (and no model.safetensors.index.json)")
-            self.where = {}
+                raise CheckpointError(f"{self.path}: no *.safetensors files (and no model.safetensors.index.json)")
             for f in files:
-                with safe_open(f, "pt") as h:
-                    for k in h.keys():  # noqa: SIM118 (safe_open is not iterable)
-                        if k in self.where:
-                            raise CheckpointError(f"{k}: stored in both {self.where[k].name} and {f.name}")
-                        self.where[k] = f
-        self._open: dict[Path, object] = {}
+                for k, entry in _safetensors_entries(f).items():
+                    if k in self.entries:
+                        raise CheckpointError(f"{k}: stored in both {self.entries[k].file.name} and {f.name}")
+                    self.entries[k] = entry
         self.used: set[str] = set()
 
-    def _raw(self, key: str) -> torch.Tensor:
-        f = self.where[key]
-        if f not in self._open:
-            self._open[f] = safe_open(f, "pt")
-        self.used.add(key)
-        try:
-            return self._open[f].get_tensor(key)
-        except Exception as exc:  # index says the key is here but the file disagrees
-            raise CheckpointError(f"{key}: cannot be read from {f.name}: {exc}") from exc
+    def keys(self):
+        return self.entries.keys()
 
-    def get(self, key: str, shape: torch.Size) -> torch.Tensor:
-        if key not in self.where:
+    def raw(self, key: str) -> torch.Tensor:
+        """The tensor as stored (its own memory, its file's dtype)."""
+        e = self.entries[key]
+        dtype = _SAFETENSORS_DTYPES.get(e.dtype)
+        if dtype is None:
+            raise CheckpointError(f"{key}: dtype {e.dtype} in {e.file.name} is not supported")
+        out = torch.empty(e.shape, dtype=dtype)
+        nbytes = out.numel() * out.element_size()
+        if nbytes != e.end - e.start:
+            raise CheckpointError(f"{key}: cannot be read from {e.file.name}: {e.end - e.start} bytes for {nbytes}")
+        if nbytes:
+            with open(e.file, "rb") as f:
+                f.seek(e.start)
+                got = f.readinto(memoryview(out.view(-1).view(torch.uint8).numpy()))
+            if got != nbytes:
+                raise CheckpointError(f"{key}: cannot be read from {e.file.name}: file ends early")
+        self.used.add(key)
+        return out
+
+    def read_into(self, key: str, out: torch.Tensor) -> None:
+        """Write the weight `key` into `out` (its shape must match; any float dtype), dequantising an
+        FP8 weight with its `weight_scale_inv`."""
+        if key not in self.entries:
             raise CheckpointError(f"missing tensor {key!r} in the checkpoint")
-        t = self._raw(key)
+        shape = self.entries[key].shape
+        if shape != tuple(out.shape):
+            raise CheckpointError(
+                f"{key}: shape {shape} in the checkpoint, the config needs {tuple(out.shape)}"
+            )
+        t = self.raw(key)
         scale_key = key.removesuffix("weight") + "weight_scale_inv"
-        if key.endswith(".weight") and scale_key in self.where:
-            t = dequantize_fp8_blockwise(t, self._raw(scale_key), self.block)
+        if key.endswith(".weight") and scale_key in self.entries:
+            dequantize_fp8_into(out, t, self.raw(scale_key), self.block)
         elif t.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
             raise CheckpointError(f"{key}: FP8 tensor without {scale_key}")
-        if t.shape != shape:
-            raise CheckpointError(
-                f"{key}: shape {tuple(t.shape)} in the checkpoint, the config needs {tuple(shape)}"
-            )
-        return t
+        else:
+            out.copy_(t)
+
+    def has_mtp(self, cfg: ModelConfig) -> bool:
+        prefixes = tuple(f"model.layers.{i}." for i in _mtp_layer_ids(cfg, cfg.num_nextn_predict_layers))
+        return bool(prefixes) and any(k.startswith(prefixes) for k in self.entries)
+
+
+def read_hf_config(path: str | Path) -> tuple[dict, tuple[int, int]]:
+    """A checkpoint directory's config.json and its FP8 block size."""
+    config_file = Path(path) / "config.json"
+    if not config_file.exists():
+        raise CheckpointError(f"{config_file}: not found")
+    try:
+        hf_cfg = json.loads(config_file.read_text())
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{config_file}: not valid JSON ({err})") from None
+    block = tuple((hf_cfg.get("quantization_config") or {}).get("weight_block_size", (128, 128)))
+    return hf_cfg, block
+
+
+@torch.no_grad()
+def load_hf_into(module: nn.Module, checkpoint: HFCheckpoint, cfg: ModelConfig) -> None:
+    """Fill every state entry of `module` from the checkpoint. `module` is the whole Transformer or
+    any part of it under the full model's names (a pipeline rank's stages); routed experts are read
+    for the rows the module holds only (`RoutedExperts.first_expert` onwards), each expert straight
+    into its row."""
+    for name, target in module.state_dict().items():
+        keys = hf_keys(name, cfg)
+        if isinstance(keys, list):  # stacked routed experts: this module's rows of the layer
+            first = module.get_submodule(name.rsplit(".", 1)[0]).first_expert
+            for row in range(target.shape[0]):
+                checkpoint.read_into(keys[first + row], target[row])
+        else:
+            checkpoint.read_into(keys, target)
 
 
 def load_hf_checkpoint(
@@ -145,38 +256,27 @@ def load_hf_checkpoint(
     `save_pretrained` writes none) and otherwise builds the model without MTP; True requires them;
     False drops them. Any missing tensor, wrong shape or unexpected key fails naming the key.
     """
-    path = Path(path)
-    config_file = path / "config.json"
-    if not config_file.exists():
-        raise CheckpointError(f"{config_file}: not found")
-    hf_cfg = json.loads(config_file.read_text())
+    hf_cfg, block = read_hf_config(path)
     cfg = ModelConfig.from_hf_dict(hf_cfg)
-    block = tuple((hf_cfg.get("quantization_config") or {}).get("weight_block_size", (128, 128)))
-    reader = _Reader(path, block)
-
-    mtp_prefixes = tuple(f"model.layers.{i}." for i in _mtp_layer_ids(cfg, cfg.num_nextn_predict_layers))
-    has_mtp = any(k.startswith(mtp_prefixes) for k in reader.where) if mtp_prefixes else False
+    checkpoint = HFCheckpoint(path, block)
     if with_mtp is None:
-        with_mtp = has_mtp
+        with_mtp = checkpoint.has_mtp(cfg)
     if not with_mtp:
         cfg = cfg.replace(num_nextn_predict_layers=0)
 
     with torch.device("meta"):
         model = Transformer(cfg)
-    state = {}
-    for name, ref in model.state_dict().items():
-        keys = hf_keys(name, cfg)
-        if isinstance(keys, list):  # stacked routed experts
-            tensor = torch.stack([reader.get(k, ref.shape[1:]) for k in keys])
-        else:
-            tensor = reader.get(keys, ref.shape)
-        state[name] = tensor.to(torch.float32 if keeps_fp32(name) else dtype)
-    model.load_state_dict(state, strict=True, assign=True)
+    model.to_empty(device="cpu")
+    load_hf_into(model, checkpoint, cfg)
     for moe in model.moe_layers():
-        moe.reset_load()  # non-persistent buffer, still on meta after assign
+        moe.reset_load()  # non-persistent buffer, left uninitialised by to_empty
+    if dtype != torch.float32:
+        for name, t in model.state_dict(keep_vars=True).items():
+            if not keeps_fp32(name):
+                t.data = t.data.to(dtype)
 
     unexpected = sorted(
-        k for k in set(reader.where) - reader.used if not _ignorable(k, cfg, with_mtp, hf_cfg)
+        k for k in set(checkpoint.keys()) - checkpoint.used if not _ignorable(k, cfg, with_mtp, hf_cfg)
     )
     if unexpected:
         raise CheckpointError(

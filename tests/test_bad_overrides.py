@@ -29,6 +29,9 @@ TRAIN_CASES = [
     ("run.steps=2.5", "run.steps: expected int, got 2.5"),
     ("parallel.pp=2.5", "parallel.pp: expected int, got 2.5"),
     ("parallel=nosuch", "Could not find 'parallel/nosuch'"),
+    ("init.from=hf:/nonexistent/ckpt", "init.from: /nonexistent/ckpt/config.json: not found"),
+    ("init.from=weights.bin", "init.from: must be hf:<dir> or run:<dir>[@<step>]"),
+    ("model=from_checkpoint", "model: from_checkpoint takes the model of init.from"),
 ]
 ESTIMATE_CASES = [
     *COMMON,

@@ -12,6 +12,7 @@ from moeforge.model.config import ConfigError, ModelConfig, build_config
 from moeforge.platform.config.checkpoint import CheckpointConfig
 from moeforge.platform.config.cluster import RayClusterConfig
 from moeforge.platform.config.data import DataConfig
+from moeforge.platform.config.init import InitConfig
 from moeforge.platform.config.optim import OptimConfig
 from moeforge.platform.config.parallel import ParallelConfig
 from moeforge.platform.config.precision import PrecisionConfig
@@ -28,7 +29,10 @@ _SECTIONS = {
     "tracking": TrackingConfig,
     "checkpoint": CheckpointConfig,
     "cluster": RayClusterConfig,
+    "init": InitConfig,
 }
+# model=from_checkpoint: the model is the one init.from names (conf/model/from_checkpoint.yaml)
+ARCH_FROM_CHECKPOINT = "from_checkpoint"
 
 
 @dataclass
@@ -44,6 +48,7 @@ class TrainConfig:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     cluster: RayClusterConfig = field(default_factory=RayClusterConfig)
+    init: InitConfig = field(default_factory=InitConfig)
 
     def __post_init__(self) -> None:
         self.check()
@@ -58,17 +63,30 @@ class TrainConfig:
         unknown = sorted(set(values) - set(_SECTIONS) - {"model"})
         if unknown:
             raise ConfigError(f"{unknown[0]}: unknown config section (known: model, {', '.join(_SECTIONS)})")
-        if "model" not in values:
+        init_values = dict(values.get("init") or {})
+        if "from" in init_values:  # the YAML key; the field is from_
+            init_values["from_"] = init_values.pop("from")
+        values["init"] = init_values
+        init = build_config(InitConfig, init_values, "init")
+        if "model" not in values and init.kind is None:
             raise ConfigError("model: missing (choose one, e.g. model=tiny)")
-        if isinstance(values["model"], Mapping):
+        if isinstance(values.get("model"), Mapping) or init.kind is not None:
+            model = dict(values.get("model") or {})
             # `arch` tags the model YAMLs for moeforge-estimate; only the DeepSeek-V3 family trains.
-            model = dict(values["model"])
             arch = model.pop("arch", ARCH_DEEPSEEK_V3)
-            if arch != ARCH_DEEPSEEK_V3:
+            if arch == ARCH_FROM_CHECKPOINT and init.kind is None:
+                raise ConfigError(
+                    "model: from_checkpoint takes the model of init.from; set init.from=hf:<dir> or run:<dir>"
+                )
+            if arch not in (ARCH_DEEPSEEK_V3, ARCH_FROM_CHECKPOINT):
                 raise ConfigError(
                     f"model.arch: moeforge-train trains {ARCH_DEEPSEEK_V3} models; {arch!r} configs are "
                     "for moeforge-estimate only"
                 )
+            if init.kind is not None:  # the checkpoint's model, the run's training knobs on top
+                from moeforge.platform.checkpoint.init_from import model_config_from
+
+                model = model_config_from(init, model)
             values["model"] = model
         return build_config(cls, values)
 
@@ -84,7 +102,11 @@ class TrainConfig:
         data = dataclasses.replace(
             self.data, path=absolute(self.data.path), cache_dir=absolute(self.data.cache_dir)
         )
-        return dataclasses.replace(self, run=run, data=data)
+        init = self.init
+        if init.kind is not None:
+            step = "" if init.step is None else f"@{init.step}"
+            init = InitConfig(from_=f"{init.kind}:{absolute(init.path)}{step}")
+        return dataclasses.replace(self, run=run, data=data, init=init)
 
     def check(self) -> None:
         """Cross-section checks that need more than one component's values."""

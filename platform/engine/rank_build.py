@@ -5,7 +5,8 @@ rank at once (process groups are collective), and returns the rank's `RankParts`
 
     topology     where the rank sits (pp, dp; EP inside dp) and its process groups
     model        the whole Transformer on meta, and the rank's stages of it materialised
-                 (`rank_module`), with its slice of every MoE layer's experts under EP; the precision
+                 (`rank_module`), with its slice of every MoE layer's experts under EP, starting
+                 from init.from's weights when set (only this rank's tensors are read); the precision
                  policy swapped in; the all-to-all dispatch installed on its MoE layers
     transfers    point-to-point links to its pipeline neighbours
     compute      the chunk compute and the schedule's executor, for training and for evaluation
@@ -22,6 +23,7 @@ import torch.distributed as dist
 from moeforge.kernels.settings import set_reserved_sms
 from moeforge.model.moe import MoE
 from moeforge.model.transformer import Transformer
+from moeforge.platform.checkpoint.init_from import load_initial_weights
 from moeforge.platform.config.train import TrainConfig
 from moeforge.platform.engine.executor import PipelineExecutor
 from moeforge.platform.engine.p2p import P2P, open_links
@@ -92,6 +94,8 @@ def assemble_rank(
     meta_model, rank_module = build_rank(
         cfg.model, [specs[s] for s in stages], cfg.run.seed, device, experts=placement
     )
+    if cfg.init.kind is not None:  # published or earlier weights: this rank's stages and experts only
+        load_initial_weights(cfg.model, cfg.init, rank_module)
     # The precision policy swaps this rank's GEMM modules in place (shared with meta_model), as the
     # one-process run does for the whole model; its deferrable layers give the cheap B/W split.
     apply_precision(rank_module, cfg.precision)

@@ -63,9 +63,14 @@ class RunReport:
         self.last_checkpoint: str | None = resumed_from
         self.tokens_per_step = cfg.data.global_batch * cfg.model.seq_len
         self.start = time.perf_counter()
+        from moeforge.platform.checkpoint.init_from import init_record
+
+        self.init = init_record(cfg.init)  # where the weights came from, when not random
         log(header)
         if resumed_from:
             log(f"resumed from {resumed_from} at step {start_step}")
+        elif self.init is not None:
+            log(f"weights from {cfg.init.from_}")
 
     # ---- during the run --------------------------------------------------------------------------
     def record(
@@ -145,11 +150,14 @@ class RunReport:
         """summary.json (with `extra` fields) and loss.png, the tracker's summary, the closing line."""
         result = self.summary()
         summary = result.to_dict()
-        summary.update(extra or {})
+        summary.update(self._init_fields(), **(extra or {}))
         self.outputs.write_summary(summary)
         self.tracker.finish({k: v for k, v in summary.items() if k != "losses"})
         self.progress.finish(result, suffix=suffix)
         return summary
+
+    def _init_fields(self) -> dict[str, Any]:
+        return {} if self.init is None else {"init": self.init}
 
     def fail(self, err: BaseException, extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
         """Record a failed run: metrics so far, summary.json with status "failed" and `err`, the
@@ -157,7 +165,7 @@ class RunReport:
         none raises: the caller re-raises `err`."""
         result = self.summary(status="failed", error=f"{type(err).__name__}: {err}")
         summary = result.to_dict()
-        summary.update(extra or {})
+        summary.update(self._init_fields(), **(extra or {}))
         for what, action in (
             ("metrics", self.outputs.flush),
             ("summary.json", lambda: self.outputs.write_summary(summary)),

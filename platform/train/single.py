@@ -37,6 +37,7 @@ from moeforge.model.balance import ExpertLoad, worst_layer_load
 from moeforge.model.config import ConfigError
 from moeforge.model.transformer import build_model
 from moeforge.platform.checkpoint.async_writer import AsyncCheckpointWriter
+from moeforge.platform.checkpoint.init_from import load_initial_weights
 from moeforge.platform.checkpoint.reshard import ModelState
 from moeforge.platform.checkpoint.resume import checkpoint_commit, data_skip, restore_checkpoint
 from moeforge.platform.checkpoint.state import OptimizerState, RNGState, rng_state_to_tensors
@@ -99,8 +100,10 @@ class SingleProcessEngine:
         self.cfg, self.source, self.log = cfg, source, log
         torch.manual_seed(cfg.run.seed)  # model init and anything stochastic in the loop
         self.device = training_device(cfg)
-        model = build_model(cfg.model, seed=cfg.run.seed).to(self.device)  # init on CPU: same weights anywhere
-        self.model = apply_precision(model, cfg.precision)
+        model = build_model(cfg.model, seed=cfg.run.seed)  # init on CPU: same weights anywhere
+        if cfg.init.kind is not None:  # published or earlier weights (init.from)
+            load_initial_weights(cfg.model, cfg.init, model)
+        self.model = apply_precision(model.to(self.device), cfg.precision)
         set_reserved_sms(cfg.parallel.comm_sms)  # persistent FP8 GEMMs leave these SMs free
         self.model.train()
         self.device_type = self.device.type
