@@ -15,14 +15,15 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.errors import HydraException
 from hydra.types import RunMode
 from moeforge.model.config import ConfigError
-from moeforge.platform.cli import one_line
+from moeforge.platform.cli import one_line, settable_overrides
 from moeforge.platform.config.train import TrainConfig
 from moeforge.platform.outputs.storage import StorageError
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
 EXIT_BAD_INPUT = 2
 EXIT_RUN_FAILED = 1
+EXIT_INTERRUPTED = 130  # the shell's code for a run stopped by SIGINT
 _sweep_run_dirs: set[str] = set()  # run.dirs taken by earlier members of this process's -m sweep
 
 
@@ -58,6 +59,10 @@ def main() -> None:
     full_error_requested = os.environ.get("HYDRA_FULL_ERROR") == "1"
     os.environ["HYDRA_FULL_ERROR"] = "1"
     try:
+        sys.argv[1:] = settable_overrides(sys.argv[1:], TrainConfig.section_types())
+    except ConfigError as err:
+        _fail(str(err))
+    try:
         _train()
     except (HydraException, OmegaConfBaseException) as err:
         if full_error_requested:
@@ -68,8 +73,10 @@ def main() -> None:
 @hydra.main(config_path="pkg://moeforge.conf", config_name="train", version_base=None)
 def _train(cfg: DictConfig) -> None:
     try:
-        raw = OmegaConf.to_container(cfg, resolve=True)
+        raw = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
         config = TrainConfig.from_dict(raw).with_absolute_paths()
+    except MissingMandatoryValue as err:  # a "???" of the chosen group, e.g. data=tokens' data.path
+        _fail(f"{err.full_key}: required by the chosen config group; set {err.full_key}=...")
     except OmegaConfBaseException as err:  # e.g. an interpolation that does not resolve
         _fail(str(err).splitlines()[0])
     except ConfigError as err:
@@ -83,16 +90,28 @@ def _train(cfg: DictConfig) -> None:
         _sweep_run_dirs.add(config.run.dir)
     # Imported only once the config is valid: it pulls in torch (seconds), and a bad override should
     # fail at once.
+    from moeforge.platform.checkpoint.resume import finished_run_note
     from moeforge.platform.checkpoint.state import CheckpointError
 
     try:
+        note = finished_run_note(config)  # a completed run's record is never rewritten
+        if note is not None:
+            print(f"moeforge-train: {note}", flush=True)
+            return
         if config.parallel.schedule == "single":
             from moeforge.platform.launch.cluster_check import check_single_process_fits, machine_resources
-            from moeforge.platform.train.trainer import Trainer
+            from moeforge.platform.train.trainer import Terminated, Trainer
 
             check_single_process_fits(config.model, config.parallel, machine_resources())
 
-            Trainer.single(config).train()
+            trainer = None
+            try:
+                trainer = Trainer.single(config)
+                trainer.train()
+            except (KeyboardInterrupt, Terminated) as err:  # recorded and checkpointed by the Trainer
+                note = "interrupted before the first step" if trainer is None else trainer.interruption_note(err)
+                print(f"moeforge-train: {note}", file=sys.stderr, flush=True)
+                sys.exit(EXIT_INTERRUPTED)
         else:
             from moeforge.platform.launch.ray_train import PipelineRunError, launch_training
 

@@ -7,8 +7,10 @@ exception it can print as one line with exit status 2 -- never a traceback for a
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from hydra import compose, initialize_config_module
@@ -61,3 +63,28 @@ def run_cli(
         print(f"{prog}: error: {one_line(err)}", file=sys.stderr)
         return 2
     return 0
+
+
+def settable_overrides(overrides: Sequence[str], sections: Mapping[str, type]) -> list[str]:
+    """Overrides as the docs write them, made acceptable to Hydra.
+
+    A group's YAML lists only some of its dataclass's keys, and Hydra refuses to set a key the
+    composed config lacks unless it is written `+key=value`. So `section.key=value`, where `key` is
+    a field of that section's config dataclass, becomes `++section.key=value` (set it, listed or not);
+    a key that is no field is refused here in one line naming the closest valid key. Group choices
+    (`parallel=dualpipe_pp2`), `+`/`~` forms, flags and `hydra.` keys pass through unchanged."""
+    out = []
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        section, dot, rest = key.partition(".")
+        if not sep or not dot or item.startswith(("+", "~", "-")) or section not in sections:
+            out.append(item)
+            continue
+        field = rest.split(".", 1)[0]
+        names = {f.name.rstrip("_") for f in dataclasses.fields(sections[section])}  # init.from: from_
+        if field not in names:
+            close = difflib.get_close_matches(field, sorted(names), n=1)
+            hint = f"did you mean {section}.{close[0]}?" if close else f"known: {', '.join(sorted(names))}"
+            raise ConfigError(f"{section}.{field}: unknown key ({hint})")
+        out.append(f"++{key}={value}")
+    return out

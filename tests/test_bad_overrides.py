@@ -6,11 +6,15 @@ Each case fails while the config is built, before torch is imported, so it takes
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
 
 import pytest
+import yaml
+from moeforge.platform.cli import settable_overrides
+from moeforge.platform.config.train import TrainConfig
 
 BIN = os.path.dirname(sys.executable)
 
@@ -20,11 +24,14 @@ COMMON = [
     ("model.routed_scaling_factor=abc", "model.routed_scaling_factor: expected float, got 'abc'"),
     ("model.n_group=8.0", "model.n_group: expected int, got 8.0"),
     ("+model.nope=1", "model.nope: unknown key (known: "),
-    ("model.nope=1", "Could not override 'model.nope'"),
     ("model=nosuchmodel", "Could not find 'model/nosuchmodel'"),
 ]
 TRAIN_CASES = [
     *COMMON,
+    # a key no config has: named with the closest valid one, never Hydra's "+" advice
+    ("model.nope=1", "model.nope: unknown key (known: "),
+    ("run.stepz=10", "run.stepz: unknown key (did you mean run.steps?)"),
+    ("data=tokens", "data.path: required by the chosen config group; set data.path=..."),
     ("optim.lr=abc", "optim.lr: expected float, got 'abc'"),
     ("run.steps=2.5", "run.steps: expected int, got 2.5"),
     ("parallel.pp=2.5", "parallel.pp: expected int, got 2.5"),
@@ -35,6 +42,7 @@ TRAIN_CASES = [
 ]
 ESTIMATE_CASES = [
     *COMMON,
+    ("model.nope=1", "Could not override 'model.nope'"),
     ("cluster.mfu=abc", "cluster.mfu: expected float, got 'abc'"),
     ("cluster.gpus=2.5", "cluster.gpus: expected int, got 2.5"),
     ("+cluster.nope=1", "cluster.nope: unknown key (known: "),
@@ -71,6 +79,37 @@ def test_train_refuses_a_bad_override_before_any_work(tmp_path, override, expect
     assert expected in line
     assert not run_dir.exists()
     assert os.listdir(tmp_path) == []  # nor anything else (Hydra outputs, a Ray session dir)
+
+
+def test_every_config_key_is_settable_as_the_docs_write_it(tmp_path):
+    """Keys a group's YAML does not list (the docs name them) are set without Hydra's `+`."""
+    overrides = [
+        "parallel.peak_tflops_per_worker=989",
+        "parallel.gpu_memory_gb=80",
+        "parallel.ep_ranks_per_node=1",
+        "parallel.overlap_order=forward_first",
+        "parallel.worker_resources={moeforge_worker:1}",
+        "parallel.layers_per_stage=[4]",
+    ]
+    proc = _run("moeforge-train", ["experiment=tiny_cpu_single", *overrides, "--cfg", "job"], tmp_path)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    parallel = yaml.safe_load(proc.stdout)["parallel"]
+    assert (parallel["peak_tflops_per_worker"], parallel["gpu_memory_gb"], parallel["overlap_order"]) == (
+        989,
+        80,
+        "forward_first",
+    )
+    assert parallel["worker_resources"] == {"moeforge_worker": 1} and parallel["layers_per_stage"] == [4]
+
+
+def test_settable_overrides_covers_every_field_of_every_section():
+    sections = TrainConfig.section_types()
+    for section, cls in sections.items():
+        for field in dataclasses.fields(cls):
+            key = f"{section}.{field.name.rstrip('_')}"
+            assert settable_overrides([f"{key}=1"], sections) == [f"++{key}=1"]
+    untouched = ["model=tiny", "+run.x=1", "~run.name", "-m", "hydra.verbose=true", "unknown.key=1"]
+    assert settable_overrides(untouched, sections) == untouched
 
 
 def test_train_refuses_a_gpu_fraction_that_nccl_would_share(tmp_path):

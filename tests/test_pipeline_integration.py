@@ -138,7 +138,7 @@ def test_sigterm_on_one_rank_stops_every_rank_after_the_step_and_resumes_exactly
     with pytest.raises(RuntimeError, match="Terminated"):
         spawn_gloo(train_from_dict, 2, (raw, True), timeout_s=60)
     summary = json.loads((stopped_dir / "summary.json").read_text())
-    assert summary["status"] == "failed" and summary["error"].startswith("Terminated")
+    assert summary["status"] == "interrupted" and summary["error"].startswith("Terminated")
     assert summary["steps"] == 3 and summary["losses"] == straight["losses"][:3]
     assert [s for s, _ in list_checkpoints(str(stopped_dir))] == [2, 3]
     assert sorted(read_meta(list_checkpoints(str(stopped_dir))[-1][1]).shards) == ["rank0_0", "rank1_0"]

@@ -4,8 +4,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import signal
 import subprocess
 import sys
+import time
+
+import pytest
 
 from tests.conftest import free_port
 
@@ -50,6 +55,68 @@ def test_tiny_run_end_to_end(tmp_path):
     assert (run_dir / "config.yaml").read_text().count("hidden_size: 128") == 1
     # Hydra wrote nothing of its own and did not change directory.
     assert sorted(os.listdir(tmp_path)) == ["run"]
+
+
+# A background job's shell ignores SIGINT for it, and a Python started with SIGINT ignored installs
+# no KeyboardInterrupt handler: the run gets the disposition a terminal gives it, then is exec'd.
+WITH_DEFAULT_SIGINT = "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); os.execv(sys.argv[1], sys.argv[1:])"
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_an_interrupted_run_keeps_its_step_and_says_how_to_resume(tmp_path, sig):
+    """Ctrl-C or SIGTERM mid-run: the step in progress is finished or dropped cleanly, a checkpoint
+    of the last completed step is written, summary.json says "interrupted" beside loss.png, and the
+    run ends with exit 130 and one line naming the step and how to resume. The same command resumes."""
+    run_dir = tmp_path / "run"
+    args = ["model=tiny", "run.steps=400", "run.log_every=1", "checkpoint.every=100", f"run.dir={run_dir}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "2"}
+    proc = subprocess.Popen(
+        [sys.executable, "-c", WITH_DEFAULT_SIGINT, TRAIN, *args],
+        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.monotonic() + 180
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2):
+        assert proc.poll() is None and time.monotonic() < deadline, "the run never reached step 2"
+        time.sleep(0.2)
+    proc.send_signal(sig)
+    out, err = proc.communicate(timeout=180)
+    assert proc.returncode == 130, err[-3000:]
+    assert "Traceback" not in out + err
+    last = err.strip().splitlines()[-1]
+    why = "Ctrl-C" if sig == signal.SIGINT else "received SIGTERM"
+    match = re.fullmatch(
+        rf"moeforge-train: interrupted \({why}\) after step (\d+); run the same command to resume from "
+        rf"the checkpoint of step (\d+) in {re.escape(str(run_dir))}",
+        last,
+    )
+    assert match and match[1] == match[2], last
+    step = int(match[1])
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "interrupted" and summary["steps"] == step
+    assert (run_dir / "loss.png").stat().st_size > 0
+    assert (run_dir / "checkpoints" / f"step_{step:08d}" / "COMPLETE").exists()
+
+    if sig == signal.SIGTERM:  # the same command resumes (the Ctrl-C run left the same state)
+        resumed = run_train([*args[:1], f"run.steps={step + 1}", *args[2:]], cwd=tmp_path)
+        assert resumed.returncode == 0, resumed.stderr[-3000:]
+        assert f"resumed from {run_dir / 'checkpoints' / f'step_{step:08d}'} at step {step}" in resumed.stdout
+
+
+def test_a_rerun_never_rewrites_a_completed_run(tmp_path):
+    """The same command again says what is there and exits 0 with nothing rewritten (the other
+    answers of finished_run_note: tests/test_train_run.py)."""
+    run_dir = tmp_path / "run"
+    args = ["model=tiny", "run.steps=2", "checkpoint.every=2", f"run.dir={run_dir}"]
+    assert run_train(args, cwd=tmp_path).returncode == 0
+    record = {name: (run_dir / name).read_bytes() for name in ("summary.json", "metrics.jsonl", "loss.png")}
+    again = run_train(args, cwd=tmp_path)
+    assert again.returncode == 0 and "Traceback" not in again.stderr
+    assert again.stdout.strip() == (
+        f"moeforge-train: run.dir {run_dir} already holds a completed run of 2 steps; nothing to do "
+        "(raise run.steps above 2 to continue it from its checkpoint, or choose another run.dir)"
+    )
+    assert {name: (run_dir / name).read_bytes() for name in record} == record
 
 
 def test_missing_data_path_fails_before_any_work(tmp_path):

@@ -123,7 +123,8 @@ def test_killed_run_resumes_to_the_losses_of_an_uninterrupted_one(tmp_path, stra
     # consistent) a checkpoint of step 3 was written although 3 is not a multiple of every=2.
     assert [r["step"] for r in metrics(tmp_path)] == [1, 2, 3]
     failed = summary_json(tmp_path)
-    assert failed["status"] == "failed" and failed["error"].startswith(error.__name__)
+    status = "interrupted" if error in (KeyboardInterrupt, Terminated) else "failed"
+    assert failed["status"] == status and failed["error"].startswith(error.__name__)
     assert failed["steps"] == 3 and failed["losses"] == straight[:3]
     assert [step for step, _ in list_checkpoints(str(tmp_path))] == [2, 3]
 
@@ -181,6 +182,36 @@ def test_fresh_run_refuses_a_run_dir_holding_checkpoints(tmp_path):
         trainer(config(tmp_path, steps=2, every=1, resume=False))
     done = trainer(config(tmp_path, steps=2, every=1))  # resuming a finished run trains nothing
     assert done.step == 2 and done.train().steps == 2
+
+
+def test_run_files_and_exported_weights_follow_the_umask(tmp_path):
+    """Not owner-only: a run's record, its checkpoint files and an export are readable by others
+    under the usual umask 022 (temp files and safetensors' own writer start at 0600)."""
+    from moeforge.platform.checkpoint.export import export_hf
+
+    previous = os.umask(0o022)
+    try:
+        trainer(config(tmp_path / "run", steps=1, every=1, dropout=0.0)).train()
+        export_hf(trainer(config(tmp_path / "run", steps=1, every=1)).engine.model, tmp_path / "export")
+    finally:
+        os.umask(previous)
+    files = [p for p in (tmp_path / "run").rglob("*") if p.is_file()]
+    files += [p for p in (tmp_path / "export").iterdir()]
+    assert {"summary.json", "config.yaml", "loss.png", "model.safetensors", "meta.json"} <= {p.name for p in files}
+    modes = {str(p.relative_to(tmp_path)): oct(p.stat().st_mode & 0o777) for p in files}
+    assert set(modes.values()) == {"0o644"}, modes
+
+
+def test_a_completed_run_is_continued_only_from_its_checkpoint(tmp_path):
+    from moeforge.platform.checkpoint.resume import finished_run_note
+
+    trainer(config(tmp_path / "a", steps=2, every=2, dropout=0.0)).train()
+    assert "nothing to do (raise run.steps above 2" in finished_run_note(config(tmp_path / "a", steps=2))
+    assert finished_run_note(config(tmp_path / "a", steps=3)) is None  # continues from step 2
+    trainer(config(tmp_path / "b", steps=2, every=0, dropout=0.0)).train()
+    assert "no checkpoint of its last step" in finished_run_note(config(tmp_path / "b", steps=2, every=0))
+    with pytest.raises(ConfigError, match=r"^run.dir: .* no checkpoint of step 2 to continue from"):
+        finished_run_note(config(tmp_path / "b", steps=3, every=0))
 
 
 def test_resume_with_another_global_batch_fails_naming_it(tmp_path):

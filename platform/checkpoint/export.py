@@ -41,7 +41,7 @@ from moeforge.model.config import ConfigError
 from moeforge.model.hf import hf_config_dict, hf_state_tensors, keeps_fp32, write_hf_directory
 from moeforge.model.transformer import Transformer
 from moeforge.platform.checkpoint.store import CHECKPOINTS_DIR, CheckpointError, latest_checkpoint, read_meta
-from moeforge.platform.outputs.storage import open_storage
+from moeforge.platform.outputs.storage import file_mode, open_storage
 from omegaconf import OmegaConf
 from safetensors import safe_open
 
@@ -161,6 +161,9 @@ def export_hf(
         write_hf_directory(tensors, config, partial, max_shard_bytes)
         for name, data in (extra_files or {}).items():
             (partial / name).write_bytes(data)
+        mode = file_mode()
+        for written in partial.iterdir():  # safetensors creates its files owner-only (0600)
+            os.chmod(written, mode)
     return str(out)
 
 

@@ -9,6 +9,7 @@ optimizer by name; the RNG states only into the layout that wrote them (they are
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections.abc import Mapping
 from typing import Any
 
@@ -17,7 +18,7 @@ from moeforge.platform.checkpoint.reshard import CheckpointReader
 from moeforge.platform.checkpoint.state import CheckpointError
 from moeforge.platform.checkpoint.store import CheckpointMeta, list_checkpoints, shard_name
 from moeforge.platform.config.train import TrainConfig
-from moeforge.platform.outputs.storage import Storage
+from moeforge.platform.outputs.storage import Storage, open_storage
 
 
 def resume_point(cfg: TrainConfig, storage: Storage | None = None, *, restarted: bool = False) -> int | None:
@@ -111,3 +112,36 @@ def restore_checkpoint(
         if same and "rng" in state:
             state["rng"].load_state_dict(reader.read_local(shard_name(shard), "rng"))
     return meta, same
+
+
+def finished_run_note(cfg: TrainConfig, storage: Storage | None = None) -> str | None:
+    """What to say instead of training when run.dir already holds a completed run of at least
+    run.steps steps (its record is never rewritten), or None to go on. A completed run asked for
+    more steps goes on only when it can continue from its own checkpoint; otherwise the new run
+    would start over and overwrite the record, and ConfigError says so."""
+    storage = storage if storage is not None else open_storage(cfg.run.dir)
+    if not storage.exists("summary.json"):
+        return None
+    try:
+        done = json.loads(storage.read_text("summary.json"))
+    except ValueError:
+        return None  # a damaged record: the run's own checks decide
+    if done.get("status") != "completed":
+        return None
+    steps = int(done.get("steps", 0))
+    found = list_checkpoints(cfg.run.dir, storage) if cfg.checkpoint.resume else []
+    continues = bool(found) and found[-1][0] == steps
+    where = f"run.dir {cfg.run.dir} already holds a completed run of {steps} steps"
+    if steps >= cfg.run.steps:
+        how = (
+            f"raise run.steps above {steps} to continue it from its checkpoint"
+            if continues
+            else "it has no checkpoint of its last step to continue from"
+        )
+        return f"{where}; nothing to do ({how}, or choose another run.dir)"
+    if not continues:
+        raise ConfigError(
+            f"run.dir: {where} and no checkpoint of step {steps} to continue from; a new run there would "
+            "overwrite its record: choose another run.dir"
+        )
+    return None

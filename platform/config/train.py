@@ -53,6 +53,11 @@ class TrainConfig:
     def __post_init__(self) -> None:
         self.check()
 
+    @staticmethod
+    def section_types() -> dict[str, type]:
+        """Each top-level section's config dataclass, by its key."""
+        return {"model": ModelConfig, **_SECTIONS}
+
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> TrainConfig:
         """Build from the composed Hydra config (as a plain dict) with `build_config`: an unknown

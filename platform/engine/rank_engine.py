@@ -67,7 +67,7 @@ class PipelineStepMetrics:
     """StepMetrics plus what only a pipeline run measures."""
 
     base: StepMetrics
-    mfu: float
+    mfu: float | None  # None without parallel.peak_tflops_per_worker (no peak: no MFU)
     bubble_fraction: float  # measured: 1 - mean compute time / step time over ranks
     exposed_comm_s: list[float]  # per world rank: time blocked on transfers
     exposed_a2a_s: list[float] = field(default_factory=list)  # per world rank: blocked on phase all-to-alls
@@ -77,12 +77,12 @@ class PipelineStepMetrics:
     def pipeline_fields(self) -> dict:
         """The pipeline's own figures, as metrics.jsonl records them beside the base metrics."""
         return {
-            "mfu": self.mfu,
             "bubble_fraction": self.bubble_fraction,
             "exposed_comm_s": max(self.exposed_comm_s),
             "exposed_comm_s_per_rank": self.exposed_comm_s,
             "exposed_a2a_s": max(self.exposed_a2a_s, default=0.0),
             **self.routing,
+            **({} if self.mfu is None else {"mfu": self.mfu}),
         }
 
     def to_dict(self) -> dict:
@@ -300,7 +300,7 @@ class RankEngine:
         return PipelineStepMetrics(
             base=base,
             routing=self._routing_summary(),
-            mfu=(tokens / step_time) * self.flops_per_token / peak if peak > 0 else 0.0,
+            mfu=(tokens / step_time) * self.flops_per_token / peak if peak > 0 else None,
             bubble_fraction=float(1.0 - busy.mean() / span.max()) if float(span.max()) > 0 else 0.0,
             exposed_comm_s=exposed.tolist(),
             exposed_a2a_s=per_rank[:, 3].tolist(),

@@ -61,7 +61,7 @@ class TrainSummary:
     eval_loss: float | None = None  # held-out LM cross-entropy, the last evaluation's
     eval_ppl: float | None = None  # exp(eval_loss)
     losses: list[float] = field(default_factory=list)  # per step, for tests and plots
-    status: str = "completed"  # completed | failed
+    status: str = "completed"  # completed | failed | interrupted (Ctrl-C, SIGTERM)
     error: str | None = None  # "ExceptionType: message" when failed
     resumed_from_step: int | None = None  # the checkpoint step this segment started from
     checkpoint: str | None = None  # the newest complete checkpoint this run wrote

@@ -99,9 +99,10 @@ class PipelineReport(RunReport):
             fields.update(
                 bubble_fraction=sum(h["bubble_fraction"] for h in steady) / len(steady),
                 exposed_comm_s=sum(h["exposed_comm_s"] for h in steady) / len(steady),
-                mfu=self.history[-1]["mfu"],
                 grad_norm=self.last_grad_norm,
             )
+            if "mfu" in self.history[-1]:  # only with a known peak (parallel.peak_tflops_per_worker)
+                fields["mfu"] = self.history[-1]["mfu"]
         return fields
 
     def finish(self, extra: Mapping[str, Any] | None = None, suffix: str = "") -> dict[str, Any]:
@@ -110,5 +111,7 @@ class PipelineReport(RunReport):
             suffix += f" | bubble {fields['bubble_fraction']:.0%}"
         return super().finish(fields, suffix=suffix + f" | timeline {self.timeline_png}")
 
-    def fail(self, err: BaseException, extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
-        return super().fail(err, {**self.pipeline_summary(), **(extra or {})})
+    def fail(
+        self, err: BaseException, extra: Mapping[str, Any] | None = None, interrupted: bool = False
+    ) -> dict[str, Any]:
+        return super().fail(err, {**self.pipeline_summary(), **(extra or {})}, interrupted)

@@ -159,11 +159,15 @@ class RunReport:
     def _init_fields(self) -> dict[str, Any]:
         return {} if self.init is None else {"init": self.init}
 
-    def fail(self, err: BaseException, extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
-        """Record a failed run: metrics so far, summary.json with status "failed" and `err`, the
-        tracker's summary, the closing line. Each part is tried even if an earlier one fails, and
-        none raises: the caller re-raises `err`."""
-        result = self.summary(status="failed", error=f"{type(err).__name__}: {err}")
+    def fail(
+        self, err: BaseException, extra: Mapping[str, Any] | None = None, interrupted: bool = False
+    ) -> dict[str, Any]:
+        """Record a failed run (status "failed", or "interrupted" for Ctrl-C and SIGTERM): metrics so
+        far, summary.json with the status and `err`, loss.png, the tracker's summary, the closing
+        line. Each part is tried even if an earlier one fails, and none raises: the caller re-raises
+        `err`."""
+        status = "interrupted" if interrupted else "failed"
+        result = self.summary(status=status, error=f"{type(err).__name__}: {err}")
         summary = result.to_dict()
         summary.update(self._init_fields(), **(extra or {}))
         for what, action in (

@@ -114,14 +114,37 @@ class Storage(ABC):
         self.write_bytes(rel, text.encode("utf-8"))
 
 
+def _process_umask() -> int:
+    """The process's umask, read without changing it (os.umask can only be read by setting it,
+    which would race with files other threads create)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)  # no /proc (not Linux): read it by setting it back at once
+    os.umask(mask)
+    return mask
+
+
+def file_mode() -> int:
+    """The mode any program's new file gets (0o666 less the umask). mkstemp's and safetensors'
+    owner-only 0600 would keep exported weights and run records from other users and servers."""
+    return 0o666 & ~_process_umask()
+
+
 def _atomic_local_write(path: str, write) -> None:
-    """Run `write(tmp_path)` on a temp file beside `path`, then rename it into place."""
+    """Run `write(tmp_path)` on a temp file beside `path`, then rename it into place, with the
+    permissions the umask gives a new file (`file_mode`)."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-" + os.path.basename(path) + "-")
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, file_mode())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

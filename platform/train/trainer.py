@@ -22,7 +22,8 @@ The loop, the same for both (`train`):
                 every rank stops after the same step
     failure     the completed step's record is kept, a checkpoint of the last completed step is
                 written when the state is consistent (the engine says when it is), summary.json
-                records status "failed" with the error, and the error is re-raised
+                records status "failed" ("interrupted" for Ctrl-C and SIGTERM) with the error, and
+                the error is re-raised
 
 Collective choices (which checkpoint to resume or roll back to, whether any rank was asked to stop)
 go through the engine's `agree_on` and `any_rank`, so on a pipeline every rank takes the same branch.
@@ -201,6 +202,16 @@ class Trainer:
         self.engine.data_skip = skip  # the batches of steps to_step+1..spike_step are never trained on
         return to_step
 
+    def interruption_note(self, err: BaseException) -> str:
+        """One line for a run stopped by Ctrl-C or SIGTERM: where it stopped and how to go on."""
+        why = "Ctrl-C" if isinstance(err, KeyboardInterrupt) else str(err) or "SIGTERM"
+        if self.saved_step is None:
+            return f"interrupted ({why}) after step {self.engine.step}; no checkpoint to resume from"
+        return (
+            f"interrupted ({why}) after step {self.engine.step}; run the same command to resume from "
+            f"the checkpoint of step {self.saved_step} in {self.cfg.run.dir}"
+        )
+
     # --- the run ------------------------------------------------------------------------------
     def train(self) -> TrainSummary | None:
         """Train up to run.steps; return the summary on the reporting process (None elsewhere).
@@ -304,4 +315,4 @@ class Trainer:
         elif self.cfg.checkpoint.every and unsaved and report is not None:
             self.log(f"failed after step {engine.step}: no checkpoint written ({blocker})")
         if report is not None:
-            report.fail(err)
+            report.fail(err, interrupted=isinstance(err, (KeyboardInterrupt, Terminated)))
