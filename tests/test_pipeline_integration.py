@@ -68,11 +68,21 @@ def _assert_resumed_run_repeats(straight: dict, resumed: dict, straight_dir, res
     assert [r["grad_norm"] for r in records] == [r["grad_norm"] for r in _metrics(straight_dir)]
 
 
-def test_eval_checkpoint_resume_on_gloo(tmp_path, monkeypatch):
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory):
+    """The uninterrupted 4-step run the others are held to (its summary and run.dir, with its
+    step-1 gradients)."""
+    straight_dir = tmp_path_factory.mktemp("straight")
+    with pytest.MonkeyPatch.context() as patch:
+        dump_grads(patch)
+        summary = spawn_gloo(train_from_dict, 2, (_config(straight_dir), True))[0]
+    return summary, straight_dir
+
+
+def test_eval_checkpoint_resume_on_gloo(tmp_path, monkeypatch, straight_run):
     dump_grads(monkeypatch)
-    straight_dir = tmp_path / "straight"
+    straight, straight_dir = straight_run
     raw = _config(straight_dir)
-    straight = spawn_gloo(train_from_dict, 2, (raw, True))[0]
 
     # losses, grad norms and parameters (4 steps, through two checkpoints) equal the reference loop's;
     # evaluation: every 2 steps, equal to the reference loop's eval loss at the same steps
@@ -127,11 +137,11 @@ def test_eval_checkpoint_resume_on_gloo(tmp_path, monkeypatch):
     assert resumed["eval_loss"] == straight["eval_loss"]
 
 
-def test_sigterm_on_one_rank_stops_every_rank_after_the_step_and_resumes_exactly(tmp_path):
+def test_sigterm_on_one_rank_stops_every_rank_after_the_step_and_resumes_exactly(tmp_path, straight_run):
     """SIGTERM lands on rank 1 in the middle of step 3: every rank finishes step 3, stops, and the
     ranks write a checkpoint of step 3 together (not a multiple of checkpoint.every=2). The run
     resumed from it repeats the uninterrupted run's losses exactly."""
-    straight = spawn_gloo(train_from_dict, 2, (_config(tmp_path / "straight"), True))[0]
+    straight, _ = straight_run
     stopped_dir = tmp_path / "stopped"
     raw = _config(stopped_dir)
     raw["parallel"]["fault_injection"] = {"rank": 1, "step": 2, "kind": "sigterm"}

@@ -23,7 +23,7 @@
      (`FailureConfig`); the new group resumes from the newest complete checkpoint, recomputing the
      steps after it (metrics.jsonl drops the records past it). Past the budget the run ends with
      every failed rank's error;
-  5. returns rank 0's summary (also in <run.dir>/summary.json) and prints it. A failed run's
+  5. returns rank 0's summary (also in <run.dir>/summary.json; rank 0 printed its closing line). A failed run's
      summary.json says status "failed" with the error naming every failed rank (root cause first),
      over what rank 0 recorded before it stopped.
 """
@@ -178,9 +178,7 @@ def launch_training(cfg: TrainConfig, raw_config: dict | None = None) -> dict:
         message = describe_failure(err, _ranks_of_ray_ranks(cfg.run.dir))
         record_failure(cfg.run.dir, message)
         raise PipelineRunError(message) from None
-    summary = read_summary(cfg.run.dir)
-    print(json.dumps({k: v for k, v in summary.items() if k != "losses"}, indent=2, sort_keys=True))
-    return summary
+    return read_summary(cfg.run.dir)  # rank 0 printed the run's closing line, as one process does
 
 
 def _ranks_of_ray_ranks(run_dir: str) -> dict[int, int]:
