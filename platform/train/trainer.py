@@ -38,6 +38,7 @@ import threading
 from collections.abc import Callable
 from typing import Any, Protocol
 
+from moeforge.platform.checkpoint.async_writer import AsyncCheckpointWriter
 from moeforge.platform.checkpoint.resume import resume_point
 from moeforge.platform.checkpoint.store import CheckpointMeta, checkpoint_path, config_hash, list_checkpoints
 from moeforge.platform.config.cadence import Cadence
@@ -64,6 +65,7 @@ class StepEngine(Protocol):
     data_skip: int
     reports: bool
     distributed: bool
+    writer: AsyncCheckpointWriter | None  # checkpoint.async's background writer
 
     def open_report(
         self, log: Callable[[str], None], resumed_from: str | None, outputs: RunOutputs | None
@@ -171,7 +173,7 @@ class Trainer:
         if self.report is not None:
             self.report.flush()  # a run resumed from it finds every record its checkpoint covers
         path = self.engine.save_checkpoint()
-        if getattr(self.engine, "writer", None) is None:
+        if self.engine.writer is None:  # written at once: complete now
             self._checkpointed(self.engine.step, path)
 
     def _checkpointed(self, step: int, path: str) -> None:
@@ -300,7 +302,7 @@ class Trainer:
                 self.log(f"could not record step {metrics.base.step}'s metrics after the failure: {record_err}")
         blocker = engine.failure_checkpoint_blocker(self._agreed_stop)
         # A pipeline rank waits for its background writer only when every rank is alive to finish it.
-        if getattr(engine, "writer", None) is not None and (blocker is None or not engine.distributed):
+        if engine.writer is not None and (blocker is None or not engine.distributed):
             try:  # the checkpoint in flight completes (or fails) first
                 self._drain(wait=True)
             except Exception as write_err:  # noqa: BLE001 - reported, the original error wins
