@@ -379,11 +379,6 @@ class RankEngine:
         """Whether `flag` holds on any rank (every rank calls it at the same point)."""
         return bool(self._all_reduce_small(torch.tensor([float(flag)]), dist.ReduceOp.MAX)[0] > 0)
 
-    def interruptible(self) -> bool:
-        """Never mid-step: the peers would wait on this rank's transfers. A SIGTERM is agreed at the
-        step boundary instead."""
-        return False
-
     def failure_checkpoint_blocker(self, agreed_stop: bool) -> str | None:
         if agreed_stop:
             return None

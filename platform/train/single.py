@@ -133,10 +133,6 @@ class SingleProcessEngine:
     def any_rank(self, flag: bool) -> bool:
         return flag
 
-    def interruptible(self) -> bool:
-        """SIGTERM may stop this process at once, except inside an update."""
-        return self._phase != "update"
-
     def failure_checkpoint_blocker(self, agreed_stop: bool) -> str | None:
         if self._phase == "update":
             return f"failed mid-update of step {self.step + 1}: state inconsistent"

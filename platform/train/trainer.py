@@ -17,9 +17,8 @@ The loop, the same for both (`train`):
                 checkpoint and skips the data window up to it (platform/optim/bad_steps.py)
     checkpoint  when the cadence says; with checkpoint.async written in the background and reported
                 once complete
-    signals     SIGTERM becomes `Terminated`. A process that can stop mid-step (the one-process engine,
-                outside its update) stops at once; pipeline ranks agree at each step boundary, so
-                every rank stops after the same step
+    signals     SIGTERM becomes `Terminated` at the next step boundary, where the ranks of a pipeline
+                agree, so every rank stops after the same step
     failure     the completed step's record is kept, a checkpoint of the last completed step is
                 written when the state is consistent (the engine says when it is), summary.json
                 records status "failed" ("interrupted" for Ctrl-C and SIGTERM) with the error, and
@@ -78,7 +77,6 @@ class StepEngine(Protocol):
     def evaluate(self) -> EvalResult | None: ...
     def save_checkpoint(self, wait: bool = False) -> str: ...
     def completed_checkpoints(self, wait: bool = False) -> list[tuple[int, str]]: ...
-    def interruptible(self) -> bool: ...
     def failure_checkpoint_blocker(self, agreed_stop: bool) -> str | None: ...
     def finish(self) -> None: ...
 
@@ -271,17 +269,17 @@ class Trainer:
 
     @contextlib.contextmanager
     def _sigterm_raises_terminated(self):
-        """Turn SIGTERM into `Terminated` while the block runs: at once where the engine can stop
-        mid-step, otherwise at the next step boundary (every rank alike). Main thread only (Python
-        delivers signals there); elsewhere this does nothing."""
+        """Note SIGTERM while the block runs; the loop raises `Terminated` at the next step boundary
+        (every rank alike). Main thread only (Python delivers signals there); elsewhere this does
+        nothing."""
         if threading.current_thread() is not threading.main_thread():
             yield
             return
 
         def handler(signum, frame):
+            # Only noted here: an exception raised from a signal handler can land anywhere (inside
+            # a finalizer it is printed and lost), so the loop stops at the step boundary instead.
             self._terminate = f"received {signal.Signals(signum).name}"
-            if self.engine.interruptible():
-                raise Terminated(self._terminate)
 
         previous = signal.signal(signal.SIGTERM, handler)
         try:
