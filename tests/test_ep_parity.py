@@ -1,7 +1,7 @@
 """Expert-parallel training runs against the single-process reference loop (same seeds and data).
 
 Gloo processes (platform/launch/local_spawn.spawn_gloo); the Ray Train case (DualPipe pp=2 x dp=2
-x ep=2 with ZeRO-1) is in test_pipeline_ray.py. Each rank builds only its slice of
+x ep=2 with ZeRO-1) is in test_placement.py's multi-node run. Each rank builds only its slice of
 the experts and its MoE layers dispatch and combine over real all-to-alls; the comparison is the
 one every pipeline case goes through (pipeline_cases.assert_matches_reference: losses <= 1e-5,
 pre-clip gradient norms <= 1e-4, every step-1 gradient, the routed experts' assembled from the EP
@@ -43,7 +43,7 @@ TOPK_GROUP = 1  # tiny: 8 experts in 2 groups, 1 group kept per token
         ("1f1b", 1, 2, 2, 2, 1, 0),  # one stage, two EP ranks on two (pretend) nodes, plain all-reduce step
         ("1f1b", 1, 4, 4, 2, 2, 1),  # four EP ranks, two per node; ZeRO-1 through DeepSpeed's MoE groups
         # DualPipe pairs x dp replicas x EP on one node with the plain step: the expert all-reduce
-        # over 2 ranks (the ZeRO-1 form of this layout is test_pipeline_ray.py's Ray Train case)
+        # over 2 ranks (the ZeRO-1 form of this layout is test_placement.py's multi-node Ray Train case)
         ("dualpipe", 2, 2, 2, 4, 0, 0),
     ],
 )

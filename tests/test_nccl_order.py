@@ -138,6 +138,40 @@ def test_rules_keep_groups_apart_and_check_collective_order():
     assert violations(sizes)
 
 
+def _renumber_and_reduce(rank, world_size, directory):
+    """What a Ray worker does when the placement renumbers it: a collective on the first default
+    group, the group destroyed and made again with the other rank, a collective on the new one."""
+    import socket
+
+    import torch
+    import torch.distributed as dist
+    from moeforge.platform.engine.comm_record import start_recording
+
+    start_recording(directory)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ports = [None] * world_size
+    dist.all_gather_object(ports, port)
+    dist.destroy_process_group()
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{ports[0]}", rank=world_size - 1 - rank, world_size=world_size
+    )
+    dist.all_reduce(torch.ones(3))
+    return dist.get_rank()
+
+
+def test_a_group_made_again_after_the_world_is_destroyed_is_another_group(tmp_path):
+    """torch names the new default group as the old one; the recording keeps them apart, so the
+    calls of the ranks before and after the renumbering are not matched with each other."""
+    assert spawn_gloo(_renumber_and_reduce, 2, (str(tmp_path),)) == {0: 1, 1: 0}
+    per_rank = load_records(str(tmp_path))
+    groups = {(e["op"], e["group"]) for entries in per_rank.values() for e in entries}
+    assert groups == {("all_gather_object", "0"), ("all_reduce", "0/1")}, groups
+    assert violations(per_rank) == []
+    assert summarize(per_rank).collectives == {"0": 1, "0/1": 1}
+
+
 def test_checker_command(tmp_path, capsys):
     from moeforge.platform.engine.nccl_rules import main
 

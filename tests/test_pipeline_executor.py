@@ -4,7 +4,7 @@ single-process reference loop; each rank ran the simulator's action list; a hung
 naming the rank. The comparison itself is shown to catch scale errors on all gradients and on one
 small tensor.
 
-The Ray Train path (launch_training) is covered by tests/test_pipeline_ray.py."""
+The Ray Train path (launch_training) is covered by tests/test_placement.py (the multi-node run)."""
 
 from __future__ import annotations
 

@@ -4,8 +4,8 @@ recorded failure.
 In-process gloo runs (spawn_gloo, no Ray) check the numbers: the pipeline's eval loss equals the
 reference loop's at the same steps, and a run resumed from its step-2 checkpoint (weights, DeepSpeed
 ZeRO optimizer partition, RNG) reproduces the straight run's step-3/4 losses exactly. Through Ray
-Train: W&B on rank 0 and evaluation are tests/test_pipeline_ray.py's, a resume after a lost worker
-tests/test_recovery.py's.
+Train: W&B on rank 0 and evaluation are in the multi-node run of tests/test_placement.py, a resume
+after a lost worker in tests/test_recovery.py.
 """
 
 from __future__ import annotations

@@ -3,10 +3,13 @@
 The plan on its own (pure): EP groups on as few nodes as the slots allow, checked against every
 possible assignment of small layouts, then pipeline neighbours together. Then on a Ray cluster of
 three raylets on this machine (`ray.cluster_utils.Cluster`: a head without CPUs and two nodes of
-two worker slots each), a DualPipe pp=2 x dp=2 x ep=2 run, whose EP groups (ranks 0 2 and 1 3, the
-two dp replicas of a stage) Ray Train's own numbering would split over both nodes: the workers
-renumber themselves so that each EP group is on one node, the MoE counts one node per token, and
-the run still matches the single-process reference.
+two worker slots each), moeforge's pipeline path end to end through Ray Train (`launch_training`):
+a DualPipe pp=2 x dp=2 x ep=2 run with ZeRO-1, tracked with W&B offline and evaluated, whose EP
+groups (ranks 0 2 and 1 3, the two dp replicas of a stage) Ray Train's own numbering would split
+over both nodes. The workers renumber themselves so that each EP group is on one node, the MoE
+counts one node per token, what the workers post (DeepSpeed's collectives included) keeps NCCL's
+rules, rank 0 gathers every rank's timeline and tracks the run, and the run matches the
+single-process reference. The same layout on gloo processes is tests/test_ep_parity.py's.
 
 The cluster is the test's own, in a subprocess with its own RAY_TMPDIR (so the session cluster of
 conftest.py, and the cluster record other Ray users on this machine read, are never touched); the
@@ -203,7 +206,8 @@ STEPS = 2
 
 def _drive(spec_path: str) -> None:
     """Subprocess: a 3-raylet cluster (head without CPUs, two nodes of 2 CPUs and 2 `moeforge_worker`
-    slots), a DualPipe pp=2 dp=2 ep=2 run on it; writes the summary and the nodes to spec['out']."""
+    slots), a DualPipe pp=2 dp=2 ep=2 ZeRO-1 run on it, tracked and evaluated; writes the summary
+    and the nodes to spec['out']."""
     import ray
     from moeforge.platform.config import TrainConfig
     from moeforge.platform.launch.ray_train import launch_training
@@ -217,9 +221,10 @@ def _drive(spec_path: str) -> None:
         nodes = [cluster.add_node(num_cpus=2, resources={"moeforge_worker": 2}) for _ in range(2)]
         ray.init(address=cluster.address, log_to_driver=True)
         raw = pipeline_config(
-            spec["run_dir"], "dualpipe", 2, 2, 4, zero_stage=0, ep=2, worker_resources={"moeforge_worker": 1}
+            spec["run_dir"], "dualpipe", 2, 2, 4, zero_stage=1, ep=2, worker_resources={"moeforge_worker": 1}
         )
-        raw["run"]["steps"] = STEPS
+        raw["run"].update(steps=STEPS, eval_every=2, eval_batches=1)
+        raw["tracking"] = {"backend": "wandb", "mode": "offline", "log_timeline": True}
         # One expert group: a token's two experts may sit on both EP ranks, so the nodes a token
         # reaches show where the ranks are (with tiny's 2 groups, 1 kept, each token reaches 1 rank).
         raw["model"].update(n_group=1, topk_group=1)
@@ -286,8 +291,11 @@ def run_in_own_process(script: str, spec: dict, tmp_path, timeout_s: float, env:
 
 
 def test_multi_node_run_follows_the_plan(tmp_path, monkeypatch):
+    from moeforge.platform.engine.comm_record import RECORD_ENV
+    from moeforge.platform.engine.nccl_rules import load_records, summarize, violations
     from pipeline_cases import (
         assert_matches_reference,
+        assert_timeline_runs_schedule,
         dump_grads,
         pipeline_record,
         read_metrics,
@@ -295,6 +303,8 @@ def test_multi_node_run_follows_the_plan(tmp_path, monkeypatch):
     )
 
     dump_grads(monkeypatch)  # the run's workers (a process of its own) write their step-1 gradients
+    # ... and record what they post, held to NCCL's rules as the gloo cases of test_nccl_order.py are
+    monkeypatch.setenv(RECORD_ENV, str(tmp_path / "comm"))
 
     run_dir = tmp_path / "run"
     result = run_in_own_process(__file__, {"run_dir": str(run_dir)}, tmp_path, timeout_s=240)
@@ -312,15 +322,78 @@ def test_multi_node_run_follows_the_plan(tmp_path, monkeypatch):
     print("\n".join(line for line in console.splitlines() if "[rank 0]" in line))  # for `pytest -s`
     assert "[rank 0] placement: 4 ranks (pp=2 dp=2 ep=2) on 2 node(s), ranks renumbered" in console
     assert "[rank 0] EP groups: 2, nodes per group 1 at most; pipeline links across nodes: 2 of 2" in console
+
+    per_rank = load_records(str(tmp_path / "comm"))
+    assert sorted(per_rank) == [0, 1, 2, 3] and summarize(per_rank).p2p_ops > 0
+    found = violations(per_rank)
+    assert not found, "\n".join(found[:8])
+
+    # rank 0 recorded the run: per-step metrics with the pipeline fields
+    steps = read_metrics(run_dir)
+    assert [s["step"] for s in steps] == list(range(1, STEPS + 1))
+    for key in PIPELINE_METRICS:
+        assert key in steps[-1], key
+    assert "mfu" not in steps[-1]  # no parallel.peak_tflops_per_worker: no MFU, rather than 0
+    assert steps[-1]["max_expert_load"] >= steps[-1]["mean_expert_load"] > 0
     # the MoE took its node ids from the placement: tokens reach both EP ranks, never two nodes
-    for step in read_metrics(run_dir):
+    for step in steps:
         assert step["ep_ranks_per_token_max"] == 2 and step["ep_nodes_per_token_max"] == 1
+    _assert_wandb_ran_on_rank_0(run_dir, steps=STEPS)
+    # the gathered timeline holds every world rank's forwards and sends, each rank's the
+    # simulator's action list, with the recorded bubble and exposed communication
+    trace = json.loads((run_dir / "timeline.json").read_text())["traceEvents"]
+    for kind in ("F", "SEND"):
+        assert {e["tid"] for e in trace if e.get("ph") == "X" and e["cat"] == kind} == {0, 1, 2, 3}, kind
+    assert (run_dir / "timeline.png").stat().st_size > 0
+    assert_timeline_runs_schedule(run_dir, "dualpipe", 2, 2, 4)
+
     # and the renumbered run computes what one process does
-    assert result["summary"]["steps"] == STEPS
+    summary = result["summary"]
+    assert summary["steps"] == STEPS and summary["losses"] == pipeline_record(run_dir).losses
+    assert summary["final_loss"] == summary["losses"][-1]
+    untracked = {**result["raw"], "tracking": {"log_timeline": False}}
     assert_matches_reference(
         pipeline_record(run_dir),
-        reference_run(result["raw"], tmp_path / "reference"),
-        label="2-node placement",
+        reference_run(untracked, tmp_path / "reference"),
+        label="Ray, 2 nodes, dualpipe pp=2 dp=2 ep=2 ZeRO-1",
+    )
+
+
+PIPELINE_METRICS = (
+    "loss",
+    "mtp_loss",
+    "aux_loss",
+    "grad_norm",
+    "lr",
+    "tokens_per_s",
+    "bubble_fraction",
+    "exposed_comm_s",
+    "max_expert_load",
+    "mean_expert_load",
+)
+
+
+def _assert_wandb_ran_on_rank_0(run_dir, steps: int) -> None:
+    """One offline W&B run, written by rank 0 only: every step's metrics with the pipeline's and
+    the evaluation's, the timeline image, the summary."""
+    import glob
+
+    from test_tracking import read_wandb_records
+
+    (wandb_file,) = glob.glob(str(run_dir / "wandb" / "offline-run-*" / "run-*.wandb"))
+    records = read_wandb_records(wandb_file)
+    history = [r.history for r in records if r.WhichOneof("record_type") == "history"]
+    assert sorted({h.step.num for h in history}) == list(range(1, steps + 1))
+    keys = {item.key or "/".join(item.nested_key) for h in history for item in h.item}
+    expected = {"loss", "mtp_loss", "aux_loss", "grad_norm", "lr", "tokens_per_s", "eval_loss"}
+    expected |= {"bubble_fraction", "exposed_comm_s", "max_expert_load", "mean_expert_load", "timeline/_type"}
+    assert expected <= keys, expected - keys
+    summary_keys = {
+        i.key for r in records if r.WhichOneof("record_type") == "summary" for i in r.summary.update
+    }
+    assert {"final_loss", "tokens_per_s", "bubble_fraction", "eval_loss"} <= summary_keys, summary_keys
+    assert glob.glob(
+        str(run_dir / "wandb" / "offline-run-*" / "files" / "media" / "images" / "timeline*.png")
     )
 
 

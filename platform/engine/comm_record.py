@@ -12,7 +12,8 @@ something for a GPU run.
 `torch.distributed` in this process (idempotent) and appends one JSON line per call to
 `<directory>/comm.<pid>.jsonl`, flushed at once (a rank that is killed loses nothing it posted).
 Each line: the world rank at the time of the call, a per-process sequence number, the function,
-the process group (its name and world ranks), for point-to-point the peer and the bytes, for
+the process group (its name and world ranks; after the process destroyed its default group, as
+a worker renumbered by the placement does, the name carries the count: "0/1"), for point-to-point the peer and the bytes, for
 collectives the size of the tensor where every member must pass the same one, and the call site
 outside torch. Calls made inside another recorded call (all_gather_object's own all_gather) are
 not recorded twice. It must be started before DeepSpeed creates its communication backend, which
@@ -80,9 +81,28 @@ class _Recorder:
             self.file.write(json.dumps(entry, separators=(",", ":")) + "\n")
 
 
+# How many times this process destroyed its default process group (as a worker does when the
+# placement renumbers the ranks). A group made after that is another group even where torch gives
+# it the same name again, so its name is recorded with the count: "0" before, "0/1" after.
+_world_generation = 0
+
+
 def _group_fields(group) -> dict:
     pg = group if group is not None else c10d._get_default_group()
-    return {"group": pg.group_name, "members": dist.get_process_group_ranks(pg)}
+    name = pg.group_name if _world_generation == 0 else f"{pg.group_name}/{_world_generation}"
+    return {"group": name, "members": dist.get_process_group_ranks(pg)}
+
+
+def _count_world_destruction(original):
+    @functools.wraps(original)
+    def destroy_process_group(group=None):
+        global _world_generation
+        original(group)
+        if group is None:
+            _world_generation += 1
+
+    destroy_process_group.__moeforge_recorded__ = original
+    return destroy_process_group
 
 
 def _call_site() -> str:
@@ -162,6 +182,11 @@ def start_recording(directory: str) -> str:
         setattr(c10d, name, wrapped)
         if getattr(dist, name, None) is original:
             setattr(dist, name, wrapped)
+    if not hasattr(c10d.destroy_process_group, "__moeforge_recorded__"):
+        counted = _count_world_destruction(c10d.destroy_process_group)
+        if dist.destroy_process_group is c10d.destroy_process_group:
+            dist.destroy_process_group = counted
+        c10d.destroy_process_group = counted
     return _recorder.path
 
 
