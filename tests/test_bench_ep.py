@@ -11,7 +11,7 @@ import pytest
 import yaml
 from moeforge.jobs.bench import main as bench_main
 from moeforge.platform.bench.ep import PAYLOADS, EPBenchConfig, run
-from moeforge.platform.moe.all_to_all import fp8_row_bytes
+from moeforge.platform.moe.dispatch import fp8_row_bytes
 
 TINY = ["hidden=256", "tokens_per_rank=64", "n_experts=16", "top_k=4", "eps=[2]", "repeats=2"]
 

@@ -64,7 +64,7 @@ def test_the_accelerator_is_set_from_the_device_and_a_contradiction_is_refused()
 
 def test_a_worker_refuses_a_contradicting_ds_accelerator(monkeypatch):
     """The Ray worker's own first step, in this process: a CPU worker with DS_ACCELERATOR=cuda."""
-    from moeforge.platform.launch.worker import _bind_worker_device
+    from moeforge.platform.launch.ray_train import _bind_worker_device
 
     monkeypatch.setenv("DS_ACCELERATOR", "cuda")
     with pytest.raises(AcceleratorError, match="DS_ACCELERATOR=cuda contradicts this worker's device cpu"):
@@ -75,10 +75,10 @@ def test_a_worker_refuses_a_contradicting_ds_accelerator(monkeypatch):
 _WORKER_PROCESS = """
 import os, sys, torch
 from moeforge.platform.config.parallel import ParallelConfig
-from moeforge.platform.launch import worker
+from moeforge.platform.launch import ray_train
 from moeforge.platform.launch.accelerator import AcceleratorError, use_accelerator_for
 assert "deepspeed" not in sys.modules, "importing the worker imported deepspeed"
-device = worker._bind_worker_device(ParallelConfig(schedule="dualpipe", pp=2, microbatches=4))
+device = ray_train._bind_worker_device(ParallelConfig(schedule="dualpipe", pp=2, microbatches=4))
 chosen = os.environ["DS_ACCELERATOR"]
 import deepspeed
 from deepspeed.accelerator import get_accelerator

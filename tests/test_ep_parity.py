@@ -81,7 +81,7 @@ def _precision(name: str) -> dict:
 class _DispatchRounding(torch.autograd.Function):
     """The FP8 dispatch's effect on the rows it carries, without the all-to-all: forward
     decompress(compress(x)) in x's dtype (kernels/token_compress.py, the functions
-    platform/moe/all_to_all.dispatch_rows_fp8 calls), backward the gradient unchanged (the dispatch
+    dispatch.dispatch_rows_fp8 calls), backward the gradient unchanged (the dispatch
     sends gradients back unquantised)."""
 
     @staticmethod

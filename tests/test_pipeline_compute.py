@@ -7,8 +7,7 @@ import torch
 from moeforge.model.config import ModelConfig
 from moeforge.model.transformer import build_model
 from moeforge.platform.config.precision import PrecisionConfig
-from moeforge.platform.engine.stage_compute import MicroBatch, ModelCompute
-from moeforge.platform.engine.stages import StageChunk, build_rank, split_layers
+from moeforge.platform.engine.stages import MicroBatch, ModelCompute, StageChunk, build_rank, split_layers
 from moeforge.platform.precision import apply_precision
 from pipeline_cases import tiny_model
 

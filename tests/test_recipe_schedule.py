@@ -168,8 +168,7 @@ def test_phase_programs_weight_mtp_by_the_steps_lambda():
     """The pipeline's per-chunk compute with phase programs (parallel.chunk_phases): the lambda given
     to start_step is the one in the recorded loss (the gloo test below runs the one-graph path)."""
     from moeforge.model.config import ModelConfig
-    from moeforge.platform.engine.stage_compute import MicroBatch, ModelCompute
-    from moeforge.platform.engine.stages import StageChunk, build_rank, split_layers
+    from moeforge.platform.engine.stages import MicroBatch, ModelCompute, StageChunk, build_rank, split_layers
 
     cfg = ModelConfig.from_dict(tiny_model(seq_len=16))
     (spec,) = split_layers(cfg.num_hidden_layers, 1)

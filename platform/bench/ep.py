@@ -9,7 +9,7 @@ through the training path's own code, not a re-implementation:
     plan        platform/moe/dispatch.plan_dispatch on platform/moe/expert_placement.ExpertPlacement: the
                 unique (token, rank) pairs, each token sent to a rank once however many of its
                 experts live there; counts exchanged once (exchange_counts), not timed
-    payloads    (platform/moe/all_to_all.py, the calls AllToAllDispatch makes)
+    payloads    (the collectives of platform/moe/dispatch.py that AllToAllDispatch calls)
                 fp8 dispatch   dispatch_rows_fp8 of the pairs' BF16 rows: e4m3 + 1x128 scales packed
                                as uint8 rows of D + D/128 bytes; the time INCLUDES the compression
                                before and the decompression to BF16 after the exchange
@@ -161,13 +161,13 @@ def _timed(op: Callable[[], Any], repeats: int) -> list[float]:
 def _ep_rank(rank: int, world_size: int, cfg: EPBenchConfig) -> dict:
     """One EP rank: plan the dispatch of its tokens, then record and time each payload."""
     from moeforge.kernels.token_compress import compress_tokens, decompress_tokens
-    from moeforge.platform.moe.all_to_all import (
+    from moeforge.platform.moe.dispatch import (
         all_to_all_rows,
         dispatch_rows_fp8,
         exchange_counts,
         fp8_row_bytes,
+        plan_dispatch,
     )
-    from moeforge.platform.moe.dispatch import plan_dispatch
     from moeforge.platform.moe.expert_placement import ExpertPlacement
 
     generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + rank)
@@ -272,7 +272,7 @@ def summarize(ep: int, ranks: list[dict], cfg: EPBenchConfig) -> list[dict]:
 def run(cfg: Mapping[str, Any] | EPBenchConfig | None = None, log: Callable[[str], None] = print) -> dict:
     """Run every ep, log the table, write JSON to cfg.output; return the report."""
     from moeforge.platform.launch.local_spawn import spawn_gloo
-    from moeforge.platform.moe.all_to_all import fp8_row_bytes
+    from moeforge.platform.moe.dispatch import fp8_row_bytes
 
     if not isinstance(cfg, EPBenchConfig):
         cfg = build(EPBenchConfig, dict(cfg or {}), "bench.ep")

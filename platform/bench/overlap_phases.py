@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 from moeforge.platform.engine.chunk_program import Program, run_pair, run_to_end
-from moeforge.platform.moe.all_to_all import CollectiveTracker, launch_all_to_all
+from moeforge.platform.moe.dispatch import CollectiveTracker, launch_all_to_all
 from moeforge.platform.schedules.phase_costs import ProgramCosts
 
 

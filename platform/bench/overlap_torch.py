@@ -19,7 +19,7 @@ import time
 import torch
 import torch.distributed as dist
 from moeforge.platform.bench.overlap_phases import PhaseShape
-from moeforge.platform.moe.all_to_all import launch_all_to_all
+from moeforge.platform.moe.dispatch import launch_all_to_all
 from torch import nn
 
 

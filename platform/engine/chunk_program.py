@@ -28,16 +28,18 @@ import contextlib
 import time
 from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from moeforge.kernels.wgrad_store import WeightGradStore
 from moeforge.model.moe import MoE
 from moeforge.platform.config.parallel import OVERLAP_ORDERS
-from moeforge.platform.engine.stages import StageChunk
-from moeforge.platform.moe.all_to_all import CollectiveTracker
-from moeforge.platform.moe.dispatch import AllToAllDispatch
+from moeforge.platform.moe.dispatch import AllToAllDispatch, CollectiveTracker
 from moeforge.platform.moe.phased import MoEPhaseState, PhasedMoE, boundary_leaf, phase_grads
 from torch import nn
+
+if TYPE_CHECKING:  # stages.py builds programs from this module, so only the annotation names it
+    from moeforge.platform.engine.stages import StageChunk
 
 Program = Generator[None, None, object]  # yields at each launched transfer; returns its result
 

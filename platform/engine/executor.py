@@ -1,7 +1,7 @@
 """Run one rank's pipeline action list exactly as the schedule generated it.
 
 The executor owns ordering and communication; what a forward or backward *computes* is delegated to
-a `StageCompute` (the model, `platform.engine.stage_compute.ModelCompute`; or sleeps of configured length,
+a `StageCompute` (the model, `platform.engine.stages.ModelCompute`; or sleeps of configured length,
 `SleepCompute`, for the synthetic-cost benchmark), so the same code path is measured in both.
 
 Per action:

@@ -116,7 +116,7 @@ class P2P:
         return Transfer(work, buf, src, label, "recv", self._now())
 
     def track_collective(self, work: object, out: torch.Tensor, label: str) -> TrackedCollective:
-        """Wrap an asynchronous collective launched just now (moe.all_to_all.launch_all_to_all)."""
+        """Wrap an asynchronous collective launched just now (moe.dispatch.launch_all_to_all)."""
         return TrackedCollective(self, Transfer(work, out, -1, label, "a2a", self._now()))
 
     def wait(self, t: Transfer) -> torch.Tensor:

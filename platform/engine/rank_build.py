@@ -27,8 +27,14 @@ from moeforge.platform.checkpoint.init_from import load_initial_weights
 from moeforge.platform.config.train import TrainConfig
 from moeforge.platform.engine.executor import PipelineExecutor
 from moeforge.platform.engine.p2p import P2P, open_links
-from moeforge.platform.engine.stage_compute import ForwardCompute, ModelCompute
-from moeforge.platform.engine.stages import RankModule, StageChunk, build_rank, split_layers
+from moeforge.platform.engine.stages import (
+    ForwardCompute,
+    ModelCompute,
+    RankModule,
+    StageChunk,
+    build_rank,
+    split_layers,
+)
 from moeforge.platform.engine.step_clock import clock_for
 from moeforge.platform.engine.topology import ProcessGroups, Topology, create_process_groups
 from moeforge.platform.moe.expert_placement import ExpertPlacement, expert_placement

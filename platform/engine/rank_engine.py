@@ -43,7 +43,7 @@ from moeforge.platform.data.microbatches import default_batch_source, inputs_and
 from moeforge.platform.engine.executor import StepTrace
 from moeforge.platform.engine.rank_build import assemble_rank
 from moeforge.platform.engine.rank_checkpoint import RankCheckpoints
-from moeforge.platform.engine.stage_compute import MicroBatch
+from moeforge.platform.engine.stages import MicroBatch
 from moeforge.platform.moe.routing_stats import routing_summary
 from moeforge.platform.optim.bad_steps import LOSS_SPIKE_FACTOR, injected_data_fault
 from moeforge.platform.optim.bias_update import set_balance_loss_scale, update_router_biases

@@ -2,10 +2,10 @@
 them and combined back with all-to-alls.
 
     expert_placement.py which rank and node holds which expert (one place, from the topology)
-    all_to_all.py    the collectives, inside autograd: count exchange, token all-to-all (FP8 or
-                     the compute dtype), their reverses in backward
     dispatch.py      AllToAllDispatch: the MoE layer's routed part over an EP group, each (token,
-                     rank) pair sent once, dropless
+                     rank) pair sent once, dropless; and the collectives it makes, inside autograd:
+                     count exchange, token all-to-all (FP8 or the compute dtype), their reverses in
+                     backward, and the asynchronous form the overlapped phases launch
     routing_stats.py distinct ranks and nodes each token is sent to, per step
     install.py       build-time: replace each MoE layer's experts by this rank's slice, install the
                      dispatch

@@ -30,8 +30,14 @@ import torch
 from moeforge.kernels.compute_dtype import compute_dtype
 from moeforge.kernels.token_compress import compress_tokens, decompress_tokens
 from moeforge.model.moe import MoE, sequence_balance_loss
-from moeforge.platform.moe.all_to_all import CollectiveTracker, InFlight, launch_all_to_all
-from moeforge.platform.moe.dispatch import AllToAllDispatch, DispatchPlan, Splits
+from moeforge.platform.moe.dispatch import (
+    AllToAllDispatch,
+    CollectiveTracker,
+    DispatchPlan,
+    InFlight,
+    Splits,
+    launch_all_to_all,
+)
 from torch import nn
 
 

@@ -1,6 +1,6 @@
 """A pipeline rank's whole run as one call, for spawned gloo processes, tests and benchmarks
 (`run_pipeline_training`, `train_from_dict`); Ray Train workers call `Trainer.pipeline_rank`
-themselves (platform/launch/worker.py).
+themselves (`ray_train.train_loop_per_worker`).
 
 A pipeline run's failure: rank 0 records what it has; the Ray driver (platform/launch/ray_train.py)
 then names every failed rank in the summary. A failure checkpoint is written only when every rank
