@@ -20,6 +20,7 @@ import sys
 from collections.abc import Sequence
 
 from moeforge.platform.cli import compose_values, run_cli
+from moeforge.platform.outputs.storage import check_local_output
 from moeforge.platform.schedules import ScheduleError, simulate
 from moeforge.platform.schedules.compare import (
     ScheduleJobConfig,
@@ -37,6 +38,7 @@ PROG = "moeforge-schedule"
 def run(argv: Sequence[str]) -> str:
     """Compose the config from Hydra overrides, do the work and return what to print."""
     cfg = ScheduleJobConfig.from_dict(compose_values(CONFIG_NAME, argv)[0])
+    check_local_output(cfg.out_dir, "out_dir", directory=True)
     schedule = chosen_schedule(cfg)
     result = simulate(schedule, chunk_costs(schedule, cfg.chunk_cost))
     rows = compare(schedule.pp, schedule.num_microbatches, cfg.chunk_cost)

@@ -17,7 +17,7 @@ from hydra.types import RunMode
 from moeforge.model.config import ConfigError
 from moeforge.platform.cli import one_line, settable_overrides
 from moeforge.platform.config.train import TrainConfig
-from moeforge.platform.outputs.storage import StorageError
+from moeforge.platform.outputs.storage import StorageError, check_local_output
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
@@ -94,6 +94,7 @@ def _train(cfg: DictConfig) -> None:
     from moeforge.platform.checkpoint.state import CheckpointError
 
     try:
+        check_local_output(config.run.dir, "run.dir", directory=True)
         note = finished_run_note(config)  # a completed run's record is never rewritten
         if note is not None:
             print(f"moeforge-train: {note}", flush=True)

@@ -86,3 +86,20 @@ def test_bad_token_paths_fail_naming_the_path(tmp_path):
     np.arange(100, dtype=np.uint16).tofile(small)
     with pytest.raises(ValueError, match=r"token id \d+ in .*small.bin is >= vocab_size 50"):
         BatchSource(DataConfig(source="tokens", path=str(small), global_batch=2), 50, 8).batch(0)
+
+
+def test_a_text_file_given_as_token_ids_is_refused_naming_it(tmp_path):
+    jsonl = tmp_path / "corpus.jsonl"
+    jsonl.write_text('{"text": "def f(x):\\n    return x"}\n' * 200)
+    raw = tmp_path / "corpus.txt"
+    raw.write_text("Ein Satz über Tokens, mit Umlauten.\n" * 300)
+    for path, kind in ((jsonl, "JSONL"), (raw, "text")):
+        with pytest.raises(ConfigError) as err:
+            BatchSource(DataConfig(source="tokens", path=str(path)), VOCAB, SEQ)
+        assert str(err.value) == (
+            f"data.path: {path} is {kind}, not token ids: tokenize it with moeforge-prepare "
+            "'inputs=[<file>]' output=<dir>, and give that directory"
+        )
+    ids = tmp_path / "ids.bin"
+    np.random.default_rng(0).integers(0, VOCAB, 4096, dtype=np.uint16).tofile(ids)
+    assert BatchSource(DataConfig(source="tokens", path=str(ids), global_batch=2), VOCAB, SEQ).num_samples > 0

@@ -304,6 +304,10 @@ def test_cli_bad_inputs_fail_in_one_line_naming_the_key(tmp_path, capsys, traine
         ([f"checkpoint={path}", out, "max_shard_gb=0"], "max_shard_gb: must be a number > 0"),
         ([f"checkpoint={path}", out, "shards=2"], "shards: unknown key"),
         ([f"checkpoint={path}", out, "fp8"], "'fp8': expected key=value"),
+        (
+            [f"checkpoint={path}", f"out={tmp_path / 'full' / 'x' / 'hf'}"],
+            f"out: {tmp_path / 'full' / 'x' / 'hf'} cannot be created: {tmp_path / 'full' / 'x'} is a file",
+        ),
     ]
     for args, message in cases:
         rc, stdout, err = convert(capsys, *args)

@@ -41,7 +41,7 @@ from moeforge.model.config import ConfigError
 from moeforge.model.hf import hf_config_dict, hf_state_tensors, keeps_fp32, write_hf_directory
 from moeforge.model.transformer import Transformer
 from moeforge.platform.checkpoint.store import CHECKPOINTS_DIR, CheckpointError, latest_checkpoint, read_meta
-from moeforge.platform.outputs.storage import file_mode, open_storage
+from moeforge.platform.outputs.storage import check_local_output, file_mode, open_storage
 from omegaconf import OmegaConf
 from safetensors import safe_open
 
@@ -106,13 +106,15 @@ def to_published_dtypes(
 
 # --- writing -------------------------------------------------------------------------------------------------
 def check_out_dir(out_dir: str | os.PathLike) -> Path:
-    """`out_dir` as a local Path, refused when it is an S3 URL or exists and is not an empty directory."""
+    """`out_dir` as a local Path, refused when it is an S3 URL, exists and is not an empty directory,
+    or cannot be created (under a file, or an unwritable directory)."""
     text = os.fspath(out_dir)
     if text.startswith("s3://"):
         raise ExportError(f"{text}: the export is written to a local directory (copy it to S3 afterwards)")
     path = Path(text)
     if path.exists() and (not path.is_dir() or any(path.iterdir())):
         raise ExportError(f"{path}: exists and is not empty (refusing to overwrite)")
+    check_local_output(text, "out", directory=True)
     return path
 
 

@@ -74,6 +74,29 @@ class _Windows:
         return out
 
 
+def _refuse_text(local: str, path: str) -> None:
+    """A flat token file holds raw token ids. A text file (JSONL, plain text) given in its place
+    would be read as ids and train on noise, so its first bytes are looked at: UTF-8 without NUL
+    bytes, nearly all printable, is text."""
+    with open(local, "rb") as f:
+        head = f.read(1 << 16)
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError as err:
+        if err.start < len(head) - 4:  # not just a character cut at the end of the sample
+            return
+        text = head[: err.start].decode("utf-8")
+    if not text or "\x00" in text:
+        return
+    printable = sum(ch.isprintable() or ch in "\n\r\t" for ch in text)
+    if printable >= 0.98 * len(text):
+        kind = "JSONL" if text.lstrip().startswith("{") else "text"
+        raise ConfigError(
+            f"data.path: {path} is {kind}, not token ids: tokenize it with moeforge-prepare "
+            "'inputs=[<file>]' output=<dir>, and give that directory"
+        )
+
+
 class BatchSource:
     """Deterministic batches of token windows for training (`batch`) and validation (`val_batch`).
 
@@ -121,6 +144,7 @@ class BatchSource:
         elif os.path.isdir(local):
             raise ConfigError(f"data.path: {path} is a directory without {MANIFEST} (run moeforge-prepare)")
         elif os.path.isfile(local):
+            _refuse_text(local, path)
             self._split(TokenStream.from_file(local, dtype_for_vocab(self.vocab_size)), None)
         else:
             raise ConfigError(f"data.path: {path} does not exist (prepare token shards with moeforge-prepare)")

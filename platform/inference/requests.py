@@ -20,7 +20,7 @@ from typing import Any
 from moeforge.model.config import ConfigError
 from moeforge.platform.inference.generate import SPECULATIVE_MODES, GenerationResult, GenerationStats
 from moeforge.platform.inference.load import LoadedModel
-from moeforge.platform.outputs.storage import Storage, is_s3, open_storage
+from moeforge.platform.outputs.storage import Storage, check_local_output, is_s3, open_storage
 from tokenizers import Tokenizer
 
 PROMPT_KEY = "prompt"
@@ -156,16 +156,13 @@ def completion_records(
 
 def output_target(path: str) -> tuple[Storage, str]:
     """The storage and file name `out` is written to, checked before any token is generated: an
-    S3 bucket must be reachable (StorageError otherwise), a local path must not be a directory."""
+    S3 bucket must be reachable (StorageError otherwise), a local path must be a file that can be
+    written (not a directory, not under a file or in an unwritable directory)."""
     if is_s3(path):
         parent, _, name = path.rpartition("/")
         return open_storage(parent), name
-    if os.path.isdir(path):
-        raise ConfigError(f"out: {path} is a directory; give a file name (out=<completions.jsonl>)")
-    parent = os.path.dirname(os.path.abspath(path))
-    if os.path.exists(parent) and not os.path.isdir(parent):
-        raise ConfigError(f"out: {parent} is not a directory")
-    return open_storage(parent), os.path.basename(path)
+    check_local_output(path, "out", directory=False)
+    return open_storage(os.path.dirname(os.path.abspath(path))), os.path.basename(path)
 
 
 def write_jsonl(target: tuple[Storage, str], rows: Sequence[Mapping[str, Any]]) -> str:

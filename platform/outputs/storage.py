@@ -340,6 +340,34 @@ def open_storage(root: str, options: S3Options | None = None, check: bool = True
     return LocalStorage(root)
 
 
+def check_local_output(path: str, field: str, *, directory: bool) -> None:
+    """Refuse, before any work, a local output location that cannot be written: `path` (a
+    directory when `directory`, else a file) must be, or be creatable as, that kind, under a
+    writable directory. Raises ConfigError naming `field`. An s3:// URL is checked where its
+    storage is opened (`S3Storage.check`), so it passes here."""
+    from moeforge.model.config import ConfigError
+
+    if is_s3(path):
+        return
+    target = os.path.abspath(path)
+    if os.path.exists(target):
+        if directory and not os.path.isdir(target):
+            raise ConfigError(f"{field}: {path} is a file, not a directory")
+        if not directory and os.path.isdir(target):
+            raise ConfigError(f"{field}: {path} is a directory; give a file name")
+        writable = target if directory else os.path.dirname(target)
+        if not os.access(writable, os.W_OK | os.X_OK):
+            raise ConfigError(f"{field}: {writable} is not writable")
+        return
+    parent = os.path.dirname(target)
+    while not os.path.exists(parent):  # the nearest existing ancestor must be a writable directory
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise ConfigError(f"{field}: {path} cannot be created: {parent} is a file")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ConfigError(f"{field}: {path} cannot be created: {parent} is not writable")
+
+
 def write_text_file(path: str, text: str) -> None:
     """Write one text file at a local path or s3:// URL (atomically), e.g. a benchmark's JSON report."""
     parent, _, name = str(path).rstrip("/").rpartition("/")
