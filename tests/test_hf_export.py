@@ -23,7 +23,7 @@ from moeforge.platform.checkpoint.export import (
     quantize_fp8_block,
 )
 from moeforge.platform.checkpoint.reshard import ModelState
-from moeforge.platform.checkpoint.store import save_checkpoint, save_shard
+from moeforge.platform.checkpoint.store import CheckpointError, save_checkpoint, save_shard
 from safetensors import safe_open
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -317,6 +317,26 @@ def test_cli_bad_inputs_fail_in_one_line_naming_the_key(tmp_path, capsys, traine
         assert "Traceback" not in err and stdout == ""
     assert "exists and is not empty" in convert(capsys, f"checkpoint={path}", f"out={tmp_path / 'full'}")[2]
     assert not (tmp_path / "o").exists() and not (tmp_path / "o.partial").exists()
+
+
+def test_a_corrupt_shard_is_refused_by_convert_and_by_generation_loading(tmp_path, capsys, trained):
+    """Every reader checks a shard against its manifest's sha256, as resume does."""
+    import shutil
+
+    from moeforge.platform.checkpoint.reshard import load_model_from_checkpoint
+
+    copy = tmp_path / "step_00000007"
+    shutil.copytree(trained[2], copy)
+    (shard,) = copy.glob("*.safetensors")
+    data = bytearray(shard.read_bytes())
+    data[-1] ^= 0xFF  # one bit of the last tensor: same size, different content
+    shard.write_bytes(data)
+    rc, stdout, err = convert(capsys, f"checkpoint={copy}", f"out={tmp_path / 'hf'}")
+    assert rc == 2 and stdout == "", err
+    assert err.startswith(f"moeforge-convert: error: {shard}: sha256 ") and err.endswith("(corrupt)\n"), err
+    assert not (tmp_path / "hf").exists() and not (tmp_path / "hf.partial").exists()
+    with pytest.raises(CheckpointError, match=rf"{shard}: sha256 .* \(corrupt\)"):
+        load_model_from_checkpoint(str(copy))
 
 
 def test_cli_exports_a_checkpoint_fp32_from_the_run_directory(tmp_path, capsys, trained):

@@ -52,6 +52,12 @@ def test_tiny_run_end_to_end(tmp_path):
     assert all(r["tokens"] == 8 * 128 for r in records)  # tiny: global_batch 8 x seq_len 128
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["steps"] == 5 and summary["final_loss"] == records[-1]["loss"]
+    # the closing line sets the training LM loss beside the eval LM loss, not the objective (+ MTP)
+    assert summary["final_lm_loss"] == records[-1]["lm_loss"] < records[-1]["loss"]
+    (done,) = [line for line in proc.stdout.splitlines() if line.startswith("done: 5 steps")]
+    first, final = summary["first_lm_loss"], summary["final_lm_loss"]
+    assert f" | LM loss {first:.4f} -> {final:.4f} | " in done, done
+    assert f" | eval LM loss {summary['eval_loss']:.4f} (ppl " in done, done
     assert (run_dir / "config.yaml").read_text().count("hidden_size: 128") == 1
     # Hydra wrote nothing of its own and did not change directory.
     assert sorted(os.listdir(tmp_path)) == ["run"]

@@ -214,6 +214,61 @@ def test_a_completed_run_is_continued_only_from_its_checkpoint(tmp_path):
         finished_run_note(config(tmp_path / "b", steps=3, every=0))
 
 
+def test_a_resume_names_the_changed_keys_and_the_lr_horizon_it_follows(tmp_path):
+    from moeforge.platform.optim.lr_schedule import lr_at
+
+    trainer(config(tmp_path, steps=4, every=2, dropout=0.0)).train()
+    run = {"dir": str(tmp_path), "steps": 8, "log_every": 2, "eval_every": 0}
+    longer = config(tmp_path, steps=8, every=2, dropout=0.0, run=run)
+    lines: list[str] = []
+    Trainer.single(longer, log=lines.append)
+    (note,) = [line for line in lines if line.startswith("note: the config differs")]
+    assert note == (
+        "note: the config differs from the one that wrote this checkpoint: run.log_every 1 -> 2, run.steps 4 -> 8"
+    )
+    (horizon,) = [line for line in lines if line.startswith("note: the LR schedule")]
+    assert horizon == (
+        f"note: the LR schedule follows run.steps=8 (the checkpoint's run had 4): step 5's LR is "
+        f"{lr_at(4, longer.optim, 8):.3g}, {lr_at(4, longer.optim, 4):.3g} under the old horizon"
+    )
+    lines.clear()
+    Trainer.single(config(tmp_path, steps=4, every=2, dropout=0.0), log=lines.append)
+    assert not [line for line in lines if line.startswith("note:")]  # the same config: nothing to say
+
+
+def test_settings_probably_not_meant_are_said_once_when_the_run_starts(tmp_path):
+    cfg = config(
+        tmp_path,
+        steps=2,
+        every=0,
+        dropout=0.0,
+        model={**SMALL_MODEL, "max_position_embeddings": 16},  # seq_len 32
+        optim={"lr": 3e-3, "warmup_steps": 2},
+        run={"dir": str(tmp_path), "steps": 2, "log_every": 1, "eval_every": 1},
+        data={"global_batch": 4, "seed": 7, "source": "tokens", "path": str(tmp_path / "ids.bin")},
+    )
+    # flat token ids with no validation tail (data.val_fraction 0): every window is a training one
+    ids = torch.randint(0, SMALL_MODEL["vocab_size"], (9 * 32 + 1,), dtype=torch.int16)
+    ids.numpy().astype("uint16").tofile(tmp_path / "ids.bin")
+    lines: list[str] = []
+    Trainer.single(cfg, log=lines.append).train()
+    notes = [line for line in lines if line.startswith("note: ")]
+    assert notes == [
+        (
+            "note: optim.warmup_steps=2 is not shorter than run.steps=2: the whole run is warm-up, and the "
+            "learning rate never decays"
+        ),
+        (
+            "note: model.seq_len=32 exceeds model.max_position_embeddings=16: positions past it are longer "
+            "than the model is made for"
+        ),
+        (
+            "note: run.eval_every=1 but the data's validation split holds no sequence of model.seq_len=32 "
+            "tokens: evaluation is skipped (prepare a larger validation split, or set run.eval_every=0)"
+        ),
+    ], notes
+
+
 def test_resume_with_another_global_batch_fails_naming_it(tmp_path):
     trainer(config(tmp_path, steps=2, every=2)).train()
     cfg = config(tmp_path, steps=4, every=2, data={"global_batch": 8, "seed": 7})

@@ -18,7 +18,7 @@ from moeforge.platform.checkpoint.reshard import CheckpointReader
 from moeforge.platform.checkpoint.state import CheckpointError
 from moeforge.platform.checkpoint.store import CheckpointMeta, list_checkpoints, shard_name
 from moeforge.platform.config.train import TrainConfig
-from moeforge.platform.outputs.storage import Storage, open_storage
+from moeforge.platform.outputs.storage import Storage, open_storage, redact
 
 
 def resume_point(cfg: TrainConfig, storage: Storage | None = None, *, restarted: bool = False) -> int | None:
@@ -80,6 +80,7 @@ def checkpoint_commit(
     the batches rollbacks skipped, so samples_consumed is the data position a resume continues
     from."""
     extra: dict[str, Any] = {"schedule": schedule, "model": cfg.model.to_dict(), "data_skip": data_skip}
+    extra["config"] = redact(dataclasses.asdict(cfg))  # what a resume names when its config differs
     if schedule != "single":
         extra["zero_stage"] = cfg.parallel.zero_stage
     return {
@@ -145,3 +146,41 @@ def finished_run_note(cfg: TrainConfig, storage: Storage | None = None) -> str |
             "overwrite its record: choose another run.dir"
         )
     return None
+
+
+def _flatten(values: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in values.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping) and value:
+            flat.update(_flatten(value, name + "."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def config_changes(saved: Mapping[str, Any], cfg: TrainConfig) -> list[str]:
+    """`key old -> new` for every config key whose value differs from the config that wrote the
+    checkpoint (`saved`, as its meta records it), secrets redacted on both sides."""
+    current = json.loads(json.dumps(redact(dataclasses.asdict(cfg)), default=str))  # as meta.json holds it
+    old, new = _flatten(saved), _flatten(current)
+    return [
+        f"{key} {old.get(key, '(unset)')} -> {new.get(key, '(unset)')}"
+        for key in sorted(set(old) | set(new))
+        if old.get(key) != new.get(key)
+    ]
+
+
+def lr_horizon_note(saved: Mapping[str, Any], cfg: TrainConfig, step: int) -> str | None:
+    """When run.steps changed since the checkpoint was written: the LR schedule follows the new
+    run.steps, and this says so with the next step's LR under both horizons."""
+    from moeforge.platform.optim.lr_schedule import lr_at
+
+    old_steps = (saved.get("run") or {}).get("steps")
+    if old_steps is None or old_steps == cfg.run.steps:
+        return None
+    new_lr, old_lr = lr_at(step, cfg.optim, cfg.run.steps), lr_at(step, cfg.optim, int(old_steps))
+    return (
+        f"note: the LR schedule follows run.steps={cfg.run.steps} (the checkpoint's run had "
+        f"{old_steps}): step {step + 1}'s LR is {new_lr:.3g}, {old_lr:.3g} under the old horizon"
+    )

@@ -113,6 +113,22 @@ class TrainConfig:
             init = InitConfig(from_=f"{init.kind}:{absolute(init.path)}{step}")
         return dataclasses.replace(self, run=run, data=data, init=init)
 
+    def notes(self) -> list[str]:
+        """Settings that are valid but probably not meant, each said once when the run starts."""
+        found = []
+        if self.optim.warmup_steps >= self.run.steps:
+            found.append(
+                f"optim.warmup_steps={self.optim.warmup_steps} is not shorter than run.steps={self.run.steps}: "
+                "the whole run is warm-up, and the learning rate never decays"
+            )
+        model = self.model
+        if model.seq_len > model.max_position_embeddings:
+            found.append(
+                f"model.seq_len={model.seq_len} exceeds model.max_position_embeddings="
+                f"{model.max_position_embeddings}: positions past it are longer than the model is made for"
+            )
+        return found
+
     def check(self) -> None:
         """Cross-section checks that need more than one component's values."""
         par, data = self.parallel, self.data

@@ -355,6 +355,9 @@ def prepare(
     log(f"prepare: done: {tokens['train']:,} train + {tokens['val']:,} val tokens in "
         f"{sum(len(manifest['splits'][s]['shards']) for s in SPLITS)} shards, {state['tokens'] / max(tokenize_s, 1e-9):,.0f} "
         f"tok/s -> {storage.url(MANIFEST)}")
+    if cfg.val_fraction > 0 and tokens["val"] == 0:
+        log(f"prepare: note: val_fraction={cfg.val_fraction} held out no document ({manifest['splits']['train']['num_docs']} "
+            "in all): a run on these tokens has no validation split (raise val_fraction, or give more documents)")
     return PrepareResult(storage.url(), manifest, False, written[0], skipped, state["tokens"], tokenize_s)
 
 

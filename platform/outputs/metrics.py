@@ -54,12 +54,14 @@ class TrainSummary:
     `tokens_per_s` and `elapsed_s` cover this process's segment only."""
 
     steps: int
-    first_loss: float | None  # None when the run failed before its first step
+    first_loss: float | None  # the training objective (LM + MTP); None when no step completed
     final_loss: float | None
     tokens_per_s: float  # over this process's steps
     elapsed_s: float
     eval_loss: float | None = None  # held-out LM cross-entropy, the last evaluation's
     eval_ppl: float | None = None  # exp(eval_loss)
+    first_lm_loss: float | None = None  # the training LM cross-entropy, comparable with eval_loss
+    final_lm_loss: float | None = None
     losses: list[float] = field(default_factory=list)  # per step, for tests and plots
     status: str = "completed"  # completed | failed | interrupted (Ctrl-C, SIGTERM)
     error: str | None = None  # "ExceptionType: message" when failed
@@ -75,11 +77,15 @@ class TrainSummary:
         if self.status != "completed":
             return f"{self.status} after {self.steps} steps ({format_duration(self.elapsed_s)}): {self.error}"
         line = f"done: {self.steps} steps in {format_duration(self.elapsed_s)}"
-        if self.first_loss is not None and self.final_loss is not None:
-            line += f" | loss {self.first_loss:.4f} -> {self.final_loss:.4f}"
+        # LM beside LM: the training objective adds the weighted MTP loss, which evaluation's
+        # loss does not, so the line shows the training LM loss next to the eval LM loss.
+        first = self.first_lm_loss if self.first_lm_loss is not None else self.first_loss
+        final = self.final_lm_loss if self.final_lm_loss is not None else self.final_loss
+        if first is not None and final is not None:
+            line += f" | LM loss {first:.4f} -> {final:.4f}"
         line += f" | {self.tokens_per_s:,.0f} tok/s"
         if self.eval_loss is not None:
-            line += f" | eval loss {self.eval_loss:.4f}"
+            line += f" | eval LM loss {self.eval_loss:.4f}"
             if self.eval_ppl is not None:
                 line += f" (ppl {self.eval_ppl:,.1f})"
         return line

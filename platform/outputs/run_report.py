@@ -53,6 +53,7 @@ class RunReport:
             cfg.run.steps, cfg.run.log_every, log, flops_per_token, peak_flops, start_step=start_step
         )
         self.losses: list[float] = [r["loss"] for r in kept]  # the whole run's, resumed part included
+        self.lm_losses: list[float] = [r.get("lm_loss", r["loss"]) for r in kept]
         self.skipped_steps = sum(bool(r.get("skipped")) for r in kept)
         self.rollbacks: list[dict] = []
         last_eval = next((r for r in reversed(kept) if r.get("eval_loss") is not None), {})
@@ -87,6 +88,7 @@ class RunReport:
             record.update(evaluation.to_record())
             self.eval_loss, self.eval_ppl = evaluation.lm_loss, evaluation.ppl
         self.losses.append(metrics.loss)
+        self.lm_losses.append(metrics.lm_loss)
         self.skipped_steps += metrics.skipped
         self.step = metrics.step
         self.outputs.append_metrics(record)
@@ -114,6 +116,7 @@ class RunReport:
         self.outputs.flush()
         kept = self.outputs.start_metrics(rollback.to_step)
         self.losses = [r["loss"] for r in kept]
+        self.lm_losses = [r.get("lm_loss", r["loss"]) for r in kept]
         self.skipped_steps = sum(bool(r.get("skipped")) for r in kept)
         self.step = rollback.to_step
         self.rollbacks.append(rollback.to_dict())
@@ -134,6 +137,8 @@ class RunReport:
             steps=self.step,
             first_loss=self.losses[0] if self.losses else None,
             final_loss=self.losses[-1] if self.losses else None,
+            first_lm_loss=self.lm_losses[0] if self.lm_losses else None,
+            final_lm_loss=self.lm_losses[-1] if self.lm_losses else None,
             tokens_per_s=(self.step - self.start_step) * self.tokens_per_step / max(elapsed, 1e-9),
             elapsed_s=elapsed,
             eval_loss=self.eval_loss,

@@ -38,7 +38,7 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from moeforge.platform.checkpoint.async_writer import AsyncCheckpointWriter
-from moeforge.platform.checkpoint.resume import resume_point
+from moeforge.platform.checkpoint.resume import config_changes, lr_horizon_note, resume_point
 from moeforge.platform.checkpoint.store import CheckpointMeta, checkpoint_path, config_hash, list_checkpoints
 from moeforge.platform.config.cadence import Cadence
 from moeforge.platform.config.train import TrainConfig
@@ -97,6 +97,7 @@ class Trainer:
         outputs: RunOutputs | None = None,
     ) -> None:
         self.cfg, self.engine, self.log, self.report_to = cfg, engine, log, report_to
+        self._said_no_eval = False
         self.outputs = outputs
         self.storage = outputs.storage if outputs is not None else open_storage(cfg.run.dir)
         self.cadence = Cadence.of(cfg)
@@ -164,8 +165,20 @@ class Trainer:
                 f"resharded: {path} was written by {meta.extra.get('schedule', 'single')} {world}; "
                 "weights and optimizer restored by name, RNG streams start from run.seed"
             )
-        if meta.config_hash not in (None, config_hash(dataclasses.asdict(self.cfg))):
+        if meta.config_hash in (None, config_hash(dataclasses.asdict(self.cfg))):
+            return
+        saved = meta.extra.get("config")
+        if saved is None:  # written before checkpoints recorded their config
             self.log("note: the config differs from the one that wrote this checkpoint")
+            return
+        changes = config_changes(saved, self.cfg)
+        if not changes:  # the same values, written differently (a tuple read back as a list)
+            return
+        shown = ", ".join(changes[:8]) + (f" and {len(changes) - 8} more" if len(changes) > 8 else "")
+        self.log(f"note: the config differs from the one that wrote this checkpoint: {shown}")
+        horizon = lr_horizon_note(saved, self.cfg, meta.lr_step)
+        if horizon is not None:
+            self.log(horizon)
 
     def _checkpoint(self) -> None:
         if self.report is not None:
@@ -218,6 +231,9 @@ class Trainer:
         On an exception: record what completed, save what is consistent, record the failure,
         re-raise."""
         engine = self.engine
+        if engine.reports:
+            for note in self.cfg.notes():
+                self.log(f"note: {note}")
         warmed = engine.warm_up()  # compile and tuning time, kept out of step 1's tokens/s
         if warmed is not None and engine.reports:
             self.log(warmed)
@@ -248,6 +264,13 @@ class Trainer:
             self._pending = (metrics, None)
             if cadence.evaluates(step):
                 self._pending = (metrics, engine.evaluate())
+                if self._pending[1] is None and engine.reports and not self._said_no_eval:
+                    self._said_no_eval = True
+                    self.log(
+                        f"note: run.eval_every={self.cfg.run.eval_every} but the data's validation split "
+                        f"holds no sequence of model.seq_len={self.cfg.model.seq_len} tokens: evaluation "
+                        "is skipped (prepare a larger validation split, or set run.eval_every=0)"
+                    )
             record = self.report.record_step(*self._pending) if self.report is not None else {}
             self._pending = None
             if self.report_to is not None and cadence.logs(step):
