@@ -35,6 +35,24 @@ def test_plot_and_trace_from_records(tmp_path):
     assert names == {0: "rank 0", 1: "rank 1"}
 
 
+def test_a_long_step_wraps_onto_panels_of_readable_width(tmp_path):
+    """A step of many short actions is drawn as stacked panels of consecutive time windows, each
+    16 in (1,760 px) wide, instead of one strip tens of thousands of pixels long; a short step is one
+    panel, as wide as its boxes need."""
+    from PIL import Image
+
+    long_step = [
+        TimelineRecord(rank, f"F0.{i}", "F", i + 0.5 * rank, i + 0.5 * rank + 0.9) for rank in (0, 1) for i in range(400)
+    ]
+    plot_timeline(long_step, tmp_path / "long.png", title="400 micro-batches")
+    width, height = Image.open(tmp_path / "long.png").size
+    panels = 8  # 0.45 x 400.5 / 0.9 = 200 in of boxes: more than 8 panels' worth, so 8 panels
+    assert (width, height) == (16 * 110, round((panels * (0.55 * 2 + 0.9) + 0.9) * 110))
+    short = [TimelineRecord(0, "F0.0", "F", 0.0, 1.0), TimelineRecord(1, "B0.0", "B", 1.0, 2.0)]
+    plot_timeline(short, tmp_path / "short.png")
+    assert Image.open(tmp_path / "short.png").size == (10 * 110, round((0.55 * 2 + 0.9 + 0.9) * 110))
+
+
 def test_simulated_records_cover_every_compute_action():
     s = build_schedule("dualpipev", 2, 4)
     records = simulate(s, Costs()).records()

@@ -10,6 +10,7 @@ cost units or seconds); the Chrome trace writes them as microseconds after multi
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 
@@ -58,6 +59,10 @@ def _halves(label: str) -> list[tuple[str, int, str]] | None:
     return [(action.kind.value, action.chunk, str(action.mb))]
 
 
+PANEL_WIDTH_IN = 16.0  # one panel's width (1,760 px at the PNG's 110 dpi)
+MAX_PANELS = 8  # a longer step squeezes its boxes rather than grow taller than this
+
+
 def _colour(kind: str, chunk: int) -> str:
     return _PALETTE.get(chunk % 2, {}).get(kind, _OTHER)
 
@@ -87,61 +92,74 @@ def plot_timeline(
     t0 = min(r.start for r in records)
     span = max(max(r.end for r in records) - t0, 1e-12)
     durations = [r.end - r.start for r, _ in compute if r.end > r.start] or [span]
-    # Wide enough that the shortest compute box can hold a two-digit number.
-    width = min(max(10.0, 0.45 * span / min(durations)), 60.0)
-    fig, ax = plt.subplots(figsize=(width, 0.55 * len(ranks) + 1.6))
+    # Wide enough that the shortest compute box can hold a two-digit number; a step longer than one
+    # readable width wraps onto stacked panels, each a consecutive window of time (left to right,
+    # then the next panel), so the picture stays about as wide as a screen.
+    width = max(10.0, 0.45 * span / min(durations))
+    panels = min(max(1, math.ceil(width / PANEL_WIDTH_IN)), MAX_PANELS)
+    width = min(width, PANEL_WIDTH_IN) if panels > 1 else width
+    panel_h = 0.55 * len(ranks) + 0.9
+    fig, axes = plt.subplots(panels, 1, figsize=(width, panels * panel_h + 0.9), squeeze=False)
+    axes = [a[0] for a in axes]
     font = 7 if len(ranks) <= 8 else 6
     has_a2a = any(_a2a_direction(rec) for rec in others)
     strip = (0.27 if has_a2a else 0.15) if others else 0.0  # bottom strip for non-compute records
     top, bottom = 0.95, 0.05 + strip
-    for rec, halves in compute:
-        y, x, w = row[rec.rank], rec.start - t0, rec.end - rec.start
-        h = (top - bottom) / len(halves)
-        for i, (kind, chunk, mb) in enumerate(halves):
-            yy = y + top - (i + 1) * h
-            ax.add_patch(
-                Rectangle((x, yy), w, h, facecolor=_colour(kind, chunk), edgecolor="white", linewidth=0.5)
-            )
-            colour = "white" if kind in _DARK else "black"
-            ax.text(x + w / 2, yy + h / 2, mb, ha="center", va="center", fontsize=font, color=colour)
-        if len(halves) == 2:
-            ax.add_patch(
-                Rectangle((x, y + bottom), w, top - bottom, fill=False, edgecolor="black", linewidth=1.2)
-            )
     pair_half = (top - bottom) / 2
-    for rec in phases:  # outlines inside the pair box: forward phases above, backward below
-        y = row[rec.rank] + (top - pair_half if rec.kind == "PHASE_F" else bottom)
-        ax.add_patch(
-            Rectangle(
-                (rec.start - t0, y),
-                rec.end - rec.start,
-                pair_half,
-                fill=False,
-                edgecolor="black",
-                linewidth=0.4,
-            )
-        )
     other_kinds = sorted({rec.kind for rec in others if not _a2a_direction(rec)})
     lane = strip / 3 if has_a2a else strip  # p2p at the bottom, then forward and backward all-to-alls
-    for rec in others:
-        direction = _a2a_direction(rec)
-        if rec.kind.upper() in ("WAIT", "A2A_WAIT"):
-            colour = _WAIT
-        else:
-            colour = _A2A[direction] if direction else _OTHER
-        level = {None: 0, "F": 1, "B": 2}[direction]
-        ax.add_patch(
-            Rectangle(
-                (rec.start - t0, row[rec.rank] + 0.04 + level * lane), rec.end - rec.start, lane, color=colour
+    window = span / panels
+    for p, ax in enumerate(axes):
+        lo, hi = p * window, (p + 1) * window
+        for rec, halves in compute:
+            y, x, w = row[rec.rank], rec.start - t0, rec.end - rec.start
+            if x > hi or x + w < lo:
+                continue
+            h = (top - bottom) / len(halves)
+            for i, (kind, chunk, mb) in enumerate(halves):
+                yy = y + top - (i + 1) * h
+                ax.add_patch(
+                    Rectangle((x, yy), w, h, facecolor=_colour(kind, chunk), edgecolor="white", linewidth=0.5)
+                )
+                colour = "white" if kind in _DARK else "black"
+                if lo <= x + w / 2 <= hi:  # a label belongs to the panel that holds its box's middle
+                    ax.text(x + w / 2, yy + h / 2, mb, ha="center", va="center", fontsize=font, color=colour)
+            if len(halves) == 2:
+                ax.add_patch(
+                    Rectangle((x, y + bottom), w, top - bottom, fill=False, edgecolor="black", linewidth=1.2)
+                )
+        for rec in phases:  # outlines inside the pair box: forward phases above, backward below
+            y = row[rec.rank] + (top - pair_half if rec.kind == "PHASE_F" else bottom)
+            ax.add_patch(
+                Rectangle(
+                    (rec.start - t0, y),
+                    rec.end - rec.start,
+                    pair_half,
+                    fill=False,
+                    edgecolor="black",
+                    linewidth=0.4,
+                )
             )
-        )
-    ax.set_xlim(0, span)
-    ax.set_ylim(-0.1, len(ranks) + 0.05)
-    ax.set_yticks([row[r] + 0.5 for r in ranks])
-    ax.set_yticklabels([f"rank {r}" for r in ranks])
-    ax.set_xlabel(time_unit)
-    for side in ("top", "right"):
-        ax.spines[side].set_visible(False)
+        for rec in others:
+            direction = _a2a_direction(rec)
+            if rec.kind.upper() in ("WAIT", "A2A_WAIT"):
+                colour = _WAIT
+            else:
+                colour = _A2A[direction] if direction else _OTHER
+            level = {None: 0, "F": 1, "B": 2}[direction]
+            ax.add_patch(
+                Rectangle(
+                    (rec.start - t0, row[rec.rank] + 0.04 + level * lane), rec.end - rec.start, lane, color=colour
+                )
+            )
+        ax.set_xlim(lo, hi)
+        ax.set_ylim(-0.1, len(ranks) + 0.05)
+        ax.set_yticks([row[r] + 0.5 for r in ranks])
+        ax.set_yticklabels([f"rank {r}" for r in ranks])
+        for side in ("top", "right"):
+            ax.spines[side].set_visible(False)
+    axes[-1].set_xlabel(time_unit)
+    ax = axes[-1]
     present = {(kind, chunk) for _, halves in compute for kind, chunk, _ in halves}
     handles = [
         Patch(facecolor=_colour(k, c), label=f"{k} chunk {c}")
@@ -163,13 +181,13 @@ def plot_timeline(
         ax.legend(
             handles=handles,
             loc="upper center",
-            bbox_to_anchor=(0.5, -0.22 - 0.1 / len(ranks)),
+            bbox_to_anchor=(0.5, -0.35 - 0.1 / len(ranks)),
             ncol=min(len(handles), 9),
             fontsize=8,
             frameon=False,
         )
     if title:
-        ax.set_title(title, fontsize=10)
+        axes[0].set_title(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
