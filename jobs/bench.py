@@ -1,6 +1,9 @@
 """moeforge-bench: run one benchmark suite, print its table, write its JSON report.
 
     moeforge-bench kernels [hydra overrides]       # FP8 kernels, activation memory (conf/bench_kernels.yaml)
+    moeforge-bench data [hydra overrides]          # Ray Data tokenization vs one process (conf/bench_data.yaml)
+    moeforge-bench convergence [hydra overrides]   # final losses per precision policy and seed (conf/bench_convergence.yaml)
+    moeforge-bench pipeline [hydra overrides]      # the executor vs the simulator, pipeline vs one process (conf/bench_pipeline.yaml)
     moeforge-bench ep [hydra overrides]            # EP dispatch/combine all-to-all (conf/bench_ep.yaml)
     moeforge-bench overlap [hydra overrides]       # DualPipe's overlapped F&B vs torch (conf/bench_overlap.yaml)
     moeforge-bench checkpoint [hydra overrides]    # step-time cost of sync vs async checkpoints (conf/bench_checkpoint.yaml)

@@ -51,11 +51,37 @@ def _sweep_subdir() -> str:
 OmegaConf.register_new_resolver("moeforge.sweep_subdir", _sweep_subdir, replace=True)
 
 
+# The config groups a training run composes (conf/train.yaml's defaults), in its order. conf/ holds
+# other jobs' groups too (clusters/, network/), which moeforge-train cannot use.
+TRAIN_GROUPS = ("model", "parallel", "precision", "data", "optim", "tracking", "checkpoint", "experiment")
+
+
+def _help() -> str:
+    """moeforge-train's --help: what it does, its config groups and their options, how to set a key."""
+    from importlib.resources import files
+
+    conf = files("moeforge.conf")
+    lines = [__doc__.strip(), "", "Config groups (group=option):"]
+    for group in TRAIN_GROUPS:
+        options = sorted(p.name[: -len(".yaml")] for p in conf.joinpath(group).iterdir() if p.name.endswith(".yaml"))
+        lines.append(f"  {group}: {', '.join(options)}")
+    lines += [
+        "",
+        "Any key of the composed config is set as key=value (run.steps=50 optim.lr=1e-3); an unknown key",
+        "is named with the closest one. -m sweeps over comma-separated values. All keys: docs/configuration.md.",
+        "Hydra's own options: --hydra-help.",
+    ]
+    return "\n".join(lines)
+
+
 def main() -> None:
     """Console entry point: the Hydra app, with Hydra's own errors cut to one line (exit 2).
 
     HYDRA_FULL_ERROR=1 makes Hydra raise instead of printing its multi-line report; a user who set
     it asks for the full traceback and gets it."""
+    if any(arg in ("-h", "--help") for arg in sys.argv[1:]):
+        print(_help())
+        return
     full_error_requested = os.environ.get("HYDRA_FULL_ERROR") == "1"
     os.environ["HYDRA_FULL_ERROR"] = "1"
     try:
@@ -117,10 +143,19 @@ def _train(cfg: DictConfig) -> None:
             from moeforge.platform.launch.ray_train import PipelineRunError, launch_training
 
             try:
-                launch_training(config, raw)
+                summary = launch_training(config, raw)
             except PipelineRunError as err:  # the failed ranks are named; their tracebacks are in the log
                 print(f"moeforge-train: run failed: {err}", file=sys.stderr, flush=True)
                 sys.exit(EXIT_RUN_FAILED)
+            if summary.get("status") == "interrupted":  # Ctrl-C or SIGTERM to this driver: run.dir/STOP
+                from moeforge.platform.checkpoint.store import list_checkpoints
+                from moeforge.platform.train.trainer import interruption_note
+
+                saved = list_checkpoints(config.run.dir)
+                why = (summary.get("error") or "stopped").split(": ", 1)[-1]
+                note = interruption_note(why, summary["steps"], saved[-1][0] if saved else None, config.run.dir)
+                print(f"moeforge-train: {note}", file=sys.stderr, flush=True)
+                sys.exit(EXIT_INTERRUPTED)
     except ConfigError as err:  # checks that need the environment (paths, data) fail the same way
         _fail(str(err))
     except StorageError as err:  # run.dir unreachable (bucket, credentials, endpoint)

@@ -144,3 +144,23 @@ def test_estimate_refuses_a_bad_override(tmp_path, override, expected):
     line = _one_line(_run("moeforge-estimate", [override], tmp_path), "moeforge-estimate: error: ")
     assert expected in line
     assert os.listdir(tmp_path) == []
+
+
+def test_help_lists_what_each_job_takes(capsys):
+    """moeforge-train --help offers the groups a training run composes, each with its options, and
+    not the other jobs' groups in conf/ (clusters/, network/); moeforge-bench --help names every suite."""
+    from moeforge.jobs import bench
+
+    proc = subprocess.run(
+        [os.path.join(BIN, "moeforge-train"), "--help"], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert proc.returncode == 0, proc.stderr
+    groups = dict(
+        line.strip().split(": ", 1) for line in proc.stdout.splitlines() if line.startswith("  ") and ": " in line
+    )
+    assert list(groups) == ["model", "parallel", "precision", "data", "optim", "tracking", "checkpoint", "experiment"]
+    assert "tiny_cpu_dualpipe" in groups["experiment"].split(", ") and "fp8" in groups["precision"].split(", ")
+    assert "clusters" not in proc.stdout and "network" not in proc.stdout
+    assert bench.main(["--help"]) == 0
+    listed = [line.split()[1] for line in capsys.readouterr().out.splitlines() if line.startswith("    moeforge-bench ")]
+    assert listed == list(bench.SUITES)

@@ -645,8 +645,8 @@ def test_the_crd_check_catches_a_misspelt_field_and_a_wrong_type(name, change, p
 # Hydra composition beside conf/clusters/
 # ------------------------------------------------------------------------------------------------
 def test_hydra_sees_the_folder_as_a_group_that_no_config_selects():
-    """conf/clusters/ is a Hydra config group (`moeforge-train --help` lists clusters/ray and
-    clusters/kuberay), but composing conf/train.yaml picks nothing from it."""
+    """conf/clusters/ is a Hydra config group (clusters/ray and clusters/kuberay), but composing
+    conf/train.yaml picks nothing from it, and `moeforge-train --help` does not offer it."""
     from hydra import initialize_config_module
     from hydra.core.global_hydra import GlobalHydra
 

@@ -97,6 +97,17 @@ def test_a_gpu_fraction_is_refused_only_where_nccl_would_share_a_gpu():
         )
 
 
+def test_nccl_without_gpus_is_refused_before_any_worker_starts():
+    """backend=nccl on CPU workers would fail inside every Ray worker ("no NCCL built in"), after
+    the cluster and the workers started: refused with the config instead."""
+    with pytest.raises(ConfigError) as err:
+        TrainConfig.from_dict({"model": TINY, "parallel": {"schedule": "dualpipe", "pp": 2, "backend": "nccl"}})
+    assert str(err.value) == (
+        "parallel.backend: nccl runs on GPUs, and parallel.gpus_per_worker is 0: give the workers GPUs "
+        "(parallel.gpus_per_worker=1), or use backend=gloo (or auto) on CPUs"
+    )
+
+
 def test_every_section_round_trips_through_the_builder():
     """Each section's defaults, as YAML would hold them (tuples as lists), build back to the same
     config: every annotation in platform/config has a builder rule and every default fits it."""

@@ -109,6 +109,28 @@ def test_an_interrupted_run_keeps_its_step_and_says_how_to_resume(tmp_path, sig)
         assert f"resumed from {run_dir / 'checkpoints' / f'step_{step:08d}'} at step {step}" in resumed.stdout
 
 
+def test_the_pipeline_driver_turns_the_first_signal_into_a_stop_file_and_the_second_into_an_abort(
+    tmp_path, capsys
+):
+    """What `moeforge-train` does on Ctrl-C or SIGTERM while its Ray workers train: the first writes
+    run.dir/STOP (the workers stop after the step in progress, with a checkpoint: the Trainer's
+    STOP case in tests/test_train_run.py), the second stops waiting at once."""
+    from moeforge.platform.launch.ray_train import stop_file_on_signal
+
+    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    with pytest.raises(KeyboardInterrupt), stop_file_on_signal(str(tmp_path)):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.1)  # the handler runs between bytecodes of this thread
+        assert (tmp_path / "STOP").read_text() == "SIGTERM to the driver\n"
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(5)  # not reached: the second signal raises
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
+    assert capsys.readouterr().err == (
+        "moeforge-train: SIGTERM: stopping after the step in progress, with a checkpoint (again to stop at "
+        "once, without one)\n"
+    )
+
+
 def test_a_rerun_never_rewrites_a_completed_run(tmp_path):
     """The same command again says what is there and exits 0 with nothing rewritten (the other
     answers of finished_run_note: tests/test_train_run.py)."""

@@ -8,6 +8,7 @@ import json
 import math
 import os
 import signal
+from pathlib import Path
 
 import pytest
 import torch
@@ -107,10 +108,21 @@ def _sigterm_in_update(t: Trainer) -> type[BaseException]:
     return Terminated
 
 
+def _stop_file_in_forward(t: Trainer) -> type[BaseException]:
+    t.stop_check_s = 0.0  # look for run.dir/STOP at every step boundary
+
+    def ask(module, args):
+        if t.step == 2:  # a STOP file (what the Ray driver writes on Ctrl-C) during step 3
+            (Path(t.cfg.run.dir) / "STOP").write_text("SIGINT to the driver\n")
+
+    t.engine.model.layers[0].register_forward_pre_hook(ask)
+    return Terminated
+
+
 @pytest.mark.parametrize(
     "kill",
-    [_die_in_data, _die_in_forward, _sigterm_in_forward, _sigterm_in_update],
-    ids=["data", "forward", "sigterm-forward", "sigterm-update"],
+    [_die_in_data, _die_in_forward, _sigterm_in_forward, _sigterm_in_update, _stop_file_in_forward],
+    ids=["data", "forward", "sigterm-forward", "sigterm-update", "stop-file"],
 )
 def test_killed_run_resumes_to_the_losses_of_an_uninterrupted_one(tmp_path, straight, kill):
     killed = trainer(config(tmp_path))
@@ -128,8 +140,12 @@ def test_killed_run_resumes_to_the_losses_of_an_uninterrupted_one(tmp_path, stra
     assert failed["steps"] == 3 and failed["losses"] == straight[:3]
     assert [step for step, _ in list_checkpoints(str(tmp_path))] == [2, 3]
 
+    assert not (tmp_path / "STOP").exists()  # a STOP file, once acted on, is gone
+    if kill is _stop_file_in_forward:
+        assert failed["error"] == "Terminated: SIGINT to the driver"
     resumed = trainer(config(tmp_path))
     assert resumed.step == 3
+    (tmp_path / "STOP").write_text("")  # left from the run that stopped: not this run's to obey
     summary = resumed.train()
     assert summary.losses == straight  # exact: weights, AdamW moments, router biases, RNG, data
     assert summary.status == "completed" and summary.resumed_from_step == 3

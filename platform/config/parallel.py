@@ -79,6 +79,13 @@ class ParallelConfig:
             f"must be a positive even number of elements, got {self.zero_bucket_elements}",
         )
         require(self.gpus_per_worker >= 0, "gpus_per_worker", "must be >= 0")
+        if self.schedule != "single" and self.backend == "nccl":
+            require(
+                self.gpus_per_worker > 0,
+                "backend",
+                "nccl runs on GPUs, and parallel.gpus_per_worker is 0: give the workers GPUs "
+                "(parallel.gpus_per_worker=1), or use backend=gloo (or auto) on CPUs",
+            )
         if self.schedule != "single" and self.backend in ("auto", "nccl"):
             # Ray would place two ranks on one GPU, which NCCL refuses ("Duplicate GPU detected").
             require(

@@ -138,6 +138,9 @@ def launch_training(cfg: TrainConfig, raw_config: dict | None = None) -> dict:
     resume_step = resume_point(cfg)  # run.dir and its checkpoints: refused now, not on a worker
     if resume_step is not None:
         check_resumable(cfg, read_meta(checkpoint_path(cfg.run.dir, resume_step)))
+    # Start-up takes tens of seconds before step 1 (Ray, then every worker importing torch and
+    # building its stages): each phase says when it begins.
+    print("moeforge: connecting to Ray", flush=True)
     ray = connect_ray()
     check_cluster_fits(cfg.parallel, ray.cluster_resources())
     check_deepspeed_env(cfg)  # the workers inherit this environment (a local cluster, or the head's)
@@ -183,8 +186,13 @@ def launch_training(cfg: TrainConfig, raw_config: dict | None = None) -> dict:
         torch_config=TorchConfig(backend=_backend(cfg), timeout_s=dist_timeout_s),
     )
     clear_placement(cfg.run.dir)  # this launch's workers write their own; an older one would mislead
+    print(
+        f"moeforge: starting {par.world_size} Ray Train workers ({par.schedule} pp={par.pp} dp={par.dp} "
+        f"ep={par.ep}); each builds its stages before step 1",
+        flush=True,
+    )
     try:
-        with workers_wait_at_most(cfg.cluster.wait_s):
+        with workers_wait_at_most(cfg.cluster.wait_s), stop_file_on_signal(cfg.run.dir):
             trainer.fit()
     except TrainingFailedError as err:
         if is_start_timeout(err):
@@ -193,6 +201,44 @@ def launch_training(cfg: TrainConfig, raw_config: dict | None = None) -> dict:
         record_failure(cfg.run.dir, message)
         raise PipelineRunError(message) from None
     return read_summary(cfg.run.dir)  # rank 0 printed the run's closing line, as one process does
+
+
+@contextlib.contextmanager
+def stop_file_on_signal(run_dir: str):
+    """While the block runs (the driver waiting on its workers): the first Ctrl-C or SIGTERM writes
+    run.dir/STOP, which the workers act on at the next step boundary (every rank stops after the
+    same step, with a checkpoint, as a one-process run does on SIGTERM); a second one aborts at once
+    (KeyboardInterrupt: Ray Train ends the workers without a checkpoint). Main thread only; Python
+    delivers signals nowhere else, and elsewhere this does nothing."""
+    import signal
+    import threading
+
+    from moeforge.platform.outputs.run_files import STOP
+    from moeforge.platform.outputs.storage import open_storage
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    asked: list[str] = []
+
+    def handler(signum, frame):
+        if asked:  # the second time: stop waiting for the step to finish
+            raise KeyboardInterrupt
+        asked.append(signal.Signals(signum).name)
+        open_storage(run_dir).write_text(STOP, f"{asked[0]} to the driver\n")
+        print(
+            f"moeforge-train: {asked[0]}: stopping after the step in progress, with a checkpoint "
+            "(again to stop at once, without one)",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
 
 
 def _ranks_of_ray_ranks(run_dir: str) -> dict[int, int]:
@@ -337,7 +383,7 @@ def train_loop_per_worker(config: dict) -> None:
     import torch
     from moeforge.platform.engine.topology import Topology
     from moeforge.platform.launch.rank_placement import format_placement, place_workers, write_placement
-    from moeforge.platform.train.trainer import Trainer
+    from moeforge.platform.train.trainer import Terminated, Trainer
 
     _quiet_ray_train_report_log()
     _quiet_third_party_console()
@@ -384,4 +430,8 @@ def train_loop_per_worker(config: dict) -> None:
         write_placement(cfg.run.dir, record)
 
     restarted = bool(config.get("restarted_resumes", False))
-    Trainer.pipeline_rank(cfg, rank, world_size, log=log, report_to=report, restarted=restarted, device=device).train()
+    trainer = Trainer.pipeline_rank(cfg, rank, world_size, log=log, report_to=report, restarted=restarted, device=device)
+    try:
+        trainer.train()
+    except Terminated:  # every rank stopped after the same step, checkpointed: the run ends cleanly,
+        pass  # and the driver reads "interrupted" in summary.json

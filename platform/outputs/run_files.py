@@ -22,6 +22,9 @@ from moeforge.platform.outputs.loss_plot import loss_curve_png
 from moeforge.platform.outputs.storage import LocalStorage, open_storage, redact
 
 CONFIG, METRICS, SUMMARY, LOSS_PNG = "config.yaml", "metrics.jsonl", "summary.json", "loss.png"
+# A file named STOP in run.dir asks a run to stop after its step in progress, with a checkpoint,
+# as SIGTERM does; whoever can write run.dir can ask (the Ray driver on Ctrl-C, a user, a scheduler).
+STOP = "STOP"
 
 
 class RunOutputs:

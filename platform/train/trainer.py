@@ -17,8 +17,9 @@ The loop, the same for both (`train`):
                 checkpoint and skips the data window up to it (platform/optim/bad_steps.py)
     checkpoint  when the cadence says; with checkpoint.async written in the background and reported
                 once complete
-    signals     SIGTERM becomes `Terminated` at the next step boundary, where the ranks of a pipeline
-                agree, so every rank stops after the same step
+    signals     SIGTERM, or a STOP file in run.dir (what the Ray driver writes on Ctrl-C), becomes
+                `Terminated` at the next step boundary, where the ranks of a pipeline agree, so
+                every rank stops after the same step
     failure     the completed step's record is kept, a checkpoint of the last completed step is
                 written when the state is consistent (the engine says when it is), summary.json
                 records status "failed" ("interrupted" for Ctrl-C and SIGTERM) with the error, and
@@ -34,6 +35,7 @@ import contextlib
 import dataclasses
 import signal
 import threading
+import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -44,9 +46,19 @@ from moeforge.platform.config.cadence import Cadence
 from moeforge.platform.config.train import TrainConfig
 from moeforge.platform.optim.bad_steps import BadStepPolicy
 from moeforge.platform.outputs.metrics import EvalResult, TrainSummary
-from moeforge.platform.outputs.run_files import RunOutputs
+from moeforge.platform.outputs.run_files import STOP, RunOutputs
 from moeforge.platform.outputs.run_report import RunReport
 from moeforge.platform.outputs.storage import Storage, open_storage
+
+
+def interruption_note(why: str, step: int, saved_step: int | None, run_dir: str) -> str:
+    """The one line a stopped run ends with, in every layout: why, after which step, how to go on."""
+    if saved_step is None:
+        return f"interrupted ({why}) after step {step}; no checkpoint to resume from"
+    return (
+        f"interrupted ({why}) after step {step}; run the same command to resume from the checkpoint "
+        f"of step {saved_step} in {run_dir}"
+    )
 
 
 class Terminated(BaseException):
@@ -108,11 +120,14 @@ class Trainer:
         self.saved_step: int | None = None  # the newest complete checkpoint of this run
         self._pending: tuple[Any, EvalResult | None] | None = None  # a step not yet recorded
         self._terminate: str | None = None  # why SIGTERM asked to stop
+        self._stop_checked_at = 0.0  # when this process last looked for run.dir/STOP
         self._agreed_stop = False  # every rank stopped at the same step boundary
         found = engine.agree_on(lambda: resume_point(cfg, self.storage, restarted=restarted))
         if found is not None:
             self._restore(checkpoint_path(cfg.run.dir, found))
             self.resumed_from = checkpoint_path(cfg.run.dir, found)
+
+    stop_check_s = 5.0  # how often the reporting process looks for run.dir/STOP (on S3, a request)
 
     @classmethod
     def single(cls, cfg: TrainConfig, source=None, log: Callable[[str], None] = print) -> Trainer:
@@ -218,12 +233,7 @@ class Trainer:
     def interruption_note(self, err: BaseException) -> str:
         """One line for a run stopped by Ctrl-C or SIGTERM: where it stopped and how to go on."""
         why = "Ctrl-C" if isinstance(err, KeyboardInterrupt) else str(err) or "SIGTERM"
-        if self.saved_step is None:
-            return f"interrupted ({why}) after step {self.engine.step}; no checkpoint to resume from"
-        return (
-            f"interrupted ({why}) after step {self.engine.step}; run the same command to resume from "
-            f"the checkpoint of step {self.saved_step} in {self.cfg.run.dir}"
-        )
+        return interruption_note(why, self.engine.step, self.saved_step, self.cfg.run.dir)
 
     # --- the run ------------------------------------------------------------------------------
     def train(self) -> TrainSummary | None:
@@ -234,6 +244,8 @@ class Trainer:
         if engine.reports:
             for note in self.cfg.notes():
                 self.log(f"note: {note}")
+            if self.storage.exists(STOP):  # asked of an earlier run, which stopped: not of this one
+                self.storage.delete(STOP)
         warmed = engine.warm_up()  # compile and tuning time, kept out of step 1's tokens/s
         if warmed is not None and engine.reports:
             self.log(warmed)
@@ -275,7 +287,7 @@ class Trainer:
             self._pending = None
             if self.report_to is not None and cadence.logs(step):
                 self.report_to(record)
-            if engine.any_rank(self._terminate is not None):  # stop now that the step is whole
+            if engine.any_rank(self._stop_asked()):  # stop now that the step is whole
                 self._agreed_stop = True
                 raise Terminated(self._terminate or "another rank received SIGTERM")
             self.bad_steps.after_step(step, base.loss, base.skipped)
@@ -289,6 +301,19 @@ class Trainer:
             if cadence.checkpoints(step):
                 self._checkpoint()
         self._drain(wait=True)  # the last checkpoint is complete before the run is
+
+    def _stop_asked(self) -> bool:
+        """SIGTERM noted, or (on the reporting process, looked for at most every few seconds, as it
+        may be an S3 request) a STOP file in run.dir."""
+        if self._terminate is None and self.engine.reports:
+            now = time.monotonic()
+            if now - self._stop_checked_at >= self.stop_check_s:
+                self._stop_checked_at = now
+                if self.storage.exists(STOP):
+                    why = self.storage.read_text(STOP).strip()  # the driver writes which signal it got
+                    self.storage.delete(STOP)
+                    self._terminate = why or f"{STOP} in run.dir"
+        return self._terminate is not None
 
     @contextlib.contextmanager
     def _sigterm_raises_terminated(self):
