@@ -297,6 +297,8 @@ def test_ray_job_submit_trains_into_an_absolute_run_dir(ray_head, tmp_path):
     # The job's console (stderr: the client's upload notes). On this one-machine cluster every
     # raylet's log monitor reads the same session log directory, so a worker's line reaches the
     # console once per raylet up at the time: rank 0's last step line, printed once, says how often.
+    workers = [line for line in proc.stdout.splitlines() if "(RayTrainWorker pid=" in line]
+    assert workers and not [line for line in workers if "\x1b[" in line]  # a log file: no colour codes
     copies = proc.stdout.count(f"[rank 0] step {STEPS}/{STEPS} ")
     assert 1 <= copies <= 3, copies
     assert_quiet_console(proc.stdout, copies)

@@ -25,6 +25,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import sys
 from types import ModuleType
 
 from moeforge.model.config import ConfigError
@@ -62,6 +63,8 @@ def connect_ray(
 
     if ray.is_initialized():
         return ray
+    if not sys.stdout.isatty():  # a log file or a pipe: Ray prefixes workers' lines without colour codes
+        os.environ.setdefault("RAY_COLOR_PREFIX", "0")
     common = {"log_to_driver": log_to_driver, "logging_level": logging_level}
     address = os.environ.get(RAY_ADDRESS, "").strip()
     if not address or address == "local":
