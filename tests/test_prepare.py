@@ -108,6 +108,16 @@ def test_rerun_of_a_complete_output_does_nothing(prepared):
     assert any("nothing to do" in line for line in lines)
 
 
+def test_a_split_that_holds_out_nothing_is_named_once(ray_cluster, tmp_path):
+    """val_fraction > 0 that happens to hold out no document gets one note naming the setting:
+    a run on these tokens would otherwise skip evaluation without a word."""
+    lines = []
+    result = prepare(_config(tmp_path / "no_val", max_files=2, val_fraction=1e-9), log=lines.append)
+    assert result.manifest["splits"]["val"]["num_tokens"] == 0
+    notes = [line for line in lines if "note:" in line]
+    assert len(notes) == 1 and "val_fraction=1e-09 held out no document" in notes[0], lines
+
+
 def test_batch_source_reads_prepared_shards(prepared):
     out = str(prepared["out"])
     cfg = DataConfig(source="tokens", path=out, global_batch=4, seed=3)

@@ -42,10 +42,16 @@ def _free_port() -> int:
 
 
 # What the forkserver imports before it forks the first rank (the heavy part of every rank's start).
+# Two modules are imported lazily on a rank's first use, and cost it seconds each: torch._dynamo
+# (initialising parameters under a device context goes through it) and DeepSpeed's Muon optimizer,
+# whose module calls torch.compile at import (DeepSpeed imports it to check any ZeRO optimizer).
+# Importing them starts no thread. A preload that a version lacks is skipped by the forkserver.
 _PRELOAD = [
     "torch",
     "torch.distributed",
+    "torch._dynamo",
     "deepspeed",
+    "deepspeed.runtime.zero.muon.muon_optimizer",
     "moeforge.platform.launch.deepspeed_comm_preload",
     "moeforge.platform.launch.local_spawn",
     "moeforge.platform.train.pipeline",

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -19,6 +20,10 @@ from moeforge.platform.outputs.run_report import RunReport
 from moeforge.platform.outputs.timeline import plot_timeline, write_chrome_trace
 
 COMPUTE_KINDS = {"F", "B", "W", "BW", "FB", "WAIT"}
+# Drawing a timeline takes rank 0 seconds of matplotlib while the other ranks wait for it at their
+# next transfer, so a gathered step is drawn at most this often; the trace is written at every one,
+# and the last gathered step is drawn when the run ends.
+TIMELINE_PNG_EVERY_S = 300.0
 
 
 class PipelineReport(RunReport):
@@ -49,6 +54,8 @@ class PipelineReport(RunReport):
         self.timeline_png: str | None = None
         self.timeline_trace: str | None = None
         self.last_grad_norm: float | None = None
+        self._undrawn: tuple[list, int] | None = None  # the last gathered step, if not drawn yet
+        self._drawn_at = time.monotonic()
 
     def record_step(self, m, evaluation: EvalResult | None = None) -> dict[str, Any]:  # type: ignore[override]
         """Record one step's PipelineStepMetrics (and its evaluation); return its scalars."""
@@ -56,7 +63,10 @@ class PipelineReport(RunReport):
         self.history.append(pipeline)
         self.last_grad_norm = m.base.grad_norm
         if m.records:
-            self._write_timeline(m.records, m.base.step)
+            self._write_trace(m.records)
+            self._undrawn = (m.records, m.base.step)
+            if time.monotonic() - self._drawn_at >= TIMELINE_PNG_EVERY_S:
+                self._draw_timeline()
         suffix = f" | bubble {m.bubble_fraction:.0%} | exposed comm {max(m.exposed_comm_s) * 1e3:.1f} ms"
         if m.routing:  # expert parallelism: how far tokens travelled
             suffix += (
@@ -67,19 +77,28 @@ class PipelineReport(RunReport):
             )
         return self.record(m.base, evaluation, extra=pipeline, progress_suffix=suffix)
 
-    def _write_timeline(self, records, step: int) -> None:
+    def _write_trace(self, records) -> None:
+        with tempfile.TemporaryDirectory() as tmp:
+            trace = os.path.join(tmp, "timeline.json")
+            write_chrome_trace(records, trace)
+            self.storage.upload(trace, "timeline.json")
+        self.timeline_trace = self.storage.url("timeline.json")
+
+    def _draw_timeline(self) -> None:
+        """timeline.png of the last gathered step, also logged to the tracker at that step."""
+        if self._undrawn is None:
+            return
+        records, step = self._undrawn
         compute = [r for r in records if r.kind in COMPUTE_KINDS]
         with tempfile.TemporaryDirectory() as tmp:
-            png, trace = os.path.join(tmp, "timeline.png"), os.path.join(tmp, "timeline.json")
+            png = os.path.join(tmp, "timeline.png")
             par = self.cfg.parallel
             title = f"{par.schedule} pp={par.pp} dp={par.dp}, step {step} (measured)"
             plot_timeline(compute, png, title=title, time_unit="s")
-            write_chrome_trace(records, trace)
             self.tracker.log_image(step, "timeline", png)
             self.storage.upload(png, "timeline.png")
-            self.storage.upload(trace, "timeline.json")
         self.timeline_png = self.storage.url("timeline.png")
-        self.timeline_trace = self.storage.url("timeline.json")
+        self._undrawn, self._drawn_at = None, time.monotonic()
 
     def pipeline_summary(self) -> dict[str, Any]:
         """The layout, the timeline files and the measured pipeline figures for summary.json."""
@@ -106,6 +125,7 @@ class PipelineReport(RunReport):
         return fields
 
     def finish(self, extra: Mapping[str, Any] | None = None, suffix: str = "") -> dict[str, Any]:
+        self._draw_timeline()
         fields = {**self.pipeline_summary(), **(extra or {})}
         if "bubble_fraction" in fields:
             suffix += f" | bubble {fields['bubble_fraction']:.0%}"
@@ -114,4 +134,8 @@ class PipelineReport(RunReport):
     def fail(
         self, err: BaseException, extra: Mapping[str, Any] | None = None, interrupted: bool = False
     ) -> dict[str, Any]:
+        try:  # the failure record comes first: a timeline that cannot be drawn must not hide it
+            self._draw_timeline()
+        except Exception as draw_err:  # noqa: BLE001 -- reported, then the failure is recorded
+            self.log(f"timeline.png not drawn: {type(draw_err).__name__}: {draw_err}")
         return super().fail(err, {**self.pipeline_summary(), **(extra or {})}, interrupted)
