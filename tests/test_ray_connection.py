@@ -22,10 +22,11 @@ import time
 import pytest
 from moeforge.model.config import ConfigError
 from moeforge.platform.launch.ray_connection import (
+    QUIET_HOOK,
     RayConnectionError,
     check_ray_address,
     connect_ray,
-    quiet_local_workers,
+    quiet_workers,
     reachable_address,
 )
 from moeforge.platform.outputs import log_filters
@@ -174,14 +175,72 @@ def test_a_local_cluster_starts_even_with_a_stale_record(monkeypatch, ray_tmpdir
     [kwargs] = calls
     assert kwargs["address"] == "local" and kwargs["num_cpus"] == 3 and kwargs["include_dashboard"] is False
     hook = kwargs["runtime_env"]["worker_process_setup_hook"]
-    assert hook == "moeforge.platform.launch.ray_connection.quiet_local_workers"
+    assert hook == "moeforge.platform.launch.ray_connection.quiet_workers"
     assert kwargs["runtime_env"]["env_vars"] == {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
+
+
+@pytest.fixture
+def listening_address():
+    """host:port where something accepts TCP connections (what reachable_address probes for)."""
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        yield f"127.0.0.1:{server.getsockname()[1]}"
+
+
+def _joined_init_kwargs(monkeypatch, address: str, job_config: str | None = None) -> dict:
+    import ray
+
+    monkeypatch.setenv("RAY_ADDRESS", address)
+    if job_config is None:
+        monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR", raising=False)
+    else:
+        monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", job_config)
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    calls = []
+    monkeypatch.setattr(ray, "init", lambda **kwargs: calls.append(kwargs))
+    connect_ray(num_cpus=3)
+    [kwargs] = calls
+    return kwargs
+
+
+def test_a_joined_cluster_gets_the_quiet_hook_unless_the_job_brings_one(monkeypatch, listening_address):
+    """A joined cluster's workers run the hook too, and keep Ray Train's preemption watcher; a job
+    submitted with its own setup hook keeps that one (Ray refuses to merge two)."""
+    kwargs = _joined_init_kwargs(monkeypatch, listening_address)
+    assert kwargs["address"] == listening_address and "num_cpus" not in kwargs
+    assert kwargs["runtime_env"] == {"worker_process_setup_hook": QUIET_HOOK}
+    submitted = '{"runtime_env": {"working_dir": "/x", "worker_process_setup_hook": "theirs.hook"}}'
+    assert "runtime_env" not in _joined_init_kwargs(monkeypatch, listening_address, submitted)
+    plain_job = '{"runtime_env": {"working_dir": "/x"}}'
+    assert _joined_init_kwargs(monkeypatch, listening_address, plain_job)["runtime_env"] == {
+        "worker_process_setup_hook": QUIET_HOOK
+    }
+
+
+def test_a_refused_join_names_token_authentication_when_it_is_not_set(monkeypatch, listening_address):
+    import ray
+
+    def refuse(**kwargs):
+        raise ConnectionError(f"Failed to connect to Ray cluster at {kwargs['address']}")
+
+    monkeypatch.setenv("RAY_ADDRESS", listening_address)
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", refuse)
+    monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
+    with pytest.raises(RayConnectionError) as err:
+        connect_ray()
+    assert str(err.value).endswith("set RAY_AUTH_MODE=token") and "\n" not in str(err.value)
+    monkeypatch.setenv("RAY_AUTH_MODE", "token")
+    with pytest.raises(RayConnectionError) as err:
+        connect_ray()
+    assert "RAY_AUTH_MODE" not in str(err.value)
 
 
 def test_worker_hook_drops_only_the_placement_group_cleaners_failed_query(caplog):
     logger = logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner")
-    quiet_local_workers()
-    quiet_local_workers()  # once per process, however often Ray runs it
+    quiet_workers()
+    quiet_workers()  # once per process, however often Ray runs it
     assert sum(isinstance(f, log_filters._DropMessage) for f in logger.filters) == 1
     with caplog.at_level(logging.WARNING):
         logger.warning("Failed to query Ray Train Controller actor state. State API may be temporarily unavailable.")

@@ -15,13 +15,18 @@ Which cluster:
 A local cluster started here belongs to this process: Ray shuts it down when the process exits
 (`ray.init` registers `ray.shutdown` with atexit), and callers that finish earlier may call
 `ray.shutdown()` themselves. It runs without the dashboard and without Ray Train's preemption
-watcher (no node of a local cluster is ever drained), and its worker processes first run
-`quiet_local_workers`, which drops the one recurring Ray log line that a cluster without the
-dashboard provokes, with `moeforge.platform.outputs.log_filters.drop_log_message`.
+watcher (no node of a local cluster is ever drained). The worker processes of any cluster it starts
+or joins first run `quiet_workers`, which drops the one recurring Ray log line that a cluster
+without the dashboard provokes, with `moeforge.platform.outputs.log_filters.drop_log_message`
+(unless a submitted job's runtime environment brings a setup hook of its own: Ray refuses two).
+A joined cluster keeps the preemption watcher, whose creation Ray's core worker reports once per
+run with an error-level line about restartable actors; that line is C++ logging, out of reach of
+a Python filter, and the watcher is what turns a reclaimed spot node into a retry.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import socket
@@ -39,6 +44,9 @@ RAY_ADDRESS = "RAY_ADDRESS"
 # max_restarts=-1, which makes Ray's core worker log an error-level line about restartable actors
 # in every run; on a local cluster it is not started at all. Clusters joined through RAY_ADDRESS keep it.
 PREEMPTION_WATCHER_ENV = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
+QUIET_HOOK = f"{__name__}.quiet_workers"
+JOB_CONFIG_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
+AUTH_MODE_ENV = "RAY_AUTH_MODE"  # what `ray job submit` hands its entrypoint
 PROBE_TIMEOUT_S = 5.0  # per TCP connect; a firewalled host fails within this, a closed port at once
 RAY_CLIENT_PORT = 10001  # Ray Client's default port (`ray://host` without one)
 _FIX = "start one with `ray start --head` or unset RAY_ADDRESS to run on a local cluster"
@@ -57,7 +65,7 @@ def connect_ray(
     `num_cpus` sizes a local cluster started here and is ignored when joining one; `log_to_driver`
     and `logging_level` are `ray.init`'s. A local cluster runs without the dashboard (it would add
     11 processes, about 1 GB of resident memory and 3-5 s of start-up, measured on the 2-core machine),
-    and its workers run `quiet_local_workers` first. Raises RayConnectionError when RAY_ADDRESS
+    and its workers run `quiet_workers` first. Raises RayConnectionError when RAY_ADDRESS
     names a cluster that does not answer."""
     import ray
 
@@ -73,34 +81,51 @@ def connect_ray(
             num_cpus=num_cpus,
             include_dashboard=False,
             runtime_env={
-                "worker_process_setup_hook": f"{__name__}.quiet_local_workers",
+                "worker_process_setup_hook": QUIET_HOOK,
                 "env_vars": {PREEMPTION_WATCHER_ENV: "0"},
             },
             **common,
         )
         return ray
     target = reachable_address(address)
+    if not _job_sets_a_setup_hook():
+        common["runtime_env"] = {"worker_process_setup_hook": QUIET_HOOK}
     try:
         ray.init(address=target, **common)
     except Exception as err:  # noqa: BLE001 -- re-raised as one line; Ray raises many kinds here
         if ray.is_initialized():
             ray.shutdown()
         reason = " ".join(str(err).split()) or type(err).__name__
+        hint = ""
+        if os.environ.get(AUTH_MODE_ENV, "").strip().lower() != "token":
+            # Ray reports a refused token only in its own log lines, not in the exception
+            hint = f"; if the cluster uses token authentication (`ray start --head` turns it on), set {AUTH_MODE_ENV}=token"
         raise RayConnectionError(
-            f"RAY_ADDRESS={address}: could not join the Ray cluster at {target}: {reason[:300]}"
+            f"RAY_ADDRESS={address}: could not join the Ray cluster at {target}: {reason[:300]}{hint}"
         ) from None
     return ray
 
 
-def quiet_local_workers() -> None:
-    """Ray's `worker_process_setup_hook` of a local cluster started by `connect_ray`: runs in each of
-    its worker processes before any task or actor.
+def _job_sets_a_setup_hook() -> bool:
+    """Whether this process is a submitted job whose runtime environment has its own setup hook."""
+    try:
+        job = json.loads(os.environ.get(JOB_CONFIG_ENV) or "{}")
+    except ValueError:
+        return False
+    runtime_env = job.get("runtime_env") if isinstance(job, dict) else None
+    return isinstance(runtime_env, dict) and "worker_process_setup_hook" in runtime_env
+
+
+def quiet_workers() -> None:
+    """Ray's `worker_process_setup_hook` for the clusters `connect_ray` starts or joins: runs in
+    each of this job's worker processes before any task or actor.
 
     Ray Train starts a detached PlacementGroupCleaner that asks Ray's State API, served by the
     dashboard, whether the training controller is still alive, every second; without the dashboard
     each query fails and it logs "Failed to query Ray Train Controller actor state" (about 850 lines
     in a 13-minute `make train`). Its job, removing the placement group of a controller that died
-    while the cluster lives on, does not arise on a local cluster, which ends with this process."""
+    while the cluster lives on, does not arise on a local cluster, which ends with this process, and
+    cannot be done on a joined cluster without the dashboard."""
     drop_log_message(
         "ray.train.v2._internal.execution.controller.placement_group_cleaner",
         "Failed to query Ray Train Controller actor state",
