@@ -1,5 +1,8 @@
 """moeforge-prepare: compose the Hydra config and prepare token shards (platform/data/prepare.py).
 
+`format=conversations` packs chat records into rows with loss masks (platform/data/prepare_conversations.py);
+`example=sft` writes a small fine-tuning example instead (platform/data/sft_example.py).
+
 Bad input (a config value, a missing or empty input, an unreachable S3 endpoint, missing
 credentials, a RAY_ADDRESS where no Ray cluster answers: `RayConnectionError`, a ConfigError)
 prints one line to stderr and exits 2, before any shard is written.
@@ -14,6 +17,7 @@ from moeforge.model.config import ConfigError
 from moeforge.platform.config._build import build
 from moeforge.platform.data.corpus import CorpusError
 from moeforge.platform.data.prepare import PrepareConfig, prepare
+from moeforge.platform.data.sft_example import write_sft_example
 from moeforge.platform.outputs.storage import StorageError
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -30,7 +34,8 @@ def _fail(msg: str) -> None:
 def main(cfg: DictConfig) -> None:
     try:
         config = build(PrepareConfig, OmegaConf.to_container(cfg, resolve=True), "prepare")
-        prepare(config, log=lambda line: print(line, flush=True))
+        run = write_sft_example if config.example == "sft" else prepare
+        run(config, log=lambda line: print(line, flush=True))
     except OmegaConfBaseException as err:
         _fail(str(err).splitlines()[0])
     except (ConfigError, CorpusError, StorageError) as err:

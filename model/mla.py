@@ -5,7 +5,9 @@ plus a single rotary key k_rope of width qk_rope_head_dim shared by every head. 
 through their own low-rank latent (q_lora_rank). Two equivalent ways to attend:
 
 * training path: expand the latent to per-head keys/values with kv_b_proj, then ordinary causal
-  softmax attention (scaled_dot_product_attention);
+  softmax attention (scaled_dot_product_attention); with `segments` (packed rows, model/packing.py)
+  the attention is block-diagonal causal through a boolean mask and each document's positions
+  restart at 0;
 * absorbed (inference) path: the cache holds only c_kv and k_rope; kv_b_proj's key half is folded
   into the query and its value half into the output, so per-head keys/values are never materialised.
   This is what makes MLA's KV cache kv_lora_rank + qk_rope_head_dim wide per token.
@@ -25,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from moeforge.model.config import ModelConfig
 from moeforge.model.norm import RMSNorm
+from moeforge.model.packing import segment_attention_mask, segment_positions
 from moeforge.model.rope import RotaryEmbedding, apply_rotary
 from torch import nn
 
@@ -101,7 +104,11 @@ class MLA(nn.Module):
 
     # --- forward -------------------------------------------------------------------------------------
     def forward(
-        self, x: torch.Tensor, start_pos: int | torch.Tensor = 0, cache: LatentCache | None = None
+        self,
+        x: torch.Tensor,
+        start_pos: int | torch.Tensor = 0,
+        cache: LatentCache | None = None,
+        segments: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """x [b, s, hidden] at positions start_pos..start_pos+s-1 -> [b, s, hidden].
 
@@ -109,9 +116,19 @@ class MLA(nn.Module):
         With a cache: writes this chunk's latent into it and attends, absorbed, over the cached
         positions <= each query's position (prefill and incremental decoding). `start_pos` is one int
         for the whole batch, or a LongTensor [b] of per-row start positions (see the module docstring).
+        With `segments` [b, s] (packed rows; training path only): a query attends the keys of its own
+        document at or before it, and positions restart at 0 at each document (model/packing.py).
         """
         b, s, _ = x.shape
         q, kv = self._project_input(x)
+        if segments is not None:
+            if cache is not None or isinstance(start_pos, torch.Tensor) or start_pos != 0:
+                raise ValueError("MLA: segments are for the training path (no cache, start_pos 0)")
+            cos, sin = self.rotary(0, s, x.device)  # [s, rope / 2] each: the table for positions 0..s-1
+            positions = segment_positions(segments)  # [b, s]
+            cos, sin = cos[positions], sin[positions]  # [b, s, rope / 2]: each token's own position
+            out = self.attend(q, kv, cos, sin, segment_attention_mask(segments))
+            return self.o_proj(out.flatten(2))  # [b, s, h * v] -> [b, s, hidden]
         if isinstance(start_pos, torch.Tensor):
             if cache is None:
                 raise ValueError("MLA: per-row start positions need a LatentCache")
@@ -164,17 +181,27 @@ class MLA(nn.Module):
             q_nope, q_rope, cache.latent[:b, :end], cache.k_rope[:b, :end], positions
         )
 
-    def attend(self, q: torch.Tensor, kv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def attend(
+        self,
+        q: torch.Tensor,
+        kv: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Training path from the input projections q_a(x) (or q(x)) and kv_a(x) to the attention
         output [b, s, h, v]: latent norms, up-projections, rotary and attention. One method, so a
         memory policy applied from outside can recompute all of it but the attention core in
-        backward (DeepSeek-V3 recomputes the MLA up-projections and norms)."""
+        backward (DeepSeek-V3 recomputes the MLA up-projections and norms). cos/sin are [s, rope/2]
+        (every row at positions 0..s-1) or [b, s, rope/2] (per-token positions); `mask` bool
+        [b, 1, s, s] (True: attend) replaces the causal mask, None keeps it."""
         q_nope, q_rope = self._queries(q, cos, sin)
         latent, k_rope = self._latent(kv, cos, sin)
-        return self._attend_expanded(q_nope, q_rope, latent, k_rope)
+        return self._attend_expanded(q_nope, q_rope, latent, k_rope, mask)
 
-    def _attend_expanded(self, q_nope, q_rope, latent, k_rope) -> torch.Tensor:
-        """Training path: per-head keys/values from the latent; returns [b, s, h, v]."""
+    def _attend_expanded(self, q_nope, q_rope, latent, k_rope, mask: torch.Tensor | None = None):
+        """Training path: per-head keys/values from the latent; returns [b, s, h, v]. Causal
+        attention, or `mask`'s (bool [b, 1, s, s]) when given."""
         kv = self.kv_b_proj(latent)  # [b, s, h * (nope + v)]
         kv = kv.unflatten(-1, (self.n_heads, self.nope_dim + self.v_dim))  # [b, s, h, nope + v]
         k_nope, v = kv.split([self.nope_dim, self.v_dim], dim=-1)
@@ -189,8 +216,9 @@ class MLA(nn.Module):
             q.transpose(1, 2),  # [b, h, s, qk]
             k.transpose(1, 2),
             v.transpose(1, 2),
+            attn_mask=mask,
             dropout_p=self.dropout if self.training else 0.0,
-            is_causal=True,
+            is_causal=mask is None,
             scale=self.softmax_scale,
         )
         return out.transpose(1, 2)[..., : self.v_dim]  # [b, s, h, v]

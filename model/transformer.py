@@ -6,6 +6,7 @@ Single-device and stage-friendly: a pipeline stage calls `embed_tokens`, any run
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -15,6 +16,7 @@ from moeforge.model.init import init_weights
 from moeforge.model.mla import MLA, LatentCache
 from moeforge.model.moe import MLP, MoE
 from moeforge.model.norm import RMSNorm
+from moeforge.model.packing import document_index
 from torch import nn
 
 IGNORE_INDEX = -100
@@ -51,21 +53,30 @@ class Block(nn.Module):
         )
 
     def forward(
-        self, h: torch.Tensor, start_pos: int | torch.Tensor = 0, cache: LatentCache | None = None
+        self,
+        h: torch.Tensor,
+        start_pos: int | torch.Tensor = 0,
+        cache: LatentCache | None = None,
+        segments: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """h [b, s, hidden] -> [b, s, hidden]; positions start_pos.. (start_pos > 0, or a LongTensor [b]
-        of per-row starts, needs a cache; see MLA.forward)."""
-        h1, x = self.attention_phase(h, start_pos, cache)
+        of per-row starts, needs a cache; see MLA.forward). `segments` [b, s]: packed rows, attention
+        inside each document with positions restarting at each (training path; model/packing.py)."""
+        h1, x = self.attention_phase(h, start_pos, cache, segments)
         return self.residual(h1, self.mlp(x))
 
     # --- the block's phases: what an overlapped pipeline runs between its MoE transfers ---------
     def attention_phase(
-        self, h: torch.Tensor, start_pos: int | torch.Tensor = 0, cache: LatentCache | None = None
+        self,
+        h: torch.Tensor,
+        start_pos: int | torch.Tensor = 0,
+        cache: LatentCache | None = None,
+        segments: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """h [b, s, hidden] -> (h1, x): the residual stream after attention, h + attn(norm(h)), and
         the FFN's input, norm(h1). The FFN (`self.mlp`, an MoE's route | experts | combine when
-        its experts are spread) then runs on x."""
-        h1 = h + self.self_attn(self.input_layernorm(h), start_pos, cache)
+        its experts are spread) then runs on x. `segments` as in `forward`."""
+        h1 = h + self.self_attn(self.input_layernorm(h), start_pos, cache, segments)
         return h1, self.post_attention_layernorm(h1)
 
     def attention_phase_modules(self) -> list[nn.Module]:
@@ -81,6 +92,19 @@ class Block(nn.Module):
 def _shift_left(x: torch.Tensor, k: int, fill: int) -> torch.Tensor:
     """x [b, s] -> x[:, k:] padded on the right with `fill` back to [b, s]."""
     return F.pad(x[:, k:], (0, min(k, x.shape[1])), value=fill)
+
+
+def mtp_targets(labels: torch.Tensor, depth: int, segments: torch.Tensor | None = None) -> torch.Tensor:
+    """MTP depth `depth`'s targets [b, s]: position i predicts labels[i + depth] (-100 past the row's
+    end). With `segments` [b, s] (packed rows) a target is also -100 where position i and position
+    i + depth lie in different documents: the depth's input at i (h of position i, embedding of
+    token i + depth) and its target must come from one document, as the LM labels' do."""
+    targets = _shift_left(labels, depth, fill=IGNORE_INDEX)
+    if segments is None:
+        return targets
+    doc = document_index(segments)  # [b, s]
+    same = doc == _shift_left(doc, depth, fill=-1)  # [b, s]: position i + depth in i's document
+    return targets.masked_fill(~same, IGNORE_INDEX)
 
 
 def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -123,10 +147,20 @@ class Transformer(nn.Module):
         input_ids: torch.Tensor,
         labels: torch.Tensor,
         mtp_loss_weight: float | None = None,
+        segments: torch.Tensor | None = None,
+        mtp_scales: Sequence[float] | None = None,
     ) -> LossOutput:
         """Final norm + head + LM loss, then the MTP chain from h (the last block output, pre-norm).
-        `mtp_loss_weight` (lambda) overrides cfg.mtp_loss_weight: a trainer passes its scheduled value."""
-        return self._head_and_loss(h, input_ids, labels, mtp_loss_weight)[0]
+        `mtp_loss_weight` (lambda) overrides cfg.mtp_loss_weight: a trainer passes its scheduled value.
+        Labels equal to -100 are not trained; `segments` [b, s] (packed rows) keeps the MTP blocks'
+        attention and targets inside each document (`mtp_targets`).
+
+        Each loss is a mean over this batch's trained targets; `mtp_scales` (one factor per MTP
+        depth, None: all 1) multiplies each depth's mean before the mean over depths. A trainer
+        that weights a micro-batch's loss by its share of the step's LM labels passes each
+        depth's share of its own targets relative to that share, so that the MTP term, too, is a
+        mean over the step's targets (platform/data/microbatches.py)."""
+        return self._head_and_loss(h, input_ids, labels, mtp_loss_weight, segments, mtp_scales)[0]
 
     def _head_and_loss(
         self,
@@ -134,6 +168,8 @@ class Transformer(nn.Module):
         input_ids: torch.Tensor,
         labels: torch.Tensor,
         mtp_loss_weight: float | None = None,
+        segments: torch.Tensor | None = None,
+        mtp_scales: Sequence[float] | None = None,
     ) -> tuple[LossOutput, torch.Tensor]:
         logits = self.logits(h)
         lm_loss = cross_entropy(logits, labels)
@@ -142,9 +178,13 @@ class Transformer(nn.Module):
         for depth, module in enumerate(self.mtp, start=1):
             # depth k at position i sees token i+k and predicts token i+k+1 (= labels[i+k])
             next_emb = self.embed(_shift_left(input_ids, depth, fill=0))  # [b, s, hidden]
-            h_prev = module(h_prev, next_emb)
+            h_prev = module(h_prev, next_emb, segments=segments)
             mtp_logits = self.head(module.norm(h_prev))  # [b, s, vocab]
-            mtp_losses.append(cross_entropy(mtp_logits, _shift_left(labels, depth, fill=IGNORE_INDEX)))
+            mtp_losses.append(cross_entropy(mtp_logits, mtp_targets(labels, depth, segments)))
+        if mtp_scales is not None:
+            if len(mtp_scales) != len(mtp_losses):
+                raise ValueError(f"mtp_scales: {len(mtp_scales)} factors for {len(mtp_losses)} MTP depths")
+            mtp_losses = [loss * scale for loss, scale in zip(mtp_losses, mtp_scales)]
         if mtp_losses:
             mtp_loss = torch.stack(mtp_losses).mean()
             weight = self.cfg.mtp_loss_weight if mtp_loss_weight is None else mtp_loss_weight
@@ -159,16 +199,21 @@ class Transformer(nn.Module):
         input_ids: torch.Tensor,
         labels: torch.Tensor | None = None,
         mtp_loss_weight: float | None = None,
+        segments: torch.Tensor | None = None,
+        mtp_scales: Sequence[float] | None = None,
     ) -> ModelOutput:
-        """input_ids [b, s] (positions 0..s-1) -> logits, and losses when labels [b, s] are given.
-        MTP runs only with labels (training); inference never needs it. `mtp_loss_weight` as in
-        `head_and_loss` (None: cfg.mtp_loss_weight)."""
+        """input_ids [b, s] (positions 0..s-1) -> logits, and losses when labels [b, s] are given
+        (-100: not trained). MTP runs only with labels (training); inference never needs it.
+        `mtp_loss_weight` as in `head_and_loss` (None: cfg.mtp_loss_weight). `segments` [b, s]:
+        packed rows, each maximal run of equal ids one document; attention stays inside a document
+        and its positions restart at 0 (model/packing.py). None: one document per row, exactly
+        the unpacked computation. `mtp_scales` as in `head_and_loss`."""
         h = self.embed_tokens(input_ids)
         for block in self.layers:
-            h = block(h)
+            h = block(h, segments=segments)
         if labels is None:
             return ModelOutput(logits=self.logits(h))
-        out, logits = self._head_and_loss(h, input_ids, labels, mtp_loss_weight)
+        out, logits = self._head_and_loss(h, input_ids, labels, mtp_loss_weight, segments, mtp_scales)
         return ModelOutput(logits=logits, loss=out.loss, lm_loss=out.lm_loss, mtp_loss=out.mtp_loss)
 
     # --- inference with the compressed-latent cache -------------------------------------------------------

@@ -228,7 +228,7 @@ def test_v3_launch_is_refused_before_any_worker_starts(tmp_path):
         ("foo=1", "Could not override 'foo'"),
         (
             "experiment=nope",
-            "Could not find 'experiment/nope' Available options in 'experiment': small_1gpu_fp8",
+            "Could not find 'experiment/nope' Available options in 'experiment': sft_tiny_cpu",
         ),
         ("model=nope", "Could not find 'model/nope'"),
         (

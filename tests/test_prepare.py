@@ -42,11 +42,9 @@ def _config(output, **kw) -> PrepareConfig:
     return PrepareConfig(**{**base, **kw})
 
 
-@pytest.fixture(scope="module")
-def prepared(ray_cluster, tmp_path_factory):
-    """One corpus, prepared in two goes: interrupted after two shards, then resumed."""
-    out = tmp_path_factory.mktemp("tokens") / "stdlib"
-    cfg = _config(out)
+def interrupt_after_two_shards(cfg: PrepareConfig, out) -> list[str]:
+    """Run `prepare` until it has written two shards, then stop it as a crash would; return the
+    two shards' paths. A half-written output is never marked complete."""
     written = []
 
     def stop_after_two(split, entry):
@@ -56,7 +54,16 @@ def prepared(ray_cluster, tmp_path_factory):
 
     with pytest.raises(Interrupted):
         prepare(cfg, log=lambda _: None, on_shard=stop_after_two)
-    assert not (out / MANIFEST).exists()  # a half-written output is never marked complete
+    assert not (out / MANIFEST).exists()
+    return written
+
+
+@pytest.fixture(scope="module")
+def prepared(ray_cluster, tmp_path_factory):
+    """One corpus, prepared in two goes: interrupted after two shards, then resumed."""
+    out = tmp_path_factory.mktemp("tokens") / "stdlib"
+    cfg = _config(out)
+    written = interrupt_after_two_shards(cfg, out)
     first_two = {p: os.stat(out / p).st_mtime_ns for p in written}
     resumed = prepare(cfg, log=lambda _: None)
     return {"cfg": cfg, "out": out, "result": resumed, "first_two": first_two}

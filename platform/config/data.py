@@ -13,7 +13,9 @@ SOURCES = ("synthetic", "tokens")
 class DataConfig:
     """`synthetic`: seeded learnable tokens from a sparse Markov chain (smoke runs); `tokens`: a
     prepared token-shard directory (moeforge-prepare) or a single memory-mapped uint16/uint32 token
-    file at `path` (local, or s3:// cached locally)."""
+    file at `path` (local, or s3:// cached locally). A directory of packed conversations
+    (moeforge-prepare format=conversations) gives batches with loss masks and segments, and must
+    have been packed for the model's seq_len."""
 
     source: str = "synthetic"
     path: str | None = None

@@ -11,6 +11,9 @@ Sources:
   ln(vocab) for uniform noise, so a tiny model's loss falls visibly within ~100 steps.
 - `tokens`: a prepared shard directory (moeforge-prepare) or a single flat token file, read through
   memory maps. Windows are taken at stride seq_len, so each token is a target once per epoch.
+- `tokens` on a directory of packed conversations (moeforge-prepare format=conversations): its rows
+  are read whole (packed_rows.py), drawn by the same sampler, and a batch is a `PackedBatch` (token
+  ids, loss mask, segments) of the same shape. The rows must have been packed for the model's seq_len.
 """
 
 from __future__ import annotations
@@ -22,6 +25,8 @@ import torch
 from moeforge.model.config import ConfigError
 from moeforge.platform.config.data import DataConfig
 from moeforge.platform.data.cache import cached_tokens
+from moeforge.platform.data.microbatches import PackedBatch
+from moeforge.platform.data.packed_rows import PackedRows
 from moeforge.platform.data.sampler import GlobalSampler
 from moeforge.platform.data.shards import MANIFEST, TokenStream, dtype_for_vocab, read_manifest
 from moeforge.platform.outputs.storage import S3Options, is_s3
@@ -100,8 +105,9 @@ def _refuse_text(local: str, path: str) -> None:
 class BatchSource:
     """Deterministic batches of token windows for training (`batch`) and validation (`val_batch`).
 
-    Both return a LongTensor [global_batch // dp_size, seq_len + 1]: with the defaults
-    (dp_rank=0, dp_size=1) the whole global batch; with a dp rank, that rank's contiguous slice."""
+    Both return a LongTensor [global_batch // dp_size, seq_len + 1] (a PackedBatch of that shape on
+    packed conversations): with the defaults (dp_rank=0, dp_size=1) the whole global batch; with a
+    dp rank, that rank's contiguous slice."""
 
     def __init__(self, data_cfg: DataConfig, vocab_size: int, seq_len: int) -> None:
         if seq_len < 1:
@@ -109,8 +115,9 @@ class BatchSource:
         self.cfg, self.vocab_size, self.seq_len = data_cfg, vocab_size, seq_len
         self.global_batch = data_cfg.global_batch
         self._synthetic: SyntheticMarkov | None = None
-        self._train: _Windows | None = None
-        self._val: _Windows | None = None
+        self._train: _Windows | PackedRows | None = None
+        self._val: _Windows | PackedRows | None = None
+        self.packed = False  # rows of packed conversations: batches are PackedBatch
         if data_cfg.source == "synthetic":
             self._synthetic = SyntheticMarkov(vocab_size, data_cfg.seed)
             self.num_samples: int | None = None  # unbounded
@@ -138,6 +145,9 @@ class BatchSource:
                     f"larger than the model's {self.vocab_size}"
                 )
             hash_check = self.cfg.verify == "sha256"
+            if manifest.get("kind") == "conversations":
+                self._open_packed(local, path, manifest, hash_check)
+                return
             train = TokenStream.from_prepared(local, "train", hash_check)
             val = TokenStream.from_prepared(local, "val", hash_check)
             self._split(train, val if val.num_tokens > self.seq_len else None)
@@ -148,6 +158,34 @@ class BatchSource:
             self._split(TokenStream.from_file(local, dtype_for_vocab(self.vocab_size)), None)
         else:
             raise ConfigError(f"data.path: {path} does not exist (prepare token shards with moeforge-prepare)")
+
+    def _open_packed(self, local: str, path: str, manifest: dict, hash_check: bool) -> None:
+        """Rows of packed conversations: the val split's, or a held-out tail of train's."""
+        if manifest["seq_len"] != self.seq_len:
+            raise ConfigError(
+                f"data.path: {path} holds conversations packed for seq_len {manifest['seq_len']}, but the "
+                f"model's seq_len is {self.seq_len} (prepare again with seq_len={self.seq_len}, or set "
+                f"model.seq_len={manifest['seq_len']})"
+            )
+        self.packed = True
+        train = PackedRows.from_prepared(local, manifest, "train", hash_check)
+        if train.count < 1:
+            raise ConfigError(f"data.path: {path} holds no packed row in its train split")
+        val = PackedRows.from_prepared(local, manifest, "val", hash_check)
+        if val.count > 0:
+            self._train, self._val = train, val
+            return
+        held_out = self._held_out(train.count)
+        self._train = train.part(0, train.count - held_out)
+        self._val = train.part(train.count - held_out, held_out) if held_out else None
+
+    def _held_out(self, count: int) -> int:
+        """How many of `count` samples data.val_fraction holds out (at least one when it is > 0 and
+        more than one sample exists)."""
+        held_out = int(count * self.cfg.val_fraction)
+        if self.cfg.val_fraction > 0 and held_out == 0:
+            held_out = 1 if count > 1 else 0
+        return held_out
 
     def _split(self, train: TokenStream, val: TokenStream | None) -> None:
         """Train windows, and validation windows from the val split or the tail of train."""
@@ -160,9 +198,7 @@ class BatchSource:
         if val is not None:
             self._train, self._val = windows, _Windows(val, self.seq_len)
             return
-        held_out = int(windows.count * self.cfg.val_fraction)
-        if self.cfg.val_fraction > 0 and held_out == 0:
-            held_out = 1 if windows.count > 1 else 0
+        held_out = self._held_out(windows.count)
         self._train = _Windows(train, self.seq_len, 0, windows.count - held_out)
         self._val = _Windows(train, self.seq_len, windows.count - held_out, held_out) if held_out else None
 
@@ -179,15 +215,26 @@ class BatchSource:
             raise ValueError(f"data.path: token id {top} in {self.cfg.path} is >= vocab_size {self.vocab_size}")
         return torch.from_numpy(rows)
 
-    def batch(self, step: int, dp_rank: int = 0, dp_size: int = 1) -> torch.Tensor:
-        """Training batch at optimizer step `step`: LongTensor [global_batch // dp_size, seq_len + 1]."""
+    def _packed_batch(self, rows: PackedRows, indices: np.ndarray) -> PackedBatch:
+        streams = rows.rows(indices)
+        return PackedBatch(
+            tokens=self._checked(streams["tokens"]),
+            loss_mask=torch.from_numpy(streams["loss_mask"] != 0),
+            segments=torch.from_numpy(streams["segments"]),
+        )
+
+    def batch(self, step: int, dp_rank: int = 0, dp_size: int = 1) -> torch.Tensor | PackedBatch:
+        """Training batch at optimizer step `step`: LongTensor [global_batch // dp_size, seq_len + 1],
+        or a PackedBatch of that shape on packed conversations."""
         if self._synthetic is not None:
             positions = self._slice(step, dp_rank, dp_size)
             return torch.from_numpy(self._synthetic.samples(_TRAIN, positions, self.seq_len + 1))
         indices = self._train_sampler.rank_indices(step, self.global_batch, dp_rank, dp_size)
+        if self.packed:
+            return self._packed_batch(self._train, indices)
         return self._checked(self._train.rows(indices))
 
-    def val_batch(self, i: int, dp_rank: int = 0, dp_size: int = 1) -> torch.Tensor:
+    def val_batch(self, i: int, dp_rank: int = 0, dp_size: int = 1) -> torch.Tensor | PackedBatch:
         """The i-th held-out batch, in a fixed order that wraps around the validation samples."""
         if self._synthetic is not None:
             positions = self._slice(i, dp_rank, dp_size)
@@ -198,4 +245,6 @@ class BatchSource:
                 "data.val_fraction > 0)"
             )
         indices = self._val_sampler.rank_indices(i, self.global_batch, dp_rank, dp_size)
+        if self.packed:
+            return self._packed_batch(self._val, indices)
         return self._checked(self._val.rows(indices))

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 
-from moeforge.platform.data.shards import MANIFEST
+from moeforge.platform.data.shards import MANIFEST, all_shard_entries
 from moeforge.platform.outputs.storage import S3Options, open_storage, split_s3
 
 DEFAULT_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "moeforge", "tokens")
@@ -39,15 +39,16 @@ def cached_tokens(url: str, cache_dir: str | None = None, s3: S3Options | None =
     if os.path.isfile(os.path.join(local, MANIFEST)):
         with open(os.path.join(local, MANIFEST)) as f:
             old_manifest = json.load(f)
-        old = {s["path"]: s["sha256"] for split in old_manifest.get("splits", {}).values() for s in split["shards"]}
-    for split in remote["splits"].values():
-        for shard in split["shards"]:
-            path = os.path.join(local, *shard["path"].split("/"))
-            fresh = os.path.isfile(path) and os.path.getsize(path) == shard["bytes"]
-            if not fresh or old.get(shard["path"]) != shard["sha256"]:
-                storage.download(shard["path"], path)
+        old = {s["path"]: s["sha256"] for s in all_shard_entries(old_manifest)}
+    for shard in all_shard_entries(remote):  # token shards, and the loss masks and segments of conversations
+        path = os.path.join(local, *shard["path"].split("/"))
+        fresh = os.path.isfile(path) and os.path.getsize(path) == shard["bytes"]
+        if not fresh or old.get(shard["path"]) != shard["sha256"]:
+            storage.download(shard["path"], path)
     tokenizer = remote.get("tokenizer", {}).get("path")
-    if tokenizer and storage.exists(tokenizer):
-        storage.download(tokenizer, os.path.join(local, tokenizer))
+    template_files = (remote.get("chat_template") or {}).get("files", [])  # packed conversations
+    for name in [tokenizer, *template_files]:
+        if name and storage.exists(name):
+            storage.download(name, os.path.join(local, name))
     storage.download(MANIFEST, os.path.join(local, MANIFEST))
     return local

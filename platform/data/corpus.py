@@ -17,6 +17,7 @@ import io
 import json
 import os
 import sysconfig
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from moeforge.platform.outputs.storage import S3Options, is_s3, open_storage
@@ -148,34 +149,44 @@ def read_input(f: InputFile, s3: S3Options | None = None) -> bytes:
         raise CorpusError(f"{f.uri}: cannot read ({err.strerror})") from None
 
 
+def jsonl_records(uri: str, data: bytes) -> Iterator[tuple[int, object]]:
+    """(line number from 1, parsed record) of each non-blank line of a JSONL file's bytes."""
+    for lineno, line in enumerate(data.decode("utf-8", errors="replace").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            yield lineno, json.loads(line)
+        except json.JSONDecodeError as err:
+            raise CorpusError(f"{uri}:{lineno}: not valid JSON ({err.msg})") from None
+
+
+def parquet_column(uri: str, data: bytes, field: str) -> list:
+    """The values of column `field` of a Parquet file's bytes, in row order."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(io.BytesIO(data))
+    except (pa.ArrowInvalid, OSError) as err:
+        raise CorpusError(f"{uri}: not a readable Parquet file ({err})") from None
+    if field not in table.column_names:
+        raise CorpusError(f"{uri}: no column {field!r} (columns: {', '.join(table.column_names)})")
+    return table.column(field).to_pylist()
+
+
 def parse_documents(uri: str, kind: str, data: bytes, text_field: str = "text") -> list[str]:
     """The non-empty documents of one file's bytes."""
     if kind == "text":
         docs = [data.decode("utf-8", errors="replace")]
     elif kind == "jsonl":
         docs = []
-        for lineno, line in enumerate(data.decode("utf-8", errors="replace").splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise CorpusError(f"{uri}:{lineno}: not valid JSON ({err.msg})") from None
+        for lineno, record in jsonl_records(uri, data):
             text = record.get(text_field) if isinstance(record, dict) else None
             if not isinstance(text, str):
                 raise CorpusError(f"{uri}:{lineno}: no string field {text_field!r}")
             docs.append(text)
     elif kind == "parquet":
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
-        try:
-            table = pq.read_table(io.BytesIO(data))
-        except (pa.ArrowInvalid, OSError) as err:
-            raise CorpusError(f"{uri}: not a readable Parquet file ({err})") from None
-        if text_field not in table.column_names:
-            raise CorpusError(f"{uri}: no column {text_field!r} (columns: {', '.join(table.column_names)})")
-        docs = [t for t in table.column(text_field).to_pylist() if isinstance(t, str)]
+        docs = [t for t in parquet_column(uri, data, text_field) if isinstance(t, str)]
     else:
         raise CorpusError(f"{uri}: unknown input kind {kind!r} (one of {KINDS})")
     return [d for d in docs if d.strip()]

@@ -5,6 +5,9 @@
       -> driver, in input order: fixed-size uint16/uint32 shards per split, each written atomically
       -> manifest.json last (the completion marker)
 
+`format=conversations` reads chat records instead and packs them into rows of seq_len + 1 tokens
+with loss masks and segments (prepare_conversations.py); the plain-text path is this module's.
+
 Input bytes are read on the driver, so one credential context reads S3 and workers never need AWS
 credentials; workers do the CPU-heavy parsing and tokenization. A run with the same fingerprint
 (inputs, tokenizer, shard layout) as a complete output does nothing; an interrupted one resumes after
@@ -24,8 +27,23 @@ from dataclasses import dataclass, field
 import numpy as np
 from moeforge.model.config import ConfigError
 from moeforge.platform.config._build import require
-from moeforge.platform.data.corpus import CorpusError, InputFile, discover, parse_documents, read_input
-from moeforge.platform.data.shards import DTYPES, FORMAT, MANIFEST, check_vocab_fits, dtype_for_vocab
+from moeforge.platform.data.chat_template import load_chat_template
+from moeforge.platform.data.corpus import (
+    CorpusError,
+    InputFile,
+    discover,
+    kind_of,
+    parse_documents,
+    read_input,
+)
+from moeforge.platform.data.shards import (
+    DTYPES,
+    FORMAT,
+    MANIFEST,
+    all_shard_entries,
+    check_vocab_fits,
+    dtype_for_vocab,
+)
 from moeforge.platform.data.tokenizer import (
     encode_documents,
     eos_id,
@@ -38,6 +56,8 @@ from moeforge.platform.launch.ray_connection import check_ray_address, connect_r
 from moeforge.platform.outputs.storage import MiB, S3Options, Storage, open_storage
 
 TOKENIZER_FILE = "tokenizer.json"
+FORMATS = ("text", "conversations")
+EXAMPLES = ("sft",)
 
 
 @dataclass
@@ -61,6 +81,11 @@ class PrepareConfig:
     batch_files: int = 8  # input files per Ray Data batch
     window_bytes: int = 256 * MiB  # input bytes held by the driver at once
     num_cpus: int | None = None  # CPUs of a local Ray cluster started here (None: all)
+    # text: documents into one token stream; conversations: `messages` records rendered with the
+    # tokenizer's chat template, packed into rows of seq_len + 1 tokens with loss masks and segments
+    format: str = "text"
+    seq_len: int | None = None  # conversations: the training seq_len the rows are packed for
+    example: str | None = None  # sft: write a self-contained fine-tuning example into `output` instead
 
     def __post_init__(self) -> None:
         self.inputs = [str(i) for i in ([self.inputs] if isinstance(self.inputs, str) else self.inputs)]
@@ -79,6 +104,18 @@ class PrepareConfig:
         require(self.max_bytes is None or self.max_bytes >= 1, "max_bytes", "must be >= 1 or null")
         require(self.batch_files >= 1, "batch_files", "must be >= 1")
         require(self.window_bytes >= 1, "window_bytes", "must be >= 1")
+        require(self.format in FORMATS, "format", f"must be one of {', '.join(FORMATS)}, got {self.format!r}")
+        require(self.example is None or self.example in EXAMPLES, "example",
+                f"must be one of {', '.join(EXAMPLES)} or null, got {self.example!r}")
+        if self.format == "conversations" and self.example is None:
+            require(self.seq_len is not None, "seq_len",
+                    "is required with format=conversations (rows are packed to seq_len + 1 tokens here)")
+            require(self.tokenizer is not None, "tokenizer", "is required with format=conversations (a "
+                    "tokenizer.json with the chat template in the tokenizer_config.json beside it)")
+        if self.seq_len is not None:
+            require(self.format == "conversations", "seq_len",
+                    "only format=conversations packs rows at prepare time (text is cut into windows in training)")
+            require(self.seq_len >= 1, "seq_len", f"must be >= 1, got {self.seq_len}")
 
     def s3(self) -> S3Options:
         return S3Options(endpoint_url=self.endpoint_url)
@@ -130,10 +167,15 @@ def _tokenize_batch(batch: dict, tokenizer_json: str, tokenizer_sha: str, cfg: P
     if tok is None:
         tok = _TOKENIZERS[tokenizer_sha] = Tokenizer.from_str(tokenizer_json)
     eos = eos_id(tok)
-    dtype = np.dtype(DTYPES[_resolved_dtype(cfg, tok.get_vocab_size())])
-    out = {"index": [], "train": [], "val": [], "counts": []}
+    dtype = np.dtype(DTYPES[resolved_dtype(cfg, tok.get_vocab_size())])
+    out = {"index": [], "train": [], "val": [], "counts": [], "error": []}
     for index, uri, kind, data in zip(batch["index"], batch["uri"], batch["kind"], batch["data"]):
-        result = tokenize_file(str(uri), str(kind), bytes(data), tok, eos, cfg)
+        try:
+            result, error = tokenize_file(str(uri), str(kind), bytes(data), tok, eos, cfg), ""
+        except CorpusError as err:  # bad input travels as data (see map_files)
+            empty = np.zeros(0, dtype=np.int64)
+            result, error = {"train": empty, "val": empty, "train_docs": 0, "val_docs": 0}, str(err)
+        out["error"].append(error)
         out["index"].append(int(index))
         out["train"].append(result["train"].astype(dtype).tobytes())
         out["val"].append(result["val"].astype(dtype).tobytes())
@@ -143,13 +185,14 @@ def _tokenize_batch(batch: dict, tokenizer_json: str, tokenizer_sha: str, cfg: P
         "train": np.array(out["train"], dtype=object),
         "val": np.array(out["val"], dtype=object),
         "counts": np.array(out["counts"], dtype=np.int64).reshape(-1, 4),  # [files, 4]
+        "error": np.array(out["error"], dtype=object),
     }
 
 
 # --- driver side ---------------------------------------------------------------------------------
 
 
-def _resolved_dtype(cfg: PrepareConfig, vocab_size: int) -> str:
+def resolved_dtype(cfg: PrepareConfig, vocab_size: int) -> str:
     dtype = dtype_for_vocab(vocab_size) if cfg.dtype == "auto" else cfg.dtype
     try:
         check_vocab_fits(vocab_size, dtype)
@@ -158,8 +201,9 @@ def _resolved_dtype(cfg: PrepareConfig, vocab_size: int) -> str:
     return dtype
 
 
-def fingerprint(cfg: PrepareConfig, files: list[InputFile], tokenizer_spec: dict) -> str:
-    """Everything that decides the output bytes; equal fingerprints mean an identical output."""
+def fingerprint(cfg: PrepareConfig, files: list[InputFile], tokenizer_spec: dict, extra: dict | None = None) -> str:
+    """Everything that decides the output bytes; equal fingerprints mean an identical output. `extra`:
+    what a format other than text adds (seq_len, the chat template's hash)."""
     spec = {
         "format": FORMAT,
         "inputs": [[f.uri, f.size] for f in files],
@@ -169,6 +213,7 @@ def fingerprint(cfg: PrepareConfig, files: list[InputFile], tokenizer_spec: dict
         "val_fraction": cfg.val_fraction,
         "seed": cfg.seed,
         "text_field": cfg.text_field,
+        **(extra or {}),
     }
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
 
@@ -197,7 +242,7 @@ def _windows(files: list[InputFile], start: int, window_bytes: int):
         yield window
 
 
-def _unwrap(err: BaseException) -> BaseException:
+def input_error(err: BaseException) -> BaseException:
     """The CorpusError/ConfigError behind a Ray task failure, if there is one."""
     seen = set()
     todo = [err]
@@ -243,22 +288,35 @@ class RaySession:
             ray.shutdown()
 
 
-def tokenize_windows(ray, files, start, tok, cfg, consume: Callable[[int, dict, bytes, bytes], None]) -> None:
-    """Run the Ray Data pipeline over files[start:], calling consume(index, counts, train, val) per
-    file in input order."""
-    tokenizer_json, sha = tok.to_str(), tokenizer_hash(tok)
+def map_files(ray, files, start, cfg, udf: Callable, fn_kwargs: dict, consume: Callable[[dict], None]) -> None:
+    """Run `udf` (a Ray Data batch function over columns index, uri, kind, data) over files[start:]
+    and call consume(row) with each file's output row (its columns, by name) in input order.
+
+    The udf returns a file's bad input as its `error` column (the CorpusError's message, "" when
+    none) rather than raising it: Ray hands the driver a worker exception's traceback as text, its
+    type and message lost. The first error in input order is raised here as a CorpusError."""
     for window in _windows(files, start, cfg.window_bytes):
         items = [{"index": i, "uri": f.uri, "kind": f.kind, "data": read_input(f, cfg.s3())} for i, f in window]
         blocks = max(1, min(len(items), int(ray.available_resources().get("CPU", 1)) * 2))
         ds = ray.data.from_items(items, override_num_blocks=blocks).map_batches(
-            _tokenize_batch,
-            batch_size=cfg.batch_files,
-            batch_format="numpy",
-            fn_kwargs={"tokenizer_json": tokenizer_json, "tokenizer_sha": sha, "cfg": cfg},
+            udf, batch_size=cfg.batch_files, batch_format="numpy", fn_kwargs=fn_kwargs
         )
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-            for index, counts, train, val in zip(batch["index"], batch["counts"], batch["train"], batch["val"]):
-                consume(int(index), [int(c) for c in counts], bytes(train), bytes(val))
+            for row in range(len(batch["index"])):
+                if batch["error"][row]:
+                    raise CorpusError(str(batch["error"][row]))
+                consume({name: column[row] for name, column in batch.items()})
+
+
+def tokenize_windows(ray, files, start, tok, cfg, consume: Callable[[int, dict, bytes, bytes], None]) -> None:
+    """Run the Ray Data pipeline over files[start:], calling consume(index, counts, train, val) per
+    file in input order."""
+    fn_kwargs = {"tokenizer_json": tok.to_str(), "tokenizer_sha": tokenizer_hash(tok), "cfg": cfg}
+
+    def each(row: dict) -> None:
+        consume(int(row["index"]), [int(c) for c in row["counts"]], bytes(row["train"]), bytes(row["val"]))
+
+    map_files(ray, files, start, cfg, _tokenize_batch, fn_kwargs, each)
 
 
 def prepare(
@@ -269,14 +327,18 @@ def prepare(
     """Prepare cfg.output from cfg.inputs (see the module docstring). `on_shard(split, entry)` is
     called after each shard is durably written and recorded."""
     s3 = cfg.s3()
-    files = discover(cfg.inputs, tuple(cfg.extensions), cfg.max_files, cfg.max_bytes, s3)
+    conversations = cfg.format == "conversations"
+    extensions = tuple(e for e in cfg.extensions if not conversations or kind_of(e) != "text")
+    files = discover(cfg.inputs, extensions, cfg.max_files, cfg.max_bytes, s3)
     loaded = load_tokenizer(cfg.tokenizer, s3) if cfg.tokenizer else None
+    template = load_chat_template(cfg.tokenizer, s3) if conversations else None
     vocab = loaded.get_vocab_size() if loaded else cfg.vocab_size
-    dtype = _resolved_dtype(cfg, vocab)
+    dtype = resolved_dtype(cfg, vocab)
     storage = open_storage(cfg.output, s3)
     spec = {"path": cfg.tokenizer, "sha256": tokenizer_hash(loaded)} if loaded else {
         "train_vocab_size": cfg.vocab_size, "train_bytes": cfg.tokenizer_train_bytes}
-    fp = fingerprint(cfg, files, spec)
+    extra = {"kind": cfg.format, "seq_len": cfg.seq_len, "chat_template": template.sha256} if conversations else None
+    fp = fingerprint(cfg, files, spec, extra)
     total_bytes = sum(f.size for f in files)
     log(f"prepare: {len(files)} input files ({total_bytes / 1e6:.1f} MB) -> {storage.url()}")
 
@@ -287,6 +349,11 @@ def prepare(
             return PrepareResult(storage.url(), manifest, already_complete=True)
         storage.delete(MANIFEST)  # about to rewrite: the output must not look complete meanwhile
     check_ray_address()  # a dead RAY_ADDRESS fails now, not after the tokenizer is trained
+    if conversations:
+        # Imported here: prepare_conversations imports this module.
+        from moeforge.platform.data.prepare_conversations import prepare_conversations
+
+        return prepare_conversations(cfg, files, loaded, template, storage, fp, log, on_shard)
 
     progress = Progress.load(storage, fp)
     if progress is not None and not (progress.shards_intact(storage) and storage.exists(TOKENIZER_FILE)):
@@ -300,7 +367,7 @@ def prepare(
         started = time.perf_counter()
         tok = train_bpe(training_texts(files, cfg), cfg.vocab_size)
         log(f"prepare: trained byte-level BPE, {tok.get_vocab_size()} ids, in {time.perf_counter() - started:.1f}s")
-    dtype = _resolved_dtype(cfg, tok.get_vocab_size())
+    dtype = resolved_dtype(cfg, tok.get_vocab_size())
     if progress is None:
         storage.delete(PROGRESS)
         progress = Progress(fp)
@@ -342,23 +409,29 @@ def prepare(
             state["started"] = time.perf_counter()  # throughput excludes cluster start-up
             tokenize_windows(ray, files, restart, tok, cfg, consume)
     except Exception as err:  # noqa: BLE001 -- re-raised; Ray wraps input errors raised in workers
-        raise _unwrap(err) from None
+        raise input_error(err) from None
     for split in SPLITS:
         writers[split].close()
     tokenize_s = time.perf_counter() - state["started"]
 
     manifest = _manifest(cfg, files, tok, dtype, fp, progress)
-    _remove_stale_shards(storage, manifest)
+    remove_stale_shards(storage, manifest)
     storage.write_text(MANIFEST, json.dumps(manifest, indent=1))  # last: marks the output complete
     storage.delete(PROGRESS)
     tokens = {s: manifest["splits"][s]["num_tokens"] for s in SPLITS}
     log(f"prepare: done: {tokens['train']:,} train + {tokens['val']:,} val tokens in "
         f"{sum(len(manifest['splits'][s]['shards']) for s in SPLITS)} shards, {state['tokens'] / max(tokenize_s, 1e-9):,.0f} "
         f"tok/s -> {storage.url(MANIFEST)}")
-    if cfg.val_fraction > 0 and tokens["val"] == 0:
+    note_empty_val(cfg, manifest, log)
+    return PrepareResult(storage.url(), manifest, False, written[0], skipped, state["tokens"], tokenize_s)
+
+
+def note_empty_val(cfg: PrepareConfig, manifest: dict, log: Callable[[str], None]) -> None:
+    """One note when val_fraction > 0 held out no document: a run on these tokens would otherwise
+    skip evaluation without a word."""
+    if cfg.val_fraction > 0 and manifest["splits"]["val"]["num_tokens"] == 0:
         log(f"prepare: note: val_fraction={cfg.val_fraction} held out no document ({manifest['splits']['train']['num_docs']} "
             "in all): a run on these tokens has no validation split (raise val_fraction, or give more documents)")
-    return PrepareResult(storage.url(), manifest, False, written[0], skipped, state["tokens"], tokenize_s)
 
 
 def _manifest(cfg: PrepareConfig, files, tok, dtype: str, fp: str, progress: Progress) -> dict:
@@ -388,9 +461,9 @@ def _manifest(cfg: PrepareConfig, files, tok, dtype: str, fp: str, progress: Pro
     }
 
 
-def _remove_stale_shards(storage: Storage, manifest: dict) -> None:
+def remove_stale_shards(storage: Storage, manifest: dict) -> None:
     """Delete shard files an earlier, different run left behind (not listed in this manifest)."""
-    listed = {s["path"] for split in manifest["splits"].values() for s in split["shards"]}
+    listed = {s["path"] for s in all_shard_entries(manifest)}
     for split in SPLITS:
         for name in storage.list(split):
             if name.endswith(".bin") and name not in listed:

@@ -10,6 +10,10 @@ A prepared token directory looks like
 `manifest.json` records the dtype, shard size, vocab size, tokenizer hash, sources, and per split the
 shards in order with their token counts, byte sizes and sha256. A split is read as one concatenated
 token stream (documents inside it are separated by the EOS token).
+
+A directory of packed conversations (`"kind": "conversations"`, see packed_rows.py) has, beside each
+token shard, a loss-mask shard and a segment shard of the same token count (`train/00000.loss_mask.bin`,
+`train/00000.segments.bin`), listed per split under the stream's name with their own sha256.
 """
 
 from __future__ import annotations
@@ -23,7 +27,9 @@ import numpy as np
 
 MANIFEST = "manifest.json"
 FORMAT = "moeforge-tokens/1"
-DTYPES = {"uint16": np.uint16, "uint32": np.uint32}
+DTYPES = {"uint16": np.uint16, "uint32": np.uint32}  # token ids
+STREAM_DTYPES = {"uint8": np.uint8, **DTYPES}  # any shard: token ids, loss masks, segment indices
+EXTRA_STREAMS = ("loss_mask", "segments")  # the per-token streams beside a conversations manifest's tokens
 
 
 class ShardError(RuntimeError):
@@ -72,11 +78,18 @@ def read_manifest(root: str) -> dict:
     return manifest
 
 
-def split_shards(manifest: dict, split: str) -> list[ShardInfo]:
+def split_shards(manifest: dict, split: str, stream: str = "shards") -> list[ShardInfo]:
+    """A split's shards of one stream: "shards" (token ids) or one of EXTRA_STREAMS."""
     entry = manifest.get("splits", {}).get(split)
     if entry is None:
         return []
-    return [ShardInfo(s["path"], int(s["num_tokens"]), s["sha256"]) for s in entry["shards"]]
+    return [ShardInfo(s["path"], int(s["num_tokens"]), s["sha256"]) for s in entry.get(stream, [])]
+
+
+def all_shard_entries(manifest: dict) -> list[dict]:
+    """Every shard entry the manifest lists: each split's token shards and its extra streams' shards."""
+    return [entry for split in manifest.get("splits", {}).values()
+            for stream in ("shards", *EXTRA_STREAMS) for entry in split.get(stream, [])]
 
 
 def verify_shard(root: str, shard: ShardInfo, dtype: str, hash_check: bool) -> str:
@@ -84,7 +97,7 @@ def verify_shard(root: str, shard: ShardInfo, dtype: str, hash_check: bool) -> s
     path = os.path.join(root, shard.path)
     if not os.path.isfile(path):
         raise ShardError(f"{path}: shard listed in the manifest is missing")
-    expected = shard.num_tokens * np.dtype(DTYPES[dtype]).itemsize
+    expected = shard.num_tokens * np.dtype(STREAM_DTYPES[dtype]).itemsize
     size = os.path.getsize(path)
     if size != expected:
         raise ShardError(f"{path}: size {size} bytes, manifest says {expected} ({shard.num_tokens} tokens)")
@@ -98,7 +111,7 @@ class TokenStream:
 
     def __init__(self, paths: list[str], dtype: str) -> None:
         self.dtype = dtype
-        self.arrays = [np.memmap(p, dtype=DTYPES[dtype], mode="r") for p in paths if os.path.getsize(p)]
+        self.arrays = [np.memmap(p, dtype=STREAM_DTYPES[dtype], mode="r") for p in paths if os.path.getsize(p)]
         sizes = [len(a) for a in self.arrays]
         self.starts = np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)])
         self.num_tokens = int(self.starts[-1])
@@ -115,11 +128,12 @@ class TokenStream:
         return cls([path], dtype)
 
     @classmethod
-    def from_prepared(cls, root: str, split: str, hash_check: bool = True) -> TokenStream:
-        """A split of a prepared directory, every shard checked against the manifest first."""
+    def from_prepared(cls, root: str, split: str, hash_check: bool = True, stream: str = "shards") -> TokenStream:
+        """A split of a prepared directory, every shard checked against the manifest first: its token
+        ids, or (stream = "loss_mask" | "segments") a conversations manifest's per-token stream."""
         manifest = read_manifest(root)
-        dtype = manifest["dtype"]
-        paths = [verify_shard(root, s, dtype, hash_check) for s in split_shards(manifest, split)]
+        dtype = manifest["dtype"] if stream == "shards" else manifest["streams"][stream]
+        paths = [verify_shard(root, s, dtype, hash_check) for s in split_shards(manifest, split, stream)]
         return cls(paths, dtype)
 
     def read(self, start: int, length: int) -> np.ndarray:

@@ -14,7 +14,7 @@ import json
 from collections.abc import Callable
 
 import numpy as np
-from moeforge.platform.data.shards import DTYPES
+from moeforge.platform.data.shards import STREAM_DTYPES
 from moeforge.platform.outputs.storage import Storage
 
 PROGRESS = "_progress.json"
@@ -72,18 +72,26 @@ class SplitWriter:
             self._buffer, self._buffered = [], 0
 
     def _write(self, tokens: np.ndarray) -> None:
-        data = tokens.astype(np.dtype(DTYPES[self.dtype]).newbyteorder("<")).tobytes()  # little-endian on disk
-        entry = {
-            "path": shard_name(self.split, len(self.shards)),
-            "first_token": self.finished_tokens,
-            "num_tokens": len(tokens),
-            "bytes": len(data),
-            "sha256": hashlib.sha256(data).hexdigest(),
-        }
-        self.storage.write_bytes(entry["path"], data)
+        entry = write_shard(self.storage, shard_name(self.split, len(self.shards)), tokens, self.dtype,
+                            self.finished_tokens)
         self.shards.append(entry)
         if self.on_shard is not None:
             self.on_shard(self.split, entry)
+
+
+def write_shard(storage: Storage, path: str, values: np.ndarray, dtype: str, first_token: int) -> dict:
+    """Write `values` as one little-endian shard of `dtype` at `path`, atomically; return its
+    manifest entry (path, first_token, num_tokens, bytes, sha256)."""
+    data = values.astype(np.dtype(STREAM_DTYPES[dtype]).newbyteorder("<")).tobytes()  # little-endian on disk
+    entry = {
+        "path": path,
+        "first_token": first_token,
+        "num_tokens": len(values),
+        "bytes": len(data),
+        "sha256": hashlib.sha256(data).hexdigest(),
+    }
+    storage.write_bytes(path, data)
+    return entry
 
 
 class Progress:
@@ -95,8 +103,17 @@ class Progress:
         self.file_tokens: list[list[int]] = []  # per input file: [train tokens, val tokens, train docs, val docs]
         self.shards: dict[str, list[dict]] = {s: [] for s in SPLITS}
 
+    def state(self) -> dict:
+        """What to_json saves (a subclass adds its own keys)."""
+        return {"fingerprint": self.fingerprint, "file_tokens": self.file_tokens, "shards": self.shards}
+
+    def restore(self, saved: dict) -> None:
+        """Take back what state() saved (the fingerprint already matched)."""
+        self.file_tokens = saved["file_tokens"]
+        self.shards = {s: saved["shards"].get(s, []) for s in SPLITS}
+
     def to_json(self) -> str:
-        return json.dumps({"fingerprint": self.fingerprint, "file_tokens": self.file_tokens, "shards": self.shards})
+        return json.dumps(self.state())
 
     def save(self, storage: Storage) -> None:
         storage.write_text(PROGRESS, self.to_json())
@@ -113,8 +130,7 @@ class Progress:
         if saved.get("fingerprint") != fingerprint:
             return None
         progress = cls(fingerprint)
-        progress.file_tokens = saved["file_tokens"]
-        progress.shards = {s: saved["shards"].get(s, []) for s in SPLITS}
+        progress.restore(saved)
         return progress
 
     def shards_intact(self, storage: Storage) -> bool:

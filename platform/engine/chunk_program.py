@@ -39,6 +39,7 @@ from moeforge.platform.moe.phased import MoEPhaseState, PhasedMoE, boundary_leaf
 from torch import nn
 
 if TYPE_CHECKING:  # stages.py builds programs from this module, so only the annotation names it
+    from moeforge.platform.data.microbatches import MicroBatch
     from moeforge.platform.engine.stages import StageChunk
 
 Program = Generator[None, None, object]  # yields at each launched transfer; returns its result
@@ -87,16 +88,19 @@ class ChunkProgram:
 
     # ---- forward ----------------------------------------------------------------------------------
     def forward(
-        self, run: ChunkRun, x, input_ids, labels, loss_scale: float, mtp_loss_weight: float | None = None
+        self, run: ChunkRun, x, batch: MicroBatch, loss_scale: float, mtp_loss_weight: float | None = None
     ) -> Program:
         """x [b, s, hidden] (None on the first stage) -> h [b, s, hidden] detached, or on the last
         stage None (the loss, times loss_scale, is the root of the last phase; its MTP term weighted
-        by `mtp_loss_weight`, None: model.mtp_loss_weight)."""
+        by `mtp_loss_weight`, None: model.mtp_loss_weight, and its depths by batch.mtp_scales).
+        `batch.segments` [b, s]: the micro-batch's packed rows (None: one document per row), read by
+        every block's attention phase and the MTP chain, as StageChunk.forward passes them."""
         model, spec = self.chunk.model, self.chunk.spec
+        segments = batch.segments
         h = None if spec.first else x
         if spec.first:
             with self.context():
-                out = model.embed_tokens(input_ids)
+                out = model.embed_tokens(batch.input_ids)
             run.phases.append(_Phase([], _trainable(model.embed), [out]))
             h = out.detach()
         for block in self.chunk.blocks:
@@ -104,12 +108,12 @@ class ChunkProgram:
             h_in = boundary_leaf(h)
             if phased is None:  # no transfer inside: the whole block is one phase
                 with self.context():
-                    out = block(h_in)
+                    out = block(h_in, segments=segments)
                 run.phases.append(_Phase([h_in], _trainable(block), [out]))
                 h = out.detach()
                 continue
             with self.context():
-                h1, x_norm = block.attention_phase(h_in)
+                h1, x_norm = block.attention_phase(h_in, segments=segments)
             attn_params = [p for m in block.attention_phase_modules() for p in _trainable(m)]
             run.phases.append(_Phase([h_in], attn_params, [h1, x_norm]))
             with self.context():
@@ -126,7 +130,9 @@ class ChunkProgram:
             return h
         h_in = boundary_leaf(h)
         with self.context():
-            run.loss = model.head_and_loss(h_in, input_ids, labels, mtp_loss_weight)
+            run.loss = model.head_and_loss(
+                h_in, batch.input_ids, batch.labels, mtp_loss_weight, segments, batch.mtp_scales
+            )
         head_params = _trainable(model.norm) + _trainable(model.head) + _trainable(model.mtp)
         if len(model.mtp) > 0:
             head_params += _trainable(model.embed)

@@ -61,7 +61,6 @@ class RankParts:
     meta_model: Transformer  # the whole model on meta: names and structure, no storage
     rank_module: RankModule  # this rank's stages, materialised: what trains
     chunks: dict[int, StageChunk]  # by chunk index on this rank
-    holds_data: bool  # a first or last stage here: the rank reads tokens
     moe: list[MoE]  # this rank's MoE layers
     total_moe_layers: int  # in the whole model
     routing: RoutingStats  # EP: where this rank's tokens went
@@ -137,7 +136,7 @@ def assemble_rank(
     compute = ModelCompute(
         chunks,
         act_dtype=act_dtype,
-        loss_scale=1.0 / par.microbatches,
+        loss_scale=1.0 / par.microbatches,  # for a micro-batch without its own (a step's carry dp * n_m / N)
         context=lambda: compute_context(cfg.precision, device.type),
         phases=par.chunk_phases,
         tracker=p2p,
@@ -195,7 +194,6 @@ def assemble_rank(
         meta_model=meta_model,
         rank_module=rank_module,
         chunks=chunks,
-        holds_data=any(specs[s].first or specs[s].last for s in stages),
         moe=rank_module.moe_layers(),
         total_moe_layers=len(meta_model.moe_layers()),
         routing=routing,

@@ -5,8 +5,13 @@ TorchConfig, or by a test that spawns gloo processes); what the rank holds is bu
 platform/engine/rank_build.py, its checkpoints written by platform/engine/rank_checkpoint.py, and the
 Trainer (platform/train/trainer.py) runs the loop around it. Per optimizer step (`train_step`):
 
-    data        this dp replica's rows of the global batch, split into M micro-batches in order
-                (the one-process step's split: `data.microbatches.split_microbatches`)
+    data        every rank (every stage's attention reads the segments of packed rows) reads this dp
+                replica's rows of the global batch, split into M micro-batches in order (the
+                one-process step's split: `data.microbatches.microbatch_inputs`); micro-batch m's
+                loss is scaled by dp * n_m / N (and each MTP depth's by its own share), N the
+                trained labels of the whole global batch, counted from the data on every rank alike
+                (`replica_batch`), so that the dp average of the gradients is the gradient of the
+                global token-mean loss
     recipe      the step's MTP loss weight and bias update speed (`recipe_at(step)`,
                 platform/optim/recipe_schedule.py), the same on every rank
     executor    the schedule's action list for this rank (F / B / W / BW / F&B, async p2p)
@@ -39,11 +44,16 @@ from moeforge.model.balance import ExpertLoad, worst_layer_load
 from moeforge.platform.checkpoint.resume import data_skip
 from moeforge.platform.checkpoint.store import CheckpointMeta
 from moeforge.platform.config.train import TrainConfig
-from moeforge.platform.data.microbatches import default_batch_source, inputs_and_labels, split_microbatches
+from moeforge.platform.data.microbatches import (
+    Batch,
+    MicroBatch,
+    default_batch_source,
+    microbatch_inputs,
+    replica_batch,
+)
 from moeforge.platform.engine.executor import StepTrace
 from moeforge.platform.engine.rank_build import assemble_rank
 from moeforge.platform.engine.rank_checkpoint import RankCheckpoints
-from moeforge.platform.engine.stages import MicroBatch
 from moeforge.platform.moe.routing_stats import routing_summary
 from moeforge.platform.optim.bad_steps import LOSS_SPIKE_FACTOR, injected_data_fault
 from moeforge.platform.optim.bias_update import set_balance_loss_scale, update_router_biases
@@ -112,14 +122,13 @@ class RankEngine:
         set_balance_loss_scale(self.parts.moe, cfg.model.seq_aux_loss_alpha, 1.0 / self.microbatches)
         self.checkpoints = RankCheckpoints(cfg, self.parts, log)
         self.writer = self.checkpoints.writer
-        self.source = source
-        if self.source is None and self.parts.holds_data:
-            self.source = default_batch_source(cfg)
+        self.source = source if source is not None else default_batch_source(cfg)
         self.flops_per_token = estimate(cfg.model).run_flops_per_token
         self.step = 0
         self.data_skip = 0  # global batches skipped by loss-spike rollbacks: step s reads batch s + skip
-        # Evaluation needs held-out data on every rank that reads tokens; middle stages follow.
-        has_val = 1.0 if not self.parts.holds_data or getattr(self.source, "has_val", False) else 0.0
+        self.mtp_depths = cfg.model.num_nextn_predict_layers
+        # Evaluation needs held-out data on every rank (every rank reads the rows).
+        has_val = 1.0 if getattr(self.source, "has_val", False) else 0.0
         self.has_val = bool(self._all_reduce_small(torch.tensor([has_val]), dist.ReduceOp.MIN)[0] > 0)
 
     def warm_up(self) -> str | None:
@@ -160,12 +169,19 @@ class RankEngine:
         while True:  # "hang": never send again; the peers' p2p timeout must end the run
             time.sleep(1.0)
 
+    def _replica_microbatches(self, read: Callable[[int, int], Batch]) -> list[MicroBatch]:
+        """This replica's micro-batches of one global batch (`read(dp_rank, dp)`), each loss scaled
+        by dp * n_m / N (`microbatch_inputs`, with the global batch's counts from `replica_batch`).
+        Read and counted on the host, then moved to the device."""
+        dp = self.cfg.parallel.dp
+        batch, totals = replica_batch(read, self.parts.dp_rank, dp, self.mtp_depths)
+        microbatches = microbatch_inputs(batch, self.microbatches, totals, dp, self.mtp_depths)
+        return [mb.to(self.device) for mb in microbatches]
+
     def _microbatches(self) -> list[MicroBatch]:
-        if not self.parts.holds_data:  # middle stages never read tokens
-            return []
-        batch = self.source.batch(self.step + self.data_skip, self.parts.dp_rank, self.cfg.parallel.dp)
-        batch = batch.to(self.device)
-        return [MicroBatch(*inputs_and_labels(t)) for t in split_microbatches(batch, self.microbatches)]
+        """The step's micro-batches of this replica."""
+        step = self.step + self.data_skip
+        return self._replica_microbatches(lambda r, n: self.source.batch(step, r, n))
 
     def train_step(self, timeline: bool = False) -> PipelineStepMetrics:
         start = time.perf_counter()
@@ -253,18 +269,23 @@ class RankEngine:
         self, trace: StepTrace, lr, recipe: RecipeValues, grad_norm, load: ExpertLoad, start, gather
     ):
         losses, aux_loss_sum = self.parts.compute.loss_values()
+        # The step's losses are token means over the global batch: micro-batch m's mean weighted by
+        # its share n_m / N of the trained labels (its MTP depths by their own shares, inside its
+        # loss), summed over the last stages of every replica.
+        dp = self.cfg.parallel.dp
+        share = {mb: batch.loss_scale / dp for mb, batch in enumerate(self.parts.compute.microbatches)}
         local = torch.tensor(
             [
-                sum(v["loss"] for v in losses.values()),
-                sum(v["lm_loss"] for v in losses.values()),
-                sum(v["mtp_loss"] for v in losses.values()),
+                sum(v["loss"] * share[mb] for mb, v in losses.items()),
+                sum(v["lm_loss"] * share[mb] for mb, v in losses.items()),
+                sum(v["mtp_loss"] * share[mb] for mb, v in losses.items()),
                 float(len(losses)),
                 aux_loss_sum,
             ],
             dtype=torch.float64,
         )
         local = self._all_reduce_small(local)
-        loss_sum, lm_sum, mtp_sum, count, aux_sum = local.tolist()
+        loss_mean, lm_mean, mtp_mean, count, aux_sum = local.tolist()
         if round(count) != self.microbatches * self.cfg.parallel.dp:
             raise RuntimeError(f"{self.parts.name}: {count} micro-batch losses, expected M * dp")
         per_rank = torch.zeros(self.parts.topo.world_size, 4, dtype=torch.float64)
@@ -283,9 +304,9 @@ class RankEngine:
             records = [r for rank_records in everyone for r in rank_records]
         base = StepMetrics(
             step=self.step,
-            loss=loss_sum / count,
-            lm_loss=lm_sum / count,
-            mtp_loss=mtp_sum / count,
+            loss=loss_mean,
+            lm_loss=lm_mean,
+            mtp_loss=mtp_mean,
             aux_loss=aux_sum / max(1, self.parts.total_moe_layers) / self.cfg.parallel.dp,
             lr=lr,
             bias_update_speed=recipe.bias_update_speed,
@@ -315,37 +336,34 @@ class RankEngine:
 
         Each dp replica evaluates its rows of every held-out batch, split into the step's M
         micro-batches, through the same executor and stage placement as training, on forward-only
-        lists (schedules.forward_only): the same routes, no schedule-specific walk of its own. The
-        mean over micro-batches and replicas is the mean over every held-out token (equal sizes).
-        The objective weights MTP by the last trained step's lambda, as the reference loop does.
-        Expert loads counted here are discarded so they never move the router biases."""
+        lists (schedules.forward_only): the same routes, no schedule-specific walk of its own.
+        Every rank reads the rows (every stage's attention reads packed rows' segments). Each
+        held-out batch's figures are means over its trained labels, its micro-batches weighted as
+        a training step weighs them; the result is their mean over batches, as the reference loop
+        computes it. The objective weights MTP by the last trained step's lambda, as the reference
+        loop does. Expert loads counted here are discarded so they never move the router biases."""
         if not self.has_val:
             return None
         num_batches = num_batches or self.cfg.run.eval_batches
         par = self.cfg.parallel
         mtp_loss_weight = recipe_after(self.step, self.cfg).mtp_loss_weight
-        total = torch.zeros(3, dtype=torch.float64)  # [lm loss sum, objective sum, micro-batches]
+        total = torch.zeros(2, dtype=torch.float64)  # [lm loss, objective], shares summed over batches
         self.parts.rank_module.eval()
         try:
             for i in range(num_batches):
-                microbatches = []
-                if self.parts.holds_data:
-                    batch = self.source.val_batch(i, self.parts.dp_rank, par.dp).to(self.device)
-                    microbatches = [
-                        MicroBatch(*inputs_and_labels(t))
-                        for t in split_microbatches(batch, self.microbatches)
-                    ]
+                microbatches = self._replica_microbatches(lambda r, n, i=i: self.source.val_batch(i, r, n))
                 self.parts.eval_compute.start(microbatches, mtp_loss_weight)
                 self.parts.eval_executor.run()
-                for loss in self.parts.eval_compute.losses.values():
-                    total += torch.tensor([loss["lm_loss"], loss["loss"], 1.0], dtype=torch.float64)
+                for mb, loss in self.parts.eval_compute.losses.items():
+                    share = microbatches[mb].loss_scale / par.dp
+                    total += torch.tensor([loss["lm_loss"], loss["loss"]], dtype=torch.float64) * share
         finally:
             for m in self.parts.moe:
                 m.reset_load()
             self.parts.routing.reset()  # evaluation's dispatches are not the step's routing
             self.parts.rank_module.train()
-        lm_sum, objective_sum, count = self._all_reduce_small(total).tolist()
-        return EvalResult(lm_loss=lm_sum / count, objective=objective_sum / count)
+        lm_sum, objective_sum = self._all_reduce_small(total).tolist()
+        return EvalResult(lm_loss=lm_sum / num_batches, objective=objective_sum / num_batches)
 
     # ---- checkpoints (platform/engine/rank_checkpoint.py) ----------------------------------------
     def save_checkpoint(self, wait: bool = False) -> str:

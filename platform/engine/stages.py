@@ -39,6 +39,7 @@ from moeforge.model.config import ConfigError, ModelConfig
 from moeforge.model.init import init_weights
 from moeforge.model.moe import MoE
 from moeforge.model.transformer import Transformer, build_model
+from moeforge.platform.data.microbatches import MicroBatch
 from moeforge.platform.engine.chunk_program import (
     ChunkProgram,
     ChunkRun,
@@ -151,18 +152,22 @@ class StageChunk:
     def forward(
         self,
         x: torch.Tensor | None,
-        input_ids: torch.Tensor,
-        labels: torch.Tensor,
+        input_ids: torch.Tensor | None,
+        labels: torch.Tensor | None,
         mtp_loss_weight: float | None = None,
+        segments: torch.Tensor | None = None,
+        mtp_scales: Sequence[float] | None = None,
     ):
         """x [b, s, hidden] from the previous stage (None on the first stage) -> h [b, s, hidden],
         or on the last stage the model's LossOutput, its MTP term weighted by `mtp_loss_weight`
-        (the step's scheduled lambda; None: model.mtp_loss_weight)."""
+        (the step's scheduled lambda; None: model.mtp_loss_weight) and its depths by `mtp_scales`
+        (Transformer.head_and_loss). `segments` [b, s]: the micro-batch's packed rows (None: one
+        document per row), which every stage's attention reads."""
         h = self.model.embed_tokens(input_ids) if self.spec.first else x
         for block in self.blocks:
-            h = block(h)
+            h = block(h, segments=segments)
         if self.spec.last:
-            return self.model.head_and_loss(h, input_ids, labels, mtp_loss_weight)
+            return self.model.head_and_loss(h, input_ids, labels, mtp_loss_weight, segments, mtp_scales)
         return h
 
 
@@ -194,10 +199,9 @@ def build_rank(
 
 
 # ---- forward and split backward of the rank's chunks ----------------------------------------------
-@dataclass
-class MicroBatch:
-    input_ids: torch.Tensor  # [b, s]
-    labels: torch.Tensor  # [b, s]
+# A micro-batch is platform.data.microbatches.MicroBatch (input ids, labels, segments, loss factor):
+# every stage reads its segments (attention and positions of packed rows), the first stage its
+# input ids, the last its labels and its loss factor.
 
 
 @dataclass
@@ -213,8 +217,9 @@ class _Slot:
 class ModelCompute:
     """StageCompute over `chunks` (local chunk index -> StageChunk) for one step's micro-batches.
 
-    Each micro-batch's loss is multiplied by `loss_scale` before its backward (1/M for M
-    micro-batches, as the reference loop does); its MTP term is weighted by the step's
+    Each micro-batch's loss is multiplied by its own `MicroBatch.loss_scale` before its backward
+    (dp * n_m / N: the step's token mean, platform/data/microbatches.py), or by the uniform
+    `loss_scale` (1/M) for a micro-batch that carries none; its MTP term is weighted by the step's
     `mtp_loss_weight` (`start_step`). Per micro-batch loss values are kept in `losses`
     (last-stage chunks only). `context()` wraps every forward (the precision policy's autocast);
     outputs cross stages as `act_dtype`."""
@@ -299,12 +304,10 @@ class ModelCompute:
     def forward_program(self, chunk: int, mb: int, x: torch.Tensor | None) -> Program:
         """The forward of (chunk, mb) as a phase program; its result is what `forward` returns."""
         stage = self.chunks[chunk]
-        batch = self.microbatches[mb] if stage.spec.first or stage.spec.last else None
-        ids, labels = (batch.input_ids, batch.labels) if batch is not None else (None, None)
+        batch = self.microbatches[mb]
         run = ChunkRun()
-        out = yield from self.programs[chunk].forward(
-            run, x, ids, labels, self.loss_scale, self.mtp_loss_weight
-        )
+        scale = self._loss_scale(batch)
+        out = yield from self.programs[chunk].forward(run, x, batch, scale, self.mtp_loss_weight)
         self._record_forward(stage, mb, run.loss)
         self.slots[(chunk, mb)] = run
         run.loss = None  # the last phase holds the scaled loss as its root
@@ -340,19 +343,21 @@ class ModelCompute:
         if self.programs is not None:
             return run_to_end(self.forward_program(chunk, mb, x))
         stage = self.chunks[chunk]
+        batch = self.microbatches[mb]
         inp = None if stage.spec.first else x.detach().requires_grad_(True)
         with self.context():
-            if stage.spec.first or stage.spec.last:
-                batch = self.microbatches[mb]
-                out = stage.forward(inp, batch.input_ids, batch.labels, self.mtp_loss_weight)
-            else:  # middle stages never see tokens
-                out = stage.forward(inp, None, None)
+            out = stage.forward(
+                inp, batch.input_ids, batch.labels, self.mtp_loss_weight, batch.segments, batch.mtp_scales
+            )
         self._record_forward(stage, mb, out if stage.spec.last else None)
         if stage.spec.last:
-            self.slots[(chunk, mb)] = _Slot(inp, out.loss * self.loss_scale)
+            self.slots[(chunk, mb)] = _Slot(inp, out.loss * self._loss_scale(batch))
             return None
         self.slots[(chunk, mb)] = _Slot(inp, out)
         return out.detach().to(self.act_dtype)
+
+    def _loss_scale(self, batch: MicroBatch) -> float:
+        return self.loss_scale if batch.loss_scale is None else batch.loss_scale
 
     def _record_forward(self, stage: StageChunk, mb: int, loss) -> None:
         """After a forward: the balance losses its MoE layers recorded, and on the last stage the
@@ -445,20 +450,19 @@ class ForwardCompute:
         self.losses: dict[int, dict[str, float]] = {}
 
     def start(self, microbatches: list[MicroBatch], mtp_loss_weight: float | None = None) -> None:
-        """The micro-batches of one held-out batch (empty on ranks that hold no pipeline end), and
-        the lambda of the objective (None: model.mtp_loss_weight)."""
+        """The micro-batches of one held-out batch (every stage reads its segments), and the lambda
+        of the objective (None: model.mtp_loss_weight)."""
         self.microbatches, self.losses = microbatches, {}
         self.mtp_loss_weight = mtp_loss_weight
 
     @torch.no_grad()
     def forward(self, chunk: int, mb: int, x: torch.Tensor | None) -> torch.Tensor | None:
         stage = self.chunks[chunk]
-        batch = self.microbatches[mb] if stage.spec.first or stage.spec.last else None
+        batch = self.microbatches[mb]
         with self.context():
-            if batch is None:  # middle stages never see tokens
-                out = stage.forward(x, None, None)
-            else:
-                out = stage.forward(x, batch.input_ids, batch.labels, self.mtp_loss_weight)
+            out = stage.forward(
+                x, batch.input_ids, batch.labels, self.mtp_loss_weight, batch.segments, batch.mtp_scales
+            )
         if stage.spec.last:
             self.losses[mb] = {"loss": float(out.loss), "lm_loss": float(out.lm_loss)}
             return None

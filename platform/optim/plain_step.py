@@ -96,7 +96,8 @@ class PlainStep:
 
         The scale is copies / shard size for both kinds: an expert's gradient on an EP rank already
         sums the tokens of every replica of its EP group (the all-to-all brought them), each loss
-        scaled by that replica's 1/M, so it too needs the 1/dp of the replicas' mean."""
+        scaled by dp * n_m / N like every other gradient, so it too needs the 1/dp of the replicas'
+        mean."""
         flat = reduce_gradients(
             [grads.pop(id(p), torch.zeros_like(p)) for p in params], self.groups, self.copies, kind
         )

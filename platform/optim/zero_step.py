@@ -3,7 +3,8 @@ AdamW, with optimizer state partitioned over the shard group (gradients too, but
 saves here" below: no more than ZeRO-1 in this design).
 
 Input, once per step: this rank's gradients (a dict id(param) -> tensor, summed over the micro-batches
-it computed, each loss scaled by 1/M). The step must apply the gradient the single-process reference
+it computed, each loss scaled by dp * n_m / N, its share of the step's trained labels times dp:
+platform/data/microbatches.py). The step must apply the gradient the single-process reference
 would: summed over the two ranks of a DualPipe pair (each computed half the micro-batches of each
 stage), averaged over dp replicas, clipped by the norm over ALL stages, then AdamW.
 

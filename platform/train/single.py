@@ -1,17 +1,20 @@
 """The one-process step engine (`parallel.schedule=single`): the numerical reference.
 
 The global batch of each step is split into `parallel.microbatches` equal micro-batches, in order,
-each micro-batch's loss is scaled by 1/M and back-propagated, then one optimizer step runs. A pipeline
-run with the same seed, config and micro-batch count computes the same gradients, so the two compare
-loss for loss. The Trainer (platform/train/trainer.py) runs the loop around it; `Trainer.single(cfg)`
-builds the pair.
+each micro-batch's loss (the mean over its n_m trained labels) is scaled by n_m / N and
+back-propagated, N the trained labels of the whole global batch, then one optimizer step runs: the
+step's objective is the mean over every trained label of the batch, however it is split (for plain
+text n_m / N = 1/M). A pipeline run with the same seed, config and micro-batch count computes the
+same gradients, so the two compare loss for loss. The Trainer (platform/train/trainer.py) runs the
+loop around it; `Trainer.single(cfg)` builds the pair.
 
 One optimizer step (`train_step`), torchtitan style:
     recipe             the step's MTP loss weight and bias update speed (`recipe_at(step)`, as every
                        pipeline rank computes them)
-    forward_backward   M micro-batches, gradients accumulate (LM + lambda * MTP loss; the sequence-wise
-                       balance loss rides inside the MoE layers' autograd graph, its alpha scaled by
-                       1/M like the other losses); the forward runs under the precision policy's autocast
+    forward_backward   M micro-batches, gradients accumulate (LM + lambda * MTP loss, weighted by
+                       n_m / N; the sequence-wise balance loss rides inside the MoE layers' autograd
+                       graph, its alpha scaled by 1/M: it is a mean over sequences, not labels); the
+                       forward runs under the precision policy's autocast
     clip               global grad norm, then scale
     optimizer_step     LR from lr_at(step), AdamW step (BF16 moments when configured), zero grads
     balance            router-bias update from the step's expert loads
@@ -43,7 +46,13 @@ from moeforge.platform.checkpoint.resume import checkpoint_commit, data_skip, re
 from moeforge.platform.checkpoint.state import OptimizerState, RNGState, rng_state_to_tensors
 from moeforge.platform.checkpoint.store import CheckpointMeta, checkpoint_path, save_checkpoint
 from moeforge.platform.config.train import TrainConfig
-from moeforge.platform.data.microbatches import BatchSourceLike, inputs_and_labels, split_microbatches
+from moeforge.platform.data.microbatches import (
+    Batch,
+    BatchSourceLike,
+    MicroBatch,
+    batch_tokens,
+    microbatch_inputs,
+)
 from moeforge.platform.optim.adamw import build_adamw, clip_grads_with_norm_, global_grad_norm
 from moeforge.platform.optim.bad_steps import LOSS_SPIKE_FACTOR, injected_data_fault, is_finite_step
 from moeforge.platform.optim.bias_update import set_balance_loss_scale, update_router_biases
@@ -111,6 +120,7 @@ class SingleProcessEngine:
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = build_adamw(self.model.named_parameters(), cfg.optim, cfg.precision)
         self.microbatches = cfg.parallel.microbatches
+        self.mtp_depths = cfg.model.num_nextn_predict_layers
         set_balance_loss_scale(self.moe_modules, cfg.model.seq_aux_loss_alpha, 1.0 / self.microbatches)
         self.step = 0  # optimizer steps taken
         self.data_skip = 0  # global batches skipped by loss-spike rollbacks: step s reads batch s + skip
@@ -206,26 +216,41 @@ class SingleProcessEngine:
         return self.writer.wait() if wait else self.writer.poll()
 
     # --- one step -----------------------------------------------------------------------------
-    def forward_backward(self, batch: torch.Tensor, mtp_loss_weight: float | None = None) -> dict[str, float]:
+    def forward_backward(self, batch: Batch, mtp_loss_weight: float | None = None) -> dict[str, float]:
         """Accumulate gradients over the step's micro-batches, MTP weighted by `mtp_loss_weight`
-        (None: model.mtp_loss_weight); return the step's mean losses."""
+        (None: model.mtp_loss_weight); return the step's losses.
+
+        Micro-batch m's loss is scaled by n_m / N (platform/data/microbatches.py
+        `microbatch_inputs`), so the gradient and the returned loss, lm_loss and mtp_loss are token
+        means over the whole batch's N trained labels. MTP is weighted the same way, per depth:
+        depth k's mean inside the micro-batch's loss carries the micro-batch's share of the batch's
+        depth-k targets, n_m^k / N^k (the model's `mtp_scales` give the ratio to n_m / N), so the
+        MTP term is, for each depth, a mean over the batch's trained targets of that depth too."""
         expected = (self.cfg.data.global_batch, self.cfg.model.seq_len + 1)
-        if tuple(batch.shape) != expected:
-            raise ValueError(
-                f"batch shape {tuple(batch.shape)} != [data.global_batch, seq_len + 1] = {list(expected)}"
-            )
-        scale = 1.0 / self.microbatches
+        shape = tuple(batch_tokens(batch).shape)
+        if shape != expected:
+            raise ValueError(f"batch shape {shape} != [data.global_batch, seq_len + 1] = {list(expected)}")
         sums = {"loss": 0.0, "lm_loss": 0.0, "mtp_loss": 0.0, "aux_loss": 0.0}
-        for tokens in split_microbatches(batch, self.microbatches):
-            input_ids, labels = inputs_and_labels(tokens.to(self.device))
-            with compute_context(self.cfg.precision, self.device_type):
-                out = self.model(input_ids, labels=labels, mtp_loss_weight=mtp_loss_weight)
+        for mb in microbatch_inputs(batch, self.microbatches, mtp_depths=self.mtp_depths):
+            scale = mb.loss_scale
+            out = self._forward(mb.to(self.device), mtp_loss_weight)
             (out.loss * scale).backward()
             sums["loss"] += float(out.loss.detach()) * scale
             sums["lm_loss"] += float(out.lm_loss.detach()) * scale
             sums["mtp_loss"] += float(out.mtp_loss.detach()) * scale
             sums["aux_loss"] += self._aux_loss()  # recorded with the 1/M already in (see __init__)
         return sums
+
+    def _forward(self, mb: MicroBatch, mtp_loss_weight: float | None):
+        """The model's forward and losses on one micro-batch, under the precision policy."""
+        with compute_context(self.cfg.precision, self.device_type):
+            return self.model(
+                mb.input_ids,
+                labels=mb.labels,
+                mtp_loss_weight=mtp_loss_weight,
+                segments=mb.segments,
+                mtp_scales=mb.mtp_scales,
+            )
 
     def _aux_loss(self) -> float:
         """Mean over MoE layers of the balance loss their last forward recorded (0 without MoE)."""
@@ -253,7 +278,7 @@ class SingleProcessEngine:
         expert loads; return the worst layer's load."""
         return worst_layer_load(update_router_biases(self.moe_modules, gamma))  # [moe_layers, experts]
 
-    def train_step(self, timeline: bool = False, batch: torch.Tensor | None = None) -> StepMetrics:
+    def train_step(self, timeline: bool = False, batch: Batch | None = None) -> StepMetrics:
         """One optimizer step on the step's global batch (or `batch`). A non-finite loss or gradient
         norm skips the update (platform/optim/bad_steps.py): the weights, moments and router biases
         stay those of the last good step, and the step is recorded as skipped. `timeline` is the
@@ -294,7 +319,7 @@ class SingleProcessEngine:
             bias_update_speed=recipe.bias_update_speed,
             mtp_loss_weight=recipe.mtp_loss_weight,
             grad_norm=grad_norm,
-            tokens=batch.shape[0] * (batch.shape[1] - 1),
+            tokens=batch_tokens(batch).shape[0] * (batch_tokens(batch).shape[1] - 1),
             step_time_s=time.perf_counter() - start,
             load_imbalance=load.max_over_mean,
             max_expert_load=load.max_load,
@@ -306,9 +331,11 @@ class SingleProcessEngine:
     @torch.no_grad()
     def evaluate(self, num_batches: int | None = None) -> EvalResult | None:
         """LM cross-entropy and training objective over the first `num_batches` held-out batches
-        (None when the source has none). Each batch is split into the step's micro-batches, as the
-        pipeline evaluates it, so the two loops compare micro-batch for micro-batch. The objective
-        weights MTP by the last trained step's lambda (`recipe_after`).
+        (None when the source has none): each batch's means over its trained labels, its
+        micro-batches weighted as a training step weighs them, then the mean over batches. Each
+        batch is split into the step's micro-batches, as the pipeline evaluates it, so the two
+        loops compare micro-batch for micro-batch. The objective weights MTP by the last trained
+        step's lambda (`recipe_after`).
 
         Expert loads counted during evaluation are discarded so they never move the router biases."""
         if not getattr(self.source, "has_val", False):
@@ -317,21 +344,18 @@ class SingleProcessEngine:
         mtp_loss_weight = recipe_after(self.step, self.cfg).mtp_loss_weight
         self.model.eval()
         lm_sum = objective_sum = 0.0
-        count = 0
         try:
             for i in range(num_batches):
-                for tokens in split_microbatches(self.source.val_batch(i), self.microbatches):
-                    input_ids, labels = inputs_and_labels(tokens.to(self.device))
-                    with compute_context(self.cfg.precision, self.device_type):
-                        out = self.model(input_ids, labels=labels, mtp_loss_weight=mtp_loss_weight)
-                    lm_sum += float(out.lm_loss)
-                    objective_sum += float(out.loss)
-                    count += 1
+                val = self.source.val_batch(i)
+                for mb in microbatch_inputs(val, self.microbatches, mtp_depths=self.mtp_depths):
+                    out = self._forward(mb.to(self.device), mtp_loss_weight)
+                    lm_sum += mb.loss_scale * float(out.lm_loss)
+                    objective_sum += mb.loss_scale * float(out.loss)
         finally:
             for m in self.moe_modules:
                 m.reset_load()
             self.model.train()
-        return EvalResult(lm_loss=lm_sum / count, objective=objective_sum / count)
+        return EvalResult(lm_loss=lm_sum / num_batches, objective=objective_sum / num_batches)
 
     # --- in-memory state (tests, notebooks); files go through save_checkpoint / resume ---------
     def state_dict(self) -> dict:
