@@ -48,15 +48,21 @@ def train_config(model_cfg: ModelConfig, precision: PrecisionConfig | None = Non
     )
 
 
-def built_rank_numel(cfg: TrainConfig, pp_rank: int, ep_rank: int) -> tuple[int, int]:
-    """(parameters, routed-expert parameters) of the meta-built rank at (pp_rank, ep_rank)."""
+def built_rank_numel(cfg: TrainConfig, pp_rank: int, ep_rank: int) -> tuple[int, int, int]:
+    """(parameters, routed-expert parameters, largest single tensor as a checkpoint stores it: one
+    expert of a stacked [experts, ...] Parameter) of the meta-built rank at (pp_rank, ep_rank)."""
     par, m = cfg.parallel, cfg.model
     topo = Topology.for_schedule(par.schedule, par.pp, par.dp, par.ep, m.num_nextn_predict_layers > 0)
     specs = split_layers(m.num_hidden_layers, topo.num_stages, par.layers_per_stage)
     experts = ExpertPlacement(m.n_routed_experts, par.ep, ep_rank) if par.ep > 1 else None
     _, rank_module = build_rank(m, [specs[s] for s in topo.stages_of(pp_rank)], 0, "meta", experts)
     named = list(rank_module.named_parameters())  # named_parameters dedups shared Parameters
-    return sum(p.numel() for _, p in named), sum(p.numel() for n, p in named if ".mlp.experts." in n)
+    largest = max(p[0].numel() if ".mlp.experts." in n else p.numel() for n, p in named)
+    return (
+        sum(p.numel() for _, p in named),
+        sum(p.numel() for n, p in named if ".mlp.experts." in n),
+        largest,
+    )
 
 
 LAYOUTS = {
@@ -98,7 +104,8 @@ def test_planned_parameters_equal_the_meta_built_rank(layout):
     for pp_rank in pp_ranks:
         planned = plan.ranks[pp_rank]
         for ep_rank in ep_ranks:
-            assert built_rank_numel(cfg, pp_rank, ep_rank) == (planned.params, planned.expert_params), (
+            planned_numel = (planned.params, planned.expert_params, planned.largest_tensor)
+            assert built_rank_numel(cfg, pp_rank, ep_rank) == planned_numel, (
                 pp_rank,
                 ep_rank,
             )

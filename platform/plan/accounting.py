@@ -218,6 +218,24 @@ def _mla_block(cfg: ModelConfig, layer_idx: int, seq_len: int) -> _Block:
     return _Block(attn + ffn_total, attn + ffn_active, other, attention_flops)
 
 
+def largest_block_tensor(cfg: ModelConfig, layer_idx: int) -> int:
+    """Elements of the largest single weight tensor of block `layer_idx` as a checkpoint stores it
+    (one routed expert's matrix at a time; the shared experts' matrices as one). Layer ids >=
+    num_hidden_layers are MTP blocks."""
+    h, heads = cfg.hidden_size, cfg.num_attention_heads
+    if cfg.q_lora_rank is None:
+        q = [h * heads * cfg.qk_head_dim]
+    else:
+        q = [h * cfg.q_lora_rank, cfg.q_lora_rank * heads * cfg.qk_head_dim]
+    kv = [h * (cfg.kv_lora_rank + cfg.qk_rope_head_dim), cfg.kv_lora_rank * heads * (cfg.qk_nope_head_dim + cfg.v_head_dim)]
+    attn = [*q, *kv, heads * cfg.v_head_dim * h]
+    if cfg.is_moe_layer(layer_idx):
+        ffn = [h * cfg.moe_intermediate_size, h * cfg.moe_intermediate_size * cfg.n_shared_experts, cfg.n_routed_experts * h]
+    else:
+        ffn = [h * cfg.intermediate_size]
+    return max(attn + ffn)
+
+
 def routed_expert_params(cfg: ModelConfig, layer_idx: int) -> int:
     """Parameters of the routed experts of block `layer_idx` (0 for a dense block): the part expert
     parallelism splits over ranks. Layer ids >= num_hidden_layers are MTP blocks."""

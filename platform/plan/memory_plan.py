@@ -98,13 +98,22 @@ from moeforge.platform.config.precision import PrecisionConfig
 from moeforge.platform.config.train import TrainConfig
 from moeforge.platform.engine.stages import StageSpec, split_layers
 from moeforge.platform.engine.topology import Topology
-from moeforge.platform.plan.accounting import block_params, mtp_module_params, routed_expert_params
+from moeforge.platform.plan.accounting import (
+    block_params,
+    largest_block_tensor,
+    mtp_module_params,
+    routed_expert_params,
+)
 from moeforge.platform.schedules import ScheduleError, build_schedule
 from moeforge.platform.schedules.dataflow import compute_parts
 
 FP32_BYTES = 4
 INDEX_BYTES = 8  # int64 token ids, labels and expert ids
 FP8_TILE = 128  # one FP32 scale per 1x128 tile of a cached FP8 activation row
+# What a rank holds on the host while it reads `init.from` weights beyond its parameters and the
+# one tensor it is reading (platform/checkpoint/init_from.py; docs/starting_weights.md): the bound
+# tests/test_init_from.py holds.
+LOAD_OVERHEAD_BYTES = 4 << 20
 _DTYPE_BYTES = {"float32": 4, "bfloat16": 2}
 
 
@@ -136,6 +145,21 @@ def rank_param_counts(cfg: ModelConfig, specs: Sequence[StageSpec], ep: int = 1)
         for depth in range(1, cfg.num_nextn_predict_layers + 1):
             add_block(cfg.num_hidden_layers + depth - 1, mtp_module_params(cfg, depth))
     return total, routed
+
+
+def rank_largest_tensor(cfg: ModelConfig, specs: Sequence[StageSpec]) -> int:
+    """Elements of the largest single tensor the rank of `specs` reads from a checkpoint: the
+    embedding or output head on an end stage, else its blocks' largest matrix."""
+    first = any(s.first for s in specs)
+    last = any(s.last for s in specs)
+    h = cfg.hidden_size
+    sizes = [largest_block_tensor(cfg, i) for i in {i for s in specs for i in s.layers}]
+    if first or last:
+        sizes.append(cfg.vocab_size * h)
+    if last:
+        depths = range(1, cfg.num_nextn_predict_layers + 1)
+        sizes += [max(2 * h * h, largest_block_tensor(cfg, cfg.num_hidden_layers + d - 1)) for d in depths]
+    return max(sizes, default=0)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -233,6 +257,14 @@ class RankPlan:
     peak_live_by_chunk: tuple[int, ...]  # live micro-batches of each chunk at the activation peak
     peak_live_activations: int  # most (chunk, micro-batch) activations live at once (validator's count)
     claimed_peak_activations: int  # the schedule generator's claim
+    largest_tensor: int  # elements of the largest single tensor it reads from a checkpoint
+
+    @property
+    def load_bytes(self) -> int:
+        """Host bytes while reading `init.from` weights, at most: its parameters (FP32; on a GPU
+        they are in device memory instead), the largest tensor read (at FP32, the widest checkpoint
+        dtype) and LOAD_OVERHEAD_BYTES."""
+        return self.params_bytes + FP32_BYTES * self.largest_tensor + LOAD_OVERHEAD_BYTES
 
     @property
     def total_bytes(self) -> int:
@@ -241,6 +273,7 @@ class RankPlan:
     def to_dict(self) -> dict:
         out = asdict(self)
         out["total_bytes"] = self.total_bytes
+        out["load_bytes"] = self.load_bytes
         return {k: list(v) if isinstance(v, tuple) else v for k, v in out.items()}
 
 
@@ -338,6 +371,7 @@ def plan_memory(cfg: TrainConfig) -> MemoryPlan:
                 peak_live_by_chunk=live,
                 peak_live_activations=most,
                 claimed_peak_activations=claimed,
+                largest_tensor=rank_largest_tensor(model, [specs[s] for s in stages]),
             )
         )
     rank0 = topo.rank_of(0, 0)
@@ -461,6 +495,15 @@ def format_plan(plan: MemoryPlan) -> str:
         ),
         ("  total", f"{_gb(top.total_bytes)}  {verdict}"),
         ("total by pp_rank", _totals_by_rank(plan.ranks)),
+        (
+            "loading init.from",
+            (
+                f"host memory per rank at most {_gb(max(r.load_bytes for r in plan.ranks))}: its parameters "
+                f"(FP32; on a GPU in device memory) + the largest tensor it reads "
+                f"({_gb(FP32_BYTES * max(r.largest_tensor for r in plan.ranks))} at FP32) + "
+                f"{LOAD_OVERHEAD_BYTES >> 20} MiB"
+            ),
+        ),
     ]
     width = max(len(label) for label, _ in rows)
     return "\n".join(f"{label.ljust(width)}  {value}" for label, value in rows)
