@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -23,6 +24,7 @@ from moeforge.platform.checkpoint.store import list_checkpoints
 from moeforge.platform.config import TrainConfig
 from moeforge.platform.data.microbatches import inputs_and_labels
 from moeforge.platform.launch.local_spawn import spawn_gloo
+from moeforge.platform.plan.memory_plan import LOAD_OVERHEAD_BYTES
 from moeforge.platform.train.pipeline import train_from_dict
 from moeforge.platform.train.trainer import Trainer
 from pipeline_cases import (
@@ -170,6 +172,15 @@ def test_init_from_a_pp2_run_into_ep2_and_into_one_process(tmp_path, monkeypatch
     with pytest.raises(ConfigError, match=r"has no complete checkpoint of step 7 \(it has 2\)"):
         TrainConfig.from_dict({**one, "init": {"from": f"run:{tmp_path / 'source'}@7"}})
 
+    # Continuing the ep=2 run resumes its own checkpoint on every rank without reading init.from's:
+    # the source's tensors are cut to their headers, so a rank that read them would fail.
+    for shard in (tmp_path / "source").glob("checkpoints/*/*.safetensors"):
+        data = shard.read_bytes()
+        shard.write_bytes(data[: 8 + int.from_bytes(data[:8], "little")])
+    into_ep["run"]["steps"] = 3
+    summary = spawn_gloo(train_from_dict, 2, (into_ep, True))[0]
+    assert summary["steps"] == 3 and summary["resumed_from_step"] == 2
+
 
 LOAD_PROBE = r"""
 import json, sys
@@ -178,6 +189,7 @@ from moeforge.model.config import ModelConfig
 from moeforge.model.hf import HFCheckpoint, load_hf_into, read_hf_config
 from moeforge.platform.engine.stages import build_rank, split_layers
 from moeforge.platform.moe.expert_placement import ExpertPlacement
+from moeforge.platform.plan.memory_plan import rank_largest_tensor
 
 path, stage, ep_rank = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 hf_cfg, block = read_hf_config(path)
@@ -198,13 +210,15 @@ load_hf_into(module, checkpoint, cfg)
 after = status("VmHWM")
 largest = max(checkpoint.entries[k].end - checkpoint.entries[k].start for k in checkpoint.used)
 total = sum(e.end - e.start for e in checkpoint.entries.values())
+planned = 4 * rank_largest_tensor(cfg, [specs[stage]])  # moeforge-estimate's bound: FP32 bytes
 print(json.dumps({"share": share, "grew": after - before, "largest": largest, "read": len(checkpoint.used),
-                  "keys": len(checkpoint.entries), "total": total}))
+                  "keys": len(checkpoint.entries), "total": total, "planned": planned}))
 """
 
 # What loading may add to a rank's peak memory beyond the tensor in flight: allocator slack and
-# Python objects (the rank's own parameters are allocated before loading starts).
-LOAD_SLACK_BYTES = 4 * 2**20
+# Python objects (the rank's own parameters are allocated before loading starts). moeforge-estimate
+# prints the same bound.
+LOAD_SLACK_BYTES = LOAD_OVERHEAD_BYTES
 
 
 def test_a_rank_reads_only_its_share_and_holds_one_tensor_at_a_time(tmp_path):
@@ -225,4 +239,48 @@ def test_a_rank_reads_only_its_share_and_holds_one_tensor_at_a_time(tmp_path):
     print(got)
     assert got["read"] < got["keys"] / 2  # its stage and half of its experts, not the whole model
     assert got["grew"] <= got["largest"] + LOAD_SLACK_BYTES, got
+    assert got["largest"] <= got["planned"], got  # the estimate's largest tensor bounds the one read
     assert got["total"] > 4 * (got["largest"] + LOAD_SLACK_BYTES)  # whole-file reading would not fit
+
+
+def test_fine_tune_convert_and_generate_with_transformers(tmp_path, hf_dirs):
+    """The round trip a user makes: fine-tune from a Hugging Face directory (and continue the run,
+    which resumes without reading those weights), export the run with moeforge-convert's export,
+    read the export with transformers and generate. transformers' greedy continuation equals
+    moeforge's from the run's checkpoint, and differs from the starting weights' (the fine-tune
+    moved them)."""
+    from moeforge.platform.checkpoint.export import export_checkpoint
+    from moeforge.platform.checkpoint.reshard import load_model_from_checkpoint
+    from moeforge.platform.checkpoint.store import latest_checkpoint
+    from moeforge.platform.inference.generate import generate
+
+    start = tmp_path / "start"
+    shutil.copytree(hf_dirs / "bf16", start)
+    raw = _raw(tmp_path / "run", f"hf:{start}", checkpoint={"every": 3})
+    raw["run"].update(steps=3)
+    raw["optim"] = {"lr": 3e-2, "warmup_steps": 1}
+    Trainer.single(TrainConfig.from_dict(raw), log=lambda _line: None).train()
+    # Continuing the run resumes its checkpoint and never reads init.from's weights again: they are
+    # cut to their header (which the config check reads), so reading any tensor would fail.
+    for weights in start.glob("*.safetensors"):
+        data = weights.read_bytes()
+        weights.write_bytes(data[: 8 + int.from_bytes(data[:8], "little")])
+    raw["run"].update(steps=4)
+    resumed = Trainer.single(TrainConfig.from_dict(raw), log=lambda _line: None)
+    assert resumed.step == 3 and not resumed.engine.init_weights
+    resumed.train()
+    export_checkpoint(str(tmp_path / "run"), tmp_path / "export")
+
+    prompt, new = [5, 17, 3, 29, 11], 12
+
+    def greedy_transformers(directory) -> list[int]:
+        model = DeepseekV3ForCausalLM.from_pretrained(directory, torch_dtype=torch.float32).eval()
+        with torch.no_grad():
+            out = model.generate(torch.tensor([prompt]), max_new_tokens=new, min_new_tokens=new,
+                                 do_sample=False, pad_token_id=0)  # fmt: skip
+        return out[0, len(prompt) :].tolist()
+
+    ours = generate(load_model_from_checkpoint(latest_checkpoint(str(tmp_path / "run"))), [prompt], new).tokens[0]
+    theirs = greedy_transformers(tmp_path / "export")
+    assert theirs == ours and len(ours) == new
+    assert greedy_transformers(hf_dirs / "bf16") != ours  # the fine-tune changed what the model says

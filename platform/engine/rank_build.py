@@ -79,9 +79,11 @@ def assemble_rank(
     world_size: int,
     device: torch.device,
     fault: Callable[[], None] | None = None,
+    init_weights: bool = True,
 ) -> RankParts:
     """Build this rank's parts (collective: every rank calls it). `fault` is the executor's test-only
-    fault hook (parallel.fault_injection)."""
+    fault hook (parallel.fault_injection). `init_weights`: read `init.from`'s weights (a run about
+    to resume its own checkpoint does not: they would be replaced at once)."""
     par = cfg.parallel
     topo = Topology.for_schedule(
         par.schedule, par.pp, par.dp, par.ep, tied_embedding=cfg.model.num_nextn_predict_layers > 0
@@ -99,7 +101,7 @@ def assemble_rank(
     meta_model, rank_module = build_rank(
         cfg.model, [specs[s] for s in stages], cfg.run.seed, device, experts=placement
     )
-    if cfg.init.kind is not None:  # published or earlier weights: this rank's stages and experts only
+    if cfg.init.kind is not None and init_weights:  # published or earlier weights: this rank's share only
         load_initial_weights(cfg.model, cfg.init, rank_module)
     # The precision policy swaps this rank's GEMM modules in place (shared with meta_model), as the
     # one-process run does for the whole model; its deferrable layers give the cheap B/W split.

@@ -113,12 +113,14 @@ class RankEngine:
         source=None,
         device: torch.device | str = "cpu",
         log: Callable[[str], None] = print,
+        init_weights: bool = True,
     ) -> None:
         self.cfg, self.rank = cfg, rank
+        self.init_weights = init_weights  # init.from read (assemble_rank); False when resuming
         self.device = torch.device(device)
         self.reports = rank == 0  # rank 0 keeps the run's record
         self.microbatches = cfg.parallel.microbatches
-        self.parts = assemble_rank(cfg, rank, world_size, self.device, fault=self._maybe_fault)
+        self.parts = assemble_rank(cfg, rank, world_size, self.device, fault=self._maybe_fault, init_weights=init_weights)
         set_balance_loss_scale(self.parts.moe, cfg.model.seq_aux_loss_alpha, 1.0 / self.microbatches)
         self.checkpoints = RankCheckpoints(cfg, self.parts, log)
         self.writer = self.checkpoints.writer

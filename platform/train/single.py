@@ -104,13 +104,15 @@ class SingleProcessEngine:
         source: BatchSourceLike,
         log: Callable[[str], None] = print,
         storage: Storage | None = None,
+        init_weights: bool = True,
     ) -> None:
         check_single(cfg)
+        self.init_weights = init_weights  # init.from read; False when resuming (replaced at once)
         self.cfg, self.source, self.log = cfg, source, log
         torch.manual_seed(cfg.run.seed)  # model init and anything stochastic in the loop
         self.device = training_device(cfg)
         model = build_model(cfg.model, seed=cfg.run.seed)  # init on CPU: same weights anywhere
-        if cfg.init.kind is not None:  # published or earlier weights (init.from)
+        if cfg.init.kind is not None and init_weights:  # published or earlier weights (init.from)
             load_initial_weights(cfg.model, cfg.init, model)
         self.model = apply_precision(model.to(self.device), cfg.precision)
         set_reserved_sms(cfg.parallel.comm_sms)  # persistent FP8 GEMMs leave these SMs free

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 import signal
 import threading
 import time
@@ -61,9 +62,13 @@ def interruption_note(why: str, step: int, saved_step: int | None, run_dir: str)
     )
 
 
+CTRL_C = "Ctrl-C"  # why a run stopped, as the closing line says it
+
+
 class Terminated(BaseException):
-    """SIGTERM arrived during training (preemption, `kill`, a scheduler's stop): handled like Ctrl-C,
-    so the run records its failure and keeps a consistent checkpoint before it exits."""
+    """A stop was asked during training (Ctrl-C, SIGTERM from a preemption, `kill` or a scheduler,
+    a STOP file): the run stops at the next step boundary, records that it was interrupted and keeps
+    a consistent checkpoint before it exits. Its message says why ("Ctrl-C", "received SIGTERM")."""
 
 
 class StepEngine(Protocol):
@@ -77,6 +82,7 @@ class StepEngine(Protocol):
     reports: bool
     distributed: bool
     writer: AsyncCheckpointWriter | None  # checkpoint.async's background writer
+    init_weights: bool  # whether it read init.from (not when about to resume a checkpoint)
 
     def open_report(
         self, log: Callable[[str], None], resumed_from: str | None, outputs: RunOutputs | None
@@ -119,10 +125,15 @@ class Trainer:
         self.resumed_from: str | None = None
         self.saved_step: int | None = None  # the newest complete checkpoint of this run
         self._pending: tuple[Any, EvalResult | None] | None = None  # a step not yet recorded
-        self._terminate: str | None = None  # why SIGTERM asked to stop
+        self._terminate: str | None = None  # why a stop was asked (a signal, a STOP file)
         self._stop_checked_at = 0.0  # when this process last looked for run.dir/STOP
         self._agreed_stop = False  # every rank stopped at the same step boundary
         found = engine.agree_on(lambda: resume_point(cfg, self.storage, restarted=restarted))
+        if engine.any_rank(not engine.init_weights and found is None):
+            raise RuntimeError(
+                f"a rank found a checkpoint in {cfg.run.dir} to resume, so it skipped init.from, but rank 0 "
+                "found none: run.dir changed while the run started"
+            )
         if found is not None:
             self._restore(checkpoint_path(cfg.run.dir, found))
             self.resumed_from = checkpoint_path(cfg.run.dir, found)
@@ -139,8 +150,10 @@ class Trainer:
         check_single(cfg)
         source = source if source is not None else default_batch_source(cfg)
         outputs = RunOutputs(cfg.run.dir, fresh=False)  # metrics kept or dropped once resumed
-        resume_point(cfg, outputs.storage)  # a fresh run into a run.dir with checkpoints fails here
-        return cls(cfg, SingleProcessEngine(cfg, source, log, outputs.storage), log, outputs=outputs)
+        # a fresh run into a run.dir with checkpoints fails here; a resuming one skips init.from
+        resuming = resume_point(cfg, outputs.storage) is not None
+        engine = SingleProcessEngine(cfg, source, log, outputs.storage, init_weights=not resuming)
+        return cls(cfg, engine, log, outputs=outputs)
 
     @classmethod
     def pipeline_rank(
@@ -161,7 +174,10 @@ class Trainer:
         from moeforge.platform.engine.rank_engine import RankEngine
 
         record_comm_from_env()
-        engine = RankEngine(cfg, rank, world_size, source=source, device=device, log=log)
+        # Every rank looks for the checkpoint it will resume (rank 0's choice is then taken by all):
+        # init.from's weights, read only to be replaced, are skipped.
+        resuming = resume_point(cfg, open_storage(cfg.run.dir), restarted=restarted) is not None
+        engine = RankEngine(cfg, rank, world_size, source=source, device=device, log=log, init_weights=not resuming)
         return cls(cfg, engine, log, report_to=report_to, restarted=restarted)
 
     @property
@@ -232,7 +248,7 @@ class Trainer:
 
     def interruption_note(self, err: BaseException) -> str:
         """One line for a run stopped by Ctrl-C or SIGTERM: where it stopped and how to go on."""
-        why = "Ctrl-C" if isinstance(err, KeyboardInterrupt) else str(err) or "SIGTERM"
+        why = CTRL_C if isinstance(err, KeyboardInterrupt) else str(err) or "SIGTERM"
         return interruption_note(why, self.engine.step, self.saved_step, self.cfg.run.dir)
 
     # --- the run ------------------------------------------------------------------------------
@@ -252,7 +268,7 @@ class Trainer:
         if engine.reports:
             self.report = engine.open_report(self.log, self.resumed_from, self.outputs)
         try:
-            with self._sigterm_raises_terminated():
+            with self._signals_stop_at_step_boundary():
                 self._run_steps()
                 engine.finish()
         except BaseException as err:
@@ -289,7 +305,7 @@ class Trainer:
                 self.report_to(record)
             if engine.any_rank(self._stop_asked()):  # stop now that the step is whole
                 self._agreed_stop = True
-                raise Terminated(self._terminate or "another rank received SIGTERM")
+                raise Terminated(self._terminate or "another rank was asked to stop")
             self.bad_steps.after_step(step, base.loss, base.skipped)
             spike, median = self.bad_steps.is_spike(base.loss)
             if spike:
@@ -316,10 +332,10 @@ class Trainer:
         return self._terminate is not None
 
     @contextlib.contextmanager
-    def _sigterm_raises_terminated(self):
-        """Note SIGTERM while the block runs; the loop raises `Terminated` at the next step boundary
-        (every rank alike). Main thread only (Python delivers signals there); elsewhere this does
-        nothing."""
+    def _signals_stop_at_step_boundary(self):
+        """Note SIGTERM and Ctrl-C (SIGINT) while the block runs; the loop raises `Terminated` at the
+        next step boundary (every rank alike). A second Ctrl-C raises KeyboardInterrupt at once.
+        Main thread only (Python delivers signals there); elsewhere this does nothing."""
         if threading.current_thread() is not threading.main_thread():
             yield
             return
@@ -327,13 +343,21 @@ class Trainer:
         def handler(signum, frame):
             # Only noted here: an exception raised from a signal handler can land anywhere (inside
             # a finalizer it is printed and lost), so the loop stops at the step boundary instead.
-            self._terminate = f"received {signal.Signals(signum).name}"
+            if signum == signal.SIGINT:
+                if self._terminate == CTRL_C:  # asked twice: stop now
+                    raise KeyboardInterrupt
+                self._terminate = CTRL_C
+                if self.engine.reports:  # os.write: a handler may interrupt a buffered print
+                    os.write(2, b"moeforge: stopping after the step in progress (Ctrl-C again to stop at once)\n")
+            else:
+                self._terminate = f"received {signal.Signals(signum).name}"
 
-        previous = signal.signal(signal.SIGTERM, handler)
+        previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
         try:
             yield
         finally:
-            signal.signal(signal.SIGTERM, previous)
+            for sig, old in previous.items():
+                signal.signal(sig, old)
 
     def _record_failure(self, err: BaseException) -> None:
         """Keep what can be kept after `err`: the completed step's record, a checkpoint when the
