@@ -51,9 +51,18 @@ def _sweep_subdir() -> str:
 OmegaConf.register_new_resolver("moeforge.sweep_subdir", _sweep_subdir, replace=True)
 
 
-# The config groups a training run composes (conf/train.yaml's defaults), in its order. conf/ holds
-# other jobs' groups too (clusters/, network/), which moeforge-train cannot use.
-TRAIN_GROUPS = ("model", "parallel", "precision", "data", "optim", "tracking", "checkpoint", "experiment")
+CONFIG_NAME = "train"  # conf/train.yaml
+
+
+def train_groups(conf) -> list[str]:
+    """The config groups a training run composes: the groups of conf/train.yaml's defaults list, in
+    its order (conf/ holds other jobs' groups too, clusters/ and network/, which moeforge-train
+    cannot use). Read from the file itself, so a group added there is listed here."""
+    import yaml
+
+    defaults = yaml.safe_load(conf.joinpath(f"{CONFIG_NAME}.yaml").read_text())["defaults"]
+    names = (next(iter(entry)) for entry in defaults if isinstance(entry, dict))
+    return [name for name in names if not name.startswith(("override ", "hydra/"))]
 
 
 def _help() -> str:
@@ -62,7 +71,7 @@ def _help() -> str:
 
     conf = files("moeforge.conf")
     lines = [__doc__.strip(), "", "Config groups (group=option):"]
-    for group in TRAIN_GROUPS:
+    for group in train_groups(conf):
         options = sorted(p.name[: -len(".yaml")] for p in conf.joinpath(group).iterdir() if p.name.endswith(".yaml"))
         lines.append(f"  {group}: {', '.join(options)}")
     lines += [
@@ -96,7 +105,7 @@ def main() -> None:
         _fail(one_line(err))
 
 
-@hydra.main(config_path="pkg://moeforge.conf", config_name="train", version_base=None)
+@hydra.main(config_path="pkg://moeforge.conf", config_name=CONFIG_NAME, version_base=None)
 def _train(cfg: DictConfig) -> None:
     try:
         raw = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
