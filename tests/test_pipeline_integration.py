@@ -171,8 +171,8 @@ def test_failed_run_records_rank0_error(tmp_path):
         p2p_timeout_s=5.0,
         fault_injection={"rank": 0, "step": 1, "kind": "raise"},
     )
-    with pytest.raises(RuntimeError, match="InjectedFault"):
-        spawn_gloo(train_from_dict, 2, (raw, True), timeout_s=60)
+    with pytest.raises(RuntimeError, match="InjectedFault"):  # rank 1 waits on rank 0: nothing to finish
+        spawn_gloo(train_from_dict, 2, (raw, True), timeout_s=60, failure_grace_s=1.0)
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["status"] == "failed"
     assert summary["error"].startswith("InjectedFault: rank 0 (pp 0, dp 0): injected fault at step 1")

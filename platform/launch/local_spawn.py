@@ -104,11 +104,16 @@ def _start_server() -> None:
 
 
 def spawn_gloo(
-    fn: Callable[..., Any], world_size: int, args: tuple = (), timeout_s: float = 300.0
+    fn: Callable[..., Any],
+    world_size: int,
+    args: tuple = (),
+    timeout_s: float = 300.0,
+    failure_grace_s: float = FAILURE_GRACE_S,
 ) -> dict[int, Any]:
     """Call `fn(rank, world_size, *args)` on `world_size` spawned processes sharing a gloo group;
     return {rank: result}. A failure on any rank raises RuntimeError with that rank's traceback,
-    once the other ranks have ended or FAILURE_GRACE_S has passed."""
+    once the other ranks have ended or `failure_grace_s` has passed (a caller whose other ranks
+    have nothing to finish, a hung peer's, need not wait for them)."""
     ctx = mp.get_context("forkserver")
     ctx.set_forkserver_preload(_PRELOAD)  # takes effect when the server starts (the first call)
     _start_server()
@@ -132,7 +137,7 @@ def spawn_gloo(
         else:
             errors.append(f"rank {rank}: {payload}")
             break  # the first failure decides; the others get a grace period, then are killed
-    deadline = time.monotonic() + (FAILURE_GRACE_S if errors else 30.0)
+    deadline = time.monotonic() + (failure_grace_s if errors else 30.0)
     for p in procs:
         p.join(timeout=max(0.0, deadline - time.monotonic()))
     for p in procs:
