@@ -98,7 +98,7 @@ def test_an_interrupted_run_keeps_its_step_and_says_how_to_resume(tmp_path, sig)
     )
     assert match and match[1] == match[2], last
     if sig == signal.SIGINT:  # said at once: the run ends at the step boundary, not now
-        assert "moeforge: stopping after the step in progress (Ctrl-C again to stop at once)" in err
+        assert "moeforge: Ctrl-C: stopping after the step in progress, with a checkpoint" in err
     step = int(match[1])
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "interrupted" and summary["steps"] == step

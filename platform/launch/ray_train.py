@@ -211,14 +211,11 @@ def stop_file_on_signal(run_dir: str):
     (KeyboardInterrupt: Ray Train ends the workers without a checkpoint). Main thread only; Python
     delivers signals nowhere else, and elsewhere this does nothing."""
     import signal
-    import threading
 
     from moeforge.platform.outputs.run_files import STOP
     from moeforge.platform.outputs.storage import open_storage
+    from moeforge.platform.train.signals import on_stop_signals
 
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
     asked: list[str] = []
 
     def handler(signum, frame):
@@ -233,12 +230,8 @@ def stop_file_on_signal(run_dir: str):
             flush=True,
         )
 
-    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
+    with on_stop_signals(handler):
         yield
-    finally:
-        for sig, old in previous.items():
-            signal.signal(sig, old)
 
 
 def _ranks_of_ray_ranks(run_dir: str) -> dict[int, int]:

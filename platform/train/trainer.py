@@ -35,7 +35,6 @@ import contextlib
 import dataclasses
 import os
 import signal
-import threading
 import time
 from collections.abc import Callable
 from typing import Any, Protocol
@@ -50,6 +49,7 @@ from moeforge.platform.outputs.metrics import EvalResult, TrainSummary
 from moeforge.platform.outputs.run_files import STOP, RunOutputs
 from moeforge.platform.outputs.run_report import RunReport
 from moeforge.platform.outputs.storage import Storage, open_storage
+from moeforge.platform.train.signals import on_stop_signals
 
 
 def interruption_note(why: str, step: int, saved_step: int | None, run_dir: str) -> str:
@@ -63,6 +63,8 @@ def interruption_note(why: str, step: int, saved_step: int | None, run_dir: str)
 
 
 CTRL_C = "Ctrl-C"  # why a run stopped, as the closing line says it
+# Said at once on the first Ctrl-C, as a Ray driver says it (platform/launch/ray_train.py)
+STOPPING_LINE = b"moeforge: Ctrl-C: stopping after the step in progress, with a checkpoint (again to stop at once, without one)\n"
 
 
 class Terminated(BaseException):
@@ -336,9 +338,6 @@ class Trainer:
         """Note SIGTERM and Ctrl-C (SIGINT) while the block runs; the loop raises `Terminated` at the
         next step boundary (every rank alike). A second Ctrl-C raises KeyboardInterrupt at once.
         Main thread only (Python delivers signals there); elsewhere this does nothing."""
-        if threading.current_thread() is not threading.main_thread():
-            yield
-            return
 
         def handler(signum, frame):
             # Only noted here: an exception raised from a signal handler can land anywhere (inside
@@ -348,16 +347,12 @@ class Trainer:
                     raise KeyboardInterrupt
                 self._terminate = CTRL_C
                 if self.engine.reports:  # os.write: a handler may interrupt a buffered print
-                    os.write(2, b"moeforge: stopping after the step in progress (Ctrl-C again to stop at once)\n")
+                    os.write(2, STOPPING_LINE)
             else:
                 self._terminate = f"received {signal.Signals(signum).name}"
 
-        previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
-        try:
+        with on_stop_signals(handler):
             yield
-        finally:
-            for sig, old in previous.items():
-                signal.signal(sig, old)
 
     def _record_failure(self, err: BaseException) -> None:
         """Keep what can be kept after `err`: the completed step's record, a checkpoint when the
