@@ -101,11 +101,17 @@ class StepEngine(Protocol):
     def finish(self) -> None: ...
 
 
+class _NotLooked:
+    """`Trainer(found=...)`'s default: the Trainer looks in run.dir for a checkpoint itself."""
+
+
 class Trainer:
     """The outer loop over a step engine (see the module docstring). `report_to`: Ray Train's report,
     called on every rank at each log step with rank 0's record (other ranks pass {}). `restarted`: a
     restarted worker group resumes its own newest checkpoint whatever checkpoint.resume says.
-    `outputs`: run.dir, when the caller opened it before building the engine."""
+    `outputs`: run.dir, when the caller opened it before building the engine. `found`: the step of
+    the checkpoint this process found to resume (None: none), when the caller looked already (to
+    decide whether to read init.from); rank 0's is taken by every rank."""
 
     def __init__(
         self,
@@ -115,6 +121,7 @@ class Trainer:
         report_to: Callable[[dict], None] | None = None,
         restarted: bool = False,
         outputs: RunOutputs | None = None,
+        found: int | None | type[_NotLooked] = _NotLooked,
     ) -> None:
         self.cfg, self.engine, self.log, self.report_to = cfg, engine, log, report_to
         self._said_no_eval = False
@@ -130,7 +137,14 @@ class Trainer:
         self._terminate: str | None = None  # why a stop was asked (a signal, a STOP file)
         self._stop_checked_at = 0.0  # when this process last looked for run.dir/STOP
         self._agreed_stop = False  # every rank stopped at the same step boundary
-        found = engine.agree_on(lambda: resume_point(cfg, self.storage, restarted=restarted))
+        looked = found
+
+        def pick() -> int | None:  # rank 0's answer is every rank's
+            if looked is _NotLooked:
+                return resume_point(cfg, self.storage, restarted=restarted)
+            return looked
+
+        found = engine.agree_on(pick)
         if engine.any_rank(not engine.init_weights and found is None):
             raise RuntimeError(
                 f"a rank found a checkpoint in {cfg.run.dir} to resume, so it skipped init.from, but rank 0 "
@@ -153,9 +167,9 @@ class Trainer:
         source = source if source is not None else default_batch_source(cfg)
         outputs = RunOutputs(cfg.run.dir, fresh=False)  # metrics kept or dropped once resumed
         # a fresh run into a run.dir with checkpoints fails here; a resuming one skips init.from
-        resuming = resume_point(cfg, outputs.storage) is not None
-        engine = SingleProcessEngine(cfg, source, log, outputs.storage, init_weights=not resuming)
-        return cls(cfg, engine, log, outputs=outputs)
+        found = resume_point(cfg, outputs.storage)
+        engine = SingleProcessEngine(cfg, source, log, outputs.storage, init_weights=found is None)
+        return cls(cfg, engine, log, outputs=outputs, found=found)
 
     @classmethod
     def pipeline_rank(
@@ -178,9 +192,9 @@ class Trainer:
         record_comm_from_env()
         # Every rank looks for the checkpoint it will resume (rank 0's choice is then taken by all):
         # init.from's weights, read only to be replaced, are skipped.
-        resuming = resume_point(cfg, open_storage(cfg.run.dir), restarted=restarted) is not None
-        engine = RankEngine(cfg, rank, world_size, source=source, device=device, log=log, init_weights=not resuming)
-        return cls(cfg, engine, log, report_to=report_to, restarted=restarted)
+        found = resume_point(cfg, open_storage(cfg.run.dir), restarted=restarted)
+        engine = RankEngine(cfg, rank, world_size, source=source, device=device, log=log, init_weights=found is None)
+        return cls(cfg, engine, log, report_to=report_to, restarted=restarted, found=found)
 
     @property
     def step(self) -> int:
