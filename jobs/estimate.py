@@ -34,8 +34,8 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from moeforge.model.config import ConfigError, build_config
 from moeforge.platform.cli import compose_values, run_cli
+from moeforge.platform.config.builder import ConfigError, build_config
 from moeforge.platform.plan.accounting import (
     ClusterConfig,
     estimate,

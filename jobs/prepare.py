@@ -13,8 +13,7 @@ from __future__ import annotations
 import sys
 
 import hydra
-from moeforge.model.config import ConfigError
-from moeforge.platform.config._build import build
+from moeforge.platform.config.builder import ConfigError, build
 from moeforge.platform.data.corpus import CorpusError
 from moeforge.platform.data.prepare import PrepareConfig, prepare
 from moeforge.platform.data.sft_example import write_sft_example

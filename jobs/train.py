@@ -14,8 +14,8 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import HydraException
 from hydra.types import RunMode
-from moeforge.model.config import ConfigError
 from moeforge.platform.cli import one_line, settable_overrides
+from moeforge.platform.config.builder import ConfigError
 from moeforge.platform.config.train import TrainConfig
 from moeforge.platform.outputs.storage import StorageError, check_local_output
 from omegaconf import DictConfig, OmegaConf

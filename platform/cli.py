@@ -15,7 +15,7 @@ from typing import Any
 
 from hydra import compose, initialize_config_module
 from hydra.errors import HydraException
-from moeforge.model.config import ConfigError
+from moeforge.platform.config.builder import ConfigError
 from omegaconf import OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 

@@ -22,7 +22,8 @@ import pytest
 import yaml
 from moeforge.jobs.estimate import main
 from moeforge.model import transformer
-from moeforge.model.config import ConfigError, ModelConfig, build_config
+from moeforge.model.config import ModelConfig
+from moeforge.platform.config.builder import ConfigError, build_config
 from moeforge.platform.plan.accounting import (
     ClusterConfig,
     DenseGQAConfig,
@@ -122,14 +123,14 @@ def test_qwen_published_gflops_is_unreachable_from_its_hyperparameters():
 def test_deepseek_v3_yaml_is_the_published_default_config():
     values = model_yaml("deepseek_v3")
     assert values.pop("arch") == "deepseek_v3"
-    assert ModelConfig.from_dict(values) == ModelConfig()
+    assert build_config(ModelConfig, values, "model") == ModelConfig()
 
 
 @pytest.mark.parametrize("name", ["tiny", "small", "deepseek_v2", "deepseek_v3"])
 def test_deepseek_yamls_build_a_model_config_as_training_does(name):
     values = model_yaml(name)
     assert values.pop("arch") == "deepseek_v3"  # the training config pops `arch`
-    assert isinstance(ModelConfig.from_dict(values), ModelConfig)
+    assert isinstance(build_config(ModelConfig, values, "model"), ModelConfig)
 
 
 def test_deepseek_v2_routing_is_v2s():
@@ -281,7 +282,7 @@ def test_bad_input_is_one_line_exit_2(capsys, argv, message):
 def _deepseek_config(name: str) -> ModelConfig:
     values = model_yaml(name)
     values.pop("arch")
-    return ModelConfig.from_dict(values)
+    return build_config(ModelConfig, values, "model")
 
 
 @pytest.mark.parametrize("name", ["tiny", "small", "deepseek_v2", "deepseek_v3"])

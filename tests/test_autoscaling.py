@@ -14,8 +14,8 @@ from __future__ import annotations
 import os
 
 import pytest
-from moeforge.model.config import ConfigError
 from moeforge.platform.config import ParallelConfig, TrainConfig
+from moeforge.platform.config.builder import ConfigError
 from moeforge.platform.launch.cluster_check import check_cluster_fits, describe_shortfall, worker_bundle
 from moeforge.platform.launch.cluster_wait import START_TIMEOUT_ENV
 from moeforge.platform.launch.ray_train import launch_training

@@ -12,7 +12,7 @@ import subprocess
 import sys
 
 import pytest
-from moeforge.model.config import ConfigError
+from moeforge.platform.config.builder import ConfigError
 from moeforge.platform.outputs.storage import check_local_output
 
 BIN = os.path.dirname(sys.executable)

@@ -10,8 +10,8 @@ import statistics
 
 import pytest
 from moeforge.jobs.bench import main
-from moeforge.model.config import ConfigError
 from moeforge.platform.bench.convergence import BOUND, run, spread
+from moeforge.platform.config.builder import ConfigError
 
 SEEDS = [11, 12]
 

@@ -31,6 +31,7 @@ from moeforge.platform.checkpoint.store import (
     save_checkpoint,
     save_shard,
 )
+from moeforge.platform.config.builder import build_config
 from moeforge.platform.optim.bias_update import update_router_biases
 from moeforge.platform.outputs.storage import S3Options, open_storage
 
@@ -43,7 +44,7 @@ def tiny_config() -> ModelConfig:
     with open(os.path.join(REPO_ROOT, "conf", "model", "tiny.yaml")) as f:
         values = yaml.safe_load(f)
     values.pop("arch")
-    return ModelConfig.from_dict(values)
+    return build_config(ModelConfig, values, "model")
 
 
 class TinyRun:

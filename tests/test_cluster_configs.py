@@ -37,9 +37,9 @@ import moeforge.jobs.train  # noqa: F401  registers the ${moeforge.sweep_subdir:
 import pytest
 import ray
 import yaml
-from moeforge.model.config import ConfigError
 from moeforge.platform.cli import compose_values
 from moeforge.platform.config import TrainConfig
+from moeforge.platform.config.builder import ConfigError
 from moeforge.platform.launch.cluster_check import check_cluster_fits
 
 CONF = importlib.resources.files("moeforge.conf")

@@ -20,7 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from moeforge.model.config import ConfigError
+from moeforge.platform.config.builder import ConfigError
 from moeforge.platform.config.data import DataConfig
 from moeforge.platform.config.presets import preset_values
 from moeforge.platform.data import BatchSource

@@ -7,7 +7,7 @@ import collections
 import numpy as np
 import pytest
 import torch
-from moeforge.model.config import ConfigError
+from moeforge.platform.config.builder import ConfigError
 from moeforge.platform.config.data import DataConfig
 from moeforge.platform.data import BatchSource
 

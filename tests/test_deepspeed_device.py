@@ -25,6 +25,7 @@ from moeforge.model.init import init_weights
 from moeforge.model.moe import RoutedExperts
 from moeforge.model.norm import RMSNorm
 from moeforge.model.transformer import build_model
+from moeforge.platform.config.builder import build_config
 from moeforge.platform.config.parallel import ZERO_BUCKET_ELEMENTS, ParallelConfig
 from moeforge.platform.launch.accelerator import AcceleratorError, accelerator_for, use_accelerator_for
 from moeforge.platform.launch.local_spawn import spawn_gloo
@@ -226,7 +227,7 @@ def test_every_parallel_preset_lists_the_bucket_size():
 
 
 def _tiny() -> ModelConfig:
-    return ModelConfig.from_dict(tiny_model())
+    return build_config(ModelConfig, tiny_model(), "model")
 
 
 def _cpu_generator(seed: int, name: str) -> torch.Generator:

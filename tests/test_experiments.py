@@ -18,8 +18,8 @@ import moeforge.jobs.train  # noqa: F401  registers the ${moeforge.sweep_subdir:
 import pytest
 import yaml
 from hydra import compose, initialize_config_module
-from moeforge.model.config import ConfigError
 from moeforge.platform.config import ParallelConfig, TrainConfig
+from moeforge.platform.config.builder import ConfigError
 from moeforge.platform.launch.cluster_check import (
     check_cluster_fits,
     check_single_process_fits,

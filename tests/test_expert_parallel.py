@@ -15,10 +15,11 @@ import pytest
 import torch
 import torch.distributed as dist
 from moeforge.kernels.token_compress import compress_tokens, decompress_tokens
-from moeforge.model.config import ConfigError, ModelConfig
+from moeforge.model.config import ModelConfig
 from moeforge.model.init import init_weights
 from moeforge.model.moe import MoE
 from moeforge.platform.config import TrainConfig
+from moeforge.platform.config.builder import ConfigError
 from moeforge.platform.engine.topology import Topology
 from moeforge.platform.launch.local_spawn import spawn_gloo
 from moeforge.platform.moe.dispatch import plan_dispatch

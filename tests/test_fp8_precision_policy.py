@@ -19,9 +19,9 @@ from moeforge.kernels.gemm_torch import dequant_rows
 from moeforge.kernels.grouped_experts import GroupedSwiGLUExperts
 from moeforge.kernels.quant_torch import act_quant_torch, weight_dequant_torch, weight_quant_torch
 from moeforge.kernels.wgrad_store import WeightGradStore
-from moeforge.model.config import ConfigError, ModelConfig
+from moeforge.model.config import ModelConfig
 from moeforge.model.transformer import build_model
-from moeforge.platform.config._build import build
+from moeforge.platform.config.builder import ConfigError, build
 from moeforge.platform.config.optim import OptimConfig
 from moeforge.platform.config.precision import PrecisionConfig
 from moeforge.platform.optim.adamw import build_adamw

@@ -13,12 +13,12 @@ from moeforge.kernels.fp8_linear import FP8Linear, fp8_linear
 from moeforge.kernels.grouped_experts import GroupedSwiGLUExperts, rows_to_token_tiles
 from moeforge.kernels.quant import act_quant, act_quant_transpose
 from moeforge.kernels.weight_cache import WEIGHT_CACHE, invalidate_fp8_weight_cache
-from moeforge.model.config import ConfigError, ModelConfig
+from moeforge.model.config import ModelConfig
 from moeforge.model.mla import MLA
 from moeforge.model.moe import MLP
 from moeforge.model.transformer import build_model
 from moeforge.platform.bench.activation_memory import saved_activation_bytes
-from moeforge.platform.config._build import build_config
+from moeforge.platform.config.builder import ConfigError, build_config
 from moeforge.platform.config.optim import OptimConfig
 from moeforge.platform.config.precision import PrecisionConfig
 from moeforge.platform.config.presets import preset_values

@@ -24,6 +24,7 @@ from moeforge.platform.checkpoint.export import (
 )
 from moeforge.platform.checkpoint.reshard import ModelState
 from moeforge.platform.checkpoint.store import CheckpointError, save_checkpoint, save_shard
+from moeforge.platform.config.builder import build_config
 from safetensors import safe_open
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -41,7 +42,7 @@ def tiny_cfg(**changes) -> ModelConfig:
         importlib.resources.files("moeforge.conf").joinpath("model/tiny.yaml").read_text()
     )
     values.pop("arch")
-    return ModelConfig.from_dict({**values, **changes})
+    return build_config(ModelConfig, {**values, **changes}, "model")
 
 
 def perturbed(model, seed: int, scale: float = 0.05):

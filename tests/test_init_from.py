@@ -16,12 +16,12 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from moeforge.model.config import ConfigError
 from moeforge.model.hf import dequantize_fp8_blockwise, load_hf_checkpoint
 from moeforge.platform.checkpoint.export import export_hf
 from moeforge.platform.checkpoint.reshard import read_model_state
 from moeforge.platform.checkpoint.store import list_checkpoints
 from moeforge.platform.config import TrainConfig
+from moeforge.platform.config.builder import ConfigError
 from moeforge.platform.data.microbatches import inputs_and_labels
 from moeforge.platform.launch.local_spawn import spawn_gloo
 from moeforge.platform.plan.memory_plan import LOAD_OVERHEAD_BYTES

@@ -11,8 +11,8 @@ tests/test_recovery.py's."""
 from __future__ import annotations
 
 import pytest
-from moeforge.model.config import ConfigError
 from moeforge.platform.config import TrainConfig
+from moeforge.platform.config.builder import ConfigError
 from moeforge.platform.launch.ray_train import launch_training
 from pipeline_cases import pipeline_config
 

@@ -9,7 +9,8 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import pytest
-from moeforge.model.config import ConfigError, ModelConfig, RopeScaling, build_config
+from moeforge.model.config import ModelConfig, RopeScaling
+from moeforge.platform.config.builder import ConfigError, build_config
 
 SMALL = {
     "vocab_size": 64, "hidden_size": 32, "intermediate_size": 48, "moe_intermediate_size": 16,
@@ -40,7 +41,7 @@ SMALL = {
 )
 def test_invalid_config_fails_naming_the_field(changes, field):
     with pytest.raises(ConfigError) as info:
-        ModelConfig.from_dict({**SMALL, **changes})
+        build_config(ModelConfig, {**SMALL, **changes}, "model")
     assert field in str(info.value)
     assert "\n" not in str(info.value)
 
@@ -87,7 +88,7 @@ def test_transformers_v5_rope_parameters():
     ],
 )
 def test_unsupported_hf_config_fails_naming_the_key(hf, field):
-    with pytest.raises(ConfigError, match=field):
+    with pytest.raises(ValueError, match=field):
         ModelConfig.from_hf_dict({**SMALL, **hf})
 
 
@@ -113,12 +114,12 @@ def test_unsupported_hf_config_fails_naming_the_key(hf, field):
 )
 def test_a_wrong_type_fails_naming_the_dotted_key(changes, message):
     with pytest.raises(ConfigError) as info:
-        ModelConfig.from_dict({**SMALL, **changes})
+        build_config(ModelConfig, {**SMALL, **changes}, "model")
     assert str(info.value).startswith(message), str(info.value)
 
 
 def test_a_float_field_takes_an_int_as_a_float():
-    cfg = ModelConfig.from_dict({**SMALL, "routed_scaling_factor": 2, "rope_scaling": {"factor": 4}})
+    cfg = build_config(ModelConfig, {**SMALL, "routed_scaling_factor": 2, "rope_scaling": {"factor": 4}}, "model")
     assert type(cfg.routed_scaling_factor) is float and cfg.routed_scaling_factor == 2.0
     assert type(cfg.rope_scaling.factor) is float and cfg.rope_scaling.factor == 4.0
 

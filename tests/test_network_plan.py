@@ -28,7 +28,8 @@ from pathlib import Path
 import pytest
 import yaml
 from moeforge.jobs.estimate import main
-from moeforge.model.config import ConfigError, ModelConfig, build_config
+from moeforge.model.config import ModelConfig
+from moeforge.platform.config.builder import ConfigError, build_config
 from moeforge.platform.plan.accounting import ClusterConfig, estimate, format_table, model_config_from_dict
 from moeforge.platform.plan.network_config import NetworkConfig
 from moeforge.platform.plan.network_fabrics import (

@@ -13,8 +13,8 @@ import json
 
 import pytest
 import torch
-from moeforge.model.config import ConfigError
 from moeforge.platform.config import TrainConfig
+from moeforge.platform.config.builder import ConfigError
 from moeforge.platform.engine.chunk_program import run_pair
 from moeforge.platform.launch.local_spawn import spawn_gloo
 from moeforge.platform.train.pipeline import train_from_dict

@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 from moeforge.model.config import ModelConfig
 from moeforge.model.transformer import build_model
+from moeforge.platform.config.builder import build_config
 from moeforge.platform.config.precision import PrecisionConfig
 from moeforge.platform.engine.stages import MicroBatch, ModelCompute, StageChunk, build_rank, split_layers
 from moeforge.platform.precision import apply_precision
@@ -13,7 +14,7 @@ from pipeline_cases import tiny_model
 
 
 def _setup(num_stages: int, stages: list[int]):
-    cfg = ModelConfig.from_dict(tiny_model(seq_len=16))
+    cfg = build_config(ModelConfig, tiny_model(seq_len=16), "model")
     specs = split_layers(cfg.num_hidden_layers, num_stages)
     model, module = build_rank(cfg, [specs[s] for s in stages], seed=3)
     apply_precision(module, PrecisionConfig())

@@ -27,7 +27,7 @@ import sys
 import tempfile
 
 import pytest
-from moeforge.model.config import ConfigError
+from moeforge.platform.config.builder import ConfigError
 from moeforge.platform.engine.topology import Topology
 from moeforge.platform.launch.rank_placement import WorkerSite, format_placement, match_plan
 from moeforge.platform.launch.rank_placement_plan import PlacementPlan, plan_placement

@@ -20,7 +20,7 @@ import textwrap
 import time
 
 import pytest
-from moeforge.model.config import ConfigError
+from moeforge.platform.config.builder import ConfigError
 from moeforge.platform.launch.ray_connection import (
     QUIET_HOOK,
     RayConnectionError,

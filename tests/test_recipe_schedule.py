@@ -9,8 +9,8 @@ import json
 
 import pytest
 import torch
-from moeforge.model.config import ConfigError
 from moeforge.platform.config import OptimConfig, TrainConfig
+from moeforge.platform.config.builder import ConfigError
 from moeforge.platform.optim.recipe_schedule import (
     RecipeValues,
     piecewise_value,
@@ -168,9 +168,10 @@ def test_phase_programs_weight_mtp_by_the_steps_lambda():
     """The pipeline's per-chunk compute with phase programs (parallel.chunk_phases): the lambda given
     to start_step is the one in the recorded loss (the gloo test below runs the one-graph path)."""
     from moeforge.model.config import ModelConfig
+    from moeforge.platform.config.builder import build_config
     from moeforge.platform.engine.stages import MicroBatch, ModelCompute, StageChunk, build_rank, split_layers
 
-    cfg = ModelConfig.from_dict(tiny_model(seq_len=16))
+    cfg = build_config(ModelConfig, tiny_model(seq_len=16), "model")
     (spec,) = split_layers(cfg.num_hidden_layers, 1)
     model, module = build_rank(cfg, [spec], seed=3)
     compute = ModelCompute({0: StageChunk(model, spec, module)}, loss_scale=1.0, phases=True)

@@ -7,8 +7,9 @@ import importlib.resources
 import pytest
 import torch
 import yaml
-from moeforge.model.config import ConfigError, ModelConfig
+from moeforge.model.config import ModelConfig
 from moeforge.model.transformer import build_model
+from moeforge.platform.config.builder import ConfigError, build_config
 from moeforge.platform.engine.stages import StageChunk, build_rank, split_layers
 from moeforge.platform.engine.topology import Topology
 
@@ -18,7 +19,7 @@ def tiny_cfg(**changes) -> ModelConfig:
     values = yaml.safe_load(text)
     values.pop("arch", None)
     values.update(seq_len=16, **changes)
-    return ModelConfig.from_dict(values)
+    return build_config(ModelConfig, values, "model")
 
 
 def test_split_even_and_explicit():

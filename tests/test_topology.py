@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from moeforge.model.config import ConfigError
+from moeforge.platform.config.builder import ConfigError
 from moeforge.platform.engine.topology import Topology
 
 

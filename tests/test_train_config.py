@@ -7,8 +7,8 @@ import dataclasses
 import os
 
 import pytest
-from moeforge.model.config import ConfigError
 from moeforge.platform.config import TrainConfig
+from moeforge.platform.config.builder import ConfigError
 from moeforge.platform.config.train import _SECTIONS
 
 TINY = {

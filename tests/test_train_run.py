@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from moeforge.model.config import ConfigError
 from moeforge.platform.checkpoint.store import list_checkpoints, read_meta
 from moeforge.platform.config import TrainConfig
+from moeforge.platform.config.builder import ConfigError
 from moeforge.platform.data.microbatches import default_batch_source
 from moeforge.platform.optim.bad_steps import BadStepError
 from moeforge.platform.train.trainer import Terminated, Trainer

@@ -29,7 +29,7 @@ from collections import Counter
 import torch
 from moeforge.model.config import ModelConfig
 from moeforge.model.transformer import build_model
-from moeforge.platform.config._build import build, build_config, require
+from moeforge.platform.config.builder import build, build_config, require
 from moeforge.platform.config.precision import PrecisionConfig
 from moeforge.platform.config.presets import preset_exists, preset_values
 from moeforge.platform.precision import apply_precision, compute_context

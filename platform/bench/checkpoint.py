@@ -44,11 +44,10 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
-from moeforge.model.config import ConfigError
 from moeforge.platform.bench.report import write_report
 from moeforge.platform.checkpoint.async_writer import AsyncCheckpointWriter
 from moeforge.platform.checkpoint.store import latest_checkpoint, list_checkpoints, read_meta
-from moeforge.platform.config._build import build, require
+from moeforge.platform.config.builder import ConfigError, build, require
 from moeforge.platform.config.cadence import Cadence
 from moeforge.platform.config.presets import preset_exists, preset_values
 from moeforge.platform.config.train import TrainConfig

@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
-from moeforge.platform.config._build import build, require
+from moeforge.platform.config.builder import build, require
 from moeforge.platform.config.presets import preset_exists, preset_values
 from moeforge.platform.config.train import TrainConfig
 from moeforge.platform.outputs.storage import write_text_file

@@ -18,7 +18,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from moeforge.platform.config._build import build, require
+from moeforge.platform.config.builder import build, require
 from moeforge.platform.data.corpus import discover, read_input
 from moeforge.platform.data.prepare import (
     PrepareConfig,

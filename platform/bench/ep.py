@@ -48,7 +48,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
-from moeforge.platform.config._build import build, require
+from moeforge.platform.config.builder import build, require
 from moeforge.platform.outputs.storage import write_text_file
 
 PAYLOADS = ("fp8 dispatch", "bf16 dispatch", "bf16 combine", "routing fp32")

@@ -41,11 +41,11 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 import torch
-from moeforge.model.config import ConfigError, ModelConfig
+from moeforge.model.config import ModelConfig
 from moeforge.platform.bench.generate_costs import step_costs, sync
 from moeforge.platform.bench.generate_model import corpus_dir, held_out_prompts, trained_model
 from moeforge.platform.bench.report import write_report
-from moeforge.platform.config._build import build, require
+from moeforge.platform.config.builder import ConfigError, build, build_config, require
 from moeforge.platform.config.presets import preset_exists, preset_values
 from moeforge.platform.data.shards import MANIFEST, read_manifest
 from moeforge.platform.inference.generate import GenerationStats, generate
@@ -161,7 +161,7 @@ class GenerateBenchConfig:
         values = {**preset_values("model", self.model_name), **self.model_overrides}
         if self.seq_len is not None:
             values["seq_len"] = self.seq_len
-        return ModelConfig.from_dict(values)
+        return build_config(ModelConfig, values, "model")
 
     @property
     def use_cuda(self) -> bool:

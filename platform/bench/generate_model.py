@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import asdict
 from typing import TYPE_CHECKING
 
-from moeforge.model.config import ConfigError
+from moeforge.platform.config.builder import ConfigError
 from moeforge.platform.config.presets import preset_values
 from moeforge.platform.config.train import TrainConfig
 from moeforge.platform.data.shards import TokenStream, read_manifest

@@ -13,7 +13,7 @@ from __future__ import annotations
 from moeforge.kernels.bench_kernels import KernelBenchConfig, format_table, run_benchmark
 from moeforge.platform.bench.activation_memory import ActivationMemoryConfig, format_rows, measure_stacks
 from moeforge.platform.bench.report import write_report
-from moeforge.platform.config._build import build
+from moeforge.platform.config.builder import build
 
 
 def run_job(values: dict) -> str:

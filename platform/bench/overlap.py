@@ -40,7 +40,7 @@ import time
 from dataclasses import dataclass, field
 
 from moeforge.platform.bench.report import write_report
-from moeforge.platform.config._build import build, require
+from moeforge.platform.config.builder import build, require
 from moeforge.platform.config.parallel import OVERLAP_ORDERS
 
 

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from moeforge.platform.bench.report import write_report
-from moeforge.platform.config._build import build, require
+from moeforge.platform.config.builder import build, require
 from moeforge.platform.config.presets import preset_values
 
 

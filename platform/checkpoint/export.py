@@ -37,10 +37,10 @@ import torch
 import torch.nn.functional as F
 from moeforge.kernels.fp8_format import BLOCK, round_up
 from moeforge.kernels.quant import weight_quant
-from moeforge.model.config import ConfigError
 from moeforge.model.hf import hf_config_dict, hf_state_tensors, keeps_fp32, write_hf_directory
 from moeforge.model.transformer import Transformer
 from moeforge.platform.checkpoint.store import CHECKPOINTS_DIR, CheckpointError, latest_checkpoint, read_meta
+from moeforge.platform.config.builder import ConfigError
 from moeforge.platform.outputs.storage import check_local_output, file_mode, open_storage
 from omegaconf import OmegaConf
 from safetensors import safe_open

@@ -17,13 +17,14 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from moeforge.model.config import ConfigError, ModelConfig
+from moeforge.model.config import ModelConfig
 from moeforge.model.hf import CheckpointError as HFCheckpointError
 from moeforge.model.hf import HFCheckpoint, load_hf_into, read_hf_config
 from moeforge.model.moe import RoutedExperts
 from moeforge.platform.checkpoint.reshard import CheckpointReader, ModelState, model_layout
 from moeforge.platform.checkpoint.state import CheckpointError
 from moeforge.platform.checkpoint.store import list_checkpoints
+from moeforge.platform.config.builder import ConfigError, build_config
 from moeforge.platform.config.init import InitConfig
 from torch import nn
 
@@ -57,7 +58,10 @@ def checkpoint_model_config(init: InitConfig) -> dict[str, Any]:
     try:
         if init.kind == "hf":
             hf_cfg, block = read_hf_config(init.path)
-            cfg = ModelConfig.from_hf_dict(hf_cfg)
+            try:
+                cfg = ModelConfig.from_hf_dict(hf_cfg)
+            except ValueError as err:  # a config the model refuses names its field
+                raise ConfigError(f"init.from: {init.path}: config.json: {err}") from None
             if not HFCheckpoint(init.path, block).has_mtp(cfg):
                 cfg = cfg.replace(num_nextn_predict_layers=0)
             return cfg.to_dict()
@@ -79,9 +83,9 @@ def model_config_from(init: InitConfig, model_values: Mapping[str, Any] | None) 
     others = {k: v for k, v in given.items() if k not in TRAINING_KEYS}
     if others:
         source = f"{init.path}/config.json" if init.kind == "hf" else f"{init.path}'s checkpoint"
-        ours = ModelConfig.from_dict(base).to_dict()
+        ours = build_config(ModelConfig, base, "model").to_dict()
         try:
-            theirs = ModelConfig.from_dict({**base, **others}).to_dict()
+            theirs = build_config(ModelConfig, {**base, **others}, "model").to_dict()
         except ConfigError as err:
             raise ConfigError(f"model.{err}") from None
         for key, value in others.items():

@@ -265,9 +265,10 @@ def load_model_from_checkpoint(path: str, storage: Storage | None = None):
     `path`, whatever layout wrote it."""
     from moeforge.model.config import ModelConfig
     from moeforge.model.transformer import Transformer
+    from moeforge.platform.config.builder import build_config
 
     tensors, model_cfg = read_model_state(path, storage)
-    model = Transformer(ModelConfig.from_dict(model_cfg))
+    model = Transformer(build_config(ModelConfig, model_cfg, "model"))
     missing = sorted(set(model.state_dict()) - set(tensors))
     if missing:
         raise CheckpointError(f"{path}: model/{missing[0]}: missing from the checkpoint")

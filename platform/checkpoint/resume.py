@@ -13,10 +13,10 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
-from moeforge.model.config import ConfigError
 from moeforge.platform.checkpoint.reshard import CheckpointReader
 from moeforge.platform.checkpoint.state import CheckpointError
 from moeforge.platform.checkpoint.store import CheckpointMeta, list_checkpoints, shard_name
+from moeforge.platform.config.builder import ConfigError
 from moeforge.platform.config.train import TrainConfig
 from moeforge.platform.outputs.storage import Storage, open_storage, redact
 

@@ -4,7 +4,7 @@ Hydra YAML (conf/) is a thin layer of values; `TrainConfig.from_dict` turns the 
 these dataclasses and every error names the field (e.g. `parallel.pp`), before any worker starts.
 """
 
-from moeforge.model.config import ConfigError
+from moeforge.platform.config.builder import ConfigError
 from moeforge.platform.config.checkpoint import CheckpointConfig
 from moeforge.platform.config.cluster import RayClusterConfig
 from moeforge.platform.config.data import DataConfig

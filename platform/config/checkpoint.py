@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
-from moeforge.platform.config._build import require
+from moeforge.platform.config.builder import require
 
 
 @dataclass

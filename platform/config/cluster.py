@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from moeforge.platform.config._build import require
+from moeforge.platform.config.builder import require
 
 # Ray placement-group strategies for the one bundle per worker that Ray Train reserves. PACK puts the
 # workers on as few nodes as fit, which keeps an EP group's all-to-all inside a node when it can.

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from moeforge.platform.config._build import require
+from moeforge.platform.config.builder import require
 
 SOURCES = ("synthetic", "tokens")
 

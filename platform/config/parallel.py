@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from moeforge.platform.config._build import require
+from moeforge.platform.config.builder import require
 
 SCHEDULES = ("single", "1f1b", "zb1p", "dualpipe", "dualpipev")
 # ZeRO's reduce and all-gather bucket, in elements: 5e7 (200 MB of fp32), Megatron-DeepSpeed's

@@ -8,7 +8,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from moeforge.model.config import ConfigError, ModelConfig, build_config
+from moeforge.model.config import ModelConfig
+from moeforge.platform.config.arch import ARCH_DEEPSEEK_V3, ARCH_FROM_CHECKPOINT
+from moeforge.platform.config.builder import ConfigError, build_config
 from moeforge.platform.config.checkpoint import CheckpointConfig
 from moeforge.platform.config.cluster import RayClusterConfig
 from moeforge.platform.config.data import DataConfig
@@ -18,7 +20,6 @@ from moeforge.platform.config.parallel import ParallelConfig
 from moeforge.platform.config.precision import PrecisionConfig
 from moeforge.platform.config.run import RunConfig
 from moeforge.platform.config.tracking import TrackingConfig
-from moeforge.platform.plan.accounting import ARCH_DEEPSEEK_V3
 
 _SECTIONS = {
     "run": RunConfig,
@@ -31,8 +32,6 @@ _SECTIONS = {
     "cluster": RayClusterConfig,
     "init": InitConfig,
 }
-# model=from_checkpoint: the model is the one init.from names (conf/model/from_checkpoint.yaml)
-ARCH_FROM_CHECKPOINT = "from_checkpoint"
 
 
 @dataclass

@@ -22,7 +22,7 @@ import os
 
 import numpy as np
 import torch
-from moeforge.model.config import ConfigError
+from moeforge.platform.config.builder import ConfigError
 from moeforge.platform.config.data import DataConfig
 from moeforge.platform.data.cache import cached_tokens
 from moeforge.platform.data.microbatches import PackedBatch

@@ -25,8 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
-from moeforge.model.config import ConfigError
-from moeforge.platform.config._build import require
+from moeforge.platform.config.builder import ConfigError, require
 from moeforge.platform.data.chat_template import load_chat_template
 from moeforge.platform.data.corpus import (
     CorpusError,

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 
-from moeforge.model.config import ConfigError
+from moeforge.platform.config.builder import ConfigError
 from moeforge.platform.data.shards import MANIFEST, ShardError, read_manifest
 from moeforge.platform.outputs.run_files import CONFIG
 from moeforge.platform.outputs.storage import S3Options, is_s3, open_storage

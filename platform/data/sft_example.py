@@ -21,7 +21,8 @@ import random
 import shlex
 from collections.abc import Callable
 
-from moeforge.model.config import ConfigError, ModelConfig
+from moeforge.model.config import ModelConfig
+from moeforge.platform.config.builder import ConfigError, build_config
 from moeforge.platform.config.presets import preset_values
 from moeforge.platform.data.chat_template import CONFIG_FILE
 from moeforge.platform.data.prepare import TOKENIZER_FILE, PrepareConfig, PrepareResult, prepare
@@ -121,7 +122,7 @@ def _write_model(model_dir: str, vocab_size: int, eos_token_id: int, seed: int) 
 
     values = preset_values("model", "tiny")
     # A short run wants a faster router bias than V3's (see conf/experiment/tiny_cpu_single.yaml).
-    cfg = ModelConfig.from_dict({**values, "vocab_size": vocab_size, "bias_update_speed": 0.01})
+    cfg = build_config(ModelConfig, {**values, "vocab_size": vocab_size, "bias_update_speed": 0.01}, "model")
     model = build_model(cfg, seed=seed)
     config = {**hf_config_dict(cfg), "eos_token_id": eos_token_id}
     write_hf_directory(hf_state_tensors(model), config, model_dir)

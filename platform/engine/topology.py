@@ -43,7 +43,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from moeforge.model.config import ConfigError
+from moeforge.platform.config.builder import ConfigError
 
 # Which pipeline layout each schedule uses (see platform/schedules/actions.py: Schedule.layout).
 LAYOUT_OF_SCHEDULE = {

@@ -14,7 +14,7 @@ import sys
 from collections.abc import Mapping, Sequence
 from typing import Any, TextIO
 
-from moeforge.model.config import ConfigError
+from moeforge.platform.config.builder import ConfigError
 from moeforge.platform.inference.load import load_for_generation, resolve_device, resolve_dtype
 from moeforge.platform.inference.requests import (
     PROMPT_KEY,

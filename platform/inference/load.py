@@ -38,10 +38,10 @@ import sys
 from collections.abc import Callable
 
 import torch
-from moeforge.model.config import ConfigError
 from moeforge.model.transformer import Transformer
 from moeforge.platform.checkpoint.state import CheckpointError
 from moeforge.platform.checkpoint.store import CHECKPOINTS_DIR, latest_checkpoint, read_meta
+from moeforge.platform.config.builder import ConfigError
 from moeforge.platform.data.corpus import CorpusError
 from moeforge.platform.data.run_tokenizer import TOKENIZER_FILE, run_tokenizer
 from moeforge.platform.data.tokenizer import eos_id as find_eos_id
@@ -224,5 +224,5 @@ def _load_hf_model(hf_dir: str, device: torch.device, dtype: torch.dtype) -> Tra
 
     try:
         return hf.load_hf_checkpoint(hf_dir, device=device, dtype=dtype)
-    except (hf.CheckpointError, ConfigError, OSError) as err:
+    except (hf.CheckpointError, ValueError, OSError) as err:  # ValueError: a config the model refuses
         raise ConfigError(f"hf_dir: {hf_dir}: {err}") from None

@@ -17,7 +17,7 @@ import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from moeforge.model.config import ConfigError
+from moeforge.platform.config.builder import ConfigError
 from moeforge.platform.inference.generate import SPECULATIVE_MODES, GenerationResult, GenerationStats
 from moeforge.platform.inference.load import LoadedModel
 from moeforge.platform.outputs.storage import Storage, check_local_output, is_s3, open_storage

@@ -24,7 +24,8 @@ import math
 import os
 from collections.abc import Mapping
 
-from moeforge.model.config import ConfigError, ModelConfig
+from moeforge.model.config import ModelConfig
+from moeforge.platform.config.builder import ConfigError
 from moeforge.platform.config.parallel import ParallelConfig
 from moeforge.platform.plan.accounting import TRAIN_STATE_BYTES_PER_PARAM, estimate
 

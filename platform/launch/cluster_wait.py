@@ -16,7 +16,7 @@ import contextlib
 import os
 from collections.abc import Mapping
 
-from moeforge.model.config import ConfigError
+from moeforge.platform.config.builder import ConfigError
 
 # Ray Train's own limit on one worker-group start (its placement group becoming ready); it reads it
 # from the environment and hands it from the driver to its controller (Ray Train v2's

@@ -33,7 +33,7 @@ import socket
 import sys
 from types import ModuleType
 
-from moeforge.model.config import ConfigError
+from moeforge.platform.config.builder import ConfigError
 from moeforge.platform.outputs.log_filters import drop_log_message
 
 RAY_ADDRESS = "RAY_ADDRESS"

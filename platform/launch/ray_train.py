@@ -48,7 +48,7 @@ import os
 import sys
 import warnings
 
-from moeforge.model.config import ConfigError
+from moeforge.platform.config.builder import ConfigError
 from moeforge.platform.config.train import TrainConfig
 from moeforge.platform.engine.comm_record import RECORD_ENV
 from moeforge.platform.engine.stages import split_layers

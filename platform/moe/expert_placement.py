@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
-from moeforge.model.config import ConfigError
+from moeforge.platform.config.builder import ConfigError
 
 
 @dataclass(frozen=True)

@@ -345,7 +345,7 @@ def check_local_output(path: str, field: str, *, directory: bool) -> None:
     directory when `directory`, else a file) must be, or be creatable as, that kind, under a
     writable directory. Raises ConfigError naming `field`. An s3:// URL is checked where its
     storage is opened (`S3Storage.check`), so it passes here."""
-    from moeforge.model.config import ConfigError
+    from moeforge.platform.config.builder import ConfigError
 
     if is_s3(path):
         return

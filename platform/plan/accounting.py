@@ -40,14 +40,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from moeforge.model.config import ConfigError, ModelConfig, build_config
+from moeforge.model.config import ModelConfig
+from moeforge.platform.config.arch import ARCH_DEEPSEEK_V3, ARCH_DENSE_GQA
+from moeforge.platform.config.builder import ConfigError, build_config
 
 KV_CACHE_BYTES_PER_VALUE = 2  # BF16 cache
 TRAIN_STATE_BYTES_PER_PARAM = 16  # bf16 weight + bf16 grad + fp32 master + fp32 Adam m, v
 TRAIN_FLOPS_PER_MATMUL_PARAM = 6  # 2 (multiply-add) * 3 (forward + two backward products)
-
-ARCH_DEEPSEEK_V3 = "deepseek_v3"
-ARCH_DENSE_GQA = "dense_gqa"
 
 
 # ------------------------------------------------------------------------------------------------

@@ -93,7 +93,8 @@ import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
-from moeforge.model.config import ConfigError, ModelConfig
+from moeforge.model.config import ModelConfig
+from moeforge.platform.config.builder import ConfigError
 from moeforge.platform.config.precision import PrecisionConfig
 from moeforge.platform.config.train import TrainConfig
 from moeforge.platform.engine.stages import StageSpec, split_layers

@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from moeforge.model.config import ConfigError, build_config
+from moeforge.platform.config.builder import ConfigError, build_config
 from moeforge.platform.plan.network_fabrics import dragonfly_h, slim_fly_shape
 
 GBIT_BYTES = 1e9 / 8  # bytes per second in one Gb/s (decimal, as link rates are quoted)

@@ -26,7 +26,7 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from moeforge.model.config import ConfigError
+from moeforge.platform.config.builder import ConfigError
 
 if TYPE_CHECKING:  # network_config imports this module to validate Slim Fly and Dragonfly shapes
     from moeforge.platform.plan.network_config import NetworkConfig

@@ -65,7 +65,8 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from moeforge.model.config import ConfigError, ModelConfig
+from moeforge.model.config import ModelConfig
+from moeforge.platform.config.builder import ConfigError
 from moeforge.platform.plan.accounting import ClusterConfig, estimate
 from moeforge.platform.plan.network_config import DTYPE_BYTES, NetworkConfig
 

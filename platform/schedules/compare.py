@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from moeforge.model.config import build_config
+from moeforge.platform.config.builder import build_config
 from moeforge.platform.outputs.timeline import plot_timeline, write_chrome_trace
 from moeforge.platform.schedules import GENERATORS, build_schedule
 from moeforge.platform.schedules.actions import Schedule, ScheduleError

@@ -37,7 +37,6 @@ from typing import Any
 import torch
 from moeforge.kernels.settings import set_reserved_sms
 from moeforge.model.balance import ExpertLoad, worst_layer_load
-from moeforge.model.config import ConfigError
 from moeforge.model.transformer import build_model
 from moeforge.platform.checkpoint.async_writer import AsyncCheckpointWriter
 from moeforge.platform.checkpoint.init_from import load_initial_weights
@@ -45,6 +44,7 @@ from moeforge.platform.checkpoint.reshard import ModelState
 from moeforge.platform.checkpoint.resume import checkpoint_commit, data_skip, restore_checkpoint
 from moeforge.platform.checkpoint.state import OptimizerState, RNGState, rng_state_to_tensors
 from moeforge.platform.checkpoint.store import CheckpointMeta, checkpoint_path, save_checkpoint
+from moeforge.platform.config.builder import ConfigError
 from moeforge.platform.config.train import TrainConfig
 from moeforge.platform.data.microbatches import (
     Batch,
