@@ -1,4 +1,6 @@
-"""DeepSeekMoE: shared experts plus fine-grained routed experts with group-limited top-k routing.
+"""DeepSeekMoE's parts: the router, the routed experts, the single-device dispatch, the balance loss.
+
+The layer that composes them, `moeforge.model.transformer.MoE`, sits beside the block that calls it.
 
 Routing (noaux_tc, DeepSeek-V3): affinities s = sigmoid(x W^T); selection uses s + bias, where the
 per-expert bias is the auxiliary-loss-free balancing state (moved after each optimizer step by
@@ -224,64 +226,3 @@ def sequence_balance_loss(
     )
     f = counts * (n_experts / (top_k * t))  # [b, E]
     return (f * p).sum(dim=-1).mean()
-
-
-class MoE(nn.Module):
-    """Shared experts + routed experts, with load counting and the sequence-wise balance loss.
-
-    Buffers: `gate.e_score_correction_bias` (balancing state, saved with the model) and `load_counts`
-    (tokens routed per expert while in training mode since the last `reset_load()`; not saved)."""
-
-    def __init__(self, cfg: ModelConfig, layer_id: int) -> None:
-        super().__init__()
-        self.layer_id = layer_id
-        self.n_experts = cfg.n_routed_experts
-        self.top_k = cfg.num_experts_per_tok
-        self.aux_alpha = cfg.seq_aux_loss_alpha
-        self.gate = Gate(cfg)
-        self.experts = RoutedExperts(cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size)
-        self.shared_experts = (
-            MLP(cfg.hidden_size, cfg.n_shared_experts * cfg.moe_intermediate_size)
-            if cfg.n_shared_experts
-            else None
-        )
-        self.register_buffer("load_counts", torch.zeros(self.n_experts), persistent=False)
-        self.last_aux_loss: torch.Tensor | None = None
-        self.dispatch = LocalDispatch()  # platform/moe swaps in the all-to-all dispatch
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x [b, s, hidden] -> [b, s, hidden]."""
-        b, s, dim = x.shape
-        flat = x.reshape(b * s, dim)  # [N, hidden]
-        weights, expert_ids, affinities = self.gate(flat)
-        out = self.dispatch(flat, weights, expert_ids, self.experts)  # [N, hidden]
-        if self.shared_experts is not None:
-            out = out + self.shared_experts(flat)
-        out = out.view(b, s, dim)  # [b, s, hidden]
-
-        if self.training:
-            self.record_load(expert_ids)
-            if self.aux_alpha > 0:
-                aux = self.aux_alpha * sequence_balance_loss(
-                    affinities.view(b, s, -1), expert_ids.view(b, s, -1), self.n_experts, self.top_k
-                )
-                self.last_aux_loss = aux.detach()
-                if torch.is_grad_enabled() and aux.requires_grad:
-                    out = AddAuxiliaryLoss.apply(out, aux)
-        return out
-
-    @torch.no_grad()
-    def record_load(self, expert_ids: torch.Tensor) -> None:
-        """Add one call's routing (expert_ids [N, k]) to `load_counts`, on the device: every expert's
-        load, wherever it lives (the router is replicated). Read once per step, by the bias update."""
-        self.load_counts += count_per_index(expert_ids, self.n_experts).to(self.load_counts.dtype)
-
-    def _apply(self, fn, recurse=True):
-        # Token counts must stay exact (fp32) under a model-wide dtype cast.
-        super()._apply(fn, recurse)
-        self.load_counts = self.load_counts.float()
-        return self
-
-    def reset_load(self) -> None:
-        """Zero the load counter (also re-creates it after a meta-device build)."""
-        self.load_counts = torch.zeros(self.n_experts, device=self.gate.weight.device)

@@ -1,7 +1,12 @@
-"""The DeepSeek-V3 transformer: embedding, blocks (MLA + dense MLP or DeepSeekMoE), final norm, head, MTP.
+"""The DeepSeek-V3 transformer: embedding, blocks (MLA + dense MLP or the MoE layer), final norm, head, MTP.
 
 Single-device and stage-friendly: a pipeline stage calls `embed_tokens`, any run of `layers`, and
 `head_and_loss`; `forward` composes exactly those pieces. Nothing here knows about ranks.
+
+The MoE layer (`MoE`) sits beside the block that calls it: the router picks each token's experts,
+then `MoE.dispatch` runs the routed experts and sums their gated outputs. Its parts (router,
+experts, single-device dispatch, balance loss) are in `moeforge.model.moe`; expert parallelism
+swaps in a dispatch over an all-to-all, and the model code stays the same.
 """
 
 from __future__ import annotations
@@ -14,7 +19,15 @@ import torch.nn.functional as F
 from moeforge.model.config import ModelConfig
 from moeforge.model.init import init_weights
 from moeforge.model.mla import MLA, LatentCache
-from moeforge.model.moe import MLP, MoE
+from moeforge.model.moe import (
+    MLP,
+    AddAuxiliaryLoss,
+    Gate,
+    LocalDispatch,
+    RoutedExperts,
+    count_per_index,
+    sequence_balance_loss,
+)
 from moeforge.model.norm import RMSNorm
 from moeforge.model.packing import document_index
 from torch import nn
@@ -37,6 +50,67 @@ class ModelOutput:
     loss: torch.Tensor | None = None
     lm_loss: torch.Tensor | None = None
     mtp_loss: torch.Tensor | None = None
+
+
+class MoE(nn.Module):
+    """Shared experts + routed experts, with load counting and the sequence-wise balance loss.
+
+    Buffers: `gate.e_score_correction_bias` (balancing state, saved with the model) and `load_counts`
+    (tokens routed per expert while in training mode since the last `reset_load()`; not saved)."""
+
+    def __init__(self, cfg: ModelConfig, layer_id: int) -> None:
+        super().__init__()
+        self.layer_id = layer_id
+        self.n_experts = cfg.n_routed_experts
+        self.top_k = cfg.num_experts_per_tok
+        self.aux_alpha = cfg.seq_aux_loss_alpha
+        self.gate = Gate(cfg)
+        self.experts = RoutedExperts(cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size)
+        self.shared_experts = (
+            MLP(cfg.hidden_size, cfg.n_shared_experts * cfg.moe_intermediate_size)
+            if cfg.n_shared_experts
+            else None
+        )
+        self.register_buffer("load_counts", torch.zeros(self.n_experts), persistent=False)
+        self.last_aux_loss: torch.Tensor | None = None
+        self.dispatch = LocalDispatch()  # platform/moe swaps in the all-to-all dispatch
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [b, s, hidden] -> [b, s, hidden]."""
+        b, s, dim = x.shape
+        flat = x.reshape(b * s, dim)  # [N, hidden]
+        weights, expert_ids, affinities = self.gate(flat)
+        out = self.dispatch(flat, weights, expert_ids, self.experts)  # [N, hidden]
+        if self.shared_experts is not None:
+            out = out + self.shared_experts(flat)
+        out = out.view(b, s, dim)  # [b, s, hidden]
+
+        if self.training:
+            self.record_load(expert_ids)
+            if self.aux_alpha > 0:
+                aux = self.aux_alpha * sequence_balance_loss(
+                    affinities.view(b, s, -1), expert_ids.view(b, s, -1), self.n_experts, self.top_k
+                )
+                self.last_aux_loss = aux.detach()
+                if torch.is_grad_enabled() and aux.requires_grad:
+                    out = AddAuxiliaryLoss.apply(out, aux)
+        return out
+
+    @torch.no_grad()
+    def record_load(self, expert_ids: torch.Tensor) -> None:
+        """Add one call's routing (expert_ids [N, k]) to `load_counts`, on the device: every expert's
+        load, wherever it lives (the router is replicated). Read once per step, by the bias update."""
+        self.load_counts += count_per_index(expert_ids, self.n_experts).to(self.load_counts.dtype)
+
+    def _apply(self, fn, recurse=True):
+        # Token counts must stay exact (fp32) under a model-wide dtype cast.
+        super()._apply(fn, recurse)
+        self.load_counts = self.load_counts.float()
+        return self
+
+    def reset_load(self) -> None:
+        """Zero the load counter (also re-creates it after a meta-device build)."""
+        self.load_counts = torch.zeros(self.n_experts, device=self.gate.weight.device)
 
 
 class Block(nn.Module):

@@ -17,7 +17,7 @@ import torch.distributed as dist
 from moeforge.kernels.token_compress import compress_tokens, decompress_tokens
 from moeforge.model.config import ModelConfig
 from moeforge.model.init import init_weights
-from moeforge.model.moe import MoE
+from moeforge.model.transformer import MoE
 from moeforge.platform.config import TrainConfig
 from moeforge.platform.config.builder import ConfigError
 from moeforge.platform.engine.topology import Topology

@@ -10,8 +10,8 @@ import torch.nn.functional as F
 from moeforge.model.balance import worst_layer_load
 from moeforge.model.config import ModelConfig
 from moeforge.model.mla import MLA, LatentCache
-from moeforge.model.moe import MoE, sequence_balance_loss
-from moeforge.model.transformer import build_model
+from moeforge.model.moe import sequence_balance_loss
+from moeforge.model.transformer import MoE, build_model
 from moeforge.platform.optim.bias_update import update_router_biases
 
 pytestmark = pytest.mark.usefixtures("one_thread")

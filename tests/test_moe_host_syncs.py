@@ -36,7 +36,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-from moeforge.model.moe import MoE
+from moeforge.model.transformer import MoE
 from moeforge.platform.config.precision import PrecisionConfig
 from moeforge.platform.launch.local_spawn import spawn_gloo
 from moeforge.platform.moe.dispatch import destination_counts, plan_dispatch, spread_per_token

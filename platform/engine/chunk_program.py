@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING
 
 import torch
 from moeforge.kernels.wgrad_store import WeightGradStore
-from moeforge.model.moe import MoE
+from moeforge.model.transformer import MoE
 from moeforge.platform.config.parallel import OVERLAP_ORDERS
 from moeforge.platform.moe.dispatch import AllToAllDispatch, CollectiveTracker
 from moeforge.platform.moe.phased import MoEPhaseState, PhasedMoE, boundary_leaf, phase_grads

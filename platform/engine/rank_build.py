@@ -21,8 +21,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from moeforge.kernels.settings import set_reserved_sms
-from moeforge.model.moe import MoE
-from moeforge.model.transformer import Transformer
+from moeforge.model.transformer import MoE, Transformer
 from moeforge.platform.checkpoint.init_from import load_initial_weights
 from moeforge.platform.config.train import TrainConfig
 from moeforge.platform.engine.executor import PipelineExecutor

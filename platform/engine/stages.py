@@ -37,8 +37,7 @@ import torch
 from moeforge.kernels.wgrad_store import WeightGradStore
 from moeforge.model.config import ModelConfig
 from moeforge.model.init import init_weights
-from moeforge.model.moe import MoE
-from moeforge.model.transformer import Transformer, build_model
+from moeforge.model.transformer import MoE, Transformer, build_model
 from moeforge.platform.config.builder import ConfigError
 from moeforge.platform.data.microbatches import MicroBatch
 from moeforge.platform.engine.chunk_program import (

@@ -10,6 +10,6 @@ them and combined back with all-to-alls.
     install.py       build-time: replace each MoE layer's experts by this rank's slice, install the
                      dispatch
 
-The model code stays single-device (model/moe.py calls `self.dispatch` and `self.experts`); this
+The model code stays single-device (`moeforge.model.transformer.MoE` calls `self.dispatch` and `self.experts`); this
 room swaps both, as platform/precision.py swaps GEMM modules.
 """

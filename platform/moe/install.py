@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from moeforge.model.moe import MoE, RoutedExperts
+from moeforge.model.moe import RoutedExperts
+from moeforge.model.transformer import MoE
 from moeforge.platform.moe.dispatch import AllToAllDispatch
 from moeforge.platform.moe.expert_placement import ExpertPlacement
 from moeforge.platform.moe.routing_stats import RoutingStats

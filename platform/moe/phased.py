@@ -29,7 +29,8 @@ from dataclasses import dataclass, field
 import torch
 from moeforge.kernels.compute_dtype import compute_dtype
 from moeforge.kernels.token_compress import compress_tokens, decompress_tokens
-from moeforge.model.moe import MoE, sequence_balance_loss
+from moeforge.model.moe import sequence_balance_loss
+from moeforge.model.transformer import MoE
 from moeforge.platform.moe.dispatch import (
     AllToAllDispatch,
     CollectiveTracker,
