@@ -54,7 +54,7 @@ FORMATS = ("table", "json")
 KNOWN_KEYS = {"model", "format", "tokens", "cluster", "network"}
 ESTIMATE_ONLY_KEYS = KNOWN_KEYS - {"model"}  # conf/estimate.yaml's own keys, absent from conf/train.yaml
 # Top-level keys of conf/train.yaml besides the model: overriding one asks for a memory plan.
-TRAIN_KEYS = {"experiment", "run", "parallel", "precision", "data", "optim", "tracking", "checkpoint"}
+TRAIN_KEYS = {"experiment", "run", "parallel", "resources", "precision", "data", "optim", "tracking", "checkpoint"}
 
 # conf/train.yaml's run.dir interpolates this resolver of jobs/train.py (a -m sweep member's
 # sub-directory). An estimate is never a sweep member, so its value is '' -- registered only when

@@ -138,7 +138,7 @@ def _train(cfg: DictConfig) -> None:
             from moeforge.platform.launch.cluster_check import check_single_process_fits, machine_resources
             from moeforge.platform.train.trainer import Terminated, Trainer
 
-            check_single_process_fits(config.model, config.parallel, machine_resources())
+            check_single_process_fits(config.model, config.resources, machine_resources())
 
             trainer = None
             try:

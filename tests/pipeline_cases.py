@@ -42,7 +42,15 @@ def tiny_model(**changes) -> dict:
 
 
 def pipeline_config(
-    run_dir, schedule: str, pp: int, dp: int, microbatches: int, zero_stage: int, **parallel
+    run_dir,
+    schedule: str,
+    pp: int,
+    dp: int,
+    microbatches: int,
+    zero_stage: int,
+    resources: dict | None = None,
+    debug: dict | None = None,
+    **parallel,
 ) -> dict:
     """A raw (Hydra-like) config of the tiny model on synthetic data, 2 steps.
 
@@ -51,7 +59,8 @@ def pipeline_config(
     contributions in another order than one process does) into a visible fraction of an lr-sized
     step. A small lr (1e-4) and eps=1e-6 (instead of 1e-8) keep that conditioning noise far below the
     1e-5 tolerance (measured: ~2e-7 vs ~1e-5 with eps=1e-8 on DualPipe pp=4) while every weight
-    still moves by ~lr per step, so a wrong gradient would still show."""
+    still moves by ~lr per step, so a wrong gradient would still show. `resources` and `debug`:
+    those sections' values (e.g. worker_resources, fault_injection)."""
     return {
         "model": tiny_model(),
         "run": {"dir": str(run_dir), "steps": 2, "log_every": 1, "eval_every": 0},
@@ -63,6 +72,8 @@ def pipeline_config(
             "zero_stage": zero_stage,
             **parallel,
         },
+        "resources": dict(resources or {}),
+        "debug": dict(debug or {}),
         "data": {"global_batch": 8},
         "optim": {"lr": 1e-4, "min_lr": 0.0, "eps": 1e-6, "warmup_steps": 1},
         "tracking": {"log_timeline": True},

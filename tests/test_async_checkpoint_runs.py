@@ -108,10 +108,9 @@ def _refused_raw(run_dir, policy: str, pipeline: bool = True, spike: bool = Fals
     raw["checkpoint"] = {"every": 1, "keep": 2, "resume": True, "async": True, "async_failure": policy}
     if spike:
         raw["run"].update(spike_policy="rollback", spike_window=2, spike_factor=3.0)
-        raw["parallel"]["fault_injection"] = {"kind": "loss_spike", "batch": 2}
+        raw["debug"] = {"fault_injection": {"kind": "loss_spike", "batch": 2}}
     if not pipeline:
-        fault = raw["parallel"].get("fault_injection")
-        raw["parallel"] = {"schedule": "single", "microbatches": 4, "fault_injection": fault}
+        raw["parallel"] = {"schedule": "single", "microbatches": 4}
     return raw
 
 

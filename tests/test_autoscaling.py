@@ -2,7 +2,7 @@
 
 - A run whose resources never arrive fails after `cluster.wait_s`, with one message saying what it
   asked for and what the cluster has (with a resource no node carries); without
-  `parallel.wait_for_autoscaler` it is refused at once.
+  `resources.wait_for_autoscaler` it is refused at once.
 - The config of both, and what the cluster has, in one vocabulary.
 
 A run that makes Ray's autoscaler add nodes, and their removal once idle, is tests/test_job_submit.py's
@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 
 import pytest
-from moeforge.platform.config import ParallelConfig, TrainConfig
+from moeforge.platform.config import ParallelConfig, ResourcesConfig, TrainConfig
 from moeforge.platform.config.builder import ConfigError
 from moeforge.platform.launch.cluster_check import check_cluster_fits, describe_shortfall, worker_bundle
 from moeforge.platform.launch.cluster_wait import START_TIMEOUT_ENV
@@ -32,12 +32,12 @@ WORKER_RESOURCE = "moeforge_worker"
         ("cluster", {"placement_strategy": "CLOSE"}, "cluster.placement_strategy: must be one of"),
         ("cluster", {"wait": 5}, "cluster.wait: unknown key (known: placement_strategy, wait_s)"),
         (
-            "parallel",
+            "resources",
             {"worker_resources": {"CPU": 1}},
-            "parallel.worker_resources: names a custom Ray resource",
+            "resources.worker_resources: names a custom Ray resource",
         ),
-        ("parallel", {"worker_resources": {"x": 0}}, "parallel.worker_resources.x: must be positive"),
-        ("parallel", {"worker_resources": {"x": "1"}}, "parallel.worker_resources.x: expected float"),
+        ("resources", {"worker_resources": {"x": 0}}, "resources.worker_resources.x: must be positive"),
+        ("resources", {"worker_resources": {"x": "1"}}, "resources.worker_resources.x: expected float"),
     ],
 )
 def test_bad_cluster_values_name_the_field(section, values, message):
@@ -54,27 +54,28 @@ def test_cluster_defaults():
 
 # ---- what the cluster has, in one vocabulary -------------------------------------------------------
 def test_custom_worker_resources_are_checked_and_described():
-    par = ParallelConfig(schedule="1f1b", pp=2, dp=2, worker_resources={WORKER_RESOURCE: 1})
-    assert worker_bundle(par) == {"CPU": 1.0, WORKER_RESOURCE: 1.0}
-    check_cluster_fits(par, {"CPU": 4.0, WORKER_RESOURCE: 4.0})
+    par = ParallelConfig(schedule="1f1b", pp=2, dp=2)
+    res = ResourcesConfig(worker_resources={WORKER_RESOURCE: 1})
+    assert worker_bundle(res) == {"CPU": 1.0, WORKER_RESOURCE: 1.0}
+    check_cluster_fits(par, res, {"CPU": 4.0, WORKER_RESOURCE: 4.0})
     with pytest.raises(ConfigError) as err:
-        check_cluster_fits(par, {"CPU": 8.0, WORKER_RESOURCE: 2.0})
+        check_cluster_fits(par, res, {"CPU": 8.0, WORKER_RESOURCE: 2.0})
     assert str(err.value).startswith(
         f"parallel: the run needs 4 {WORKER_RESOURCE} (pp=2 x dp=2 = 4 workers x 1 {WORKER_RESOURCE}, "
-        f"parallel.worker_resources.{WORKER_RESOURCE}), the cluster has 2;"
+        f"resources.worker_resources.{WORKER_RESOURCE}), the cluster has 2;"
     )
-    text = describe_shortfall(par, {"CPU": 8.0}, {"CPU": 3.0})
+    text = describe_shortfall(par, res, {"CPU": 8.0}, {"CPU": 3.0})
     assert text == (
-        "the run needs 4 CPUs (pp=2 x dp=2 = 4 workers x 1 CPU, parallel.cpus_per_worker), the cluster "
+        "the run needs 4 CPUs (pp=2 x dp=2 = 4 workers x 1 CPU, resources.cpus_per_worker), the cluster "
         f"has 8 (3 free); 4 {WORKER_RESOURCE} (pp=2 x dp=2 = 4 workers x 1 {WORKER_RESOURCE}, "
-        f"parallel.worker_resources.{WORKER_RESOURCE}), the cluster has 0 (0 free)"
+        f"resources.worker_resources.{WORKER_RESOURCE}), the cluster has 0 (0 free)"
     )
 
 
 # ---- waiting for resources that never arrive (the session cluster) --------------------------------
-def _missing_resource_config(run_dir, **parallel) -> dict:
+def _missing_resource_config(run_dir, **resources) -> dict:
     raw = pipeline_config(
-        run_dir, "1f1b", 2, 1, 2, zero_stage=0, worker_resources={"no_such_node": 1}, **parallel
+        run_dir, "1f1b", 2, 1, 2, zero_stage=0, resources={"worker_resources": {"no_such_node": 1}, **resources}
     )
     raw["cluster"] = {"wait_s": 2}
     return raw
@@ -92,8 +93,8 @@ def test_a_run_whose_resources_never_arrive_fails_after_wait_s(ray_cluster, tmp_
     message = str(err.value)
     print(message)
     assert message.startswith("cluster.wait_s: the cluster could not host the run's 2 workers within 2s: ")
-    assert "the run needs 2 CPUs (pp=2 x dp=1 = 2 workers x 1 CPU, parallel.cpus_per_worker)" in message
-    assert "2 no_such_node (pp=2 x dp=1 = 2 workers x 1 no_such_node, parallel.worker_resources" in message
+    assert "the run needs 2 CPUs (pp=2 x dp=1 = 2 workers x 1 CPU, resources.cpus_per_worker)" in message
+    assert "2 no_such_node (pp=2 x dp=1 = 2 workers x 1 no_such_node, resources.worker_resources" in message
     assert "the cluster has 0 (0 free)" in message and "\n" not in message
     assert "waiting up to 2s (cluster.wait_s) for the cluster to host 2 workers" in capsys.readouterr().out
     assert not (tmp_path / "run" / "metrics.jsonl").exists()

@@ -84,22 +84,23 @@ def test_train_refuses_a_bad_override_before_any_work(tmp_path, override, expect
 def test_every_config_key_is_settable_as_the_docs_write_it(tmp_path):
     """Keys a group's YAML does not list (the docs name them) are set without Hydra's `+`."""
     overrides = [
-        "parallel.peak_tflops_per_worker=989",
-        "parallel.gpu_memory_gb=80",
+        "resources.peak_tflops_per_worker=989",
+        "resources.gpu_memory_gb=80",
         "parallel.ep_ranks_per_node=1",
         "parallel.overlap_order=forward_first",
-        "parallel.worker_resources={moeforge_worker:1}",
+        "resources.worker_resources={moeforge_worker:1}",
         "parallel.layers_per_stage=[4]",
     ]
     proc = _run("moeforge-train", ["experiment=tiny_cpu_single", *overrides, "--cfg", "job"], tmp_path)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
-    parallel = yaml.safe_load(proc.stdout)["parallel"]
-    assert (parallel["peak_tflops_per_worker"], parallel["gpu_memory_gb"], parallel["overlap_order"]) == (
+    composed = yaml.safe_load(proc.stdout)
+    parallel, resources = composed["parallel"], composed["resources"]
+    assert (resources["peak_tflops_per_worker"], resources["gpu_memory_gb"], parallel["overlap_order"]) == (
         989,
         80,
         "forward_first",
     )
-    assert parallel["worker_resources"] == {"moeforge_worker": 1} and parallel["layers_per_stage"] == [4]
+    assert resources["worker_resources"] == {"moeforge_worker": 1} and parallel["layers_per_stage"] == [4]
 
 
 def test_settable_overrides_covers_every_field_of_every_section():
@@ -116,10 +117,10 @@ def test_train_refuses_a_gpu_fraction_that_nccl_would_share(tmp_path):
     """Two pipeline ranks on half a GPU each would meet on one GPU, which NCCL refuses: refused
     before launch, as one line naming the field."""
     run_dir = tmp_path / "run"
-    args = ["experiment=tiny_cpu_dualpipe", f"run.dir={run_dir}", "parallel.gpus_per_worker=0.5"]
+    args = ["experiment=tiny_cpu_dualpipe", f"run.dir={run_dir}", "resources.gpus_per_worker=0.5"]
     line = _one_line(_run("moeforge-train", args, tmp_path), "moeforge-train: config error: ")
     assert (
-        "parallel.gpus_per_worker: must be a whole number of GPUs with NCCL (backend=auto), got 0.5" in line
+        "resources.gpus_per_worker: must be a whole number of GPUs with NCCL (parallel.backend=auto), got 0.5" in line
     )
     assert not run_dir.exists()
     assert os.listdir(tmp_path) == []

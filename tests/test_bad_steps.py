@@ -2,7 +2,7 @@
 the run back to its checkpoint and past the offending data, in the reference loop and in a pipeline
 run alike.
 
-Faults come from the test-only hook `parallel.fault_injection {"kind": "nan_grad" | "loss_spike",
+Faults come from the test-only hook `debug.fault_injection {"kind": "nan_grad" | "loss_spike",
 "batch": i}`, keyed by the data index: a rollback that really skips the batch never meets it again,
 and one that did not would spike again until run.max_rollbacks ended the run.
 """
@@ -31,7 +31,7 @@ def _records(run_dir) -> list[dict]:
 def _raw(run_dir, steps: int, fault: dict, **run) -> dict:
     raw = pipeline_config(run_dir, "dualpipe", 2, 1, 4, zero_stage=0)
     raw["run"].update(steps=steps, **run)
-    raw["parallel"]["fault_injection"] = fault
+    raw["debug"] = {"fault_injection": fault}
     raw["tracking"] = {"log_timeline": False}
     raw["checkpoint"] = {"every": 2, "keep": 5, "resume": True}
     return raw
@@ -42,7 +42,6 @@ def _reference(raw: dict, run_dir) -> Trainer:
     ref["parallel"] = {
         "schedule": "single",
         "microbatches": 4,
-        "fault_injection": raw["parallel"]["fault_injection"],
     }
     ref["run"]["dir"] = str(run_dir)
     trainer = Trainer.single(TrainConfig.from_dict(ref), log=lambda _line: None)

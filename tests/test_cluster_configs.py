@@ -286,24 +286,24 @@ def fits_problems(
     """Why a cluster of `start` resources that can grow to `full` cannot host this run, if it cannot.
 
     A pipeline run must pass moeforge's own launch check (check_cluster_fits) against the cluster
-    as the job finds it, which waits only with parallel.wait_for_autoscaler, and fit the cluster at
+    as the job finds it, which waits only with resources.wait_for_autoscaler, and fit the cluster at
     its largest. A one-process run trains in the driver, which needs the GPUs reserved for it."""
-    par = cfg.parallel
+    par, res = cfg.parallel, cfg.resources
     if par.schedule == "single":
-        needed = math.ceil(par.gpus_per_worker)
+        needed = math.ceil(res.gpus_per_worker)
         if entrypoint_gpus < needed:
             return [f"one-process run on {needed} GPU(s): the driver must reserve them (entrypoint GPUs)"]
         if full["GPU"] < needed:
             return [f"one-process run on {needed} GPU(s): the cluster has {full['GPU']:g} at most"]
         return []
     problems = []
-    for resources, parallel in ((start, par), (full, dataclasses.replace(par, wait_for_autoscaler=False))):
+    for totals, asked in ((start, res), (full, dataclasses.replace(res, wait_for_autoscaler=False))):
         try:
-            check_cluster_fits(parallel, resources)
+            check_cluster_fits(par, asked, totals)
         except ConfigError as err:
             problems.append(str(err))
-    if full["GPU"] < par.world_size * par.gpus_per_worker:
-        problems.append(f"{full['GPU']:g} GPUs at most < {par.world_size} workers x {par.gpus_per_worker:g}")
+    if full["GPU"] < par.world_size * res.gpus_per_worker:
+        problems.append(f"{full['GPU']:g} GPUs at most < {par.world_size} workers x {res.gpus_per_worker:g}")
     return problems
 
 
@@ -500,7 +500,7 @@ def test_raycluster_autoscales_8_gpu_workers_from_zero():
 @pytest.mark.parametrize("name", [n for n in KUBERAY_FILES if n.startswith("rayjob-")])
 def test_rayjob_cluster_hosts_its_preset(name):
     """maxReplicas x GPUs (and CPUs) per pod cover what the entrypoint's composed TrainConfig needs
-    (pp x dp workers x parallel.gpus_per_worker), and moeforge's launch check passes on the cluster
+    (pp x dp workers x resources.gpus_per_worker), and moeforge's launch check passes on the cluster
     KubeRay hands the job."""
     (doc,) = load_kuberay(name)
     spec = doc["spec"]
@@ -511,16 +511,16 @@ def test_rayjob_cluster_hosts_its_preset(name):
     start, full = kuberay_sizes(cluster)
     assert fits_problems(cfg, start, full, float(spec.get("entrypointNumGpus", 0))) == []
     max_gpus = sum(g["maxReplicas"] * pod_ray_resources(g)["GPU"] for g in cluster["workerGroupSpecs"])
-    assert max_gpus >= cfg.parallel.world_size * cfg.parallel.gpus_per_worker
+    assert max_gpus >= cfg.parallel.world_size * cfg.resources.gpus_per_worker
 
 
 def test_v3_rayjob_is_2048_gpus_in_256_pods():
     (doc,) = load_kuberay("rayjob-v3-671b-2048gpu.yaml")
     cfg = train_config(shlex.split(doc["spec"]["entrypoint"])[1:])
-    assert (cfg.parallel.pp, cfg.parallel.dp, cfg.parallel.gpus_per_worker) == (16, 128, 1)
+    assert (cfg.parallel.pp, cfg.parallel.dp, cfg.resources.gpus_per_worker) == (16, 128, 1)
     (group,) = doc["spec"]["rayClusterSpec"]["workerGroupSpecs"]
     assert group["replicas"] == group["minReplicas"] == group["maxReplicas"] == 256
-    assert pod_ray_resources(group)["GPU"] * 256 == cfg.parallel.world_size * cfg.parallel.gpus_per_worker
+    assert pod_ray_resources(group)["GPU"] * 256 == cfg.parallel.world_size * cfg.resources.gpus_per_worker
 
 
 def test_raycluster_documented_job_composes_and_fits():
@@ -529,7 +529,7 @@ def test_raycluster_documented_job_composes_and_fits():
     start, full = kuberay_sizes(doc["spec"])
     ((_options, args),) = documented_submits(text)
     cfg = train_config(args)
-    assert cfg.parallel.gpus_per_worker == 1 and cfg.parallel.wait_for_autoscaler
+    assert cfg.resources.gpus_per_worker == 1 and cfg.resources.wait_for_autoscaler
     assert fits_problems(cfg, start, full, 0.0) == []
 
 

@@ -27,6 +27,7 @@ from moeforge.model.norm import RMSNorm
 from moeforge.model.transformer import build_model
 from moeforge.platform.config.builder import build_config
 from moeforge.platform.config.parallel import ZERO_BUCKET_ELEMENTS, ParallelConfig
+from moeforge.platform.config.resources import ResourcesConfig
 from moeforge.platform.launch.accelerator import AcceleratorError, accelerator_for, use_accelerator_for
 from moeforge.platform.launch.local_spawn import spawn_gloo
 from moeforge.platform.optim.zero_step import deepspeed_config
@@ -69,17 +70,18 @@ def test_a_worker_refuses_a_contradicting_ds_accelerator(monkeypatch):
 
     monkeypatch.setenv("DS_ACCELERATOR", "cuda")
     with pytest.raises(AcceleratorError, match="DS_ACCELERATOR=cuda contradicts this worker's device cpu"):
-        _bind_worker_device(ParallelConfig(schedule="dualpipe", pp=2, microbatches=4))
+        _bind_worker_device(ResourcesConfig(), ParallelConfig(schedule="dualpipe", pp=2, microbatches=4))
 
 
 # A fresh interpreter without DS_ACCELERATOR runs the worker's first step, then imports deepspeed.
 _WORKER_PROCESS = """
 import os, sys, torch
 from moeforge.platform.config.parallel import ParallelConfig
+from moeforge.platform.config.resources import ResourcesConfig
 from moeforge.platform.launch import ray_train
 from moeforge.platform.launch.accelerator import AcceleratorError, use_accelerator_for
 assert "deepspeed" not in sys.modules, "importing the worker imported deepspeed"
-device = ray_train._bind_worker_device(ParallelConfig(schedule="dualpipe", pp=2, microbatches=4))
+device = ray_train._bind_worker_device(ResourcesConfig(), ParallelConfig(schedule="dualpipe", pp=2, microbatches=4))
 chosen = os.environ["DS_ACCELERATOR"]
 import deepspeed
 from deepspeed.accelerator import get_accelerator

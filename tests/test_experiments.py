@@ -18,7 +18,7 @@ import moeforge.jobs.train  # noqa: F401  registers the ${moeforge.sweep_subdir:
 import pytest
 import yaml
 from hydra import compose, initialize_config_module
-from moeforge.platform.config import ParallelConfig, TrainConfig
+from moeforge.platform.config import ParallelConfig, ResourcesConfig, TrainConfig
 from moeforge.platform.config.builder import ConfigError
 from moeforge.platform.launch.cluster_check import (
     check_cluster_fits,
@@ -76,14 +76,14 @@ def test_small_1gpu_fp8_preset():
     cfg = preset("small_1gpu_fp8")
     assert cfg.model.hidden_size == 1024 and cfg.model.num_hidden_layers == 24
     assert cfg.precision.name == "fp8" and cfg.precision.fp8_linear
-    assert cfg.parallel.schedule == "single" and cfg.parallel.gpus_per_worker == 1
+    assert cfg.parallel.schedule == "single" and cfg.resources.gpus_per_worker == 1
 
 
 def test_v3_preset_is_the_published_layout():
     cfg = preset("v3_671b_2048gpu")
     par = cfg.parallel
     assert (par.schedule, par.pp, par.dp, par.ep, par.zero_stage) == ("dualpipe", 16, 128, 64, 1)
-    assert par.world_size * par.gpus_per_worker == 2048
+    assert par.world_size * cfg.resources.gpus_per_worker == 2048
     assert cfg.model.hidden_size == 7168 and cfg.model.n_routed_experts == 256
     assert cfg.precision.name == "fp8" and cfg.data.global_batch == 15360
 
@@ -113,7 +113,7 @@ def test_v3_pretrains_with_plain_rope_and_extends_with_yarn():
     for cfg in (pre, ext32, ext128):  # every check that needs no cluster passes ...
         validate_pipeline(cfg)
         with pytest.raises(ConfigError, match=r"needs \d+ GPUs .* the cluster has 8"):  # ... then this
-            check_cluster_fits(cfg.parallel, {"CPU": 16.0, "GPU": 8.0})
+            check_cluster_fits(cfg.parallel, cfg.resources, {"CPU": 16.0, "GPU": 8.0})
 
 
 def test_v3_schedules_gamma_and_lambda_at_the_reports_token_counts():
@@ -149,43 +149,44 @@ def test_command_line_overrides_beat_the_preset():
 # What the cluster / machine can host
 # ------------------------------------------------------------------------------------------------
 def test_v3_is_refused_on_a_small_cluster_with_the_numbers():
-    par = preset("v3_671b_2048gpu").parallel
+    v3 = preset("v3_671b_2048gpu")
     with pytest.raises(ConfigError) as err:
-        check_cluster_fits(par, {"CPU": 16.0, "GPU": 8.0, "memory": 1e11})
+        check_cluster_fits(v3.parallel, v3.resources, {"CPU": 16.0, "GPU": 8.0, "memory": 1e11})
     msg = str(err.value)
     assert "needs 2048 GPUs" in msg and "the cluster has 8" in msg and "pp=16 x dp=128" in msg
 
 
 def test_cluster_check_accepts_a_cluster_that_fits_and_counts_cpus_too():
-    par = preset("v3_671b_2048gpu").parallel
-    check_cluster_fits(par, {"CPU": 2048.0, "GPU": 2048.0})
+    v3 = preset("v3_671b_2048gpu")
+    check_cluster_fits(v3.parallel, v3.resources, {"CPU": 2048.0, "GPU": 2048.0})
     with pytest.raises(ConfigError, match=r"needs 2048 CPUs .* the cluster has 2047"):
-        check_cluster_fits(par, {"CPU": 2047.0, "GPU": 2048.0})
-    half = ParallelConfig(schedule="1f1b", pp=2, dp=2, gpus_per_worker=0.5, backend="gloo")  # NCCL refuses it
-    check_cluster_fits(half, {"CPU": 4.0, "GPU": 2.0})  # 4 x 0.5 GPU adds up to exactly 2
+        check_cluster_fits(v3.parallel, v3.resources, {"CPU": 2047.0, "GPU": 2048.0})
+    two_by_two = ParallelConfig(schedule="1f1b", pp=2, dp=2, backend="gloo")  # NCCL refuses half a GPU
+    half = ResourcesConfig(gpus_per_worker=0.5)
+    check_cluster_fits(two_by_two, half, {"CPU": 4.0, "GPU": 2.0})  # 4 x 0.5 GPU adds up to exactly 2
     with pytest.raises(ConfigError, match="needs 2 GPUs"):
-        check_cluster_fits(half, {"CPU": 4.0})  # a missing key counts as 0
+        check_cluster_fits(two_by_two, half, {"CPU": 4.0})  # a missing key counts as 0
 
 
 def test_cluster_check_waits_for_an_autoscaler_when_asked():
-    par = ParallelConfig(schedule="dualpipe", pp=16, dp=128, gpus_per_worker=1, wait_for_autoscaler=True)
-    check_cluster_fits(par, {"CPU": 1.0})
+    par = ParallelConfig(schedule="dualpipe", pp=16, dp=128)
+    check_cluster_fits(par, ResourcesConfig(gpus_per_worker=1, wait_for_autoscaler=True), {"CPU": 1.0})
 
 
 def test_single_process_memory_check():
     tiny, v3 = preset("tiny_cpu_single"), preset("v3_671b_2048gpu")
     here = machine_resources()
     assert here["CPU"] >= 1 and here["memory"] > 1e9
-    check_single_process_fits(tiny.model, tiny.parallel, here)
+    check_single_process_fits(tiny.model, tiny.resources, here)
     with pytest.raises(ConfigError, match=r"needs 10,922.2 GB \(682.64B parameters x 16 bytes"):
-        check_single_process_fits(v3.model, tiny.parallel, {"memory": 1e12})
+        check_single_process_fits(v3.model, tiny.resources, {"memory": 1e12})
     small = preset("small_1gpu_fp8")
     one_gpu = {"CPU": 8.0, "GPU": 1.0, "memory": 1e12}
-    check_single_process_fits(small.model, small.parallel, {**one_gpu, "gpu_memory": 80e9})
+    check_single_process_fits(small.model, small.resources, {**one_gpu, "gpu_memory": 80e9})
     with pytest.raises(ConfigError, match=r"needs 32\.\d GB .* 24\.0 GB of memory of one GPU"):
-        check_single_process_fits(small.model, small.parallel, {**one_gpu, "gpu_memory": 24e9})
+        check_single_process_fits(small.model, small.resources, {**one_gpu, "gpu_memory": 24e9})
     with pytest.raises(ConfigError, match=r"needs 1 GPU\(s\), this machine has 0"):
-        check_single_process_fits(small.model, small.parallel, {"CPU": 8.0, "memory": 1e12})
+        check_single_process_fits(small.model, small.resources, {"CPU": 8.0, "memory": 1e12})
 
 
 def test_too_big_for_this_machine_is_refused_before_any_work(tmp_path):
@@ -199,7 +200,7 @@ def test_small_1gpu_fp8_is_refused_without_a_gpu(tmp_path):
     line = one_error_line(
         run_train(["experiment=small_1gpu_fp8", f"run.dir={tmp_path / 'run'}"], cwd=tmp_path)
     )
-    assert line.endswith("parallel.gpus_per_worker: the run needs 1 GPU(s), this machine has 0")
+    assert line.endswith("resources.gpus_per_worker: the run needs 1 GPU(s), this machine has 0")
     assert not (tmp_path / "run").exists()
 
 

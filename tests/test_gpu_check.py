@@ -260,7 +260,7 @@ def test_the_gpu_sizes_are_valid_runs(tmp_path):
         assert (cfg.data.global_batch, cfg.parallel.microbatches, cfg.run.steps) == (8, 2, 30)
         assert cfg.precision.name == precision and cfg.optim.lr == 1e-3
     on_gpu = gpu_check_train.train_config("gpu", "bf16", torch.device("cuda"), str(tmp_path))
-    assert on_gpu.parallel.gpus_per_worker == 1  # training_device then picks the GPU
+    assert on_gpu.resources.gpus_per_worker == 1  # training_device then picks the GPU
     for sizes in (gpu_check_zero.ZERO["gpu"], gpu_check_generate.GENERATE["gpu"]):
         cfg = gpu_check_train.train_config("tiny", "fp32", cpu, str(tmp_path), model="tiny", seq_len=sizes["seq_len"],
                                      global_batch=sizes["global_batch"], microbatches=1)  # fmt: skip

@@ -8,7 +8,7 @@ Its head carries no CPUs and runs Ray's real autoscaler over fake nodes on this 
 recipe in FACTS.md: `ray.cluster_utils.AutoscalingCluster` itself runs `ray stop --force`, which
 would end every Ray process here, and needs a config missing from the wheel). The one worker node
 type (min 0, max 2) carries {"CPU": 1, "moeforge_worker": 1}. The submitted DualPipe pp=2 run, whose
-workers each need one `moeforge_worker` (`parallel.worker_resources`), starts on a cluster without a
+workers each need one `moeforge_worker` (`resources.worker_resources`), starts on a cluster without a
 single worker node: the autoscaler adds two, the run trains on them, one rank on each, into an
 absolute run.dir, and after the idle timeout (6 s) the nodes are removed again. The head's node table
 (its State API) is the witness.
@@ -275,7 +275,7 @@ def test_ray_job_submit_trains_into_an_absolute_run_dir(ray_head, tmp_path):
         "--working-dir", REPO_ROOT, "--",
         "moeforge-train", f"experiment={EXPERIMENT}", f"run.steps={STEPS}", "run.log_every=1",
         "run.eval_every=0", f"run.dir={run_dir}", "optim.lr=3e-3", "optim.warmup_steps=1",
-        f"parallel.worker_resources={{{WORKER_RESOURCE}: 1}}", "parallel.wait_for_autoscaler=true",
+        f"resources.worker_resources={{{WORKER_RESOURCE}: 1}}", "resources.wait_for_autoscaler=true",
         "cluster.wait_s=120",
     ]  # fmt: skip
     try:

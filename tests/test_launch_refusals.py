@@ -26,11 +26,13 @@ from pipeline_cases import pipeline_config
             "layers_per_stage",
         ),  # 4 layers / 3 stages
         ({"schedule": "1f1b", "pp": 2, "microbatches": 2, "layers_per_stage": [1, 2]}, "sums to 3"),
-        ({"schedule": "1f1b", "pp": 4, "microbatches": 2, "cpus_per_worker": 4}, "the cluster has 8"),
+        ({"schedule": "1f1b", "pp": 4, "microbatches": 2, "resources": {"cpus_per_worker": 4}}, "the cluster has 8"),
     ],
 )
 def test_bad_pipeline_config_refused_before_launch(ray_cluster, tmp_path, parallel, field):
     raw = pipeline_config(tmp_path / "run", "1f1b", 2, 1, 2, 0)
+    parallel = dict(parallel)
+    raw["resources"].update(parallel.pop("resources", {}))
     raw["parallel"].update(parallel)
     raw["data"]["global_batch"] = 12 if parallel.get("pp") == 3 or parallel.get("microbatches") == 3 else 8
     with pytest.raises(ConfigError, match=field):

@@ -189,7 +189,7 @@ def test_v3_preset_json_plan(capsys):
     for field in PER_RANK_FIELDS:
         assert isinstance(per_rank[field], int) and per_rank[field] > 0, field
     assert per_rank["total_bytes"] == sum(per_rank[f] for f in PER_RANK_FIELDS[:-1])
-    assert per_rank["gpu_memory_bytes"] == 80 * 10**9  # parallel.gpu_memory_gb: 80, decimal GB
+    assert per_rank["gpu_memory_bytes"] == 80 * 10**9  # resources.gpu_memory_gb: 80, decimal GB
     assert per_rank["fits"] is (per_rank["total_bytes"] <= 80 * 10**9)
     assert per_rank["total_bytes"] == max(r["total_bytes"] for r in layout["ranks"])
     assert (layout["schedule"], layout["pp"], layout["dp"], layout["ep"]) == ("dualpipe", 16, 128, 64)

@@ -161,7 +161,7 @@ def test_hung_peer_fails_with_rank_named(tmp_path):
         2,
         0,
         p2p_timeout_s=3.0,
-        fault_injection={"rank": 1, "step": 1, "kind": "hang"},
+        debug={"fault_injection": {"rank": 1, "step": 1, "kind": "hang"}},
     )
     with pytest.raises(
         RuntimeError, match=r"rank 0 .*from rank 1 did not complete within parallel.p2p_timeout_s=3s"

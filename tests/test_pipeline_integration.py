@@ -144,7 +144,7 @@ def test_sigterm_on_one_rank_stops_every_rank_after_the_step_and_resumes_exactly
     straight, _ = straight_run
     stopped_dir = tmp_path / "stopped"
     raw = _config(stopped_dir)
-    raw["parallel"]["fault_injection"] = {"rank": 1, "step": 2, "kind": "sigterm"}
+    raw["debug"] = {"fault_injection": {"rank": 1, "step": 2, "kind": "sigterm"}}
     with pytest.raises(RuntimeError, match="Terminated"):
         spawn_gloo(train_from_dict, 2, (raw, True), timeout_s=60)
     summary = json.loads((stopped_dir / "summary.json").read_text())
@@ -169,7 +169,7 @@ def test_failed_run_records_rank0_error(tmp_path):
         2,
         0,
         p2p_timeout_s=5.0,
-        fault_injection={"rank": 0, "step": 1, "kind": "raise"},
+        debug={"fault_injection": {"rank": 0, "step": 1, "kind": "raise"}},
     )
     with pytest.raises(RuntimeError, match="InjectedFault"):  # rank 1 waits on rank 0: nothing to finish
         spawn_gloo(train_from_dict, 2, (raw, True), timeout_s=60, failure_grace_s=1.0)

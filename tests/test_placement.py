@@ -221,7 +221,7 @@ def _drive(spec_path: str) -> None:
         nodes = [cluster.add_node(num_cpus=2, resources={"moeforge_worker": 2}) for _ in range(2)]
         ray.init(address=cluster.address, log_to_driver=True)
         raw = pipeline_config(
-            spec["run_dir"], "dualpipe", 2, 2, 4, zero_stage=1, ep=2, worker_resources={"moeforge_worker": 1}
+            spec["run_dir"], "dualpipe", 2, 2, 4, zero_stage=1, ep=2, resources={"worker_resources": {"moeforge_worker": 1}}
         )
         raw["run"].update(steps=STEPS, eval_every=2, eval_batches=1)
         raw["tracking"] = {"backend": "wandb", "mode": "offline", "log_timeline": True}
@@ -334,7 +334,7 @@ def test_multi_node_run_follows_the_plan(tmp_path, monkeypatch):
     assert [s["step"] for s in steps] == list(range(1, STEPS + 1))
     for key in PIPELINE_METRICS:
         assert key in steps[-1], key
-    assert "mfu" not in steps[-1]  # no parallel.peak_tflops_per_worker: no MFU, rather than 0
+    assert "mfu" not in steps[-1]  # no resources.peak_tflops_per_worker: no MFU, rather than 0
     assert steps[-1]["max_expert_load"] >= steps[-1]["mean_expert_load"] > 0
     # the MoE took its node ids from the placement: tokens reach both EP ranks, never two nodes
     for step in steps:

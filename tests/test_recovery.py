@@ -38,7 +38,7 @@ S3_ENV = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS
 
 
 def _config(run_dir, **checkpoint) -> dict:
-    raw = pipeline_config(run_dir, "dualpipe", 2, 1, 4, zero_stage=1, cpus_per_worker=1)
+    raw = pipeline_config(run_dir, "dualpipe", 2, 1, 4, zero_stage=1, resources={"cpus_per_worker": 1})
     raw["run"].update(steps=STEPS)
     raw["tracking"] = {"log_timeline": False}
     raw["checkpoint"] = {"every": 2, "keep": 2, "resume": False, **checkpoint}
@@ -57,7 +57,7 @@ def test_sigkilled_worker_on_s3_restarts_and_repeats_the_uninterrupted_run(
     s3.create_bucket(Bucket=bucket)
     run_dir = f"s3://{bucket}/killed"
     raw = _config(run_dir, every=1, max_failures=1, **{"async": True})
-    raw["parallel"]["fault_injection"] = {"rank": 1, "step": KILLED_AT, "kind": "sigkill"}
+    raw["debug"] = {"fault_injection": {"rank": 1, "step": KILLED_AT, "kind": "sigkill"}}
 
     def launch(raw: dict) -> dict:  # a local function: Ray ships it by value, not by module name
         return launch_training(TrainConfig.from_dict(raw), raw)

@@ -42,7 +42,7 @@ TINY = {
             {"model": TINY, "parallel": {"layers_per_stage": [1, "a"]}},
             "parallel.layers_per_stage[1]: expected int",
         ),
-        ({"model": TINY, "parallel": {"fault_injection": [1]}}, "parallel.fault_injection: expected dict"),
+        ({"model": TINY, "debug": {"fault_injection": [1]}}, "debug.fault_injection: expected dict"),
         ({"model": TINY, "parallel": 2}, "parallel: expected ParallelConfig, got 2"),
         ({"model": TINY, "optim": {"lr": "fast"}}, "optim.lr: expected float, got 'fast'"),
         ({"model": TINY, "optim": {"betas": [0.9, "x"]}}, "optim.betas[1]: expected float, got 'x'"),
@@ -67,8 +67,8 @@ TINY = {
             "parallel.zero_bucket_elements: must be a positive even number of elements, got 3",
         ),
         (
-            {"model": TINY, "parallel": {"schedule": "1f1b", "pp": 2, "gpus_per_worker": 0.5}},
-            "parallel.gpus_per_worker: must be a whole number of GPUs with NCCL (backend=auto), got 0.5",
+            {"model": TINY, "parallel": {"schedule": "1f1b", "pp": 2}, "resources": {"gpus_per_worker": 0.5}},
+            "resources.gpus_per_worker: must be a whole number of GPUs with NCCL (parallel.backend=auto), got 0.5",
         ),
     ],
 )
@@ -81,18 +81,19 @@ def test_bad_values_name_the_field(values, message):
 
 def test_a_gpu_fraction_is_refused_only_where_nccl_would_share_a_gpu():
     """NCCL refuses two ranks on one GPU; gloo, and the one-process loop, have no such rule."""
-    for parallel in (
-        {"schedule": "1f1b", "pp": 2, "gpus_per_worker": 0.5, "backend": "gloo"},
-        {"schedule": "single", "gpus_per_worker": 0.5},
-        {"schedule": "1f1b", "pp": 2, "gpus_per_worker": 2.0, "backend": "nccl"},
+    for parallel, gpus in (
+        ({"schedule": "1f1b", "pp": 2, "backend": "gloo"}, 0.5),
+        ({"schedule": "single"}, 0.5),
+        ({"schedule": "1f1b", "pp": 2, "backend": "nccl"}, 2.0),
     ):
-        cfg = TrainConfig.from_dict({"model": TINY, "parallel": parallel})
-        assert cfg.parallel.gpus_per_worker == parallel["gpus_per_worker"]
-    with pytest.raises(ConfigError, match="parallel.gpus_per_worker: must be a whole number"):
+        cfg = TrainConfig.from_dict({"model": TINY, "parallel": parallel, "resources": {"gpus_per_worker": gpus}})
+        assert cfg.resources.gpus_per_worker == gpus
+    with pytest.raises(ConfigError, match="resources.gpus_per_worker: must be a whole number"):
         TrainConfig.from_dict(
             {
                 "model": TINY,
-                "parallel": {"schedule": "1f1b", "pp": 2, "gpus_per_worker": 1.5, "backend": "nccl"},
+                "parallel": {"schedule": "1f1b", "pp": 2, "backend": "nccl"},
+                "resources": {"gpus_per_worker": 1.5},
             }
         )
 
@@ -103,8 +104,8 @@ def test_nccl_without_gpus_is_refused_before_any_worker_starts():
     with pytest.raises(ConfigError) as err:
         TrainConfig.from_dict({"model": TINY, "parallel": {"schedule": "dualpipe", "pp": 2, "backend": "nccl"}})
     assert str(err.value) == (
-        "parallel.backend: nccl runs on GPUs, and parallel.gpus_per_worker is 0: give the workers GPUs "
-        "(parallel.gpus_per_worker=1), or use backend=gloo (or auto) on CPUs"
+        "parallel.backend: nccl runs on GPUs, and resources.gpus_per_worker is 0: give the workers GPUs "
+        "(resources.gpus_per_worker=1), or use backend=gloo (or auto) on CPUs"
     )
 
 

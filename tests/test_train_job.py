@@ -201,7 +201,7 @@ def test_a_run_that_fails_on_a_worker_exits_1_naming_the_rank(ray_cluster, tmp_p
         "parallel.zero_stage=0",
         "+tracking.log_timeline=false",
         "parallel.p2p_timeout_s=20",  # the peers of the failed rank give up waiting after 20 s
-        "+parallel.fault_injection={rank: 1, step: 1, kind: raise}",
+        "+debug.fault_injection={rank: 1, step: 1, kind: raise}",
     ]
     address = ray_cluster.get_runtime_context().gcs_address
     proc = run_train(args, cwd=tmp_path, RAY_ADDRESS=address)

@@ -151,7 +151,6 @@ def train_config(
     data = preset_values("data", cfg.data_name)
     data.update(seed=cfg.seed, global_batch=cfg.global_batch)  # the YAML's ${run.seed} is Hydra's
     parallel = preset_values("parallel", "single")
-    parallel["gpus_per_worker"] = 1.0 if cfg.use_cuda else 0.0
     return TrainConfig.from_dict(
         {
             "model": model,
@@ -164,6 +163,7 @@ def train_config(
                 "eval_every": 0,
             },
             "parallel": parallel,
+            "resources": {"gpus_per_worker": 1.0 if cfg.use_cuda else 0.0},
             "precision": preset_values("precision", cfg.precision_name),
             "data": data,
             "optim": preset_values("optim", "adamw"),

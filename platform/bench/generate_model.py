@@ -53,7 +53,6 @@ def corpus_dir(cfg: GenerateBenchConfig, log: Callable[[str], None]) -> tuple[st
 def train_config(cfg: GenerateBenchConfig, data_dir: str, run_dir: str) -> TrainConfig:
     """The training run: the shipped presets, one checkpoint at the end, evaluation at the end."""
     parallel = preset_values("parallel", "single")
-    parallel["gpus_per_worker"] = 1.0 if cfg.use_cuda else 0.0
     data = {"source": "tokens", "path": data_dir, "global_batch": cfg.global_batch, "seed": cfg.seed}
     return TrainConfig.from_dict(
         {
@@ -61,6 +60,7 @@ def train_config(cfg: GenerateBenchConfig, data_dir: str, run_dir: str) -> Train
             "run": {"name": "bench-generate", "dir": run_dir, "seed": cfg.seed, "steps": cfg.train_steps,
                     "log_every": cfg.log_every, "eval_every": cfg.train_steps, "eval_batches": 2},
             "parallel": parallel,
+            "resources": {"gpus_per_worker": 1.0 if cfg.use_cuda else 0.0},
             "precision": preset_values("precision", cfg.precision_name),
             "data": data,
             "optim": preset_values("optim", "adamw"),
@@ -79,7 +79,7 @@ def cache_key(train_cfg: TrainConfig, data_dir: str) -> str:
         "data": {"fingerprint": manifest.get("fingerprint"), "global_batch": train_cfg.data.global_batch},
         "precision": asdict(train_cfg.precision),
         "optim": asdict(train_cfg.optim),
-        "device": train_cfg.parallel.gpus_per_worker > 0,
+        "device": train_cfg.resources.gpus_per_worker > 0,
     }
     return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:16]
 

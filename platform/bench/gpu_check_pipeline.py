@@ -41,7 +41,8 @@ def pipeline_step(res: Results, device, size: str, **_: Any) -> bool:
         cfg = TrainConfig.from_dict({
             "model": {**preset_values("model", "tiny"), "seq_len": p["seq_len"]},
             "parallel": {"schedule": "1f1b", "pp": 1, "dp": 1, "microbatches": p["microbatches"],
-                         "zero_stage": 1, "gpus_per_worker": 1 if device.type == "cuda" else 0},
+                         "zero_stage": 1},
+            "resources": {"gpus_per_worker": 1 if device.type == "cuda" else 0},
             "precision": preset_values("precision", p["precision"]),
             "data": {"source": "synthetic", "global_batch": p["global_batch"], "seed": SEED},
             "run": {"name": "gpu_check_pipeline", "dir": run_dir, "seed": SEED, "steps": p["steps"],

@@ -52,7 +52,7 @@ def train_config(
 ):
     """The TrainConfig of a one-process run from the shipped presets (conf/), without Hydra: the
     model preset with a shorter seq_len, parallel=single on the GPU when `device` is CUDA
-    (parallel.gpus_per_worker = 1), the precision preset, synthetic data."""
+    (resources.gpus_per_worker = 1), the precision preset, synthetic data."""
     from moeforge.platform.config.presets import preset_values
     from moeforge.platform.config.train import TrainConfig
 
@@ -60,7 +60,6 @@ def train_config(
     parallel = {
         **preset_values("parallel", "single"),
         "microbatches": microbatches or s["microbatches"],
-        "gpus_per_worker": 1 if device.type == "cuda" else 0,
     }
     optim = {
         **preset_values("optim", "adamw"),
@@ -71,6 +70,7 @@ def train_config(
     return TrainConfig.from_dict({
         "model": {**preset_values("model", model or s["model"]), "seq_len": seq_len or s["seq_len"]},
         "parallel": parallel,
+        "resources": {"gpus_per_worker": 1 if device.type == "cuda" else 0},
         "precision": preset_values("precision", precision),
         "data": {"source": "synthetic", "global_batch": global_batch or s["global_batch"], "seed": SEED},
         "optim": optim,

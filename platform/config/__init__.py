@@ -8,9 +8,11 @@ from moeforge.platform.config.builder import ConfigError
 from moeforge.platform.config.checkpoint import CheckpointConfig
 from moeforge.platform.config.cluster import RayClusterConfig
 from moeforge.platform.config.data import DataConfig
+from moeforge.platform.config.debug import DebugConfig
 from moeforge.platform.config.optim import OptimConfig
 from moeforge.platform.config.parallel import ParallelConfig
 from moeforge.platform.config.precision import PrecisionConfig
+from moeforge.platform.config.resources import ResourcesConfig
 from moeforge.platform.config.run import RunConfig
 from moeforge.platform.config.tracking import TrackingConfig
 from moeforge.platform.config.train import TrainConfig
@@ -19,10 +21,12 @@ __all__ = [
     "CheckpointConfig",
     "ConfigError",
     "DataConfig",
+    "DebugConfig",
     "OptimConfig",
     "ParallelConfig",
     "PrecisionConfig",
     "RayClusterConfig",
+    "ResourcesConfig",
     "RunConfig",
     "TrackingConfig",
     "TrainConfig",

@@ -1,9 +1,10 @@
-"""How the run is split across workers: pipeline schedule, data parallelism, ZeRO, resources."""
+"""How the run is split across workers: pipeline schedule, data and expert parallelism, ZeRO, overlap.
+
+What each worker asks of the cluster is `resources` (`ResourcesConfig`); test-only hooks are `debug`."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
 from moeforge.platform.config.builder import require
 
@@ -27,16 +28,7 @@ class ParallelConfig:
     # allgather_bucket_size); even, as DeepSpeed aligns all-gather shards to 2 elements.
     zero_bucket_elements: int = ZERO_BUCKET_ELEMENTS
     backend: str = "auto"  # auto: nccl when the workers have GPUs, else gloo
-    cpus_per_worker: float = 1.0
-    gpus_per_worker: float = 0.0
-    # Further Ray resources every worker needs, e.g. {"moeforge_worker": 1} so that workers land only
-    # on nodes that carry that custom resource (an autoscaler's worker node type). CPU and GPU are
-    # cpus_per_worker and gpus_per_worker.
-    worker_resources: dict[str, float] = field(default_factory=dict)
     p2p_timeout_s: float = 120.0  # a peer that never sends fails the run after this long
-    # False: refuse at once a run larger than the cluster's totals; True: the cluster may still grow
-    # (an autoscaler), so wait for it, at most cluster.wait_s
-    wait_for_autoscaler: bool = False
     layers_per_stage: list[int] | None = None  # explicit uneven split, one count per model stage
     # Expert parallelism: the routed experts of every MoE layer are sharded over `ep` data-parallel
     # replicas of the same stage(s) (platform/moe). Must divide dp and model.n_routed_experts.
@@ -44,7 +36,6 @@ class ParallelConfig:
     # Ranks of an EP group per node, for node-limited routing and its statistics. 0: from where Ray
     # placed the workers (node ids); a test sets it to pretend several nodes on one machine.
     ep_ranks_per_node: int = 0
-    gpu_memory_gb: float = 0.0  # per worker, for the memory plan (moeforge-estimate); 0: unknown
     # Run stage chunks as phase programs split at the MoE all-to-alls (engine/chunk_program.py)
     # instead of one autograd graph each; `overlap` then interleaves the two halves of every F&B
     # pair phase by phase (DualPipe's overlap). Same math either way: on and off are bit-identical.
@@ -57,9 +48,6 @@ class ParallelConfig:
     # SMs the persistent FP8 GEMMs leave to communication kernels (NCCL's all-to-alls and transfers
     # of an overlapped pair run beside them); DeepSeek-V3 left 20 of 132. 0: every SM computes.
     comm_sms: int = 0
-    peak_tflops_per_worker: float = 0.0  # for MFU; 0: reported as 0 (unknown hardware)
-    # TEST-ONLY: make one rank fail mid-step, e.g. {"rank": 1, "step": 1, "kind": "raise" | "hang" | "sigterm"}.
-    fault_injection: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         require(self.schedule in SCHEDULES, "schedule", f"must be one of {SCHEDULES}, got {self.schedule!r}")
@@ -72,36 +60,11 @@ class ParallelConfig:
             "backend",
             f"must be auto|gloo|nccl, got {self.backend!r}",
         )
-        require(self.cpus_per_worker >= 0, "cpus_per_worker", "must be >= 0")
         require(
             self.zero_bucket_elements > 0 and self.zero_bucket_elements % 2 == 0,
             "zero_bucket_elements",
             f"must be a positive even number of elements, got {self.zero_bucket_elements}",
         )
-        require(self.gpus_per_worker >= 0, "gpus_per_worker", "must be >= 0")
-        if self.schedule != "single" and self.backend == "nccl":
-            require(
-                self.gpus_per_worker > 0,
-                "backend",
-                "nccl runs on GPUs, and parallel.gpus_per_worker is 0: give the workers GPUs "
-                "(parallel.gpus_per_worker=1), or use backend=gloo (or auto) on CPUs",
-            )
-        if self.schedule != "single" and self.backend in ("auto", "nccl"):
-            # Ray would place two ranks on one GPU, which NCCL refuses ("Duplicate GPU detected").
-            require(
-                float(self.gpus_per_worker).is_integer(),
-                "gpus_per_worker",
-                f"must be a whole number of GPUs with NCCL (backend={self.backend}), got "
-                f"{self.gpus_per_worker}: a fraction puts two ranks on one GPU, which NCCL refuses",
-            )
-        self.worker_resources = dict(self.worker_resources)
-        for name, amount in self.worker_resources.items():
-            require(
-                isinstance(name, str) and bool(name) and name not in ("CPU", "GPU"),
-                "worker_resources",
-                f"names a custom Ray resource (CPU and GPU are cpus_per_worker and gpus_per_worker), got {name!r}",
-            )
-            require(amount > 0, f"worker_resources.{name}", f"must be positive, got {amount}")
         require(self.p2p_timeout_s > 0, "p2p_timeout_s", "must be positive")
         if self.layers_per_stage is not None:
             self.layers_per_stage = list(self.layers_per_stage)
@@ -130,26 +93,8 @@ class ParallelConfig:
             "overlap_order",
             f"must be backward_first|forward_first, got {self.overlap_order!r}",
         )
-        require(self.gpu_memory_gb >= 0, "gpu_memory_gb", f"must be >= 0, got {self.gpu_memory_gb}")
         require(self.recv_lookahead >= 1, "recv_lookahead", f"must be >= 1, got {self.recv_lookahead}")
         require(self.comm_sms >= 0, "comm_sms", f"must be >= 0, got {self.comm_sms}")
-        require(self.peak_tflops_per_worker >= 0, "peak_tflops_per_worker", "must be >= 0")
-        if self.fault_injection is not None:
-            fault = dict(self.fault_injection)
-            process_fault = set(fault) == {"rank", "step", "kind"} and fault["kind"] in (
-                "raise",
-                "hang",
-                "sigkill",
-                "sigterm",
-            )
-            data_fault = set(fault) == {"batch", "kind"} and fault["kind"] in ("nan_grad", "loss_spike")
-            require(
-                process_fault or data_fault,
-                "fault_injection",
-                "test-only hook: {rank, step, kind: raise|hang|sigkill|sigterm} or {batch, kind: nan_grad|loss_spike}, "
-                f"got {fault}",
-            )
-            self.fault_injection = fault
         if self.schedule == "single":
             require(
                 self.pp == 1 and self.dp == 1,

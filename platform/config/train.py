@@ -14,16 +14,19 @@ from moeforge.platform.config.builder import ConfigError, build_config
 from moeforge.platform.config.checkpoint import CheckpointConfig
 from moeforge.platform.config.cluster import RayClusterConfig
 from moeforge.platform.config.data import DataConfig
+from moeforge.platform.config.debug import DebugConfig
 from moeforge.platform.config.init import InitConfig
 from moeforge.platform.config.optim import OptimConfig
 from moeforge.platform.config.parallel import ParallelConfig
 from moeforge.platform.config.precision import PrecisionConfig
+from moeforge.platform.config.resources import ResourcesConfig
 from moeforge.platform.config.run import RunConfig
 from moeforge.platform.config.tracking import TrackingConfig
 
 _SECTIONS = {
     "run": RunConfig,
     "parallel": ParallelConfig,
+    "resources": ResourcesConfig,
     "precision": PrecisionConfig,
     "data": DataConfig,
     "optim": OptimConfig,
@@ -31,6 +34,7 @@ _SECTIONS = {
     "checkpoint": CheckpointConfig,
     "cluster": RayClusterConfig,
     "init": InitConfig,
+    "debug": DebugConfig,
 }
 
 
@@ -41,6 +45,7 @@ class TrainConfig:
     model: ModelConfig
     run: RunConfig = field(default_factory=RunConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    resources: ResourcesConfig = field(default_factory=ResourcesConfig)
     precision: PrecisionConfig = field(default_factory=PrecisionConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -48,6 +53,7 @@ class TrainConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     cluster: RayClusterConfig = field(default_factory=RayClusterConfig)
     init: InitConfig = field(default_factory=InitConfig)
+    debug: DebugConfig = field(default_factory=DebugConfig)
 
     def __post_init__(self) -> None:
         self.check()
@@ -130,7 +136,20 @@ class TrainConfig:
 
     def check(self) -> None:
         """Cross-section checks that need more than one component's values."""
-        par, data = self.parallel, self.data
+        par, data, res = self.parallel, self.data, self.resources
+        if par.schedule != "single" and par.backend == "nccl" and res.gpus_per_worker <= 0:
+            raise ConfigError(
+                "parallel.backend: nccl runs on GPUs, and resources.gpus_per_worker is 0: give the workers "
+                "GPUs (resources.gpus_per_worker=1), or use backend=gloo (or auto) on CPUs"
+            )
+        # Ray would place two ranks on one GPU, which NCCL refuses ("Duplicate GPU detected").
+        nccl = par.schedule != "single" and par.backend in ("auto", "nccl")
+        if nccl and not float(res.gpus_per_worker).is_integer():
+            raise ConfigError(
+                f"resources.gpus_per_worker: must be a whole number of GPUs with NCCL "
+                f"(parallel.backend={par.backend}), got {res.gpus_per_worker}: a fraction puts two "
+                "ranks on one GPU, which NCCL refuses"
+            )
         per_step = par.microbatches * par.dp
         if data.global_batch % per_step:
             raise ConfigError(

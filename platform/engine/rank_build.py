@@ -81,7 +81,7 @@ def assemble_rank(
     init_weights: bool = True,
 ) -> RankParts:
     """Build this rank's parts (collective: every rank calls it). `fault` is the executor's test-only
-    fault hook (parallel.fault_injection). `init_weights`: read `init.from`'s weights (a run about
+    fault hook (debug.fault_injection). `init_weights`: read `init.from`'s weights (a run about
     to resume its own checkpoint does not: they would be replaced at once)."""
     par = cfg.parallel
     topo = Topology.for_schedule(

@@ -32,8 +32,6 @@ checkpoint), and the collective choices `agree_on` and `any_rank`.
 from __future__ import annotations
 
 import math
-import os
-import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -55,21 +53,17 @@ from moeforge.platform.engine.executor import StepTrace
 from moeforge.platform.engine.rank_build import assemble_rank
 from moeforge.platform.engine.rank_checkpoint import RankCheckpoints
 from moeforge.platform.moe.routing_stats import routing_summary
-from moeforge.platform.optim.bad_steps import LOSS_SPIKE_FACTOR, injected_data_fault
 from moeforge.platform.optim.bias_update import set_balance_loss_scale, update_router_biases
 from moeforge.platform.optim.lr_schedule import lr_at
 from moeforge.platform.optim.recipe_schedule import RecipeValues, recipe_after, recipe_at
 from moeforge.platform.outputs.grad_dump import dump_pipeline_grads
 from moeforge.platform.outputs.metrics import EvalResult, StepMetrics
 from moeforge.platform.outputs.pipeline_report import PipelineReport
-from moeforge.platform.outputs.storage import Storage, open_storage
+from moeforge.platform.outputs.storage import Storage
 from moeforge.platform.outputs.timeline import TimelineRecord
 from moeforge.platform.plan.accounting import estimate
 from moeforge.platform.precision import warm_up_fp8_kernels
-
-
-class InjectedFault(RuntimeError):
-    """Raised by the test-only parallel.fault_injection hook."""
+from moeforge.platform.train.faults import LOSS_SPIKE_FACTOR, FaultInjection
 
 
 @dataclass
@@ -77,7 +71,7 @@ class PipelineStepMetrics:
     """StepMetrics plus what only a pipeline run measures."""
 
     base: StepMetrics
-    mfu: float | None  # None without parallel.peak_tflops_per_worker (no peak: no MFU)
+    mfu: float | None  # None without resources.peak_tflops_per_worker (no peak: no MFU)
     bubble_fraction: float  # measured: 1 - mean compute time / step time over ranks
     exposed_comm_s: list[float]  # per world rank: time blocked on transfers
     exposed_a2a_s: list[float] = field(default_factory=list)  # per world rank: blocked on phase all-to-alls
@@ -114,13 +108,15 @@ class RankEngine:
         device: torch.device | str = "cpu",
         log: Callable[[str], None] = print,
         init_weights: bool = True,
+        faults: FaultInjection | None = None,
     ) -> None:
         self.cfg, self.rank = cfg, rank
+        self.faults = faults  # test-only hooks (debug.fault_injection), built by the Trainer
         self.init_weights = init_weights  # init.from read (assemble_rank); False when resuming
         self.device = torch.device(device)
         self.reports = rank == 0  # rank 0 keeps the run's record
         self.microbatches = cfg.parallel.microbatches
-        self.parts = assemble_rank(cfg, rank, world_size, self.device, fault=self._maybe_fault, init_weights=init_weights)
+        self.parts = assemble_rank(cfg, rank, world_size, self.device, fault=self._maybe_fault if faults else None, init_weights=init_weights)
         set_balance_loss_scale(self.parts.moe, cfg.model.seq_aux_loss_alpha, 1.0 / self.microbatches)
         self.checkpoints = RankCheckpoints(cfg, self.parts, log)
         self.writer = self.checkpoints.writer
@@ -151,25 +147,7 @@ class RankEngine:
 
     # ---- one optimizer step -----------------------------------------------------------------------
     def _maybe_fault(self) -> None:
-        fault = self.cfg.parallel.fault_injection
-        if not fault or fault.get("rank") != self.rank or fault.get("step") != self.step:
-            return
-        if fault["kind"] == "sigkill":
-            # The process dies as a lost node's would: no exception, no cleanup. Once per run.dir
-            # (a marker written first), so the restarted worker group trains through this step.
-            storage = open_storage(self.cfg.run.dir)
-            marker = f"fault_injection.rank{self.rank}.step{self.step}"
-            if storage.exists(marker):
-                return
-            storage.write_text(marker, "fired\n")
-            os.kill(os.getpid(), signal.SIGKILL)
-        if fault["kind"] == "sigterm":  # a scheduler's stop, mid-step: the Trainer stops every rank after it
-            os.kill(os.getpid(), signal.SIGTERM)
-            return
-        if fault["kind"] == "raise":
-            raise InjectedFault(f"{self.parts.name}: injected fault at step {self.step} (parallel.fault_injection)")
-        while True:  # "hang": never send again; the peers' p2p timeout must end the run
-            time.sleep(1.0)
+        self.faults.at_step(self.rank, self.step, self.parts.name)
 
     def _replica_microbatches(self, read: Callable[[int, int], Batch]) -> list[MicroBatch]:
         """This replica's micro-batches of one global batch (`read(dp_rank, dp)`), each loss scaled
@@ -195,7 +173,7 @@ class RankEngine:
         for p in self.parts.tied:  # sum the first and last stage's embedding gradients
             # No loop variable keeps the gradient alive: the optimizer step consumes `grads`.
             dist.all_reduce(grads.setdefault(id(p), torch.zeros_like(p)), group=self.parts.groups.tie)
-        fault = injected_data_fault(self.cfg.parallel, self.step + self.data_skip)
+        fault = self.faults.data_fault(self.step + self.data_skip) if self.faults else None
         if fault == "nan_grad" and grads:
             next(iter(grads.values())).fill_(float("nan"))
         if self.step == 0:  # writes only under MOEFORGE_DUMP_GRADS (a test and debugging aid)
@@ -298,7 +276,7 @@ class RankEngine:
         busy, span, exposed = per_rank[:, 0], per_rank[:, 1], per_rank[:, 2]
         step_time = time.perf_counter() - start
         tokens = self.cfg.data.global_batch * self.cfg.model.seq_len
-        peak = self.cfg.parallel.peak_tflops_per_worker * 1e12 * self.parts.topo.world_size
+        peak = self.cfg.resources.peak_tflops_per_worker * 1e12 * self.parts.topo.world_size
         records: list[TimelineRecord] = []
         if gather:
             everyone = [None] * self.parts.topo.world_size
@@ -405,7 +383,7 @@ class RankEngine:
         return "a pipeline checkpoint needs every rank alive at the same step; the newest periodic one stands"
 
     def open_report(self, log, resumed_from: str | None, outputs=None) -> PipelineReport:
-        peak = self.cfg.parallel.peak_tflops_per_worker * 1e12 * self.parts.topo.world_size
+        peak = self.cfg.resources.peak_tflops_per_worker * 1e12 * self.parts.topo.world_size
         return PipelineReport(
             self.cfg,
             rank_params=sum(p.numel() for p in self.parts.rank_module.parameters()),

@@ -59,7 +59,7 @@ def use_accelerator_for(device: torch.device | str, environ: MutableMapping[str,
         raise AcceleratorError(
             f"{ACCELERATOR_ENV}={given} contradicts this worker's device {torch.device(device)}, which "
             f"needs DeepSpeed's {want!r} accelerator: unset {ACCELERATOR_ENV} (moeforge sets it from "
-            "the device, parallel.gpus_per_worker)"
+            "the device, resources.gpus_per_worker)"
         )
     environ[ACCELERATOR_ENV] = want
     chosen = resolved_accelerator()

@@ -2,14 +2,14 @@
 
 Two checks, both pure arithmetic on numbers handed in, so they cost nothing and are testable:
 
-* `check_cluster_fits(parallel, resources)`: a pipeline run needs pp x dp workers, each with
-  `parallel.gpus_per_worker` GPUs, `parallel.cpus_per_worker` CPUs and the custom resources of
-  `parallel.worker_resources` (`worker_bundle`). `resources` is what the cluster has in total, as
+* `check_cluster_fits(parallel, res, totals)`: a pipeline run needs pp x dp workers, each with
+  `resources.gpus_per_worker` GPUs, `resources.cpus_per_worker` CPUs and the custom resources of
+  `resources.worker_resources` (`worker_bundle`). `totals` is what the cluster has in total, as
   `ray.cluster_resources()` reports it. Called by platform.launch.ray_train right after it connects
   to Ray; a 2,048-GPU DeepSeek-V3 run on a small cluster fails there with both numbers
   instead of waiting forever for workers that can never be placed.
-* `check_single_process_fits(model, parallel, machine)`: the one-process reference loop holds the
-  whole training state in one place, GPU memory when `parallel.gpus_per_worker > 0`, RAM otherwise.
+* `check_single_process_fits(model, res, machine)`: the one-process reference loop holds the
+  whole training state in one place, GPU memory when `resources.gpus_per_worker > 0`, RAM otherwise.
   The state is `accounting.estimate(model).train_state_bytes` (16 bytes per parameter); activations
   come on top, so passing this check is necessary, not sufficient.
 
@@ -27,30 +27,31 @@ from collections.abc import Mapping
 from moeforge.model.config import ModelConfig
 from moeforge.platform.config.builder import ConfigError
 from moeforge.platform.config.parallel import ParallelConfig
+from moeforge.platform.config.resources import ResourcesConfig
 from moeforge.platform.plan.accounting import TRAIN_STATE_BYTES_PER_PARAM, estimate
 
 GB = 1e9
 _EPS = 1e-9  # fractional resources (0.5 GPU per worker) add up with float rounding
 
 
-def worker_bundle(parallel_cfg: ParallelConfig) -> dict[str, float]:
-    """The Ray resources one worker of the run asks for: `parallel.cpus_per_worker` CPUs,
-    `parallel.gpus_per_worker` GPUs (when any) and `parallel.worker_resources`. Ray Train's
+def worker_bundle(res: ResourcesConfig) -> dict[str, float]:
+    """The Ray resources one worker of the run asks for: `resources.cpus_per_worker` CPUs,
+    `resources.gpus_per_worker` GPUs (when any) and `resources.worker_resources`. Ray Train's
     `resources_per_worker` (one placement-group bundle per worker)."""
-    bundle = {"CPU": float(parallel_cfg.cpus_per_worker)}
-    if parallel_cfg.gpus_per_worker > 0:
-        bundle["GPU"] = float(parallel_cfg.gpus_per_worker)
-    bundle.update({name: float(v) for name, v in parallel_cfg.worker_resources.items()})
+    bundle = {"CPU": float(res.cpus_per_worker)}
+    if res.gpus_per_worker > 0:
+        bundle["GPU"] = float(res.gpus_per_worker)
+    bundle.update({name: float(v) for name, v in res.worker_resources.items()})
     return bundle
 
 
-def _demands(parallel_cfg: ParallelConfig):
+def _demands(res: ResourcesConfig):
     """(resource, per worker, the field that sets it) for every resource a worker needs; GPU and
     CPU always (GPU first: the scarce one), custom resources after them."""
-    yield "GPU", parallel_cfg.gpus_per_worker, "parallel.gpus_per_worker"
-    yield "CPU", parallel_cfg.cpus_per_worker, "parallel.cpus_per_worker"
-    for name, amount in parallel_cfg.worker_resources.items():
-        yield name, amount, f"parallel.worker_resources.{name}"
+    yield "GPU", res.gpus_per_worker, "resources.gpus_per_worker"
+    yield "CPU", res.cpus_per_worker, "resources.cpus_per_worker"
+    for name, amount in res.worker_resources.items():
+        yield name, amount, f"resources.worker_resources.{name}"
 
 
 def _unit(kind: str) -> str:
@@ -61,39 +62,39 @@ def _layout(parallel_cfg: ParallelConfig) -> str:
     return f"pp={parallel_cfg.pp} x dp={parallel_cfg.dp} = {parallel_cfg.world_size} workers"
 
 
-def check_cluster_fits(parallel_cfg: ParallelConfig, resources: Mapping[str, float]) -> None:
+def check_cluster_fits(parallel_cfg: ParallelConfig, res: ResourcesConfig, totals: Mapping[str, float]) -> None:
     """Raise ConfigError when the cluster's total GPUs, CPUs or custom worker resources
-    (`parallel.worker_resources`) cannot hold pp x dp workers.
+    (`resources.worker_resources`) cannot hold pp x dp workers.
 
-    `resources`: totals such as `ray.cluster_resources()` returns ({"CPU": 64.0, "GPU": 8.0, ...});
-    a missing key counts as 0. With `parallel.wait_for_autoscaler` the cluster may still grow, so
-    nothing is refused (the launch then waits at most `cluster.wait_s` for it)."""
-    if parallel_cfg.wait_for_autoscaler:
+    `totals`: what `ray.cluster_resources()` returns ({"CPU": 64.0, "GPU": 8.0, ...}); a missing
+    key counts as 0. With `resources.wait_for_autoscaler` the cluster may still grow, so nothing is
+    refused (the launch then waits at most `cluster.wait_s` for it)."""
+    if res.wait_for_autoscaler:
         return
     workers = parallel_cfg.world_size
-    for kind, per_worker, field in _demands(parallel_cfg):
+    for kind, per_worker, field in _demands(res):
         needed = workers * per_worker
-        have = float(resources.get(kind, 0.0))
+        have = float(totals.get(kind, 0.0))
         if needed > have + _EPS:
             raise ConfigError(
                 f"parallel: the run needs {needed:g} {_unit(kind)} ({_layout(parallel_cfg)} x "
                 f"{per_worker:g} {kind}, {field}), the cluster has {have:g}; use a larger cluster, "
-                f"fewer workers, or parallel.wait_for_autoscaler=true on an autoscaling cluster"
+                f"fewer workers, or resources.wait_for_autoscaler=true on an autoscaling cluster"
             )
 
 
 def describe_shortfall(
-    parallel_cfg: ParallelConfig, resources: Mapping[str, float], available: Mapping[str, float]
+    parallel_cfg: ParallelConfig, res: ResourcesConfig, totals: Mapping[str, float], available: Mapping[str, float]
 ) -> str:
     """What the run asks for against what the cluster has, in `check_cluster_fits`'s words: "the
-    run needs 4 CPUs (pp=2 x dp=2 = 4 workers x 1 CPU, parallel.cpus_per_worker), the cluster has
-    8 (2 free); ..." for every resource a worker needs (GPUs only when it needs any). `resources`
+    run needs 4 CPUs (pp=2 x dp=2 = 4 workers x 1 CPU, resources.cpus_per_worker), the cluster has
+    8 (2 free); ..." for every resource a worker needs (GPUs only when it needs any). `totals`
     and `available`: `ray.cluster_resources()` and `ray.available_resources()`."""
     parts = []
-    for kind, per_worker, field in _demands(parallel_cfg):
+    for kind, per_worker, field in _demands(res):
         if kind == "GPU" and per_worker == 0:
             continue
-        have, free = float(resources.get(kind, 0.0)), float(available.get(kind, 0.0))
+        have, free = float(totals.get(kind, 0.0)), float(available.get(kind, 0.0))
         parts.append(
             f"{parallel_cfg.world_size * per_worker:g} {_unit(kind)} ({_layout(parallel_cfg)} x "
             f"{per_worker:g} {kind}, {field}), the cluster has {have:g} ({free:g} free)"
@@ -101,16 +102,14 @@ def describe_shortfall(
     return "the run needs " + "; ".join(parts)
 
 
-def check_single_process_fits(
-    model_cfg: ModelConfig, parallel_cfg: ParallelConfig, machine: Mapping[str, float]
-) -> None:
+def check_single_process_fits(model_cfg: ModelConfig, res: ResourcesConfig, machine: Mapping[str, float]) -> None:
     """Raise ConfigError when a one-process run cannot start here: too few GPUs, or a training
     state larger than the memory it would live in. `machine`: see `machine_resources()`."""
-    gpus_needed = math.ceil(parallel_cfg.gpus_per_worker)
+    gpus_needed = math.ceil(res.gpus_per_worker)
     gpus = int(machine.get("GPU", 0))
     if gpus_needed > gpus:
         raise ConfigError(
-            f"parallel.gpus_per_worker: the run needs {gpus_needed} GPU(s), this machine has {gpus}"
+            f"resources.gpus_per_worker: the run needs {gpus_needed} GPU(s), this machine has {gpus}"
         )
     est = estimate(model_cfg)
     params = est.total_params + est.mtp_params

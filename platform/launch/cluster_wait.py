@@ -41,14 +41,14 @@ def workers_wait_at_most(wait_s: float):
             os.environ[START_TIMEOUT_ENV] = saved
 
 
-def note_wait(parallel, cluster, log=print) -> bool:
+def note_wait(parallel, res, cluster, log=print) -> bool:
     """Say so (one line) when the cluster has too little free right now for the run's workers, so a
     launch that waits for an autoscaler or for other jobs is not silent. Returns whether it said so."""
     import ray
     from moeforge.platform.launch.cluster_check import worker_bundle
 
     free = ray.available_resources()
-    bundle = {k: v for k, v in worker_bundle(parallel).items() if v > 0}
+    bundle = {k: v for k, v in worker_bundle(res).items() if v > 0}
     if all(parallel.world_size * v <= free.get(k, 0.0) + 1e-9 for k, v in bundle.items()):
         return False
     log(
@@ -65,7 +65,7 @@ def is_start_timeout(err: BaseException) -> bool:
     return type(failure).__name__ == "WorkerGroupStartupTimeoutError"
 
 
-def wait_error(parallel, cluster) -> ConfigError:
+def wait_error(parallel, res, cluster) -> ConfigError:
     """The error of a run whose workers found no room within `cluster.wait_s`: what it asked for and
     what the cluster has now (totals and free), in cluster_check's words."""
     import ray
@@ -74,9 +74,9 @@ def wait_error(parallel, cluster) -> ConfigError:
     return ConfigError(
         f"cluster.wait_s: the cluster could not host the run's {parallel.world_size} workers within "
         f"{cluster.wait_s:g}s: "
-        + describe_shortfall(parallel, ray.cluster_resources(), ray.available_resources())
+        + describe_shortfall(parallel, res, ray.cluster_resources(), ray.available_resources())
         + f" (placement strategy {cluster.placement_strategy}); use a larger or autoscaling cluster, "
-        "fewer workers or smaller parallel.*_per_worker / parallel.worker_resources, or a longer "
+        "fewer workers or smaller resources.*_per_worker / resources.worker_resources, or a longer "
         "cluster.wait_s"
     )
 

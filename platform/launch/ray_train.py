@@ -10,7 +10,7 @@
      (tests), the cluster of RAY_ADDRESS / `ray job submit` (refused in one line when it does not
      answer), else a fresh local one (`address="local"`);
   3. refuses a run the cluster cannot host (`cluster_check.check_cluster_fits` on
-     `ray.cluster_resources()`), unless `parallel.wait_for_autoscaler`; a run that has to wait
+     `ray.cluster_resources()`), unless `resources.wait_for_autoscaler`; a run that has to wait
      for room (an autoscaler adding nodes for the pending demand, other jobs finishing) says so
      and waits at most `cluster.wait_s` (cluster_wait.py: `workers_wait_at_most`), then fails naming
      what it asked for and what the cluster has (a ConfigError, `cluster.wait_s: ...`);
@@ -94,7 +94,7 @@ def check_deepspeed_env(cfg: TrainConfig) -> None:
     cluster this job was submitted to (the head's environment, which its driver runs in)."""
     if cfg.parallel.zero_stage == 0 or ACCELERATOR_ENV not in os.environ:
         return
-    device = "cuda" if cfg.parallel.gpus_per_worker > 0 else "cpu"
+    device = "cuda" if cfg.resources.gpus_per_worker > 0 else "cpu"
     try:
         use_accelerator_for(device, dict(os.environ))  # a copy: the driver's environment stays
     except AcceleratorError as err:
@@ -104,7 +104,7 @@ def check_deepspeed_env(cfg: TrainConfig) -> None:
 def _backend(cfg: TrainConfig) -> str:
     if cfg.parallel.backend != "auto":
         return cfg.parallel.backend
-    return "nccl" if cfg.parallel.gpus_per_worker > 0 else "gloo"
+    return "nccl" if cfg.resources.gpus_per_worker > 0 else "gloo"
 
 
 def _storage(run_dir: str) -> tuple[str, object | None]:
@@ -142,9 +142,9 @@ def launch_training(cfg: TrainConfig, raw_config: dict | None = None) -> dict:
     # building its stages): each phase says when it begins.
     print("moeforge: connecting to Ray", flush=True)
     ray = connect_ray()
-    check_cluster_fits(cfg.parallel, ray.cluster_resources())
+    check_cluster_fits(cfg.parallel, cfg.resources, ray.cluster_resources())
     check_deepspeed_env(cfg)  # the workers inherit this environment (a local cluster, or the head's)
-    note_wait(cfg.parallel, cfg.cluster)
+    note_wait(cfg.parallel, cfg.resources, cfg.cluster)
 
     from ray.train import FailureConfig, RunConfig, ScalingConfig, TrainingFailedError
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -165,8 +165,8 @@ def launch_training(cfg: TrainConfig, raw_config: dict | None = None) -> dict:
         },
         scaling_config=ScalingConfig(
             num_workers=par.world_size,
-            use_gpu=par.gpus_per_worker > 0,
-            resources_per_worker=worker_bundle(par),
+            use_gpu=cfg.resources.gpus_per_worker > 0,
+            resources_per_worker=worker_bundle(cfg.resources),
             placement_strategy=cfg.cluster.placement_strategy,
         ),
         run_config=RunConfig(
@@ -196,7 +196,7 @@ def launch_training(cfg: TrainConfig, raw_config: dict | None = None) -> dict:
             trainer.fit()
     except TrainingFailedError as err:
         if is_start_timeout(err):
-            raise wait_error(cfg.parallel, cfg.cluster) from None
+            raise wait_error(cfg.parallel, cfg.resources, cfg.cluster) from None
         message = describe_failure(err, _ranks_of_ray_ranks(cfg.run.dir))
         record_failure(cfg.run.dir, message)
         raise PipelineRunError(message) from None
@@ -352,14 +352,14 @@ def _init_deepspeed_comm() -> None:
         )
 
 
-def _bind_worker_device(parallel_cfg):
+def _bind_worker_device(res, parallel_cfg):
     """This worker's training device, made DeepSpeed's too: Ray Train's GPU when the run asks for
-    GPUs (parallel.gpus_per_worker), else the CPU. With ZeRO (DeepSpeed), DS_ACCELERATOR is set from
+    GPUs (`res.gpus_per_worker`), else the CPU. With ZeRO (DeepSpeed), DS_ACCELERATOR is set from
     it; call this before anything imports deepspeed. Returns the device."""
     import torch
     from moeforge.platform.launch.accelerator import bind_device, use_accelerator_for
 
-    if parallel_cfg.gpus_per_worker > 0:
+    if res.gpus_per_worker > 0:
         from ray.train.torch import get_device
 
         device = get_device()
@@ -385,7 +385,7 @@ def train_loop_per_worker(config: dict) -> None:
     par = cfg.parallel
     # First: the placement's collectives run on the current CUDA device, and nothing may import
     # deepspeed before its accelerator is chosen.
-    device = _bind_worker_device(par)
+    device = _bind_worker_device(cfg.resources, par)
     if config.get("record_comm"):  # before DeepSpeed's comm backend keeps references to torch's calls
         from moeforge.platform.engine.comm_record import start_recording
 
@@ -399,7 +399,7 @@ def train_loop_per_worker(config: dict) -> None:
     # renumbered the workers (then the default process group was made again with it).
     placement = place_workers(topo, ctx.get_world_rank(), float(config.get("dist_timeout_s", 1800)))
     rank, world_size = placement.rank_of_ray_rank[ctx.get_world_rank()], ctx.get_world_size()
-    threads = max(1, int(cfg.parallel.cpus_per_worker))
+    threads = max(1, int(cfg.resources.cpus_per_worker))
     torch.set_num_threads(threads)
     os.environ.setdefault("OMP_NUM_THREADS", str(threads))
     if cfg.parallel.zero_stage > 0:  # ZeRO runs on DeepSpeed

@@ -120,16 +120,3 @@ class BadStepPolicy:
                 f"{self.cfg.spike_factor} x median {rollback.median:.4g}): "
                 f"{len(self.rollbacks)} rollbacks exceed run.max_rollbacks={self.cfg.max_rollbacks}"
             )
-
-
-def injected_data_fault(parallel_cfg, batch_index: int) -> str | None:
-    """The test-only fault (parallel.fault_injection {"kind": "nan_grad" | "loss_spike", "batch"})
-    for the batch at data index `batch_index`, or None. Keyed by the data index, not the step: a
-    rollback that skips the batch never meets it again."""
-    fault = parallel_cfg.fault_injection
-    if fault and fault["kind"] in ("nan_grad", "loss_spike") and fault["batch"] == batch_index:
-        return fault["kind"]
-    return None
-
-
-LOSS_SPIKE_FACTOR = 10.0  # what an injected loss spike multiplies the step's losses by

@@ -120,7 +120,7 @@ class PipelineReport(RunReport):
                 exposed_comm_s=sum(h["exposed_comm_s"] for h in steady) / len(steady),
                 grad_norm=self.last_grad_norm,
             )
-            if "mfu" in self.history[-1]:  # only with a known peak (parallel.peak_tflops_per_worker)
+            if "mfu" in self.history[-1]:  # only with a known peak (resources.peak_tflops_per_worker)
                 fields["mfu"] = self.history[-1]["mfu"]
         return fields
 

@@ -6,7 +6,7 @@
 
 Every pipeline rank (pp position) is planned; the dp replicas of a position hold the same bytes (each EP
 rank holds the same number of experts and, on average, the same number of routed tokens). Bytes are
-compared with `parallel.gpu_memory_gb`, read as decimal GB (1e9 bytes; 0 = unknown).
+compared with `resources.gpu_memory_gb`, read as decimal GB (1e9 bytes; 0 = unknown).
 
 Parameters on a rank
 --------------------
@@ -310,7 +310,7 @@ class MemoryPlan:
 
     @property
     def fits(self) -> bool | None:
-        """Whether the most loaded rank fits parallel.gpu_memory_gb; None when that is unknown (0)."""
+        """Whether the most loaded rank fits resources.gpu_memory_gb; None when that is unknown (0)."""
         if not self.gpu_memory_bytes:
             return None
         return self.most_loaded.total_bytes <= self.gpu_memory_bytes
@@ -392,7 +392,7 @@ def plan_memory(cfg: TrainConfig) -> MemoryPlan:
         grad_bytes_per_param=FP32_BYTES,
         optimizer_bytes_per_param=opt_per_param,
         optimizer_partitioned=deepspeed,
-        gpu_memory_bytes=round(par.gpu_memory_gb * 1e9),
+        gpu_memory_bytes=round(cfg.resources.gpu_memory_gb * 1e9),
         ranks=tuple(ranks),
     )
 
@@ -401,7 +401,7 @@ def plan_memory(cfg: TrainConfig) -> MemoryPlan:
 # Report
 # ------------------------------------------------------------------------------------------------
 def _gb(n: float) -> str:
-    """Decimal units, as parallel.gpu_memory_gb: 120.67 GB, 38.01 MB."""
+    """Decimal units, as resources.gpu_memory_gb: 120.67 GB, 38.01 MB."""
     for scale, unit in ((1e12, "TB"), (1e9, "GB"), (1e6, "MB"), (1e3, "kB")):
         if abs(n) >= scale:
             return f"{n / scale:,.2f} {unit}"
@@ -451,7 +451,7 @@ def format_plan(plan: MemoryPlan) -> str:
         if n
     )
     if plan.fits is None:
-        verdict = "(parallel.gpu_memory_gb unknown)"
+        verdict = "(resources.gpu_memory_gb unknown)"
     elif plan.fits:
         verdict = (
             f"of {_gb(plan.gpu_memory_bytes)}: fits ({_gb(plan.gpu_memory_bytes - top.total_bytes)} left)"

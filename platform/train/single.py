@@ -54,7 +54,7 @@ from moeforge.platform.data.microbatches import (
     microbatch_inputs,
 )
 from moeforge.platform.optim.adamw import build_adamw, clip_grads_with_norm_, global_grad_norm
-from moeforge.platform.optim.bad_steps import LOSS_SPIKE_FACTOR, injected_data_fault, is_finite_step
+from moeforge.platform.optim.bad_steps import is_finite_step
 from moeforge.platform.optim.bias_update import set_balance_loss_scale, update_router_biases
 from moeforge.platform.optim.lr_schedule import lr_at, set_lr
 from moeforge.platform.optim.recipe_schedule import recipe_after, recipe_at
@@ -64,6 +64,7 @@ from moeforge.platform.outputs.run_files import RunOutputs
 from moeforge.platform.outputs.run_report import RunReport
 from moeforge.platform.outputs.storage import Storage
 from moeforge.platform.precision import apply_precision, compute_context, warm_up_fp8_kernels
+from moeforge.platform.train.faults import LOSS_SPIKE_FACTOR, FaultInjection
 
 
 def check_single(cfg: TrainConfig) -> None:
@@ -72,17 +73,17 @@ def check_single(cfg: TrainConfig) -> None:
 
 
 def training_device(cfg: TrainConfig) -> torch.device:
-    """The one-process device: the GPU when the run asks for one (parallel.gpus_per_worker)."""
-    if cfg.parallel.gpus_per_worker > 0:
+    """The one-process device: the GPU when the run asks for one (resources.gpus_per_worker)."""
+    if cfg.resources.gpus_per_worker > 0:
         if not torch.cuda.is_available():
-            raise ConfigError("parallel.gpus_per_worker: the run asks for a GPU but torch sees none")
+            raise ConfigError("resources.gpus_per_worker: the run asks for a GPU but torch sees none")
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
 
 
 def flops_per_token(cfg: TrainConfig) -> float | None:
     """Training FLOPs per token (main model + MTP) for MFU, when a peak FLOP/s is configured."""
-    if not cfg.parallel.peak_tflops_per_worker:
+    if not cfg.resources.peak_tflops_per_worker:
         return None
     from moeforge.platform.plan.accounting import estimate
 
@@ -105,8 +106,10 @@ class SingleProcessEngine:
         log: Callable[[str], None] = print,
         storage: Storage | None = None,
         init_weights: bool = True,
+        faults: FaultInjection | None = None,
     ) -> None:
         check_single(cfg)
+        self.faults = faults  # test-only hooks (debug.fault_injection), built by the Trainer
         self.init_weights = init_weights  # init.from read; False when resuming (replaced at once)
         self.cfg, self.source, self.log = cfg, source, log
         torch.manual_seed(cfg.run.seed)  # model init and anything stochastic in the loop
@@ -163,7 +166,7 @@ class SingleProcessEngine:
             f"{cfg.data.global_batch} seq x {cfg.model.seq_len} tok, "
             f"{self.microbatches} micro-batch(es), precision {cfg.precision.name}, run.dir={run.dir}"
         )
-        peak = cfg.parallel.peak_tflops_per_worker * 1e12 or None
+        peak = cfg.resources.peak_tflops_per_worker * 1e12 or None
         return RunReport(
             cfg,
             header,
@@ -293,7 +296,7 @@ class SingleProcessEngine:
         recipe = recipe_at(self.step, self.cfg)
         self._phase = "forward_backward"
         losses = self.forward_backward(batch, recipe.mtp_loss_weight)
-        fault = injected_data_fault(self.cfg.parallel, self.step + self.data_skip)
+        fault = self.faults.data_fault(self.step + self.data_skip) if self.faults else None
         if fault == "nan_grad":
             self.params[0].grad.fill_(float("nan"))
         elif fault == "loss_spike":

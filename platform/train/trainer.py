@@ -49,6 +49,7 @@ from moeforge.platform.outputs.metrics import EvalResult, TrainSummary
 from moeforge.platform.outputs.run_files import STOP, RunOutputs
 from moeforge.platform.outputs.run_report import RunReport
 from moeforge.platform.outputs.storage import Storage, open_storage
+from moeforge.platform.train.faults import FaultInjection
 from moeforge.platform.train.signals import on_stop_signals
 
 
@@ -168,7 +169,9 @@ class Trainer:
         outputs = RunOutputs(cfg.run.dir, fresh=False)  # metrics kept or dropped once resumed
         # a fresh run into a run.dir with checkpoints fails here; a resuming one skips init.from
         found = resume_point(cfg, outputs.storage)
-        engine = SingleProcessEngine(cfg, source, log, outputs.storage, init_weights=found is None)
+        engine = SingleProcessEngine(
+            cfg, source, log, outputs.storage, init_weights=found is None, faults=FaultInjection.from_config(cfg)
+        )
         return cls(cfg, engine, log, outputs=outputs, found=found)
 
     @classmethod
@@ -193,7 +196,10 @@ class Trainer:
         # Every rank looks for the checkpoint it will resume (rank 0's choice is then taken by all):
         # init.from's weights, read only to be replaced, are skipped.
         found = resume_point(cfg, open_storage(cfg.run.dir), restarted=restarted)
-        engine = RankEngine(cfg, rank, world_size, source=source, device=device, log=log, init_weights=found is None)
+        engine = RankEngine(
+            cfg, rank, world_size, source=source, device=device, log=log, init_weights=found is None,
+            faults=FaultInjection.from_config(cfg),
+        )
         return cls(cfg, engine, log, report_to=report_to, restarted=restarted, found=found)
 
     @property
