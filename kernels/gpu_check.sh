@@ -18,9 +18,9 @@
 #   twin          82   compiled Triton kernels vs their torch twins, V3-sized: first each launch config
 #                      of the three FP8 GEMMs named explicitly, warp-specialized ones first (bf16 and
 #                      fp32 outputs, no-TMA-store pitch, odd persistent grids, empty groups); then
-#                      kernels/twin_check.py's suite with MOEFORGE_WARP_SPECIALIZE=1 (the autotuner
-#                      may pick the warp-specialized configs too)        -> twin_check.json
-#   bench         60   kernels/bench_kernels.py shape by shape: fp8_gemm TFLOP/s vs BF16 matmul,
+#                      platform/bench/twin_check.py's suite with MOEFORGE_WARP_SPECIALIZE=1 (the
+#                      autotuner may pick the warp-specialized configs too)  -> twin_check.json
+#   bench         60   platform/bench/kernel_timing.py shape by shape: fp8_gemm TFLOP/s vs BF16 matmul,
 #                      torch._scaled_mm tensor-/row-/block-wise, DeepGEMM where importable, each
 #                      launch config on mlp_up; grouped experts; FP8Linear vs BF16 Linear; quantization
 #                      GB/s vs copy                                          -> kernels.json
@@ -97,8 +97,8 @@ if compgen -G "$ROOT/.whl/*.whl" > /dev/null && { wanted wheels || wanted zero; 
   export PYTHONPATH="$PYTHONPATH:$SCRATCH/site"
 fi
 
-step sass 40 bash -c 'set -o pipefail; env -u TRITON_INTERPRET "$0" -m moeforge.kernels.sass_report fp8_gemm \
-  fp8_grouped_gemm fp8_wgrad_grouped_gemm 2>&1 | tee "$1"' "$PY" "$OUT/sass.txt"
+step sass 40 bash -c 'set -o pipefail; env -u TRITON_INTERPRET "$0" -m moeforge.platform.bench.sass_report \
+  fp8_gemm fp8_grouped_gemm fp8_wgrad_grouped_gemm 2>&1 | tee "$1"' "$PY" "$OUT/sass.txt"
 step twin 82 env MOEFORGE_WARP_SPECIALIZE=1 "${GC[@]}" twin --twin-json "$OUT/twin_check.json"
 step bench 60 "${GC[@]}" bench --bench-json "$OUT/kernels.json" --rep-ms 50
 step train_bf16 70 "${GC[@]}" train_bf16 --budget-s 60

@@ -2,10 +2,11 @@
 FP8 tensor cores, the tolerance derived from it, and a CPU emulation that tests the derivation.
 
 The twins (gemm_torch.py) multiply the dequantized operands in FP32, and Triton's interpreter runs
-tl.dot in exact FP32 too, so on CPU the two agree to FP32 rounding (twin_check.GEMM_TOL). On an
-H200 the product of each 128-wide K block comes out of the tensor cores, whose FP8 accumulation is
-not FP32: DeepSeek-V3 (section 3.3.2) measured that it retains about 14 bits, and promotes the
-partial sum into FP32 registers every N_C = 128 elements of K, as these kernels do.
+tl.dot in exact FP32 too, so on CPU the two agree to FP32 rounding
+(moeforge.platform.bench.twin_check.GEMM_TOL). On an H200 the product of each 128-wide K block
+comes out of the tensor cores, whose FP8 accumulation is not FP32: DeepSeek-V3 (section 3.3.2)
+measured that it retains about 14 bits, and promotes the partial sum into FP32 registers every
+N_C = 128 elements of K, as these kernels do.
 
 The model (per output element and K block)
 ------------------------------------------

@@ -16,7 +16,8 @@ limited-precision internal accumulation to one block (tolerance.py models it).
   group's own 128-aligned token segment (from act_quant_transpose with group_sizes; token columns
   past the last segment, as in its capacity layout, are not read).
 
-How the kernels are built for Hopper (sm_90), and what sass_report.py checks they emit:
+How the kernels are built for Hopper (sm_90), and what moeforge.platform.bench.sass_report checks
+they emit:
 - Operands through tensor descriptors made in the kernel (`tl.make_tensor_descriptor`): on sm_90
   every A/B tile is one TMA bulk copy (SASS UTMALDG, PTX cp.async.bulk.tensor) completing on an
   mbarrier (SYNCS), out-of-range rows and columns zero-filled by the copy engine. fp8_gemm also
@@ -266,9 +267,10 @@ def _config(bm: int, bn: int, warps: int, stages: int, ws: bool) -> triton.Confi
                          num_warps=warps, num_stages=stages)
 
 
-# GPU launch configs (all spill-free for sm_90, see sass_report.py). The per-block promotion keeps two
-# FP32 tiles live (the running sum and the block's product), so a warp group holds at most 64 x 128
-# of them: 128 x 256 tiles spill on 8 warps, and on a warp-specialized consumer too.
+# GPU launch configs (all spill-free for sm_90, see moeforge.platform.bench.sass_report). The
+# per-block promotion keeps two FP32 tiles live (the running sum and the block's product), so a warp
+# group holds at most 64 x 128 of them: 128 x 256 tiles spill on 8 warps, and on a warp-specialized
+# consumer too.
 GPU_CONFIGS = [
     _config(128, 128, 4, 4, True),  # producer + 2 consumer warp groups (12 warps), 4 TMA stages
     _config(128, 128, 4, 5, True),  # the same, 5 stages (~180 KB of shared memory)

@@ -7,7 +7,7 @@ here name only sizes the model fixes (K, N, channels); fp8_gemm adds `row_bucket
 classes, passed as a kernel argument of its own. Every launch computes the key the way Triton's
 autotuner does (`TritonKernel.key_values`: the key arguments, then each tensor argument's dtype) and
 hands it to `record_launches()` listeners, on the interpreter and on a GPU alike, so a test can count
-the keys a sweep of row counts presents (launch_audit.py).
+the keys a sweep of row counts presents (moeforge.platform.bench.launch_audit).
 
 Specialisation. Triton also compiles a kernel again when an integer argument moves between 1, a
 multiple of 16 and anything else. The kernels declare their data-dependent integers (row counts,

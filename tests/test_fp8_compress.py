@@ -6,7 +6,7 @@ import pytest
 import torch
 from moeforge.kernels.checks import KernelArgumentError
 from moeforge.kernels.token_compress import compress_tokens, decompress_tokens
-from moeforge.kernels.twin_check import irregular
+from moeforge.platform.bench.twin_check import irregular
 
 
 def test_payload_is_about_half_of_bf16_and_round_trips():

@@ -10,8 +10,8 @@ from moeforge.kernels.deferrable_linear import DeferrableLinear
 from moeforge.kernels.fp8_linear import FP8Linear
 from moeforge.kernels.gemm import fp8_gemm
 from moeforge.kernels.quant import act_quant, weight_quant
-from moeforge.kernels.twin_check import irregular
 from moeforge.kernels.wgrad_store import WeightGradStore
+from moeforge.platform.bench.twin_check import irregular
 from torch import nn
 
 

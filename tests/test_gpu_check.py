@@ -88,8 +88,7 @@ def runs(tmp_path_factory):
         _REFUSE_IMPORTS
         + textwrap.dedent(f"""
         import torch
-        from moeforge.kernels import twin_check
-        from moeforge.platform.bench import gpu_check_kernels, gpu_check_results
+        from moeforge.platform.bench import gpu_check_kernels, gpu_check_results, twin_check
         res = gpu_check_results.Results({str(twin_out)!r})
         twin_check.run_checks = lambda size, device, compiled: [{{"check": "suite", "passed": True}}]
         ok = gpu_check_kernels.twin_step(res, torch.device("cpu"), "tiny", twin_json={str(twin_json)!r})

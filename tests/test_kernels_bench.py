@@ -73,7 +73,7 @@ def test_yaml_defaults_equal_the_dataclass_defaults():
     from pathlib import Path
 
     import yaml
-    from moeforge.kernels.bench_kernels import KernelBenchConfig
+    from moeforge.platform.bench.kernel_timing import KernelBenchConfig
 
     path = Path(__file__).resolve().parents[1] / "conf" / "bench_kernels.yaml"
     values = yaml.safe_load(path.read_text())
@@ -96,17 +96,19 @@ def test_gpu_rows_summary_and_labels(monkeypatch):
     reported as unavailable when it cannot be imported, and the summary against other FP8 GEMMs."""
     import sys
 
-    from moeforge.kernels import bench_kernels
     from moeforge.kernels.triton_gemm import GPU_CONFIGS
+    from moeforge.platform.bench import kernel_timing
 
-    labels = [bench_kernels.config_label(c) for c in GPU_CONFIGS]
+    labels = [kernel_timing.config_label(c) for c in GPU_CONFIGS]
     assert labels[0] == "128x128w4ws/s4" and len(set(labels)) == len(labels)
     assert all(len(f"fp8_gemm[{label}]") <= 24 for label in labels)  # the table's impl column
 
     monkeypatch.setitem(sys.modules, "deep_gemm", None)  # import fails
-    assert "not installed" in bench_kernels._attempt(bench_kernels._deep_gemm(None, None, None, None))
+    assert "not installed" in kernel_timing._attempt(kernel_timing._deep_gemm(None, None, None, None))
 
-    cfg = bench_kernels.KernelBenchConfig(device="cpu", gemms=[["t", 256, 128]], large_gemms=["t"], linears=["t"])
+    cfg = kernel_timing.KernelBenchConfig(
+        device="cpu", gemms=[["t", 256, 128]], large_gemms=["t"], linears=["t"]
+    )
     gemm = {"kind": "gemm", "name": "t", "m": 8, "n": 256, "k": 128}
     rows = [
         {**gemm, "impl": "bf16_matmul", "ms": 2.0, "tflops": 100.0},
@@ -117,10 +119,10 @@ def test_gpu_rows_summary_and_labels(monkeypatch):
         {"kind": "quant", "name": "copy_bf16", "m": 8, "k": 128, "impl": "copy_bf16", "bytes": 1, "ms": 1.0, "gbps": 10.0},
         {"kind": "quant", "name": "act_quant", "m": 8, "k": 128, "impl": "act_quant", "bytes": 1, "ms": 1.0, "gbps": 9.0},
     ]
-    summary = bench_kernels._summary(rows, cfg, "cpu")
+    summary = kernel_timing._summary(rows, cfg, "cpu")
     assert summary["fp8_over_bf16_large_gemms"] == {"t": 2.0}
     assert summary["fp8_over_other_fp8"] == {"scaled_mm_rowwise": {"t": 0.8}}
     report = {"rows": rows, "summary": summary,
               "environment": {"device": "cpu", "gpu": None, "backend": "torch", "torch": torch.__version__}}
-    table = bench_kernels.format_table(report)
+    table = kernel_timing.format_table(report)
     assert "fp8_gemm / scaled_mm_rowwise" in table and "deep_gemm is not installed" in table

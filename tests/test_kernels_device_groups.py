@@ -21,7 +21,7 @@ from moeforge.kernels import gemm_torch, quant_torch, triton_gemm, triton_quant
 from moeforge.kernels.fp8_format import token_capacity
 from moeforge.kernels.gemm import fp8_grouped_gemm, fp8_wgrad_grouped_gemm
 from moeforge.kernels.quant import act_quant_transpose
-from moeforge.kernels.twin_check import irregular
+from moeforge.platform.bench.twin_check import irregular
 
 gen = torch.Generator().manual_seed(0)
 rows = []

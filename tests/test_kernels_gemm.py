@@ -9,7 +9,7 @@ import torch
 from moeforge.kernels.checks import KernelArgumentError
 from moeforge.kernels.gemm import fp8_gemm, fp8_grouped_gemm, fp8_wgrad_grouped_gemm
 from moeforge.kernels.quant import act_quant, act_quant_transpose, weight_dequant, weight_quant
-from moeforge.kernels.twin_check import irregular
+from moeforge.platform.bench.twin_check import irregular
 
 
 def gen(seed: int = 3) -> torch.Generator:

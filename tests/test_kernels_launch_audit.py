@@ -1,4 +1,4 @@
-"""The Triton launch path, run by Triton's CPU interpreter (moeforge.kernels.launch_audit):
+"""The Triton launch path, run by Triton's CPU interpreter (moeforge.platform.bench.launch_audit):
 
 - autotuning keys: 50 distinct row counts through every autotuned entry point present at most a
   handful of distinct keys per kernel (one; fp8_gemm one per row class), so a GPU run under expert
@@ -14,8 +14,8 @@ TRITON_INTERPRET must be set before triton is imported, hence the subprocess.
 from __future__ import annotations
 
 import pytest
-from moeforge.kernels.launch_audit import ROW_SWEEP
 from moeforge.kernels.triton_launch import ROW_BUCKETS
+from moeforge.platform.bench.launch_audit import ROW_SWEEP
 from triton_interpreter import run_interpreted
 
 AUTOTUNED = ("act_quant", "act_quant_transpose", "fp8_gemm", "fp8_grouped_gemm", "fp8_wgrad_grouped_gemm")
@@ -24,7 +24,7 @@ DATA_DEPENDENT = ("M", "T", "TILES", "KB_ALL")  # row / token counts: never in a
 
 @pytest.fixture(scope="module")
 def audit() -> dict:
-    return run_interpreted(["-m", "moeforge.kernels.launch_audit"], "launch_audit", timeout=600)
+    return run_interpreted(["-m", "moeforge.platform.bench.launch_audit"], "launch_audit", timeout=600)
 
 
 def test_the_sweep_has_fifty_distinct_row_counts():

@@ -9,7 +9,7 @@ import torch
 from moeforge.kernels.checks import KernelArgumentError
 from moeforge.kernels.fp8_format import FP8_MAX, GRAD_SCALE_FLOOR, SCALE_FLOOR, round_scale_ue8m0
 from moeforge.kernels.quant import act_quant, act_quant_transpose, weight_dequant, weight_quant
-from moeforge.kernels.twin_check import irregular
+from moeforge.platform.bench.twin_check import irregular
 
 GEN_SEED = 7
 

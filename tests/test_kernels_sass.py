@@ -12,8 +12,8 @@ import functools
 
 import pytest
 import triton
-from moeforge.kernels.sass_report import CONFIGS, KERNELS, compile_report
 from moeforge.kernels.triton_gemm import GPU_CONFIGS, PLAIN_CONFIG, WS_CONFIG
+from moeforge.platform.bench.sass_report import CONFIGS, KERNELS, compile_report
 
 GEMMS = ("fp8_gemm", "fp8_grouped_gemm", "fp8_wgrad_grouped_gemm")
 

@@ -10,7 +10,7 @@ import torch
 from moeforge.kernels import tolerance
 from moeforge.kernels.gemm_torch import dequant_rows
 from moeforge.kernels.quant_torch import act_quant_torch, expand_block_scales, weight_quant_torch
-from moeforge.kernels.twin_check import irregular
+from moeforge.platform.bench.twin_check import irregular
 from triton_interpreter import twin_row_problems
 
 M, N, K = 48, 40, 1024
@@ -131,7 +131,7 @@ def test_gpu_twin_check_path_runs_under_the_interpreter():
         [
             sys.executable,
             "-m",
-            "moeforge.kernels.twin_check",
+            "moeforge.platform.bench.twin_check",
             "--size",
             "tiny",
             "--device",

@@ -1,9 +1,9 @@
 """Triton kernels (run by Triton's CPU interpreter) against their torch twins.
 
 TRITON_INTERPRET must be set before triton is first imported, and other tests in this process may
-already have imported it, so the checks run in a subprocess (moeforge.kernels.twin_check): identical
-e4m3 bytes and FP32 scales for the quantizers, FP32-rounding agreement for the GEMMs, on irregular
-inputs with partial tiles, exact rounding ties, an empty expert and C not a multiple of 128.
+already have imported it, so the checks run in a subprocess (moeforge.platform.bench.twin_check):
+identical e4m3 bytes and FP32 scales for the quantizers, FP32-rounding agreement for the GEMMs, on
+irregular inputs with partial tiles, exact rounding ties, an empty expert and C not a multiple of 128.
 The interpreter runs the GEMM kernels' compiled source itself: tensor descriptors (TMA on sm_90),
 the persistent tile loop with its GROUP_M swizzle and the expert-major tile order; only warp
 specialization is a compiler transformation it does not see (test_kernels_sass.py checks that the
@@ -16,7 +16,7 @@ The quantizers' `scale_floor` (GRAD_SCALE_FLOOR, on gradient-sized inputs) and a
 from __future__ import annotations
 
 import pytest
-from moeforge.kernels.twin_check import GEMM_TOL
+from moeforge.platform.bench.twin_check import GEMM_TOL
 from triton_interpreter import QUANTIZER_CHECKS, run_interpreted, twin_row_problems
 
 # Triton vs torch twin for the scale arguments, run under the interpreter: one JSON row per case.
@@ -25,7 +25,7 @@ import json
 import torch
 from moeforge.kernels import quant_torch, triton_quant
 from moeforge.kernels.fp8_format import GRAD_SCALE_FLOOR, SCALE_FLOOR
-from moeforge.kernels.twin_check import irregular
+from moeforge.platform.bench.twin_check import irregular
 
 gen = torch.Generator().manual_seed(0)
 rows = []
@@ -106,7 +106,9 @@ EXPECTED_CHECKS = [
 @pytest.fixture(scope="module")
 def interpreted() -> dict:
     return run_interpreted(
-        ["-m", "moeforge.kernels.twin_check", "--size", "tiny", "--device", "cpu"], "twin_check", ok_codes=(0, 1)
+        ["-m", "moeforge.platform.bench.twin_check", "--size", "tiny", "--device", "cpu"],
+        "twin_check",
+        ok_codes=(0, 1),
     )
 
 

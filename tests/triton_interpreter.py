@@ -28,8 +28,8 @@ BF16_ONE_STEP_FRACTION = 0.01  # interpreter: BF16 outputs may sit one step apar
 
 
 def twin_row_problems(row: dict, tol: float | None = None) -> list[str]:
-    """Why one kernel-vs-twin row (kernels/twin_check.py) fails, recomputed from its raw figures and
-    never read from its own `passed` (empty: it passes).
+    """Why one kernel-vs-twin row (moeforge.platform.bench.twin_check) fails, recomputed from its raw
+    figures and never read from its own `passed` (empty: it passes).
 
     A quantizer row (named after QUANTIZER_CHECKS) needs no mismatched e4m3 byte and equal scales.
     Any other row is an output compared in value: finite, and its relative error within `tol`; with

@@ -15,16 +15,16 @@ own, under its own `timeout`, and every step even when an earlier one failed. Ev
 - env (gpu_check_results): the device, the library versions, and the peak used for MFU (989
   TFLOP/s, the dense BF16 datasheet figure of an H100 or H200 SXM, for both precisions; None on
   another device).
-- twin (gpu_check_kernels): compiled Triton kernels against their torch twins
-  (kernels/twin_check.py's inputs and tolerances). First every GPU launch config of the three FP8
-  GEMMs, named explicitly (the warp-specialized ones first), with bf16 and fp32 outputs, an output
-  pitch without the TMA store, odd persistent grids and empty groups, one line per check; then
+- twin (gpu_check_kernels): compiled Triton kernels against their torch twins (twin_check's inputs
+  and tolerances). First every GPU launch config of the three FP8 GEMMs, named explicitly (the
+  warp-specialized ones first), with bf16 and fp32 outputs, an output pitch without the TMA store,
+  odd persistent grids and empty groups, one line per check; then
   twin_check's whole suite (with MOEFORGE_WARP_SPECIALIZE=1, as gpu_check.sh runs it, the autotuned
   calls may pick the warp-specialized configs too), its rows as lines and its JSON report to
   --twin-json.
-- bench (gpu_check_kernels): kernels/bench_kernels.py's measurements, shape by shape (fp8_gemm
-  against BF16 matmul, torch._scaled_mm and DeepGEMM, each launch config on mlp_up, grouped experts,
-  whole layers, quantization against copy), one line per timed row, then its summary; its report to
+- bench (gpu_check_kernels): kernel_timing's measurements, shape by shape (fp8_gemm against BF16
+  matmul, torch._scaled_mm and DeepGEMM, each launch config on mlp_up, grouped experts, whole
+  layers, quantization against copy), one line per timed row, then its summary; its report to
   --bench-json.
 - train_bf16, train_fp8 (gpu_check_train): the one-process step engine (`Trainer.single(cfg).engine`,
   on the device of its `training_device`) on the `small` model for 30 steps, driven

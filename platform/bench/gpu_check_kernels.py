@@ -1,8 +1,8 @@
 """The twin and bench steps of gpu_check: the FP8 kernels on the device, checked and timed.
 
 twin holds every GPU launch config of the three FP8 GEMMs, named explicitly, against the torch twins,
-then runs kernels/twin_check.py's suite; bench runs kernels/bench_kernels.py shape by shape. Both
-write a line per row as soon as it is known, so a hang or a timeout names the row it stopped at.
+then runs twin_check's suite; bench runs kernel_timing's measurements shape by shape. Both write a
+line per row as soon as it is known, so a hang or a timeout names the row it stopped at.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ BENCH_TINY = {
 
 
 def _config_label(config) -> str:
-    from moeforge.kernels.bench_kernels import config_label
+    from moeforge.platform.bench.kernel_timing import config_label
 
     return config_label(config)
 
@@ -37,8 +37,9 @@ def config_checks(device, size: str, seed: int = 0) -> Iterable[dict]:
     against the torch twins on twin_check's inputs and tolerances: one row per check, yielded as
     soon as it is known. Under the CPU interpreter every config runs the interpreter's own tiles."""
     import torch
-    from moeforge.kernels import gemm_torch, quant_torch, triton_gemm, twin_check
+    from moeforge.kernels import gemm_torch, quant_torch, triton_gemm
     from moeforge.kernels.tolerance import gemm_tolerance
+    from moeforge.platform.bench import twin_check
 
     gen = torch.Generator().manual_seed(seed)
     shapes = twin_check.SIZES[size]
@@ -100,8 +101,9 @@ def config_checks(device, size: str, seed: int = 0) -> Iterable[dict]:
 def twin_step(res: Results, device, size: str, twin_json: str | None = None, **_: Any) -> bool:
     """config_checks, then twin_check.run_checks (the whole suite) with GPU tolerances."""
     import torch
-    from moeforge.kernels import settings, twin_check
+    from moeforge.kernels import settings
     from moeforge.kernels.backend import use_triton
+    from moeforge.platform.bench import twin_check
 
     torch.set_float32_matmul_precision("highest")  # the twins' FP32 products: no TF32 on a GPU
     ok = True
@@ -132,10 +134,10 @@ def twin_step(res: Results, device, size: str, twin_json: str | None = None, **_
 def bench_step(
     res: Results, device, size: str, bench_json: str | None = None, rep_ms: int | None = None, **_: Any
 ) -> bool:
-    """kernels/bench_kernels.py's rows, written as each shape is measured, then its summary."""
+    """kernel_timing's rows, written as each shape is measured, then its summary."""
     import torch
-    from moeforge.kernels import bench_kernels as bk
     from moeforge.kernels import settings
+    from moeforge.platform.bench import kernel_timing as bk
 
     values: dict[str, Any] = (
         dict(BENCH_TINY) if size == "tiny" else {"device": device.type, "config_sweep": ["mlp_up"]}

@@ -1,17 +1,17 @@
-"""`moeforge-bench kernels`: the FP8 kernel benchmark (kernels/bench_kernels.py) and, beside it, the
-activation memory the FP8 recipe keeps for backward over whole layer stacks
-(platform/bench/activation_memory.py), fp8 against bf16, in one table and one JSON report.
+"""`moeforge-bench kernels`: the FP8 kernel benchmark (kernel_timing) and, beside it, the
+activation memory the FP8 recipe keeps for backward over whole layer stacks (activation_memory),
+fp8 against bf16, in one table and one JSON report.
 
 The kernel part needs nothing of the model and also runs without Hydra on a GPU machine
-(`python -m moeforge.kernels.bench_kernels`, what kernels/gpu_check.sh calls); the memory part
-builds models, so it lives here, and its `activation_memory` block in conf/bench_kernels.yaml is
-read here and not by the kernel benchmark.
+(`python -m moeforge.platform.bench.kernel_timing`; gpu_check's bench step runs it shape by shape);
+the memory part builds models, and its `activation_memory` block in conf/bench_kernels.yaml is read
+here and not by the kernel benchmark.
 """
 
 from __future__ import annotations
 
-from moeforge.kernels.bench_kernels import KernelBenchConfig, format_table, run_benchmark
 from moeforge.platform.bench.activation_memory import ActivationMemoryConfig, format_rows, measure_stacks
+from moeforge.platform.bench.kernel_timing import KernelBenchConfig, format_table, run_benchmark
 from moeforge.platform.bench.report import write_report
 from moeforge.platform.config.builder import build
 

@@ -1,7 +1,7 @@
 """Compile the Triton kernels for Hopper (sm_90) on a machine without a GPU and read the machine code.
 
-    python -m moeforge.kernels.sass_report                 # every kernel x every GPU launch config
-    python -m moeforge.kernels.sass_report fp8_gemm        # some kernels
+    python -m moeforge.platform.bench.sass_report                 # every kernel x every GPU launch config
+    python -m moeforge.platform.bench.sass_report fp8_gemm        # some kernels
 
 Triton's wheel carries ptxas, cuobjdump and nvdisasm, so the compiler's resource report (registers,
 shared memory, local-memory spills), the PTX and the SASS cost no device time. What is counted:
@@ -175,7 +175,7 @@ def format_row(r: dict) -> str:
 
 def main() -> int:
     print(f"triton {triton.__version__}, sm_90", flush=True)
-    for name in sys.argv[1:] or KERNELS:  # python -m moeforge.kernels.sass_report [kernel ...]
+    for name in sys.argv[1:] or KERNELS:  # python -m moeforge.platform.bench.sass_report [kernel ...]
         for config in CONFIGS[name]:
             print(format_row(compile_report(name, config)), flush=True)
     return 0

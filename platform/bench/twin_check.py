@@ -1,7 +1,7 @@
 """Hold every Triton kernel against its torch twin on irregular inputs; report one row per check.
 
-    python -m moeforge.kernels.twin_check --size tiny          # CPU: needs TRITON_INTERPRET=1
-    python -m moeforge.kernels.twin_check --size gpu --json out.json   # CUDA: compiled kernels
+    python -m moeforge.platform.bench.twin_check --size tiny          # CPU: needs TRITON_INTERPRET=1
+    python -m moeforge.platform.bench.twin_check --size gpu --json out.json   # CUDA: compiled kernels
 
 Quantizers must give identical e4m3 bytes and identical FP32 scales. GEMMs: under the interpreter
 (exact FP32 tl.dot) they must agree to FP32 rounding (relative Frobenius difference <= GEMM_TOL); on

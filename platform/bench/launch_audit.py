@@ -1,7 +1,7 @@
 """Two properties of the Triton launch path that a GPU run depends on, measured on any backend that
 runs the Triton kernels (the tests run it under TRITON_INTERPRET=1; on a GPU it runs compiled):
 
-    python -m moeforge.kernels.launch_audit          # one JSON object on stdout
+    python -m moeforge.platform.bench.launch_audit          # one JSON object on stdout
 
 - Autotuning keys (`key_sweep`): every autotuned entry point is driven through ROW_SWEEP, 50
   distinct row counts, and the distinct autotuning keys each kernel presented are listed. A key that
@@ -9,11 +9,12 @@ runs the Triton kernels (the tests run it under TRITON_INTERPRET=1; on a GPU it 
   row_bucket class the sweep crosses).
 - Host reads (`host_reads`): one forward and backward of the FP8 grouped experts (plain, and with
   V3's recompute_swiglu and power-of-two scales) and of an FP8Linear on the Triton path, counting
-  the calls made from kernels/ code that read device values on the host (Tensor.tolist, item, cpu,
-  numpy, __int__, __bool__, __float__, __index__, torch.nonzero) or build host tables bound for
-  the device (torch.tensor, torch.as_tensor). Calls from Triton, torch or the interpreter are not
-  counted: only those whose calling frame is a file of this folder. A control case runs the experts
-  through the torch twins, whose torch.split needs host sizes: it must count their read.
+  the calls made from moeforge.kernels code that read device values on the host (Tensor.tolist, item,
+  cpu, numpy, __int__, __bool__, __float__, __index__, torch.nonzero) or build host tables bound for
+  the device (torch.tensor, torch.as_tensor). Calls from Triton, torch, the interpreter or this
+  module are not counted: only those whose calling frame is a module of moeforge.kernels. A control
+  case runs the experts through the torch twins, whose torch.split needs host sizes: it must count
+  their read.
 """
 
 from __future__ import annotations
@@ -28,21 +29,23 @@ from collections.abc import Iterator
 import torch
 
 ROW_SWEEP = list(range(1, 101, 2))  # 50 distinct row counts, across two of fp8_gemm's row classes
-_HERE = os.path.dirname(os.path.abspath(__file__))
 _READS = {
     torch.Tensor: ("tolist", "item", "cpu", "numpy", "__int__", "__bool__", "__float__", "__index__", "nonzero"),
     torch: ("nonzero", "tensor", "as_tensor"),
 }
 
 
-def _from_kernels(frame) -> bool:
-    path = os.path.abspath(frame.f_code.co_filename)
-    return os.path.dirname(path) == _HERE and path != os.path.abspath(__file__)
+def _kernels_dir() -> str:
+    """The folder of moeforge.kernels' modules (a namespace package: one of its modules locates it)."""
+    from moeforge.kernels import backend
+
+    return os.path.dirname(os.path.abspath(backend.__file__))
 
 
 @contextlib.contextmanager
 def count_host_reads() -> Iterator[Counter]:
-    """Count, per "name file:line", the host reads made from kernels/ code inside the block."""
+    """Count, per "name file:line", the host reads made from moeforge.kernels code inside the block."""
+    kernels_dir = _kernels_dir()
     counts: Counter = Counter()
     saved = []
 
@@ -51,7 +54,7 @@ def count_host_reads() -> Iterator[Counter]:
 
         def counted(*args, **kwargs):
             caller = sys._getframe(1)
-            if _from_kernels(caller):
+            if os.path.dirname(os.path.abspath(caller.f_code.co_filename)) == kernels_dir:
                 counts[f"{name} {os.path.basename(caller.f_code.co_filename)}:{caller.f_lineno}"] += 1
             return original(*args, **kwargs)
 
