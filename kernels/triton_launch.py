@@ -7,15 +7,15 @@ here name only sizes the model fixes (K, N, channels); fp8_gemm adds `row_bucket
 classes, passed as a kernel argument of its own. Every launch computes the key the way Triton's
 autotuner does (`TritonKernel.key_values`: the key arguments, then each tensor argument's dtype) and
 hands it to `record_launches()` listeners, on the interpreter and on a GPU alike, so a test can count
-the keys a sweep of row counts presents (launch_audit.py).
+the keys a sweep of row counts presents (`moeforge.kernels.launch_audit`).
 
 Specialisation. Triton also compiles a kernel again when an integer argument moves between 1, a
 multiple of 16 and anything else. The kernels declare their data-dependent integers (row counts,
 padded token counts) `do_not_specialize`, so those compile once; sizes that must stay known multiples
 of 128 are passed as block counts and multiplied inside the kernel.
 
-Importing this module checks the Triton version (triton_version.py) and raises ImportError when it is
-too old; backend.use_triton() then never routes a call here.
+Importing this module checks the Triton version (`triton_version.check_triton_version`) and raises
+ImportError when it is too old; backend.use_triton() then never routes a call here.
 """
 
 from __future__ import annotations
@@ -121,7 +121,8 @@ class TritonKernel:
 
     @functools.cached_property
     def tuned(self):
-        """The autotuner, built on first use from the configs allowed then (settings.py)."""
+        """The autotuner, built on first use from the configs allowed then
+        (`settings.warp_specialize_autotuning`)."""
         return triton.autotune(configs=self.configs(), key=list(self.key))(self.fn)
 
     def __call__(self, grid, *args, config: triton.Config | None = None, **kwargs) -> None:

@@ -1,8 +1,9 @@
 """The twin and bench steps of gpu_check: the FP8 kernels on the device, checked and timed.
 
 twin holds every GPU launch config of the three FP8 GEMMs, named explicitly, against the torch twins,
-then runs kernels/twin_check.py's suite; bench runs kernels/bench_kernels.py shape by shape. Both
-write a line per row as soon as it is known, so a hang or a timeout names the row it stopped at.
+then runs `moeforge.kernels.twin_check`'s suite; bench runs `moeforge.kernels.bench_kernels` shape by
+shape. Both write a line per row as soon as it is known, so a hang or a timeout names the row it
+stopped at.
 """
 
 from __future__ import annotations
@@ -132,7 +133,7 @@ def twin_step(res: Results, device, size: str, twin_json: str | None = None, **_
 def bench_step(
     res: Results, device, size: str, bench_json: str | None = None, rep_ms: int | None = None, **_: Any
 ) -> bool:
-    """kernels/bench_kernels.py's rows, written as each shape is measured, then its summary."""
+    """`moeforge.kernels.bench_kernels`'s rows, written as each shape is measured, then its summary."""
     import torch
     from moeforge.kernels import bench_kernels as bk
     from moeforge.kernels import settings

@@ -1,6 +1,6 @@
-"""`moeforge-bench kernels`: the FP8 kernel benchmark (kernels/bench_kernels.py) and, beside it, the
+"""`moeforge-bench kernels`: the FP8 kernel benchmark (`moeforge.kernels.bench_kernels`) and, beside it, the
 activation memory the FP8 recipe keeps for backward over whole layer stacks
-(platform/bench/activation_memory.py), fp8 against bf16, in one table and one JSON report.
+(`platform.bench.activation_memory.measure_stacks`), fp8 against bf16, in one table and one JSON report.
 
 The kernel part needs nothing of the model and also runs without Hydra on a GPU machine
 (`python -m moeforge.kernels.bench_kernels`, what kernels/gpu_check.sh calls); the memory part
