@@ -10,7 +10,8 @@ any pp/dp/ep layout). out: a local directory that does not exist or is empty; it
 projection weights with float32 128x128 `weight_scale_inv`); dtype (float32 | bfloat16 | float16)
 is that of every other tensor, the router excepted. Values come from conf/convert.yaml (read with
 OmegaConf, not Hydra's compose: `checkpoint` is also a Hydra config group); a bad one
-ends in one line on stderr naming it, exit status 2. The work is platform/checkpoint/export.py's.
+ends in one line on stderr naming it, exit status 2. The work is
+`platform.checkpoint.export.run_job`'s.
 """
 
 from __future__ import annotations

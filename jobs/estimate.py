@@ -56,8 +56,8 @@ ESTIMATE_ONLY_KEYS = KNOWN_KEYS - {"model"}  # conf/estimate.yaml's own keys, ab
 # Top-level keys of conf/train.yaml besides the model: overriding one asks for a memory plan.
 TRAIN_KEYS = {"experiment", "run", "parallel", "resources", "precision", "data", "optim", "tracking", "checkpoint"}
 
-# conf/train.yaml's run.dir interpolates this resolver of jobs/train.py (a -m sweep member's
-# sub-directory). An estimate is never a sweep member, so its value is '' -- registered only when
+# conf/train.yaml's run.dir interpolates this resolver, `moeforge.jobs.train._sweep_subdir` (a -m sweep
+# member's sub-directory). An estimate is never a sweep member, so its value is '' -- registered only when
 # moeforge.jobs.train has not registered the real one in this process.
 if not OmegaConf.has_resolver("moeforge.sweep_subdir"):
     OmegaConf.register_new_resolver("moeforge.sweep_subdir", lambda: "")

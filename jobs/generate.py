@@ -22,8 +22,8 @@ A bad input -- no or both of run.dir / hf_dir, a run without a complete checkpoi
 more ids than the model, a prompt longer than the context, speculative=mtp on a model without MTP
 modules, a missing prompts_file or a bad line in it (file and line named) -- ends before any token is
 generated, in one line on stderr naming the cause, exit status 2. The work is
-platform/inference/job.py's (loading: load.py, requests and outputs: requests.py); decoding is
-platform/inference/generate.py's.
+`platform.inference.job.run_job`'s (loading: `platform.inference.load.load_for_generation`, requests
+and outputs: `platform.inference.requests`); decoding is `platform.inference.generate.generate`'s.
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
-"""moeforge-prepare: compose the Hydra config and prepare token shards (platform/data/prepare.py).
+"""moeforge-prepare: compose the Hydra config and prepare token shards (`platform.data.prepare.prepare`).
 
-`format=conversations` packs chat records into rows with loss masks (platform/data/prepare_conversations.py);
-`example=sft` writes a small fine-tuning example instead (platform/data/sft_example.py).
+`format=conversations` packs chat records into rows with loss masks
+(`platform.data.prepare_conversations.prepare_conversations`); `example=sft` writes a small fine-tuning
+example instead (`platform.data.sft_example.write_sft_example`).
 
 Bad input (a config value, a missing or empty input, an unreachable S3 endpoint, missing
 credentials, a RAY_ADDRESS where no Ray cluster answers: `RayConnectionError`, a ConfigError)

@@ -36,7 +36,8 @@ def triton_unavailable_reason() -> str | None:
 
 
 def triton_available() -> bool:
-    """Whether a Triton recent enough for the kernels is installed (see triton_version.py)."""
+    """Whether a Triton recent enough for the kernels is installed (see
+    `triton_version.triton_version_problem`)."""
     return triton_unavailable_reason() is None
 
 

@@ -112,7 +112,7 @@ def group_sizes_arg(
     """Rows per group for a kernel: a checked host list (`group_sizes_list`), or, when `host` is
     False (the Triton path) and they come as a device tensor, the tensor itself with only its
     dtype, shape and device checked: its values stay on the device (reading them back would make
-    the host wait for the GPU); the Triton kernels clamp them instead (group_tables.py)."""
+    the host wait for the GPU); the Triton kernels clamp them instead (`group_tables`)."""
     if host or not isinstance(group_sizes, torch.Tensor):
         return group_sizes_list(op, group_sizes, total, groups, padded_to)
     _check_sizes_tensor(op, group_sizes, groups)

@@ -7,15 +7,15 @@ The DeepSeek-V3 recipe, per GEMM (Y = X W^T, X [T, K], W [N, K], G = dL/dY [T, N
     wgrad    dW = G^T X      G^T, X^T: 1x128 tiles along the tokens T (the contraction dimension)
 
 The master weight stays an FP32 parameter; its FP8 copies (W and W^T) are made once per optimizer
-step and reused by every micro-batch (weight_cache.py). The activation is saved for backward only
-as FP8 X^T with its scales (~1.03 bytes per element instead of 2 for BF16), quantized in the
-forward pass by the fused transpose kernel; projections that read the same input share one
-quantization and one saved copy (shared_quant.py). K and N that are not multiples of 128 are
-padded with zeros on both operands consistently (zero rows/columns add nothing to any product), and
-the results sliced back; the saved X^T keeps only the K real rows. Gradients are quantized with a
+step and reused by every micro-batch (`weight_cache.FP8WeightCache`). The activation is saved for
+backward only as FP8 X^T with its scales (~1.03 bytes per element instead of 2 for BF16), quantized in
+the forward pass by the fused transpose kernel; projections that read the same input share one
+quantization and one saved copy (`shared_quant.shared_quantization`). K and N that are not multiples of
+128 are padded with zeros on both operands consistently (zero rows/columns add nothing to any product),
+and the results sliced back; the saved X^T keeps only the K real rows. Gradients are quantized with a
 near-zero scale floor (fp8_format.GRAD_SCALE_FLOOR), so tiles of tiny gradients keep their range.
 `scale_fmt="ue8m0"` gives the input power-of-two scales (V3 does this for the attention output
-projection's input). The weight gradient may be deferred to a W step (wgrad_store.py).
+projection's input). The weight gradient may be deferred to a W step (`wgrad_store.WeightGradStore`).
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ def quantize_weight(weight: torch.Tensor, transposed: bool = False) -> tuple[tor
     """Master weight [..., N, K] -> e4m3 padded to [..., N, Kp] with block scales (forward operand),
     or, transposed, W^T [..., Kp, Np] with the transposed scales (input-gradient operand): a 128x128
     block's scale is the same whichever way the block is read. Cached until the next optimizer
-    step or in-place update of the weight (weight_cache.py)."""
+    step or in-place update of the weight (`weight_cache.FP8WeightCache`)."""
     return WEIGHT_CACHE.get(weight, transposed, _quantize_weight)
 
 
@@ -62,7 +62,7 @@ def _quantize_weight(weight: torch.Tensor, transposed: bool) -> tuple[torch.Tens
 
 def quantize_input(x: torch.Tensor, k: int, scale_fmt: str | None) -> tuple[torch.Tensor, torch.Tensor]:
     """x [..., K] -> its 1x128-tile e4m3 copy [T, Kp] for the forward GEMM, shared by every
-    projection reading the same x (shared_quant.py)."""
+    projection reading the same x (`shared_quant.shared_quantization`)."""
 
     def quantize() -> tuple[torch.Tensor, torch.Tensor]:
         return act_quant(pad_last(x.reshape(-1, k), round_up(k, BLOCK)), scale_fmt=scale_fmt)
@@ -122,8 +122,8 @@ class _FP8LinearFunction(torch.autograd.Function):
     def backward(ctx, grad_out: torch.Tensor):
         x_t, x_t_scales, _ = ctx.saved_tensors  # unpacking the weight checks it was not modified
         # The parameter object itself, not the unpacked copy: under activation recomputation
-        # (platform/recompute.py) saved tensors come back as new tensor objects, and both the FP8
-        # weight cache and a deferred weight gradient are keyed by the parameter.
+        # (`platform.recompute.apply_recompute`) saved tensors come back as new tensor objects, and both
+        # the FP8 weight cache and a deferred weight gradient are keyed by the parameter.
         weight = ctx.param
         n, k = weight.shape
         with autocast_off(grad_out):

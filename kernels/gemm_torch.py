@@ -1,9 +1,10 @@
-"""Pure-torch twins of the FP8 GEMMs in triton_gemm.py (same signatures and semantics).
+"""Pure-torch twins of the FP8 GEMMs in `triton_gemm` (same signatures and semantics).
 
 Semantics: out = sum over 128-wide K blocks kb of (a_s[:, kb] b_s[:, kb]^T) * (a_kb @ b_kb^T), FP32
 accumulation. The twin dequantizes each operand (e4m3 * its tile scale, in FP32) and multiplies in
 FP32, which is the same sum in another order: the two agree to FP32 rounding. Arguments are assumed
-checked (gemm.py). b's scales are either 128x128 blocks [ceil(N/128), K/128] or 1x128 tiles [N, K/128].
+checked (`gemm.fp8_gemm` and the grouped entry points beside it). b's scales are either 128x128 blocks
+[ceil(N/128), K/128] or 1x128 tiles [N, K/128].
 """
 
 from __future__ import annotations

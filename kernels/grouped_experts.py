@@ -7,11 +7,11 @@ SwiGLU output scaled by its gating weight before the down projection. With fp8=T
 is one FP8 grouped GEMM over all experts (forward and input gradient M-grouped, weight gradient
 K-grouped over each expert's own 128-aligned token segment), as in DeepSeek-V3; with fp8=False it
 computes like a loop of F.linear per expert (FP32, or BF16 under autocast). Either way the weight
-gradients honour an active WeightGradStore (wgrad_store.py).
+gradients honour an active `wgrad_store.WeightGradStore`.
 
 The gate and up projections read the same rows: under FP8 they share one quantization of them and
-one saved FP8 copy (shared_quant.py). With `recompute_swiglu` (V3) the SwiGLU output is not kept for
-backward: only its inputs are, in FP8 with 1x128 tiles (power-of-two scales with
+one saved FP8 copy (`shared_quant.shared_quantization`). With `recompute_swiglu` (V3) the SwiGLU output
+is not kept for backward: only its inputs are, in FP8 with 1x128 tiles (power-of-two scales with
 `swiglu_scale_fmt="ue8m0"`), and backward recomputes the output from them for the down projection's
 weight gradient and for the SwiGLU's own gradient.
 
@@ -325,7 +325,7 @@ def swiglu_experts(
 ) -> torch.Tensor:
     """GroupedSwiGLUExperts' computation on given stacked weights ([E, I, D], [E, I, D], [E, D, I]):
     x_sorted [T, D] grouped by expert, tokens_per_expert [E], row_weights [T] or None -> [T, D].
-    The module calls it on its parameters; warm_up.py on detached copies of them."""
+    The module calls it on its parameters; `warm_up.warm_up_kernels` on detached copies of them."""
     sizes = expert_sizes(tokens_per_expert, x_sorted, gate_proj.shape[0], fp8)
     gate = grouped_linear(x_sorted, gate_proj, sizes, fp8, input_scale_fmt)  # [T, inter]
     up = grouped_linear(x_sorted, up_proj, sizes, fp8, input_scale_fmt)

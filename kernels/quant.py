@@ -7,12 +7,12 @@
     weight_quant(w, block_size=128)                   -> (w_fp8 [..., N, K], scales [..., ceil(N/128), K/128])
     weight_dequant(w_fp8, scales, block_size=128, dtype=torch.float32) -> w [..., N, K]
 
-The format is described in fp8_format.py. K (the dimension the tiles run along) must be a multiple
+The format is described in `fp8_format`. K (the dimension the tiles run along) must be a multiple
 of block_size; N (weight rows) may be anything, its last block being partial. Callers with other K
-pad with zeros (fp8_linear.py does this for weights and activations together).
+pad with zeros (`fp8_linear.FP8Linear` does this for weights and activations together).
 
 `scale_floor` is the amax floor of the activation quantizers: SCALE_FLOOR (DeepSeek's 1e-4) for
-activations, GRAD_SCALE_FLOOR for gradients, whose tiles are far smaller (fp8_format.py explains
+activations, GRAD_SCALE_FLOOR for gradients, whose tiles are far smaller (`fp8_format` explains
 both). Weights always use SCALE_FLOOR.
 """
 

@@ -1,7 +1,8 @@
-"""Pure-torch twins of the quantization kernels in triton_quant.py (same signatures, same bytes).
+"""Pure-torch twins of the quantization kernels in `triton_quant` (same signatures, same bytes).
 
 These are the CPU path and the reference the Triton kernels are held to: the Triton versions must
-produce identical e4m3 bytes and identical FP32 scales. Arguments are assumed checked (quant.py).
+produce identical e4m3 bytes and identical FP32 scales. Arguments are assumed checked (`quant.act_quant`
+and its siblings).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ def act_quant_torch(
     x: torch.Tensor, block_size: int = 128, scale_fmt: str | None = None, *, scale_floor: float = SCALE_FLOOR
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """x [..., K] -> (e4m3 [..., K], scales fp32 [..., K / block_size]) with 1 x block_size tiles,
-    scale = max(amax, scale_floor) / 448 (see fp8_format.py for the floors)."""
+    scale = max(amax, scale_floor) / 448 (see `fp8_format.SCALE_FLOOR` for the floors)."""
     k = x.shape[-1]
     tiles = x.float().reshape(*x.shape[:-1], k // block_size, block_size)  # [..., K/B, B]
     scale = _tile_scales(tiles.abs().amax(dim=-1), scale_fmt, scale_floor)  # [..., K/B]

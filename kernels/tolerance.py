@@ -1,12 +1,11 @@
 """How far a compiled FP8 GEMM may sit from its torch twin: an accumulation-error model of Hopper's
 FP8 tensor cores, the tolerance derived from it, and a CPU emulation that tests the derivation.
 
-The twins (gemm_torch.py) multiply the dequantized operands in FP32, and Triton's interpreter runs
-tl.dot in exact FP32 too, so on CPU the two agree to FP32 rounding
-(moeforge.platform.bench.twin_check.GEMM_TOL). On an H200 the product of each 128-wide K block
-comes out of the tensor cores, whose FP8 accumulation is not FP32: DeepSeek-V3 (section 3.3.2)
-measured that it retains about 14 bits, and promotes the partial sum into FP32 registers every
-N_C = 128 elements of K, as these kernels do.
+The twins (`gemm_torch.fp8_gemm_torch` and its grouped siblings) multiply the dequantized operands in
+FP32, and Triton's interpreter runs tl.dot in exact FP32 too, so on CPU the two agree to FP32 rounding
+(`platform.bench.twin_check.GEMM_TOL`). On an H200 the product of each 128-wide K block comes out of the tensor cores,
+whose FP8 accumulation is not FP32: DeepSeek-V3 (section 3.3.2) measured that it retains about 14 bits,
+and promotes the partial sum into FP32 registers every N_C = 128 elements of K, as these kernels do.
 
 The model (per output element and K block)
 ------------------------------------------
@@ -40,7 +39,8 @@ promotion, K = 4096 gives s = 128 and rho = 3.3e-3, so a largest element error o
 outputs of 4-6 rho, "nearly 2%" as they report; g = 1 would give rho = 0.1 there. (2) The uniform
 truncation error that (1) assumes needs the added value to have bits below the running sum's last
 kept bit: a sum of 32 products has, a single e4m3 product (8 significant bits) often has not, so at
-g = 1 formula (1) over-estimates the emulated error about 6x (test_kernels_tolerance.py), while at
+g = 1 formula (1) over-estimates the emulated error about 6x
+(`tests.test_kernels_tolerance.test_the_model_is_pessimistic_for_single_product_steps`), while at
 g = 32 it is within 10-35%.
 
 From blocks to the output, and from the output to what is compared
@@ -69,8 +69,9 @@ The tolerance
 gemm_tolerance() = SAFETY x the modelled RMS, SAFETY = 4: the comparison is over 10^5..10^7 elements,
 so the measured Frobenius ratio sits within a few percent of its expectation when the model holds;
 the factor covers data that are not independent with mean zero and a hardware somewhat coarser than
-modelled (13 significant bits, or 16-product steps, still pass). test_kernels_tolerance.py runs the
-emulation below on Gaussian, one-signed and spread-magnitude data: each stays under the tolerance,
+modelled (13 significant bits, or 16-product steps, still pass).
+`tests.test_kernels_tolerance.test_emulated_fp32_error_is_under_the_tolerance_and_near_the_model` runs
+the emulation below on Gaussian, one-signed and spread-magnitude data: each stays under the tolerance,
 and none is more than 10x under it. What it catches: a wrong tile, index, scale or expert (relative
 errors of order 1), and, where the hardware behaves as modelled, a kernel that skips the per-block
 promotion (rho at s = K/g instead of N_C/g: 45x the promoted rho, 11x the tolerance, at K = 7168).
@@ -78,7 +79,7 @@ promotion (rho at s = K/g instead of N_C/g: 45x the promoted rho, 11x the tolera
 Defaults: p = 14, truncation, g = 32: rho = 1.05 u = 1.3e-4 and a tolerance of 5.1e-4 for an FP32
 output at any K (3.1e-3 for BF16 output). Nobody has measured these kernels on an H200 yet: the first
 run of kernels/gpu_check.sh prints the measured errors beside the tolerances (record them in
-GPU_NOTES.md), which says how far the hardware is from the model.
+kernels/GPU_NOTES.md), which says how far the hardware is from the model.
 """
 
 from __future__ import annotations

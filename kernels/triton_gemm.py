@@ -1,17 +1,18 @@
-"""Triton FP8 GEMMs with fine-grained scaling (twins in gemm_torch.py; entry points in gemm.py).
+"""Triton FP8 GEMMs with fine-grained scaling (twins in `gemm_torch`; entry points in `gemm.fp8_gemm`,
+`gemm.fp8_grouped_gemm` and `gemm.fp8_wgrad_grouped_gemm`).
 
 All three kernels are "NT": both operands are row-major with K contiguous, the layout the e4m3
 tensor-core instructions want on Hopper. The K loop walks 128-wide blocks: each block's product is
 accumulated by the tensor cores, then promoted into the FP32 accumulator with its scales applied
 (promotion interval N_C = 128, as in DeepSeek-V3), which bounds the error of the tensor cores'
-limited-precision internal accumulation to one block (tolerance.py models it).
+limited-precision internal accumulation to one block (`tolerance.gemm_tolerance` models it).
 
 - `fp8_gemm`: a [M, K] (1x128 scales) @ b [N, K]^T (128x128 block or 1x128 tile scales).
 - `fp8_grouped_gemm`: M-grouped, one launch for all experts: rows of a come in contiguous groups,
   group g uses b[g]. Tiles never straddle groups; the kernel finds a tile's group by a binary
-  search in a small prefix table built on the device from the group sizes (group_tables.py: no
-  host read of device counts, no pageable copy), and the grid is sized from an upper bound on the
-  tiles that needs only the row and group counts.
+  search in a small prefix table built on the device from the group sizes
+  (`group_tables.grouped_gemm_table`: no host read of device counts, no pageable copy), and the grid is
+  sized from an upper bound on the tiles that needs only the row and group counts.
 - `fp8_wgrad_grouped_gemm`: K-grouped weight gradients: for each group, a_g @ b_g^T over that
   group's own 128-aligned token segment (from act_quant_transpose with group_sizes; token columns
   past the last segment, as in its capacity layout, are not read).
@@ -23,7 +24,7 @@ they emit:
   mbarrier (SYNCS), out-of-range rows and columns zero-filled by the copy engine. fp8_gemm also
   stores C through a descriptor (UTMASTG) where N's row pitch is 16-byte aligned. Device-side
   descriptors need a small global scratch per program (triton_launch.ensure_allocator).
-- Persistent: the grid is min(SMs not reserved for communication (settings.py), tiles) (or
+- Persistent: the grid is min(SMs not reserved for communication (`settings.reserved_sms`), tiles) (or
   `num_programs`) and each program walks tiles program_id, program_id + grid, ... in GROUP_M
   swizzle order, so the tiles in flight at any moment share their A rows and B columns in L2.
 - Warp specialization (configs with WARP_SPECIALIZE): Triton's Hopper pass splits the tile loop
@@ -35,7 +36,8 @@ they emit:
   producer running num_stages blocks ahead, also across tile boundaries, not from a deeper async
   wgmma queue (Triton keeps none for a product that is consumed in the same iteration).
   Triton applies it on Hopper only with num_warps=4 (so 12 warps in all). These configs have not
-  run on a GPU yet: autotuning leaves them out unless MOEFORGE_WARP_SPECIALIZE=1 (settings.py).
+  run on a GPU yet: autotuning leaves them out unless MOEFORGE_WARP_SPECIALIZE=1
+  (`settings.warp_specialize_autotuning`).
 - Launches go through triton_launch.TritonKernel: autotuned on sizes the model fixes (N, K and
   fp8_gemm's row_bucket(M)), never on the routed row counts, which are do_not_specialize arguments.
 - The scales stay ordinary loads, issued before the block's wgmma: a_s is [M, K/128] (one 4-byte
@@ -178,7 +180,7 @@ def _fp8_grouped_gemm_kernel(
     LOG2_G: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
 ):
-    # table [1 + len(TABLE_BLOCK_M), G + 1] int32, built on the device (group_tables.py): row 0 the
+    # table [1 + len(TABLE_BLOCK_M), G + 1] int32, built on the device (`grouped_gemm_table`): row 0 the
     # groups' first rows (exclusive prefix of the group sizes, ending at <= T); row r the exclusive
     # prefix of the groups' row-tile counts for one BLOCK_M (_table_row). The grid is sized from an
     # upper bound on the tiles; programs past the real tile count find no work.
@@ -284,7 +286,8 @@ PLAIN_CONFIG = GPU_CONFIGS[2]
 
 def autotune_configs() -> list[triton.Config]:
     """The configs the autotuner chooses from: GPU_CONFIGS, without the warp-specialized ones unless
-    MOEFORGE_WARP_SPECIALIZE=1 (settings.py). An explicit `config=` may still name any of them."""
+    MOEFORGE_WARP_SPECIALIZE=1 (`settings.warp_specialize_autotuning`). An explicit `config=` may still
+    name any of them."""
     allow_ws = warp_specialize_autotuning()
     return [c for c in GPU_CONFIGS if allow_ws or not c.kwargs["WARP_SPECIALIZE"]]
 
@@ -295,8 +298,8 @@ def _num_sms(device: int) -> int:
 
 
 def _programs(device: torch.device, tiles: int, num_programs: int | None) -> int:
-    """The persistent grid: one program per SM not reserved for communication (settings.py); 3
-    under the interpreter; `num_programs` when given."""
+    """The persistent grid: one program per SM not reserved for communication
+    (`settings.persistent_programs`); 3 under the interpreter; `num_programs` when given."""
     if num_programs is None and device.type != "cuda":
         num_programs = INTERPRET_PROGRAMS
     sm_count = 0
@@ -381,7 +384,7 @@ def fp8_grouped_gemm_triton(
     config: triton.Config | None = None,
 ) -> torch.Tensor:
     """Triton twin of fp8_grouped_gemm_torch (one persistent launch for all groups). group_sizes: a
-    host list or a device tensor; neither is read on the host (group_tables.py)."""
+    host list or a device tensor; neither is read on the host (`group_tables`)."""
     t, k = a.shape
     g, n, _ = b.shape
     c = torch.empty(t, n, dtype=out_dtype, device=a.device)

@@ -14,8 +14,8 @@ multiple of 16 and anything else. The kernels declare their data-dependent integ
 padded token counts) `do_not_specialize`, so those compile once; sizes that must stay known multiples
 of 128 are passed as block counts and multiplied inside the kernel.
 
-Importing this module checks the Triton version (triton_version.py) and raises ImportError when it is
-too old; backend.use_triton() then never routes a call here.
+Importing this module checks the Triton version (`triton_version.check_triton_version`) and raises
+ImportError when it is too old; backend.use_triton() then never routes a call here.
 """
 
 from __future__ import annotations
@@ -121,7 +121,8 @@ class TritonKernel:
 
     @functools.cached_property
     def tuned(self):
-        """The autotuner, built on first use from the configs allowed then (settings.py)."""
+        """The autotuner, built on first use from the configs allowed then
+        (`settings.warp_specialize_autotuning`)."""
         return triton.autotune(configs=self.configs(), key=list(self.key))(self.fn)
 
     def __call__(self, grid, *args, config: triton.Config | None = None, **kwargs) -> None:

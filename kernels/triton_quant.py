@@ -1,10 +1,10 @@
-"""Triton quantization kernels (twins in quant_torch.py; public entry points in quant.py).
+"""Triton quantization kernels (twins in `quant_torch`; public entry points in `quant`).
 
 Memory traffic (the floor these kernels are measured against in the benchmark), per element:
 act_quant reads 2 bytes (bf16) and writes 1 byte + 4/128 bytes of scale; weight_quant reads 4 (fp32
 master) and writes 1; the transpose variant moves the same bytes with a transposed store.
 
-The amax floor (SCALE_FLOOR or GRAD_SCALE_FLOOR, fp8_format.py) of the activation quantizers is a
+The amax floor (`fp8_format.SCALE_FLOOR` or `fp8_format.GRAD_SCALE_FLOOR`) of the activation quantizers is a
 runtime fp32 argument, `floor`: one compiled kernel serves both, and the wrappers pass the exact FP32
 value their torch twins clamp with, so the scales stay bit-identical. weight_quant keeps SCALE_FLOOR.
 
@@ -191,7 +191,7 @@ def act_quant_transpose_triton(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton twin of act_quant_transpose_torch: x [T, C] -> (e4m3 [C, T_pad], scales [C, T_pad/B]),
     T_pad = `capacity` when given. Group sizes in a device tensor need a capacity (the exact width
-    would be a host read); they are clamped to T rows (group_tables.py)."""
+    would be a host read); they are clamped to T rows (`group_tables.group_counts`)."""
     x = x.contiguous()
     t, c = x.shape
     if group_sizes is None:

@@ -12,7 +12,7 @@ modules cannot show) and runs, once per distinct shape, the same autograd functi
 and backward run, on stand-ins: random inputs of the step's shapes (a private generator, so the
 global RNG is not advanced) and detached views of the parameters, so the weights are read, never
 written, and no .grad of a parameter is touched. The FP8 weight cache and the shared-quantization
-memo are bypassed. The autotuning keys do not depend on routed row counts (triton_launch.py), so
+memo are bypassed. The autotuning keys do not depend on routed row counts (`triton_launch.TritonKernel`), so
 tuning on these stand-ins serves every later call of the same shapes. With the torch twins (CPU
 without TRITON_INTERPRET) it returns at once.
 """

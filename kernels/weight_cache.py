@@ -11,7 +11,7 @@ An entry is used only while all of these hold, so a stale copy cannot reach a GE
   parameter alive, and an entry dies with its parameter);
 - its version counter is unchanged: any in-place update (an optimizer step, `copy_`, `add_`) bumps it;
 - the cache's epoch is unchanged: `invalidate()` is called after every optimizer step (the one
-  AdamW builder in platform/optim registers it), which also covers updates that bypass the
+  AdamW builder, `platform.optim.adamw.build_adamw`, registers it), which also covers updates that bypass the
   version counter, such as writes through `param.data` (as DeepSpeed's ZeRO does).
 
 Memory: 1 byte per parameter per layout (forward W and transposed W^T), plus 4/16384 for scales.

@@ -7,7 +7,7 @@ which we stack into `RoutedExperts`; MTP modules at layer indices >= num_hidden_
 shared embedding and head stored there are written on save and ignored on load). FP8 e4m3 weights
 with a `weight_scale_inv` of 128x128 block scales (the published checkpoint) are dequantised on load.
 
-Writing is two steps so a caller can transform tensors in between (platform/checkpoint/export.py
+Writing is two steps so a caller can transform tensors in between (`platform.checkpoint.export.export_hf`
 quantises to FP8 there): `hf_state_tensors(model)` gives {checkpoint key: tensor}, and
 `write_hf_directory(tensors, config, path)` writes config.json and the safetensors files.
 """

@@ -5,9 +5,9 @@ plus a single rotary key k_rope of width qk_rope_head_dim shared by every head. 
 through their own low-rank latent (q_lora_rank). Two equivalent ways to attend:
 
 * training path: expand the latent to per-head keys/values with kv_b_proj, then ordinary causal
-  softmax attention (scaled_dot_product_attention); with `segments` (packed rows, model/packing.py)
-  the attention is block-diagonal causal through a boolean mask and each document's positions
-  restart at 0;
+  softmax attention (scaled_dot_product_attention); with `segments` (packed rows,
+  `model.packing.segment_attention_mask`) the attention is block-diagonal causal through a boolean mask
+  and each document's positions restart at 0;
 * absorbed (inference) path: the cache holds only c_kv and k_rope; kv_b_proj's key half is folded
   into the query and its value half into the output, so per-head keys/values are never materialised.
   This is what makes MLA's KV cache kv_lora_rank + qk_rope_head_dim wide per token.
@@ -80,7 +80,7 @@ class MLA(nn.Module):
     # --- shared pieces ---------------------------------------------------------------------------
     def _project_input(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The two projections of the block input, back to back: (q_a(x) or q(x), kv_a(x)).
-        Run together, an FP8 policy quantizes x once for both (kernels/shared_quant.py)."""
+        Run together, an FP8 policy quantizes x once for both (`kernels.shared_quant.shared_quantization`)."""
         q = self.q_proj(x) if self.q_lora_rank is None else self.q_a_proj(x)
         return q, self.kv_a_proj_with_mqa(x)
 
@@ -117,7 +117,8 @@ class MLA(nn.Module):
         positions <= each query's position (prefill and incremental decoding). `start_pos` is one int
         for the whole batch, or a LongTensor [b] of per-row start positions (see the module docstring).
         With `segments` [b, s] (packed rows; training path only): a query attends the keys of its own
-        document at or before it, and positions restart at 0 at each document (model/packing.py).
+        document at or before it, and positions restart at 0 at each document
+        (`model.packing.segment_positions`).
         """
         b, s, _ = x.shape
         q, kv = self._project_input(x)

@@ -15,8 +15,9 @@ experts' outputs. The single-device `LocalDispatch` sorts the (token, expert) pa
 `RoutedExperts` applies each expert once to one contiguous slice, and sums each token's rows back.
 The gating weight of a row scales its SwiGLU output inside the expert, before the down projection
 (down(w * h) = w * down(h)): the gradient of w then needs only h, which the expert keeps anyway,
-instead of the [rows, hidden] expert output. Expert parallelism (platform/moe) installs another dispatch, over an all-to-all,
-and an `experts` module holding only this rank's slice of the experts; the model code is unchanged.
+instead of the [rows, hidden] expert output. Expert parallelism
+(`platform.moe.install.install_dispatch`) installs another dispatch, over an all-to-all, and an
+`experts` module holding only this rank's slice of the experts; the model code is unchanged.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ class _Fp32Linear(torch.autograd.Function):
     """x.float() @ weight.float().T, keeping x for backward in its own dtype (BF16 in the residual
     stream) rather than the FP32 copy autograd would save: the router computes in FP32, but its
     input need not be stored that way. When x is an RMSNorm's output (the router's input is), it
-    keeps nothing of its own: the norm's saved input rebuilds x in backward (model/norm.py)."""
+    keeps nothing of its own: the norm's saved input rebuilds x in backward (`model.norm.norm_inputs`)."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -116,7 +117,7 @@ class RoutedExperts(nn.Module):
     """E SwiGLU experts with stacked weights; applies each expert once to its contiguous slice.
 
     `first_expert` is the global index of row 0: a slice of the full layer's experts (expert
-    parallelism) initialises each row as the full layer's row of that index (model/init.py)."""
+    parallelism) initialises each row as the full layer's row of that index (`model.init.init_weights`)."""
 
     def __init__(self, n_experts: int, dim: int, inter_dim: int, first_expert: int = 0) -> None:
         super().__init__()

@@ -43,9 +43,10 @@ class MTPModule(nn.Module):
         """h_prev, next_emb [b, s, hidden] -> this depth's hidden state [b, s, hidden] (before `norm`).
 
         `start_pos`/`cache` as in Block: with this depth's own LatentCache the block attends, absorbed,
-        over the positions cached earlier (speculative drafting, platform/inference). `start_pos` may
-        be a LongTensor [b] of per-row starts, so a batch of rows at different lengths drafts together.
-        `segments` [b, s] (packed rows, training): the block attends inside each position's document,
-        the main model's segments (position i's state belongs to position i's document)."""
+        over the positions cached earlier (speculative drafting,
+        `platform.inference.speculative.MTPDrafter`). `start_pos` may be a LongTensor [b] of per-row
+        starts, so a batch of rows at different lengths drafts together. `segments` [b, s] (packed rows,
+        training): the block attends inside each position's document, the main model's segments
+        (position i's state belongs to position i's document)."""
         x = torch.cat((self.enorm(next_emb), self.hnorm(h_prev)), dim=-1)  # [b, s, 2 * hidden]
         return self.block(self.eh_proj(x), start_pos, cache, segments)

@@ -3,8 +3,8 @@
 A row's documents are its maximal runs of equal segment ids (`segments` [b, s], one id per input
 position). Within a packed row, attention stays inside each document (block-diagonal causal) and
 positions restart at 0 at each document's first token, so a document trains exactly as it would
-alone at the start of a row. The model's attention (model/mla.py) and its MTP targets
-(model/transformer.py) read these; nothing here knows where the segments came from.
+alone at the start of a row. The model's attention (`model.mla.MLA`) and its MTP targets
+(`model.transformer.mtp_targets`) read these; nothing here knows where the segments came from.
 """
 
 from __future__ import annotations

@@ -73,7 +73,7 @@ class MoE(nn.Module):
         )
         self.register_buffer("load_counts", torch.zeros(self.n_experts), persistent=False)
         self.last_aux_loss: torch.Tensor | None = None
-        self.dispatch = LocalDispatch()  # platform/moe swaps in the all-to-all dispatch
+        self.dispatch = LocalDispatch()  # `platform.moe.install.install_dispatch` swaps in the all-to-all
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [b, s, hidden] -> [b, s, hidden]."""
@@ -135,7 +135,7 @@ class Block(nn.Module):
     ) -> torch.Tensor:
         """h [b, s, hidden] -> [b, s, hidden]; positions start_pos.. (start_pos > 0, or a LongTensor [b]
         of per-row starts, needs a cache; see MLA.forward). `segments` [b, s]: packed rows, attention
-        inside each document with positions restarting at each (training path; model/packing.py)."""
+        inside each document with positions restarting at each (training path; `model.packing`)."""
         h1, x = self.attention_phase(h, start_pos, cache, segments)
         return self.residual(h1, self.mlp(x))
 
@@ -191,7 +191,8 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 
 class Transformer(nn.Module):
-    """DeepSeek-V3 causal LM with optional multi-token prediction (see model_api.md for the contract)."""
+    """DeepSeek-V3 causal LM with optional multi-token prediction (its contract: `forward`, `head_and_loss`,
+    `forward_cached` and `init_weights`)."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -233,7 +234,7 @@ class Transformer(nn.Module):
         depth, None: all 1) multiplies each depth's mean before the mean over depths. A trainer
         that weights a micro-batch's loss by its share of the step's LM labels passes each
         depth's share of its own targets relative to that share, so that the MTP term, too, is a
-        mean over the step's targets (platform/data/microbatches.py)."""
+        mean over the step's targets (`platform.data.microbatches.microbatch_inputs`)."""
         return self._head_and_loss(h, input_ids, labels, mtp_loss_weight, segments, mtp_scales)[0]
 
     def _head_and_loss(
@@ -280,8 +281,8 @@ class Transformer(nn.Module):
         (-100: not trained). MTP runs only with labels (training); inference never needs it.
         `mtp_loss_weight` as in `head_and_loss` (None: cfg.mtp_loss_weight). `segments` [b, s]:
         packed rows, each maximal run of equal ids one document; attention stays inside a document
-        and its positions restart at 0 (model/packing.py). None: one document per row, exactly
-        the unpacked computation. `mtp_scales` as in `head_and_loss`."""
+        and its positions restart at 0 (`model.packing.segment_positions`). None: one document per row,
+        exactly the unpacked computation. `mtp_scales` as in `head_and_loss`."""
         h = self.embed_tokens(input_ids)
         for block in self.layers:
             h = block(h, segments=segments)
@@ -329,7 +330,8 @@ class Transformer(nn.Module):
         return [b.mlp for b in blocks if isinstance(b.mlp, MoE)]
 
     def init_weights(self, seed: int | None = None) -> None:
-        """normal(0, initializer_range) weights, unit norms, zero biases/buffers (see model/init.py)."""
+        """normal(0, initializer_range) weights, unit norms, zero biases/buffers (see
+        `model.init.init_weights`)."""
         init_weights(self, self.cfg.initializer_range, seed)
         for moe in self.moe_layers():
             moe.reset_load()

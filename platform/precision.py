@@ -1,12 +1,13 @@
 """The precision policy: swap the model's GEMM modules from outside, per `PrecisionConfig`.
 
     model = apply_precision(build_model(cfg.model), cfg.precision)
-    opt = build_adamw(model.named_parameters(), cfg.optim, cfg.precision)  # platform/optim/adamw.py
+    opt = build_adamw(model.named_parameters(), cfg.optim, cfg.precision)  # platform.optim.adamw
     with compute_context(cfg.precision, device_type="cuda"):
         loss = model(input_ids, labels=labels).loss
     loss.backward()
 
-What gets swapped (found by the model's HF-compatible names, see notes/model_api.md):
+What gets swapped (found by the model's HF-compatible names, those of `model.mla.MLA`,
+`model.moe.MLP` and `model.moe.RoutedExperts`):
 - Linear layers named q_a_proj, q_b_proj, q_proj, kv_a_proj_with_mqa, kv_b_proj, o_proj (attention)
   and gate_proj, up_proj, down_proj (dense MLPs, shared experts): FP8Linear under `fp8`, else
   DeferrableLinear (same numerics as nn.Linear, weight gradient deferrable for zero-bubble W steps).
@@ -20,12 +21,12 @@ V3's storage options: `recompute_swiglu` makes the routed experts keep only the 
 (FP8 under fp8) and recompute its output in backward; `power_of_two_scales` gives ue8m0 scales to
 the FP8 tiles of the attention output projection's input, the SwiGLU inputs and the routed
 experts' input rows (whose FP8 copy changes tile orientation in backward). `recompute_mla_up_proj`
-recomputes MLA's latent norms and up-projections in backward (platform/recompute.py). The MoE router (a child named `gate`)
-computes in FP32 even under autocast: its forward runs with autocast off and casts to FP32 itself, because a
-BF16 rounding of the affinities can flip top-k choices. The swapped modules reuse the
-original parameter objects: names, shapes and state-dict keys are unchanged, so checkpoints and the
-HF loader are unaffected. Parameters are (kept) FP32: they are the master weights; every cast to
-BF16 or FP8 happens inside the compute.
+recomputes MLA's latent norms and up-projections in backward (`platform.recompute.apply_recompute`). The
+MoE router (a child named `gate`) computes in FP32 even under autocast: its forward runs with autocast
+off and casts to FP32 itself, because a BF16 rounding of the affinities can flip top-k choices. The
+swapped modules reuse the original parameter objects: names, shapes and state-dict keys are unchanged,
+so checkpoints and the HF loader are unaffected. Parameters are (kept) FP32: they are the master
+weights; every cast to BF16 or FP8 happens inside the compute.
 """
 
 from __future__ import annotations
@@ -158,8 +159,9 @@ def warm_up_fp8_kernels(
     module: nn.Module, cfg: PrecisionConfig, tokens_per_microbatch: int, fp8_dispatch: bool = False
 ) -> WarmUpReport:
     """Compile and tune, before the first step, every Triton kernel `module`'s swapped GEMMs will
-    launch, with this policy's settings (kernels/warm_up.py); nothing is launched on the torch twins.
-    `fp8_dispatch`: the MoE layers send their tokens as FP8 (expert parallelism under fp8)."""
+    launch, with this policy's settings (`kernels.warm_up.warm_up_kernels`); nothing is launched on the
+    torch twins. `fp8_dispatch`: the MoE layers send their tokens as FP8 (expert parallelism under
+    fp8)."""
     return warm_up_kernels(
         [module],
         tokens_per_microbatch,

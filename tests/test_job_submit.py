@@ -5,7 +5,7 @@ its own --temp-dir, ports and token file, so it never meets the session cluster 
 colleague's). Teardown signals only that process group: SIGTERM, then SIGKILL after a grace period.
 
 Its head carries no CPUs and runs Ray's real autoscaler over fake nodes on this machine (the
-recipe in FACTS.md: `ray.cluster_utils.AutoscalingCluster` itself runs `ray stop --force`, which
+recipe of `_autoscaling_config`: `ray.cluster_utils.AutoscalingCluster` itself runs `ray stop --force`, which
 would end every Ray process here, and needs a config missing from the wheel). The one worker node
 type (min 0, max 2) carries {"CPU": 1, "moeforge_worker": 1}. The submitted DualPipe pp=2 run, whose
 workers each need one `moeforge_worker` (`resources.worker_resources`), starts on a cluster without a
@@ -108,7 +108,7 @@ def _wait_for_dashboard(url: str, proc: subprocess.Popen, log_path: str, timeout
 
 
 def _autoscaling_config(gcs_address: str) -> dict:
-    """A fake-multinode cluster config (the fields Ray's launcher schema needs, FACTS.md)."""
+    """A fake-multinode cluster config (the fields Ray's launcher schema needs)."""
     return {
         "cluster_name": "moeforge-job-test",
         "max_workers": 2,

@@ -13,12 +13,12 @@ dilute the comparison of the layers):
   master weights linear layers keep for their input gradient) are not activations and are left out.
 - `retained_bytes`: the memory the forward allocated and did not free, from the profiler's
   allocation events. It also sees what the hooks cannot: tensors a recomputation region
-  (platform/recompute.py) holds outside autograd (its inputs and the attention outputs it keeps),
-  the block outputs, and the one FP8 copy the shared-quantization memo keeps. It is the figure the
-  fp8/bf16 ratio is judged by.
+  (`platform.recompute.apply_recompute`) holds outside autograd (its inputs and the attention outputs it
+  keeps), the block outputs, and the one FP8 copy the shared-quantization memo keeps. It is the figure
+  the fp8/bf16 ratio is judged by.
 
-The model runs one forward first, so the per-step FP8 weight copies (kernels/weight_cache.py) exist
-before measuring and are not counted as activations.
+The model runs one forward first, so the per-step FP8 weight copies
+(`kernels.weight_cache.FP8WeightCache`) exist before measuring and are not counted as activations.
 """
 
 from __future__ import annotations

@@ -9,8 +9,8 @@ Trains the same model, init and data once per mode with the single-process loop
             (uploaded) and committed
     async   checkpoint.async=true: the step waits only for the host-memory snapshot (and for the
             previous checkpoint, if it is still being written); the write runs on a background
-            thread (platform/checkpoint/async_writer.py), competing with training for CPU cores and
-            memory bandwidth, which shows in the steps after a checkpoint
+            thread (`platform.checkpoint.async_writer.AsyncCheckpointWriter`), competing with training
+            for CPU cores and memory bandwidth, which shows in the steps after a checkpoint
 
 Per step the loop records `step_time_s` in run.dir/metrics.jsonl (data, forward, backward, update).
 The loop checkpoints after it has recorded the step, so the bench also times each
@@ -28,7 +28,7 @@ time is step_time_s plus that. The figures per mode, over the steps after the fi
 
 Checkpoint bytes are those of the newest complete checkpoint (meta.json), and each mode's
 checkpoints are checked to be complete and readable. Timings are measured, never asserted. Prints a
-table, writes JSON (platform/bench/report.py).
+table, writes JSON (`platform.bench.report.write_report`).
 """
 
 from __future__ import annotations

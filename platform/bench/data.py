@@ -4,7 +4,7 @@ the same files with the same tokenizer.
 Both methods read the input bytes, parse documents and tokenize them (one thread per process:
 TOKENIZERS_PARALLELISM=false, as each Ray task holds one CPU). The Ray Data figure is measured twice:
 `cold` includes starting the workers of a fresh pipeline, `warm` is a second run. Connecting to Ray
-(`RaySession`: platform/launch/ray_connection.connect_ray, which may start a local cluster) is
+(`RaySession`: `platform.launch.ray_connection.connect_ray`, which may start a local cluster) is
 excluded and reported on its own. Prints a table and writes JSON.
 """
 

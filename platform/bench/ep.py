@@ -1,15 +1,15 @@
 """Expert-parallel all-to-all (`moeforge-bench ep`): bytes and time of the MoE dispatch and combine.
 
-A real all-to-all over gloo between `ep` local processes (platform/launch/local_spawn.spawn_gloo),
+A real all-to-all over gloo between `ep` local processes (`platform.launch.local_spawn.spawn_gloo`),
 through the training path's own code, not a re-implementation:
 
     routing     per rank, `tokens_per_rank` tokens, each with top-k distinct expert ids drawn
                 uniformly at random (seeded per rank), not the model's router: with uniform routing
                 a token reaches a rank with probability 1 - C(E - E/ep, k) / C(E, k)
-    plan        platform/moe/dispatch.plan_dispatch on platform/moe/expert_placement.ExpertPlacement: the
+    plan        `platform.moe.dispatch.plan_dispatch` on `platform.moe.expert_placement.ExpertPlacement`: the
                 unique (token, rank) pairs, each token sent to a rank once however many of its
                 experts live there; counts exchanged once (exchange_counts), not timed
-    payloads    (the collectives of platform/moe/dispatch.py that AllToAllDispatch calls)
+    payloads    (the collectives of `platform.moe.dispatch` that `AllToAllDispatch` calls)
                 fp8 dispatch   dispatch_rows_fp8 of the pairs' BF16 rows: e4m3 + 1x128 scales packed
                                as uint8 rows of D + D/128 bytes; the time INCLUDES the compression
                                before and the decompression to BF16 after the exchange

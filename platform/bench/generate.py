@@ -3,7 +3,7 @@ model's own MTP modules draft the next tokens, and what limits it?
 
     corpus      a prepared stdlib token directory (`data_path`, e.g. data/tokens/stdlib from
                 moeforge-prepare), or, when none is given, the first `prepare_max_files` stdlib files
-                prepared once by moeforge-prepare's `prepare()` into cache_dir (generate_model.py)
+                prepared once by moeforge-prepare's `prepare()` into cache_dir (`generate_model.corpus_dir`)
     train       the model (tiny by default, MTP depth >= 1) for `train_steps` steps with the reference
                 run (Trainer.single(cfg).train()); its final checkpoint is kept in cache_dir under a key
                 of everything that decides the weights, so a rerun loads it instead of training
@@ -13,7 +13,7 @@ model's own MTP modules draft the next tokens, and what limits it?
                 warm-up, then `repeats` rounds
                 timing plain greedy and MTP speculative greedy in turn
                 (`platform.inference.generate.generate`, speculative="none" / "mtp"); medians
-    explain     per step at that batch (platform/bench/generate_costs.py): the main model's decode
+    explain     per step at that batch (`platform.bench.generate_costs.step_costs`): the main model's decode
                 forward (1 token), its verify forward (1 + D tokens) and the drafts (D MTP module
                 forwards), so that
                     expected speedup = step ratio * t_decode / (t_verify + t_draft)
@@ -27,7 +27,7 @@ did (`identical`), and the first differing position of each row that did not, ra
 next to both modes' tokens per prompt (`plain.tokens`, `speculative.tokens`), from which a reader or
 a test recomputes the verdict.
 DeepSeek-V3 reports 85-90% acceptance of the second token and 1.8x tokens/s with one MTP module.
-Timings are measured, never asserted. Prints a table, writes JSON (platform/bench/report.py).
+Timings are measured, never asserted. Prints a table, writes JSON (`platform.bench.report.write_report`).
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ of these is timed on its own, median of `repeats` calls after two warm-up calls,
                (the newest token and D drafts), then argmax at every position
     t_draft    the drafts: D MTP module forwards of 1 position per row, each on its own latent cache,
                then the shared head and argmax (depth k reads depth k-1's hidden state and the
-               embedding of depth k-1's draft, as platform/inference/speculative.py drafts)
+               embedding of depth k-1's draft, as `platform.inference.speculative.MTPDrafter` drafts)
 
 The start positions take the form `generate` gives them: plain decoding of equal-length prompts
 passes one int; a speculative batch passes per-row LongTensor starts (its rows sit at different

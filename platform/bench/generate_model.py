@@ -1,4 +1,4 @@
-"""The model `moeforge-bench generate` decodes with, and its prompts (platform/bench/generate.py).
+"""The model `moeforge-bench generate` decodes with, and its prompts (for `platform.bench.generate.run`).
 
 corpus_dir        the prepared token directory: `data_path`, or the first `prepare_max_files`
                   stdlib files prepared once into cache_dir by moeforge-prepare's `prepare()`

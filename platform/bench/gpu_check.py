@@ -15,16 +15,16 @@ own, under its own `timeout`, and every step even when an earlier one failed. Ev
 - env (gpu_check_results): the device, the library versions, and the peak used for MFU (989
   TFLOP/s, the dense BF16 datasheet figure of an H100 or H200 SXM, for both precisions; None on
   another device).
-- twin (gpu_check_kernels): compiled Triton kernels against their torch twins (twin_check's inputs
-  and tolerances). First every GPU launch config of the three FP8 GEMMs, named explicitly (the
-  warp-specialized ones first), with bf16 and fp32 outputs, an output pitch without the TMA store,
-  odd persistent grids and empty groups, one line per check; then
+- twin (gpu_check_kernels): compiled Triton kernels against their torch twins
+  (`moeforge.platform.bench.twin_check`'s inputs and tolerances). First every GPU launch config of the three FP8
+  GEMMs, named explicitly (the warp-specialized ones first), with bf16 and fp32 outputs, an output
+  pitch without the TMA store, odd persistent grids and empty groups, one line per check; then
   twin_check's whole suite (with MOEFORGE_WARP_SPECIALIZE=1, as gpu_check.sh runs it, the autotuned
   calls may pick the warp-specialized configs too), its rows as lines and its JSON report to
   --twin-json.
-- bench (gpu_check_kernels): kernel_timing's measurements, shape by shape (fp8_gemm against BF16
-  matmul, torch._scaled_mm and DeepGEMM, each launch config on mlp_up, grouped experts, whole
-  layers, quantization against copy), one line per timed row, then its summary; its report to
+- bench (gpu_check_kernels): `moeforge.platform.bench.kernel_timing`'s measurements, shape by shape (fp8_gemm
+  against BF16 matmul, torch._scaled_mm and DeepGEMM, each launch config on mlp_up, grouped experts,
+  whole layers, quantization against copy), one line per timed row, then its summary; its report to
   --bench-json.
 - train_bf16, train_fp8 (gpu_check_train): the one-process step engine (`Trainer.single(cfg).engine`,
   on the device of its `training_device`) on the `small` model for 30 steps, driven
@@ -35,18 +35,18 @@ own, under its own `timeout`, and every step even when an earlier one failed. Ev
   run: seq_len 1024 instead of 4096, 2 micro-batches of 4 sequences (8,192 tokens a step), 10
   warm-up steps of the LR instead of 100. Same seed, so both precisions start from the same weights
   and read the same batches.
-- zero (gpu_check_zero): moeforge's ZeRO-1 step (platform/optim/zero_step.py, DeepSpeed) in a
+- zero (gpu_check_zero): moeforge's ZeRO-1 step (`platform.optim.zero_step.ZeroStep`, DeepSpeed) in a
   one-process group (NCCL on CUDA, gloo on CPU; FileStore), on the tiny model, against the reference
   loop's own update (clip, AdamW) given the same gradients; see `zero_step_check` for the bounds.
 - pipeline (gpu_check_pipeline): one pipeline rank's whole run (run_pipeline_training, 1F1B pp=1,
   ZeRO-1, fp8) in a one-process group: NCCL's waits, the kernel warm-up before step 1, and the step
   timeline from CUDA events, checked to be a timeline.
-- generate (gpu_check_generate): moeforge-generate's job (platform/inference/job.py `run_job`,
+- generate (gpu_check_generate): moeforge-generate's job (`platform.inference.job.run_job`,
   without Hydra) on a briefly trained tiny model with MTP, greedy plain against greedy speculative
   (speculative=mtp) token for token, and tokens/s of both decoding modes.
 - report (here): a table of what the file holds (the script prints it last).
 
-`--size tiny` runs every step at a size that takes seconds on a CPU (tests/test_gpu_check.py). None
+`--size tiny` runs every step at a size that takes seconds on a CPU (`tests.test_gpu_check`). None
 of these modules imports Ray, Hydra, omegaconf, boto3 or wandb, which the GPU image lacks; the zero
 step needs DeepSpeed and pydantic, which gpu_check.sh installs from the wheels kernels/gpu_wheels.sh
 fetched.

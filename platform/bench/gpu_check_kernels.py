@@ -1,8 +1,9 @@
 """The twin and bench steps of gpu_check: the FP8 kernels on the device, checked and timed.
 
 twin holds every GPU launch config of the three FP8 GEMMs, named explicitly, against the torch twins,
-then runs twin_check's suite; bench runs kernel_timing's measurements shape by shape. Both write a
-line per row as soon as it is known, so a hang or a timeout names the row it stopped at.
+then runs `moeforge.platform.bench.twin_check`'s suite; bench runs `moeforge.platform.bench.kernel_timing` shape by
+shape. Both write a line per row as soon as it is known, so a hang or a timeout names the row it
+stopped at.
 """
 
 from __future__ import annotations
@@ -134,7 +135,7 @@ def twin_step(res: Results, device, size: str, twin_json: str | None = None, **_
 def bench_step(
     res: Results, device, size: str, bench_json: str | None = None, rep_ms: int | None = None, **_: Any
 ) -> bool:
-    """kernel_timing's rows, written as each shape is measured, then its summary."""
+    """`moeforge.platform.bench.kernel_timing`'s rows, written as each shape is measured, then its summary."""
     import torch
     from moeforge.kernels import settings
     from moeforge.platform.bench import kernel_timing as bk

@@ -3,7 +3,7 @@
 A single GPU cannot run two NCCL ranks, but one rank (1F1B, pp = dp = 1) in a one-process group
 runs everything of the pipeline path except transfers: the NCCL backend's waits (the host runs on),
 the kernel warm-up and its barrier before step 1, ZeRO-1 through RankEngine, and the step
-timeline read from CUDA events (platform/engine/step_clock.py) instead of the host clock.
+timeline read from CUDA events (`platform.engine.step_clock.CudaEventClock`) instead of the host clock.
 """
 
 from __future__ import annotations

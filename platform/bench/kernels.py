@@ -1,6 +1,6 @@
-"""`moeforge-bench kernels`: the FP8 kernel benchmark (kernel_timing) and, beside it, the
-activation memory the FP8 recipe keeps for backward over whole layer stacks (activation_memory),
-fp8 against bf16, in one table and one JSON report.
+"""`moeforge-bench kernels`: the FP8 kernel benchmark (`moeforge.platform.bench.kernel_timing`) and, beside it, the
+activation memory the FP8 recipe keeps for backward over whole layer stacks
+(`platform.bench.activation_memory.measure_stacks`), fp8 against bf16, in one table and one JSON report.
 
 The kernel part needs nothing of the model and also runs without Hydra on a GPU machine
 (`python -m moeforge.platform.bench.kernel_timing`; gpu_check's bench step runs it shape by shape);

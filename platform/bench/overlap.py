@@ -3,12 +3,13 @@
 Synthetic part. pp x ep spawned gloo processes (rank = pp_rank * ep + ep_rank; the ep ranks of a
 stage form its EP group, the ranks with one ep_rank a pipeline). Every chunk's phases sleep their
 configured compute time and its all-to-alls move a configured payload through gloo for real
-(overlap_phases.py). For each schedule and pp:
+(`overlap_phases.SleepPhaseCompute`). For each schedule and pp:
 
     moeforge, overlap off   the executor runs each F&B pair's programs one after the other
     moeforge, overlap on    ... interleaved phase by phase (chunk_program.interleave)
-    torch ScheduleDualPipeV the same chunk costs as torch pipelining stages (overlap_torch.py), in
-                            the same processes, right after ours
+    torch ScheduleDualPipeV the same chunk costs as torch pipelining stages
+                            (`overlap_torch.torch_dualpipev_steps`), in the same processes, right after
+                            ours
 
 Figures per case, from the executor's own timeline records (P2P times every all-to-all wait):
     a2a_ms            one all-to-all's time: the mean launch-to-arrival span in pairs with overlap
@@ -19,7 +20,7 @@ Figures per case, from the executor's own timeline records (P2P times every all-
     pair_exposed_ms   per F&B pair, the time blocked on all-to-alls inside the pair
     hidden_fraction   1 - pair_exposed / (all-to-alls per pair x a2a_ms)
     simulated_s       the schedule simulator's makespan, the pair's cost from the phase costs
-                      (schedules/phase_costs.py) with the measured a2a_ms
+                      (`platform.schedules.phase_costs.pair_costs`) with the measured a2a_ms
     ratio_vs_torch    moeforge's step time / torch ScheduleDualPipeV's at the same pp
 
 Real part: the tiny model with ep=2 x pp=2 (x dp=2, which EP divides) trained for a few steps in one

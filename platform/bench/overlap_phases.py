@@ -14,7 +14,7 @@ result. So `SleepPhaseCompute` drives the executor's F, B, W and overlapped F&B 
 same interleaving (`chunk_program.run_pair`) as the model, with costs that are known.
 
 `PhaseShape.programs()` gives the same phases as the schedule simulator's phase costs
-(schedules/phase_costs.py), so a measured step can be set beside its prediction.
+(`platform.schedules.phase_costs.ProgramCosts`), so a measured step can be set beside its prediction.
 """
 
 from __future__ import annotations

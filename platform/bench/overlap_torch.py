@@ -1,6 +1,6 @@
 """The peer row of moeforge-bench overlap: torch's `ScheduleDualPipeV` on the same synthetic chunks.
 
-Each of a rank's two V stages is a module whose forward runs the chunk's phases (overlap_phases.py)
+Each of a rank's two V stages is a module whose forward runs the chunk's phases (`overlap_phases.PhaseShape`)
 as autograd functions: a phase sleeps its forward time and, in backward, the input-gradient part
 of its backward time; an all-to-all moves the same payload over the same EP group, blocking, both
 ways. The weight-gradient part is torch's own deferred W: the stage's `dw_builder` sleeps it, so

@@ -4,7 +4,7 @@ published FP8 format (`moeforge-convert`).
     export_hf(model, out_dir, fp8=True, dtype=torch.bfloat16)     # a Transformer in memory
     export_checkpoint("runs/x/checkpoints/step_00001000", out_dir)  # a training checkpoint
 
-The key layout is model/hf.py's (per-expert keys, MTP depth d at layer num_hidden_layers + d). With
+The key layout is `model.hf.hf_keys`'s (per-expert keys, MTP depth d at layer num_hidden_layers + d). With
 fp8=True the tensors DeepSeek publishes in FP8 are written as they are in deepseek-ai/DeepSeek-V3:
 float8_e4m3fn weights plus `<name>_scale_inv`, float32 [ceil(out/128), ceil(in/128)], the dequant
 multiplier (w ~ fp8 * scale_inv per 128x128 block, the last row/column blocks ragged), and
@@ -12,10 +12,10 @@ config.json's `quantization_config`. Which tensors those are (FP8_WEIGHT): every
 (q_a/q_b or q, kv_a_proj_with_mqa, kv_b, o_proj) and every gate/up/down_proj (dense MLP, shared and
 routed experts), in the main layers and the MTP layers alike. The published checkpoint keeps the rest
 in BF16/FP32: embeddings, lm_head, norms, the MTP eh_proj and shared_head, the router's gate.weight
-(BF16) and e_score_correction_bias (FP32); so do we (the router in FP32, see model/hf.py).
+(BF16) and e_score_correction_bias (FP32); so do we (the router in FP32, see `model.hf.keeps_fp32`).
 
 An exported checkpoint also gets the tokenizer.json its run's data was prepared with, when the run
-names one (platform/data/run_tokenizer.py), so moeforge-generate hf_dir=<out> decodes with it.
+names one (`platform.data.run_tokenizer.run_tokenizer`), so moeforge-generate hf_dir=<out> decodes with it.
 
 A directory is written as `<out>.partial` and renamed to `<out>` when complete, so an interrupted
 export never leaves a directory that looks like a finished one.
@@ -198,7 +198,7 @@ def export_checkpoint(
     check_out_dir(out_dir)  # before reading a checkpoint that may be hundreds of GB
     path = resolve_checkpoint(str(checkpoint_path))
     extra_files = _run_tokenizer_file(path)
-    # Imported here: the resharding reader is a sibling room's module (platform/checkpoint/reshard.py).
+    # Imported here: the resharding reader is a sibling room's module (`platform.checkpoint.reshard`).
     from moeforge.platform.checkpoint.reshard import load_model_from_checkpoint
 
     model = load_model_from_checkpoint(path)
@@ -209,9 +209,9 @@ def export_checkpoint(
 
 def _run_tokenizer_file(checkpoint: str) -> dict[str, bytes]:
     """{"tokenizer.json": its bytes} for the run of a checkpoint (<run>/checkpoints/step_N) whose data
-    names a tokenizer (platform/data/run_tokenizer.py); {} for a checkpoint outside a run, a run on
-    synthetic or flat-file tokens, or a tokenizer file that is gone."""
-    # Imported here: run_tokenizer reads the run's config.yaml through outputs/run_files.py, whose
+    names a tokenizer (`platform.data.run_tokenizer.run_tokenizer`); {} for a checkpoint outside a run,
+    a run on synthetic or flat-file tokens, or a tokenizer file that is gone."""
+    # Imported here: run_tokenizer reads the run's config.yaml through `platform.outputs.run_files`, whose
     # plotting imports are not needed by an export without a run.
     from moeforge.platform.data.run_tokenizer import TOKENIZER_FILE, run_tokenizer
 

@@ -12,8 +12,9 @@ order:
 
 `ShardedTensor(local, global_shape, offset)` records that: `local` holds elements
 [offset, offset + local.numel()) of a tensor of `global_shape`, flattened. A checkpoint writes each
-piece with its global shape and offset (platform/checkpoint/store.py), so a reader in ANY layout can
-assemble the run of elements it needs from whichever shards hold them (platform/checkpoint/reshard.py).
+piece with its global shape and offset (`platform.checkpoint.store.save_shard`), so a reader in ANY layout can
+assemble the run of elements it needs from whichever shards hold them
+(`platform.checkpoint.reshard.CheckpointReader`).
 """
 
 from __future__ import annotations

@@ -2,16 +2,16 @@
 ep=1 and back, a pipeline run into the single-process loop and the reverse.
 
 A checkpoint's model and optimizer state are layout-independent by construction
-(platform/checkpoint/pieces.py): every tensor a rank wrote is recorded in meta.json with the whole
-model's name, global shape and the flat offset of the elements it holds. `CheckpointReader` indexes
-those pieces over every shard, and serves any run of elements of any tensor, assembled from
+(`platform.checkpoint.pieces.ShardedTensor`): every tensor a rank wrote is recorded in meta.json with
+the whole model's name, global shape and the flat offset of the elements it holds. `CheckpointReader`
+indexes those pieces over every shard, and serves any run of elements of any tensor, assembled from
 whichever shards hold it (replicas hold the same elements; the first one found serves them). Each
 rank reads the elements of its own tensors only.
 
 Two kinds of parts:
 - global ("model", "optimizer"): keyed by full-model names; read through the reader in any layout;
 - rank-local (anything else, today "rng"): meaningful only for the rank that wrote it, restored from
-  the same shard when the layout is unchanged (platform/checkpoint/resume.py decides).
+  the same shard when the layout is unchanged (`platform.checkpoint.resume.same_layout` decides).
 
 Keys: `model/<parameter or buffer name>`, `optimizer/<parameter name>/<state key>` (AdamW's
 `exp_avg`, `exp_avg_sq` with the parameter's shape, `step` a scalar), the same whoever wrote them

@@ -2,7 +2,7 @@
 
 The single-process reference loop and the pipeline runtime (in its driver, before any worker
 starts, and on each rank) ask the same questions, so a run.dir is judged the same way whatever
-runs it. A checkpoint restores into any layout (platform/checkpoint/reshard.py): the model and
+runs it. A checkpoint restores into any layout (`platform.checkpoint.reshard.CheckpointReader`): the model and
 optimizer by name; the RNG states only into the layout that wrote them (they are per rank).
 """
 

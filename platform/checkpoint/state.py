@@ -110,7 +110,7 @@ def optimizer_state_from_tensors(
 class OptimizerState:
     """A torch optimizer as a Stateful of flat tensors keyed by parameter name.
 
-    `layout` ({name: (global shape, flat offset)}, platform/checkpoint/reshard.py's `model_layout`)
+    `layout` ({name: (global shape, flat offset)}, `platform.checkpoint.reshard.model_layout`)
     says where each parameter sits in the whole model (an expert-parallel slice); the moments are then
     saved as pieces of the whole model's tensor, which any layout can read back (`load_from`)."""
 

@@ -31,9 +31,9 @@ Pipeline ranks (the contract with the pipeline runtime):
        prunes old checkpoints.
     Ranks holding identical replicas may skip step 1 and commit with an explicit `shards=[...]` list.
 
-Any layout reads any checkpoint: a state-dict value may be a `ShardedTensor` (pieces.py), a rank's
+Any layout reads any checkpoint: a state-dict value may be a `pieces.ShardedTensor`, a rank's
 piece of a whole-model tensor; its manifest entry records `global_shape` and the flat `offset`, and
-platform/checkpoint/reshard.py's `CheckpointReader` assembles what another layout needs from every
+`platform.checkpoint.reshard.CheckpointReader` assembles what another layout needs from every
 shard. `load_checkpoint(path, state, shard=...)` is the exact read of one shard's own tensors (the
 rank-local parts, e.g. RNG, and same-layout tools).
 """
@@ -261,8 +261,8 @@ def save_shard(
         "sha256": sha256,
         "bytes": nbytes,
         "parts": parts,
-        # global_shape/offset: which elements of the whole model's tensor this is (pieces.py), so
-        # any layout can read it (reshard.py)
+        # global_shape/offset: which elements of the whole model's tensor this is (`ShardedTensor`), so
+        # any layout can read it (`reshard.CheckpointReader`)
         "tensors": {
             key: {
                 "dtype": str(t.dtype).removeprefix("torch."),

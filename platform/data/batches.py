@@ -12,7 +12,7 @@ Sources:
 - `tokens`: a prepared shard directory (moeforge-prepare) or a single flat token file, read through
   memory maps. Windows are taken at stride seq_len, so each token is a target once per epoch.
 - `tokens` on a directory of packed conversations (moeforge-prepare format=conversations): its rows
-  are read whole (packed_rows.py), drawn by the same sampler, and a batch is a `PackedBatch` (token
+  are read whole (`packed_rows.PackedRows`), drawn by the same sampler, and a batch is a `PackedBatch` (token
   ids, loss mask, segments) of the same shape. The rows must have been packed for the model's seq_len.
 """
 

@@ -6,7 +6,7 @@ kinds, chosen by extension: plain text (one document per file), JSONL (one docum
 string field, `text` by default) or Parquet (one document per row of that column).
 
 Discovery runs on the driver before any work and fails with one message naming the path; the bytes
-are read on the driver too (one credential context, see prepare.py) and parsed where they are
+are read on the driver too (one credential context, see `prepare.map_files`) and parsed where they are
 tokenized.
 """
 

@@ -1,7 +1,7 @@
 """Reading a conversations manifest's split as whole rows: token ids, loss mask and segments.
 
 Row r of a split is tokens [r * (seq_len + 1), (r + 1) * (seq_len + 1)) of each of its three
-streams (packed_writer.py writes them side by side, shards of whole rows); rows are read whole,
+streams (`packed_writer.RowWriter` writes them side by side, shards of whole rows); rows are read whole,
 never as windows at another stride.
 """
 

@@ -5,7 +5,7 @@ mask, segments, token ids, then recorded together: `train/00000.loss_mask.bin` (
 `train/00000.segments.bin` (uint8/uint16/uint32, see packing.segment_dtype) and `train/00000.bin`.
 Shards hold whole rows, so the first row after the finished shards is a row boundary, and the
 progress record keeps, per split, the position of that row's first document (`resume`): a re-run
-re-packs from there with an empty packer and gets the same rows (packing.py).
+re-packs from there with an empty packer and gets the same rows (`packing.RowPacker`).
 """
 
 from __future__ import annotations
@@ -81,7 +81,7 @@ class RowWriter:
 
 
 class PackedProgress(Progress):
-    """Progress (writer.py) of a packed preparation: `file_tokens` per input file is [train tokens,
+    """Progress (`writer.Progress`) of a packed preparation: `file_tokens` per input file is [train tokens,
     val tokens, train docs, val docs, train truncated docs, val truncated docs] (packing-independent
     counts); `streams` are the extra streams' shards; `resume[split]` the position to re-pack from."""
 

@@ -6,12 +6,13 @@
       -> manifest.json last (the completion marker)
 
 `format=conversations` reads chat records instead and packs them into rows of seq_len + 1 tokens
-with loss masks and segments (prepare_conversations.py); the plain-text path is this module's.
+with loss masks and segments (`prepare_conversations.prepare_conversations`); the plain-text path is
+this module's.
 
 Input bytes are read on the driver, so one credential context reads S3 and workers never need AWS
 credentials; workers do the CPU-heavy parsing and tokenization. A run with the same fingerprint
 (inputs, tokenizer, shard layout) as a complete output does nothing; an interrupted one resumes after
-its finished shards (see writer.py).
+its finished shards (see `writer.Progress`).
 """
 
 from __future__ import annotations

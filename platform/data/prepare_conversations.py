@@ -1,13 +1,15 @@
 """`moeforge-prepare format=conversations`: chat records -> packed rows with loss masks and segments.
 
     Ray Data workers, per input file: parse the `messages` records, render each with the chat
-      template, tokenize, mask all but the assistant answers (conversations.py), cut to seq_len + 1
-    driver, in input order, per split: pack greedily into rows of seq_len + 1 (packing.py) and write
-      shards of whole rows, three streams each (packed_writer.py) -> manifest.json last
+      template, tokenize, mask all but the assistant answers (`conversations.encode_conversation`),
+      cut to seq_len + 1
+    driver, in input order, per split: pack greedily into rows of seq_len + 1 (`packing.RowPacker`) and write
+      shards of whole rows, three streams each (`packed_writer.RowWriter`) -> manifest.json last
 
-The manifest is prepare.py's, plus `"kind": "conversations"`, `seq_len`, the chat template's hash,
+The manifest is `prepare.prepare`'s, plus `"kind": "conversations"`, `seq_len`, the chat template's hash,
 the extra streams' dtypes, and per split the rows, trained tokens and the extra streams' shards.
-Resuming and "a complete output does nothing" work as for text (prepare.py, packed_writer.py).
+Resuming and "a complete output does nothing" work as for text (`prepare.prepare`,
+`packed_writer.PackedProgress`).
 """
 
 from __future__ import annotations
@@ -47,7 +49,7 @@ _TOKENIZERS: dict[str, object] = {}  # per worker process: tokenizer hash -> Tok
 
 def encode_file(uri: str, kind: str, data: bytes, tok, template: ChatTemplate, cfg: PrepareConfig) -> dict:
     """One file's conversations, encoded, masked and cut to seq_len + 1, per split (the seeded
-    per-document hash of prepare.py): `{split}`: token ids, `{split}_mask`, `{split}_lengths`
+    per-document hash of `prepare.is_val_document`): `{split}`: token ids, `{split}_mask`, `{split}_lengths`
     (int64 arrays; the conversations back to back), `{split}_truncated`: how many were cut."""
     row_len = cfg.seq_len + 1
     out = {}

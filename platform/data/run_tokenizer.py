@@ -2,8 +2,9 @@
 
 A run records its data in run_dir/config.yaml (`data.source`, `data.path`); a prepared token
 directory's manifest.json names its tokenizer.json (moeforge-prepare writes both). A run on synthetic
-tokens or on one flat token file has no tokenizer. Used by moeforge-generate (platform/inference/load.py)
-to read a run's tokenizer and by moeforge-convert (platform/checkpoint/export.py) to copy it into an export.
+tokens or on one flat token file has no tokenizer. Used by moeforge-generate
+(`platform.inference.load.load_for_generation`) to read a run's tokenizer and by moeforge-convert
+(`platform.checkpoint.export.export_checkpoint`) to copy it into an export.
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ A prepared token directory looks like
 shards in order with their token counts, byte sizes and sha256. A split is read as one concatenated
 token stream (documents inside it are separated by the EOS token).
 
-A directory of packed conversations (`"kind": "conversations"`, see packed_rows.py) has, beside each
+A directory of packed conversations (`"kind": "conversations"`, see `packed_rows.PackedRows`) has, beside each
 token shard, a loss-mask shard and a segment shard of the same token count (`train/00000.loss_mask.bin`,
 `train/00000.segments.bin`), listed per split under the stream's name with their own sha256.
 """

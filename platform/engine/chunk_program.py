@@ -1,6 +1,6 @@
 """A stage chunk's forward and backward as programs of phases, split where the MoE layers communicate.
 
-`StageChunk.forward` (stages.py) runs a chunk in one autograd graph, every all-to-all waited on
+`stages.StageChunk.forward` runs a chunk in one autograd graph, every all-to-all waited on
 where it is issued. Here the same modules run as generator programs that yield right after each
 all-to-all is launched, so that a caller can run another program (the other micro-batch of a
 DualPipe F&B pair) while the transfer travels:
@@ -15,7 +15,8 @@ DualPipe F&B pair) while the transfer travels:
 V3's overlapped pair, with each phase's all-to-all in flight while the other micro-batch computes
 its next phase. The math of
 a program does not depend on what runs between its phases, so interleaved and sequential pairs
-give bit-identical results (tests/test_overlap.py).
+give bit-identical results
+(`tests.test_overlap.test_overlap_on_and_off_are_bit_identical_and_match_reference`).
 
 Each forward phase enters the precision context itself (an autocast block must not span a yield:
 two programs would exit each other's); each backward phase enters the run's WeightGradStore (one
@@ -38,7 +39,7 @@ from moeforge.platform.moe.dispatch import AllToAllDispatch, CollectiveTracker
 from moeforge.platform.moe.phased import MoEPhaseState, PhasedMoE, boundary_leaf, phase_grads
 from torch import nn
 
-if TYPE_CHECKING:  # stages.py builds programs from this module, so only the annotation names it
+if TYPE_CHECKING:  # `stages` builds programs from this module, so only the annotation names it
     from moeforge.platform.data.microbatches import MicroBatch
     from moeforge.platform.engine.stages import StageChunk
 
@@ -237,8 +238,8 @@ def run_pair(
     backward result). `order` says whose phase runs first (parallel.overlap_order). Backward first
     lets the backward's short opening phase (the head, or the last block's residual) launch its
     combine gradient right away, so the forward's long attention phase covers it; forward first
-    waits on the forward's dispatch behind that short phase (schedules/phase_costs.py predicts
-    both). The order must be the same on every rank of an EP group (their collectives pair up in
+    waits on the forward's dispatch behind that short phase (`platform.schedules.phase_costs.overlapped_pair`
+    predicts both). The order must be the same on every rank of an EP group (their collectives pair up in
     launch order): it is a fixed setting, never decided by timing. `on_phase("F" | "B", start,
     end)` sees every phase's span as readings of `now`."""
     if order not in OVERLAP_ORDERS:

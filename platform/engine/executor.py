@@ -14,7 +14,7 @@ Per action:
   F c.m&B d.n  the overlapped pair: both inputs are awaited first. Without parallel.overlap the
                forward half is computed and its SEND issued at once, so the activations travel
                while the backward half computes; the backward's SEND follows. With it the two
-               halves run as phase programs interleaved phase by phase (chunk_program.py), so each
+               halves run as phase programs interleaved phase by phase (`chunk_program.run_pair`), so each
                MoE all-to-all of one travels while the other computes; the forward's SEND is
                issued as soon as its last phase is done.
   SEND / RECV  non-blocking. Receives are posted `recv_lookahead` compute actions ahead of the
@@ -22,7 +22,7 @@ Per action:
                their place in the list, and in list order.
 
 NCCL's rule. Sends and receives are each posted in list order, and each direction between two
-ranks has its own process group (p2p.py), so on every (group, pair) one side posts the list's
+ranks has its own process group (`topology.create_links`), so on every (group, pair) one side posts the list's
 sends in order and the other the matching receives in order, which is what NCCL's one-stream,
 posting-order matching needs; the schedule validator checks that the two lists agree.
 

@@ -26,7 +26,7 @@ Waits. On gloo a wait polls from the host and never hangs: after `timeout_s` it 
 stream wait for the transfer, so the host keeps running ahead; a dead peer is left to the process
 group's timeout and NCCL's watchdog, which end the run.
 
-Times come from the step's clock (step_clock.py): host readings on CPU, CUDA events on a GPU.
+Times come from the step's clock (`step_clock.clock_for`): host readings on CPU, CUDA events on a GPU.
 """
 
 from __future__ import annotations

@@ -115,7 +115,7 @@ def assemble_rank(
             groups.ep,
             cfg.precision.fp8_linear,
             routing,
-            counts_group=groups.ep_counts,  # its own stream under NCCL (topology.py)
+            counts_group=groups.ep_counts,  # its own stream under NCCL (`topology.ProcessGroups.ep_counts`)
         )
         expert_params = [p for m in rank_module.moe_layers() for p in m.experts.parameters()]
     chunks = {c: StageChunk(meta_model, specs[s], rank_module) for c, s in enumerate(stages)}

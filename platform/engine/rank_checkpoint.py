@@ -3,7 +3,7 @@
 A rank's shard holds its stage modules (weights and router-bias buffers, by full-model name, routed
 experts as this EP rank's rows of the whole layer), its optimizer state by parameter name and its
 RNG states. Model and optimizer are pieces of the whole model's tensors, so any layout resumes them
-(platform/checkpoint/reshard.py); rank 0 commits the checkpoint once every shard is written.
+(`platform.checkpoint.reshard.CheckpointReader`); rank 0 commits the checkpoint once every shard is written.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from moeforge.platform.outputs.storage import Storage
 class RankCheckpoints:
     """Writes and reads one rank's shards. With checkpoint.async every rank snapshots its state and
     writes it on a background thread (`writer`), and rank 0's writer commits once every shard's
-    manifest is on storage (platform/checkpoint/async_writer.py)."""
+    manifest is on storage (`platform.checkpoint.async_writer.AsyncCheckpointWriter`)."""
 
     def __init__(self, cfg: TrainConfig, parts: RankParts, log) -> None:
         self.cfg, self.parts = cfg, parts

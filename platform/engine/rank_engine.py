@@ -2,8 +2,9 @@
 
 `RankEngine(cfg, rank, world_size)` is built after torch.distributed is initialised (by Ray Train's
 TorchConfig, or by a test that spawns gloo processes); what the rank holds is built by
-platform/engine/rank_build.py, its checkpoints written by platform/engine/rank_checkpoint.py, and the
-Trainer (platform/train/trainer.py) runs the loop around it. Per optimizer step (`train_step`):
+`platform.engine.rank_build.assemble_rank`, its checkpoints written by
+`platform.engine.rank_checkpoint.RankCheckpoints`, and the Trainer (`platform.train.trainer.Trainer`)
+runs the loop around it. Per optimizer step (`train_step`):
 
     data        every rank (every stage's attention reads the segments of packed rows) reads this dp
                 replica's rows of the global batch, split into M micro-batches in order (the
@@ -13,13 +14,13 @@ Trainer (platform/train/trainer.py) runs the loop around it. Per optimizer step 
                 (`replica_batch`), so that the dp average of the gradients is the gradient of the
                 global token-mean loss
     recipe      the step's MTP loss weight and bias update speed (`recipe_at(step)`,
-                platform/optim/recipe_schedule.py), the same on every rank
+                `platform.optim.recipe_schedule.recipe_at`), the same on every rank
     executor    the schedule's action list for this rank (F / B / W / BW / F&B, async p2p)
     tie         with MTP on 1F1B/ZB1P: sum the embedding gradient of the first and last stage
     optimizer   ZeRO (DeepSpeed) or plain: reduce over the shard group, global-norm clip, AdamW at
-                `lr_at(step)` (platform/optim/zero_step.py)
+                `lr_at(step)` (`platform.optim.zero_step.ZeroStep`, `platform.optim.plain_step.PlainStep`)
     balance     expert loads summed over every rank holding the layer, router-bias update
-                (platform/optim/bias_update.py)
+                (`platform.optim.bias_update.update_router_biases`)
     metrics     losses, grad norm, LR, tokens/s, MFU, expert load, bubble, exposed comm (all ranks
                 contribute; rank 0 formats and records them)
 
@@ -183,7 +184,7 @@ class RankEngine:
             grad_norm = self.parts.opt.step(grads, lr)
             load = self._balance(recipe.bias_update_speed)
             skipped = False
-        else:  # platform/optim/bad_steps.py: no update, on every rank alike
+        else:  # `platform.optim.bad_steps.BadStepPolicy`: no update, on every rank alike
             grads.clear()
             for m in self.parts.moe:
                 m.reset_load()
@@ -345,7 +346,7 @@ class RankEngine:
         lm_sum, objective_sum = self._all_reduce_small(total).tolist()
         return EvalResult(lm_loss=lm_sum / num_batches, objective=objective_sum / num_batches)
 
-    # ---- checkpoints (platform/engine/rank_checkpoint.py) ----------------------------------------
+    # ---- checkpoints (`platform.engine.rank_checkpoint.RankCheckpoints`) -------------------------
     def save_checkpoint(self, wait: bool = False) -> str:
         """Every rank: this rank's shard of the checkpoint of `self.step` (RankCheckpoints.save)."""
         return self.checkpoints.save(self.step, self.data_skip, wait)

@@ -8,13 +8,15 @@ runtime sums with the first stage's, see topology.tie_group).
 
 The model code is used unchanged: a stage calls `model.embed_tokens`, the blocks and
 `model.head_and_loss` of a Transformer built on the meta device, of which only the modules this rank
-needs are materialised. Each tensor is initialised from (seed, parameter name) by model/init.py, so a
-rank's weights equal the single-process model's weights of the same names.
+needs are materialised. Each tensor is initialised from (seed, parameter name) by
+`model.init.init_weights`, so a rank's weights equal the single-process model's weights of the same
+names.
 
-B / W split. With the precision policy applied (platform/precision.py: every attention / MLP / expert
-GEMM is a DeferrableLinear, FP8Linear or GroupedSwiGLUExperts), B runs the stage's backward inside
-a `WeightGradStore.defer()` block: those layers return their input gradient at once and queue their
-weight-gradient GEMM; every other parameter (norms, embedding, head, router) gets its gradient in B.
+B / W split. With the precision policy applied (`platform.precision.apply_precision`: every attention /
+MLP / expert GEMM is a DeferrableLinear, FP8Linear or GroupedSwiGLUExperts), B runs the stage's
+backward inside a `WeightGradStore.defer()` block: those layers return their input gradient at once
+and queue their weight-gradient GEMM; every other parameter (norms, embedding, head, router) gets its
+gradient in B.
 W pops the queued GEMMs (one store per (chunk, micro-batch)), which accumulate into `param.grad`.
 Without such layers (`deferred_wgrad=False`) B takes the input gradient with the graph retained and
 W the parameter gradients through the same graph, which re-traverses it (correct, not cheaper).
@@ -218,7 +220,7 @@ class ModelCompute:
     """StageCompute over `chunks` (local chunk index -> StageChunk) for one step's micro-batches.
 
     Each micro-batch's loss is multiplied by its own `MicroBatch.loss_scale` before its backward
-    (dp * n_m / N: the step's token mean, platform/data/microbatches.py), or by the uniform
+    (dp * n_m / N: the step's token mean, `platform.data.microbatches.microbatch_inputs`), or by the uniform
     `loss_scale` (1/M) for a micro-batch that carries none; its MTP term is weighted by the step's
     `mtp_loss_weight` (`start_step`). Per micro-batch loss values are kept in `losses`
     (last-stage chunks only). `context()` wraps every forward (the precision policy's autocast);
@@ -238,8 +240,8 @@ class ModelCompute:
         self.chunks = chunks
         self.loss_scale = loss_scale
         self.deferred_wgrad = deferred_wgrad
-        # parallel.chunk_phases: chunks run as phase programs (chunk_program.py), which an F&B pair
-        # can interleave; otherwise each chunk is one autograd graph. `tracker` (the rank's P2P
+        # parallel.chunk_phases: chunks run as phase programs (`chunk_program.ChunkProgram`), which an
+        # F&B pair can interleave; otherwise each chunk is one autograd graph. `tracker` (the rank's P2P
         # endpoint) times the programs' all-to-alls.
         self.programs = (
             {c: ChunkProgram(stage, context, self._accumulate, tracker) for c, stage in chunks.items()}
@@ -268,7 +270,7 @@ class ModelCompute:
 
     def start_step(self, microbatches: list[MicroBatch], mtp_loss_weight: float | None = None) -> None:
         """A new step over `microbatches`, whose losses weight MTP by `mtp_loss_weight` (the step's
-        scheduled lambda, platform/optim/recipe_schedule.py; None: model.mtp_loss_weight)."""
+        scheduled lambda, `platform.optim.recipe_schedule.recipe_at`; None: model.mtp_loss_weight)."""
         if self.slots:
             raise RuntimeError(f"{len(self.slots)} micro-batch states left over from the previous step")
         self.microbatches = microbatches

@@ -21,7 +21,7 @@ Groups, all derived from (schedule layout, pp, dp) alone so every rank computes 
   ranks (1F1B, ZB1P) their copies' gradients are summed over {first-stage rank, last-stage rank} of
   each dp replica. DualPipe and DualPipeV put both ends on the same ranks, so no tie group exists.
 - ep group: ranks of one dp group split into blocks of `ep` consecutive dp replicas: the ranks
-  whose MoE layers exchange tokens (platform/moe). A rank's EP rank is its position in the block,
+  whose MoE layers exchange tokens (`platform.moe`). A rank's EP rank is its position in the block,
   dp_rank % ep, and decides which experts it holds.
 - expert shard group: every rank holding this rank's routed experts (the expert-data-parallel
   group): the shard group's members with the same EP rank, size shard/ep. Expert gradients are
@@ -36,7 +36,7 @@ Groups, all derived from (schedule layout, pp, dp) alone so every rank computes 
   one group, two neighbours that each post a receive ahead (as the executor does, so transfers
   overlap compute) wait for each other forever. With a group per direction each stream holds
   sends on one side and receives on the other, and the executor posts both in action-list order,
-  which the schedule validator checks agree (platform/schedules/validate.py).
+  which the schedule validator checks agree (`platform.schedules.validate.validate`).
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ from dataclasses import dataclass, field
 
 from moeforge.platform.config.builder import ConfigError
 
-# Which pipeline layout each schedule uses (see platform/schedules/actions.py: Schedule.layout).
+# Which pipeline layout each schedule uses (see `platform.schedules.actions.Schedule.layout`).
 LAYOUT_OF_SCHEDULE = {
     "single": "linear",
     "1f1b": "linear",

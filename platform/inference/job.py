@@ -1,10 +1,11 @@
 """The moeforge-generate job: conf/generate.yaml's values -> checks -> load -> `generate` -> the
-streamed completion or the JSONL file, and the statistics line (jobs/generate.py is its entry point).
+streamed completion or the JSONL file, and the statistics line (`moeforge.jobs.generate.main` is its
+entry point).
 
     output = run_job(job_values(["run.dir=runs/tiny_cpu_dualpipe", "prompt=def main("]))
 
 Every ConfigError comes before the first token; the CLI turns it into one line and exit status 2
-(platform/cli.py).
+(`platform.cli.run_cli`).
 """
 
 from __future__ import annotations
@@ -60,7 +61,7 @@ class JobOutput:
 
 
 def job_values(argv: Sequence[str]) -> dict[str, Any]:
-    """conf/generate.yaml composed with the key=value overrides (platform/cli.py's compose_values),
+    """conf/generate.yaml composed with the key=value overrides (`platform.cli.compose_values`),
     the prompt taken verbatim (split_prompt_args)."""
     from moeforge.platform.cli import compose_values
 

@@ -6,11 +6,12 @@ Face directory, on a device in a dtype, with the vocabulary check.
 
 Where the pieces come from:
 - a training run (`run_dir`, local or s3://): the newest COMPLETE checkpoint under run_dir/checkpoints,
-  written by any parallel layout (pp/dp/ep, ZeRO), read whole by checkpoint/reshard.py; and the
-  tokenizer its data was prepared with (platform/data/run_tokenizer.py: the run's config.yaml names
-  its token directory, whose manifest.json names the tokenizer.json). A run on synthetic tokens or on
-  one flat token file has no tokenizer: give one.
-- a Hugging Face DeepSeek-V3 directory (`hf_dir`): model/hf.py's load_hf_checkpoint (MTP modules when
+  written by any parallel layout (pp/dp/ep, ZeRO), read whole by
+  `platform.checkpoint.reshard.load_model_from_checkpoint`; and the tokenizer its data was prepared with
+  (`platform.data.run_tokenizer.run_tokenizer`: the run's config.yaml names its token directory, whose
+  manifest.json names the tokenizer.json). A run on synthetic tokens or on one flat token file has no
+  tokenizer: give one.
+- a Hugging Face DeepSeek-V3 directory (`hf_dir`): `model.hf.load_hf_checkpoint` (MTP modules when
   the directory has their weights), and hf_dir/tokenizer.json. moeforge-convert copies the run's
   tokenizer.json into the export when the run has one; a directory without one gets the stdlib
   tokenizer -- conf/data/stdlib.yaml's path (moeforge-prepare's default output, what `data=stdlib` and

@@ -1,6 +1,6 @@
 """MTP speculative decoding: drafting with the MTP modules, and the acceptance rules.
 
-Alignment (model/mtp.py, Transformer._head_and_loss): MTP depth k at position j reads the previous
+Alignment (`model.mtp.MTPModule`, `Transformer._head_and_loss`): MTP depth k at position j reads the previous
 depth's hidden state at j (depth 0 = the main model's last block output, before the final norm) and
 the embedding of token t[j+k], and its logits head(norm(h_k[j])) predict t[j+k+1]. Its block attends
 causally over positions <= j of its own sequence, so each depth keeps its own LatentCache indexed by

@@ -14,7 +14,7 @@ Two checks, both pure arithmetic on numbers handed in, so they cost nothing and 
   come on top, so passing this check is necessary, not sufficient.
 
 `describe_shortfall` says the same for a run that waited `cluster.wait_s` in vain
-(platform/launch/cluster_wait.py: `wait_error`). `machine_resources()` measures this machine in
+(`platform.launch.cluster_wait.wait_error`). `machine_resources()` measures this machine in
 the same vocabulary (CPU, GPU, memory, gpu_memory).
 """
 

@@ -1,7 +1,7 @@
 """Waiting for the cluster (driver): at most `cluster.wait_s` for the run's workers, then a clear error.
 
-Which rank runs on which node is platform/launch/rank_placement_plan.py (the plan) and
-platform/launch/rank_placement.py (its realization in the workers).
+Which rank runs on which node is `platform.launch.rank_placement_plan.plan_placement` (the plan) and
+`platform.launch.rank_placement.place_workers` (its realization in the workers).
 
 Ray Train's own worker-group start waits at most `cluster.wait_s` for its placement group (`workers_wait_at_most`), whose pending demand is what makes an autoscaler
 add nodes, and which then gets those very nodes; past that the run fails with what it asked for
@@ -21,7 +21,7 @@ from moeforge.platform.config.builder import ConfigError
 # Ray Train's own limit on one worker-group start (its placement group becoming ready); it reads it
 # from the environment and hands it from the driver to its controller (Ray Train v2's
 # ENV_VARS_TO_PROPAGATE). Past it the controller fails the start, and retries it for ever unless
-# FailureConfig.controller_failure_limit says otherwise (launch.py sets 0).
+# FailureConfig.controller_failure_limit says otherwise (`ray_train.launch_training` sets 0).
 START_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
 
 

@@ -1,7 +1,7 @@
 """Run a function on N local processes joined in a gloo process group (no Ray).
 
 Used by the pipeline benchmark and by tests that exercise the executor without paying Ray Train's
-start-up; `moeforge-train` itself always goes through Ray (platform/launch/ray_train.py).
+start-up; `moeforge-train` itself always goes through Ray (`platform.launch.ray_train.launch_training`).
 
 The processes come from a forkserver that has imported torch, DeepSpeed and the training code once,
 and done DeepSpeed's first-use communication work (`deepspeed_comm_preload`):
@@ -13,7 +13,7 @@ working directory as they are at the call, as a spawned process would, not the s
 The ranks are gloo ranks, so they train on the CPU and DeepSpeed's accelerator is "cpu". DeepSpeed
 fixes its accelerator when it is imported, which the server does once for every rank: the server is
 started with DS_ACCELERATOR=cpu, whatever the caller's environment says, and each rank then checks
-its accelerator as a Ray worker does (platform/launch/accelerator.py): a caller's DS_ACCELERATOR
+its accelerator as a Ray worker does (`accelerator.use_accelerator_for`): a caller's DS_ACCELERATOR
 other than "cpu" is refused there.
 """
 

@@ -1,7 +1,7 @@
 """Realizing the placement plan in the workers: which world rank each Ray Train worker becomes.
 
-The plan itself (pure) is platform/launch/rank_placement_plan.py; waiting for the cluster's nodes is
-platform/launch/cluster_wait.py.
+The plan itself (pure) is `platform.launch.rank_placement_plan.plan_placement`; waiting for the
+cluster's nodes is `platform.launch.cluster_wait`.
 
 Realization on Ray Train (v2, Ray 2.60). Ray Train reserves one placement group with one identical
 bundle per worker (`ScalingConfig.placement_strategy`, PACK by default: as few nodes as fit;
@@ -17,8 +17,8 @@ made again with the plan's ranks (on a fresh port of the new rank 0); otherwise 
 
 The realized mapping (world rank -> node id and ip, Ray Train's rank, pp, dp and EP coordinates) is
 printed by rank 0 as one table and saved as `placement.json` in run.dir. `current_placement()` holds
-it in the worker process: expert placement (platform/moe/expert_placement.py) takes its node ids from it,
-so node-limited routing and the nodes-per-token statistics follow this mapping.
+it in the worker process: expert placement (`platform.moe.expert_placement.expert_placement`) takes its
+node ids from it, so node-limited routing and the nodes-per-token statistics follow this mapping.
 """
 
 from __future__ import annotations

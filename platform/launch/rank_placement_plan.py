@@ -1,9 +1,10 @@
 """The placement plan: which world rank runs on which node (pure: no Ray, no torch.distributed).
 
 Realizing it on Ray (the workers' node reports, renumbering, the process group, placement.json) is
-platform/launch/rank_placement.py; waiting for the cluster's nodes is platform/launch/cluster_wait.py.
+`platform.launch.rank_placement.place_workers`; waiting for the cluster's nodes is
+`platform.launch.cluster_wait`.
 
-The plan (`plan_placement`, pure) takes the run's layout (platform/engine/topology.py: world rank ->
+The plan (`plan_placement`, pure) takes the run's layout (`platform.engine.topology.Topology`: world rank ->
 pp, dp and EP coordinates) and the nodes with the number of workers each can host, and puts
 
 1. the ranks of one EP group on as few nodes as the slots allow: the MoE all-to-all is the heaviest
@@ -18,10 +19,10 @@ its stages (pp rank 0, 1, ...), block after block. Nodes are filled largest firs
 node's slots are a multiple of that); (2) then whole groups, a node taking consecutive stages while
 it has room; (3) groups that no node can hold whole (slots not a multiple of ep) are split over the
 nodes with the most free slots, in as few pieces as those allow. The nodes per EP group are the
-fewest possible (tests/test_placement.py checks it against every assignment of small layouts);
-pipeline neighbours are kept together greedily: as few links cross nodes as possible on nodes of
-one size whose slots are a multiple of ep (every such small case checked), while on uneven nodes,
-or where groups must be split, a link or two more than needed may cross.
+fewest possible (`tests.test_placement.test_plan_nodes_per_ep_group_is_minimal` checks it against every
+assignment of small layouts); pipeline neighbours are kept together greedily: as few links cross nodes
+as possible on nodes of one size whose slots are a multiple of ep (every such small case checked), while
+on uneven nodes, or where groups must be split, a link or two more than needed may cross.
 """
 
 from __future__ import annotations

@@ -3,8 +3,8 @@
 Per layer call, on every EP rank at once (collective over the group):
 
 The layer call is four seams (`route`, the dispatch, `experts`, the combine), with the local work
-around the transfers in `pack` and `unpack`; the plain call runs them in a row, PhasedMoE
-(platform/moe/phased.py) interleaves them with another micro-batch's compute.
+around the transfers in `pack` and `unpack`; the plain call runs them in a row, `phased.PhasedMoE`
+interleaves them with another micro-batch's compute.
 
     1. destinations   each token's top-k experts -> the EP ranks holding them; the unique (token,
                       rank) pairs, ordered by rank then token. A token whose k experts share a rank
@@ -255,8 +255,9 @@ def spread_per_token(
 #                         may be given, so that it does not queue behind bulk all-to-alls)
 #     all_to_all_rows     rows of any dtype; backward sends the gradient back the reverse way
 #     launch_all_to_all   one asynchronous all-to-all (outside autograd), awaited where its result is
-#                         consumed: the phase programs of DualPipe's overlap (phased.py, the overlap bench)
-#     dispatch_rows_fp8   rows as FP8 e4m3 with 1x128 power-of-two tile scales (kernels/token_compress),
+#                         consumed: the phase programs of DualPipe's overlap (`phased.PhasedMoE`, the
+#                         overlap bench)
+#     dispatch_rows_fp8   rows as FP8 e4m3 with 1x128 power-of-two tile scales (`kernels.token_compress`),
 #                         D + D/128 bytes per row; decompressed on arrival. Backward: the gradient
 #                         travels back in the compute dtype, unquantised (straight through the
 #                         rounding), as DeepSeek-V3 keeps the backward combine/dispatch in BF16.

@@ -119,9 +119,9 @@ def this_node_id() -> str:
 def expert_placement(parallel, n_experts: int, groups, rank: int) -> ExpertPlacement | None:
     """This rank's placement under `parallel` (a ParallelConfig), or None without expert parallelism.
 
-    Nodes come from the run's realized placement (platform/launch/rank_placement.py: where Ray put the
-    workers, after the ranks were renumbered to the plan). Outside a Ray Train run (spawn_gloo) there
-    is none, and the EP group shares its node ids in one collective instead;
+    Nodes come from the run's realized placement (`platform.launch.rank_placement.current_placement`:
+    where Ray put the workers, after the ranks were renumbered to the plan). Outside a Ray Train run
+    (spawn_gloo) there is none, and the EP group shares its node ids in one collective instead;
     parallel.ep_ranks_per_node pretends nodes instead of either."""
     if parallel.ep == 1:
         return None

@@ -1,7 +1,7 @@
 """Applying expert parallelism to a rank's modules: its slice of the experts, then the dispatch.
 
 `shard_experts` runs on the meta-built model, before materialisation, so a rank never allocates
-the experts it does not hold (the 256-expert layer of V3 would not fit); model/init.py then gives
+the experts it does not hold (the 256-expert layer of V3 would not fit); `model.init.init_weights` then gives
 each held expert the full layer's weights of its global index. `install_dispatch` runs after the
 precision policy has swapped the experts module, and replaces each layer's `dispatch`.
 """

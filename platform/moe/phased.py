@@ -1,6 +1,6 @@
 """One expert-parallel MoE layer as phases split at its two all-to-alls, for DualPipe's overlap.
 
-`AllToAllDispatch` (dispatch.py) runs a layer's routed part in one call, its seams in a row, waiting
+`dispatch.AllToAllDispatch` runs a layer's routed part in one call, its seams in a row, waiting
 on each all-to-all where it is issued. `PhasedMoE` calls the same seams (`route`, `pack`, `experts`,
 `unpack`) as a program of compute phases with the collectives launched asynchronously between them, so that a caller can compute something
 else (the other micro-batch of an overlapped pair) while a transfer is in flight:
@@ -18,8 +18,8 @@ Each phase is its own autograd graph between detached boundary tensors, so its b
 its own, layer by layer, in any interleaving with another micro-batch's phases, as long as every EP
 rank issues its collectives in the same order (ranks of an EP group run the same action list).
 Gradients of parameters are returned per phase (never written to `.grad`), for the executor's
-accumulation. The arithmetic is AllToAllDispatch's, op for op: tests/test_moe_phases.py holds the
-two to bitwise equality.
+accumulation. The arithmetic is AllToAllDispatch's, op for op:
+`tests.test_moe_phases.test_phased_layer_equals_the_one_call_layer` holds the two to bitwise equality.
 """
 
 from __future__ import annotations

@@ -2,7 +2,8 @@
 
 DeepSeek-V3 bounds the nodes (at most 4) because inter-node bandwidth is the scarce resource; these
 counters show what the router did. Each MoE layer's dispatch adds to one `RoutingStats` per rank;
-the runtime reduces them over the world once per step (platform/engine/rank_engine.py).
+the runtime reduces them over the world once per step
+(`platform.engine.rank_engine.RankEngine._routing_summary`).
 
 The per-token figures stay on the layer's device (sums and maxima added to without a host read: a
 dispatch must not wait for its device); the sizes the host knows anyway (tokens, bytes handed to the

@@ -56,7 +56,8 @@ def build_adamw(
     build their optimizer here. The LR is set before every step with
     `lr_schedule.set_lr(opt, lr_at(step, ...))`; the initial value is the peak LR and never used.
     `split_groups` may re-split the groups (the ZeRO step separates expert parameters with it).
-    Every step invalidates the per-step FP8 weight copies (kernels/weight_cache.py)."""
+    Every step invalidates the per-step FP8 weight copies
+    (`kernels.weight_cache.invalidate_fp8_weight_cache`)."""
     groups = param_groups(named_parameters, optim_cfg.weight_decay)
     if split_groups is not None:
         groups = split_groups(groups)

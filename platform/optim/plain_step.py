@@ -2,10 +2,10 @@
 
 One flat all-reduce of the rank's gradients over its shard group (dp replicas x the DualPipe pair;
 multiplied by `param_copies / shard` so a DualPipe pair sums and dp replicas average, as
-platform/optim/zero_step.py explains), the reference's sum of squares all-reduced over the norm group,
-the reference's clip, then AdamW from `build_adamw`. With expert parallelism the routed-expert
-gradients are reduced over the expert shard group instead (the replicas holding the same experts),
-and their squared norm is summed over the EP group (which holds the other experts of the same
+the `platform.optim.zero_step` module docstring explains), the reference's sum of squares all-reduced
+over the norm group, the reference's clip, then AdamW from `build_adamw`. With expert parallelism the
+routed-expert gradients are reduced over the expert shard group instead (the replicas holding the same
+experts), and their squared norm is summed over the EP group (which holds the other experts of the same
 layers) before the norm group adds up the stages. Same interface as `ZeroStep`:
 `step(grads, lr) -> grad_norm` (consuming `grads`) and `state()` for checkpoints.
 """

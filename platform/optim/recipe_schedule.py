@@ -3,9 +3,9 @@
 DeepSeek-V3 changed two values part-way through pre-training (technical report, section 4.2): the
 bias update speed gamma of auxiliary-loss-free balancing was 0.001 for the first 14.3T tokens and 0
 for the last 500B, and the MTP loss weight lambda was 0.3 for the first 10T tokens and 0.1 after.
-`optim.bias_update_speed_schedule` and `optim.mtp_loss_weight_schedule` (platform/config/optim.py)
-give those changes as `[from_tokens, value]` pairs; before the first pair the model config's value
-holds.
+`optim.bias_update_speed_schedule` and `optim.mtp_loss_weight_schedule`
+(`platform.config.optim.OptimConfig`) give those changes as `[from_tokens, value]` pairs; before the
+first pair the model config's value holds.
 
 Like `lr_at`, `recipe_at` is a pure function of (step, config): the reference loop and every rank
 of a pipeline run call it with the same arguments and agree without shared state, and a resumed run

@@ -4,12 +4,12 @@ saves here" below: no more than ZeRO-1 in this design).
 
 Input, once per step: this rank's gradients (a dict id(param) -> tensor, summed over the micro-batches
 it computed, each loss scaled by dp * n_m / N, its share of the step's trained labels times dp:
-platform/data/microbatches.py). The step must apply the gradient the single-process reference
+`platform.data.microbatches.microbatch_inputs`). The step must apply the gradient the single-process reference
 would: summed over the two ranks of a DualPipe pair (each computed half the micro-batches of each
 stage), averaged over dp replicas, clipped by the norm over ALL stages, then AdamW.
 
-Two implementations, same interface (`step(grads, lr) -> grad_norm`), this one and `PlainStep`
-(platform/optim/plain_step.py):
+Two implementations, same interface (`step(grads, lr) -> grad_norm`), this one and
+`platform.optim.plain_step.PlainStep`:
 
 - `ZeroStep` (parallel.zero_stage 1 or 2): a DeepSpeed engine per rank, over the rank's `RankModule`,
   with the *shard group* as DeepSpeed's data-parallel group (dp replicas x the DualPipe pair: all hold
@@ -25,12 +25,14 @@ Two implementations, same interface (`step(grads, lr) -> grad_norm`), this one a
   every parameter marked `model_parallel`, DeepSpeed adds the squared norms of all stages; the
   last stage's copy of a tied embedding is marked `ds_pipe_replicated` so it is counted once. Same
   arithmetic as the reference's clip (coef = max_norm / (norm + 1e-6), capped at 1).
-- `PlainStep` (parallel.zero_stage 0, its own file): one flat all-reduce over the shard group, the reference's
-  `grad_sq_sum` all-reduced over the norm group, the reference's clip and a torch AdamW.
+- `PlainStep` (parallel.zero_stage 0, `platform.optim.plain_step`): one flat all-reduce over the
+  shard group, the reference's `grad_sq_sum` all-reduced over the norm group, the reference's clip
+  and a torch AdamW.
 
-What ZeRO-2 saves here: nothing over ZeRO-1. Measured by tests/test_zero_partition.py (DualPipe pp=2,
-tiny model, shard group of 2, 9.50 MB of fp32 gradients per rank), DeepSpeed 0.19's stage_1_and_2.py
-read alongside:
+What ZeRO-2 saves here: nothing over ZeRO-1. Measured by
+`tests.test_zero_partition.test_zero2_partitions_no_more_gradient_than_zero1_here` (DualPipe pp=2, tiny
+model, shard group of 2, 9.50 MB of fp32 gradients per rank), DeepSpeed 0.19's
+`deepspeed.runtime.zero.stage_1_and_2` read alongside:
 - The stages differ only in WHEN DeepSpeed reduces. ZeRO-2 reduces an IPG bucket as soon as it fills
   (reduce_bucket_size: parallel.zero_bucket_elements) during the backward and drops other ranks' parts;
   ZeRO-1 reduces at the gradient-accumulation boundary. With gradient_accumulation_steps=1 every
@@ -61,7 +63,7 @@ is told not to move it (`dont_change_device`; DeepSpeed 0.19 takes it only as an
 engine, which `deepspeed.initialize` neither accepts nor passes on, so `_build_engine` builds the
 engine as `initialize` does for a plain module). ZeRO still allocates its flat buffers on the
 accelerator's current device and the engine takes its device from LOCAL_RANK, so both must be the
-module's device (platform/launch/accelerator.py `bind_device`); `ZeroStep` refuses to start when
+module's device (`platform.launch.accelerator.bind_device`); `ZeroStep` refuses to start when
 they are not. The reduce and all-gather buckets are `parallel.zero_bucket_elements` (5e7 by default,
 Megatron-DeepSpeed's practice) instead of DeepSpeed's 5e8: a 5e8-element fp32 IPG bucket is 2 GB of
 GPU memory per bucket, committed whether the gradients fill it or not.
@@ -73,7 +75,7 @@ groups flagged `moe: True` with that name, and (c) process groups registered und
 `deepspeed.utils.groups` (expert-parallel and expert-data-parallel). Its ZeRO-1/2 optimizer then
 partitions each expert group over the expert-data-parallel group, reduces expert gradients over it
 after dividing the whole bucket by the data-parallel (shard) group size, which is the arithmetic we
-need (an expert gradient already sums the tokens of its EP group, see plain_step.py), and adds the
+need (an expert gradient already sums the tokens of its EP group, see `plain_step.PlainStep`), and adds the
 expert partitions' norms into the global norm. Where it does not fit, and why:
 - (c) DeepSpeed builds its groups itself (`groups._create_expert_and_data_parallel`) from a rank
   layout of its own (experts over consecutive ranks of one data-parallel world); ours come from
@@ -83,14 +85,16 @@ expert partitions' norms into the global norm. Where it does not fit, and why:
   its own `deepspeed.moe.layer.MoE` (that class holds its gate and experts; ours are the model's).
   The engine therefore wraps the rank's module together with a parameter-less marker instance of
   that class (`_MoEMarker`), used for nothing but that check.
-Both touch DeepSpeed internals (checked against 0.19); tests/test_ep_parity.py's ZeRO-1 case holds
-the result to the reference, so a DeepSpeed change that breaks them fails there.
+Both touch DeepSpeed internals (checked against 0.19);
+`tests.test_ep_parity.test_expert_parallel_run_matches_reference`'s ZeRO-1 case holds the result to the
+reference, so a DeepSpeed change that breaks them fails there.
 
 Checkpoints: `state(layout)` returns the optimizer as a Stateful of per-parameter tensors keyed by
-name, the same keys whoever wrote them, so any layout reads them (platform/checkpoint/reshard.py).
-PlainStep: AdamW moments by parameter name (`OptimizerState`). ZeroStep: `ZeroOptimizerState`, this
-rank's partition of DeepSpeed's ZeRO state cut into per-parameter pieces (no pickle; DeepSpeed's own
-`state_dict()` mixes in Python objects and is tied to one partitioning).
+name, the same keys whoever wrote them, so any layout reads them
+(`platform.checkpoint.reshard.CheckpointReader`). PlainStep: AdamW moments by parameter name
+(`OptimizerState`). ZeroStep: `ZeroOptimizerState`, this rank's partition of DeepSpeed's ZeRO state cut
+into per-parameter pieces (no pickle; DeepSpeed's own `state_dict()` mixes in Python objects and is tied
+to one partitioning).
 """
 
 from __future__ import annotations

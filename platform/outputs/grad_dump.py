@@ -1,5 +1,5 @@
 """Every parameter's gradient at a run's first optimizer step, on disk: what the pipeline-vs-reference
-tests compare tensor by tensor (tests/pipeline_cases.py).
+tests compare tensor by tensor (`tests.pipeline_cases.assert_grads_match`).
 
 With MOEFORGE_DUMP_GRADS naming a directory (a relative name is taken inside run.dir), the first
 step of a fresh run writes each parameter's gradient as its optimizer step receives it, before

@@ -29,7 +29,7 @@ class StepMetrics:
     load_imbalance: float  # worst MoE layer's max/mean expert load in this step (model.balance)
     max_expert_load: float = 0.0  # that layer's tokens on its busiest expert ...
     mean_expert_load: float = 0.0  # ... and per expert on average
-    skipped: bool = False  # a non-finite loss or grad norm: no update was applied (optim/bad_steps.py)
+    skipped: bool = False  # a non-finite loss or grad norm: no update was applied (`optim.bad_steps`)
 
     @property
     def tokens_per_s(self) -> float:
@@ -68,7 +68,7 @@ class TrainSummary:
     resumed_from_step: int | None = None  # the checkpoint step this segment started from
     checkpoint: str | None = None  # the newest complete checkpoint this run wrote
     skipped_steps: int = 0  # steps whose update was skipped (non-finite loss or grad norm)
-    rollbacks: list[dict] = field(default_factory=list)  # loss-spike rollbacks (optim/bad_steps.Rollback)
+    rollbacks: list[dict] = field(default_factory=list)  # loss-spike rollbacks (`optim.bad_steps.Rollback`)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -1,9 +1,10 @@
 """Rank 0's record of a pipeline run: the run report every loop keeps, plus the pipeline's own.
 
-On top of platform/outputs/run_report.py (config, metrics.jsonl, progress, tracker, summary, the
+On top of `platform.outputs.run_report.RunReport` (config, metrics.jsonl, progress, tracker, summary, the
 failure record) a pipeline run adds `timeline.png` and `timeline.json` (Chrome/Perfetto trace) of the
-last gathered step, drawn by platform/outputs/timeline.py from the measured records, the bubble and
-exposed communication on the progress line, and its layout and measured figures in summary.json.
+last gathered step, drawn by `platform.outputs.timeline.plot_timeline` from the measured records, the
+bubble and exposed communication on the progress line, and its layout and measured figures in
+summary.json.
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ the same files, print the same lines and end a failed run the same way:
     finish   summary.json and loss.png, the tracker's summary, the closing line
     fail     the same with status "failed" and the error; never raises over the run's own error
 
-A pipeline run adds its timeline and bubble figures (platform/outputs/pipeline_report.py).
+A pipeline run adds its timeline and bubble figures (`platform.outputs.pipeline_report.PipelineReport`).
 """
 
 from __future__ import annotations
@@ -110,9 +110,9 @@ class RunReport:
         self.outputs.flush()
 
     def rewind(self, rollback) -> None:
-        """A loss-spike rollback (optim/bad_steps.Rollback) to the checkpoint of `rollback.to_step`:
-        the records past it are dropped (the steps are recomputed on later data), the rollback is
-        kept for summary.json."""
+        """A loss-spike rollback (`platform.optim.bad_steps.Rollback`) to the checkpoint of
+        `rollback.to_step`: the records past it are dropped (the steps are recomputed on later data),
+        the rollback is kept for summary.json."""
         self.outputs.flush()
         kept = self.outputs.start_metrics(rollback.to_step)
         self.losses = [r["loss"] for r in kept]

@@ -8,7 +8,7 @@ configured and offline when none is. W&B files go under run.dir (a local staging
 run.dir at finish when run.dir is on S3).
 
 `ConsoleProgress` prints one line every N steps (step, loss, lr, tokens/s, MFU when the peak FLOP/s is
-known, ETA) with the shared formatter of platform/outputs/metrics.py, and the final summary.
+known, ETA) with the shared formatter `platform.outputs.metrics.format_progress`, and the final summary.
 """
 
 from __future__ import annotations

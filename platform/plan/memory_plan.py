@@ -16,19 +16,22 @@ Stages come from `stages.split_layers` (even, or `parallel.layers_per_stage`) an
 the MTP modules on the last stage, plus an embedding copy there when the first stage is elsewhere (MTP
 embeds the shifted tokens). With expert parallelism each MoE block keeps n_routed_experts / ep routed
 experts; attention, norms, router and shared experts are whole on every rank. Counts come from
-platform/plan/accounting.py; tests/test_memory_plan.py holds them to the numel of meta-built ranks.
+`platform.plan.accounting` (`block_params`, `mtp_module_params`);
+`tests.test_memory_plan.test_planned_parameters_equal_the_meta_built_rank` holds them to the numel of
+meta-built ranks.
 
 Bytes per parameter: what moeforge stores (not V3's BF16 weight copy)
 --------------------------------------------------------------------
 - weights, 4 B: FP32 and whole on every rank holding them. The module parameters are the master weights
-  (platform/precision.py keeps them FP32; BF16 copies exist only inside a GEMM). V3 keeps BF16
+  (`platform.precision.apply_precision` keeps them FP32; BF16 copies exist only inside a GEMM). V3 keeps BF16
   weights beside its FP32 master copy; moeforge has no BF16 weight copy, so it pays 2 B more here.
   Not yet counted: under precision fp8 the e4m3 copies of every FP8 GEMM weight (W and W^T, 2 B per
   such parameter) live from their first use in a step to the optimizer step
-  (kernels/weight_cache.py).
+  (`kernels.weight_cache.FP8WeightCache`).
 - gradients, 4 B: FP32 and full size, under ZeRO-1 and ZeRO-2 alike. The executor accumulates every
   parameter's gradient at full size from the schedule's first W until the step, so that is the peak
-  (platform/optim/zero_step.py, "What ZeRO-2 saves here"). V3 accumulates FP32 gradients too.
+  (`platform.optim.zero_step`'s module docstring, "What ZeRO-2 saves here"). V3 accumulates FP32
+  gradients too.
 - optimizer, ZeRO-1/2 (DeepSpeed): an FP32 master partition (DeepSpeed clones its partition even from
   FP32 parameters) plus AdamW m and v in `precision.adam_moments_dtype`: 4 + 2 x 2 = 8 B per parameter
   with BF16 moments (the fp8 recipe, as V3), 4 + 2 x 4 = 12 B with FP32 moments, divided over the shard
@@ -112,8 +115,9 @@ FP32_BYTES = 4
 INDEX_BYTES = 8  # int64 token ids, labels and expert ids
 FP8_TILE = 128  # one FP32 scale per 1x128 tile of a cached FP8 activation row
 # What a rank holds on the host while it reads `init.from` weights beyond its parameters and the
-# one tensor it is reading (platform/checkpoint/init_from.py; docs/starting_weights.md): the bound
-# tests/test_init_from.py holds.
+# one tensor it is reading (`platform.checkpoint.init_from.load_initial_weights`;
+# docs/starting_weights.md): the bound
+# `tests.test_init_from.test_a_rank_reads_only_its_share_and_holds_one_tensor_at_a_time` holds.
 LOAD_OVERHEAD_BYTES = 4 << 20
 _DTYPE_BYTES = {"float32": 4, "bfloat16": 2}
 
@@ -223,8 +227,9 @@ def _peak_live(schedule_name: str, pp: int, microbatches: int, chunk_bytes: list
         best, best_live, most = 0, tuple(live), 0
         for action in actions:
             parts = compute_parts(action)
-            # Live from the start of its F to the end of its input-gradient backward (validate.py): an
-            # F&B pair's forward is counted before its backward half frees one.
+            # Live from the start of its F to the end of its input-gradient backward
+            # (`platform.schedules.validate.peak_live_activations`): an F&B pair's forward is counted
+            # before its backward half frees one.
             if parts and parts[0][0] == "F":
                 live[parts[0][1]] += 1
                 held = sum(n * b for n, b in zip(live, weights))

@@ -7,7 +7,7 @@ Validated on construction; errors name the field.
 The H800 defaults follow "Insights into DeepSeek-V3" (arXiv 2505.09343): 8 GPUs per node, one
 400 Gb/s CX7 InfiniBand NIC per GPU, 64-port switches, one MPFT plane per GPU index of a node.
 DeepEP's README gives the effective bandwidths: about 160 GB/s NVLink and 50 GB/s per 400 Gb/s NIC on
-H800. The arithmetic that uses this config is in network_traffic.py and network_fabrics.py.
+H800. The arithmetic that uses this config is in `network_traffic` and `network_fabrics`.
 """
 
 from __future__ import annotations

@@ -7,11 +7,11 @@ network section (table and JSON). Pure arithmetic, no torch.
     format_network(plan), plan.to_dict()
 
 The pieces, one job each (in the plan room):
-    network_config.py    NetworkConfig: the network, EP precision and workload, validated
-    network_traffic.py   EP bytes per token (node-limited routing), the DualPipe overlap check,
+    network_config       NetworkConfig: the network, EP precision and workload, validated
+    network_traffic      EP bytes per token (node-limited routing), the DualPipe overlap check,
                          the decode bound; each formula with its source
-    network_fabrics.py   FT2, MPFT, FT3, Slim Fly and Dragonfly sizes from the switch radix, and costs
-    network_plan.py      this file: the plan that composes them, its table and its JSON
+    network_fabrics      FT2, MPFT, FT3, Slim Fly and Dragonfly sizes from the switch radix, and costs
+    network_plan         this module: the plan that composes them, its table and its JSON
 
 Sources. "The paper" is DeepSeek's "Insights into DeepSeek-V3: Scaling Challenges and Reflections on
 Hardware for AI Architectures" (ISCA 2025, arXiv 2505.09343): the H800 node (8 GPUs, one 400 Gb/s
@@ -19,7 +19,7 @@ CX7 InfiniBand NIC per GPU, NVLink), the multi-plane two-layer fat-tree (MPFT, o
 index of a node), the topology comparison (its Table 3) and the decode bound (its section 2.3.2).
 DeepEP's README gives the effective bandwidths: about 160 GB/s NVLink and 50 GB/s per 400 Gb/s NIC on
 H800. The figures these modules reproduce, and where each differs, are listed in
-tests/test_network_plan.py.
+`tests.test_network_plan`.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Expert-parallel (EP) traffic of a DeepSeek-V3-style MoE layer over a cluster's network: the bytes one
 token moves, whether DualPipe's overlap hides them in training, and the decode speed they bound.
-Pure arithmetic, no torch; the network is a NetworkConfig (network_config.py).
+Pure arithmetic, no torch; the network is a `network_config.NetworkConfig`.
 
     ep_traffic(model_cfg, net)                 # bytes per token and MoE layer, NIC and scale-up legs
     overlap_check(model_cfg, net, cluster)     # all-to-all vs compute per layer and micro-batch
@@ -40,7 +40,7 @@ tokens per GPU:
     compute  = T x (training FLOPs of one MoE block per token) / (peak_tflops x mfu)
     hidden   when comm <= compute
 
-The block's FLOPs come from platform/plan/accounting.py's `estimate` (its convention: 6 N_matmul + causal
+The block's FLOPs come from `platform.plan.accounting.estimate` (its convention: 6 N_matmul + causal
 attention, at the model's seq_len).
 
 The decode bound (the paper's section 2.3.2)
@@ -154,9 +154,10 @@ def ep_traffic(cfg: ModelConfig, net: NetworkConfig) -> EPTraffic:
 
 
 def moe_block_train_flops(cfg: ModelConfig) -> float:
-    """Training FLOPs per token of one MoE block (forward + backward), by platform/plan/accounting.py's count:
-    the estimate of the model cut right after an MoE block minus the estimate cut right before it
-    (everything else -- embedding, head, the other blocks -- cancels)."""
+    """Training FLOPs per token of one MoE block (forward + backward), by
+    `platform.plan.accounting.estimate`'s count: the estimate of the model cut right after an MoE block
+    minus the estimate cut right before it (everything else -- embedding, head, the other blocks --
+    cancels)."""
     first = next(i for i in range(cfg.num_hidden_layers) if cfg.is_moe_layer(i))
     j = first + cfg.moe_layer_freq  # also an MoE layer, and j >= 1 so the shorter model is valid
     longer = estimate(cfg.replace(num_hidden_layers=j + 1)).train_flops_per_token

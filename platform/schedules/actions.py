@@ -196,7 +196,7 @@ class Schedule:
     claimed_peak_activations: list[int]
     param_copies: int
     layout: str = "linear"
-    forward_only: bool = False  # evaluation's lists (schedules/forward_only.py): no B or W at all
+    forward_only: bool = False  # evaluation's lists (`forward_only.forward_only`): no B or W at all
 
     def __post_init__(self) -> None:
         if self.layout not in LAYOUTS:

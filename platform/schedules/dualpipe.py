@@ -22,7 +22,7 @@ With N = M/2 micro-batches per direction, the phases are:
   7. zero-bubble near:   (R-k-1) x [W, B near (split)]
   8. cool-down:          (k+1) x W
 
-The same program with R = pp, k = r, N = M and near = chunk 0 gives DualPipeV (see dualpipev.py).
+The same program with R = pp, k = r, N = M and near = chunk 0 gives DualPipeV (see `dualpipev.dualpipev`).
 
 Constraints (as in DualPipe): pp even, M even and M >= 2*pp, so that phase 4 runs at least once.
 Peak live activations: pp+1 (micro-batch, chunk) activations on every rank (pp after phase 2, one more

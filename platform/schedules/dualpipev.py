@@ -4,7 +4,7 @@ Layout: rank r holds stage r (chunk 0) and stage 2pp-1-r (chunk 1) of a 2pp-stag
 micro-batch goes down chunk 0 of ranks 0..pp-1, turns on rank pp-1 (chunk 0 -> chunk 1, no transfer)
 and comes back up chunk 1 of ranks pp-1..0, where rank 0 computes the loss. Each stage lives on one rank.
 
-The per-rank program is DualPipe's eight phases (see dualpipe.py, `eight_phase_program`) with
+The per-rank program is DualPipe's eight phases (see `dualpipe.eight_phase_program`) with
 near = chunk 0 (the way down), far = chunk 1 (the way up), R = pp, k = r (rank pp-1 sits at the turn)
 and all M micro-batches in both chunks:
 

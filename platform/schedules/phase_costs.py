@@ -1,7 +1,7 @@
 """The cost of DualPipe's overlapped F&B pair from its phases: what parallel.overlap can gain.
 
 A chunk's forward and backward are programs of compute phases with a transfer (an MoE all-to-all)
-after each phase but the last (platform/engine/chunk_program.py). The overlapped pair runs the
+after each phase but the last (`platform.engine.chunk_program.ChunkProgram`). The overlapped pair runs the
 two programs phase by phase in turn, as `chunk_program.run_pair` does: with parallel.overlap_order
 backward_first (the default), backward phase 0, forward phase 0, backward phase 1, ...; with
 forward_first the other way round. A phase starts when the compute is free and its own
@@ -15,9 +15,10 @@ NCCL (one stream) run one after another.
 
 For V3's shape (3 compute phases and 2 all-to-alls per direction, all phases x, all transfers y)
 the overlapped pair takes 6x when y <= x and 2x + 4y when y >= x, in either order
-(tests/test_phase_costs.py). The order matters when phases differ: a chunk ending in a short phase
-(the head, a residual) hides its transfers only backward first, since the backward then opens
-with that short phase and the forward's long first phase covers its transfer.
+(`tests.test_phase_costs`: `test_transfers_shorter_than_the_other_compute_are_hidden`,
+`test_longer_transfers_serialise_on_the_link`). The order matters when phases differ: a chunk ending
+in a short phase (the head, a residual) hides its transfers only backward first, since the backward
+then opens with that short phase and the forward's long first phase covers its transfer.
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@
    transfer is superfluous);
 4. NCCL's matching: for every direction between two ranks, the producer's SENDs and the consumer's
    RECVs name the same transfers in the same list order. The executor gives each direction its own
-   process group and posts sends and receives in list order (platform/engine/p2p.py), and NCCL,
+   process group and posts sends and receives in list order (`platform.engine.p2p.P2P`), and NCCL,
    which has no tags, pairs the k-th send of a (group, pair) with the k-th receive: lists that
    disagree would deliver one micro-batch's tensor (of the same shape) as another's, or hang;
 5. the lists run to completion under BLOCKING point-to-point semantics: a SEND and its RECV complete

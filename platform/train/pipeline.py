@@ -2,11 +2,11 @@
 (`run_pipeline_training`, `train_from_dict`); Ray Train workers call `Trainer.pipeline_rank`
 themselves (`ray_train.train_loop_per_worker`).
 
-A pipeline run's failure: rank 0 records what it has; the Ray driver (platform/launch/ray_train.py)
-then names every failed rank in the summary. A failure checkpoint is written only when every rank
-stopped at the same step (SIGTERM, agreed at the step boundary); otherwise the newest periodic
-checkpoint stands, and within checkpoint.max_failures Ray Train restarts the group, which resumes
-from it.
+A pipeline run's failure: rank 0 records what it has; the Ray driver
+(`platform.launch.ray_train.describe_failure`) then names every failed rank in the summary. A failure
+checkpoint is written only when every rank stopped at the same step (SIGTERM, agreed at the step
+boundary); otherwise the newest periodic checkpoint stands, and within checkpoint.max_failures Ray Train
+restarts the group, which resumes from it.
 """
 
 from __future__ import annotations

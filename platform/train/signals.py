@@ -1,9 +1,9 @@
 """`on_stop_signals(handler)`: the one place a run installs its Ctrl-C and SIGTERM handler.
 
 Both ways a run waits to stop use it: the Trainer notes the signal and stops at the next step
-boundary (platform/train/trainer.py), and a Ray driver writes run.dir/STOP for its workers
-(platform/launch/ray_train.py). Python delivers signals only to the main thread, so elsewhere the
-block runs without a handler.
+boundary (`platform.train.trainer.Trainer`), and a Ray driver writes run.dir/STOP for its workers
+(`platform.launch.ray_train.stop_file_on_signal`). Python delivers signals only to the main thread, so
+elsewhere the block runs without a handler.
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ each micro-batch's loss (the mean over its n_m trained labels) is scaled by n_m 
 back-propagated, N the trained labels of the whole global batch, then one optimizer step runs: the
 step's objective is the mean over every trained label of the batch, however it is split (for plain
 text n_m / N = 1/M). A pipeline run with the same seed, config and micro-batch count computes the
-same gradients, so the two compare loss for loss. The Trainer (platform/train/trainer.py) runs the
+same gradients, so the two compare loss for loss. The Trainer (`platform.train.trainer.Trainer`) runs the
 loop around it; `Trainer.single(cfg)` builds the pair.
 
 One optimizer step (`train_step`), torchtitan style:
@@ -186,7 +186,7 @@ class SingleProcessEngine:
         """The parts a checkpoint holds: model (weights and router-bias buffers), AdamW state keyed
         by parameter name, RNG states (the live ones, or `rng` as captured earlier). Model and
         optimizer are keyed by full-model name, as every pipeline rank writes them, so either reads
-        the other's checkpoints (platform/checkpoint/reshard.py)."""
+        the other's checkpoints (`platform.checkpoint.reshard.CheckpointReader`)."""
         return {
             "model": ModelState(self.model),
             "optimizer": OptimizerState(self.optimizer, self.model.named_parameters()),
@@ -225,12 +225,13 @@ class SingleProcessEngine:
         """Accumulate gradients over the step's micro-batches, MTP weighted by `mtp_loss_weight`
         (None: model.mtp_loss_weight); return the step's losses.
 
-        Micro-batch m's loss is scaled by n_m / N (platform/data/microbatches.py
-        `microbatch_inputs`), so the gradient and the returned loss, lm_loss and mtp_loss are token
-        means over the whole batch's N trained labels. MTP is weighted the same way, per depth:
-        depth k's mean inside the micro-batch's loss carries the micro-batch's share of the batch's
-        depth-k targets, n_m^k / N^k (the model's `mtp_scales` give the ratio to n_m / N), so the
-        MTP term is, for each depth, a mean over the batch's trained targets of that depth too."""
+        Micro-batch m's loss is scaled by n_m / N
+        (`platform.data.microbatches.microbatch_inputs`), so the gradient and the returned loss, lm_loss
+        and mtp_loss are token means over the whole batch's N trained labels. MTP is weighted the same
+        way, per depth: depth k's mean inside the micro-batch's loss carries the micro-batch's share of
+        the batch's depth-k targets, n_m^k / N^k (the model's `mtp_scales` give the ratio to n_m / N),
+        so the MTP term is, for each depth, a mean over the batch's trained targets of that depth
+        too."""
         expected = (self.cfg.data.global_batch, self.cfg.model.seq_len + 1)
         shape = tuple(batch_tokens(batch).shape)
         if shape != expected:
@@ -285,7 +286,7 @@ class SingleProcessEngine:
 
     def train_step(self, timeline: bool = False, batch: Batch | None = None) -> StepMetrics:
         """One optimizer step on the step's global batch (or `batch`). A non-finite loss or gradient
-        norm skips the update (platform/optim/bad_steps.py): the weights, moments and router biases
+        norm skips the update (`platform.optim.bad_steps`): the weights, moments and router biases
         stay those of the last good step, and the step is recorded as skipped. `timeline` is the
         pipeline's; one process has none."""
         start = time.perf_counter()  # data time included

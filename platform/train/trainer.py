@@ -9,12 +9,12 @@ Two engines implement the same small interface (`StepEngine` below):
 
 The loop, the same for both (`train`):
     resume      at construction, from the newest complete checkpoint when checkpoint.resume is set (or
-                after a restart); any layout wrote it (platform/checkpoint/reshard.py)
+                after a restart); any layout wrote it (`platform.checkpoint.reshard.CheckpointReader`)
     warm-up     Triton kernels compiled and tuned on the step's shapes before step 1
     step        `engine.train_step`; evaluation when the cadence says; the step recorded
-                (platform/outputs/run_report.py); Ray Train's `report` at log steps
+                (`platform.outputs.run_report.RunReport.record_step`); Ray Train's `report` at log steps
     bad steps   non-finite steps are skipped inside the engine; a loss spike rolls back to the newest
-                checkpoint and skips the data window up to it (platform/optim/bad_steps.py)
+                checkpoint and skips the data window up to it (`platform.optim.bad_steps.BadStepPolicy`)
     checkpoint  when the cadence says; with checkpoint.async written in the background and reported
                 once complete
     signals     SIGTERM, or a STOP file in run.dir (what the Ray driver writes on Ctrl-C), becomes
@@ -64,7 +64,7 @@ def interruption_note(why: str, step: int, saved_step: int | None, run_dir: str)
 
 
 CTRL_C = "Ctrl-C"  # why a run stopped, as the closing line says it
-# Said at once on the first Ctrl-C, as a Ray driver says it (platform/launch/ray_train.py)
+# Said at once on the first Ctrl-C, as a Ray driver says it (`platform.launch.ray_train.stop_file_on_signal`)
 STOPPING_LINE = b"moeforge: Ctrl-C: stopping after the step in progress, with a checkpoint (again to stop at once, without one)\n"
 
 
