@@ -1,5 +1,6 @@
 """How a run meets its Ray cluster: how long it waits for the workers' resources, and how Ray
-packs the workers onto nodes (platform/launch/cluster_wait.py and rank_placement.py say what happens after)."""
+packs the workers onto nodes (`platform.launch.cluster_wait` and `platform.launch.rank_placement.place_workers` say what
+happens after)."""
 
 from __future__ import annotations
 

@@ -10,7 +10,7 @@ from moeforge.platform.config.builder import require
 
 SCHEDULES = ("single", "1f1b", "zb1p", "dualpipe", "dualpipev")
 # ZeRO's reduce and all-gather bucket, in elements: 5e7 (200 MB of fp32), Megatron-DeepSpeed's
-# practice; DeepSpeed's own 5e8 commits 2 GB per bucket on a GPU (platform/optim/zero_step.py).
+# practice; DeepSpeed's own 5e8 commits 2 GB per bucket on a GPU (`platform.optim.zero_step.deepspeed_config`).
 ZERO_BUCKET_ELEMENTS = 50_000_000
 OVERLAP_ORDERS = ("backward_first", "forward_first")  # whose phase opens an overlapped F&B pair
 
@@ -36,7 +36,7 @@ class ParallelConfig:
     # Ranks of an EP group per node, for node-limited routing and its statistics. 0: from where Ray
     # placed the workers (node ids); a test sets it to pretend several nodes on one machine.
     ep_ranks_per_node: int = 0
-    # Run stage chunks as phase programs split at the MoE all-to-alls (engine/chunk_program.py)
+    # Run stage chunks as phase programs split at the MoE all-to-alls (`platform.engine.chunk_program`)
     # instead of one autograd graph each; `overlap` then interleaves the two halves of every F&B
     # pair phase by phase (DualPipe's overlap). Same math either way: on and off are bit-identical.
     chunk_phases: bool = False

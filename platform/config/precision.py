@@ -31,7 +31,7 @@ class PrecisionConfig:
     # power-of-two scales keep that conversion free of extra rounding); FP8 only
     power_of_two_scales: bool = False
     # V3: recompute the MLA latent norms and up-projections in backward, keeping only the attention
-    # core's outputs (platform/recompute.py); any precision
+    # core's outputs (`platform.recompute.apply_recompute`); any precision
     recompute_mla_up_proj: bool = False
 
     def __post_init__(self) -> None:

@@ -20,7 +20,7 @@ class RunConfig:
     log_every: int = 10
     eval_every: int = 50  # steps between evaluations (and one at the end); 0 disables
     eval_batches: int = 2  # global batches per evaluation
-    # bad steps (platform/optim/bad_steps.py): a NaN/Inf loss or grad norm skips the update; this
+    # bad steps (`platform.optim.bad_steps.BadStepPolicy`): a NaN/Inf loss or grad norm skips the update; this
     # many in a row end the run
     max_nonfinite_steps: int = 3
     # "rollback": a loss above spike_factor x the median of the last spike_window losses reloads the

@@ -12,11 +12,11 @@
   3. refuses a run the cluster cannot host (`cluster_check.check_cluster_fits` on
      `ray.cluster_resources()`), unless `resources.wait_for_autoscaler`; a run that has to wait
      for room (an autoscaler adding nodes for the pending demand, other jobs finishing) says so
-     and waits at most `cluster.wait_s` (cluster_wait.py: `workers_wait_at_most`), then fails naming
+     and waits at most `cluster.wait_s` (`cluster_wait.workers_wait_at_most`), then fails naming
      what it asked for and what the cluster has (a ConfigError, `cluster.wait_s: ...`);
   4. runs a Ray Train `TorchTrainer` with pp x dp workers (one bundle each, `cluster.placement_strategy`);
      every worker is the actor owning its pipeline stage(s) (`train_loop_per_worker`). The
-     workers first agree which world rank runs where (platform/launch/rank_placement.py: EP groups
+     workers first agree which world rank runs where (`rank_placement.place_workers`: EP groups
      inside nodes first, then pipeline neighbours); rank 0 prints the mapping and saves it as
      <run.dir>/placement.json. A worker that dies (a lost node, SIGKILL, an
      exception) makes Ray Train restart the whole group, up to checkpoint.max_failures times
@@ -29,7 +29,7 @@
 
 Inside each worker (`train_loop_per_worker`): Ray Train's TorchConfig has already joined the
 workers in one torch.distributed group (gloo on CPU, NCCL on GPU). The worker first fixes its device
-for moeforge and DeepSpeed alike (platform/launch/accelerator.py: DeepSpeed's accelerator from the
+for moeforge and DeepSpeed alike (`accelerator.bind_device`: DeepSpeed's accelerator from the
 device, chosen before deepspeed is first imported in this process; on CUDA the current device and
 LOCAL_RANK set to the GPU Ray Train assigned). The workers then agree which world rank each runs as
 (the group is made again when the placement renumbers Ray Train's ranks), rank 0 prints the mapping
@@ -89,7 +89,7 @@ def validate_pipeline(cfg: TrainConfig) -> Schedule:
 
 def check_deepspeed_env(cfg: TrainConfig) -> None:
     """Refuse, before any worker starts, a DS_ACCELERATOR that the workers' device would refuse
-    (platform/launch/accelerator.py): ZeRO runs on DeepSpeed, whose accelerator must follow it.
+    (`accelerator.use_accelerator_for`): ZeRO runs on DeepSpeed, whose accelerator must follow it.
     The workers of a local cluster inherit this process's environment, and so do those of a
     cluster this job was submitted to (the head's environment, which its driver runs in)."""
     if cfg.parallel.zero_stage == 0 or ACCELERATOR_ENV not in os.environ:
@@ -160,8 +160,8 @@ def launch_training(cfg: TrainConfig, raw_config: dict | None = None) -> dict:
             "cfg": cfg,
             "restarted_resumes": cfg.checkpoint.max_failures > 0,
             "dist_timeout_s": dist_timeout_s,  # of a process group the placement makes again
-            "record_comm": os.environ.get(RECORD_ENV, ""),  # comm_record.py: workers record too
-            "dump_grads": os.environ.get(GRAD_DUMP_ENV, ""),  # outputs/grad_dump.py: workers dump too
+            "record_comm": os.environ.get(RECORD_ENV, ""),  # `comm_record.start_recording`: workers record too
+            "dump_grads": os.environ.get(GRAD_DUMP_ENV, ""),  # `grad_dump.dump_pipeline_grads`: workers dump too
         },
         scaling_config=ScalingConfig(
             num_workers=par.world_size,
@@ -319,7 +319,7 @@ def _quiet_third_party_console() -> None:
       every log step (Python shows a warning again once anything has changed the warning filters,
       as `warnings.catch_warnings` blocks in other libraries do).
     - DeepSpeed warns on rank 0 that ZeRO runs "an untested optimizer": moeforge opted in with
-      `zero_allow_untested_optimizer` (its AdamW matched a one-process reference, FACTS.md).
+      `zero_allow_untested_optimizer` (its AdamW matches the one-process reference: tests/test_zero_partition.py).
     - DeepSpeed announces its CPU shared-memory comm op ("DeepSpeed deepspeed.ops.comm.
       deepspeed_shm_comm_op built successfully") when it creates its comm backend, with a bare
       print(): no logger, so no level to set. Ray Train patches print() in its workers into a record
@@ -390,7 +390,7 @@ def train_loop_per_worker(config: dict) -> None:
         from moeforge.platform.engine.comm_record import start_recording
 
         start_recording(config["record_comm"])
-    if config.get("dump_grads"):  # the driver's MOEFORGE_DUMP_GRADS (platform/outputs/grad_dump.py)
+    if config.get("dump_grads"):  # the driver's MOEFORGE_DUMP_GRADS (`grad_dump.GRAD_DUMP_ENV`)
         from moeforge.platform.outputs.grad_dump import GRAD_DUMP_ENV
 
         os.environ[GRAD_DUMP_ENV] = config["dump_grads"]
