@@ -35,6 +35,7 @@ from moeforge.kernels.fp8_format import BLOCK, round_up
 from moeforge.kernels.gemm import fp8_gemm, fp8_grouped_gemm
 from moeforge.kernels.quant import act_quant, act_quant_transpose, weight_quant
 from moeforge.kernels.settings import reserved_sms, warp_specialize_autotuning
+from moeforge.platform.config.builder import build_config, require
 
 V3_GEMMS = [  # [name, N, K]: weight [N, K] of DeepSeek-V3's projections
     ["mla_q_a", 1536, 7168],
@@ -52,10 +53,6 @@ V3_LARGE = ["mla_q_b", "mla_kv_b", "mla_o", "mlp_up", "mlp_down"]
 # FP8 GEMMs that fp8_gemm is compared with in the summary (torch's block-wise scaling where this
 # build has it; row-wise and tensor-wise are coarser scalings of the same operands, labelled so).
 FP8_REFERENCES = ("scaled_mm_blockwise", "scaled_mm_rowwise", "scaled_mm_tensorwise", "deep_gemm")
-
-
-class BenchConfigError(ValueError):
-    """A benchmark config value is invalid. The message names the field."""
 
 
 @dataclass
@@ -81,36 +78,29 @@ class KernelBenchConfig:
     output: str = "runs/bench/kernels.json"
 
     def __post_init__(self) -> None:
-        def need(cond: bool, name: str, msg: str) -> None:
-            if not cond:
-                raise BenchConfigError(f"{name}: {msg}")
-
-        need(self.device in ("auto", "cuda", "cpu"), "device", f"must be auto, cuda or cpu, got {self.device!r}")
-        need(self.device != "cuda" or torch.cuda.is_available(), "device", "cuda requested but no GPU is visible")
+        require(self.device in ("auto", "cuda", "cpu"), "device", f"must be auto, cuda or cpu, got {self.device!r}")
+        require(self.device != "cuda" or torch.cuda.is_available(), "device", "cuda requested but no GPU is visible")
         for name in ("m", "expert_rows", "quant_rows", "quant_cols", "cpu_shrink", "warmup_ms", "rep_ms", "cpu_reps"):
             value = getattr(self, name)
-            need(isinstance(value, int) and not isinstance(value, bool) and value > 0, name, f"must be a positive integer, got {value!r}")
+            require(isinstance(value, int) and not isinstance(value, bool) and value > 0, name, f"must be a positive integer, got {value!r}")
         for group in ("gemms", "experts"):
             for i, entry in enumerate(getattr(self, group)):
                 ok = (
                     isinstance(entry, list | tuple) and len(entry) == 3 and isinstance(entry[0], str)
                     and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in entry[1:])
                 )
-                need(ok, f"{group}[{i}]", f"must be [name, N, K] with positive N and K, got {entry!r}")
+                require(ok, f"{group}[{i}]", f"must be [name, N, K] with positive N and K, got {entry!r}")
         names = [entry[0] for entry in self.gemms]
         for group in ("large_gemms", "linears", "config_sweep"):
             for name in getattr(self, group):
-                need(name in names, group, f"{name!r} is not one of gemms ({', '.join(names)})")
-        need(all(isinstance(e, int) and e > 0 for e in self.expert_counts), "expert_counts", "positive integers")
-        need(bool(self.output), "output", "must not be empty")
+                require(name in names, group, f"{name!r} is not one of gemms ({', '.join(names)})")
+        require(all(isinstance(e, int) and e > 0 for e in self.expert_counts), "expert_counts", "positive integers")
+        require(bool(self.output), "output", "must not be empty")
 
     @classmethod
     def from_dict(cls, values: dict) -> KernelBenchConfig:
-        known = set(cls.__dataclass_fields__)
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise BenchConfigError(f"{unknown[0]}: unknown key (known: {', '.join(sorted(known))})")
-        return cls(**values)
+        """`build_config`: an unknown key or a value of the wrong type is one ConfigError naming it."""
+        return build_config(cls, values)
 
 
 class _Bench:
