@@ -132,6 +132,36 @@ class PrepareResult:
     tokenize_s: float = 0.0  # wall time of the Ray Data pipeline (including shard writes)
 
 
+class PrepareTally:
+    """Where a preparation stands, for its one line per finished shard: input files read, tokens
+    tokenized and shards written by this run, and the token rate since `start()` (after the Ray
+    cluster is up, so start-up is not counted)."""
+
+    def __init__(self, files_done: int, files_total: int, log: Callable[[str], None], on_shard=None) -> None:
+        self.files_done, self.files_total = files_done, files_total
+        self.log, self.on_shard = log, on_shard
+        self.tokens = self.written = 0
+        self.started = time.perf_counter()
+
+    def start(self) -> None:
+        self.started = time.perf_counter()
+
+    def seconds(self) -> float:
+        return time.perf_counter() - self.started
+
+    def file_read(self, index: int, tokens: int) -> None:
+        self.files_done, self.tokens = index + 1, self.tokens + tokens
+
+    def shard_written(self, split: str, entry: dict, size: str) -> None:
+        """Count the shard, log it (`size`: its rows or tokens, in words) and hand it to `on_shard`."""
+        self.written += 1
+        rate = self.tokens / max(self.seconds(), 1e-9)
+        self.log(f"prepare: {entry['path']} {size} sha256 {entry['sha256'][:12]} | "
+                 f"files {self.files_done}/{self.files_total} | {rate:,.0f} tok/s")  # fmt: skip
+        if self.on_shard is not None:
+            self.on_shard(split, entry)
+
+
 # --- worker side ---------------------------------------------------------------------------------
 
 _TOKENIZERS: dict[str, object] = {}  # per worker process: tokenizer hash -> Tokenizer
@@ -377,17 +407,11 @@ def prepare(
     if skipped:
         log(f"prepare: resuming after {skipped} finished shards, from input file {restart}/{len(files)}")
 
-    written = [0]
-    state = {"files_done": restart, "started": time.perf_counter(), "tokens": 0}
+    tally = PrepareTally(restart, len(files), log, on_shard)
 
     def shard_done(split: str, entry: dict) -> None:
         progress.save(storage)  # after the shard itself: a recorded shard always exists
-        written[0] += 1
-        rate = state["tokens"] / max(time.perf_counter() - state["started"], 1e-9)
-        log(f"prepare: {entry['path']} {entry['num_tokens']:,} tokens sha256 {entry['sha256'][:12]} | "
-            f"files {state['files_done']}/{len(files)} | {rate:,.0f} tok/s")
-        if on_shard is not None:
-            on_shard(split, entry)
+        tally.shard_written(split, entry, f"{entry['num_tokens']:,} tokens")
 
     writers = {s: SplitWriter(storage, s, dtype, cfg.shard_tokens, progress.shards[s], shard_done) for s in SPLITS}
     progress.shards = {s: writers[s].shards for s in SPLITS}  # one list: the writers append, progress saves
@@ -399,20 +423,19 @@ def prepare(
         if index != len(progress.file_tokens):  # shards must follow input order to be reproducible
             raise RuntimeError(f"Ray Data returned input file {index} out of order")
         progress.file_tokens.append(counts)
-        state["files_done"] = index + 1
-        state["tokens"] += counts[0] + counts[1]
+        tally.file_read(index, counts[0] + counts[1])
         writers["train"].add(np.frombuffer(train, dtype=np_dtype))
         writers["val"].add(np.frombuffer(val, dtype=np_dtype))
 
     try:
         with RaySession(cfg.num_cpus) as ray:
-            state["started"] = time.perf_counter()  # throughput excludes cluster start-up
+            tally.start()  # throughput excludes cluster start-up
             tokenize_windows(ray, files, restart, tok, cfg, consume)
     except Exception as err:  # noqa: BLE001 -- re-raised; Ray wraps input errors raised in workers
         raise input_error(err) from None
     for split in SPLITS:
         writers[split].close()
-    tokenize_s = time.perf_counter() - state["started"]
+    tokenize_s = tally.seconds()
 
     manifest = _manifest(cfg, files, tok, dtype, fp, progress)
     remove_stale_shards(storage, manifest)
@@ -420,10 +443,10 @@ def prepare(
     storage.delete(PROGRESS)
     tokens = {s: manifest["splits"][s]["num_tokens"] for s in SPLITS}
     log(f"prepare: done: {tokens['train']:,} train + {tokens['val']:,} val tokens in "
-        f"{sum(len(manifest['splits'][s]['shards']) for s in SPLITS)} shards, {state['tokens'] / max(tokenize_s, 1e-9):,.0f} "
+        f"{sum(len(manifest['splits'][s]['shards']) for s in SPLITS)} shards, {tally.tokens / max(tokenize_s, 1e-9):,.0f} "
         f"tok/s -> {storage.url(MANIFEST)}")
     note_empty_val(cfg, manifest, log)
-    return PrepareResult(storage.url(), manifest, False, written[0], skipped, state["tokens"], tokenize_s)
+    return PrepareResult(storage.url(), manifest, False, tally.written, skipped, tally.tokens, tokenize_s)
 
 
 def note_empty_val(cfg: PrepareConfig, manifest: dict, log: Callable[[str], None]) -> None:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from collections.abc import Callable
 
 import numpy as np
@@ -29,6 +28,7 @@ from moeforge.platform.data.prepare import (
     TOKENIZER_FILE,
     PrepareConfig,
     PrepareResult,
+    PrepareTally,
     RaySession,
     input_error,
     is_val_document,
@@ -144,18 +144,12 @@ def prepare_conversations(
     if skipped:
         log(f"prepare: resuming after {skipped} finished shards, from input file {restart}/{len(files)}")
 
-    written = [0]
-    state = {"files_done": restart, "started": time.perf_counter(), "tokens": 0}
+    tally = PrepareTally(restart, len(files), log, on_shard)
 
     def shard_done(split: str, entry: dict) -> None:
         progress.resume[split] = list(writers[split].resume)
         progress.save(storage)  # after the shard itself: a recorded shard always exists
-        written[0] += 1
-        rate = state["tokens"] / max(time.perf_counter() - state["started"], 1e-9)
-        log(f"prepare: {entry['path']} {entry['num_tokens'] // row_len:,} rows sha256 {entry['sha256'][:12]} | "
-            f"files {state['files_done']}/{len(files)} | {rate:,.0f} tok/s")
-        if on_shard is not None:
-            on_shard(split, entry)
+        tally.shard_written(split, entry, f"{entry['num_tokens'] // row_len:,} rows")
 
     packers = {s: RowPacker(row_len, pad, resume[s]) for s in SPLITS}
     writers = {
@@ -173,8 +167,7 @@ def prepare_conversations(
             raise RuntimeError(f"Ray Data returned input file {index} out of order")
         counts = [int(c) for c in row["counts"]]
         progress.file_tokens.append(counts)
-        state["files_done"] = index + 1
-        state["tokens"] += counts[0] + counts[1]
+        tally.file_read(index, counts[0] + counts[1])
         for split in SPLITS:
             ids = np.frombuffer(bytes(row[split]), dtype=token_dtype)
             mask = np.frombuffer(bytes(row[split + "_mask"]), dtype=np.uint8)
@@ -188,7 +181,7 @@ def prepare_conversations(
 
     try:
         with RaySession(cfg.num_cpus) as ray:
-            state["started"] = time.perf_counter()  # throughput excludes cluster start-up
+            tally.start()  # throughput excludes cluster start-up
             fn_kwargs = {"tokenizer_json": tok.to_str(), "tokenizer_sha": tokenizer_hash(tok), "template": template,
                          "dtype": dtypes["tokens"], "cfg": cfg}
             map_files(ray, files, restart, cfg, _encode_batch, fn_kwargs, consume)
@@ -197,7 +190,7 @@ def prepare_conversations(
     for split in SPLITS:
         writers[split].add(packers[split].flush())
         writers[split].close()
-    tokenize_s = time.perf_counter() - state["started"]
+    tokenize_s = tally.seconds()
 
     manifest = _manifest(cfg, files, tok, template, dtypes, shard_rows * row_len, pad, fp, progress)
     remove_stale_shards(storage, manifest)
@@ -212,7 +205,7 @@ def prepare_conversations(
     if truncated:
         log(f"prepare: note: {truncated} conversations were longer than seq_len + 1 = {row_len} tokens and were cut")
     note_empty_val(cfg, manifest, log)
-    return PrepareResult(storage.url(), manifest, False, written[0], skipped, state["tokens"], tokenize_s)
+    return PrepareResult(storage.url(), manifest, False, tally.written, skipped, tally.tokens, tokenize_s)
 
 
 def _manifest(cfg, files, tok, template: ChatTemplate, dtypes: dict, shard_tokens: int, pad: int, fp: str,
