@@ -137,13 +137,14 @@ class TrainConfig:
     def check(self) -> None:
         """Cross-section checks that need more than one component's values."""
         par, data, res = self.parallel, self.data, self.resources
-        if par.schedule != "single" and par.backend == "nccl" and res.gpus_per_worker <= 0:
+        # Only a pipeline run has process groups; the one-process loop runs without a backend.
+        nccl = par.schedule != "single" and par.backend in ("auto", "nccl")
+        if nccl and par.backend == "nccl" and res.gpus_per_worker <= 0:
             raise ConfigError(
                 "parallel.backend: nccl runs on GPUs, and resources.gpus_per_worker is 0: give the workers "
                 "GPUs (resources.gpus_per_worker=1), or use backend=gloo (or auto) on CPUs"
             )
         # Ray would place two ranks on one GPU, which NCCL refuses ("Duplicate GPU detected").
-        nccl = par.schedule != "single" and par.backend in ("auto", "nccl")
         if nccl and not float(res.gpus_per_worker).is_integer():
             raise ConfigError(
                 f"resources.gpus_per_worker: must be a whole number of GPUs with NCCL "

@@ -14,6 +14,8 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from moeforge.platform.config.debug import DATA_FAULTS
+
 LOSS_SPIKE_FACTOR = 10.0  # what an injected loss spike multiplies the step's losses by
 
 
@@ -34,7 +36,7 @@ class FaultInjection:
 
     def data_fault(self, batch_index: int) -> str | None:
         """"nan_grad" or "loss_spike" for the batch at data index `batch_index`, else None."""
-        if self.fault["kind"] in ("nan_grad", "loss_spike") and self.fault["batch"] == batch_index:
+        if self.fault["kind"] in DATA_FAULTS and self.fault["batch"] == batch_index:
             return self.fault["kind"]
         return None
 
