@@ -45,7 +45,10 @@ def test_dualpipe_fp8_matches_reference(tmp_path, monkeypatch):
 
 
 # Measured: losses 0, 1.2e-7; grad norms 5.5e-6, 4.3e-5; step-1 gradients 6.4e-3 (a norm weight);
-# parameters 9.2e-3 (embedding). Two BF16 sums are split differently from the loop's:
+# parameters 9.2e-3 (embedding). On a second machine (AMD EPYC, torch's AVX-512 kernels; AVX2 ones
+# give the like): losses 0, 2.7e-6; grad norms 4.4e-6, 5.1e-5; step-1 gradients 6.0e-3; parameters
+# 9.2e-3. Step 2's loss follows the parameters' spread, so its bound is set from that, not from one
+# machine's figure. Two BF16 sums are split differently from the loop's:
 # - an EP rank's grouped experts compute one weight gradient over the rows of both dp replicas'
 #   micro-batches and round it to BF16 once, where the loop rounds each micro-batch's and adds them
 #   in FP32 (alone: 4.7e-3 on the experts' gradients, 1.8e-7 on every other tensor, without phases);
@@ -54,7 +57,7 @@ def test_dualpipe_fp8_matches_reference(tmp_path, monkeypatch):
 #   adds them in its order; that noise reaches every earlier layer's gradients.
 # AdamW's first steps are sign-like, so an embedding entry whose gradient is near zero moves by
 # up to an lr-sized step either way: the parameter figure.
-BF16_EP_OVERLAP = Tolerances(loss=1e-6, grad_norm=2e-4, grad=2e-2, param=3e-2)
+BF16_EP_OVERLAP = Tolerances(loss=3e-5, grad_norm=2e-4, grad=2e-2, param=3e-2)
 
 
 def test_dualpipe_ep_overlap_bf16_matches_reference(tmp_path, monkeypatch):
