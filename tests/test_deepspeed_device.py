@@ -91,11 +91,24 @@ try:
     use_accelerator_for(torch.device("cuda", 0))
 except AcceleratorError as err:
     print(err)
+# the worker's comm backend, over a one-rank gloo group, as ZeRO's engine creates it
+import torch.distributed as dist
+from deepspeed.comm import comm as ds_comm
+from moeforge.platform.launch.accelerator import init_deepspeed_comm
+dist.init_process_group("gloo", init_method="file://" + os.path.abspath("store"), rank=0, world_size=1)
+init_deepspeed_comm()
+init_deepspeed_comm()  # a second call finds the backend
+print(ds_comm.cdb.shm_comm_op is None, sorted(os.listdir(os.environ["TORCH_EXTENSIONS_DIR"])))
+dist.destroy_process_group()
 """
 
 
 def test_a_worker_process_ends_up_with_the_cpu_accelerator(tmp_path):
+    """... and its DeepSpeed comm backend builds no op: the CPU shared-memory op, which only
+    `inference_all_reduce` uses, is skipped rather than JIT-compiled (a minute of C++ per build)."""
     env = {k: v for k, v in os.environ.items() if k != "DS_ACCELERATOR"}
+    env["TORCH_EXTENSIONS_DIR"] = str(tmp_path / "extensions")
+    (tmp_path / "extensions").mkdir()
     proc = subprocess.run(
         [sys.executable, "-c", _WORKER_PROCESS],
         cwd=tmp_path,
@@ -106,11 +119,12 @@ def test_a_worker_process_ends_up_with_the_cpu_accelerator(tmp_path):
         timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    chosen, refusal = proc.stdout.strip().splitlines()[-2:]
+    chosen, refusal, comm = proc.stdout.strip().splitlines()[-3:]
     assert chosen == "cpu cpu cpu gloo"  # device, DS_ACCELERATOR, DeepSpeed's accelerator, its backend
     assert refusal.startswith(
         "DeepSpeed already chose its 'cpu' accelerator in this process, but this worker trains on cuda:0"
     )
+    assert comm == "True []"  # no shared-memory op loaded, nothing built
 
 
 # ---- ZeRO on spawned gloo ranks -------------------------------------------------------------------

@@ -87,6 +87,35 @@ def bind_device(device: torch.device | str, environ: MutableMapping[str, str] | 
     return device
 
 
+def init_deepspeed_comm() -> None:
+    """Create DeepSpeed's communication backend over the process group already set up, once per
+    process (`deepspeed.initialize` and the engine find it). Every caller goes through here.
+
+    On the CPU accelerator DeepSpeed would first JIT-build its shared-memory op, which serves only
+    `inference_all_reduce`, a call training never makes; ZeRO's collectives go to the process group
+    either way. The op is marked unavailable instead (`skip_shm_comm_op`): no C++ compile on a fresh
+    machine, and none again whenever another `ninja` on the PATH finds the last build's log."""
+    from deepspeed import comm as ds_comm
+    from deepspeed.accelerator import get_accelerator
+
+    if ds_comm.is_initialized():
+        return
+    skip_shm_comm_op()
+    ds_comm.init_distributed(dist_backend=get_accelerator().communication_backend_name(), dist_init_required=False)
+
+
+def skip_shm_comm_op() -> None:
+    """Mark DeepSpeed's shared-memory comm op unavailable in this process (and the processes it
+    forks), so that creating the comm backend neither builds nor loads it. DeepSpeed keeps one dict
+    of compatible ops per process for this purpose; accelerators without the op change nothing."""
+    import deepspeed.ops
+    from deepspeed.accelerator import get_accelerator
+
+    builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
+    if builder is not None:
+        deepspeed.ops.__compatible_ops__[builder.NAME] = False
+
+
 def deepspeed_devices() -> tuple[torch.device, torch.device]:
     """Where DeepSpeed will put things in this process: the engine's device (from LOCAL_RANK) and
     the device ZeRO allocates its buffers on (the accelerator's current device)."""

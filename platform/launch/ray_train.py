@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import io
 import json
 import logging
 import os
@@ -320,11 +319,6 @@ def _quiet_third_party_console() -> None:
       as `warnings.catch_warnings` blocks in other libraries do).
     - DeepSpeed warns on rank 0 that ZeRO runs "an untested optimizer": moeforge opted in with
       `zero_allow_untested_optimizer` (its AdamW matches the one-process reference: tests/test_zero_partition.py).
-    - DeepSpeed announces its CPU shared-memory comm op ("DeepSpeed deepspeed.ops.comm.
-      deepspeed_shm_comm_op built successfully") when it creates its comm backend, with a bare
-      print(): no logger, so no level to set. Ray Train patches print() in its workers into a record
-      on the root logger (at the caller's file), dropped here by file and text, plus a copy to
-      sys.stdout, which `_init_deepspeed_comm` redirects for that one call.
     """
     warnings.filterwarnings(
         "ignore",
@@ -334,22 +328,6 @@ def _quiet_third_party_console() -> None:
     )
     # "DeepSpeed" is deepspeed.utils.logger's name; a filter set before deepspeed creates it stays.
     drop_log_message("DeepSpeed", "**** You are using ZeRO with an untested optimizer")
-    drop_log_message("", "DeepSpeed deepspeed.ops.comm.", source="deepspeed/comm/")
-
-
-def _init_deepspeed_comm() -> None:
-    """Create DeepSpeed's communication backend over the process group Ray Train set up, once, with
-    stdout redirected for this call only (see `_quiet_third_party_console`); `deepspeed.initialize`
-    finds it and does not create another. A failure still raises."""
-    from deepspeed import comm as ds_comm
-    from deepspeed.accelerator import get_accelerator
-
-    if ds_comm.is_initialized():
-        return
-    with contextlib.redirect_stdout(io.StringIO()):
-        ds_comm.init_distributed(
-            dist_backend=get_accelerator().communication_backend_name(), dist_init_required=False
-        )
 
 
 def _bind_worker_device(res, parallel_cfg):
@@ -402,8 +380,6 @@ def train_loop_per_worker(config: dict) -> None:
     threads = max(1, int(cfg.resources.cpus_per_worker))
     torch.set_num_threads(threads)
     os.environ.setdefault("OMP_NUM_THREADS", str(threads))
-    if cfg.parallel.zero_stage > 0:  # ZeRO runs on DeepSpeed
-        _init_deepspeed_comm()
 
     def report(metrics: dict) -> None:
         # Every worker calls this at the same steps: ray.train.report is a barrier across workers.

@@ -212,14 +212,11 @@ def _build_engine(model: nn.Module, optimizer, config: dict, mpu):
     plain module, with `dont_change_device=True`, which DeepSpeed 0.19 takes only as an argument of
     its engine. What `initialize` does besides building the engine does not apply here: a pipeline
     module, the hybrid engine, AutoTP, Muon's parameter flags, a zero.Init context, a mesh."""
-    from deepspeed import comm as ds_comm
-    from deepspeed.accelerator import get_accelerator
     from deepspeed.runtime.config import DeepSpeedConfig
     from deepspeed.runtime.engine import DeepSpeedEngine
+    from moeforge.platform.launch.accelerator import init_deepspeed_comm
 
-    ds_comm.init_distributed(
-        dist_backend=get_accelerator().communication_backend_name(), dist_init_required=False
-    )
+    init_deepspeed_comm()
     engine = DeepSpeedEngine(
         args=None,
         model=model,
