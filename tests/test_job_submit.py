@@ -59,11 +59,11 @@ def _ray_env(token_path: str) -> dict[str, str]:
     return env
 
 
-def _stop_group(proc: subprocess.Popen, grace_s: float = 10.0) -> None:
+def _stop_group(proc: subprocess.Popen, grace_s: float = 2.0) -> None:
     """SIGTERM the head's process group, SIGKILL what is left after `grace_s`.
 
     (On SIGTERM `ray start --block` and the raylet begin a graceful stop that, measured here, still
-    has not finished after 25 s, so the grace period is kept short.)"""
+    has not finished after 25 s, so the grace period is kept short: the temp dir is removed after.)"""
     if proc.poll() is not None and not _group_alive(proc.pid):
         return
     try:
