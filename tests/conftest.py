@@ -34,21 +34,34 @@ def pytest_collection_modifyitems(config, items):
     """Under `pytest -n N --dist loadgroup`: every test that runs Ray (the session's `ray_cluster`,
     or a cluster of its own) is in one group, run one after another by one worker while the other
     workers take the rest, so that two Ray clusters never start their workers at once
-    (docs/testing.md). Every other module is a group of its own, so its module-scoped fixtures (a
-    trained run, a reference) are built once, in one worker. The Ray group is the longest and comes
-    first; `make test` passes --no-loadscope-reorder, which keeps this order. Without xdist the
-    marks change nothing."""
+    (docs/testing.md). A module whose tests share a module- or class-scoped fixture of its own (a
+    trained run, a reference) is a group, so the fixture is built once, in one worker. Every other
+    test is a group of its own, so the last minutes are shared out test by test rather than module
+    by module. The Ray group comes first, then the module groups, then the single tests; `make test`
+    passes --no-loadscope-reorder, which keeps this order. Without xdist the marks change nothing."""
 
     def group(item) -> str:
         module = item.module.__name__.rsplit(".", 1)[-1]
-        return RAY_GROUP if "ray_cluster" in item.fixturenames or module in OWN_RAY_MODULES else module
+        if "ray_cluster" in item.fixturenames or module in OWN_RAY_MODULES:
+            return RAY_GROUP
+        return module if _shares_a_fixture_of_its_module(item) else item.nodeid
 
     def rank(item) -> int:
-        return 0 if group(item) == RAY_GROUP else 1
+        name = group(item)
+        return 0 if name == RAY_GROUP else 2 if name == item.nodeid else 1
 
     for item in items:
         item.add_marker(pytest.mark.xdist_group(group(item)))
     items.sort(key=rank)  # stable: the order within each part stays
+
+
+def _shares_a_fixture_of_its_module(item) -> bool:
+    """Whether the test uses a module-, class- or package-scoped fixture defined in its own module."""
+    for defs in item._fixtureinfo.name2fixturedefs.values():
+        fixture = defs[-1]
+        if fixture.scope in ("module", "class", "package") and fixture.func.__module__ == item.module.__name__:
+            return True
+    return False
 
 
 def free_port() -> int:
